@@ -1,0 +1,126 @@
+"""Meta-gradients of a whole mini-batch (Algorithm 1, lines 6-10), in two exact forms.
+
+With the virtual step theta_hat(eps) = theta - eta * (1/n) sum_i eps_i grad Omega(x_i; theta) the
+meta-gradient of sample i is
+
+    M_i = dL^v(theta_hat(eps)) / d eps_i |_{eps=0} = -(eta / n) <grad L^v(theta), grad Omega(x_i; theta)>.
+
+``factored`` evaluates the inner products without any per-sample gradient. For a layer whose output
+is linear in its weight W (Linear, Conv2d), the per-sample gradient is D_i^T X_i (X_i the input rows
+of sample i, D_i the gradient of Omega_i w.r.t. the output rows), so
+
+    <grad_i W, G> = sum(D_i * (X_i G^T)) = sum(D_i * layer(x_i; weight=G, bias=None)),
+
+i.e. running the layer once more with the validation gradient G as its weight gives X_i G^T for
+the whole batch in one matrix product (a convolution for Conv2d, which also spares the unfold).
+The bias adds <sum_s D_{i,s}, g_b>. X is taken by forward hooks, D by one backward of sum_i Omega_i
+to the layer outputs (no cross-sample layers, so row i of that gradient belongs to sample i alone).
+
+``virtual`` is the learning-to-reweight form (Ren et al. 2018): per-sample weights eps = 0, a
+virtual SGD step built with create_graph, the validation loss at theta_hat, and one more backward
+to eps (a double backward through the network).
+
+Both return the batch's scores with their graph, so the training step (Eq. 14) reuses the forward.
+``factored`` is the default: it needs one first-order backward to the layer outputs plus one
+forward-like pass per layer, where ``virtual`` needs a create_graph backward, a forward at
+theta_hat and a double backward; benchmarks/bench_elite.py measures the two.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+ValLoss = Callable[[torch.Tensor], torch.Tensor]   # validation scores -> scalar validation loss
+
+
+@dataclass
+class MetaStep:
+    meta: torch.Tensor       # (n,) meta-gradients M_i, detached
+    scores: torch.Tensor     # (n,) Omega(x_i; theta), attached to the graph for the training step
+    val_loss: float          # L^v(theta) before the step
+
+
+def meta_gradients_factored(score: nn.Module, x: torch.Tensor, x_val: torch.Tensor,
+                            val_loss: ValLoss, lr: float) -> MetaStep:
+    """Meta-gradients from factored inner products captured with forward hooks (see module doc)."""
+    layers = _weight_layers(score)
+    captured: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+
+    def keep(module, inputs, output):
+        captured.append((module, inputs[0].detach(), output))
+
+    handles = [m.register_forward_hook(keep) for m in layers]
+    try:
+        scores = score(x)
+    finally:
+        for h in handles:
+            h.remove()
+    lv = val_loss(score(x_val))
+    params = [p for m in layers for p in _own_params(m)]
+    g_val = dict(zip(map(id, params), torch.autograd.grad(lv, params, allow_unused=True)))
+    d_out = torch.autograd.grad(scores.sum(), [out for _, _, out in captured], retain_graph=True)
+    dots = torch.zeros_like(scores.detach())
+    with torch.no_grad():
+        for (module, inp, _), d in zip(captured, d_out):
+            dots += _layer_dots(module, inp, d, g_val)
+    return MetaStep(-lr / x.shape[0] * dots, scores, float(lv.detach()))
+
+
+def meta_gradients_virtual(score: nn.Module, x: torch.Tensor, x_val: torch.Tensor,
+                           val_loss: ValLoss, lr: float) -> MetaStep:
+    """Meta-gradients by differentiating the validation loss after a virtual step w.r.t. eps."""
+    names, params = zip(*[(k, p) for k, p in score.named_parameters() if p.requires_grad])
+    buffers = dict(score.named_buffers())
+    scores = score(x)
+    eps = torch.zeros_like(scores, requires_grad=True)
+    grads = torch.autograd.grad((eps * scores).sum() / x.shape[0], params, create_graph=True,
+                                allow_unused=True)
+    theta_hat = {k: p if g is None else p - lr * g for k, p, g in zip(names, params, grads)}
+    lv = val_loss(functional_call(score, {**theta_hat, **buffers}, (x_val,)))
+    meta, = torch.autograd.grad(lv, eps, retain_graph=True)
+    return MetaStep(meta.detach(), scores, float(lv.detach()))
+
+
+METHODS = {"factored": meta_gradients_factored, "virtual": meta_gradients_virtual}
+
+
+def _weight_layers(score: nn.Module) -> list[nn.Module]:
+    """The modules holding trainable parameters; raises if one is of a kind the factored form lacks."""
+    layers = [m for m in score.modules() if any(p.requires_grad for p in _own_params(m))]
+    unsupported = [type(m).__name__ for m in layers if not isinstance(m, (nn.Linear, nn.Conv2d))]
+    if unsupported:
+        raise TypeError(f"factored meta-gradients support Linear and Conv2d layers, not {sorted(set(unsupported))}; "
+                        "use meta_gradient='virtual'")
+    return layers
+
+
+def _own_params(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters(recurse=False) if p.requires_grad]
+
+
+def _layer_dots(module: nn.Module, inp: torch.Tensor, d: torch.Tensor,
+                g_val: dict[int, torch.Tensor | None]) -> torch.Tensor:
+    """<per-sample gradient of this layer's parameters, validation gradient> for every sample."""
+    n = inp.shape[0]
+    g_w, g_b = g_val.get(id(module.weight)), g_val.get(id(module.bias)) if module.bias is not None else None
+    dots = torch.zeros(n, dtype=d.dtype)
+    if g_w is not None:
+        dots += (d * _apply_weight(module, inp, g_w)).reshape(n, -1).sum(dim=1)
+    if g_b is not None:
+        per_channel = d.reshape(n, -1, d.shape[-1]).sum(1) if isinstance(module, nn.Linear) else d.flatten(2).sum(2)
+        dots += per_channel @ g_b
+    return dots
+
+
+def _apply_weight(module: nn.Module, inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's linear map with another weight and no bias: X G^T, batched over samples."""
+    if isinstance(module, nn.Linear):
+        return F.linear(inp, weight)
+    if module.padding_mode != "zeros":
+        raise TypeError("factored meta-gradients need zero-padded convolutions")
+    return F.conv2d(inp, weight, None, module.stride, module.padding, module.dilation, module.groups)

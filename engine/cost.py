@@ -1,0 +1,61 @@
+"""The cost model: flops and bytes of every strategy for one layer, weighted into seconds.
+
+Formulas follow MetaStore (papers/000 §17-18, DESIGN.md "The math"), per query over N training
+samples with S rows each, a query batch of B samples with Sq rows each, a layer of Din x Dout
+(Din includes the bias column). The two constants (seconds per flop, seconds per byte read) are
+measured on this machine at first use and kept in the catalog's meta table.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+BYTES_PER_NUMBER = 4
+
+
+@dataclass
+class Shapes:
+    n: int          # training samples
+    s: int          # rows per training sample
+    b: int          # query samples
+    sq: int         # rows per query sample
+    din: int        # X width (bias column included)
+    dout: int
+    stored: str     # "factored" | "full"
+
+
+def estimates(sh: Shapes) -> dict[str, dict[str, float]]:
+    """{strategy: {flops, bytes}} for every strategy that applies to how the layer is stored."""
+    params = sh.din * sh.dout
+    query_side = sh.b * sh.sq * params            # building the query batch's average gradient
+    if sh.stored == "full":
+        return {"full_dot": {"flops": sh.n * params + query_side, "bytes": sh.n * params * BYTES_PER_NUMBER}}
+    read = sh.n * sh.s * (sh.din + sh.dout) * BYTES_PER_NUMBER
+    return {
+        "iterate": {"flops": sh.n * sh.b * sh.s * sh.sq * (sh.din + sh.dout), "bytes": read},
+        "batch_average": {"flops": sh.n * sh.s * params + query_side, "bytes": read},
+        "reconstruct": {"flops": sh.n * (sh.s * params + params) + query_side, "bytes": read},
+    }
+
+
+def seconds(est: dict[str, float], consts: dict[str, float]) -> float:
+    return est["flops"] * consts["sec_per_flop"] + est["bytes"] * consts["sec_per_byte"]
+
+
+def measure_constants() -> dict[str, float]:
+    """Times a matrix product (flops) and a large sum (bytes read) on this machine."""
+    a = torch.randn(512, 512)
+    _ = a @ a
+    t0 = time.perf_counter()
+    for _ in range(8):
+        _ = a @ a
+    flop = (time.perf_counter() - t0) / (8 * 512 ** 3 * 2)
+    big = torch.randn(16 * 2 ** 20)           # 64 MiB
+    big.sum()
+    t0 = time.perf_counter()
+    for _ in range(4):
+        big.sum()
+    byte = (time.perf_counter() - t0) / (4 * big.numel() * 4)
+    return {"sec_per_flop": flop, "sec_per_byte": byte}

@@ -1,0 +1,157 @@
+"""Runs a physical plan over the store's shards and returns an Arrow table.
+
+Influence scores stream shard by shard (memory-mapped), chunked so intermediates stay bounded;
+scores accumulate in one float64 vector over the training side, summed over layers and over
+checkpoints weighted by each checkpoint's learning rate (TracIn).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from metaql.engine import operators as ops
+from metaql.engine.errors import BinderException, InterruptException
+from metaql.engine.functions import FunctionRegistry
+from metaql.engine.plan import FunctionScan, InfluenceScan, Strategy, TopK
+from metaql.storage.hooks import watched_modules
+from metaql.storage.layers import kind_named
+from metaql.storage.replay import replay_factors
+
+CHUNK_NUMBERS = 32 * 2 ** 20      # bound on the largest intermediate of one chunk (numbers)
+
+
+@dataclass
+class Context:
+    """What a table function gets as its first argument."""
+    store: Any
+    registry: FunctionRegistry
+    config: dict = field(default_factory=dict)
+    progress: Callable = lambda it, total=None, desc="": it
+    interrupted: Callable[[], bool] = lambda: False
+
+    def check_interrupt(self) -> None:
+        if self.interrupted():
+            raise InterruptException("query cancelled; nothing was changed")
+
+
+def execute(plan, ctx: Context) -> pa.Table:
+    if isinstance(plan, TopK):
+        table = execute(plan.child, ctx)
+        return top_k(table, plan.k, plan.ascending)
+    if isinstance(plan, InfluenceScan):
+        return influence(plan, ctx)
+    if isinstance(plan, FunctionScan):
+        fn = ctx.registry.get(plan.name)
+        result = fn.fn(ctx, **plan.arguments)
+        return result if isinstance(result, pa.Table) else pa.table(result)
+    raise TypeError(f"cannot execute {type(plan).__name__}")
+
+
+def top_k(table: pa.Table, k: int, ascending: bool) -> pa.Table:
+    scores = torch.from_numpy(table.column("score").to_numpy())
+    k = min(k, len(scores))
+    idx = torch.topk(scores, k, largest=not ascending, sorted=True).indices.numpy()
+    return table.take(pa.array(idx))
+
+
+def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
+    store = ctx.store
+    train = np.sort(scan.train.ids)
+    total = np.zeros(len(train))
+    seen = np.zeros(len(train), dtype=bool)
+    by_ckpt = {s.checkpoint: [] for s in scan.strategies}
+    for s in scan.strategies:
+        by_ckpt[s.checkpoint].append(s)
+    for ckpt, strategies in ctx.progress(list(by_ckpt.items()), desc="checkpoints"):
+        lr = store.checkpoint(ckpt)["lr"]
+        query = None if scan.query is None else query_rows(scan, store, ckpt)
+        part, norms, qnorm = np.zeros(len(train)), np.zeros(len(train)), 0.0
+        for strat in strategies:
+            t0 = time.perf_counter()
+            q = None if query is None else query[strat.layer]
+            layer_scores, layer_norms, layer_seen = layer_pass(store, ckpt, strat, train, q, scan, ctx)
+            part += layer_scores
+            norms += layer_norms
+            seen |= layer_seen
+            if q is not None and scan.similarity == "cosine":
+                qnorm += float((q["gbar"] ** 2).sum())
+            strat.measured_seconds = time.perf_counter() - t0
+        if scan.similarity == "cosine":
+            part = part / np.maximum(np.sqrt(norms) * (np.sqrt(qnorm) if query is not None else 1.0), 1e-30)
+        total += lr * part
+    return pa.table({"sample_id": pa.array(train[seen]), "score": pa.array(total[seen])})
+
+
+def query_rows(scan: InfluenceScan, store, ckpt: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Replays the query samples at the checkpoint; per layer: rows and their average gradient."""
+    model = store.model_at(ckpt)
+    modules = watched_modules(model, scan.layers)
+    ids = scan.query.ids
+    labels = None
+    if scan.loss == "label":
+        col = store.sample_columns(ids, ["label"])["label"]
+        if any(v is None for v in col) or np.isnan(col.astype(float)).any():
+            raise BinderException("loss=label needs labels, but some query samples have none; use loss=pred")
+        labels = torch.as_tensor(col.astype(np.int64))
+    factors = replay_factors(model, modules, store.inputs(ids), labels, scan.loss)
+    out = {}
+    for layer in scan.layers:
+        meta, _ = store.layer_meta(layer)
+        x, d = kind_named(meta.kind).rows(meta, factors[layer])
+        out[layer] = {"x": x, "d": d, "gbar": ops.average_gradient(x, d)}
+    return out
+
+
+def layer_pass(store, ckpt: str, strat: Strategy, train: np.ndarray, q, scan: InfluenceScan, ctx: Context):
+    meta, stored = store.layer_meta(strat.layer)
+    kind = kind_named(meta.kind)
+    scores, norms, seen = np.zeros(len(train)), np.zeros(len(train)), np.zeros(len(train), bool)
+    for row in store.factor_shards(ckpt, strat.layer):
+        ctx.check_interrupt()
+        shard = store.open_shard(row["file"], row["checksum"])
+        keep = np.isin(shard.ids, train)
+        if not keep.any():
+            continue
+        rows = np.nonzero(keep)[0]
+        pos = np.searchsorted(train, shard.ids[rows])
+        tensors = {n: shard.tensor(n) for n in shard.names()}
+        per_row = sum(int(np.prod(t.shape[1:])) for t in tensors.values())
+        width = max(per_row * (len(q["x"]) if q is not None and strat.chosen == "iterate" else 1), 1)
+        step = max(1, CHUNK_NUMBERS // width)
+        for start in range(0, len(rows), step):
+            sel = torch.from_numpy(rows[start:start + step])
+            chunk = {n: t[sel] for n, t in tensors.items()}
+            s, nrm = chunk_scores(kind, meta, stored, strat.chosen, chunk, q, scan.similarity)
+            p = pos[start:start + step]
+            scores[p] += s
+            norms[p] += nrm
+            seen[p] = True
+    return scores, norms, seen
+
+
+def chunk_scores(kind, meta, stored: str, strategy: str, chunk, q, similarity: str):
+    """(scores, squared norms) of one chunk of training samples for one layer."""
+    if stored == "full":
+        g = chunk["G"].float()
+        score = ops.dot_full(g, q["gbar"]) if q is not None else (g * g).sum(1)
+        norm = (g * g).sum(1) if similarity == "cosine" else torch.zeros(len(g))
+        return score.double().numpy(), norm.double().numpy()
+    x, d = kind.rows(meta, chunk)
+    need_norm = similarity == "cosine" or q is None
+    norm = ops.squared_norm(x, d) if need_norm else torch.zeros(len(x))
+    if q is None:
+        score = norm
+    elif strategy == "batch_average":
+        score = ops.dot_batch_average(x, d, q["gbar"])
+    elif strategy == "iterate":
+        score = ops.dot_iterate(x, d, q["x"], q["d"])
+    elif strategy == "reconstruct":
+        score = ops.dot_reconstruct(x, d, q["gbar"])
+    else:
+        raise ValueError(f"unknown strategy {strategy}")
+    return score.double().numpy(), norm.double().numpy()

@@ -1,0 +1,32 @@
+"""EXPLAIN text: the plan tree, and per checkpoint and layer every strategy's estimate and the pick."""
+from __future__ import annotations
+
+from metaql.engine.plan import FunctionScan, InfluenceScan, TopK
+
+
+def explain_lines(plan, analyze: bool = False, indent: str = "") -> list[str]:
+    if isinstance(plan, TopK):
+        order = "ASC" if plan.ascending else "DESC"
+        return [f"{indent}TOP_K k={plan.k} order={order}"] + explain_lines(plan.child, analyze, indent + "  ")
+    if isinstance(plan, FunctionScan):
+        args = ", ".join(f"{k}={v}" for k, v in plan.arguments.items())
+        return [f"{indent}TABLE_FUNCTION {plan.name}({args})"]
+    if isinstance(plan, InfluenceScan):
+        return influence_lines(plan, analyze, indent)
+    return [f"{indent}{plan!r}"]
+
+
+def influence_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str]:
+    kind = "SELF_INFLUENCE" if scan.query is None else "INFLUENCE"
+    head = (f"{indent}{kind} train={scan.train.label} ({len(scan.train.ids)} samples)"
+            + ("" if scan.query is None else f" query={scan.query.label} ({len(scan.query.ids)} samples)")
+            + f" similarity={scan.similarity} checkpoints={len(scan.checkpoints)} layers={len(scan.layers)}")
+    lines = [head]
+    for s in scan.strategies:
+        ests = "  ".join(f"{name}{'*' if name == s.chosen else ''}={e['seconds']:.3g}s"
+                         for name, e in sorted(s.estimates.items()))
+        line = f"{indent}  {s.checkpoint}/{s.layer}: {s.chosen}  [{ests}]"
+        if analyze and s.measured_seconds is not None:
+            line += f"  measured={s.measured_seconds:.3g}s"
+        lines.append(line)
+    return lines

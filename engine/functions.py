@@ -1,0 +1,142 @@
+"""The table-function registry: every `FROM NAME(...)` of the language resolves here.
+
+A table function is a plain Python function whose first parameter is the execution context and
+whose other parameters are keyword arguments with type hints; it returns a `pyarrow.Table`.
+The hints drive argument checking, `DESCRIBE name` and completion in the shell, so a user can
+extend the language from Python with `con.register_function(fn)`.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from metaql.engine.errors import BinderException, CatalogException
+
+
+class SetName(str):
+    """A type hint: the argument names a sample set (`train`, `test`, a CREATE SET name, ...)."""
+
+
+class LayerList(list):
+    """A type hint: a list of layer names, or `*` for every layer."""
+
+
+class CheckpointList(list):
+    """A type hint: `all`, `last`, one checkpoint name, or a list of names."""
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """A type hint and value: `point(id)` (one sample) or `batch(set)` (a named set or split)."""
+    mode: str          # "point" | "batch"
+    value: Any
+
+    def __str__(self) -> str:
+        return f"{self.mode}({self.value})"
+
+
+@dataclass
+class Param:
+    name: str
+    hint: Any
+    default: Any = inspect.Parameter.empty
+
+    @property
+    def required(self) -> bool:
+        return self.default is inspect.Parameter.empty
+
+    def describe(self) -> str:
+        hint = getattr(self.hint, "__name__", str(self.hint))
+        return hint if self.required else f"{hint} = {self.default!r}"
+
+
+@dataclass
+class TableFunction:
+    name: str
+    fn: Callable[..., Any]
+    params: dict[str, Param]
+    columns: list[tuple[str, str]] = field(default_factory=list)
+    doc: str = ""
+    # builds a logical plan node instead of running `fn` directly (INFLUENCE: EXPLAIN, optimizer)
+    logical: Callable[..., Any] | None = None
+
+    def check_arguments(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Returns the call's keyword arguments with defaults filled in; raises on unknown/missing."""
+        for key in kwargs:
+            if key not in self.params:
+                hint = difflib.get_close_matches(key, list(self.params), n=1)
+                extra = f" Did you mean '{hint[0]}'?" if hint else ""
+                raise BinderException(
+                    f"{self.name}() has no argument '{key}'.{extra} "
+                    f"Arguments: {', '.join(self.params) or '(none)'}"
+                )
+        missing = [p.name for p in self.params.values() if p.required and p.name not in kwargs]
+        if missing:
+            raise BinderException(
+                f"{self.name}() needs the argument(s) {', '.join(missing)}; "
+                f"see DESCRIBE {self.name}"
+            )
+        return {k: kwargs.get(k, p.default) for k, p in self.params.items()
+                if k in kwargs or not p.required}
+
+
+class FunctionRegistry:
+    def __init__(self) -> None:
+        self._functions: dict[str, TableFunction] = {}
+
+    def register(self, fn: Callable[..., Any], name: str | None = None,
+                 columns: list[tuple[str, str]] | None = None, replace: bool = False) -> TableFunction:
+        key = (name or fn.__name__).upper()
+        if key in self._functions and not replace:
+            raise CatalogException(f"table function {key} is already registered; pass replace=True")
+        tf = TableFunction(key, fn, _params_of(fn), columns or [], inspect.getdoc(fn) or "")
+        self._functions[key] = tf
+        return tf
+
+    def get(self, name: str) -> TableFunction:
+        try:
+            return self._functions[name.upper()]
+        except KeyError:
+            hint = difflib.get_close_matches(name.upper(), list(self._functions), n=1)
+            extra = f" Did you mean {hint[0]}?" if hint else ""
+            raise CatalogException(
+                f"unknown table function '{name}'.{extra} Functions: {', '.join(sorted(self._functions))}"
+            ) from None
+
+    def __contains__(self, name: str) -> bool:
+        return name.upper() in self._functions
+
+    def names(self) -> list[str]:
+        return sorted(self._functions)
+
+    def copy(self) -> "FunctionRegistry":
+        other = FunctionRegistry()
+        other._functions = dict(self._functions)
+        return other
+
+
+def _params_of(fn: Callable[..., Any]) -> dict[str, Param]:
+    sig = inspect.signature(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # hints that cannot be resolved are documentation only
+        hints = {}
+    params = list(sig.parameters.values())[1:]  # the first parameter is the context
+    return {p.name: Param(p.name, hints.get(p.name, Any), p.default) for p in params}
+
+
+# Built-in functions register into this registry when their modules are imported
+# (see metaql.engine.builtins); every connection starts from a copy of it.
+REGISTRY = FunctionRegistry()
+
+
+def table_function(name: str | None = None, columns: list[tuple[str, str]] | None = None,
+                   logical: Callable[..., Any] | None = None):
+    """Decorator: registers a built-in table function in the global registry."""
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        REGISTRY.register(fn, name=name, columns=columns).logical = logical
+        return fn
+    return wrap

@@ -1,0 +1,107 @@
+"""INFLUENCE and SELF_INFLUENCE: the engine's built-in table functions.
+
+Both build an `InfluenceScan` plan node (so EXPLAIN shows the optimizer's per-layer choice) and run
+it. A negative score against a batch of query samples means the training sample pushes their loss
+up: mislabeled and harmful samples sort first in ASC order.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from metaql.engine.errors import BinderException, CatalogException, InvalidInputException
+from metaql.engine.functions import CheckpointList, LayerList, SampleRef, table_function
+from metaql.engine.plan import InfluenceScan, Side
+from metaql.storage.catalog import require_name
+from metaql.storage.losses import LOSS_TARGETS
+
+SIMILARITIES = ("dot", "cosine")
+COLUMNS = [("sample_id", "BIGINT"), ("score", "DOUBLE")]
+
+
+def influence_plan(ctx, layers=("*",), query=None, train="train", checkpoints="all",
+                   similarity="dot", loss="label") -> InfluenceScan:
+    if query is None:
+        raise BinderException("INFLUENCE needs query=point(id) or query=batch(set)")
+    if similarity not in SIMILARITIES:
+        raise BinderException(f"similarity must be one of {', '.join(SIMILARITIES)}, not '{similarity}'")
+    if loss not in LOSS_TARGETS:
+        raise BinderException(f"loss must be one of {', '.join(LOSS_TARGETS)}, not '{loss}'")
+    store = ctx.store
+    return InfluenceScan(train=resolve_side(store, train, "train"), query=resolve_side(store, query, "query"),
+                         layers=resolve_layers(store, layers), checkpoints=resolve_checkpoints(store, checkpoints),
+                         similarity=similarity, loss=loss)
+
+
+def self_influence_plan(ctx, layers=("*",), train="train", checkpoints="all") -> InfluenceScan:
+    store = ctx.store
+    return InfluenceScan(train=resolve_side(store, train, "train"), query=None,
+                         layers=resolve_layers(store, layers), checkpoints=resolve_checkpoints(store, checkpoints))
+
+
+def _run(ctx, scan: InfluenceScan) -> pa.Table:
+    from metaql.engine.executor import execute
+    from metaql.engine.optimizer import optimize
+    return execute(optimize(scan, ctx.store, ctx.config), ctx)
+
+
+@table_function("INFLUENCE", COLUMNS, logical=influence_plan)
+def influence(ctx, layers: LayerList = ("*",), query: SampleRef = None, train: SampleRef = "train",
+              checkpoints: CheckpointList = "all", similarity: str = "dot", loss: str = "label") -> pa.Table:
+    """Influence of each training sample on a query sample or batch: the inner product (dot) or
+    cosine of their loss gradients, summed over the layers and over checkpoints weighted by each
+    checkpoint's learning rate. Negative: the training sample raises the query's loss."""
+    return _run(ctx, influence_plan(ctx, layers, query, train, checkpoints, similarity, loss))
+
+
+@table_function("SELF_INFLUENCE", COLUMNS, logical=self_influence_plan)
+def self_influence(ctx, layers: LayerList = ("*",), train: SampleRef = "train",
+                   checkpoints: CheckpointList = "all") -> pa.Table:
+    """Squared gradient norm of each training sample (summed over layers, lr-weighted over
+    checkpoints), from the factors only. High: the sample is hard, rare or mislabeled."""
+    return _run(ctx, self_influence_plan(ctx, layers, train, checkpoints))
+
+
+def resolve_side(store, ref, role: str) -> Side:
+    if not isinstance(ref, SampleRef):
+        ref = SampleRef("batch", ref)
+    if ref.mode == "point":
+        try:
+            sid = int(ref.value)
+        except (TypeError, ValueError):
+            raise BinderException(f"point() takes a sample id, not '{ref.value}'") from None
+        if store.sql("SELECT count(*) FROM samples WHERE sample_id = ?", [sid]).fetchone()[0] == 0:
+            raise CatalogException(f"sample {sid} is not registered")
+        return Side("point", np.array([sid], dtype=np.int64), str(ref))
+    if ref.mode != "batch":
+        raise BinderException(f"the {role} side must be point(id) or batch(set), not {ref.mode}()")
+    ids = store.set_ids(str(ref.value))
+    if len(ids) == 0:
+        raise InvalidInputException(f"set '{ref.value}' is empty: the {role} side has no samples")
+    return Side("batch", ids, str(ref))
+
+
+def resolve_layers(store, layers) -> list[str]:
+    known = [l["name"] for l in store.layers()]
+    if not known:
+        raise CatalogException("the store has no captured layers yet; capture some with con.capture(...)")
+    if layers in ("*", ("*",), ["*"]) or layers is None:
+        return known
+    names = [layers] if isinstance(layers, str) else list(layers)
+    for n in names:
+        require_name("layer", n, known)
+    return names
+
+
+def resolve_checkpoints(store, checkpoints) -> list[str]:
+    known = [c["name"] for c in store.checkpoints()]
+    if not known:
+        raise CatalogException("the store has no checkpoints yet; capture one with con.capture(...)")
+    if checkpoints in ("all", None):
+        return known
+    if checkpoints == "last":
+        return known[-1:]
+    names = [checkpoints] if isinstance(checkpoints, str) else [str(c) for c in checkpoints]
+    for n in names:
+        require_name("checkpoint", n, known)
+    return names

@@ -1,0 +1,49 @@
+"""Logical and physical plan nodes: plain classes, printed by EXPLAIN."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Side:
+    """One side of an influence query: a single sample (point) or a set of samples (batch)."""
+    mode: str                    # "point" | "batch"
+    ids: Any                     # np.ndarray of sample ids
+    label: str                   # what the user wrote: point(4711), batch(test_wrong)
+
+
+@dataclass
+class Strategy:
+    """The optimizer's pick for one (checkpoint, layer), with every candidate's estimate."""
+    checkpoint: str
+    layer: str
+    chosen: str
+    estimates: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> {flops, bytes, seconds}
+    measured_seconds: float | None = None
+
+
+@dataclass
+class InfluenceScan:
+    """Scores of training samples against a query side, summed over layers and checkpoints."""
+    train: Side
+    query: Side | None           # None for self-influence
+    layers: list[str]
+    checkpoints: list[str]
+    similarity: str = "dot"      # "dot" | "cosine"
+    loss: str = "label"          # query-side loss target
+    strategies: list[Strategy] = field(default_factory=list)
+
+
+@dataclass
+class TopK:
+    child: Any
+    k: int
+    ascending: bool
+
+
+@dataclass
+class FunctionScan:
+    """A registered table function that is not planned further (ELITE, LANCET, user functions)."""
+    name: str
+    arguments: dict[str, Any]

@@ -1,0 +1,132 @@
+"""SemiGAN (Salimans et al. 2016; papers/000 Eq. 32-35): LANCET's default embedding model.
+
+The discriminator D has K+1 outputs: the K classes and "fake". Its last hidden layer is the
+semantic embedding M(x); its output layer is the linear head that propagates labels (§9: "our
+linear neural network can simply be implemented as the final layer of the discriminator").
+The generator G is trained by feature matching (Eq. 32); D by the labeled loss (Eq. 33), the
+unlabeled real/fake loss (Eq. 34) and the regularizer LANCET adds: the CFM loss (Eq. 35).
+
+Inputs are flat float vectors (N x in_dim); reshape images before handing them in.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from metaql.labeling.embedding import Regularizer
+
+
+@dataclass
+class SemiGANConfig:
+    """Shapes and optimiser of a SemiGAN; JSON-able so a cached model can be rebuilt."""
+
+    in_dim: int
+    num_classes: int
+    hidden: list[int] = field(default_factory=lambda: [256, 256])
+    feature_dim: int = 128
+    noise_dim: int = 32                 # generator input s ~ N(0, I)
+    input_noise: float = 0.3            # Gaussian noise on D's input (Salimans et al.)
+    hidden_noise: float = 0.5           # ... and on its hidden layers; off in eval mode
+    lr: float = 2e-3
+    seed: int = 0
+
+
+class GaussianNoise(nn.Module):
+    """Adds N(0, sigma^2) noise in training mode; the identity in eval mode."""
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.sigma * torch.randn_like(x) if self.training and self.sigma > 0 else x
+
+
+class SemiGAN(nn.Module):
+    """Discriminator (K+1 outputs) and feature-matching generator; implements EmbeddingModel."""
+
+    def __init__(self, config: SemiGANConfig) -> None:
+        super().__init__()
+        torch.manual_seed(config.seed)
+        self.config = config
+        self.num_classes = config.num_classes
+        self.body = _discriminator_body(config)
+        self.head = weight_norm(nn.Linear(config.feature_dim, config.num_classes + 1))
+        self.generator = _generator(config)
+        self._opt_d: torch.optim.Optimizer | None = None
+        self._opt_g: torch.optim.Optimizer | None = None
+
+    # -- the EmbeddingModel protocol ------------------------------------------------------------
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Class logits (N x K): the fake output is dropped, leaving P_D(y | x, y <= K)."""
+        return self.head(self.body(x))[:, : self.num_classes]
+
+    def train_step(self, x_l: Tensor, y_l: Tensor, x_u: Tensor,
+                   regularizer: Regularizer) -> dict[str, float]:
+        """One discriminator step (Eq. 35) then one generator step (Eq. 32)."""
+        opt_d, opt_g = self._optimizers()
+        k = self.num_classes
+        fake = self.generator(torch.randn(x_u.shape[0], self.config.noise_dim)).detach()
+        z_l, z_u, z_f = self.body(x_l), self.body(x_u), self.body(fake)
+        out_l, out_u, out_f = self.head(z_l), self.head(z_u), self.head(z_f)
+        loss_l = nn.functional.cross_entropy(out_l[:, :k], y_l)                       # Eq. 33
+        real_u = torch.logsumexp(out_u[:, :k], 1) - torch.logsumexp(out_u, 1)       # log P(y<=K|x)
+        fake_f = out_f[:, k] - torch.logsumexp(out_f, 1)                            # log P(K+1|G(s))
+        loss_u = -(real_u.mean() + fake_f.mean())                                   # Eq. 34
+        loss_cfm = regularizer(z_l, y_l, z_u, out_u[:, :k])
+        opt_d.zero_grad()
+        (loss_l + loss_u + loss_cfm).backward()
+        opt_d.step()
+
+        fake = self.generator(torch.randn(x_u.shape[0], self.config.noise_dim))
+        loss_g = (self.body(x_u).detach().mean(0) - self.body(fake).mean(0)).square().sum()  # Eq. 32
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        return {"loss_l": float(loss_l), "loss_u": float(loss_u),
+                "loss_cfm": float(loss_cfm), "loss_g": float(loss_g)}
+
+    def _optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        # Created lazily: a model rebuilt from a cache starts a fresh optimiser, by design
+        if self._opt_d is None or self._opt_g is None:
+            d_params = list(self.body.parameters()) + list(self.head.parameters())
+            self._opt_d = torch.optim.Adam(d_params, lr=self.config.lr, betas=(0.5, 0.999))
+            self._opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.config.lr,
+                                           betas=(0.5, 0.999))
+        return self._opt_d, self._opt_g
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON-able config that `SemiGAN.from_description` rebuilds the model from."""
+        return {"kind": "semigan", **asdict(self.config)}
+
+    @classmethod
+    def from_description(cls, description: dict[str, Any]) -> "SemiGAN":
+        fields = {k: v for k, v in description.items() if k != "kind"}
+        return cls(SemiGANConfig(**fields))
+
+
+def _discriminator_body(c: SemiGANConfig) -> nn.Sequential:
+    layers: list[nn.Module] = [GaussianNoise(c.input_noise)]
+    width = c.in_dim
+    for i, h in enumerate([*c.hidden, c.feature_dim]):
+        if i > 0:
+            layers.append(GaussianNoise(c.hidden_noise))
+        layers += [weight_norm(nn.Linear(width, h)), nn.ReLU()]
+        width = h
+    return nn.Sequential(*layers)
+
+
+def _generator(c: SemiGANConfig) -> nn.Sequential:
+    width, layers = c.noise_dim, []
+    for h in reversed(c.hidden):
+        layers += [nn.Linear(width, h), nn.BatchNorm1d(h), nn.Softplus()]
+        width = h
+    layers += [nn.Linear(width, c.in_dim), nn.Sigmoid()]
+    return nn.Sequential(*layers)

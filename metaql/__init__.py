@@ -1,0 +1,23 @@
+"""MetaQL: an embedded gradient query engine for deep-learning training data.
+
+    import metaql
+    con = metaql.connect("runs/digits.mq")
+    con.execute("SELECT TOPK(50) train FROM INFLUENCE(layers=*, query=batch(test_wrong)) ORDER BY ASC")
+    con.fetchall()
+"""
+from metaql.connection import Connection, connect
+from metaql.engine.errors import (BinderException, CatalogException, Error, InternalException,
+                                  InterruptException, InvalidInputException, IOException, ParserException,
+                                  ProgrammingError, Warning)
+from metaql.engine.functions import CheckpointList, LayerList, SampleRef, SetName
+from metaql.result import Result
+
+__version__ = "0.1.0"
+apilevel = "2.0"
+threadsafety = 1
+paramstyle = "qmark"
+
+__all__ = ["connect", "Connection", "Result", "Error", "ProgrammingError", "ParserException",
+           "BinderException", "CatalogException", "InvalidInputException", "IOException",
+           "InterruptException", "InternalException", "Warning", "SetName", "LayerList",
+           "CheckpointList", "SampleRef"]

@@ -1,0 +1,93 @@
+"""The AST: plain classes for what a statement says, before any name is checked."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Name:
+    value: str
+
+
+@dataclass
+class Star:
+    pass
+
+
+@dataclass
+class Literal:
+    value: Any
+
+
+@dataclass
+class Parameter:
+    key: str            # "?" (positional, numbered by the parser as "1", "2"...), "1", or "name"
+
+
+@dataclass
+class ListValue:
+    items: list
+
+
+@dataclass
+class Call:
+    name: str
+    args: list
+
+
+@dataclass
+class TableCall:
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+    positional: list = field(default_factory=list)
+
+
+@dataclass
+class CreateSet:
+    name: str
+    query: str
+    replace: bool = False
+
+
+@dataclass
+class DropSet:
+    name: str
+    if_exists: bool = False
+
+
+@dataclass
+class TopKSelect:
+    k: int
+    train_set: str
+    call: TableCall
+    ascending: bool = False
+
+
+@dataclass
+class FuncSelect:
+    columns: str
+    call: TableCall
+    alias: str | None = None
+    tail: str = ""
+
+
+@dataclass
+class Explain:
+    statement: Any
+    analyze: bool = False
+
+
+@dataclass
+class Show:
+    what: str
+
+
+@dataclass
+class Describe:
+    name: str
+
+
+@dataclass
+class PlainSQL:
+    text: str

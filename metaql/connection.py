@@ -1,0 +1,328 @@
+"""The Python face, after DuckDB's: `connect()`, `Connection.execute/sql`, fetch methods.
+
+    con = metaql.connect("runs/digits.mq")
+    con.execute("SELECT TOPK(50) train FROM INFLUENCE(layers=*, query=batch(?)) ORDER BY ASC", ["test_wrong"])
+    con.fetchall(); con.df(); con.arrow(); con.fetchnumpy()
+"""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from metaql import ast
+from metaql.binder import bind_call, check_func_select
+from metaql.engine import executor
+from metaql.engine.errors import (BinderException, CatalogException, Error, InterruptException, IOException,
+                                  ProgrammingError)
+from metaql.engine.functions import REGISTRY
+from metaql.engine.plan import InfluenceScan, TopK
+from metaql.parser import parse
+from metaql.planner import plan_call, plan_topk
+from metaql.result import Result
+from metaql.storage.catalog import INTERNAL_TABLES, query_arrow, register, unregister
+from metaql.storage.store import Store
+
+_SHOW = {
+    "layers": "SELECT name, kind, din, dout, bias, positions, storage, factored_numbers, full_numbers FROM layers ORDER BY name",
+    "checkpoints": "SELECT name, ordinal, epoch, step, lr, status, created_at FROM checkpoints ORDER BY ordinal",
+    "sets": "SELECT name, size, definition, created_at FROM sets ORDER BY name",
+}
+
+
+def connect(database: str = ":memory:", read_only: bool = False, config: dict | None = None) -> "Connection":
+    """Opens (or creates) a store: a directory, or ':memory:' for a throwaway one."""
+    return Connection(database, read_only, config)
+
+
+class Connection:
+    def __init__(self, database: str = ":memory:", read_only: bool = False, config: dict | None = None):
+        from metaql import builtins  # noqa: F401  registers the built-in table functions
+
+        self.database = database
+        self.config = dict(config or {})
+        self.store = Store(database, read_only=read_only)
+        self.registry = REGISTRY.copy()
+        self._result: Result | None = None
+        self._interrupt = threading.Event()
+        self.progress: Callable = _quiet_progress
+
+    # ---- statements ----------------------------------------------------------------------------
+    def execute(self, query: str, parameters: Any = None) -> "Connection":
+        """Runs every statement in `query`; the last one's result is fetched from the connection."""
+        self._check_open()
+        statements = parse(query, self.registry.names())
+        if not statements:
+            raise ProgrammingError("no statement to execute")
+        for stmt in statements:
+            self._result = self._run(stmt, parameters)
+        return self
+
+    def sql(self, query: str, parameters: Any = None) -> Result:
+        """A result for one statement (parsed and bound now, so errors surface at once)."""
+        self.execute(query, parameters)
+        return self._result
+
+    def cursor(self) -> "Connection":
+        return self
+
+    def _run(self, stmt, params) -> Result:
+        self._interrupt.clear()
+        with _sigint_to(self._interrupt):
+            try:
+                return self._dispatch(stmt, params)
+            except KeyboardInterrupt:
+                raise InterruptException("query cancelled; nothing was changed") from None
+            except duckdb.Error as e:
+                raise _duck_error(e) from None
+
+    def _dispatch(self, stmt, params) -> Result:
+        if isinstance(stmt, ast.PlainSQL):
+            return self._plain_sql(stmt.text, params)
+        if isinstance(stmt, ast.CreateSet):
+            n = self.store.create_set(stmt.name, stmt.query, params, replace=stmt.replace)
+            return Result.message(f"set {stmt.name}: {n} samples")
+        if isinstance(stmt, ast.DropSet):
+            self.store.drop_set(stmt.name, stmt.if_exists)
+            return Result.message(f"dropped set {stmt.name}")
+        if isinstance(stmt, ast.Show):
+            return self._show(stmt.what)
+        if isinstance(stmt, ast.Describe):
+            return self._describe(stmt.name)
+        if isinstance(stmt, ast.Explain):
+            return self._explain(stmt, params)
+        plan = self._plan(stmt, params)
+        return self._run_plan(stmt, plan)
+
+    def _plan(self, stmt, params):
+        ctx = self._context()
+        if isinstance(stmt, ast.TopKSelect):
+            if stmt.k <= 0:
+                raise BinderException("TOPK(n) needs n >= 1")
+            return plan_topk(bind_call(stmt.call, self.registry, params), ctx, stmt.k, stmt.ascending, stmt.train_set)
+        if isinstance(stmt, ast.FuncSelect):
+            check_func_select(stmt)
+            return plan_call(bind_call(stmt.call, self.registry, params), ctx)
+        raise ProgrammingError(f"cannot plan {type(stmt).__name__}")
+
+    def _run_plan(self, stmt, plan) -> Result:
+        from metaql.engine.optimizer import optimize
+        table = executor.execute(optimize(plan, self.store, self.config), self._context())
+        if isinstance(stmt, ast.FuncSelect):
+            return self._sql_over(table, stmt)
+        return Result(table)
+
+    def _sql_over(self, table: pa.Table, stmt: ast.FuncSelect) -> Result:
+        """Runs the statement's SQL (columns, alias, joins, filters) over the function's result."""
+        name = "_metaql_fn_result"
+        register(self.store.db, name, table)
+        try:
+            alias = stmt.alias or stmt.call.name.lower()
+            out = query_arrow(self.store.db, f"SELECT {stmt.columns} FROM {name} AS {alias} {stmt.tail}")
+        finally:
+            unregister(self.store.db, name)
+        return Result(out)
+
+    def _plain_sql(self, text: str, params) -> Result:
+        _refuse_internal_writes(text)
+        table = query_arrow(self.store.db, text, params)
+        return Result.message("ok") if table is None else Result(table)
+
+    def _show(self, what: str) -> Result:
+        if what == "functions":
+            rows = [(f.name, ", ".join(f"{p.name}: {p.describe()}" for p in f.params.values()),
+                     f.doc.split("\n")[0]) for f in (self.registry.get(n) for n in self.registry.names())]
+            return Result(pa.table({"name": [r[0] for r in rows], "arguments": [r[1] for r in rows],
+                                    "description": [r[2] for r in rows]}))
+        if what == "tables":
+            return Result(query_arrow(self.store.db,
+                                      "SELECT table_name AS name FROM information_schema.tables ORDER BY 1"))
+        if what not in _SHOW:
+            raise BinderException(f"SHOW {what.upper()}: use SHOW LAYERS, CHECKPOINTS, SETS, FUNCTIONS or TABLES")
+        return Result(query_arrow(self.store.db, _SHOW[what]))
+
+    def _describe(self, name: str) -> Result:
+        fn = self.registry.get(name)
+        return Result(pa.table({
+            "argument": [p.name for p in fn.params.values()],
+            "type": [getattr(p.hint, "__name__", str(p.hint)) for p in fn.params.values()],
+            "default": ["(required)" if p.required else repr(p.default) for p in fn.params.values()],
+        }))
+
+    def _explain(self, stmt: ast.Explain, params) -> Result:
+        from metaql.engine.explain import explain_lines
+        from metaql.engine.optimizer import optimize
+        plan = optimize(self._plan(stmt.statement, params), self.store, self.config)
+        if stmt.analyze:
+            t0 = time.perf_counter()
+            self._run_plan(stmt.statement, plan)
+            total = time.perf_counter() - t0
+        lines = explain_lines(plan, analyze=stmt.analyze)
+        if stmt.analyze:
+            lines.append(f"total: {total:.4f} s")
+        return Result(pa.table({"plan": lines}))
+
+    def _context(self) -> executor.Context:
+        return executor.Context(self.store, self.registry, self.config, self.progress, self._interrupt.is_set)
+
+    # ---- results (DuckDB's cursor-style fetch on the connection) --------------------------------
+    def _last(self) -> Result:
+        if self._result is None:
+            raise ProgrammingError("no result: execute a statement first")
+        return self._result
+
+    def fetchone(self):
+        return self._last().fetchone()
+
+    def fetchmany(self, size: int = 1):
+        return self._last().fetchmany(size)
+
+    def fetchall(self):
+        return self._last().fetchall()
+
+    def df(self):
+        return self._last().df()
+
+    fetchdf = df
+
+    def arrow(self) -> pa.Table:
+        return self._last().arrow()
+
+    fetch_arrow_table = arrow
+
+    def fetchnumpy(self) -> dict[str, np.ndarray]:
+        return self._last().fetchnumpy()
+
+    def pl(self):
+        return self._last().pl()
+
+    def torch(self):
+        return self._last().torch()
+
+    @property
+    def description(self):
+        return None if self._result is None else self._result.description
+
+    # ---- data in ----------------------------------------------------------------------------------
+    def add_samples(self, ids, split: str, labels=None, inputs=None, columns=None) -> int:
+        """Registers samples (ids, split, labels; inputs for replay; extra catalog columns)."""
+        self._check_open()
+        return self.store.add_samples(ids, split, labels, inputs, columns)
+
+    def capture(self, model, layers=None, checkpoint: str = "ckpt0", lr: float = 1.0, **kwargs):
+        """A context manager that captures per-sample factors in the training loop
+        (see metaql.storage.capture.Capture)."""
+        from metaql.storage.capture import Capture
+        self._check_open()
+        return Capture(self.store, model, layers, checkpoint, lr, **kwargs)
+
+    def replay(self, checkpoint: str, samples: str = "train", layers=None, **kwargs) -> int:
+        """Stores exact factors of a set's samples at a saved checkpoint (eval mode)."""
+        from metaql.storage.capture import replay_into_store
+        self._check_open()
+        return replay_into_store(self.store, checkpoint, self.store.set_ids(samples), layers,
+                                 progress=self.progress, **kwargs)
+
+    def update_predictions(self, checkpoint: str | None = None, batch_size: int = 1024) -> int:
+        """Fills samples.pred and samples.loss from the model at a checkpoint (default: the last)."""
+        from metaql.storage.predictions import update_predictions
+        self._check_open()
+        return update_predictions(self.store, checkpoint, batch_size)
+
+    def attach_model(self, model) -> None:
+        """Uses this in-process model's architecture for replay when its factory is not importable."""
+        self.store.live_model = model
+
+    def register_function(self, fn: Callable, name: str | None = None, replace: bool = False) -> None:
+        """Adds a table function to this connection: a plain function `fn(ctx, **typed_args)` that
+        returns a pyarrow.Table (or a dict of columns)."""
+        self.registry.register(fn, name=name, replace=replace)
+
+    def verify(self) -> list[str]:
+        return self.store.verify()
+
+    def interrupt(self) -> None:
+        """Asks the running statement to stop at the next shard (from another thread)."""
+        self._interrupt.set()
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def _check_open(self) -> None:
+        if self.store is None:
+            raise ProgrammingError("the connection is closed")
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<metaql.Connection {self.database!r}{' read-only' if self.store and self.store.read_only else ''}>"
+
+
+def _quiet_progress(it, total=None, desc=""):
+    return it
+
+
+_WRITE = ("insert", "update", "delete", "drop", "alter", "create", "truncate", "copy", "attach", "detach")
+
+
+def _refuse_internal_writes(text: str) -> None:
+    """Plain SQL may read the catalog's bookkeeping tables but not write them (files would dangle)."""
+    import re
+    head = text.lstrip().split(None, 1)[0].lower() if text.strip() else ""
+    if head not in _WRITE:
+        return
+    words = set(re.findall(r"[A-Za-z_]\w*", text.lower()))
+    touched = [t for t in INTERNAL_TABLES if t in words]
+    if touched:
+        raise ProgrammingError(f"{head.upper()} on MetaQL's table(s) {', '.join(touched)} would break the store; "
+                               "use CREATE SET / DROP SET, or the Python API, to change them")
+
+
+def _duck_error(e: Exception) -> Error:
+    msg = str(e)
+    if isinstance(e, duckdb.ParserException):
+        from metaql.engine.errors import ParserException
+        return ParserException(msg)
+    if isinstance(e, duckdb.CatalogException):
+        return CatalogException(msg)
+    if isinstance(e, (duckdb.BinderException,)):
+        return BinderException(msg)
+    if isinstance(e, duckdb.IOException):
+        return IOException(msg)
+    return ProgrammingError(msg)
+
+
+@contextmanager
+def _sigint_to(event: threading.Event):
+    """While a statement runs in the main thread, Ctrl-C sets `event`; the executor checks it
+    between shards and stops cleanly. A second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if event.is_set():
+            event.clear()
+            raise InterruptException("query cancelled; nothing was changed")

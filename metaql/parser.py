@@ -1,0 +1,239 @@
+"""Text -> statements -> AST. MetaQL statements parse with the Lark grammar; plain SQL is routed
+to DuckDB untouched. Parse errors carry line, column, the line with a caret, and plain words."""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from importlib import resources
+
+from lark import Lark, Token, Transformer, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from metaql import ast
+from metaql.engine.errors import ParserException
+
+METAQL_STARTS = re.compile(r"^\s*(create\s+(or\s+replace\s+)?set\b|drop\s+set\b|explain\b|show\b|describe\b"
+                           r"|select\s+topk\b)", re.I)
+_CALL = re.compile(r"\b(from|join)\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(", re.I)
+
+TERMINAL_WORDS = {
+    "NAME": "a name", "INT": "a whole number", "SIGNED_NUMBER": "a number", "STRING": "a 'string'",
+    "PARAMETER": "a parameter (?, $1, $name)", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['",
+    "RSQB": "']'", "COMMA": "','", "EQUALS": "'='", "STAR": "'*'", "SEMICOLON": "';'",
+    "DIRECTION": "ASC or DESC", "SQL_BODY": "a SELECT over the catalog", "SQL_COLUMNS": "columns",
+    "SQL_TAIL": "more SQL", "$END": "the end of the statement",
+}
+
+
+@lru_cache(maxsize=1)
+def parser() -> Lark:
+    text = resources.files("metaql.grammar").joinpath("metaql.lark").read_text()
+    return Lark(text, parser="lalr", lexer="contextual", propagate_positions=False, maybe_placeholders=True)
+
+
+def split_statements(text: str) -> list[str]:
+    """Splits a script on semicolons outside quotes and comments; drops empty statements."""
+    out, buf, i, quote = [], [], 0, None
+    while i < len(text):
+        c = text[i]
+        if quote:
+            buf.append(c)
+            if c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+            buf.append(c)
+        elif text.startswith("--", i):
+            end = text.find("\n", i)
+            end = len(text) if end < 0 else end
+            buf.append(text[i:end])
+            i = end
+            continue
+        elif c == ";":
+            out.append("".join(buf))
+            buf = []
+        else:
+            buf.append(c)
+        i += 1
+    out.append("".join(buf))
+    return [s for s in out if _strip_comments(s).strip()]
+
+
+def is_complete(text: str) -> bool:
+    """True when the text ends a statement (a ';' outside quotes/comments), for the shell."""
+    stripped = _strip_comments(text).rstrip()
+    return stripped.endswith(";") and len(split_statements(text + "\n")) >= 1
+
+
+def _strip_comments(s: str) -> str:
+    return re.sub(r"--[^\n]*", "", s)
+
+
+def is_metaql(statement: str, function_names) -> bool:
+    if METAQL_STARTS.match(statement):
+        return True
+    names = {n.upper() for n in function_names}
+    return any(m.group(2).upper() in names for m in _CALL.finditer(statement))
+
+
+def parse_statement(statement: str, function_names=()) -> object:
+    if not is_metaql(statement, function_names):
+        return ast.PlainSQL(statement.strip())
+    try:
+        tree = parser().parse(statement)
+    except UnexpectedInput as e:
+        raise _parse_error(statement, e) from None
+    return ToAST().transform(tree)
+
+
+def parse(text: str, function_names=()) -> list:
+    return [parse_statement(s, function_names) for s in split_statements(text)]
+
+
+def _parse_error(text: str, e: UnexpectedInput) -> ParserException:
+    if isinstance(e, UnexpectedToken):
+        expected = sorted(TERMINAL_WORDS.get(t, t) for t in e.accepts or e.expected)
+        found = "the end of the statement" if e.token.type == "$END" else f"'{e.token}'"
+        msg = f"syntax error: unexpected {found}; expected {_or(expected)}"
+    elif isinstance(e, UnexpectedEOF):
+        msg = f"syntax error: the statement ends too early; expected {_or(sorted(TERMINAL_WORDS.get(t, t) for t in e.expected))}"
+    else:
+        assert isinstance(e, UnexpectedCharacters)
+        msg = f"syntax error: unexpected character '{text[e.pos_in_stream]}'"
+    hint = _hint(text)
+    if hint:
+        msg += f". Hint: {hint}"
+    line, col = getattr(e, "line", None), getattr(e, "column", None)
+    if line is None or line < 0:
+        line = text.count("\n") + 1
+        col = len(text.rsplit("\n", 1)[-1]) + 1
+    return ParserException(msg, line, col, _caret(text, line, col))
+
+
+def _caret(text: str, line: int, col: int) -> str:
+    lines = text.split("\n")
+    src = lines[line - 1] if 0 < line <= len(lines) else ""
+    return f"  {src}\n  {' ' * (max(col, 1) - 1)}^"
+
+
+def _or(words: list[str]) -> str:
+    words = list(dict.fromkeys(words))
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _hint(text: str) -> str | None:
+    if re.search(r"layers\s*=\s*[A-Za-z_][\w.]*\s*,\s*[A-Za-z_][\w.]*\s*(,|\))", text, re.I) and \
+            not re.search(r"layers\s*=\s*\[", text, re.I):
+        return "layers= takes a list in brackets, e.g. layers=[fc1, fc2], or layers=*"
+    if re.match(r"\s*select\s+topk\s*[^(\s]", text, re.I) or re.match(r"\s*select\s+topk\s+\d", text, re.I):
+        return "write TOPK(n) with the count in parentheses, e.g. SELECT TOPK(50) train FROM ..."
+    return None
+
+
+def _positional_counter():
+    n = 0
+
+    def next_key() -> str:
+        nonlocal n
+        n += 1
+        return str(n)
+    return next_key
+
+
+class ToAST(Transformer):
+    """Lark tree -> metaql.ast objects."""
+
+    def __init__(self):
+        super().__init__()
+        self._next_param = _positional_counter()
+
+    def start(self, items):
+        return items[0]
+
+    # values
+    def name(self, items):
+        return ast.Name(str(items[0]))
+
+    def star(self, _):
+        return ast.Star()
+
+    def number(self, items):
+        s = str(items[0])
+        return ast.Literal(float(s) if any(c in s for c in ".eE") else int(s))
+
+    def string(self, items):
+        return ast.Literal(str(items[0])[1:-1].replace("''", "'"))
+
+    def parameter(self, items):
+        s = str(items[0])
+        return ast.Parameter(self._next_param() if s == "?" else s[1:])
+
+    def list(self, items):
+        return ast.ListValue([v for v in items if v is not None and not isinstance(v, Token)])
+
+    def call(self, items):
+        return ast.Call(str(items[0]), [v for v in items[1:] if v is not None and not isinstance(v, Token)])
+
+    def named_argument(self, items):
+        return (str(items[0]), items[2])
+
+    def positional_argument(self, items):
+        return (None, items[0])
+
+    def table_call(self, items):
+        call = ast.TableCall(str(items[0]))
+        for item in items[1:]:
+            if not isinstance(item, tuple):
+                continue
+            key, value = item
+            if key is None:
+                call.positional.append(value)
+            elif key.lower() in call.args:
+                raise ParserException(f"argument '{key}' is given twice in {call.name}()")
+            else:
+                call.args[key.lower()] = value
+        return call
+
+    # statements
+    def create_set(self, items):
+        replace = any(isinstance(i, ast.Literal) and i.value == "or_replace" for i in items)
+        name = [i for i in items if isinstance(i, Token) and i.type == "NAME"][0]
+        body = [i for i in items if isinstance(i, Token) and i.type == "SQL_BODY"][0]
+        return ast.CreateSet(str(name), str(body).strip(), replace)
+
+    def or_replace(self, _):
+        return ast.Literal("or_replace")
+
+    def if_exists(self, _):
+        return ast.Literal("if_exists")
+
+    def drop_set(self, items):
+        name = [i for i in items if isinstance(i, Token) and i.type == "NAME"][0]
+        return ast.DropSet(str(name), any(isinstance(i, ast.Literal) for i in items))
+
+    def order(self, items):
+        return str(items[2]).lower() == "asc"
+
+    def topk_select(self, items):
+        k = int(items[3])
+        call = [i for i in items if isinstance(i, ast.TableCall)][0]
+        asc = items[-1] if isinstance(items[-1], bool) else False
+        return ast.TopKSelect(k, str(items[5]), call, asc)
+
+    def alias(self, items):
+        return ast.Name(str(items[1]))
+
+    def func_select(self, items):
+        call = [i for i in items if isinstance(i, ast.TableCall)][0]
+        alias = next((i.value for i in items if isinstance(i, ast.Name)), None)
+        tail = next((str(i) for i in items if isinstance(i, Token) and i.type == "SQL_TAIL"), "")
+        return ast.FuncSelect(str(items[1]).strip(), call, alias, tail.strip())
+
+    def explain(self, items):
+        analyze = any(isinstance(i, Token) and i.type == "ANALYZE" for i in items)
+        return ast.Explain(items[-1], analyze)
+
+    def show(self, items):
+        return ast.Show(str(items[1]).lower())
+
+    def describe(self, items):
+        return ast.Describe(str(items[1]))

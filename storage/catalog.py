@@ -1,0 +1,135 @@
+"""The DuckDB catalog: samples, models, checkpoints, layers, shards and named sets.
+
+Every table is plain DuckDB, so a user joins `samples` with a table function's result in SQL.
+Writes that must go together (a shard's file and its row; a set and its members) go through
+`transaction()`: on any error the catalog is rolled back and nothing half-done stays behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import duckdb
+
+from metaql.engine.errors import CatalogException, IOException
+
+FORMAT_VERSION = "1"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS samples (
+    sample_id BIGINT PRIMARY KEY, split VARCHAR NOT NULL, label INTEGER, pred INTEGER, loss DOUBLE);
+CREATE TABLE IF NOT EXISTS models (
+    model_id INTEGER PRIMARY KEY, factory VARCHAR, kwargs VARCHAR, loss VARCHAR,
+    created_at TIMESTAMP DEFAULT current_timestamp);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    name VARCHAR PRIMARY KEY, ordinal INTEGER NOT NULL, model_id INTEGER, epoch INTEGER, step BIGINT,
+    lr DOUBLE NOT NULL, weights_file VARCHAR NOT NULL, status VARCHAR NOT NULL,
+    created_at TIMESTAMP DEFAULT current_timestamp);
+CREATE TABLE IF NOT EXISTS layers (
+    name VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, din INTEGER, dout INTEGER, bias BOOLEAN,
+    positions INTEGER, storage VARCHAR NOT NULL, factored_numbers BIGINT, full_numbers BIGINT,
+    meta VARCHAR NOT NULL);
+CREATE SEQUENCE IF NOT EXISTS shard_seq;
+CREATE TABLE IF NOT EXISTS shards (
+    shard_id BIGINT PRIMARY KEY DEFAULT nextval('shard_seq'), kind VARCHAR NOT NULL,
+    checkpoint VARCHAR, layer VARCHAR, file VARCHAR NOT NULL, rows BIGINT NOT NULL,
+    min_id BIGINT, max_id BIGINT, bytes BIGINT NOT NULL, checksum VARCHAR NOT NULL,
+    storage VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp);
+CREATE TABLE IF NOT EXISTS sets (
+    name VARCHAR PRIMARY KEY, definition VARCHAR, size BIGINT,
+    created_at TIMESTAMP DEFAULT current_timestamp);
+CREATE TABLE IF NOT EXISTS set_members (set_name VARCHAR NOT NULL, sample_id BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS labels (
+    sample_id BIGINT PRIMARY KEY, label INTEGER NOT NULL, labeled_by VARCHAR DEFAULT current_user,
+    labeled_at TIMESTAMP DEFAULT current_timestamp);
+"""
+
+# Tables MetaQL keeps consistent with files on disk: plain SQL may read them, not write them.
+INTERNAL_TABLES = ("meta", "models", "checkpoints", "layers", "shards", "sets", "set_members")
+
+_LOCK_RE = re.compile(r"\(PID (\d+)\)")
+
+
+def open_catalog(path: Path | str, read_only: bool) -> duckdb.DuckDBPyConnection:
+    try:
+        con = duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as e:
+        raise IOException(_lock_message(str(path), str(e))) from None
+    if not read_only:
+        con.execute(SCHEMA)
+        con.execute("INSERT OR IGNORE INTO meta VALUES ('format_version', ?)", [FORMAT_VERSION])
+    _check_version(con, path)
+    return con
+
+
+def _lock_message(path: str, err: str) -> str:
+    if "lock" not in err.lower():
+        return f"cannot open catalog {path}: {err}"
+    pid = _LOCK_RE.search(err)
+    who = f"process {pid.group(1)}" if pid else "another process"
+    return (f"the store's catalog {path} is open for writing by {who}; "
+            "open it with read_only=True (shell: metaql --readonly STORE), or close the other process")
+
+
+def _check_version(con: duckdb.DuckDBPyConnection, path) -> None:
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
+    except duckdb.CatalogException:
+        raise IOException(f"{path} is not a MetaQL catalog (no meta table)") from None
+    if row is None or row[0] != FORMAT_VERSION:
+        raise IOException(f"{path} has store format {row and row[0]}; this MetaQL reads {FORMAT_VERSION}")
+
+
+@contextlib.contextmanager
+def transaction(con: duckdb.DuckDBPyConnection):
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def require_name(kind: str, name: str, existing: list[str]) -> None:
+    """Raises a CatalogException with a did-you-mean hint when `name` is not in `existing`."""
+    if name in existing:
+        return
+    import difflib
+    hint = difflib.get_close_matches(name, existing, n=1)
+    extra = f" Did you mean '{hint[0]}'?" if hint else ""
+    listing = ", ".join(existing) if existing else "(none)"
+    raise CatalogException(f"unknown {kind} '{name}'.{extra} Known {kind}s: {listing}")
+
+
+def query_arrow(db: duckdb.DuckDBPyConnection, text: str, params=None):
+    """Runs a query through DuckDB's relational API (no pending DB-API result is left on the
+    connection) and returns the whole result as Arrow, or None for a statement without rows."""
+    rel = db.sql(text, params=params) if params is not None else db.sql(text)
+    return None if rel is None else arrow_of(rel)
+
+
+def register(db: duckdb.DuckDBPyConnection, name: str, table) -> None:
+    """Registers an Arrow table as a view; DuckDB 2 first wants any pending result completed."""
+    complete = getattr(db, "complete", None)
+    if complete is not None:
+        complete()
+    db.register(name, table)
+
+
+def unregister(db: duckdb.DuckDBPyConnection, name: str) -> None:
+    complete = getattr(db, "complete", None)
+    if complete is not None:
+        complete()
+    db.unregister(name)
+
+
+def arrow_of(result) -> "pyarrow.Table":
+    """The whole result as an Arrow table, across DuckDB versions (to_arrow_table since 1.4)."""
+    for method in ("to_arrow_table", "fetch_arrow_table", "arrow"):
+        fn = getattr(result, method, None)
+        if fn is not None:
+            return fn()
+    raise AttributeError("this DuckDB result has no Arrow export")

@@ -1,0 +1,96 @@
+"""Arrow IPC shard files: one file holds sample ids and a few named tensors, one row per sample.
+
+Each tensor is a FixedSizeList<float> column with the per-sample shape in the schema metadata,
+so a reader memory-maps the file and views a column as a (rows, *shape) tensor without a copy.
+Files are written to a temporary name, fsynced and renamed: a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from metaql.engine.errors import IOException
+
+_ARROW_TYPES = {torch.float32: pa.float32(), torch.float16: pa.float16(), torch.int64: pa.int64(),
+                torch.float64: pa.float64(), torch.int32: pa.int32()}
+# bfloat16 has no Arrow type: its 16-bit patterns travel as int16 and are viewed back on read.
+_BF16_TAG = "bfloat16"
+CHUNK = 1 << 20
+
+
+def write_shard(path: Path, ids: np.ndarray, tensors: dict[str, torch.Tensor],
+                extra: dict | None = None) -> tuple[int, str]:
+    """Writes one shard atomically; returns (bytes, checksum)."""
+    columns, fields, meta = [pa.array(np.asarray(ids, dtype=np.int64))], [pa.field("sample_id", pa.int64())], {}
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        meta[name] = {"shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
+        flat = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        values = pa.array(flat.reshape(-1).numpy())
+        width = int(np.prod(t.shape[1:], dtype=np.int64))
+        columns.append(pa.FixedSizeListArray.from_arrays(values, width))
+        fields.append(pa.field(name, columns[-1].type))
+    schema = pa.schema(fields, metadata={"metaql": json.dumps({"tensors": meta, **(extra or {})})})
+    table = pa.Table.from_arrays(columns, schema=schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_file(sink, schema) as writer:
+            writer.write_table(table)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    return path.stat().st_size, file_checksum(path)
+
+
+def file_checksum(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"crc32:{crc:08x}"
+
+
+class Shard:
+    """A memory-mapped shard: `ids` and `tensor(name)` are views into the mapped file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+            self.meta = json.loads(self._table.schema.metadata[b"metaql"])
+        except (OSError, pa.ArrowInvalid, KeyError, ValueError) as e:
+            raise IOException(f"shard file {path} is unreadable ({e}); "
+                              "run con.verify() to list damaged files, then recapture them") from e
+        self.ids = self._table.column("sample_id").to_numpy()
+        self.rows = len(self.ids)
+
+    def names(self) -> list[str]:
+        return list(self.meta["tensors"])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        info = self.meta["tensors"][name]
+        col = self._table.column(name).combine_chunks()
+        values = col.values.to_numpy(zero_copy_only=True) if self.rows else np.zeros(0, np.float32)
+        with warnings.catch_warnings():
+            # the mapping is read-only by design; operators never write into it
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(values)
+        if info["dtype"] == _BF16_TAG:
+            t = t.view(torch.bfloat16)
+        return t.reshape(self.rows, *info["shape"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -127,7 +127,7 @@ class EliteDetector(ScoreDetector):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                history.append({"epoch": epoch, "step": step, "val_loss": ms.val_loss, "train_loss": float(loss),
+                history.append({"epoch": epoch, "step": step, "val_loss": ms.val_loss, "train_loss": float(loss.detach()),
                                 "anomalous": float((pseudo_labels(ms.meta) < 0).float().mean())})
                 step += 1
         return history

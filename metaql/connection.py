@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-import json
+import re
 import signal
 import threading
 import time
@@ -132,7 +132,13 @@ class Connection:
 
     def _plain_sql(self, text: str, params) -> Result:
         _refuse_internal_writes(text)
-        table = query_arrow(self.store.db, text, params)
+        try:
+            table = query_arrow(self.store.db, text, params)
+        except duckdb.CatalogException as e:
+            missing = re.search(r"Table Function with name (\w+) does not exist", str(e))
+            if missing:
+                self.registry.get(missing.group(1))  # raises with MetaQL's functions and a hint
+            raise
         return Result.message("ok") if table is None else Result(table)
 
     def _show(self, what: str) -> Result:
@@ -281,7 +287,6 @@ _WRITE = ("insert", "update", "delete", "drop", "alter", "create", "truncate", "
 
 def _refuse_internal_writes(text: str) -> None:
     """Plain SQL may read the catalog's bookkeeping tables but not write them (files would dangle)."""
-    import re
     head = text.lstrip().split(None, 1)[0].lower() if text.strip() else ""
     if head not in _WRITE:
         return

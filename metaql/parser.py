@@ -193,6 +193,8 @@ class ToAST(Transformer):
                 call.args[key.lower()] = value
         return call
 
+    topk_call = table_call
+
     # statements
     def create_set(self, items):
         replace = any(isinstance(i, ast.Literal) and i.value == "or_replace" for i in items)

@@ -107,23 +107,27 @@ def require_name(kind: str, name: str, existing: list[str]) -> None:
 def query_arrow(db: duckdb.DuckDBPyConnection, text: str, params=None):
     """Runs a query through DuckDB's relational API (no pending DB-API result is left on the
     connection) and returns the whole result as Arrow, or None for a statement without rows."""
+    _complete(db)
     rel = db.sql(text, params=params) if params is not None else db.sql(text)
     return None if rel is None else arrow_of(rel)
 
 
 def register(db: duckdb.DuckDBPyConnection, name: str, table) -> None:
-    """Registers an Arrow table as a view; DuckDB 2 first wants any pending result completed."""
-    complete = getattr(db, "complete", None)
-    if complete is not None:
-        complete()
+    """Registers an Arrow table as a view."""
+    _complete(db)
     db.register(name, table)
 
 
 def unregister(db: duckdb.DuckDBPyConnection, name: str) -> None:
+    _complete(db)
+    db.unregister(name)
+
+
+def _complete(db: duckdb.DuckDBPyConnection) -> None:
+    """DuckDB 2 refuses new work while an execute() result is partly fetched; finish it first."""
     complete = getattr(db, "complete", None)
     if complete is not None:
         complete()
-    db.unregister(name)
 
 
 def arrow_of(result) -> "pyarrow.Table":

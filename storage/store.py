@@ -430,6 +430,8 @@ def _as_ids(ids) -> np.ndarray:
     if isinstance(ids, torch.Tensor):
         ids = ids.detach().cpu().numpy()
     arr = np.asarray(ids)
+    if arr.size == 0:
+        return np.zeros(0, np.int64)
     if arr.dtype.kind not in "iu":
         raise InvalidInputException(f"sample ids must be integers, got {arr.dtype}")
     return arr.astype(np.int64).reshape(-1)

@@ -1,0 +1,37 @@
+"""The `metaql` command: the demo end to end, -c, scripts on stdin, exit codes."""
+import subprocess
+import sys
+
+import metaql
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "metaql.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_demo_builds_a_store_that_reopens_and_answers(tmp_path):
+    store = str(tmp_path / "demo.mq")
+    out = run("demo", store, "--epochs", "3")
+    assert out.returncode == 0, out.stderr
+    assert "precision@" in out.stdout and "time per stage" in out.stdout
+    with metaql.connect(store, read_only=True) as con:
+        assert [r[0] for r in con.execute("SHOW CHECKPOINTS").fetchall()] == ["epoch1", "epoch2", "epoch3"]
+        rows = con.execute("SELECT TOPK(5) train FROM INFLUENCE(layers=[fc2], query=batch(test_wrong)) "
+                           "ORDER BY ASC").fetchall()
+        assert len(rows) == 5 and rows == sorted(rows, key=lambda r: r[1])
+    again = run(store, "-c", "SELECT count(*) AS n FROM samples WHERE split = 'train';")
+    assert again.returncode == 0 and "1437" in again.stdout and "┌" in again.stdout
+    refused = run("demo", store)
+    assert refused.returncode == 1 and "--force" in refused.stderr
+
+
+def test_command_errors_exit_nonzero(tmp_path):
+    store = str(tmp_path / "s.mq")
+    bad = run(store, "-c", "SELECT TOPK(3) train FROM INFLUENCE(query=batch(x)) ORDER BY up;")
+    assert bad.returncode == 1 and "line 1, column" in bad.stderr and "^" in bad.stderr
+    script = "CREATE SET a AS SELECT 1 AS sample_id;\nSELECT 42 AS answer;\n"
+    out = run(store, "--mode", "csv", stdin=script)
+    assert out.returncode == 1 and "not registered" in out.stderr and "42" not in out.stdout
+    ok = run(store, "--mode", "csv", stdin="SELECT 42 AS answer;\n.mode json\nSELECT 1 AS one;\n")
+    assert ok.returncode == 0 and ok.stdout.splitlines()[:2] == ["answer", "42"] and '[{"one": 1}]' in ok.stdout

@@ -1,0 +1,70 @@
+"""The DuckDB-style Python API: execute/sql, fetch methods, parameters, functions, errors."""
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+import metaql
+from metaql.engine.functions import SetName
+
+
+@pytest.fixture
+def con():
+    c = metaql.connect(":memory:")
+    c.add_samples(np.arange(5), "train", [0, 1, 0, 1, 1], torch.zeros(5, 2), columns={"w": [1.0, 2, 3, 4, 5]})
+    yield c
+    c.close()
+
+
+def test_fetch_methods(con):
+    assert con.execute("SELECT sample_id, w FROM samples ORDER BY sample_id") is con
+    assert con.fetchone() == (0, 1.0)
+    assert con.fetchmany(2) == [(1, 2.0), (2, 3.0)]
+    assert con.fetchall() == [(3, 4.0), (4, 5.0)]
+    assert con.description[0][0] == "sample_id"
+    rel = con.sql("SELECT label, count(*) AS n FROM samples GROUP BY label ORDER BY label")
+    assert rel.df()["n"].tolist() == [2, 3]
+    assert isinstance(rel.arrow(), pa.Table)
+    assert rel.fetchnumpy()["label"].tolist() == [0, 1]
+    assert rel.torch()["n"].tolist() == [2, 3]
+
+
+def test_parameters_are_bound_not_formatted(con):
+    con.execute("CREATE SET heavy AS SELECT sample_id FROM samples WHERE w > ?", [2.5])
+    assert con.execute("SELECT size FROM sets").fetchone() == (3,)
+    evil = "x'; DROP TABLE samples; --"
+    assert con.execute("SELECT count(*) FROM samples WHERE split = ?", [evil]).fetchone() == (0,)
+    assert con.execute("SELECT count(*) FROM samples").fetchone() == (5,)
+
+
+def test_user_table_function(con):
+    def heavy(ctx, data: SetName, above: float = 0.0) -> pa.Table:
+        """Samples of a set whose weight is above a threshold."""
+        ids = ctx.store.set_ids(data)
+        w = ctx.store.sample_columns(ids, ["w"])["w"]
+        return pa.table({"sample_id": ids[w > above], "w": w[w > above]})
+
+    con.register_function(heavy)
+    assert con.execute("SELECT sample_id FROM heavy(data=train, above=3.5) ORDER BY sample_id").fetchall() == [(3,), (4,)]
+    assert con.execute("SELECT count(*) FROM heavy(train) AS h JOIN samples USING (sample_id) "
+                       "WHERE label = 1").fetchone() == (3,)
+    names = [r[0] for r in con.execute("SHOW FUNCTIONS").fetchall()]
+    assert {"HEAVY", "INFLUENCE", "SELF_INFLUENCE"} <= set(names)
+    assert con.execute("DESCRIBE heavy").fetchall() == [("data", "SetName", "(required)"), ("above", "float", "0.0")]
+    with pytest.raises(metaql.BinderException, match="above= should be a number"):
+        con.execute("SELECT * FROM heavy(data=train, above='lots')")
+    with pytest.raises(metaql.BinderException, match="needs the argument"):
+        con.execute("SELECT * FROM heavy(above=1)")
+
+
+def test_closed_connection_and_context_manager():
+    with metaql.connect(":memory:") as c:
+        c.execute("SELECT 1")
+    with pytest.raises(metaql.ProgrammingError, match="closed"):
+        c.execute("SELECT 1")
+
+
+def test_module_constants():
+    assert metaql.apilevel == "2.0" and metaql.paramstyle == "qmark" and metaql.threadsafety == 1
+    assert issubclass(metaql.ParserException, metaql.ProgrammingError)
+    assert issubclass(metaql.ProgrammingError, metaql.Error)

@@ -1,0 +1,114 @@
+"""A query's scores equal TracIn computed from explicitly built per-sample gradients."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import metaql
+from tests.bruteforce import per_sample_grads, rel_err
+from tests.models import MLP, SeqModel
+
+
+def _flat(grads: dict, layers) -> torch.Tensor:
+    parts = [v.reshape(v.shape[0], -1) for k, v in grads.items() if k.rsplit(".", 1)[0] in layers]
+    return torch.cat(parts, dim=1)
+
+
+def _build(con, model, x, y, ntrain, checkpoints, lrs, seed):
+    """Trains with capture; returns the weights at each checkpoint (as the store saves them)."""
+    ids = np.arange(len(x))
+    con.add_samples(ids[:ntrain], "train", y[:ntrain].numpy(), x[:ntrain])
+    con.add_samples(ids[ntrain:], "test", y[ntrain:].numpy(), x[ntrain:])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    states = []
+    for c, lr in zip(range(checkpoints), lrs):
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        with con.capture(model, checkpoint=f"c{c}", lr=lr, factory="tests.models:" + type(model).__name__,
+                         kwargs=model.metaql_config) as cap:
+            cap.backward(F.cross_entropy(model(x[:ntrain]), y[:ntrain]), ids[:ntrain])
+        # change the weights between checkpoints (capture happens before this update)
+        with torch.no_grad():
+            for prm in model.parameters():
+                prm.add_(0.3 * torch.randn_like(prm))
+    return states
+
+
+def _expected(model, states, lrs, x, y, ntrain, query, layers, similarity="dot", self_inf=False):
+    total = torch.zeros(ntrain, dtype=torch.float64)
+    for state, lr in zip(states, lrs):
+        model.load_state_dict(state)
+        g = _flat(per_sample_grads(model, x[:ntrain], y[:ntrain]), layers).double()
+        if self_inf:
+            total += lr * (g * g).sum(1)
+            continue
+        gq = _flat(per_sample_grads(model, x[query], y[query]), layers).double().mean(0)
+        s = g @ gq
+        if similarity == "cosine":
+            s = s / (g.norm(dim=1) * gq.norm())
+        total += lr * s
+    return total
+
+
+params = st.fixed_dictionaries({"seq": st.booleans(), "ntrain": st.integers(3, 12), "nq": st.integers(1, 4),
+                                "ckpts": st.integers(1, 3), "seed": st.integers(0, 2**16),
+                                "similarity": st.sampled_from(["dot", "cosine"]),
+                                "strategy": st.sampled_from([None, "iterate", "batch_average", "reconstruct"])})
+
+
+@given(params)
+def test_influence_equals_tracin_bruteforce(p):
+    torch.manual_seed(p["seed"])
+    n = p["ntrain"] + p["nq"]
+    model = SeqModel() if p["seq"] else MLP()
+    x = torch.randn(n, 3, 4) if p["seq"] else torch.randn(n, 6)
+    y = torch.randint(0, 3, (n,))
+    lrs = [0.5, 0.25, 0.125][:p["ckpts"]]
+    config = {"force_strategy": p["strategy"]} if p["strategy"] else None
+    with metaql.connect(":memory:", config=config) as con:
+        states = _build(con, model, x, y, p["ntrain"], p["ckpts"], lrs, p["seed"])
+        layers = [n for n, _ in model.named_children()][-2:]
+        got = con.execute(f"SELECT sample_id, score FROM INFLUENCE(layers=[{', '.join(layers)}], "
+                          f"query=batch(test), similarity={p['similarity']}) ORDER BY sample_id").fetchnumpy()
+    expected = _expected(model, states, lrs, x, y, p["ntrain"], slice(p["ntrain"], n), layers, p["similarity"])
+    assert list(got["sample_id"]) == list(range(p["ntrain"]))
+    assert rel_err(torch.from_numpy(got["score"]), expected) < 1e-5
+
+
+def test_topk_order_and_self_influence(store_dir):
+    torch.manual_seed(1)
+    model, x, y = MLP(), torch.randn(14, 6), torch.randint(0, 3, (14,))
+    lrs = [0.5, 0.1]
+    with metaql.connect(store_dir) as con:
+        states = _build(con, model, x, y, 10, 2, lrs, 1)
+        asc = con.execute("SELECT TOPK(4) train FROM INFLUENCE(layers=*, query=batch(test)) ORDER BY ASC").fetchall()
+        desc = con.execute("SELECT TOPK(3) train FROM SELF_INFLUENCE(layers=*) ORDER BY DESC").fetchall()
+        point = con.execute("SELECT * FROM INFLUENCE(query=point(12), checkpoints=[c1])").fetchnumpy()
+    inf = _expected(model, states, lrs, x, y, 10, slice(10, 14), ["fc1", "fc2"])
+    assert [r[0] for r in asc] == torch.argsort(inf)[:4].tolist()
+    assert np.allclose([r[1] for r in asc], torch.sort(inf).values[:4].numpy(), rtol=1e-5)
+    selfinf = _expected(model, states, lrs, x, y, 10, None, ["fc1", "fc2"], self_inf=True)
+    assert [r[0] for r in desc] == torch.argsort(selfinf, descending=True)[:3].tolist()
+    one = _expected(model, states[1:], lrs[1:], x, y, 10, slice(12, 13), ["fc1", "fc2"])
+    assert rel_err(torch.from_numpy(point["score"]), one) < 1e-5
+
+
+def test_query_errors_name_what_exists(store_dir):
+    torch.manual_seed(2)
+    model, x, y = MLP(), torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with metaql.connect(store_dir) as con:
+        _build(con, model, x, y, 6, 1, [0.1], 2)
+        with pytest.raises(metaql.CatalogException, match="Did you mean 'fc2'"):
+            con.execute("SELECT TOPK(3) train FROM INFLUENCE(layers=[fc3], query=batch(test)) ORDER BY ASC")
+        with pytest.raises(metaql.CatalogException, match="unknown set 'tset'.*Did you mean 'test'"):
+            con.execute("SELECT TOPK(3) train FROM INFLUENCE(query=batch(tset)) ORDER BY ASC")
+        with pytest.raises(metaql.CatalogException, match="Did you mean INFLUENCE"):
+            con.execute("SELECT * FROM INFLUENCES(query=batch(test))")
+        with pytest.raises(metaql.BinderException, match="no argument 'querry'.*Did you mean 'query'"):
+            con.execute("SELECT TOPK(3) train FROM INFLUENCE(querry=batch(test)) ORDER BY ASC")
+        with pytest.raises(metaql.CatalogException, match="unknown checkpoint 'c9'"):
+            con.execute("SELECT * FROM INFLUENCE(query=batch(test), checkpoints=[c9])")
+        with pytest.raises(metaql.InvalidInputException, match="empty"):
+            con.execute("CREATE SET nothing AS SELECT sample_id FROM samples WHERE false")
+            con.execute("SELECT * FROM INFLUENCE(query=batch(nothing))")

@@ -64,12 +64,12 @@ def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
     train = np.sort(scan.train.ids)
     total = np.zeros(len(train))
     seen = np.zeros(len(train), dtype=bool)
-    by_ckpt = {s.checkpoint: [] for s in scan.strategies}
+    by_ckpt: dict[str, list[Strategy]] = {}
     for s in scan.strategies:
-        by_ckpt[s.checkpoint].append(s)
+        by_ckpt.setdefault(s.checkpoint, []).append(s)
     for ckpt, strategies in ctx.progress(list(by_ckpt.items()), desc="checkpoints"):
         lr = store.checkpoint(ckpt)["lr"]
-        query = None if scan.query is None else query_rows(scan, store, ckpt)
+        query = None if scan.query is None else query_sides(scan, store, ckpt)
         part, norms, qnorm = np.zeros(len(train)), np.zeros(len(train)), 0.0
         for strat in strategies:
             t0 = time.perf_counter()
@@ -78,8 +78,8 @@ def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
             part += layer_scores
             norms += layer_norms
             seen |= layer_seen
-            if q is not None and scan.similarity == "cosine":
-                qnorm += float((q["gbar"] ** 2).sum())
+            if q is not None:
+                qnorm += float((q["gbar_flat"].double() ** 2).sum())
             strat.measured_seconds = time.perf_counter() - t0
         if scan.similarity == "cosine":
             part = part / np.maximum(np.sqrt(norms) * (np.sqrt(qnorm) if query is not None else 1.0), 1e-30)
@@ -87,8 +87,8 @@ def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
     return pa.table({"sample_id": pa.array(train[seen]), "score": pa.array(total[seen])})
 
 
-def query_rows(scan: InfluenceScan, store, ckpt: str) -> dict[str, dict[str, torch.Tensor]]:
-    """Replays the query samples at the checkpoint; per layer: rows and their average gradient."""
+def query_sides(scan: InfluenceScan, store, ckpt: str) -> dict[str, dict]:
+    """Replays the query samples at the checkpoint; per layer what the strategies need."""
     model = store.model_at(ckpt)
     modules = watched_modules(model, scan.layers)
     ids = scan.query.ids
@@ -102,8 +102,7 @@ def query_rows(scan: InfluenceScan, store, ckpt: str) -> dict[str, dict[str, tor
     out = {}
     for layer in scan.layers:
         meta, _ = store.layer_meta(layer)
-        x, d = kind_named(meta.kind).rows(meta, factors[layer])
-        out[layer] = {"x": x, "d": d, "gbar": ops.average_gradient(x, d)}
+        out[layer] = ops.query_side(kind_named(meta.kind), meta, factors[layer])
     return out
 
 
@@ -113,16 +112,13 @@ def layer_pass(store, ckpt: str, strat: Strategy, train: np.ndarray, q, scan: In
     scores, norms, seen = np.zeros(len(train)), np.zeros(len(train)), np.zeros(len(train), bool)
     for row in store.factor_shards(ckpt, strat.layer):
         ctx.check_interrupt()
-        shard = store.open_shard(row["file"], row["checksum"])
-        keep = np.isin(shard.ids, train)
+        ids, tensors = store.shard_tensors(row)
+        keep = np.isin(ids, train)
         if not keep.any():
             continue
         rows = np.nonzero(keep)[0]
-        pos = np.searchsorted(train, shard.ids[rows])
-        tensors = {n: shard.tensor(n) for n in shard.names()}
-        per_row = sum(int(np.prod(t.shape[1:])) for t in tensors.values())
-        width = max(per_row * (len(q["x"]) if q is not None and strat.chosen == "iterate" else 1), 1)
-        step = max(1, CHUNK_NUMBERS // width)
+        pos = np.searchsorted(train, ids[rows])
+        step = chunk_rows(tensors, q, strat.chosen, meta)
         for start in range(0, len(rows), step):
             sel = torch.from_numpy(rows[start:start + step])
             chunk = {n: t[sel] for n, t in tensors.items()}
@@ -134,24 +130,24 @@ def layer_pass(store, ckpt: str, strat: Strategy, train: np.ndarray, q, scan: In
     return scores, norms, seen
 
 
+def chunk_rows(tensors: dict, q, strategy: str, meta) -> int:
+    """Training samples per chunk so that the largest intermediate stays under CHUNK_NUMBERS."""
+    per_sample = sum(int(np.prod(t.shape[1:])) for t in tensors.values())
+    if strategy == "iterate" and q is not None:
+        per_sample *= max(1, len(q["x_rows"]))
+    if strategy == "reconstruct":
+        per_sample += meta.params
+    return max(1, CHUNK_NUMBERS // max(per_sample, 1))
+
+
 def chunk_scores(kind, meta, stored: str, strategy: str, chunk, q, similarity: str):
     """(scores, squared norms) of one chunk of training samples for one layer."""
     if stored == "full":
         g = chunk["G"].float()
-        score = ops.dot_full(g, q["gbar"]) if q is not None else (g * g).sum(1)
-        norm = (g * g).sum(1) if similarity == "cosine" else torch.zeros(len(g))
+        norm = (g * g).sum(1)
+        score = norm if q is None else ops.full_dot(g, q)
         return score.double().numpy(), norm.double().numpy()
     x, d = kind.rows(meta, chunk)
-    need_norm = similarity == "cosine" or q is None
-    norm = ops.squared_norm(x, d) if need_norm else torch.zeros(len(x))
-    if q is None:
-        score = norm
-    elif strategy == "batch_average":
-        score = ops.dot_batch_average(x, d, q["gbar"])
-    elif strategy == "iterate":
-        score = ops.dot_iterate(x, d, q["x"], q["d"])
-    elif strategy == "reconstruct":
-        score = ops.dot_reconstruct(x, d, q["gbar"])
-    else:
-        raise ValueError(f"unknown strategy {strategy}")
+    norm = ops.squared_norm(kind, meta, x, d) if (similarity == "cosine" or q is None) else torch.zeros(len(x))
+    score = norm if q is None else ops.FACTORED[strategy](kind, meta, x, d, q)
     return score.double().numpy(), norm.double().numpy()

@@ -1,44 +1,51 @@
-"""Physical operators on the canonical linear form of a layer (X rows, D rows per sample).
+"""Physical operators: the strategies, built from a layer kind's canonical-form primitives.
 
-For samples i, j of one layer: grad_i = D_i^T X_i, and
+For samples i, j of one layer with rows (X, D): grad_i = D_i^T X_i, and
     <grad_i, grad_j> = sum((D_i D_j^T) * (X_i X_j^T))          (factored, no restore)
     <grad_i, Gbar>   = sum(D_i * (X_i Gbar^T))                  (Lemma 7, batch average)
-Every function here is batched over the training samples of one shard chunk.
+Every function is batched over the training samples of one chunk; q holds the query side.
 """
 from __future__ import annotations
 
 import torch
 
 
-def average_gradient(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Gbar (Dout, Din): the mean over the batch of D_b^T X_b."""
-    return torch.einsum("bso,bsi->oi", d, x) / x.shape[0]
+def iterate(kind, meta, x, d, q) -> torch.Tensor:
+    """Mean over the query samples of <grad_n, grad_q>, from Gram products of rows only."""
+    gx = kind.gram_x(meta, x, q["x_rows"])
+    gd = kind.gram_d(meta, d, q["d_rows"])
+    return (gx * gd).sum(dim=(1, 2)) / q["count"]
 
 
-def dot_batch_average(x: torch.Tensor, d: torch.Tensor, gbar: torch.Tensor) -> torch.Tensor:
-    """<grad_n, Gbar> for each training sample n, without building grad_n."""
-    return torch.einsum("nso,nso->n", d, x @ gbar.T)
+def batch_average(kind, meta, x, d, q) -> torch.Tensor:
+    return kind.apply_average(meta, x, d, q["gbar"])
 
 
-def dot_iterate(x: torch.Tensor, d: torch.Tensor, xq: torch.Tensor, dq: torch.Tensor) -> torch.Tensor:
-    """mean over query samples q of <grad_n, grad_q>, from Gram products of the rows only."""
-    xr, dr = xq.reshape(-1, xq.shape[-1]), dq.reshape(-1, dq.shape[-1])
-    gx = torch.einsum("nsi,ri->nsr", x, xr)
-    gd = torch.einsum("nso,ro->nsr", d, dr)
-    return (gx * gd).sum(dim=(1, 2)) / xq.shape[0]
-
-
-def dot_reconstruct(x: torch.Tensor, d: torch.Tensor, gbar: torch.Tensor) -> torch.Tensor:
+def reconstruct(kind, meta, x, d, q) -> torch.Tensor:
     """Builds each training gradient, then one inner product with Gbar (the paper's baseline)."""
-    full = torch.einsum("nso,nsi->noi", d, x)
-    return (full * gbar).sum(dim=(1, 2))
+    return (kind.outer(meta, x, d) * q["gbar"]).sum(dim=(1, 2))
 
 
-def dot_full(g: torch.Tensor, gbar: torch.Tensor) -> torch.Tensor:
-    """Stored full gradients (N, Dout*Din) against Gbar."""
-    return g.float() @ gbar.reshape(-1)
+def full_dot(g: torch.Tensor, q) -> torch.Tensor:
+    """Stored full gradients (N, params) against the query side's flattened average gradient."""
+    return g.float() @ q["gbar_flat"]
 
 
-def squared_norm(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """||grad_n||^2 = sum((D_n D_n^T) * (X_n X_n^T)), cost S^2 (Din + Dout)."""
-    return (torch.einsum("nsi,nti->nst", x, x) * torch.einsum("nso,nto->nst", d, d)).sum(dim=(1, 2))
+def squared_norm(kind, meta, x, d) -> torch.Tensor:
+    """||grad_n||^2 = sum((D_n D_n^T) * (X_n X_n^T)), cost S^2 (din' + dout), no gradient built."""
+    return (kind.self_gram_x(meta, x) * kind.self_gram_d(meta, d)).sum(dim=(1, 2))
+
+
+FACTORED = {"iterate": iterate, "batch_average": batch_average, "reconstruct": reconstruct}
+
+
+def query_side(kind, meta, factors: dict[str, torch.Tensor]) -> dict:
+    """What every strategy needs of the query samples of one layer, computed once."""
+    count = next(iter(factors.values())).shape[0]
+    if not kind.factored:
+        g = kind.full(meta, factors)
+        return {"count": count, "gbar_flat": g.mean(0)}
+    x, d = kind.rows(meta, factors)
+    gbar = kind.average(meta, x, d)
+    return {"count": count, "x_rows": kind.flat_rows(meta, x), "d_rows": kind.flat_rows(meta, d),
+            "gbar": gbar, "gbar_flat": gbar.reshape(-1)}

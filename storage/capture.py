@@ -25,7 +25,11 @@ STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
 
 
 class ShardWriter:
-    """Buffers per-layer factors and writes a shard each time a layer's buffer is full."""
+    """Buffers per-layer factors and writes one shard per layer each time the buffers are full.
+
+    Every layer receives the same sample ids in each batch, so the buffers fill in lockstep and
+    flush together; that lets a layer whose input is another watched layer's input (Q, K and V
+    projections) point at that layer's stored suffix instead of storing it again."""
 
     def __init__(self, store: Store, checkpoint: str, hooks: LayerHooks, shard_size: int = 2048,
                  dtype: str = "float32", storage: dict[str, str] | None = None):
@@ -34,50 +38,88 @@ class ShardWriter:
         self.store, self.checkpoint, self.hooks = store, checkpoint, hooks
         self.shard_size, self.dtype, self.storage = shard_size, STORAGE_DTYPES[dtype], storage or {}
         self.modes: dict[str, str] = {}
-        self.buffers: dict[str, list[tuple[np.ndarray, dict[str, torch.Tensor]]]] = {}
-        self.done: dict[str, set[int]] = {}
+        self.suffix_of: dict[str, str] = {}
+        self.buffers: dict[str, list[dict[str, torch.Tensor]]] = {}
+        self.ids: list[np.ndarray] = []
+        self.done: set[int] | None = None
         self.rows_written = 0
 
     def add(self, ids: np.ndarray, factors: dict[str, dict[str, torch.Tensor]]) -> None:
+        keep = self._new_rows(ids)
+        if not keep.any():
+            return
+        rows = torch.from_numpy(np.nonzero(keep)[0])
+        shared = self._shared_suffixes(factors)
         for layer, fs in factors.items():
-            keep = self._new_rows(layer, ids)
-            if not keep.any():
-                continue
-            mode = self._mode(layer, fs)
+            kind = self.hooks.kinds[layer]
+            mode = self._mode(layer, fs, shared.get(layer))
             if mode == "full":
-                meta = self.hooks.kinds[layer].meta(layer, self.hooks.modules[layer])
-                fs = {"G": self.hooks.kinds[layer].full(meta, fs)}
-            rows = torch.from_numpy(np.nonzero(keep)[0])
-            fs = {k: v.detach()[rows].to("cpu", self.dtype if v.is_floating_point() else v.dtype)
-                  for k, v in fs.items()}
-            self.buffers.setdefault(layer, []).append((ids[keep], fs))
-            self.done[layer].update(ids[keep].tolist())
-            if sum(len(i) for i, _ in self.buffers[layer]) >= self.shard_size:
-                self.flush(layer)
+                fs = {"G": kind.full(kind.meta(layer, self.hooks.modules[layer]), fs)}
+            elif layer in self.suffix_of:
+                fs = {k: v for k, v in fs.items() if k != kind.suffix_name()}
+            self.buffers.setdefault(layer, []).append({k: self._to_storage(v[rows]) for k, v in fs.items()})
+        self.ids.append(ids[keep])
+        self.done.update(ids[keep].tolist())
+        if sum(len(i) for i in self.ids) >= self.shard_size:
+            self.flush()
 
-    def _new_rows(self, layer: str, ids: np.ndarray) -> np.ndarray:
-        if layer not in self.done:
-            self.done[layer] = set(self.store.stored_ids(self.checkpoint, layer).tolist())
-        done = self.done[layer]
-        return np.fromiter((int(i) not in done for i in ids), bool, len(ids))
+    def _to_storage(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", self.dtype if t.is_floating_point() else t.dtype)
 
-    def _mode(self, layer: str, fs: dict[str, torch.Tensor]) -> str:
+    def _new_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Ids not stored yet for this checkpoint (a resumed capture skips the others)."""
+        if self.done is None:
+            first = next(iter(self.hooks.modules))
+            self.done = set(self.store.stored_ids(self.checkpoint, first).tolist())
+        return np.fromiter((int(i) not in self.done for i in ids), bool, len(ids))
+
+    def _shared_suffixes(self, factors) -> dict[str, str]:
+        """{layer: earlier layer} for layers whose stored input is the very same tensor."""
+        seen, shared = {}, {}
+        for layer, fs in factors.items():
+            name = self.hooks.kinds[layer].suffix_name()
+            if name is None or name not in fs or len(self.hooks.inputs[layer]) != 1:
+                continue
+            t = self.hooks.inputs[layer][0]   # the input as the module saw it (factors may be copies)
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            if key in seen:
+                shared[layer] = seen[key]
+            else:
+                seen[key] = layer
+        return shared
+
+    def _mode(self, layer: str, fs: dict[str, torch.Tensor], shares_with: str | None) -> str:
         if layer not in self.modes:
             kind, module = self.hooks.kinds[layer], self.hooks.modules[layer]
             meta = kind.meta(layer, module)
-            positions = kind.positions(meta, fs)
-            self.modes[layer] = self.store.register_layer(meta, positions, self.storage.get(layer))
+            numbers = kind.stored_numbers(meta, {k: v[:1] for k, v in fs.items()})
+            if shares_with and self.modes.get(shares_with) == "factored":
+                meta.extra["suffix_of"] = shares_with
+            mode = self.store.register_layer(meta, kind.positions(meta, fs), numbers, kind.factored,
+                                             self.storage.get(layer))
+            self.modes[layer] = mode
+            stored_meta, _ = self.store.layer_meta(layer)
+            if mode == "factored" and stored_meta.extra.get("suffix_of"):
+                self.suffix_of[layer] = stored_meta.extra["suffix_of"]
+        if layer in self.suffix_of and self.suffix_of[layer] != shares_with:
+            raise InvalidInputException(
+                f"layer '{layer}' stopped reading the same input as '{self.suffix_of[layer]}' "
+                "mid-capture; capture them into separate stores or without sharing")
         return self.modes[layer]
 
-    def flush(self, layer: str | None = None) -> None:
-        for name in [layer] if layer else list(self.buffers):
-            parts = self.buffers.pop(name, [])
-            if not parts:
-                continue
-            ids = np.concatenate([i for i, _ in parts])
-            tensors = {k: _cat_rows([p[k] for _, p in parts]) for k in parts[0][1]}
-            self.store.write_factor_shard(self.checkpoint, name, ids, tensors, self.modes[name])
-            self.rows_written += len(ids)
+    def flush(self) -> None:
+        if not self.ids:
+            return
+        ids = np.concatenate(self.ids)
+        files: dict[str, str] = {}
+        # layers that own their suffix first, so dependents can name the file that holds it
+        for name in sorted(self.buffers, key=lambda n: n in self.suffix_of):
+            parts = self.buffers[name]
+            tensors = {k: _cat_rows([p[k] for p in parts]) for k in parts[0]}
+            files[name] = self.store.write_factor_shard(self.checkpoint, name, ids, tensors, self.modes[name],
+                                                        suffix_file=files.get(self.suffix_of.get(name)))
+        self.rows_written += len(ids)
+        self.buffers, self.ids = {}, []
 
 
 def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -150,7 +192,7 @@ def replay_into_store(store: Store, checkpoint: str, ids, layers=None, target: s
     labels = torch.as_tensor(store.sample_columns(ids, ["label"])["label"].astype(np.int64)) \
         if target == "label" else None
     inputs = store.inputs(ids)
-    batches = iter_replay(model, hooks.modules, inputs, labels, target, batch_size)
+    batches = iter_replay(model, hooks, inputs, labels, target, batch_size)
     for rows, factors in (progress(batches, total=-(-len(ids) // batch_size), desc=f"replay {checkpoint}")
                           if progress else batches):
         writer.add(ids[rows], factors)

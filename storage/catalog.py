@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS shards (
     shard_id BIGINT PRIMARY KEY DEFAULT nextval('shard_seq'), kind VARCHAR NOT NULL,
     checkpoint VARCHAR, layer VARCHAR, file VARCHAR NOT NULL, rows BIGINT NOT NULL,
     min_id BIGINT, max_id BIGINT, bytes BIGINT NOT NULL, checksum VARCHAR NOT NULL,
-    storage VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp);
+    storage VARCHAR, suffix_file VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp);
 CREATE TABLE IF NOT EXISTS sets (
     name VARCHAR PRIMARY KEY, definition VARCHAR, size BIGINT,
     created_at TIMESTAMP DEFAULT current_timestamp);

@@ -14,11 +14,11 @@ from metaql.storage.hooks import LayerHooks
 from metaql.storage.losses import per_sample_loss
 
 
-def iter_replay(model: nn.Module, modules: dict[str, nn.Module], inputs: torch.Tensor,
+def iter_replay(model: nn.Module, hooks: LayerHooks, inputs: torch.Tensor,
                 labels: torch.Tensor | None, target: str = "label", batch_size: int = 256
                 ) -> Iterator[tuple[slice, dict[str, dict[str, torch.Tensor]]]]:
-    """Yields (rows, {layer: factors}) batch by batch."""
-    hooks = LayerHooks(modules).attach()
+    """Yields (rows, {layer: factors}) batch by batch, through the given (unattached) hooks."""
+    hooks.attach()
     was_training = model.training
     model.eval()
     try:
@@ -40,7 +40,7 @@ def iter_replay(model: nn.Module, modules: dict[str, nn.Module], inputs: torch.T
 def replay_factors(model, modules, inputs, labels, target="label", batch_size=256):
     """All factors of the given samples, concatenated: {layer: {factor: (N, ...)}}."""
     parts: dict[str, dict[str, list[torch.Tensor]]] = {}
-    for _, factors in iter_replay(model, modules, inputs, labels, target, batch_size):
+    for _, factors in iter_replay(model, LayerHooks(modules), inputs, labels, target, batch_size):
         for layer, fs in factors.items():
             for k, v in fs.items():
                 parts.setdefault(layer, {}).setdefault(k, []).append(v)

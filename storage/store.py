@@ -124,8 +124,8 @@ class Store:
                 if inputs is not None:
                     for start in range(0, n, shard_size):
                         sl = slice(start, start + shard_size)
-                        written.append(self._write_shard_row("inputs", None, None, ids[sl],
-                                                             {"input": inputs[sl]}))
+                        written.append(self.root / self._write_shard_row("inputs", None, None, ids[sl],
+                                                                         {"input": inputs[sl]}))
         except BaseException:
             for f in written:
                 f.unlink(missing_ok=True)
@@ -321,16 +321,18 @@ class Store:
             require_name("layer", name, [l["name"] for l in self.layers()])
         return LayerMeta(**json.loads(row[0])), row[1]
 
-    def register_layer(self, meta: LayerMeta, positions: int, storage: str | None) -> str:
-        """Records a layer on first capture; returns its storage mode ('factored' or 'full')."""
+    def register_layer(self, meta: LayerMeta, positions: int, factored_numbers: int, can_factor: bool,
+                       storage: str | None) -> str:
+        """Records a layer on first capture; returns its storage mode ('factored' or 'full'):
+        whichever stores fewer numbers per sample, unless `storage` overrides it."""
         row = self.db.execute("SELECT storage FROM layers WHERE name = ?", [meta.name]).fetchone()
         if row:
             return row[0]
-        kind = kind_named(meta.kind)
-        fac, full = kind.factored_numbers(meta, positions), kind.full_numbers(meta)
-        mode = storage or ("factored" if fac <= full else "full")
-        if mode not in ("factored", "full"):
-            raise InvalidInputException(f"storage mode for layer '{meta.name}' must be 'factored' or 'full'")
+        fac, full = factored_numbers, kind_named(meta.kind).full_numbers(meta)
+        mode = storage or ("factored" if can_factor and fac <= full else "full")
+        if mode not in ("factored", "full") or (mode == "factored" and not can_factor):
+            raise InvalidInputException(f"storage mode for layer '{meta.name}' must be "
+                                        f"{'factored or full' if can_factor else 'full'}, not {mode!r}")
         self.db.execute("INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         [meta.name, meta.kind, meta.din, meta.dout, meta.bias, positions, mode, fac, full,
                          json.dumps(meta.to_dict())])
@@ -354,11 +356,27 @@ class Store:
             args.append(layer)
         return _dicts(self.db.execute(q + " ORDER BY shard_id", args))
 
-    def write_factor_shard(self, checkpoint: str, layer: str, ids: np.ndarray,
-                           tensors: dict[str, torch.Tensor], storage: str) -> Path:
-        return self._write_shard_row("factors", checkpoint, layer, ids, tensors, storage)
+    def write_factor_shard(self, checkpoint: str, layer: str, ids: np.ndarray, tensors: dict[str, torch.Tensor],
+                           storage: str, suffix_file: str | None = None) -> str:
+        """Writes one shard; returns its path relative to the store. `suffix_file` names the shard
+        (same ids, same order) that holds this layer's input, when another layer stored it."""
+        return self._write_shard_row("factors", checkpoint, layer, ids, tensors, storage, suffix_file)
 
-    def _write_shard_row(self, kind, checkpoint, layer, ids, tensors, storage=None) -> Path:
+    def shard_tensors(self, row: dict) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+        """A factor shard's ids and tensors, with a shared suffix fetched from its owner's shard."""
+        shard = self.open_shard(row["file"], row["checksum"])
+        tensors = {n: shard.tensor(n) for n in shard.names()}
+        if row.get("suffix_file"):
+            owner = self.db.execute("SELECT checksum FROM shards WHERE file = ?", [row["suffix_file"]]).fetchone()
+            if owner is None:
+                raise IOException(f"shard {row['file']} shares its input with {row['suffix_file']}, "
+                                  "which the catalog does not list; recapture the checkpoint")
+            other = self.open_shard(row["suffix_file"], owner[0])
+            tensors.update({n: other.tensor(n) for n in other.names() if n not in tensors
+                            and n in ("X", "I")})
+        return shard.ids, tensors
+
+    def _write_shard_row(self, kind, checkpoint, layer, ids, tensors, storage=None, suffix_file=None) -> str:
         self._writable()
         seq = self.db.execute("SELECT nextval('shard_seq')").fetchone()[0]
         rel = (f"tensors/{checkpoint}/{layer}/{seq:06d}.arrow" if kind == "factors"
@@ -368,13 +386,13 @@ class Store:
         try:
             self.db.execute(
                 "INSERT INTO shards (shard_id, kind, checkpoint, layer, file, rows, min_id, max_id, bytes,"
-                " checksum, storage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " checksum, storage, suffix_file) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [seq, kind, checkpoint, layer, rel, len(ids), int(ids.min()), int(ids.max()), nbytes,
-                 checksum, storage])
+                 checksum, storage, suffix_file])
         except BaseException:
             path.unlink(missing_ok=True)
             raise
-        return path
+        return rel
 
     def open_shard(self, rel: str, checksum: str) -> Shard:
         """A memory-mapped shard, checksum-verified on first open, kept in a small LRU cache."""

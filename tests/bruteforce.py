@@ -32,3 +32,16 @@ def flat_layer(grads: dict, layer: str, meta) -> torch.Tensor:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def stored_full(store, checkpoint: str, layer: str, ids):
+    """(meta, per-sample full gradients in the order of `ids`) rebuilt from what the store holds."""
+    from metaql.storage.layers import kind_named
+    meta, _ = store.layer_meta(layer)
+    kind = kind_named(meta.kind)
+    out = {}
+    for row in store.factor_shards(checkpoint, layer):
+        shard_ids, tensors = store.shard_tensors(row)
+        full = kind.full(meta, tensors)
+        out.update({int(i): full[k] for k, i in enumerate(shard_ids)})
+    return meta, torch.stack([out[int(i)] for i in ids])

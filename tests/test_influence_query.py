@@ -8,7 +8,15 @@ from hypothesis import strategies as st
 
 import metaql
 from tests.bruteforce import per_sample_grads, rel_err
+from tests.layer_models import ConvNet, TextNet
 from tests.models import MLP, SeqModel
+
+MODELS = {
+    "mlp": (lambda: MLP(), lambda n: torch.randn(n, 6)),
+    "seq": (lambda: SeqModel(), lambda n: torch.randn(n, 3, 4)),
+    "conv": (lambda: ConvNet(2, 2, 4, 3, padding=1, groups=2, size=5), lambda n: torch.randn(n, 2, 5, 5)),
+    "text": (lambda: TextNet(), lambda n: torch.randint(0, 11, (n, 4))),
+}
 
 
 def _flat(grads: dict, layers) -> torch.Tensor:
@@ -25,7 +33,7 @@ def _build(con, model, x, y, ntrain, checkpoints, lrs, seed):
     states = []
     for c, lr in zip(range(checkpoints), lrs):
         states.append({k: v.clone() for k, v in model.state_dict().items()})
-        with con.capture(model, checkpoint=f"c{c}", lr=lr, factory="tests.models:" + type(model).__name__,
+        with con.capture(model, checkpoint=f"c{c}", lr=lr, factory=f"{type(model).__module__}:{type(model).__name__}",
                          kwargs=model.metaql_config) as cap:
             cap.backward(F.cross_entropy(model(x[:ntrain]), y[:ntrain]), ids[:ntrain])
         # change the weights between checkpoints (capture happens before this update)
@@ -51,7 +59,7 @@ def _expected(model, states, lrs, x, y, ntrain, query, layers, similarity="dot",
     return total
 
 
-params = st.fixed_dictionaries({"seq": st.booleans(), "ntrain": st.integers(3, 12), "nq": st.integers(1, 4),
+params = st.fixed_dictionaries({"model": st.sampled_from(sorted(MODELS)), "ntrain": st.integers(3, 12), "nq": st.integers(1, 4),
                                 "ckpts": st.integers(1, 3), "seed": st.integers(0, 2**16),
                                 "similarity": st.sampled_from(["dot", "cosine"]),
                                 "strategy": st.sampled_from([None, "iterate", "batch_average", "reconstruct"])})
@@ -61,14 +69,13 @@ params = st.fixed_dictionaries({"seq": st.booleans(), "ntrain": st.integers(3, 1
 def test_influence_equals_tracin_bruteforce(p):
     torch.manual_seed(p["seed"])
     n = p["ntrain"] + p["nq"]
-    model = SeqModel() if p["seq"] else MLP()
-    x = torch.randn(n, 3, 4) if p["seq"] else torch.randn(n, 6)
-    y = torch.randint(0, 3, (n,))
+    make_model, make_x = MODELS[p["model"]]
+    model, x, y = make_model(), make_x(n), torch.randint(0, 3, (n,))
     lrs = [0.5, 0.25, 0.125][:p["ckpts"]]
     config = {"force_strategy": p["strategy"]} if p["strategy"] else None
     with metaql.connect(":memory:", config=config) as con:
         states = _build(con, model, x, y, p["ntrain"], p["ckpts"], lrs, p["seed"])
-        layers = [n for n, _ in model.named_children()][-2:]
+        layers = [r[0] for r in con.execute("SELECT name FROM layers ORDER BY name").fetchall()]
         got = con.execute(f"SELECT sample_id, score FROM INFLUENCE(layers=[{', '.join(layers)}], "
                           f"query=batch(test), similarity={p['similarity']}) ORDER BY sample_id").fetchnumpy()
     expected = _expected(model, states, lrs, x, y, p["ntrain"], slice(p["ntrain"], n), layers, p["similarity"])

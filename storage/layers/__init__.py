@@ -10,6 +10,6 @@ from __future__ import annotations
 from metaql.storage.layers.base import KINDS, LayerKind, LayerMeta, kind_for, kind_named, register
 
 # Importing the modules registers their kinds.
-from metaql.storage.layers import linear  # noqa: F401,E402
+from metaql.storage.layers import conv, embedding, linear, norm  # noqa: F401,E402
 
 __all__ = ["KINDS", "LayerKind", "LayerMeta", "kind_for", "kind_named", "register"]

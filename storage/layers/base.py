@@ -1,6 +1,13 @@
-"""The handler interface every layer kind implements, and the registry that finds it."""
+"""The handler interface every layer kind implements, and the registry that finds it.
+
+Every kind maps its stored factors to a canonical linear form: per sample, rows X (S, din') and
+D (S, dout) with gradient D^T X (din' = din + 1 when a bias column of ones is appended). The
+primitives below are what the engine's operators are built from; dense kinds use the defaults,
+a kind with a cheaper structure (an embedding's one-hot rows) overrides them.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -30,7 +37,9 @@ class LayerMeta:
 
 class LayerKind:
     kind: str = ""
+    factored: bool = True        # False: only full per-sample gradients make sense (norm layers)
 
+    # ---- capture ------------------------------------------------------------------------------
     def meta(self, name: str, module: nn.Module) -> LayerMeta:
         raise NotImplementedError
 
@@ -39,26 +48,65 @@ class LayerKind:
         """Per-sample factors (leading dim = batch) from the module's calls in one forward pass."""
         raise NotImplementedError
 
+    def suffix_name(self) -> str | None:
+        """The factor that is the layer's input as-is (shared between layers reading one input)."""
+        return None
+
+    # ---- canonical form -------------------------------------------------------------------------
     def rows(self, meta: LayerMeta, factors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The canonical linear form: X (B, S, din [+1 for bias]) and D (B, S, dout), so that each
-        sample's gradient is D^T X (flattened weight then bias, see `full`)."""
+        """X (B, S, din') and D (B, S, dout), so that each sample's gradient is D^T X."""
         raise NotImplementedError
 
     def positions(self, meta: LayerMeta, factors: dict[str, torch.Tensor]) -> int:
         """S, the number of rows each sample contributes (for the cost formulas)."""
         return self.rows(meta, {k: v[:1] for k, v in factors.items()})[0].shape[1]
 
-    def full(self, meta: LayerMeta, factors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-sample full gradients (B, params): the matrix D^T X flattened row-major, so the
-        weight's gradient is [:, :din] of each row of the matrix and the bias's is [:, din]."""
-        x, d = self.rows(meta, factors)
-        return torch.einsum("bso,bsi->boi", d, x).reshape(x.shape[0], -1)
-
-    def factored_numbers(self, meta: LayerMeta, positions: int) -> int:
-        return positions * (meta.din + meta.dout)
+    def stored_numbers(self, meta: LayerMeta, factors: dict[str, torch.Tensor]) -> int:
+        """Numbers stored per sample in factored form (what the space formula compares)."""
+        return sum(math.prod(v.shape[1:]) for v in factors.values())
 
     def full_numbers(self, meta: LayerMeta) -> int:
         return meta.params
+
+    # ---- primitives on the canonical form (dense defaults) ---------------------------------------
+    def gram_x(self, meta: LayerMeta, x: torch.Tensor, xr: torch.Tensor) -> torch.Tensor:
+        """(N, S, R): each training row's X against R query rows."""
+        return torch.einsum("nsi,ri->nsr", x.float(), xr.float())
+
+    def gram_d(self, meta: LayerMeta, d: torch.Tensor, dr: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nso,ro->nsr", d.float(), dr.float())
+
+    def self_gram_x(self, meta: LayerMeta, x: torch.Tensor) -> torch.Tensor:
+        """(N, S, S): each sample's rows against its own."""
+        return torch.einsum("nsi,nti->nst", x.float(), x.float())
+
+    def self_gram_d(self, meta: LayerMeta, d: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nso,nto->nst", d.float(), d.float())
+
+    def flat_rows(self, meta: LayerMeta, t: torch.Tensor) -> torch.Tensor:
+        """All rows of a batch side by side (R, width)."""
+        return t.reshape(-1, t.shape[-1])
+
+    def apply_average(self, meta: LayerMeta, x: torch.Tensor, d: torch.Tensor, gbar: torch.Tensor) -> torch.Tensor:
+        """<grad_n, Gbar> = sum(D_n * (X_n Gbar^T)) for each sample (Lemma 7)."""
+        return torch.einsum("nso,nso->n", d.float(), x.float() @ gbar.T)
+
+    def outer(self, meta: LayerMeta, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Per-sample full gradients (N, dout, din')."""
+        return torch.einsum("nso,nsi->noi", d.float(), x.float())
+
+    def average(self, meta: LayerMeta, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Gbar (dout, din'): the batch mean of D^T X, without building each gradient."""
+        return torch.einsum("nso,nsi->oi", d.float(), x.float()) / x.shape[0]
+
+    # ---- full gradients ---------------------------------------------------------------------------
+    def full(self, meta: LayerMeta, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-sample full gradients (B, params): the matrix D^T X flattened row-major, so the
+        weight's gradient is [:, :din] of each row of the matrix and the bias's is [:, din]."""
+        if "G" in factors:
+            return factors["G"].float()
+        x, d = self.rows(meta, factors)
+        return self.outer(meta, x, d).reshape(x.shape[0], -1)
 
     def torch_grad_vector(self, meta: LayerMeta, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """Flattens torch's per-sample parameter gradients (keys 'weight', 'bias'; batch first)
@@ -67,6 +115,11 @@ class LayerKind:
         if meta.bias:
             w = torch.cat([w, grads["bias"].reshape(-1, meta.dout, 1)], dim=2)
         return w.reshape(w.shape[0], -1)
+
+
+def with_bias_column(x: torch.Tensor, bias: bool) -> torch.Tensor:
+    x = x.float()
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1) if bias else x
 
 
 KINDS: dict[type, LayerKind] = {}

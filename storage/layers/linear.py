@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metaql.storage.layers.base import LayerKind, LayerMeta, register
+from metaql.storage.layers.base import LayerKind, LayerMeta, register, with_bias_column
 
 
 @register(nn.Linear)
@@ -28,8 +28,8 @@ class Linear(LayerKind):
         d = torch.cat([g.reshape(b, -1, g.shape[-1]) for g in grad_outputs], dim=1)
         return {"X": x, "D": d}
 
+    def suffix_name(self):
+        return "X"
+
     def rows(self, meta: LayerMeta, factors):
-        x, d = factors["X"].float(), factors["D"].float()
-        if meta.bias:
-            x = torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=2)
-        return x, d
+        return with_bias_column(factors["X"], meta.bias), factors["D"].float()

@@ -1,0 +1,74 @@
+"""nn.Conv1d and nn.Conv2d (stride, padding of any mode, dilation, groups).
+
+Stored: the raw input (Cin x H x W) and the output gradient (Cout x H' x W'), S*(Cin + Cout)
+numbers, not unfolded patches. The canonical rows come from unfolding at query time: X rows are
+the patches (Cin/groups * kh * kw wide), D rows the output-gradient pixels. With groups, each
+group contributes its own rows with D zero outside the group's output channels, so that D^T X
+stacks to the (Cout, Cin/groups * kh * kw) weight gradient exactly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metaql.storage.layers.base import LayerKind, LayerMeta, register, with_bias_column
+
+
+@register(nn.Conv1d, nn.Conv2d)
+class Conv(LayerKind):
+    kind = "conv"
+
+    def meta(self, name: str, module: nn.Module) -> LayerMeta:
+        dims = 1 if isinstance(module, nn.Conv1d) else 2
+        k = tuple(module.kernel_size)
+        shapes = {"weight": list(module.weight.shape)}
+        if module.bias is not None:
+            shapes["bias"] = list(module.bias.shape)
+        extra = {"dims": dims, "kernel": list(k), "stride": list(module.stride),
+                 "dilation": list(module.dilation), "groups": module.groups,
+                 "pad": list(module._reversed_padding_repeated_twice),
+                 "pad_mode": "constant" if module.padding_mode == "zeros" else module.padding_mode}
+        cin_g = module.in_channels // module.groups
+        return LayerMeta(name, self.kind, cin_g * int(torch.tensor(k).prod()), module.out_channels,
+                         module.bias is not None, shapes, extra)
+
+    def factors(self, module, inputs, grad_outputs):
+        if len(inputs) == 1:
+            return {"I": inputs[0], "DO": grad_outputs[0]}
+        # several calls (of equal shapes): each call's tensors side by side on a new "call" axis
+        return {"I": torch.stack(inputs, dim=1), "DO": torch.stack(grad_outputs, dim=1)}
+
+    def suffix_name(self):
+        return "I"
+
+    def rows(self, meta: LayerMeta, factors):
+        inp, dout = factors["I"].float(), factors["DO"].float()
+        dims = meta.extra["dims"]
+        if inp.dim() == dims + 3:            # several calls: fold the call axis into rows
+            b, c = inp.shape[:2]
+            xs, ds = zip(*(self._rows_one(meta, inp[:, i], dout[:, i]) for i in range(c)))
+            return torch.cat(xs, dim=1), torch.cat(ds, dim=1)
+        return self._rows_one(meta, inp, dout)
+
+    def _rows_one(self, meta, inp, dout):
+        e = meta.extra
+        if any(e["pad"]):
+            inp = F.pad(inp, e["pad"], mode=e["pad_mode"])
+        if e["dims"] == 1:
+            inp, dout = inp.unsqueeze(2), dout.unsqueeze(2)
+            kernel, stride, dil = (1, *e["kernel"]), (1, *e["stride"]), (1, *e["dilation"])
+        else:
+            kernel, stride, dil = tuple(e["kernel"]), tuple(e["stride"]), tuple(e["dilation"])
+        b, g = inp.shape[0], e["groups"]
+        patches = F.unfold(inp, kernel, dilation=dil, stride=stride)          # (B, Cin*kk, L)
+        length = patches.shape[-1]
+        x = patches.reshape(b, g, -1, length).permute(0, 1, 3, 2).reshape(b, g * length, -1)
+        d = dout.reshape(b, dout.shape[1], length).transpose(1, 2)            # (B, L, Cout)
+        if g > 1:
+            cout_g = d.shape[2] // g
+            blocks = torch.zeros(b, g, length, d.shape[2], dtype=d.dtype)
+            for j in range(g):                                                 # loop over groups, not samples
+                blocks[:, j, :, j * cout_g:(j + 1) * cout_g] = d[:, :, j * cout_g:(j + 1) * cout_g]
+            d = blocks.reshape(b, g * length, -1)
+        return with_bias_column(x, meta.bias), d

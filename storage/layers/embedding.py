@@ -24,6 +24,9 @@ class Embedding(LayerKind):
         b = inputs[0].shape[0]
         ids = torch.cat([i.reshape(b, -1) for i in inputs], dim=1)
         d = torch.cat([g.reshape(b, -1, g.shape[-1]) for g in grad_outputs], dim=1)
+        if module.padding_idx is not None:
+            # torch gives the padding row no gradient: its rows drop out of the factors too
+            d = d * (ids != module.padding_idx).unsqueeze(-1)
         return {"ids": ids.long(), "D": d}
 
     def rows(self, meta: LayerMeta, factors):

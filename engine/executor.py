@@ -69,7 +69,7 @@ def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
         by_ckpt.setdefault(s.checkpoint, []).append(s)
     for ckpt, strategies in ctx.progress(list(by_ckpt.items()), desc="checkpoints"):
         lr = store.checkpoint(ckpt)["lr"]
-        query = None if scan.query is None else query_sides(scan, store, ckpt)
+        query = None if scan.query is None else query_sides(scan, store, ckpt, device_of(ctx))
         part, norms, qnorm = np.zeros(len(train)), np.zeros(len(train)), 0.0
         for strat in strategies:
             t0 = time.perf_counter()
@@ -84,10 +84,14 @@ def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
         if scan.similarity == "cosine":
             part = part / np.maximum(np.sqrt(norms) * (np.sqrt(qnorm) if query is not None else 1.0), 1e-30)
         total += lr * part
+    if scan.total:
+        # sum_i <g_i, G_q> = <sum_i g_i, G_q>: the per-sample pass costs what summing first would
+        return pa.table({"train_samples": pa.array([int(seen.sum())], pa.int64()),
+                         "score": pa.array([float(total[seen].sum())])})
     return pa.table({"sample_id": pa.array(train[seen]), "score": pa.array(total[seen])})
 
 
-def query_sides(scan: InfluenceScan, store, ckpt: str) -> dict[str, dict]:
+def query_sides(scan: InfluenceScan, store, ckpt: str, device: str = "cpu") -> dict[str, dict]:
     """Replays the query samples at the checkpoint; per layer what the strategies need."""
     model = store.model_at(ckpt)
     modules = watched_modules(model, scan.layers)
@@ -102,17 +106,25 @@ def query_sides(scan: InfluenceScan, store, ckpt: str) -> dict[str, dict]:
     out = {}
     for layer in scan.layers:
         meta, _ = store.layer_meta(layer)
-        out[layer] = ops.query_side(kind_named(meta.kind), meta, factors[layer])
+        side = ops.query_side(kind_named(meta.kind), meta, factors[layer])
+        out[layer] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in side.items()}
     return out
+
+
+def device_of(ctx: Context) -> str:
+    """The `device` config, else CUDA when present; results are the same either way."""
+    return ctx.config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def layer_pass(store, ckpt: str, strat: Strategy, train: np.ndarray, q, scan: InfluenceScan, ctx: Context):
     meta, stored = store.layer_meta(strat.layer)
     kind = kind_named(meta.kind)
     scores, norms, seen = np.zeros(len(train)), np.zeros(len(train)), np.zeros(len(train), bool)
-    for row in store.factor_shards(ckpt, strat.layer):
+    device = device_of(ctx)
+    batches = recomputed_batches(store, ckpt, strat.layer, train) if strat.chosen == "recompute" \
+        else (store.shard_tensors(row) for row in store.factor_shards(ckpt, strat.layer))
+    for ids, tensors in batches:
         ctx.check_interrupt()
-        ids, tensors = store.shard_tensors(row)
         keep = np.isin(ids, train)
         if not keep.any():
             continue
@@ -121,13 +133,23 @@ def layer_pass(store, ckpt: str, strat: Strategy, train: np.ndarray, q, scan: In
         step = chunk_rows(tensors, q, strat.chosen, meta)
         for start in range(0, len(rows), step):
             sel = torch.from_numpy(rows[start:start + step])
-            chunk = {n: t[sel] for n, t in tensors.items()}
+            chunk = {n: t[sel].to(device) for n, t in tensors.items()}
             s, nrm = chunk_scores(kind, meta, stored, strat.chosen, chunk, q, scan.similarity)
             p = pos[start:start + step]
             scores[p] += s
             norms[p] += nrm
             seen[p] = True
     return scores, norms, seen
+
+
+def recomputed_batches(store, ckpt: str, layer: str, train: np.ndarray, batch: int = 256):
+    """The re-compute baseline: factors of the training samples replayed now, not read."""
+    model = store.model_at(ckpt)
+    modules = watched_modules(model, [layer])
+    for start in range(0, len(train), batch):
+        ids = train[start:start + batch]
+        labels = torch.as_tensor(store.sample_columns(ids, ["label"])["label"].astype(np.int64))
+        yield ids, replay_factors(model, modules, store.inputs(ids), labels)[layer]
 
 
 def chunk_rows(tensors: dict, q, strategy: str, meta) -> int:
@@ -142,12 +164,16 @@ def chunk_rows(tensors: dict, q, strategy: str, meta) -> int:
 
 def chunk_scores(kind, meta, stored: str, strategy: str, chunk, q, similarity: str):
     """(scores, squared norms) of one chunk of training samples for one layer."""
+    if strategy == "recompute":
+        stored, strategy = ("full", "full_dot") if not kind.factored else ("factored", "batch_average")
+        if stored == "full":
+            chunk = {"G": kind.full(meta, chunk)}
     if stored == "full":
         g = chunk["G"].float()
         norm = (g * g).sum(1)
         score = norm if q is None else ops.full_dot(g, q)
-        return score.double().numpy(), norm.double().numpy()
+        return score.double().cpu().numpy(), norm.double().cpu().numpy()
     x, d = kind.rows(meta, chunk)
     norm = ops.squared_norm(kind, meta, x, d) if (similarity == "cosine" or q is None) else torch.zeros(len(x))
     score = norm if q is None else ops.FACTORED[strategy](kind, meta, x, d, q)
-    return score.double().numpy(), norm.double().numpy()
+    return score.double().cpu().numpy(), norm.double().cpu().numpy()

@@ -20,17 +20,20 @@ COLUMNS = [("sample_id", "BIGINT"), ("score", "DOUBLE")]
 
 
 def influence_plan(ctx, layers=("*",), query=None, train="train", checkpoints="all",
-                   similarity="dot", loss="label") -> InfluenceScan:
+                   similarity="dot", loss="label", total=False) -> InfluenceScan:
     if query is None:
         raise BinderException("INFLUENCE needs query=point(id) or query=batch(set)")
     if similarity not in SIMILARITIES:
         raise BinderException(f"similarity must be one of {', '.join(SIMILARITIES)}, not '{similarity}'")
     if loss not in LOSS_TARGETS:
         raise BinderException(f"loss must be one of {', '.join(LOSS_TARGETS)}, not '{loss}'")
+    if total and similarity == "cosine":
+        raise BinderException("total=true sums dot products; the cosine of a summed gradient is not a sum "
+                              "of cosines: use similarity=dot")
     store = ctx.store
     return InfluenceScan(train=resolve_side(store, train, "train"), query=resolve_side(store, query, "query"),
                          layers=resolve_layers(store, layers), checkpoints=resolve_checkpoints(store, checkpoints),
-                         similarity=similarity, loss=loss)
+                         similarity=similarity, loss=loss, total=bool(total))
 
 
 def self_influence_plan(ctx, layers=("*",), train="train", checkpoints="all") -> InfluenceScan:
@@ -47,11 +50,13 @@ def _run(ctx, scan: InfluenceScan) -> pa.Table:
 
 @table_function("INFLUENCE", COLUMNS, logical=influence_plan)
 def influence(ctx, layers: LayerList = ("*",), query: SampleRef = None, train: SampleRef = "train",
-              checkpoints: CheckpointList = "all", similarity: str = "dot", loss: str = "label") -> pa.Table:
+              checkpoints: CheckpointList = "all", similarity: str = "dot", loss: str = "label",
+              total: bool = False) -> pa.Table:
     """Influence of each training sample on a query sample or batch: the inner product (dot) or
     cosine of their loss gradients, summed over the layers and over checkpoints weighted by each
-    checkpoint's learning rate. Negative: the training sample raises the query's loss."""
-    return _run(ctx, influence_plan(ctx, layers, query, train, checkpoints, similarity, loss))
+    checkpoint's learning rate. Negative: the training sample raises the query's loss.
+    total=true returns one row, the training side's summed influence (B2P/B2B)."""
+    return _run(ctx, influence_plan(ctx, layers, query, train, checkpoints, similarity, loss, total))
 
 
 @table_function("SELF_INFLUENCE", COLUMNS, logical=self_influence_plan)

@@ -32,7 +32,7 @@ def choose_strategies(scan: InfluenceScan, store, force: str | None = None) -> l
             elif force and force in ests:
                 chosen = force
             else:
-                chosen = min(ests, key=lambda k: ests[k]["seconds"])
+                chosen = min((k for k in ests if k not in cost.BASELINES), key=lambda k: ests[k]["seconds"])
             out.append(Strategy(ckpt, layer, chosen, ests))
     return out
 

@@ -32,6 +32,7 @@ class InfluenceScan:
     checkpoints: list[str]
     similarity: str = "dot"      # "dot" | "cosine"
     loss: str = "label"          # query-side loss target
+    total: bool = False          # one row: the training side's summed influence (B2P, B2B)
     strategies: list[Strategy] = field(default_factory=list)
 
 

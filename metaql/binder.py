@@ -74,8 +74,10 @@ def coerce(fn: str, name: str, value: Any, hint: Any) -> Any:
         return value
     origin = typing.get_origin(hint) or hint
     want = {int: "a whole number", float: "a number", str: "a name or 'string'", bool: "true or false"}
-    if hint is bool and isinstance(value, str):
-        if value.lower() in ("true", "false"):
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value

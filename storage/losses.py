@@ -1,6 +1,9 @@
-"""Per-sample losses for replay: on the true label, the predicted label, or the expectation over
-the predicted distribution (the gradient of sum_c p_c * CE(c) with p held fixed is the expected
-gradient, and its factors are exact because a layer's input does not depend on the label)."""
+"""Per-sample losses for replay: on the true label, the predicted label, or the expected loss
+under the model's own predicted distribution, sum_c p_c * CE(c) = the predictive entropy.
+
+For `expected` the gradient is that of the expectation (p depends on the weights too): the
+expectation of the gradients with p held fixed is identically zero for softmax cross-entropy
+(sum_c p_c (p - e_c) = 0), so it would make every influence score zero."""
 from __future__ import annotations
 
 import torch
@@ -21,5 +24,5 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor | None, target: s
         return F.cross_entropy(logits, logits.argmax(1).detach(), reduction="none")
     if target == "expected":
         logp = F.log_softmax(logits, dim=1)
-        return -(logp.exp().detach() * logp).sum(1)
+        return -(logp.exp() * logp).sum(1)
     raise BinderException(f"unknown loss target '{target}'; use one of {', '.join(LOSS_TARGETS)}")

@@ -13,6 +13,9 @@ def per_sample_grads(model, x, y, target: str = "label") -> dict[str, torch.Tens
 
     def loss_one(p, xi, yi):
         logits = functional_call(model, p, (xi.unsqueeze(0),)).reshape(1, -1)
+        if target == "expected":
+            logp = F.log_softmax(logits, dim=1)
+            return -(logp.exp() * logp).sum()
         if target == "pred":
             yi = logits.argmax(1)[0].detach()
         return F.cross_entropy(logits, yi.unsqueeze(0))

@@ -43,7 +43,11 @@ def _build(con, model, x, y, ntrain, checkpoints, lrs, seed):
     return states
 
 
-def _expected(model, states, lrs, x, y, ntrain, query, layers, similarity="dot", self_inf=False):
+def _query_grad(model, x, y, layers, target):
+    return _flat(per_sample_grads(model, x, y, target), layers).double().mean(0)
+
+
+def _expected(model, states, lrs, x, y, ntrain, query, layers, similarity="dot", self_inf=False, target="label"):
     total = torch.zeros(ntrain, dtype=torch.float64)
     for state, lr in zip(states, lrs):
         model.load_state_dict(state)
@@ -51,7 +55,7 @@ def _expected(model, states, lrs, x, y, ntrain, query, layers, similarity="dot",
         if self_inf:
             total += lr * (g * g).sum(1)
             continue
-        gq = _flat(per_sample_grads(model, x[query], y[query]), layers).double().mean(0)
+        gq = _query_grad(model, x[query], y[query], layers, target)
         s = g @ gq
         if similarity == "cosine":
             s = s / (g.norm(dim=1) * gq.norm())
@@ -62,7 +66,7 @@ def _expected(model, states, lrs, x, y, ntrain, query, layers, similarity="dot",
 params = st.fixed_dictionaries({"model": st.sampled_from(sorted(MODELS)), "ntrain": st.integers(3, 12), "nq": st.integers(1, 4),
                                 "ckpts": st.integers(1, 3), "seed": st.integers(0, 2**16),
                                 "similarity": st.sampled_from(["dot", "cosine"]),
-                                "strategy": st.sampled_from([None, "iterate", "batch_average", "reconstruct"])})
+                                "strategy": st.sampled_from([None, "iterate", "batch_average", "reconstruct", "recompute"])})
 
 
 @given(params)
@@ -119,3 +123,21 @@ def test_query_errors_name_what_exists(store_dir):
         with pytest.raises(metaql.InvalidInputException, match="empty"):
             con.execute("CREATE SET nothing AS SELECT sample_id FROM samples WHERE false")
             con.execute("SELECT * FROM INFLUENCE(query=batch(nothing))")
+
+
+@pytest.mark.parametrize("target", ["pred", "expected"])
+def test_query_loss_targets_and_totals(store_dir, target):
+    torch.manual_seed(3)
+    model, x, y = MLP(), torch.randn(12, 6), torch.randint(0, 3, (12,))
+    lrs = [0.3, 0.2]
+    with metaql.connect(store_dir) as con:
+        states = _build(con, model, x, y, 9, 2, lrs, 3)
+        got = con.execute(f"SELECT score FROM INFLUENCE(query=batch(test), loss={target}) ORDER BY sample_id").fetchnumpy()
+        con.execute("CREATE SET few AS SELECT sample_id FROM samples WHERE sample_id IN (1, 4, 5)")
+        total = con.execute(f"SELECT * FROM INFLUENCE(train=batch(few), query=point(10), total=true)").fetchall()
+        with pytest.raises(metaql.BinderException, match="cosine"):
+            con.execute("SELECT * FROM INFLUENCE(query=point(10), total=true, similarity=cosine)")
+    expected = _expected(model, states, lrs, x, y, 9, slice(9, 12), ["fc1", "fc2"], target=target)
+    assert rel_err(torch.from_numpy(got["score"]), expected) < 1e-5
+    one = _expected(model, states, lrs, x, y, 9, slice(10, 11), ["fc1", "fc2"])
+    assert total[0][0] == 3 and abs(total[0][1] - float(one[[1, 4, 5]].sum())) < 1e-5 * abs(float(one[[1, 4, 5]].sum())) + 1e-9

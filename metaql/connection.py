@@ -52,6 +52,7 @@ class Connection:
         self.registry = REGISTRY.copy()
         self._result: Result | None = None
         self._interrupt = threading.Event()
+        self._owns_store = True
         self.progress: Callable = _quiet_progress
 
     # ---- statements ----------------------------------------------------------------------------
@@ -65,13 +66,22 @@ class Connection:
             self._result = self._run(stmt, parameters)
         return self
 
-    def sql(self, query: str, parameters: Any = None) -> Result:
-        """A result for one statement (parsed and bound now, so errors surface at once)."""
-        self.execute(query, parameters)
-        return self._result
+    def sql(self, query: str, parameters: Any = None) -> "Relation":
+        """A lazy relation for one statement: parsed now (syntax errors surface at once), run on
+        the first fetch, like DuckDB's `sql()`."""
+        self._check_open()
+        statements = parse(query, self.registry.names())
+        if len(statements) != 1:
+            raise ProgrammingError(f"sql() takes one statement, got {len(statements)}")
+        return Relation(self, statements[0], parameters)
 
     def cursor(self) -> "Connection":
-        return self
+        """Another cursor on the same store: its own results, the same catalog and functions."""
+        self._check_open()
+        other = object.__new__(Connection)
+        other.__dict__.update(self.__dict__)
+        other._result, other._interrupt, other._owns_store = None, threading.Event(), False
+        return other
 
     def _run(self, stmt, params) -> Result:
         self._interrupt.clear()
@@ -260,9 +270,9 @@ class Connection:
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def close(self) -> None:
-        if self.store is not None:
+        if self.store is not None and self._owns_store:
             self.store.close()
-            self.store = None
+        self.store = None
 
     def _check_open(self) -> None:
         if self.store is None:
@@ -276,6 +286,34 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<metaql.Connection {self.database!r}{' read-only' if self.store and self.store.read_only else ''}>"
+
+
+class Relation:
+    """What `con.sql()` returns: runs its statement on first use, then behaves as its result."""
+
+    def __init__(self, con: Connection, statement, parameters):
+        self._con, self._statement, self._parameters = con, statement, parameters
+        self._result: Result | None = None
+
+    def _run(self) -> Result:
+        if self._result is None:
+            self._con._check_open()
+            self._result = self._con._run(self._statement, self._parameters)
+        return self._result
+
+    def __getattr__(self, name: str):
+        if name in ("fetchone", "fetchmany", "fetchall", "df", "arrow", "fetchnumpy", "pl", "torch", "show",
+                    "description", "columns"):
+            return getattr(self._run(), name)
+        raise AttributeError(name)
+
+    fetchdf = property(lambda self: self._run().df)
+
+    def __len__(self) -> int:
+        return len(self._run())
+
+    def __repr__(self) -> str:
+        return repr(self._run())
 
 
 def _quiet_progress(it, total=None, desc=""):

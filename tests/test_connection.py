@@ -68,3 +68,39 @@ def test_module_constants():
     assert metaql.apilevel == "2.0" and metaql.paramstyle == "qmark" and metaql.threadsafety == 1
     assert issubclass(metaql.ParserException, metaql.ProgrammingError)
     assert issubclass(metaql.ProgrammingError, metaql.Error)
+
+
+def test_sql_is_lazy_and_cursors_are_independent(con):
+    rel = con.sql("CREATE SET heavy AS SELECT sample_id FROM samples WHERE w > 3")
+    assert con.execute("SELECT count(*) FROM sets").fetchone() == (0,)   # not run yet
+    assert rel.fetchall() == [("set heavy: 2 samples",)]
+    with pytest.raises(metaql.ParserException):
+        con.sql("SELECT TOPK(3 train FROM INFLUENCE(query=batch(x))")
+    cur = con.cursor()
+    cur.execute("SELECT 1 AS a")
+    con.execute("SELECT 2 AS b")
+    assert cur.fetchall() == [(1,)] and con.fetchall() == [(2,)]
+    cur.close()
+    assert con.execute("SELECT count(*) FROM samples").fetchone() == (5,)   # closing a cursor keeps the store
+
+
+def test_interrupt_stops_a_running_query_cleanly(store_dir):
+    import threading
+
+    import torch.nn.functional as F
+
+    from tests.models import MLP
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(3000, 6), torch.randint(0, 3, (3000,))
+    with metaql.connect(store_dir) as c:
+        c.add_samples(np.arange(3000), "train", y.numpy(), x)
+        with c.capture(model, checkpoint="c0", shard_size=8) as cap:
+            for part in np.array_split(np.arange(3000), 30):
+                cap.backward(F.cross_entropy(model(x[part]), y[part]), part)
+        timer = threading.Timer(0.05, c.interrupt)
+        timer.start()
+        with pytest.raises(metaql.InterruptException, match="cancelled"):
+            for _ in range(200):     # until the timer fires during a query
+                c.execute("SELECT * FROM SELF_INFLUENCE()")
+        timer.join()
+        assert c.execute("SELECT count(*) FROM samples").fetchone() == (3000,)

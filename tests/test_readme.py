@@ -1,12 +1,37 @@
-"""Every Python example in the README runs as written (no README example may go stale)."""
+"""Every example in the README runs as written (no README example may go stale)."""
 import re
 from pathlib import Path
+
+import pytest
+
+import metaql
+from metaql.parser import split_statements
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
+
+
 def test_readme_python_examples_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert blocks
-    for block in blocks:
+    assert blocks("python")
+    for block in blocks("python"):
         exec(compile(block, str(README), "exec"), {})
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory):
+    from metaql.demo import run
+    store = str(tmp_path_factory.mktemp("readme") / "demo.mq")
+    run(store, epochs=3, checkpoints=(1, 2, 3), progress=False, out=open("/dev/null", "w"))
+    return store
+
+
+def test_readme_sql_examples_run(demo_store):
+    statements = [s for b in blocks("sql") for s in split_statements(b)]
+    assert len(statements) > 10
+    with metaql.connect(demo_store) as con:
+        for statement in statements:
+            con.execute(statement)
+            assert con.fetchall() is not None, statement

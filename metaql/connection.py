@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -53,7 +54,9 @@ class Connection:
         self._result: Result | None = None
         self._interrupt = threading.Event()
         self._owns_store = True
-        self.progress: Callable = _quiet_progress
+        # progress bars on long work, on a terminal by default; config={"progress": False} turns them off
+        show = self.config.get("progress", sys.stderr.isatty())
+        self.progress: Callable = _bar_progress if show else _quiet_progress
 
     # ---- statements ----------------------------------------------------------------------------
     def execute(self, query: str, parameters: Any = None) -> "Connection":
@@ -318,6 +321,11 @@ class Relation:
 
 def _quiet_progress(it, total=None, desc=""):
     return it
+
+
+def _bar_progress(it, total=None, desc=""):
+    from tqdm import tqdm
+    return tqdm(it, total=total, desc=desc, file=sys.stderr, leave=False, mininterval=0.5)
 
 
 _WRITE = ("insert", "update", "delete", "drop", "alter", "create", "truncate", "copy", "attach", "detach")

@@ -121,7 +121,7 @@ def run(store: str, epochs: int = 30, checkpoints=(10, 20, 30), lr: float = 0.1,
         print(render(answer, "box", 6), file=out)
         print(f"precision@{k} against the {k} flipped training labels: {precision[name]:.3f} "
               f"(random ranking: {k / len(xtr):.3f})", file=out)
-    stored = con.execute("SELECT sum(bytes) FROM shards WHERE kind = 'factors'").fetchone()[0]
+    stored = con.execute("SELECT sum(bytes)::BIGINT FROM shards WHERE kind = 'factors'").fetchone()[0]
     con.close()
     print(f"\nfactor bytes on disk: {stored / 2**20:.2f} MiB", file=out)
     print("time per stage:", file=out)

@@ -148,3 +148,34 @@ def test_killed_capture_leaves_only_complete_shards_and_resumes(store_dir):
         ids = con.store.stored_ids("c0", "fc1")
         assert len(ids) == 1600 and len(np.unique(ids)) == 1600
         assert con.execute("SELECT status FROM checkpoints").fetchone() == ("complete",)
+
+
+def test_capture_memory_is_bounded_by_the_shard_size(store_dir):
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(3000, 6), torch.randint(0, 3, (3000,))
+    with metaql.connect(store_dir) as con:
+        con.add_samples(np.arange(3000), "train", y.numpy(), x)
+        peak = 0
+        with con.capture(model, checkpoint="c0", shard_size=100) as cap:
+            for part in np.array_split(np.arange(3000), 100):
+                cap.backward(F.cross_entropy(model(x[part]), y[part]), part)
+                peak = max(peak, sum(len(i) for i in cap.writer.ids))
+        assert peak < 100
+        assert con.execute("SELECT max(rows), count(*) FROM shards WHERE kind='factors' AND layer='fc1'").fetchone()[0] < 100 + 30
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float16", 2e-3), ("bfloat16", 2e-2)])
+def test_half_precision_storage(store_dir, dtype, tolerance):
+    from tests.bruteforce import rel_err, stored_full
+    torch.manual_seed(0)
+    model, x, y = MLP(din=6, hidden=32), torch.randn(20, 6), torch.randint(0, 3, (20,))
+    fulls = {}
+    for mode in ("float32", dtype):
+        with metaql.connect(store_dir + mode) as con:
+            con.add_samples(np.arange(20), "train", y.numpy(), x)
+            with con.capture(model, checkpoint="c0", dtype=mode) as cap:
+                cap.backward(F.cross_entropy(model(x), y), np.arange(20))
+            fulls[mode] = stored_full(con.store, "c0", "fc1", np.arange(20))[1]
+            fulls[mode + "_bytes"] = con.execute("SELECT sum(bytes)::BIGINT FROM shards WHERE layer='fc1'").fetchone()[0]
+    assert rel_err(fulls[dtype], fulls["float32"]) < tolerance
+    assert fulls[dtype + "_bytes"] < 0.75 * fulls["float32_bytes"]

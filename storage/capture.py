@@ -49,6 +49,10 @@ class ShardWriter:
         if not keep.any():
             return
         rows = torch.from_numpy(np.nonzero(keep)[0])
+        for layer, fs in factors.items():
+            if not all(torch.isfinite(v).all() for v in fs.values() if v.is_floating_point()):
+                raise InvalidInputException(f"layer '{layer}' has NaN or infinite activations or gradients in "
+                                            "this batch; nothing of it was stored (check the inputs and the lr)")
         shared = self._shared_suffixes(factors)
         for layer, fs in factors.items():
             kind = self.hooks.kinds[layer]

@@ -179,3 +179,18 @@ def test_half_precision_storage(store_dir, dtype, tolerance):
             fulls[mode + "_bytes"] = con.execute("SELECT sum(bytes)::BIGINT FROM shards WHERE layer='fc1'").fetchone()[0]
     assert rel_err(fulls[dtype], fulls["float32"]) < tolerance
     assert fulls[dtype + "_bytes"] < 0.75 * fulls["float32_bytes"]
+
+
+def test_nan_batches_are_refused_and_store_nothing(store_dir):
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with metaql.connect(store_dir) as con:
+        con.add_samples(np.arange(8), "train", y.numpy(), x)
+        with con.capture(model, checkpoint="c0", shard_size=4) as cap:
+            cap.backward(F.cross_entropy(model(x[:4]), y[:4]), np.arange(4))
+            bad = x[4:].clone()
+            bad[1, 2] = float("inf")    # the loss stays finite (tanh saturates), the factors do not
+            with pytest.raises(metaql.InvalidInputException, match="NaN or infinite"):
+                cap.backward(F.cross_entropy(model(bad), y[4:]), np.arange(4, 8))
+        assert sorted(con.store.stored_ids("c0", "fc1")) == [0, 1, 2, 3]
+        assert con.verify() == []

@@ -48,9 +48,14 @@ class Param:
     def required(self) -> bool:
         return self.default is inspect.Parameter.empty
 
+    @property
+    def type_name(self) -> str:
+        if typing.get_origin(self.hint) is typing.Literal:
+            return "|".join(map(str, typing.get_args(self.hint)))
+        return getattr(self.hint, "__name__", str(self.hint))
+
     def describe(self) -> str:
-        hint = getattr(self.hint, "__name__", str(self.hint))
-        return hint if self.required else f"{hint} = {self.default!r}"
+        return self.type_name if self.required else f"{self.type_name} = {self.default!r}"
 
 
 @dataclass

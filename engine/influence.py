@@ -10,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 
 from metaql.engine.errors import BinderException, CatalogException, InvalidInputException
+from typing import Literal
+
 from metaql.engine.functions import CheckpointList, LayerList, SampleRef, table_function
 from metaql.engine.plan import InfluenceScan, Side
 from metaql.storage.catalog import require_name
@@ -49,9 +51,9 @@ def _run(ctx, scan: InfluenceScan) -> pa.Table:
 
 
 @table_function("INFLUENCE", COLUMNS, logical=influence_plan)
-def influence(ctx, layers: LayerList = ("*",), query: SampleRef = None, train: SampleRef = "train",
-              checkpoints: CheckpointList = "all", similarity: str = "dot", loss: str = "label",
-              total: bool = False) -> pa.Table:
+def influence(ctx, *, query: SampleRef, layers: LayerList = ("*",), train: SampleRef = "train",
+              checkpoints: CheckpointList = "all", similarity: Literal["dot", "cosine"] = "dot",
+              loss: Literal["label", "pred", "expected"] = "label", total: bool = False) -> pa.Table:
     """Influence of each training sample on a query sample or batch: the inner product (dot) or
     cosine of their loss gradients, summed over the layers and over checkpoints weighted by each
     checkpoint's learning rate. Negative: the training sample raises the query's loss.

@@ -5,12 +5,10 @@
     con.execute("SELECT TOPK(50) train FROM INFLUENCE(layers=*, query=batch(test_wrong)) ORDER BY ASC")
     con.fetchall()
 """
-from metaql.connection import Connection, connect
 from metaql.engine.errors import (BinderException, CatalogException, Error, InternalException,
                                   InterruptException, InvalidInputException, IOException, ParserException,
                                   ProgrammingError, Warning)
 from metaql.engine.functions import CheckpointList, LayerList, SampleRef, SetName
-from metaql.result import Result
 
 __version__ = "0.1.0"
 apilevel = "2.0"
@@ -21,3 +19,15 @@ __all__ = ["connect", "Connection", "Result", "Error", "ProgrammingError", "Pars
            "BinderException", "CatalogException", "InvalidInputException", "IOException",
            "InterruptException", "InternalException", "Warning", "SetName", "LayerList",
            "CheckpointList", "SampleRef"]
+
+# The connection pulls in torch, DuckDB and Arrow; importing it lazily keeps `metaql --help` instant.
+_LAZY = {"connect": "metaql.connection", "Connection": "metaql.connection", "Result": "metaql.result"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'metaql' has no attribute {name!r}")

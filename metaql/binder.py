@@ -72,6 +72,11 @@ def coerce(fn: str, name: str, value: Any, hint: Any) -> Any:
     """Checks a value against the parameter's type hint, with a message that names both."""
     if value is None or hint is Any:
         return value
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        if str(value) not in choices:
+            _bad(fn, name, value, "one of " + ", ".join(choices))
+        return str(value)
     origin = typing.get_origin(hint) or hint
     want = {int: "a whole number", float: "a number", str: "a name or 'string'", bool: "true or false"}
     if hint is bool:

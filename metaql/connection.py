@@ -88,10 +88,12 @@ class Connection:
 
     def _run(self, stmt, params) -> Result:
         self._interrupt.clear()
-        with _sigint_to(self._interrupt):
+        with _sigint_to(self._interrupt, self.store.db.interrupt):
             try:
                 return self._dispatch(stmt, params)
             except KeyboardInterrupt:
+                raise InterruptException("query cancelled; nothing was changed") from None
+            except duckdb.InterruptException:
                 raise InterruptException("query cancelled; nothing was changed") from None
             except duckdb.Error as e:
                 raise _duck_error(e) from None
@@ -171,7 +173,7 @@ class Connection:
         fn = self.registry.get(name)
         return Result(pa.table({
             "argument": [p.name for p in fn.params.values()],
-            "type": [getattr(p.hint, "__name__", str(p.hint)) for p in fn.params.values()],
+            "type": [p.type_name for p in fn.params.values()],
             "default": ["(required)" if p.required else repr(p.default) for p in fn.params.values()],
         }))
 
@@ -268,8 +270,10 @@ class Connection:
         return self.store.verify()
 
     def interrupt(self) -> None:
-        """Asks the running statement to stop at the next shard (from another thread)."""
+        """Asks the running statement to stop (from another thread): MetaQL's operators at the
+        next shard, DuckDB's SQL at once."""
         self._interrupt.set()
+        self.store.db.interrupt()
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -358,9 +362,9 @@ def _duck_error(e: Exception) -> Error:
 
 
 @contextmanager
-def _sigint_to(event: threading.Event):
-    """While a statement runs in the main thread, Ctrl-C sets `event`; the executor checks it
-    between shards and stops cleanly. A second Ctrl-C interrupts at once."""
+def _sigint_to(event: threading.Event, interrupt_duckdb: Callable[[], None]):
+    """While a statement runs in the main thread, Ctrl-C sets `event` (the executor checks it
+    between shards) and interrupts DuckDB's running SQL. A second Ctrl-C interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -369,6 +373,7 @@ def _sigint_to(event: threading.Event):
         if event.is_set():
             raise KeyboardInterrupt
         event.set()
+        interrupt_duckdb()
     previous = signal.signal(signal.SIGINT, handler)
     try:
         yield

@@ -69,7 +69,7 @@ def _strip_comments(s: str) -> str:
 
 
 def is_metaql(statement: str, function_names) -> bool:
-    if METAQL_STARTS.match(statement):
+    if METAQL_STARTS.match(_strip_comments(statement)):
         return True
     names = {n.upper() for n in function_names}
     return any(m.group(2).upper() in names for m in _CALL.finditer(statement))

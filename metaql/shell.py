@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-from metaql.connection import Connection, connect
 from metaql.engine.errors import (BinderException, CatalogException, Error, InternalException,
                                   InterruptException, InvalidInputException, IOException, ParserException)
 from metaql.format import MODES, render
@@ -63,7 +62,7 @@ class Shell:
     def __init__(self, store: str = ":memory:", read_only: bool = False, mode: str = "box",
                  max_rows: int = 40, out=None, err=None, bail: bool = False):
         self.out, self.err = out or sys.stdout, err or sys.stderr
-        self.con: Connection = self._connect(store, read_only)
+        self.con = self._connect(store, read_only)
         self.store_name = store
         self.mode, self.max_rows, self.timer, self.bail = mode, max_rows, False, bail
 
@@ -73,7 +72,8 @@ class Shell:
     def __exit__(self, *exc) -> None:
         self.con.close()
 
-    def _connect(self, store: str, read_only: bool) -> Connection:
+    def _connect(self, store: str, read_only: bool):
+        from metaql.connection import connect   # lazily: torch loads only when a store opens
         con = connect(store, read_only=read_only)
         if self.err.isatty():   # a bar in a file or a pipe would only be noise
             con.progress = self._progress_bar

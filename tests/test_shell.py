@@ -273,7 +273,7 @@ def test_completion_by_position(shell):
     assert completions(shell, "SELECT * FROM SELF_INFLUENCE(layers=[fc1, f") == ["fc1", "fc2"]
     assert completions(shell, "SELECT TOPK(3) train FROM INFLUENCE(layers=*, query=batch(") == ["hard", "test", "train"]
     assert completions(shell, "SELECT TOPK(3) ") == ["hard", "test", "train"]
-    assert completions(shell, "SELECT * FROM INFLUENCE(")[:4] == ["layers=", "query=", "train=", "checkpoints="]
+    assert completions(shell, "SELECT * FROM INFLUENCE(")[:4] == ["query=", "layers=", "train=", "checkpoints="]
     assert completions(shell, "SELECT * FROM INFLUENCE(layers=*, q") == ["query="]
     assert completions(shell, "SELECT * FROM INFLUENCE(layers=*, query=") == ["batch(", "point("]
     assert completions(shell, "SELECT * FROM INFLUENCE(layers=*, similarity=") == ["dot", "cosine"]

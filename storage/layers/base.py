@@ -1,9 +1,10 @@
 """The handler interface every layer kind implements, and the registry that finds it.
 
-Every kind maps its stored factors to a canonical linear form: per sample, rows X (S, din') and
-D (S, dout) with gradient D^T X (din' = din + 1 when a bias column of ones is appended). The
-primitives below are what the engine's operators are built from; dense kinds use the defaults,
-a kind with a cheaper structure (an embedding's one-hot rows) overrides them.
+Every kind maps its stored factors to a canonical linear form: per sample, rows X (S, din) and
+D (S, dout) with gradient [D^T X | D^T 1] (the bias column, when the layer has one, is a virtual
+column of ones: the primitives add its terms instead of copying X to append it). The primitives
+below are what the engine's operators are built from; dense kinds use the defaults, a kind with
+a cheaper structure (an embedding's one-hot rows) overrides them.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class LayerKind:
 
     # ---- canonical form -------------------------------------------------------------------------
     def rows(self, meta: LayerMeta, factors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """X (B, S, din') and D (B, S, dout), so that each sample's gradient is D^T X."""
+        """X (B, S, din) and D (B, S, dout): each sample's weight gradient is D^T X."""
         raise NotImplementedError
 
     def positions(self, meta: LayerMeta, factors: dict[str, torch.Tensor]) -> int:
@@ -70,34 +71,43 @@ class LayerKind:
 
     # ---- primitives on the canonical form (dense defaults) ---------------------------------------
     def gram_x(self, meta: LayerMeta, x: torch.Tensor, xr: torch.Tensor) -> torch.Tensor:
-        """(N, S, R): each training row's X against R query rows."""
-        return torch.einsum("nsi,ri->nsr", x.float(), xr.float())
+        """(N, S, R): each training row's X against R query rows (plus the bias column's 1*1)."""
+        g = torch.einsum("nsi,ri->nsr", x, xr)
+        return g + 1.0 if meta.bias else g
 
     def gram_d(self, meta: LayerMeta, d: torch.Tensor, dr: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("nso,ro->nsr", d.float(), dr.float())
+        return torch.einsum("nso,ro->nsr", d, dr)
 
     def self_gram_x(self, meta: LayerMeta, x: torch.Tensor) -> torch.Tensor:
         """(N, S, S): each sample's rows against its own."""
-        return torch.einsum("nsi,nti->nst", x.float(), x.float())
+        g = torch.einsum("nsi,nti->nst", x, x)
+        return g + 1.0 if meta.bias else g
 
     def self_gram_d(self, meta: LayerMeta, d: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("nso,nto->nst", d.float(), d.float())
+        return torch.einsum("nso,nto->nst", d, d)
 
     def flat_rows(self, meta: LayerMeta, t: torch.Tensor) -> torch.Tensor:
         """All rows of a batch side by side (R, width)."""
         return t.reshape(-1, t.shape[-1])
 
     def apply_average(self, meta: LayerMeta, x: torch.Tensor, d: torch.Tensor, gbar: torch.Tensor) -> torch.Tensor:
-        """<grad_n, Gbar> = sum(D_n * (X_n Gbar^T)) for each sample (Lemma 7)."""
-        return torch.einsum("nso,nso->n", d.float(), x.float() @ gbar.T)
+        """<grad_n, Gbar> = sum(D_n * (X_n Gbar^T)) for each sample (Lemma 7); Gbar is (dout, din [+1])."""
+        y = x @ gbar[:, :meta.din].T
+        if meta.bias:
+            y = y + gbar[:, meta.din]
+        return torch.einsum("nso,nso->n", d, y)
 
     def outer(self, meta: LayerMeta, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """Per-sample full gradients (N, dout, din')."""
-        return torch.einsum("nso,nsi->noi", d.float(), x.float())
+        """Per-sample full gradients (N, dout, din [+1])."""
+        w = torch.einsum("nso,nsi->noi", d, x)
+        return torch.cat([w, d.sum(1).unsqueeze(-1)], dim=-1) if meta.bias else w
 
     def average(self, meta: LayerMeta, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """Gbar (dout, din'): the batch mean of D^T X, without building each gradient."""
-        return torch.einsum("nso,nsi->oi", d.float(), x.float()) / x.shape[0]
+        """Gbar (dout, din [+1]): the batch mean of the gradients, without building each one."""
+        w = torch.einsum("nso,nsi->oi", d, x)
+        if meta.bias:
+            w = torch.cat([w, d.sum(dim=(0, 1)).unsqueeze(-1)], dim=-1)
+        return w / x.shape[0]
 
     # ---- full gradients ---------------------------------------------------------------------------
     def full(self, meta: LayerMeta, factors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -115,11 +125,6 @@ class LayerKind:
         if meta.bias:
             w = torch.cat([w, grads["bias"].reshape(-1, meta.dout, 1)], dim=2)
         return w.reshape(w.shape[0], -1)
-
-
-def with_bias_column(x: torch.Tensor, bias: bool) -> torch.Tensor:
-    x = x.float()
-    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1) if bias else x
 
 
 KINDS: dict[type, LayerKind] = {}

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaql.storage.layers.base import LayerKind, LayerMeta, register, with_bias_column
+from metaql.storage.layers.base import LayerKind, LayerMeta, register
 
 
 @register(nn.Conv1d, nn.Conv2d)
@@ -61,14 +61,25 @@ class Conv(LayerKind):
         else:
             kernel, stride, dil = tuple(e["kernel"]), tuple(e["stride"]), tuple(e["dilation"])
         b, g = inp.shape[0], e["groups"]
-        patches = F.unfold(inp, kernel, dilation=dil, stride=stride)          # (B, Cin*kk, L)
-        length = patches.shape[-1]
-        x = patches.reshape(b, g, -1, length).permute(0, 1, 3, 2).reshape(b, g * length, -1)
+        x = patches(inp, kernel, stride, dil)                                  # (B, L, Cin*kk)
+        length = x.shape[1]
+        if g > 1:
+            x = x.reshape(b, length, g, -1).transpose(1, 2).reshape(b, g * length, -1)
         d = dout.reshape(b, dout.shape[1], length).transpose(1, 2)            # (B, L, Cout)
         if g > 1:
             cout_g = d.shape[2] // g
             blocks = torch.zeros(b, g, length, d.shape[2], dtype=d.dtype)
-            for j in range(g):                                                 # loop over groups, not samples
+            for j in range(g):                                                 # a loop over groups, not samples
                 blocks[:, j, :, j * cout_g:(j + 1) * cout_g] = d[:, :, j * cout_g:(j + 1) * cout_g]
             d = blocks.reshape(b, g * length, -1)
-        return with_bias_column(x, meta.bias), d
+        return x, d
+
+
+def patches(inp: torch.Tensor, kernel, stride, dilation) -> torch.Tensor:
+    """im2col as strided views and one copy: (B, C, H, W) -> (B, L, C*kh*kw), C-major like the
+    weight's layout. On CPU this is an order of magnitude faster than F.unfold for many channels."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    v = inp.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)   # B C oh ow span_h span_w
+    v = v[..., ::dh, ::dw]
+    b, c, oh, ow = v.shape[:4]
+    return v.permute(0, 2, 3, 1, 4, 5).reshape(b, oh * ow, c * kh * kw)

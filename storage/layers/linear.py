@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metaql.storage.layers.base import LayerKind, LayerMeta, register, with_bias_column
+from metaql.storage.layers.base import LayerKind, LayerMeta, register
 
 
 @register(nn.Linear)
@@ -32,4 +32,4 @@ class Linear(LayerKind):
         return "X"
 
     def rows(self, meta: LayerMeta, factors):
-        return with_bias_column(factors["X"], meta.bias), factors["D"].float()
+        return factors["X"].float(), factors["D"].float()

@@ -2,7 +2,8 @@
 
 The baselines ELITE is measured against. Both use the bias-free encoder of
 ``metaql.cleaning.networks``, the same autoencoder pretraining, optimizer and mini-batching as
-ELITE, and Omega(x) = ||phi(x) - c||^2 as in their papers.
+ELITE, and Omega(x) = ||phi(x) - c||^2 as in their papers. Defaults follow Ruff et al.: Adam,
+lr 1e-4, weight decay 0.5e-6, 150 epochs, batches of 128, eta = 1.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class _SvddFamily(ScoreDetector):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(idx)
+                total += float(loss.detach()) * len(idx)
             losses.append(total / len(x))
         return losses
 
@@ -63,7 +64,7 @@ class DeepSVDD(_SvddFamily):
     scores anomalous (the training set's assumed contamination).
     """
 
-    def __init__(self, epochs: int = 100, batch_size: int = 128, lr: float = 1e-4, optimizer: str = "adam",
+    def __init__(self, epochs: int = 150, batch_size: int = 128, lr: float = 1e-4, optimizer: str = "adam",
                  weight_decay: float = 5e-7, pretrain_epochs: int = 0, nu: float = 0.1, seed: int = 0) -> None:
         self.epochs, self.batch_size, self.lr, self.optimizer = epochs, batch_size, lr, optimizer
         self.weight_decay, self.pretrain_epochs, self.nu, self.seed = weight_decay, pretrain_epochs, nu, seed
@@ -86,7 +87,7 @@ class DeepSAD(_SvddFamily):
     the balanced-accuracy cut on the labeled samples, like ELITE.
     """
 
-    def __init__(self, eta: float = 1.0, epochs: int = 100, batch_size: int = 128, lr: float = 1e-4,
+    def __init__(self, eta: float = 1.0, epochs: int = 150, batch_size: int = 128, lr: float = 1e-4,
                  optimizer: str = "adam", weight_decay: float = 5e-7, pretrain_epochs: int = 0,
                  seed: int = 0) -> None:
         self.eta, self.epochs, self.batch_size, self.lr, self.optimizer = eta, epochs, batch_size, lr, optimizer

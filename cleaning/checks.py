@@ -18,19 +18,23 @@ ANOMALY_NAMES = {"anomaly", "anomalous", "outlier", "1"}
 
 def as_features(x: Any, name: str) -> torch.Tensor:
     """A float32 tensor of samples: (N, F) tables or (N, C, H, W) images ((N, H, W) gets C = 1)."""
-    try:
-        t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    except (TypeError, ValueError) as e:
-        raise InvalidInputException(f"{name} is not a numeric array: {e}") from None
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = np.asarray(x)
+        except ValueError as e:   # ragged nested lists
+            raise InvalidInputException(f"{name} is not a rectangular array: {e}") from None
+        if x.dtype.kind not in "iuf":
+            raise InvalidInputException(f"{name} must hold numbers, got dtype {x.dtype}")
+    t = torch.as_tensor(x)
     if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in _INT_TYPES):
         raise InvalidInputException(f"{name} must hold numbers, got dtype {t.dtype}")
+    if t.numel() == 0:
+        raise InvalidInputException(f"{name} is empty (shape {tuple(t.shape)})")
     if t.dim() == 3:
         t = t.unsqueeze(1)
     if t.dim() not in (2, 4):
         raise InvalidInputException(f"{name} must be (N, F) features or (N, C, H, W) images, "
                                     f"got shape {tuple(t.shape)}")
-    if t.shape[0] == 0 or t[0].numel() == 0:
-        raise InvalidInputException(f"{name} is empty (shape {tuple(t.shape)})")
     t = t.detach().to(torch.float32).contiguous()
     bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
     if bad.any():

@@ -25,6 +25,12 @@ FORMAT_VERSION = 1
 SCORE_BATCH = 4096   # bounds memory when scoring large sets
 
 
+def scores_of(score: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Omega of every sample, in chunks so that a large set never needs one huge forward pass."""
+    with torch.no_grad():
+        return torch.cat([score(chunk) for chunk in x.split(SCORE_BATCH)])
+
+
 class ScoreDetector:
     """Base class: subclasses set ``score_``, ``shape_`` and ``threshold_`` in ``fit``."""
 
@@ -46,10 +52,7 @@ class ScoreDetector:
         """Anomaly scores Omega(x) of the samples (float64, higher = more anomalous)."""
         self._require_fitted()
         x = checks.score_inputs(X, self.shape_)
-        self.score_.eval()
-        with torch.no_grad():
-            parts = [self.score_(chunk) for chunk in x.split(SCORE_BATCH)]
-        return torch.cat(parts).double().numpy()
+        return scores_of(self.score_.eval(), x).double().numpy()
 
     def score_samples(self, X: Any) -> np.ndarray:
         """scikit-learn's sign convention: higher = more normal (the negated decision function)."""

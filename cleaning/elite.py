@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from metaql.cleaning import checks
-from metaql.cleaning.detector import ScoreDetector
+from metaql.cleaning.detector import ScoreDetector, scores_of
 from metaql.cleaning.metagrad import METHODS
 from metaql.cleaning.pseudo_labels import pseudo_labels, training_loss, validation_loss
 from metaql.cleaning.scores import SCORES, make_score
@@ -35,30 +34,45 @@ class EliteDetector(ScoreDetector):
     epochs, batch_size : passes over the unlabeled data and its mini-batch size (Algorithm 1).
     lr : eta_theta, the learning rate of both the virtual step (Eq. 11) and the update (Eq. 14).
     eta_m : eta_M, the scale of the sample weights alpha_i = eta_M |M_i| (Algorithm 1, line 12).
+        The paper's text gives no values; the defaults (lr 3e-4, 150 epochs, batches of 128,
+        eta_M = 1, the low end the paper recommends for simple data, Sec. 5.4) are those of the
+        authors' published code. Under Adam a constant eta_M only rescales every step's gradient,
+        which Adam normalises away, so results hardly depend on it (as the paper's Fig. 7 finds).
     margin : C of Eq. 4; None sets it as the paper does, to the mean initial score Omega of the
         unlabeled data under the initial network (after pretraining).
     meta_gradient : 'factored' (default: inner products from layer factors, no per-sample gradients,
         the faster form, see metaql.cleaning.metagrad) or 'virtual' (a virtual SGD step and a
         double backward).
-    optimizer : 'adam' (Deep SVDD's) or 'sgd' (plain Eq. 14, under which Theorem 1's monotone decrease
-        of the validation loss holds for a small enough lr * eta_M).
-    weight_decay : L2 penalty on the weights (Deep SVDD's).
+    optimizer : 'adam' (Deep SVDD's; the default) or 'sgd' (plain Eq. 14, under which Theorem 1's
+        monotone decrease of the validation loss holds for a small enough lr * eta_M; eta_M must
+        then be matched to the gradient scale by hand, which Adam makes unnecessary).
+    weight_decay : L2 penalty on the weights; 0 as in the authors' code. Mind the scale: the
+        meta-weighted gradients are of order eta_M * lr * |<grad L^v, grad Omega>| / n, tiny next
+        to Deep SVDD's, so a Deep-SVDD-sized decay (1e-3) shrinks the network to nothing.
     pretrain_epochs : epochs of autoencoder pretraining of the Deep SVDD encoder (Ruff et al.'s
         initialisation, which Algorithm 1 inherits); ignored for score='ae'.
+    patience : stop after this many epochs without a new minimum of the validation loss (None:
+        run all epochs). Either way the parameters at the minimum are kept (Sec. 3.4: "until the
+        validation loss is minimized or reaching the epoch limit").
     seed : seeds the network's initialisation and the mini-batch order.
 
     Fitted attributes
     -----------------
-    score_ : the trained score module.  margin_ : C.  threshold_ : the cut used by ``predict``.
+    score_ : the trained score module.  margin_ : C.
+    threshold_ : the cut of ``predict`` (anomaly when the score is above it): the cut that best
+        separates the labeled samples' scores (maximal balanced accuracy; the middle of the widest
+        run of best cuts, i.e. midway between the classes when they separate). The labeled samples
+        steered training, so on new data the cut errs low; set ``threshold_`` to override it.
+    epoch_val_loss_ : L^v on all labeled samples before training and after each epoch.
     history_ : one dict per training step, {'epoch', 'step', 'val_loss', 'train_loss', 'anomalous'}:
         the validation loss L^v at the step's parameters (before its update), the weighted training
         loss, and the fraction of the batch pseudo-labeled anomalous.
     """
 
-    def __init__(self, score: str = "svdd", epochs: int = 100, batch_size: int = 128, lr: float = 1e-4,
+    def __init__(self, score: str = "svdd", epochs: int = 150, batch_size: int = 128, lr: float = 3e-4,
                  eta_m: float = 1.0, margin: float | None = None, meta_gradient: str = "factored",
-                 optimizer: str = "adam", weight_decay: float = 5e-7, pretrain_epochs: int = 0,
-                 seed: int = 0) -> None:
+                 optimizer: str = "adam", weight_decay: float = 0.0, pretrain_epochs: int = 0,
+                 patience: int | None = None, seed: int = 0) -> None:
         self.score = score
         self.epochs = epochs
         self.batch_size = batch_size
@@ -69,6 +83,7 @@ class EliteDetector(ScoreDetector):
         self.optimizer = optimizer
         self.weight_decay = weight_decay
         self.pretrain_epochs = pretrain_epochs
+        self.patience = patience
         self.seed = seed
 
     @property
@@ -86,19 +101,15 @@ class EliteDetector(ScoreDetector):
         xu, xl, yl = checks.fit_inputs(X_unlabeled, X_labeled, y_labeled)
         generator = torch.Generator().manual_seed(self.seed)
         score = self._initial_score(xu, generator)
-        with torch.no_grad():
-            initial = score(xu)
-        self.margin_ = float(initial.mean()) if self.margin is None else float(self.margin)
-        self.history_ = self._train(score, xu, xl, yl, generator, progress or no_progress)
+        self.margin_ = float(scores_of(score, xu).mean()) if self.margin is None else float(self.margin)
+        self.history_, self.epoch_val_loss_ = self._train(score, xu, xl, yl, generator, progress or no_progress)
         self.score_, self.shape_ = score.eval(), tuple(xu.shape[1:])
         self.threshold_ = balanced_threshold(torch.from_numpy(self.decision_function(xl)), yl < 0)
         return self
 
     def val_loss_by_epoch(self) -> list[float]:
-        """Mean validation loss of each epoch's steps, from ``history_``."""
-        epochs = np.array([h["epoch"] for h in self.history_])
-        losses = np.array([h["val_loss"] for h in self.history_])
-        return [float(losses[epochs == e].mean()) for e in np.unique(epochs)]
+        """The validation loss L^v on all labeled samples after each epoch (index 0: before training)."""
+        return list(self.epoch_val_loss_)
 
     # ---- steps of fit ------------------------------------------------------------------------
     def _initial_score(self, xu: torch.Tensor, generator: torch.Generator) -> torch.nn.Module:
@@ -113,24 +124,43 @@ class EliteDetector(ScoreDetector):
         return score.train()
 
     def _train(self, score: torch.nn.Module, xu: torch.Tensor, xl: torch.Tensor, yl: torch.Tensor,
-               generator: torch.Generator, progress: Progress) -> list[dict]:
-        """Algorithm 1's loop: meta-gradients, pseudo labels and weights, then the Eq. 14 update."""
+               generator: torch.Generator, progress: Progress) -> tuple[list[dict], list[float]]:
+        """Algorithm 1's loop: meta-gradients, pseudo labels and weights, then the Eq. 14 update.
+
+        It runs "until the validation loss is minimized or reaching the epoch limit": after each
+        epoch L^v is measured on all labeled samples, training stops once ``patience`` epochs
+        passed without a new minimum, and the parameters of the minimum are kept.
+        """
         opt = make_optimizer(score.parameters(), self.optimizer, self.lr, self.weight_decay)
         meta_gradients = METHODS[self.meta_gradient]
         margin, history, step = self.margin_, [], 0
+        epoch_losses = [self._full_validation_loss(score, xl, yl)]
+        best, best_state, best_epoch = epoch_losses[0], _copy_state(score), -1
         for epoch in progress(range(self.epochs), total=self.epochs, desc="ELITE"):
             for idx in minibatches(len(xu), self.batch_size, generator):
                 vidx = self._validation_batch(len(xl), generator)
                 y_val = yl[vidx]
                 ms = meta_gradients(score, xu[idx], xl[vidx], lambda o: validation_loss(o, y_val, margin), self.lr)
-                loss = training_loss(ms.scores, ms.meta, self.eta_m, margin)
+                omega = ms.scores.requires_grad_()
+                loss = training_loss(omega, ms.meta, self.eta_m, margin)
+                coeffs, = torch.autograd.grad(loss, omega)   # d loss / d Omega_i: alpha_i l'(Omega_i) / n
                 opt.zero_grad()
-                loss.backward()
+                ms.backward(coeffs)
                 opt.step()
-                history.append({"epoch": epoch, "step": step, "val_loss": ms.val_loss, "train_loss": float(loss.detach()),
+                history.append({"epoch": epoch, "step": step, "val_loss": ms.val_loss,
+                                "train_loss": float(loss.detach()),
                                 "anomalous": float((pseudo_labels(ms.meta) < 0).float().mean())})
                 step += 1
-        return history
+            epoch_losses.append(self._full_validation_loss(score, xl, yl))
+            if epoch_losses[-1] < best:
+                best, best_state, best_epoch = epoch_losses[-1], _copy_state(score), epoch
+            elif self.patience is not None and epoch - best_epoch >= self.patience:
+                break
+        score.load_state_dict(best_state)
+        return history, epoch_losses
+
+    def _full_validation_loss(self, score: torch.nn.Module, xl: torch.Tensor, yl: torch.Tensor) -> float:
+        return float(validation_loss(scores_of(score, xl), yl, self.margin_))
 
     def _validation_batch(self, m: int, generator: torch.Generator) -> torch.Tensor:
         """All labeled samples, or a random batch of them when there are more than a batch."""
@@ -154,7 +184,13 @@ class EliteDetector(ScoreDetector):
             raise InvalidInputException(f"margin must be positive (or None for automatic), got {self.margin}")
 
     def _fitted_state(self) -> dict[str, Any]:
-        return {"threshold": self.threshold_, "margin": self.margin_, "history": self.history_}
+        return {"threshold": self.threshold_, "margin": self.margin_, "history": self.history_,
+                "epoch_val_loss": self.epoch_val_loss_}
 
     def _restore_state(self, state: dict[str, Any]) -> None:
         self.threshold_, self.margin_, self.history_ = state["threshold"], state["margin"], state["history"]
+        self.epoch_val_loss_ = state["epoch_val_loss"]
+
+
+def _copy_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -20,7 +20,9 @@ to the layer outputs (no cross-sample layers, so row i of that gradient belongs 
 virtual SGD step built with create_graph, the validation loss at theta_hat, and one more backward
 to eps (a double backward through the network).
 
-Both return the batch's scores with their graph, so the training step (Eq. 14) reuses the forward.
+Both return a `backward(c)` that adds grad sum_i c_i Omega_i to the parameters, so the training
+step (Eq. 14) reuses the forward: ``factored`` builds it from the captured factors (grad W =
+sum_i c_i D_i^T X_i) without a second backward pass, ``virtual`` backpropagates the kept graph.
 ``factored`` is the default: it needs one first-order backward to the layer outputs plus one
 forward-like pass per layer, where ``virtual`` needs a create_graph backward, a forward at
 theta_hat and a double backward; benchmarks/bench_elite.py measures the two.
@@ -40,9 +42,11 @@ ValLoss = Callable[[torch.Tensor], torch.Tensor]   # validation scores -> scalar
 
 @dataclass
 class MetaStep:
-    meta: torch.Tensor       # (n,) meta-gradients M_i, detached
-    scores: torch.Tensor     # (n,) Omega(x_i; theta), attached to the graph for the training step
+    meta: torch.Tensor       # (n,) meta-gradients M_i
+    scores: torch.Tensor     # (n,) Omega(x_i; theta), detached
     val_loss: float          # L^v(theta) before the step
+    backward: Callable[[torch.Tensor], None]
+    """backward(c) adds grad_theta sum_i c_i Omega(x_i; theta) to the parameters' .grad (the Eq. 14 step)."""
 
 
 def meta_gradients_factored(score: nn.Module, x: torch.Tensor, x_val: torch.Tensor,
@@ -63,12 +67,20 @@ def meta_gradients_factored(score: nn.Module, x: torch.Tensor, x_val: torch.Tens
     lv = val_loss(score(x_val))
     params = [p for m in layers for p in _own_params(m)]
     g_val = dict(zip(map(id, params), torch.autograd.grad(lv, params, allow_unused=True)))
-    d_out = torch.autograd.grad(scores.sum(), [out for _, _, out in captured], retain_graph=True)
-    dots = torch.zeros_like(scores.detach())
+    d_out = torch.autograd.grad(scores.sum(), [out for _, _, out in captured])
+    factors = [(module, inp, d) for (module, inp, _), d in zip(captured, d_out)]
+    dots = torch.zeros(x.shape[0], dtype=scores.dtype, device=scores.device)
     with torch.no_grad():
-        for (module, inp, _), d in zip(captured, d_out):
+        for module, inp, d in factors:
             dots += _layer_dots(module, inp, d, g_val)
-    return MetaStep(-lr / x.shape[0] * dots, scores, float(lv.detach()))
+
+    def backward(coeffs: torch.Tensor) -> None:
+        # the gradient of sum_i c_i Omega_i w.r.t. a layer's output is c_i D_i: no second backward pass
+        with torch.no_grad():
+            for module, inp, d in factors:
+                _accumulate_layer_grads(module, inp, coeffs.reshape(-1, *[1] * (d.dim() - 1)) * d)
+
+    return MetaStep(-lr / x.shape[0] * dots, scores.detach(), float(lv.detach()), backward)
 
 
 def meta_gradients_virtual(score: nn.Module, x: torch.Tensor, x_val: torch.Tensor,
@@ -83,7 +95,11 @@ def meta_gradients_virtual(score: nn.Module, x: torch.Tensor, x_val: torch.Tenso
     theta_hat = {k: p if g is None else p - lr * g for k, p, g in zip(names, params, grads)}
     lv = val_loss(functional_call(score, {**theta_hat, **buffers}, (x_val,)))
     meta, = torch.autograd.grad(lv, eps, retain_graph=True)
-    return MetaStep(meta.detach(), scores, float(lv.detach()))
+
+    def backward(coeffs: torch.Tensor) -> None:
+        scores.backward(coeffs)
+
+    return MetaStep(meta.detach(), scores.detach(), float(lv.detach()), backward)
 
 
 METHODS = {"factored": meta_gradients_factored, "virtual": meta_gradients_virtual}
@@ -91,11 +107,17 @@ METHODS = {"factored": meta_gradients_factored, "virtual": meta_gradients_virtua
 
 def _weight_layers(score: nn.Module) -> list[nn.Module]:
     """The modules holding trainable parameters; raises if one is of a kind the factored form lacks."""
+    mixing = [type(m).__name__ for m in score.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if mixing:
+        raise TypeError(f"factored meta-gradients need per-sample layers; {sorted(set(mixing))} in training mode "
+                        "mixes the samples of a batch: use meta_gradient='virtual'")
     layers = [m for m in score.modules() if any(p.requires_grad for p in _own_params(m))]
-    unsupported = [type(m).__name__ for m in layers if not isinstance(m, (nn.Linear, nn.Conv2d))]
+    unsupported = [type(m).__name__ for m in layers if not isinstance(m, (nn.Linear, nn.Conv2d))
+                   or isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str))]
     if unsupported:
-        raise TypeError(f"factored meta-gradients support Linear and Conv2d layers, not {sorted(set(unsupported))}; "
-                        "use meta_gradient='virtual'")
+        raise TypeError(f"factored meta-gradients support Linear and zero-padded Conv2d layers (numeric "
+                        f"padding), not {sorted(set(unsupported))}; use meta_gradient='virtual'")
     return layers
 
 
@@ -108,7 +130,7 @@ def _layer_dots(module: nn.Module, inp: torch.Tensor, d: torch.Tensor,
     """<per-sample gradient of this layer's parameters, validation gradient> for every sample."""
     n = inp.shape[0]
     g_w, g_b = g_val.get(id(module.weight)), g_val.get(id(module.bias)) if module.bias is not None else None
-    dots = torch.zeros(n, dtype=d.dtype)
+    dots = torch.zeros(n, dtype=d.dtype, device=d.device)
     if g_w is not None:
         dots += (d * _apply_weight(module, inp, g_w)).reshape(n, -1).sum(dim=1)
     if g_b is not None:
@@ -117,10 +139,22 @@ def _layer_dots(module: nn.Module, inp: torch.Tensor, d: torch.Tensor,
     return dots
 
 
+def _accumulate_layer_grads(module: nn.Module, inp: torch.Tensor, g_out: torch.Tensor) -> None:
+    """Adds the weight (and bias) gradient of a layer with input ``inp`` and output gradient ``g_out``."""
+    if isinstance(module, nn.Linear):
+        rows_out, rows_in = g_out.reshape(-1, g_out.shape[-1]), inp.reshape(-1, inp.shape[-1])
+        g_w, g_b = rows_out.T @ rows_in, rows_out.sum(0)
+    else:
+        g_w = torch.nn.grad.conv2d_weight(inp, module.weight.shape, g_out, module.stride, module.padding,
+                                          module.dilation, module.groups)
+        g_b = g_out.sum(dim=(0, 2, 3))
+    for p, g in ((module.weight, g_w), (module.bias, g_b)):
+        if p is not None and p.requires_grad:
+            p.grad = g if p.grad is None else p.grad + g
+
+
 def _apply_weight(module: nn.Module, inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The layer's linear map with another weight and no bias: X G^T, batched over samples."""
     if isinstance(module, nn.Linear):
         return F.linear(inp, weight)
-    if module.padding_mode != "zeros":
-        raise TypeError("factored meta-gradients need zero-padded convolutions")
     return F.conv2d(inp, weight, None, module.stride, module.padding, module.dilation, module.groups)

@@ -57,6 +57,6 @@ def pretrain_svdd(score: SvddScore, x: torch.Tensor, epochs: int, lr: float, bat
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         losses.append(total / len(x))
     return losses

@@ -156,7 +156,6 @@ def scan(wl: Workload, layer: str, strategy: str, q: dict, n: int, cap_s: float,
     rows() (unfold for convolutions, the bias column for linear layers), as the executor does.
     Stops after cap_s seconds and extrapolates linearly: (seconds, extrapolated?)."""
     meta, kind, stored = wl.meta(layer)
-    rows_fn = rows_fn or kind.rows
     op = op or OPS[strategy]
     done, t0 = 0, clock()
     for _, tensors in wl.parts(layer):
@@ -166,9 +165,10 @@ def scan(wl: Workload, layer: str, strategy: str, q: dict, n: int, cap_s: float,
             chunk = {k: v[s:min(s + step, rows)] for k, v in tensors.items()}
             if stored == "full":
                 ops.full_dot(chunk["G"], q)
+            elif rows_fn is not None:      # the prototype: its own rows and operator
+                op(kind, meta, *rows_fn(meta, chunk), q)
             else:
-                x, d = rows_fn(meta, chunk)
-                op(kind, meta, x, d, q)
+                op(kind, meta, chunk, q)
             done += min(s + step, rows) - s
             if clock() - t0 > cap_s and done < n:
                 return (clock() - t0) * n / done, True
@@ -249,8 +249,7 @@ def recompute(wl, unit, n_re: int) -> float:
     f = replay_factors(model, watched_modules(model, wl.units[unit]), inputs, labels)
     for layer in wl.units[unit]:
         meta, kind, _ = wl.meta(layer)
-        x, d = kind.rows(meta, f[layer])
-        ops.iterate(kind, meta, x, d, wl.query_side(layer, 1))
+        ops.iterate(kind, meta, f[layer], wl.query_side(layer, 1))
     return (clock() - t0) / n_re
 
 
@@ -283,7 +282,7 @@ def check_proto_conv(wl, layer) -> float:
     _, tensors = wl.parts(layer)[0]
     chunk = {k: v[:8] for k, v in tensors.items()}
     q = wl.query_side(layer, 1)
-    ref = ops.iterate(kind, meta, *kind.rows(meta, chunk), q)
+    ref = ops.iterate(kind, meta, chunk, q)
     got = proto_conv_iterate(kind, meta, chunk["I"], chunk["DO"], q)
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 

@@ -173,7 +173,7 @@ def chunk_scores(kind, meta, stored: str, strategy: str, chunk, q, similarity: s
         norm = (g * g).sum(1)
         score = norm if q is None else ops.full_dot(g, q)
         return score.double().cpu().numpy(), norm.double().cpu().numpy()
-    x, d = kind.rows(meta, chunk)
-    norm = ops.squared_norm(kind, meta, x, d) if (similarity == "cosine" or q is None) else torch.zeros(len(x))
-    score = norm if q is None else ops.FACTORED[strategy](kind, meta, x, d, q)
+    n = next(iter(chunk.values())).shape[0]
+    norm = ops.squared_norm(kind, meta, chunk) if (similarity == "cosine" or q is None) else torch.zeros(n)
+    score = norm if q is None else ops.FACTORED[strategy](kind, meta, chunk, q)
     return score.double().cpu().numpy(), norm.double().cpu().numpy()

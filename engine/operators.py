@@ -3,26 +3,29 @@
 For samples i, j of one layer with rows (X, D): grad_i = D_i^T X_i, and
     <grad_i, grad_j> = sum((D_i D_j^T) * (X_i X_j^T))          (factored, no restore)
     <grad_i, Gbar>   = sum(D_i * (X_i Gbar^T))                  (Lemma 7, batch average)
-Every function is batched over the training samples of one chunk; q holds the query side.
+Every function is batched over the training samples of one chunk of stored factors; q holds the
+query side.
 """
 from __future__ import annotations
 
 import torch
 
 
-def iterate(kind, meta, x, d, q) -> torch.Tensor:
+def iterate(kind, meta, chunk, q) -> torch.Tensor:
     """Mean over the query samples of <grad_n, grad_q>, from Gram products of rows only."""
-    gx = kind.gram_x(meta, x, q["x_rows"])
-    gd = kind.gram_d(meta, d, q["d_rows"])
+    gx = kind.gram_x_factors(meta, chunk, q["x_rows"])
+    gd = kind.gram_d(meta, kind.d_rows(meta, chunk), q["d_rows"])
     return (gx * gd).sum(dim=(1, 2)) / q["count"]
 
 
-def batch_average(kind, meta, x, d, q) -> torch.Tensor:
+def batch_average(kind, meta, chunk, q) -> torch.Tensor:
+    x, d = kind.rows(meta, chunk)
     return kind.apply_average(meta, x, d, q["gbar"])
 
 
-def reconstruct(kind, meta, x, d, q) -> torch.Tensor:
+def reconstruct(kind, meta, chunk, q) -> torch.Tensor:
     """Builds each training gradient, then one inner product with Gbar (the paper's baseline)."""
+    x, d = kind.rows(meta, chunk)
     return (kind.outer(meta, x, d) * q["gbar"]).sum(dim=(1, 2))
 
 
@@ -31,8 +34,9 @@ def full_dot(g: torch.Tensor, q) -> torch.Tensor:
     return g.float() @ q["gbar_flat"]
 
 
-def squared_norm(kind, meta, x, d) -> torch.Tensor:
-    """||grad_n||^2 = sum((D_n D_n^T) * (X_n X_n^T)), cost S^2 (din' + dout), no gradient built."""
+def squared_norm(kind, meta, chunk) -> torch.Tensor:
+    """||grad_n||^2 = sum((D_n D_n^T) * (X_n X_n^T)), cost S^2 (din + dout), no gradient built."""
+    x, d = kind.rows(meta, chunk)
     return (kind.self_gram_x(meta, x) * kind.self_gram_d(meta, d)).sum(dim=(1, 2))
 
 

@@ -70,6 +70,13 @@ class LayerKind:
         return meta.params
 
     # ---- primitives on the canonical form (dense defaults) ---------------------------------------
+    def gram_x_factors(self, meta: LayerMeta, factors: dict[str, torch.Tensor], xr: torch.Tensor) -> torch.Tensor:
+        """gram_x straight from stored factors: a kind may skip building its X rows (conv)."""
+        return self.gram_x(meta, self.rows(meta, factors)[0], xr)
+
+    def d_rows(self, meta: LayerMeta, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.rows(meta, factors)[1]
+
     def gram_x(self, meta: LayerMeta, x: torch.Tensor, xr: torch.Tensor) -> torch.Tensor:
         """(N, S, R): each training row's X against R query rows (plus the bias column's 1*1)."""
         g = torch.einsum("nsi,ri->nsr", x, xr)

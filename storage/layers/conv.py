@@ -51,6 +51,26 @@ class Conv(LayerKind):
             return torch.cat(xs, dim=1), torch.cat(ds, dim=1)
         return self._rows_one(meta, inp, dout)
 
+    def gram_x_factors(self, meta, factors, xr):
+        """X_n X_q^T as a convolution of the stored input with the query's patches as filters:
+        the training side is never unfolded (kh*kw times fewer numbers to write)."""
+        inp, e = factors["I"].float(), meta.extra
+        if e["groups"] != 1 or inp.dim() != e["dims"] + 2:
+            return super().gram_x_factors(meta, factors, xr)
+        if any(e["pad"]):
+            inp = F.pad(inp, e["pad"], mode=e["pad_mode"])
+        filters = xr.reshape(xr.shape[0], inp.shape[1], *e["kernel"])
+        conv = F.conv1d if e["dims"] == 1 else F.conv2d
+        g = conv(inp, filters, stride=e["stride"], dilation=e["dilation"])      # (N, R, *out)
+        g = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)              # (N, L, R)
+        return g + 1.0 if meta.bias else g
+
+    def d_rows(self, meta, factors):
+        dout = factors["DO"].float()
+        if meta.extra["groups"] != 1 or dout.dim() != meta.extra["dims"] + 2:
+            return self.rows(meta, factors)[1]
+        return dout.reshape(dout.shape[0], dout.shape[1], -1).transpose(1, 2)
+
     def _rows_one(self, meta, inp, dout):
         e = meta.extra
         if any(e["pad"]):

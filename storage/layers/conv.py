@@ -57,11 +57,15 @@ class Conv(LayerKind):
         inp, e = factors["I"].float(), meta.extra
         if e["groups"] != 1 or inp.dim() != e["dims"] + 2:
             return super().gram_x_factors(meta, factors, xr)
-        if any(e["pad"]):
-            inp = F.pad(inp, e["pad"], mode=e["pad_mode"])
+        pad = e["pad"]
+        symmetric = e["pad_mode"] == "constant" and all(pad[i] == pad[i + 1] for i in range(0, len(pad), 2))
+        if any(pad) and not symmetric:
+            inp = F.pad(inp, pad, mode=e["pad_mode"])
+        # symmetric zero padding happens inside the convolution, without a padded copy
+        padding = tuple(reversed(pad[::2])) if symmetric else 0
         filters = xr.reshape(xr.shape[0], inp.shape[1], *e["kernel"])
         conv = F.conv1d if e["dims"] == 1 else F.conv2d
-        g = conv(inp, filters, stride=e["stride"], dilation=e["dilation"])      # (N, R, *out)
+        g = conv(inp, filters, stride=e["stride"], dilation=e["dilation"], padding=padding)   # (N, R, *out)
         g = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)              # (N, L, R)
         return g + 1.0 if meta.bias else g
 

@@ -51,12 +51,13 @@ class SemiGAN(nn.Module):
 
     def __init__(self, config: SemiGANConfig) -> None:
         super().__init__()
-        torch.manual_seed(config.seed)
         self.config = config
         self.num_classes = config.num_classes
-        self.body = _discriminator_body(config)
-        self.head = weight_norm(nn.Linear(config.feature_dim, config.num_classes + 1))
-        self.generator = _generator(config)
+        with torch.random.fork_rng(devices=[]):   # seeded weights, the caller's RNG untouched
+            torch.manual_seed(config.seed)
+            self.body = _discriminator_body(config)
+            self.head = weight_norm(nn.Linear(config.feature_dim, config.num_classes + 1))
+            self.generator = _generator(config)
         self._opt_d: torch.optim.Optimizer | None = None
         self._opt_g: torch.optim.Optimizer | None = None
 
@@ -97,13 +98,21 @@ class SemiGAN(nn.Module):
         return {"loss_l": loss_l.item(), "loss_u": loss_u.item(),
                 "loss_cfm": float(loss_cfm.detach()), "loss_g": loss_g.item()}
 
+    def set_lr_scale(self, scale: float) -> None:
+        """Sets both optimisers' learning rate to scale * config.lr (the trainer's decay)."""
+        for opt in self._optimizers():
+            for group in opt.param_groups:
+                group["lr"] = scale * self.config.lr
+
     def _optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
         # Created lazily: a model rebuilt from a cache starts a fresh optimiser, by design
         if self._opt_d is None or self._opt_g is None:
             d_params = list(self.body.parameters()) + list(self.head.parameters())
-            self._opt_d = torch.optim.Adam(d_params, lr=self.config.lr, betas=(0.5, 0.999))
+            # fused: one kernel per step instead of one per tensor (these nets are tiny)
+            self._opt_d = torch.optim.Adam(d_params, lr=self.config.lr, betas=(0.5, 0.999),
+                                           fused=True)
             self._opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.config.lr,
-                                           betas=(0.5, 0.999))
+                                           betas=(0.5, 0.999), fused=True)
         return self._opt_d, self._opt_g
 
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,153 @@
+"""One LANCET round (papers/000 Fig. 9): embed with CFM, propagate, weigh, decide whether to stop.
+
+Pure tensors in, tensors out: no store, no session. `run_lancet` trains (or continues training)
+the embedding model on the pool's inputs and the human labels, propagates labels by its linear
+head, runs OWA on the embedding and applies the stop rule; `LancetResult.candidates` then picks
+the b unlabeled samples with the smallest weights.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from metaql.engine.errors import InvalidInputException, Warning as MetaQLWarning
+from metaql.labeling.dmn import OWAConfig, OWAResult, online_weight_approximation, select_candidates
+from metaql.labeling.embedding import EmbeddingModel, TrainConfig, train_embedding
+from metaql.labeling.propagation import Propagated, embed, propagate
+from metaql.labeling.semigan import SemiGAN, SemiGANConfig
+from metaql.labeling.termination import StopDecision, stop_decision
+
+ModelFactory = Callable[[int, int, int], nn.Module]   # (in_dim, num_classes, seed) -> model
+
+
+@dataclass
+class LancetConfig:
+    """Every knob of a LANCET round; the defaults are the paper's where it gives one (alpha_t),
+    else what worked on digits (benchmarks/bench_lancet.py)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    owa: OWAConfig = field(default_factory=OWAConfig)
+    semigan: dict[str, Any] = field(default_factory=dict)   # SemiGANConfig overrides
+    warm_steps: int = 800         # steps when continuing from the previous round's model
+    alpha_t: float = 0.1          # §10.4
+    loss_tolerance: float = 0.05  # how near log 4 the DMN loss must be to call the sides matched
+
+
+@dataclass
+class LancetResult:
+    """The outcome of one round over a pool of N rows (positions, not sample ids)."""
+
+    model: nn.Module
+    propagated: Propagated
+    unlabeled: Tensor              # rows without a human label, in the order of owa.weights
+    owa: OWAResult | None          # None when every row is labeled
+    decision: StopDecision
+    log: list[dict[str, float]] = field(default_factory=list)
+    features: Tensor | None = None  # N x d embedding (kept in memory only, rebuilt from x)
+    owa_config: OWAConfig = field(default_factory=OWAConfig)
+
+    def candidates(self, budget: int, x: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(rows, weights) of the `budget` unlabeled rows to label next (smallest OWA weights,
+        see `select_candidates`). `x`, the pool's inputs, is needed when the embedding is not in
+        memory (a round loaded from disk)."""
+        check_budget(budget, self.unlabeled.numel())
+        if self.owa is None:
+            return self.unlabeled[:0], torch.zeros(0)
+        z = self.features
+        if z is None:
+            if x is None:
+                raise InvalidInputException("this round was loaded from disk: pass the pool's inputs")
+            z = embed(self.model, prepare_inputs(x))[0]
+        labeled = self.propagated.human.nonzero().squeeze(1)
+        pick, weights = select_candidates(z[labeled], z[self.unlabeled], budget, self.owa_config,
+                                          first=self.owa if self.owa.dmn is not None else None)
+        return self.unlabeled[pick], weights
+
+
+def check_budget(budget: int, n_unlabeled: int) -> None:
+    """Raises unless 0 < budget <= the number of unlabeled samples left."""
+    if budget <= 0:
+        raise InvalidInputException(f"budget must be a positive number of samples, got {budget}")
+    if budget > n_unlabeled:
+        raise InvalidInputException(
+            f"budget {budget} is larger than the {n_unlabeled} unlabeled sample(s) left in the "
+            f"pool; ask for at most {n_unlabeled}")
+
+
+def prepare_inputs(x: Tensor) -> Tensor:
+    """Flat float32 rows scaled to [0, 1] by the pool's global range (SemiGAN's G ends in a sigmoid).
+
+    One global range, not one per feature, so rarely-used features are not blown up.
+    """
+    x = x.reshape(x.shape[0], -1).float()
+    if not torch.isfinite(x).all():
+        raise InvalidInputException("the pool's inputs contain NaN or infinite values")
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+
+
+def default_model(config: LancetConfig) -> ModelFactory:
+    """The factory of the paper's model: a SemiGAN with the config's overrides."""
+    def make(in_dim: int, num_classes: int, seed: int) -> nn.Module:
+        return SemiGAN(SemiGANConfig(in_dim=in_dim, num_classes=num_classes, seed=seed,
+                                     **config.semigan))
+    return make
+
+
+def check_labels(labels: Tensor, num_classes: int) -> None:
+    """Raises on labels outside [0, num_classes) or fewer than two labeled classes; warns on
+    classes with no labeled sample (nothing can be propagated to them)."""
+    if labels.numel() == 0:
+        raise InvalidInputException(
+            "the pool has no human label yet; label a few samples (LANCET_CANDIDATES suggests "
+            "random ones to start)")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise InvalidInputException(
+            f"labels must lie in [0, {num_classes}); got {sorted(set(bad.tolist()))[:10]}")
+    seen = torch.bincount(labels.long(), minlength=num_classes)
+    if int((seen > 0).sum()) < 2:
+        raise InvalidInputException(
+            f"LANCET needs human labels of at least two classes; all {labels.numel()} label(s) "
+            f"are class {int(labels[0])}")
+    missing = (seen == 0).nonzero().squeeze(1).tolist()
+    if missing:
+        warnings.warn(f"class(es) {missing} have no labeled sample; no sample will be propagated "
+                      f"to them until one is labeled", MetaQLWarning, stacklevel=3)
+
+
+def run_lancet(x: Tensor, labeled: Tensor, labels: Tensor, num_classes: int,
+               config: LancetConfig | None = None, model: nn.Module | None = None,
+               make_model: ModelFactory | None = None,
+               progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> LancetResult:
+    """One LANCET round over pool inputs x (N x ...) with human labels `labels` at rows `labeled`.
+
+    A `model` passed in is trained further for `config.warm_steps` (the cached state of the
+    previous round); otherwise `make_model` (default: SemiGAN) builds a fresh one.
+    """
+    config = config or LancetConfig()
+    labeled, labels = labeled.long(), labels.long()
+    check_labels(labels, num_classes)
+    x = prepare_inputs(x)
+    train = config.train
+    if model is None:
+        model = (make_model or default_model(config))(x.shape[1], num_classes, train.seed)
+    else:
+        train = TrainConfig(**{**train.__dict__, "steps": config.warm_steps})
+    if not isinstance(model, EmbeddingModel):
+        raise InvalidInputException(
+            f"{type(model).__name__} is no LANCET model: it needs num_classes, features(x) "
+            f"and logits(x) (see metaql.labeling.embedding)")
+    log = train_embedding(model, x, labeled, labels, train, progress)
+    z, logits = embed(model, x)
+    propagated = propagate(logits, labeled, labels)
+    unlabeled = (~propagated.human).nonzero().squeeze(1)
+    owa = (online_weight_approximation(z[labeled], z[unlabeled], config.owa)
+           if unlabeled.numel() else None)
+    decision = stop_decision(owa, labeled.numel(), unlabeled.numel(), config.alpha_t,
+                             config.loss_tolerance)
+    return LancetResult(model, propagated, unlabeled, owa, decision, log, z, config.owa)

@@ -1,0 +1,213 @@
+"""The LANCET table functions: what to label next, every sample's label, and whether to stop.
+
+    SELECT * FROM LANCET_CANDIDATES(pool=unlabeled, budget=20);
+    INSERT INTO labels VALUES (17, 3, 'ana', now());          -- or con.label([17], [3], by='ana')
+    SELECT * FROM LANCET(pool=unlabeled);
+    SELECT * FROM LANCET_STATUS(pool=unlabeled);
+
+Human labels come from the catalog table `labels`; the pool's inputs from the store. A round
+(training, propagation, OWA) runs when the pool's labeled set has changed and is cached under
+the store's artifacts (kind 'lancet', named after the pool), keyed by the labeled set's content
+and the arguments, so repeated calls and a reopened store reuse it; a new labeled set continues
+training the most recent cached model of the same arguments.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from metaql.engine.errors import InvalidInputException, IOException, Warning as MetaQLWarning
+from metaql.engine.functions import SetName, table_function
+from metaql.labeling.catalog_labels import add_labels, read_labels
+from metaql.labeling.dmn import OWAConfig
+from metaql.labeling.embedding import TrainConfig
+from metaql.labeling.lancet import LancetConfig, check_budget
+from metaql.labeling.session import LabelingSession
+
+CACHE_KEEP = 3   # cached rounds kept per pool: the current one and a little history
+
+CANDIDATE_COLUMNS = [("sample_id", "BIGINT"), ("weight", "DOUBLE")]
+LABEL_COLUMNS = [("sample_id", "BIGINT"), ("label", "INTEGER"), ("confidence", "DOUBLE"),
+                 ("source", "VARCHAR")]
+STATUS_COLUMNS = [("should_stop", "BOOLEAN"), ("reason", "VARCHAR"), ("dmn_loss", "DOUBLE"),
+                  ("max_loss", "DOUBLE"), ("loss_ratio", "DOUBLE"), ("min_weight", "DOUBLE"),
+                  ("alpha_t", "DOUBLE"), ("n_below_alpha", "BIGINT"), ("n_labeled", "BIGINT"),
+                  ("n_unlabeled", "BIGINT")]
+
+
+@table_function(name="LANCET_CANDIDATES", columns=CANDIDATE_COLUMNS)
+def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: int = 0,
+                      oracle: str = "", steps: int = 3000, cfm: bool = True, alpha_t: float = 0.1,
+                      seed: int = 0) -> pa.Table:
+    """The `budget` unlabeled samples of `pool` to label next: smallest OWA weight first.
+
+    A small weight (~ p_labeled / p_unlabeled of the sample's embedding) means no labeled
+    neighbour. With no label yet, a random start is suggested (weight 1). oracle: a column of
+    `samples` holding true labels (experiments): the candidates are labeled from it at once,
+    labeled_by 'oracle:<column>'. num_classes 0 infers it from the labels. steps, cfm, seed:
+    the embedding's training; alpha_t: the stop threshold (see LANCET_STATUS).
+    """
+    session, x = _session(ctx, pool, num_classes, oracle, steps, cfm, alpha_t, seed)
+    if session.n_labeled == 0:
+        ids, weights = _random_start(session, budget, seed)
+    else:
+        ids, weights = _cached_round(ctx, session, x, pool, (steps, cfm, alpha_t, seed),
+                                     lambda: session.candidates(x, budget, progress=_bar(ctx, steps)))
+    if oracle:
+        truth = ctx.store.sample_columns(ids, [oracle])[oracle]
+        add_labels(ctx.store, ids, _as_labels(truth, oracle), by=f"oracle:{oracle}")
+    return pa.table({"sample_id": pa.array(ids, pa.int64()),
+                     "weight": pa.array(np.asarray(weights, dtype=np.float64), pa.float64())})
+
+
+@table_function(name="LANCET", columns=LABEL_COLUMNS)
+def lancet(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = 3000, cfm: bool = True,
+           alpha_t: float = 0.1, seed: int = 0) -> pa.Table:
+    """Every sample of `pool` with a label: its human label (source 'human', confidence 1) or
+    the one LANCET propagates by the linear head on its CFM embedding (source 'propagated',
+    confidence = the head's softmax probability)."""
+    session, x = _session(ctx, pool, num_classes, "", steps, cfm, alpha_t, seed)
+    out = _cached_round(ctx, session, x, pool, (steps, cfm, alpha_t, seed),
+                        lambda: session.propagated(x, progress=_bar(ctx, steps)))
+    return pa.table({"sample_id": pa.array(out["sample_id"], pa.int64()),
+                     "label": pa.array(out["label"], pa.int32()),
+                     "confidence": pa.array(out["confidence"], pa.float64()),
+                     "source": pa.array(out["source"].tolist(), pa.string())})
+
+
+@table_function(name="LANCET_STATUS", columns=STATUS_COLUMNS)
+def lancet_status(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = 3000,
+                  cfm: bool = True, alpha_t: float = 0.1, seed: int = 0) -> pa.Table:
+    """One row: should_stop and the reason (§10.4: the DMN's loss within 5% of its maximum
+    log 4 and every unlabeled weight above alpha_t), with the diagnostics behind it."""
+    session, x = _session(ctx, pool, num_classes, "", steps, cfm, alpha_t, seed)
+    decision = _cached_round(ctx, session, x, pool, (steps, cfm, alpha_t, seed),
+                             lambda: session.status(x, progress=_bar(ctx, steps)))
+    row = decision.as_row()
+    return pa.table({name: [row[name]] for name, _ in STATUS_COLUMNS})
+
+
+# -- building a session from the store ------------------------------------------------------------
+def _session(ctx: Any, pool: str, num_classes: int, oracle: str, steps: int, cfm: bool,
+             alpha_t: float, seed: int) -> tuple[LabelingSession, torch.Tensor]:
+    ids = np.asarray(ctx.store.set_ids(str(pool)), dtype=np.int64)
+    if ids.size == 0:
+        raise InvalidInputException(f"the sample set '{pool}' is empty")
+    if steps <= 0:
+        raise InvalidInputException(f"steps must be positive, got {steps}")
+    if not 0 < alpha_t < 1:
+        raise InvalidInputException(f"alpha_t must lie in (0, 1), got {alpha_t}")
+    known = read_labels(ctx.store, ids)
+    k = num_classes or _infer_classes(ctx, ids, known["label"], oracle)
+    session = LabelingSession(ids, k, config=lancet_config(steps, cfm, alpha_t, seed))
+    for i, y, by, at in zip(known["sample_id"], known["label"], known["labeled_by"],
+                            known["labeled_at"]):
+        session.labels[int(i)] = (int(y), str(by), at)
+    bad = known["label"][(known["label"] < 0) | (known["label"] >= k)]
+    if bad.size:
+        raise InvalidInputException(
+            f"the labels table holds label(s) {sorted(set(bad.tolist()))[:10]} for pool "
+            f"'{pool}', outside [0, {k}); fix them or pass num_classes")
+    return session, ctx.store.inputs(ids)
+
+
+def lancet_config(steps: int, cfm: bool, alpha_t: float, seed: int) -> LancetConfig:
+    """The round's configuration from the functions' arguments (the rest: library defaults)."""
+    return LancetConfig(train=TrainConfig(steps=steps, cfm=cfm, seed=seed),
+                        owa=OWAConfig(seed=seed), alpha_t=alpha_t)
+
+
+def _infer_classes(ctx: Any, ids: np.ndarray, labels: np.ndarray, oracle: str) -> int:
+    seen = labels.tolist()
+    if oracle:
+        seen += _as_labels(ctx.store.sample_columns(ids, [oracle])[oracle], oracle).tolist()
+    k = max(seen, default=-1) + 1
+    if k < 2:
+        raise InvalidInputException(
+            "cannot tell the number of classes from fewer than two labeled classes; pass "
+            "num_classes=K")
+    return k
+
+
+def _as_labels(values: np.ndarray, column: str) -> np.ndarray:
+    if values.dtype.kind == "f" and np.isnan(values).any():
+        raise InvalidInputException(f"the oracle column '{column}' has missing values")
+    if values.dtype.kind not in "iuf":
+        raise InvalidInputException(f"the oracle column '{column}' must hold integer labels")
+    return values.astype(np.int64)
+
+
+def _random_start(session: LabelingSession, budget: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    check_budget(budget, session.pool_ids.size)
+    warnings.warn("no human label in the pool yet: suggesting random samples to start",
+                  MetaQLWarning, stacklevel=3)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(session.pool_ids, budget, replace=False)), np.ones(budget)
+
+
+def _bar(ctx: Any, steps: int):
+    progress = getattr(ctx, "progress", None)
+    if progress is None:
+        return None
+    return lambda it: progress(it, total=steps, desc="LANCET training")
+
+
+# -- the cache of trained rounds ------------------------------------------------------------------
+def _cached_round(ctx: Any, session: LabelingSession, x: torch.Tensor, pool: str,
+                  args: tuple, compute):
+    """Runs `compute` with the session's trained state restored from the store's cache (or the
+    newest cached model of the same arguments as a warm start), then caches the new state."""
+    root = ctx.store.artifact_dir("lancet", str(pool))
+    family = _digest([session.pool_ids.tobytes(), json.dumps(args).encode(),
+                      str(session.num_classes).encode()])
+    here = root / f"{family}-{session.key()}"
+    source = here if (here / "session.json").exists() else _newest(root, family)
+    if source is not None:
+        try:
+            cached = LabelingSession.load(source)
+            session.result, session.result_key = cached.result, cached.result_key
+        except IOException:
+            shutil.rmtree(source, ignore_errors=True)   # a broken cache entry is only a cache miss
+    out = compute()
+    if source != here:
+        _save_atomically(session, here)
+        _prune(root)
+    return out
+
+
+def _digest(parts: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()[:12]
+
+
+def _newest(root: Path, family: str) -> Path | None:
+    found = [d for d in root.glob(f"{family}-*") if (d / "session.json").exists()]
+    return max(found, key=lambda d: (d / "session.json").stat().st_mtime, default=None)
+
+
+def _save_atomically(session: LabelingSession, target: Path) -> None:
+    """Writes to a temporary sibling and renames it: a crash never leaves half a cache entry."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    session.save(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def _prune(root: Path) -> None:
+    entries = sorted((d for d in root.iterdir() if d.is_dir() and (d / "session.json").exists()),
+                     key=lambda d: (d / "session.json").stat().st_mtime, reverse=True)
+    for stale in entries[CACHE_KEEP:]:
+        shutil.rmtree(stale, ignore_errors=True)
+    for tmp in root.glob("*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,7 @@
     termination.py      the stop rule (§10.4) and its diagnostics
     lancet.py           one round: embed, propagate, weigh, decide
     session.py          labels with who/when, a budget, cached state, save/load
-    catalog_labels.py   the catalog table `labels` (never overwrites a human label silently)
+    (human labels live in the catalog table `labels`: metaql.storage.labels)
     lancet_functions.py LANCET_CANDIDATES, LANCET, LANCET_STATUS
 
 The table functions register when `metaql.labeling.lancet_functions` is imported (the engine's

@@ -26,7 +26,7 @@ import torch
 
 from metaql.engine.errors import InvalidInputException, IOException, Warning as MetaQLWarning
 from metaql.engine.functions import SetName, table_function
-from metaql.labeling.catalog_labels import add_labels, read_labels
+from metaql.storage.labels import add_labels, read_labels
 from metaql.labeling.dmn import OWAConfig
 from metaql.labeling.embedding import TrainConfig
 from metaql.labeling.lancet import LancetConfig, check_budget

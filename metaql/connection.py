@@ -257,6 +257,14 @@ class Connection:
         self._check_open()
         return update_predictions(self.store, checkpoint, batch_size)
 
+    def label(self, ids, labels, by: str = "human", overwrite: bool = False) -> int:
+        """Records human labels (with who and when) in the catalog's `labels` table; returns how
+        many samples were newly labeled. A label that contradicts an earlier one raises, unless
+        overwrite=True (which warns). `INSERT INTO labels ...` works too."""
+        from metaql.storage.labels import add_labels
+        self._check_open()
+        return add_labels(self.store, ids, labels, by=by, overwrite=overwrite)
+
     def attach_model(self, model) -> None:
         """Uses this in-process model's architecture for replay when its factory is not importable."""
         self.store.live_model = model

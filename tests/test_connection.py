@@ -104,3 +104,13 @@ def test_interrupt_stops_a_running_query_cleanly(store_dir):
                 c.execute("SELECT * FROM SELF_INFLUENCE()")
         timer.join()
         assert c.execute("SELECT count(*) FROM samples").fetchone() == (3000,)
+
+
+def test_label_records_who_and_when_and_never_silently_overwrites(con):
+    assert con.label([0, 1], [3, 4], by="ann") == 2
+    assert con.execute("SELECT sample_id, label, labeled_by FROM labels ORDER BY 1").fetchall() == [(0, 3, "ann"), (1, 4, "ann")]
+    with pytest.raises(metaql.InvalidInputException):
+        con.label([1], [5])
+    assert con.execute("SELECT label FROM labels WHERE sample_id = 1").fetchone() == (4,)
+    with pytest.raises(metaql.Error):
+        con.execute("INSERT INTO labels (sample_id, label) VALUES (0, 9)")   # the primary key refuses it

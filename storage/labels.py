@@ -1,8 +1,8 @@
-"""Human labels in the catalog table `labels(sample_id, label, labeled_by, labeled_at)`.
+"""The catalog's human labels (table `labels`), read and added without ever silently overwriting one.
 
 `read_labels` returns a pool's labels; `add_labels` writes new ones all or nothing and refuses to
 replace a different earlier label unless told to (then it warns): a human label is never
-silently overwritten. `Connection.label(ids, labels, by=...)` can delegate here.
+silently overwritten. `Connection.label(ids, labels, by=...)` and LANCET write through here.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import torch
 import metaql
 from metaql.engine.errors import Error, InvalidInputException, Warning as MetaQLWarning
 from metaql.labeling import lancet_functions, session as session_module
-from metaql.labeling.catalog_labels import add_labels, read_labels
+from metaql.storage.labels import add_labels, read_labels
 from metaql.labeling.dmn import OWAConfig
 from metaql.labeling.embedding import TrainConfig
 from metaql.labeling.lancet import LancetConfig

@@ -53,12 +53,12 @@ FULL = dict(vgg_n=1000, vgg_test=512, vgg_batch=100, vgg_grid=(250, 500, 1000), 
             minilm_n=256, minilm_len=32, minilm_test=64, minilm_batch=32, minilm_grid=(64, 128, 256),
             minilm_b=(4, 16, 64), minilm_bp=16,
             mlp_n=4096, mlp_test=64, mlp_batch=256, mlp_grid=(1024, 2048, 4096), mlp_b=(16, 64), mlp_bp=64,
-            pre_n=256, pre_bytes=1.4e9, big_pre_n=20, re_n=32, cap_s=1.5, e2e_b=(16, 64), repeat=3)
+            pre_n=256, pre_bytes=1.4e9, big_pre_n=20, re_n=32, cap_s=1.5, e2e_b=(16, 64), repeat=3, bw_mib=512)
 QUICK = dict(vgg_n=32, vgg_test=8, vgg_batch=16, vgg_grid=(16, 32), vgg_b=(2, 8), vgg_bp=4,
              minilm_n=8, minilm_len=16, minilm_test=4, minilm_batch=8, minilm_grid=(4, 8),
              minilm_b=(2, 4), minilm_bp=2,
              mlp_n=128, mlp_test=8, mlp_batch=128, mlp_grid=(64, 128), mlp_b=(2, 8), mlp_bp=4,
-             pre_n=8, pre_bytes=2e8, big_pre_n=2, re_n=2, cap_s=0.3, e2e_b=(4,), repeat=1)
+             pre_n=8, pre_bytes=2e8, big_pre_n=2, re_n=2, cap_s=0.3, e2e_b=(4,), repeat=1, bw_mib=128)
 
 
 # ---- the stores -----------------------------------------------------------------------------------------
@@ -75,6 +75,8 @@ class Workload:
         self._parts: dict[str, list] = {}
         self._model = None
         self.query: dict[str, dict[str, torch.Tensor]] = {}
+        self._sides: dict[tuple[str, int], dict] = {}
+        self._meta: dict[str, tuple] = {}
         self.query_seconds = 0.0
 
     def parts(self, layer: str) -> list[tuple[np.ndarray, dict[str, torch.Tensor]]]:
@@ -84,8 +86,11 @@ class Workload:
         return self._parts[layer]
 
     def meta(self, layer: str):
-        meta, stored = self.store.layer_meta(layer)
-        return meta, kind_named(meta.kind), stored
+        """(LayerMeta, kind, storage mode) from the catalog, read once."""
+        if layer not in self._meta:
+            meta, stored = self.store.layer_meta(layer)
+            self._meta[layer] = (meta, kind_named(meta.kind), stored)
+        return self._meta[layer]
 
     def model(self):
         if self._model is None:
@@ -108,8 +113,14 @@ class Workload:
         self.query_seconds = clock() - t0
 
     def query_side(self, layer: str, b: int) -> dict:
-        meta, kind, _ = self.meta(layer)
-        return ops.query_side(kind, meta, {k: v[:b] for k, v in self.query[layer].items()})
+        """ops.query_side of the first b test samples (computed once; the last few are kept)."""
+        key = (layer, b)
+        if key not in self._sides:
+            meta, kind, _ = self.meta(layer)
+            self._sides[key] = ops.query_side(kind, meta, {k: v[:b] for k, v in self.query[layer].items()})
+            while len(self._sides) > 6:
+                self._sides.pop(next(iter(self._sides)))
+        return self._sides[key]
 
     def touch(self) -> None:
         """Reads every shard once, so the timed scans are warm (in the page cache)."""
@@ -150,13 +161,14 @@ def build(name, path, model, x, y, n_train, batch, units, bp, storage=None) -> W
 OPS = {"iterate": ops.iterate, "batch_average": ops.batch_average, "reconstruct": ops.reconstruct}
 
 
-def scan(wl: Workload, layer: str, strategy: str, q: dict, n: int, cap_s: float, rows_fn=None, op=None):
+def scan(wl: Workload, layer: str, strategy: str, q: dict, n: int, cap_s: float):
     """Seconds for one strategy over the first n training samples of a layer, shard by shard and
-    chunk by chunk (the engine's chunk sizes; contiguous slices, no copies), including the kind's
-    rows() (unfold for convolutions, the bias column for linear layers), as the executor does.
-    Stops after cap_s seconds and extrapolates linearly: (seconds, extrapolated?)."""
+    chunk by chunk (the engine's chunk sizes; contiguous slices of the memory-mapped shards, no
+    copies), with the engine's operator on each chunk of stored factors (the kind's rows, e.g. the
+    im2col of a convolution, are built inside, as in the executor). Stops after cap_s seconds and
+    extrapolates linearly: (seconds, extrapolated?)."""
     meta, kind, stored = wl.meta(layer)
-    op = op or OPS[strategy]
+    op = OPS[strategy]
     done, t0 = 0, clock()
     for _, tensors in wl.parts(layer):
         rows = min(next(iter(tensors.values())).shape[0], n - done)
@@ -165,8 +177,6 @@ def scan(wl: Workload, layer: str, strategy: str, q: dict, n: int, cap_s: float,
             chunk = {k: v[s:min(s + step, rows)] for k, v in tensors.items()}
             if stored == "full":
                 ops.full_dot(chunk["G"], q)
-            elif rows_fn is not None:      # the prototype: its own rows and operator
-                op(kind, meta, *rows_fn(meta, chunk), q)
             else:
                 op(kind, meta, chunk, q)
             done += min(s + step, rows) - s
@@ -177,16 +187,15 @@ def scan(wl: Workload, layer: str, strategy: str, q: dict, n: int, cap_s: float,
     return clock() - t0, False
 
 
-def unit_scan(wl, unit, strategy, b, n, cap_s, repeat=3, rows_fn=None, op=None, min_seconds=0.5):
+def unit_scan(wl, unit, strategy, b, n, cap_s, repeat=3, min_seconds=0.5):
     """A unit's layers summed: (seconds, extrapolated?), the best of at least `repeat` runs and
-    until min(cap_s, min_seconds) were spent (at most 20), so short scans are repeated enough to
+    until min(cap_s, min_seconds) were spent (at most 30), so short scans are repeated enough to
     see past other jobs' time slices; one run when the first hit the time cap."""
     best, extra, spent, runs = float("inf"), False, 0.0, 0
-    while runs < repeat or (spent < min(cap_s, min_seconds) and runs < 20):
+    while runs < repeat or (spent < min(cap_s, min_seconds) and runs < 30):
         total, ex = 0.0, False
         for layer in wl.units[unit]:
-            s, e = scan(wl, layer, strategy, wl.query_side(layer, b), n, cap_s / len(wl.units[unit]),
-                        rows_fn, op)
+            s, e = scan(wl, layer, strategy, wl.query_side(layer, b), n, cap_s / len(wl.units[unit]))
             total, ex = total + s, ex or e
         if total < best:
             best, extra = total, ex
@@ -233,7 +242,7 @@ def precompute(wl, unit, n_pre: int, repeat: int) -> tuple[float, int]:
     g = torch.cat(gs, dim=1).contiguous() if len(gs) > 1 else gs[0].contiguous()
     q = {"gbar_flat": torch.cat(qs)}
     del gs, parts
-    t, _ = best_of(lambda: ops.full_dot(g, q), repeat)
+    t, _ = best_of(lambda: ops.full_dot(g, q), repeat, min_seconds=1.0)
     return t / g.shape[0], g.shape[0]
 
 
@@ -251,40 +260,6 @@ def recompute(wl, unit, n_re: int) -> float:
         meta, kind, _ = wl.meta(layer)
         ops.iterate(kind, meta, f[layer], wl.query_side(layer, 1))
     return (clock() - t0) / n_re
-
-
-def proto_conv_iterate(kind, meta, inp, dout, q):
-    """PROTOTYPE, not the engine: `iterate` for a 2-D convolution (groups=1) without unfolding the
-    training side: X_n X_q^T is a convolution of the stored input with the query's patches as
-    filters, (N, R, H', W'); D_n D_q^T a product over channels. Same scores as ops.iterate."""
-    e = meta.extra
-    inp, dout = inp.float(), dout.float()
-    left, right, top, bottom = e["pad"]
-    padding = (top, left)
-    if e["pad_mode"] != "constant" or left != right or top != bottom:
-        inp, padding = F.pad(inp, e["pad"], mode=e["pad_mode"]), 0
-    xr = q["x_rows"].float()
-    w = xr[:, :meta.din].reshape(xr.shape[0], inp.shape[1], *e["kernel"])
-    gx = F.conv2d(inp, w, stride=e["stride"], dilation=e["dilation"], padding=padding).flatten(2)  # (N, R, S)
-    if meta.bias:      # the bias column of ones: a stored column of the query rows, or virtual (1 * 1)
-        gx = gx + (xr[:, meta.din].reshape(1, -1, 1) if xr.shape[1] > meta.din else 1.0)
-    gd = torch.matmul(q["d_rows"].float(), dout.flatten(2))                           # (N, R, S)
-    return (gx * gd).sum(dim=(1, 2)) / q["count"]
-
-
-def raw_conv_rows(meta, factors):
-    return factors["I"], factors["DO"]
-
-
-def check_proto_conv(wl, layer) -> float:
-    """Relative difference of the prototype's scores from the engine's on a few samples."""
-    meta, kind, _ = wl.meta(layer)
-    _, tensors = wl.parts(layer)[0]
-    chunk = {k: v[:8] for k, v in tensors.items()}
-    q = wl.query_side(layer, 1)
-    ref = ops.iterate(kind, meta, chunk, q)
-    got = proto_conv_iterate(kind, meta, chunk["I"], chunk["DO"], q)
-    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
 # ---- the optimizer's view ---------------------------------------------------------------------------------
@@ -323,39 +298,29 @@ def p2p_table(wls, cfg, results) -> None:
         for unit, layers in wl.units.items():
             n = len(wl.train_ids)
             log(f"P2P {wl.name} {unit}")
-            meta0 = wl.meta(layers[0])[0]
             params = sum(wl.meta(l)[0].params for l in layers)
             stored = "/".join(sorted({wl.meta(l)[2] for l in layers}))
             fb = sum(wl.bytes_per_sample(l) for l in layers)
             _, picks = explain_picks(wl.con, layers, f"point({wl.test_ids[0]})")
             pick = "/".join(sorted(set(picks.values())))
             strategy = pick if pick in OPS else "iterate"
-            fac, fac_x = unit_scan(wl, unit, strategy, 1, n, cfg["cap_s"], cfg["repeat"])
+            fac, fac_x = unit_scan(wl, unit, strategy, 1, n, cfg["cap_s"], cfg["repeat"], min_seconds=1.0)
             n_pre = min(cfg["big_pre_n"] if params > 1e7 else cfg["pre_n"], n,
                         max(1, int(cfg["pre_bytes"] // (params * 4))))
             pre, n_pre = precompute(wl, unit, n_pre, cfg["repeat"])
             n_re = min(cfg["re_n"], n)
             re_ = recompute(wl, unit, n_re)
-            fac_us, proto = 1e6 * fac / n, None
-            if meta0.kind == "conv" and stored == "factored" and meta0.extra["dims"] == 2 \
-                    and meta0.extra["groups"] == 1:
-                err = check_proto_conv(wl, layers[0])
-                assert err < 1e-3, f"prototype disagrees with the engine on {unit}: {err}"
-                t, ex = unit_scan(wl, unit, "iterate", 1, n, cfg["cap_s"], cfg["repeat"],
-                                  rows_fn=raw_conv_rows, op=proto_conv_iterate)
-                proto = 1e6 * t / n
-            keep[(wl.name, unit)] = {"fac": fac_us, "pre": 1e6 * pre, "re": 1e6 * re_, "proto": proto,
-                                     "strategy": strategy}
+            fac_us = 1e6 * fac / n
+            keep[(wl.name, unit)] = {"fac": fac_us, "pre": 1e6 * pre, "re": 1e6 * re_, "strategy": strategy}
             rows.append([wl.name, unit, params, stored, fb, pick, ("≈" if fac_x else "") + f"{fac_us:.3g}", n,
-                         1e6 * pre, n_pre, 1e6 * re_, n_re, 1e6 * pre / fac_us, 1e6 * re_ / fac_us,
-                         None if proto is None else f"{proto:.3g} ({1e6 * pre / proto:.0f}x)"])
+                         1e6 * pre, n_pre, 1e6 * re_, n_re, 1e6 * pre / fac_us, 1e6 * re_ / fac_us])
     results["p2p"] = keep
     results["p2p_rows"] = rows
 
 
 P2P_HEAD = ["model", "layer", "params", "stored", "factored B/sample", "EXPLAIN pick (point query)",
             "MetaQL factored us/sample", "N", "pre-compute us/sample", "N pre", "re-compute us/sample", "N re",
-            "pre / factored", "re / factored", "prototype conv2d Gram us/sample (pre / proto)"]
+            "pre / factored", "re / factored"]
 
 
 def p2p_vs_n_table(wls, cfg, results, units) -> list[list]:
@@ -432,12 +397,13 @@ def bandwidth_table(wl, cfg) -> tuple[list[list], dict]:
     log("bandwidth")
     nbytes = sum(t.numel() * t.element_size() for _, ts in wl.parts(layer) for t in ts.values())
     q = wl.query_side(layer, 1)
-    bw = memory_bandwidth(repeat=cfg["repeat"] + 2)
+    bw = memory_bandwidth(cfg["bw_mib"], repeat=cfg["repeat"] + 2)
     t_eng, _ = best_of(lambda: scan(wl, layer, "iterate", q, n, 1e9), cfg["repeat"] + 2, min_seconds=1.0)
-    bw2 = memory_bandwidth(repeat=cfg["repeat"] + 2)
+    bw2 = memory_bandwidth(cfg["bw_mib"], repeat=cfg["repeat"] + 2)
     read = max(bw["read"], bw2["read"])
-    rows = [["memory: sum over a 512 MiB tensor (read)", 512 * 2 ** 20, None, read, 1.0],
-            ["memory: copy 512 MiB (read + write)", 2 * 512 * 2 ** 20, None, max(bw["copy"], bw2["copy"]),
+    mib = cfg["bw_mib"]
+    rows = [[f"memory: sum over a {mib} MiB tensor (read)", mib * 2 ** 20, None, read, 1.0],
+            [f"memory: copy {mib} MiB (read + write)", 2 * mib * 2 ** 20, None, max(bw["copy"], bw2["copy"]),
              max(bw["copy"], bw2["copy"]) / read],
             [f"engine: warm P2P scan (iterate) over {layer}, {n} samples", nbytes, t_eng * 1e3,
              nbytes / t_eng / 1e9, nbytes / t_eng / 1e9 / read]]
@@ -511,17 +477,16 @@ def main(argv=None) -> None:
                table(P2P_HEAD, results["p2p_rows"]),
                "MetaQL factored: the strategy EXPLAIN picks for a point query (iterate, the paper's P2P, "
                "except on conv1 where batch_average is cheaper) run with the engine's operators over the "
-               "stored factors of N training samples (kind.rows included: im2col of the stored input for "
-               "convolutions), best of a few warm runs; ≈ = stopped after a time cap and extrapolated "
-               "linearly. pre-compute: full gradients of 'N pre' training samples held in memory (built "
-               "beforehand, untimed), one matrix-vector product (ops.full_dot), best of a few. "
+               "stored factors of N training samples; each operator builds what it needs from the stored "
+               "factors inside the timing (for a convolution, iterate correlates the stored input with the "
+               "query's patches; batch_average and reconstruct build im2col rows). Best of up to 30 warm "
+               "runs (at least 1 s of runs); ≈ = stopped after a time cap and extrapolated linearly. "
+               "pre-compute: full gradients of 'N pre' training samples held in memory (built beforehand, "
+               "untimed), one matrix-vector product (ops.full_dot), best of at least 1 s of runs. "
                "re-compute: replay of 'N re' training samples (forward + backward down to the layer, "
                "batched) then the factored inner product. A unit of several layers (SALk = Q, K, V, output "
                "projection) sums them. The query side (replay of the test sample) is common to all and not "
-               "included. Last column: a PROTOTYPE written in this script, NOT the engine: iterate for a "
-               "convolution computing X_n X_q^T as conv2d(stored input, query patches as filters) instead "
-               "of unfolding the training side (scores checked against the engine's), to size the fix "
-               "suggested in the report.")
+               "included.")
 
     vs_n_units = {"VGG16": ["conv13", "fc3"], "MiniLM": ["SAL5"], "MLP-4096": ["big"]}
     report.add("Figure 26: P2P time per query while varying the number of training samples",
@@ -569,7 +534,7 @@ def main(argv=None) -> None:
                table(["what", "bytes", "ms", "GB/s", "fraction of read bandwidth"], bw_rows),
                "Bytes of the scan: the stored factors (X and D, float32) of every training sample; the scan "
                "is the engine's iterate operator on the memory-mapped shards, warm (best of a few runs). "
-               "Read bandwidth: a sum over a 512 MiB tensor, measured before and after the scan (best).")
+               f"Read bandwidth: a sum over a {cfg['bw_mib']} MiB tensor, measured before and after the scan (best).")
 
     # targets
     p2p = results["p2p"]

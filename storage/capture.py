@@ -99,6 +99,8 @@ class ShardWriter:
             numbers = kind.stored_numbers(meta, {k: v[:1] for k, v in fs.items()})
             if shares_with and self.modes.get(shares_with) == "factored":
                 meta.extra["suffix_of"] = shares_with
+                # the shared input is stored once, by the layer it is shared with
+                numbers -= int(np.prod(fs[kind.suffix_name()].shape[1:]))
             mode = self.store.register_layer(meta, kind.positions(meta, fs), numbers, kind.factored,
                                              self.storage.get(layer))
             self.modes[layer] = mode

@@ -55,7 +55,9 @@ def factory_is_rebuildable(model: nn.Module, factory: str, kwargs: dict) -> bool
     try:
         if ":" not in factory or "<locals>" in factory or factory.startswith("__main__:"):
             return False
-        other = build_model(factory, json.dumps(kwargs))
+        # a throwaway build must not draw from the user's RNG (dropout masks, data order)
+        with torch.random.fork_rng(devices=[]):
+            other = build_model(factory, json.dumps(kwargs))
     except Exception:  # any failure means "not rebuildable"; the caller warns
         return False
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -132,14 +132,21 @@ def layer_pass(store, ckpt: str, strat: Strategy, train: np.ndarray, q, scan: In
         pos = np.searchsorted(train, ids[rows])
         step = chunk_rows(tensors, q, strat.chosen, meta)
         for start in range(0, len(rows), step):
-            sel = torch.from_numpy(rows[start:start + step])
-            chunk = {n: t[sel].to(device) for n, t in tensors.items()}
+            chunk = {n: rows_of(t, rows[start:start + step]).to(device) for n, t in tensors.items()}
             s, nrm = chunk_scores(kind, meta, stored, strat.chosen, chunk, q, scan.similarity)
             p = pos[start:start + step]
             scores[p] += s
             norms[p] += nrm
             seen[p] = True
     return scores, norms, seen
+
+
+def rows_of(t: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """The given rows of a shard tensor: a view of the mapped file when they are contiguous
+    (the usual case: the whole training split), a gathered copy otherwise."""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return t[int(rows[0]):int(rows[-1]) + 1]
+    return t[torch.from_numpy(rows)]
 
 
 def recomputed_batches(store, ckpt: str, layer: str, train: np.ndarray, batch: int = 256):

@@ -69,7 +69,7 @@ def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
         by_ckpt.setdefault(s.checkpoint, []).append(s)
     for ckpt, strategies in ctx.progress(list(by_ckpt.items()), desc="checkpoints"):
         lr = store.checkpoint(ckpt)["lr"]
-        query = None if scan.query is None else query_sides(scan, store, ckpt, device_of(ctx))
+        query = None if scan.query is None else query_sides(scan, store, ckpt, strategies, device_of(ctx))
         part, norms, qnorm = np.zeros(len(train)), np.zeros(len(train)), 0.0
         for strat in strategies:
             t0 = time.perf_counter()
@@ -91,8 +91,9 @@ def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
     return pa.table({"sample_id": pa.array(train[seen]), "score": pa.array(total[seen])})
 
 
-def query_sides(scan: InfluenceScan, store, ckpt: str, device: str = "cpu") -> dict[str, dict]:
-    """Replays the query samples at the checkpoint; per layer what the strategies need."""
+def query_sides(scan: InfluenceScan, store, ckpt: str, strategies: list[Strategy],
+                device: str = "cpu") -> dict[str, dict]:
+    """Replays the query samples at the checkpoint; per layer what its chosen strategy needs."""
     model = store.model_at(ckpt)
     modules = watched_modules(model, scan.layers)
     ids = scan.query.ids
@@ -106,7 +107,8 @@ def query_sides(scan: InfluenceScan, store, ckpt: str, device: str = "cpu") -> d
     out = {}
     for layer in scan.layers:
         meta, _ = store.layer_meta(layer)
-        side = ops.query_side(kind_named(meta.kind), meta, factors[layer])
+        chosen = {s.chosen for s in strategies if s.layer == layer}
+        side = ops.query_side(kind_named(meta.kind), meta, factors[layer], chosen)
         out[layer] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in side.items()}
     return out
 

@@ -19,8 +19,7 @@ def iterate(kind, meta, chunk, q) -> torch.Tensor:
 
 
 def batch_average(kind, meta, chunk, q) -> torch.Tensor:
-    x, d = kind.rows(meta, chunk)
-    return kind.apply_average(meta, x, d, q["gbar"])
+    return kind.average_scores(meta, chunk, q["gbar"])
 
 
 def reconstruct(kind, meta, chunk, q) -> torch.Tensor:
@@ -43,13 +42,16 @@ def squared_norm(kind, meta, chunk) -> torch.Tensor:
 FACTORED = {"iterate": iterate, "batch_average": batch_average, "reconstruct": reconstruct}
 
 
-def query_side(kind, meta, factors: dict[str, torch.Tensor]) -> dict:
-    """What every strategy needs of the query samples of one layer, computed once."""
+def query_side(kind, meta, factors: dict[str, torch.Tensor], strategies=None) -> dict:
+    """What the strategies need of the query samples of one layer, computed once: the average
+    gradient Gbar always (norms, Lemma 7, reconstruct), the rows only for iterate (None: all)."""
     count = next(iter(factors.values())).shape[0]
     if not kind.factored:
         g = kind.full(meta, factors)
         return {"count": count, "gbar_flat": g.mean(0)}
-    x, d = kind.rows(meta, factors)
-    gbar = kind.average(meta, x, d)
-    return {"count": count, "x_rows": kind.flat_rows(meta, x), "d_rows": kind.flat_rows(meta, d),
-            "gbar": gbar, "gbar_flat": gbar.reshape(-1)}
+    gbar = kind.average_of(meta, factors)
+    side = {"count": count, "gbar": gbar, "gbar_flat": gbar.reshape(-1)}
+    if strategies is None or "iterate" in strategies:
+        x, d = kind.rows(meta, factors)
+        side.update(x_rows=kind.flat_rows(meta, x), d_rows=kind.flat_rows(meta, d))
+    return side

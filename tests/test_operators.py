@@ -1,7 +1,7 @@
 """Every strategy equals brute force on explicitly built full gradients, for every layer kind's
 canonical-form primitives (dense rows; an embedding's id rows)."""
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metaql.engine import operators as ops
@@ -32,4 +32,56 @@ def test_strategies_equal_full_gradient_inner_products(p):
     for name, strategy in ops.FACTORED.items():
         assert rel_err(strategy(kind, meta, train, q), expected) < 1e-4, name
     assert rel_err(ops.full_dot(g.float(), q), expected) < 1e-4
+    assert rel_err(ops.squared_norm(kind, meta, train), (g * g).sum(1)) < 1e-4
+
+
+conv_dims = st.fixed_dictionaries({
+    "dims": st.sampled_from([1, 2]), "groups": st.sampled_from([1, 1, 2]), "cin_per": st.integers(1, 3),
+    "cout_per": st.integers(1, 3), "k": st.integers(1, 3), "stride": st.integers(1, 2), "dilation": st.integers(1, 2),
+    "padding": st.sampled_from([0, 1, 2]), "mode": st.sampled_from(["zeros", "reflect", "circular"]),
+    "size": st.integers(3, 6), "bias": st.booleans(), "n": st.integers(1, 4), "b": st.integers(1, 3),
+    "seed": st.integers(0, 2**16)})
+
+
+def _conv_grads(module, inp, dout) -> torch.Tensor:
+    """Per-sample parameter gradients of sum(conv(I_n) * DO_n) by autograd, one sample at a time,
+    in the engine's layout: the (Cout, Cin/groups*k [+ bias]) matrix flattened row-major."""
+    rows = []
+    for i in range(len(inp)):
+        module.zero_grad()
+        (module(inp[i:i + 1]) * dout[i:i + 1]).sum().backward()
+        w = module.weight.grad.reshape(module.out_channels, -1)
+        if module.bias is not None:
+            w = torch.cat([w, module.bias.grad.unsqueeze(-1)], dim=-1)
+        rows.append(w.reshape(-1))
+    return torch.stack(rows).double()
+
+
+@settings(max_examples=40)
+@given(conv_dims)
+def test_conv_strategies_equal_autograd(p):
+    """The convolution's own fast paths (correlation for iterate, a forward convolution with Gbar for
+    Lemma 7, the weight-gradient kernel for Gbar) equal per-sample autograd gradients."""
+    from hypothesis import assume
+    assume((p["k"] - 1) * p["dilation"] + 1 <= p["size"] + 2 * p["padding"])   # an output exists
+    gen = torch.Generator().manual_seed(p["seed"])
+    conv_type = torch.nn.Conv1d if p["dims"] == 1 else torch.nn.Conv2d
+    module = conv_type(p["cin_per"] * p["groups"], p["cout_per"] * p["groups"], p["k"], stride=p["stride"],
+                       padding=p["padding"], dilation=p["dilation"], groups=p["groups"], bias=p["bias"],
+                       padding_mode=p["mode"])
+    size = (p["size"],) * p["dims"]
+    train_in = torch.randn(p["n"], module.in_channels, *size, generator=gen)
+    query_in = torch.randn(p["b"], module.in_channels, *size, generator=gen)
+    with torch.no_grad():
+        out_shape = module(train_in[:1]).shape[1:]
+    train = {"I": train_in, "DO": torch.randn(p["n"], *out_shape, generator=gen)}
+    query = {"I": query_in, "DO": torch.randn(p["b"], *out_shape, generator=gen)}
+    kind = kind_named("conv")
+    meta = kind.meta("conv", module)
+    g, gq = _conv_grads(module, train["I"], train["DO"]), _conv_grads(module, query["I"], query["DO"])
+    expected = (g @ gq.T).mean(dim=1)
+    q = ops.query_side(kind, meta, query)
+    assert rel_err(q["gbar_flat"], gq.mean(0)) < 1e-4
+    for name, strategy in ops.FACTORED.items():
+        assert rel_err(strategy(kind, meta, train, q), expected) < 1e-4, name
     assert rel_err(ops.squared_norm(kind, meta, train), (g * g).sum(1)) < 1e-4

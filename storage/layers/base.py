@@ -97,6 +97,16 @@ class LayerKind:
         """All rows of a batch side by side (R, width)."""
         return t.reshape(-1, t.shape[-1])
 
+    def average_of(self, meta: LayerMeta, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Gbar of a batch straight from its stored factors: a kind may skip building its rows (conv)."""
+        x, d = self.rows(meta, factors)
+        return self.average(meta, x, d)
+
+    def average_scores(self, meta: LayerMeta, factors: dict[str, torch.Tensor], gbar: torch.Tensor) -> torch.Tensor:
+        """Lemma 7 straight from stored factors: a kind may skip building its rows (conv)."""
+        x, d = self.rows(meta, factors)
+        return self.apply_average(meta, x, d, gbar)
+
     def apply_average(self, meta: LayerMeta, x: torch.Tensor, d: torch.Tensor, gbar: torch.Tensor) -> torch.Tensor:
         """<grad_n, Gbar> = sum(D_n * (X_n Gbar^T)) for each sample (Lemma 7); Gbar is (dout, din [+1])."""
         y = x @ gbar[:, :meta.din].T

@@ -54,20 +54,40 @@ class Conv(LayerKind):
     def gram_x_factors(self, meta, factors, xr):
         """X_n X_q^T as a convolution of the stored input with the query's patches as filters:
         the training side is never unfolded (kh*kw times fewer numbers to write)."""
-        inp, e = factors["I"].float(), meta.extra
-        if e["groups"] != 1 or inp.dim() != e["dims"] + 2:
+        inp = factors["I"].float()
+        if not _plain(meta, inp):
             return super().gram_x_factors(meta, factors, xr)
-        pad = e["pad"]
-        symmetric = e["pad_mode"] == "constant" and all(pad[i] == pad[i + 1] for i in range(0, len(pad), 2))
-        if any(pad) and not symmetric:
-            inp = F.pad(inp, pad, mode=e["pad_mode"])
-        # symmetric zero padding happens inside the convolution, without a padded copy
-        padding = tuple(reversed(pad[::2])) if symmetric else 0
-        filters = xr.reshape(xr.shape[0], inp.shape[1], *e["kernel"])
-        conv = F.conv1d if e["dims"] == 1 else F.conv2d
-        g = conv(inp, filters, stride=e["stride"], dilation=e["dilation"], padding=padding)   # (N, R, *out)
+        inp, padding = _conv_input(meta, inp)
+        filters = xr.reshape(xr.shape[0], inp.shape[1], *meta.extra["kernel"])
+        g = _conv(meta, inp, filters, None, padding)                            # (N, R, *out)
         g = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)              # (N, L, R)
         return g + 1.0 if meta.bias else g
+
+    def average_scores(self, meta, factors, gbar):
+        """Lemma 7 as one forward convolution with Gbar as the weight: <D_n, conv(I_n, Gbar)>.
+        Measured 2-2.6x faster than im2col and a matrix product (VGG16 conv7 and conv13 shapes)."""
+        inp, dout = factors["I"].float(), factors["DO"].float()
+        if not _plain(meta, inp):
+            return super().average_scores(meta, factors, gbar)
+        inp, padding = _conv_input(meta, inp)
+        weight = gbar[:, :meta.din].reshape(dout.shape[1], inp.shape[1], *meta.extra["kernel"])
+        y = _conv(meta, inp, weight, gbar[:, meta.din] if meta.bias else None, padding)
+        return (y * dout).flatten(1).sum(1)
+
+    def average_of(self, meta, factors):
+        """Gbar by the convolution's own weight-gradient kernel when the output has many pixels
+        (2x faster than im2col on 8x8 outputs); on a few pixels im2col is cheaper (1.7x on 2x2)."""
+        inp, dout = factors["I"].float(), factors["DO"].float()
+        if not _plain(meta, inp) or dout[0, 0].numel() < WEIGHT_GRAD_MIN_PIXELS:
+            return super().average_of(meta, factors)
+        inp, padding = _conv_input(meta, inp)
+        e = meta.extra
+        weight_grad = torch.nn.grad.conv1d_weight if e["dims"] == 1 else torch.nn.grad.conv2d_weight
+        w = weight_grad(inp, (dout.shape[1], inp.shape[1], *e["kernel"]), dout, stride=e["stride"],
+                        padding=padding, dilation=e["dilation"]).reshape(dout.shape[1], -1)
+        if meta.bias:
+            w = torch.cat([w, dout.sum(dim=[0, *range(2, dout.dim())]).unsqueeze(-1)], dim=-1)
+        return w / inp.shape[0]
 
     def d_rows(self, meta, factors):
         dout = factors["DO"].float()
@@ -97,6 +117,30 @@ class Conv(LayerKind):
                 blocks[:, j, :, j * cout_g:(j + 1) * cout_g] = d[:, :, j * cout_g:(j + 1) * cout_g]
             d = blocks.reshape(b, g * length, -1)
         return x, d
+
+
+WEIGHT_GRAD_MIN_PIXELS = 16
+
+
+def _plain(meta: LayerMeta, inp: torch.Tensor) -> bool:
+    """One call and one group: the shapes the convolution-form fast paths handle."""
+    return meta.extra["groups"] == 1 and inp.dim() == meta.extra["dims"] + 2
+
+
+def _conv_input(meta: LayerMeta, inp: torch.Tensor):
+    """(input, padding) for F.convNd: symmetric zero padding happens inside the convolution,
+    without a padded copy; any other padding is applied to the input first."""
+    pad, mode = meta.extra["pad"], meta.extra["pad_mode"]
+    symmetric = mode == "constant" and all(pad[i] == pad[i + 1] for i in range(0, len(pad), 2))
+    if symmetric:
+        return inp, tuple(reversed(pad[::2]))
+    return (F.pad(inp, pad, mode=mode) if any(pad) else inp), 0
+
+
+def _conv(meta: LayerMeta, inp, weight, bias, padding):
+    e = meta.extra
+    conv = F.conv1d if e["dims"] == 1 else F.conv2d
+    return conv(inp, weight, bias, stride=e["stride"], dilation=e["dilation"], padding=padding)
 
 
 def patches(inp: torch.Tensor, kernel, stride, dilation) -> torch.Tensor:

@@ -39,7 +39,7 @@ conv_dims = st.fixed_dictionaries({
     "dims": st.sampled_from([1, 2]), "groups": st.sampled_from([1, 1, 2]), "cin_per": st.integers(1, 3),
     "cout_per": st.integers(1, 3), "k": st.integers(1, 3), "stride": st.integers(1, 2), "dilation": st.integers(1, 2),
     "padding": st.sampled_from([0, 1, 2]), "mode": st.sampled_from(["zeros", "reflect", "circular"]),
-    "size": st.integers(3, 6), "bias": st.booleans(), "n": st.integers(1, 4), "b": st.integers(1, 3),
+    "size": st.integers(2, 6), "bias": st.booleans(), "n": st.integers(1, 4), "b": st.integers(1, 3),
     "seed": st.integers(0, 2**16)})
 
 

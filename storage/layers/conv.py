@@ -8,6 +8,10 @@ stacks to the (Cout, Cin/groups * kh * kw) weight gradient exactly.
 """
 from __future__ import annotations
 
+import functools
+import itertools
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,9 +62,12 @@ class Conv(LayerKind):
         if not _plain(meta, inp):
             return super().gram_x_factors(meta, factors, xr)
         inp, padding = _conv_input(meta, inp)
-        filters = xr.reshape(xr.shape[0], inp.shape[1], *meta.extra["kernel"])
-        g = _conv(meta, inp, filters, None, padding)                            # (N, R, *out)
-        g = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)              # (N, L, R)
+        if inp[0, 0].numel() <= TAPS_MAX_PIXELS:
+            g = _gram_x_by_taps(meta, inp, xr, padding)
+        else:
+            filters = xr.reshape(xr.shape[0], inp.shape[1], *meta.extra["kernel"])
+            g = _conv(meta, inp, filters, None, padding)                        # (N, R, *out)
+            g = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)          # (N, L, R)
         return g + 1.0 if meta.bias else g
 
     def average_scores(self, meta, factors, gbar):
@@ -135,6 +142,57 @@ def _conv_input(meta: LayerMeta, inp: torch.Tensor):
     if symmetric:
         return inp, tuple(reversed(pad[::2]))
     return (F.pad(inp, pad, mode=mode) if any(pad) else inp), 0
+
+
+TAPS_MAX_PIXELS = 8       # measured: taps 1.9x faster at 2x2, 1.15x slower at 4x4
+
+
+def _gram_x_by_taps(meta: LayerMeta, inp: torch.Tensor, xr: torch.Tensor, padding) -> torch.Tensor:
+    """X_n X_q^T for inputs of a few pixels (VGG16's last blocks: 2x2, 4x4), where a convolution
+    with R filters spends its time on set-up: one matrix product of every input pixel with every
+    (query row, kernel tap) slice, (N*P, C) @ (C, taps*R), then each output position adds up the
+    products of the taps that fall inside the input."""
+    n, c = inp.shape[:2]
+    size = tuple(inp.shape[2:])
+    s_of, tap = _taps(meta, size, padding)
+    r, taps = xr.shape[0], math.prod(meta.extra["kernel"])
+    per_tap = xr.reshape(r, c, taps).permute(1, 2, 0).reshape(c, taps * r)
+    a = inp.reshape(n, c, -1).transpose(1, 2).reshape(-1, c) @ per_tap      # (N*P, taps*R)
+    a = a.reshape(n, -1, r)                                                 # (N, P*taps, R)
+    out = torch.zeros(n, _out_positions(meta, size, padding), r, dtype=a.dtype)
+    return out.index_add_(1, s_of, a.index_select(1, tap))
+
+
+@functools.lru_cache(maxsize=64)
+def _taps_cached(kernel, stride, dilation, size, padding):
+    """(output position, input pixel * taps + tap) of every kernel tap that lands inside the input."""
+    out = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in zip(size, padding, dilation, kernel, stride)]
+    pairs_s, pairs_t = [], []
+    for o, pos in enumerate(itertools.product(*map(range, out))):
+        for t, off in enumerate(itertools.product(*map(range, kernel))):
+            at = [q * st + f * d - p for q, st, f, d, p in zip(pos, stride, off, dilation, padding)]
+            if all(0 <= a < s for a, s in zip(at, size)):
+                pixel = 0
+                for a, s in zip(at, size):
+                    pixel = pixel * s + a
+                pairs_s.append(o)
+                pairs_t.append(pixel * math.prod(kernel) + t)
+    return torch.tensor(pairs_s, dtype=torch.long), torch.tensor(pairs_t, dtype=torch.long), math.prod(out)
+
+
+def _taps(meta, size, padding):
+    s_of, tap, _ = _taps_cached(*_geometry(meta, size, padding))
+    return s_of, tap
+
+
+def _out_positions(meta, size, padding) -> int:
+    return _taps_cached(*_geometry(meta, size, padding))[2]
+
+
+def _geometry(meta, size, padding):
+    e = meta.extra
+    pad = (0,) * len(size) if padding == 0 else tuple(padding)
+    return tuple(e["kernel"]), tuple(e["stride"]), tuple(e["dilation"]), size, pad
 
 
 def _conv(meta: LayerMeta, inp, weight, bias, padding):

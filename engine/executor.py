@@ -164,8 +164,11 @@ def recomputed_batches(store, ckpt: str, layer: str, train: np.ndarray, batch: i
 def chunk_rows(tensors: dict, q, strategy: str, meta) -> int:
     """Training samples per chunk so that the largest intermediate stays under CHUNK_NUMBERS."""
     per_sample = sum(int(np.prod(t.shape[1:])) for t in tensors.values())
-    if strategy == "iterate" and q is not None:
-        per_sample *= max(1, len(q["x_rows"]))
+    # a convolution may build patches (kernel taps x the input) and per-tap products
+    taps = int(np.prod(meta.extra.get("kernel", [1]))) if meta.extra else 1
+    if strategy == "iterate" and q is not None and "x_rows" in q:
+        rows = kind_named(meta.kind).positions(meta, {k: v[:1] for k, v in tensors.items()})
+        per_sample = per_sample * taps + rows * len(q["x_rows"]) * (2 * taps + 1)
     if strategy == "reconstruct":
         per_sample += meta.params
     return max(1, CHUNK_NUMBERS // max(per_sample, 1))

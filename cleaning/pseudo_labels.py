@@ -34,7 +34,15 @@ def sample_weights(meta: torch.Tensor, eta_m: float) -> torch.Tensor:
 
 
 def training_loss(omega: torch.Tensor, meta: torch.Tensor, eta_m: float, margin: float) -> torch.Tensor:
-    """The objective whose gradient is Eq. 14's update: (1/n) sum_i alpha_i l(x_i, y_i)."""
+    """The objective whose gradient is Eq. 14's update: (1/n) sum_i alpha_i l(x_i, y_i).
+
+    Its gradient is -(1/n) sum_i M_i grad Omega_i over the samples whose hinge is active (a
+    normal: |M_i| grad Omega_i with M_i < 0; an anomaly below C: -|M_i| grad Omega_i with
+    M_i > 0); anomalies above C add nothing. So keeping labels as per-sample state between
+    iterations (Sec. 3.3.3, "starts with assuming that all unlabeled training samples are
+    normal") changes nothing: the first-order flip test of Eq. 8-10, with the hinge handled
+    exactly, gives -sign(M_i) whatever the current label (results/elite.md, Notes).
+    """
     y = pseudo_labels(meta.detach())
     alpha = sample_weights(meta.detach(), eta_m)
     return (alpha * hinge_loss(omega, y, margin)).mean()

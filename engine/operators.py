@@ -15,7 +15,7 @@ def iterate(kind, meta, chunk, q) -> torch.Tensor:
     """Mean over the query samples of <grad_n, grad_q>, from Gram products of rows only."""
     gx = kind.gram_x_factors(meta, chunk, q["x_rows"])
     gd = kind.gram_d(meta, kind.d_rows(meta, chunk), q["d_rows"])
-    return (gx * gd).sum(dim=(1, 2)) / q["count"]
+    return gx.mul_(gd).sum(dim=(1, 2)) / q["count"]      # gx is always a fresh product
 
 
 def batch_average(kind, meta, chunk, q) -> torch.Tensor:

@@ -79,7 +79,7 @@ class Conv(LayerKind):
         inp, padding = _conv_input(meta, inp)
         weight = gbar[:, :meta.din].reshape(dout.shape[1], inp.shape[1], *meta.extra["kernel"])
         y = _conv(meta, inp, weight, gbar[:, meta.din] if meta.bias else None, padding)
-        return (y * dout).flatten(1).sum(1)
+        return y.mul_(dout).flatten(1).sum(1)
 
     def average_of(self, meta, factors):
         """Gbar by the convolution's own weight-gradient kernel when the output has many pixels

@@ -45,8 +45,8 @@ STATUS_COLUMNS = [("should_stop", "BOOLEAN"), ("reason", "VARCHAR"), ("dmn_loss"
 
 @table_function(name="LANCET_CANDIDATES", columns=CANDIDATE_COLUMNS)
 def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: int = 0,
-                      oracle: str = "", steps: int = 3000, cfm: bool = True, alpha_t: float = 0.1,
-                      seed: int = 0) -> pa.Table:
+                      oracle: str = "", steps: int = TrainConfig.steps, cfm: bool = True,
+                      alpha_t: float = 0.1, seed: int = 0) -> pa.Table:
     """The `budget` unlabeled samples of `pool` to label next: smallest OWA weight first.
 
     A small weight (~ p_labeled / p_unlabeled of the sample's embedding) means no labeled
@@ -69,8 +69,8 @@ def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: in
 
 
 @table_function(name="LANCET", columns=LABEL_COLUMNS)
-def lancet(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = 3000, cfm: bool = True,
-           alpha_t: float = 0.1, seed: int = 0) -> pa.Table:
+def lancet(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = TrainConfig.steps,
+           cfm: bool = True, alpha_t: float = 0.1, seed: int = 0) -> pa.Table:
     """Every sample of `pool` with a label: its human label (source 'human', confidence 1) or
     the one LANCET propagates by the linear head on its CFM embedding (source 'propagated',
     confidence = the head's softmax probability)."""
@@ -84,7 +84,7 @@ def lancet(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = 3000, cfm
 
 
 @table_function(name="LANCET_STATUS", columns=STATUS_COLUMNS)
-def lancet_status(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = 3000,
+def lancet_status(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = TrainConfig.steps,
                   cfm: bool = True, alpha_t: float = 0.1, seed: int = 0) -> pa.Table:
     """One row: should_stop and the reason (§10.4: the DMN's loss within 5% of its maximum
     log 4 and every unlabeled weight above alpha_t), with the diagnostics behind it."""

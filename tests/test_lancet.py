@@ -15,8 +15,9 @@ from torch import nn
 from metaql.engine.errors import InvalidInputException, Warning as MetaQLWarning
 from metaql.labeling.cfm import cfm_loss
 from metaql.labeling.dmn import MAX_LOSS, OWAConfig, OWAResult, online_weight_approximation
-from metaql.labeling.embedding import TrainConfig
+from metaql.labeling.embedding import TrainConfig, train_embedding
 from metaql.labeling.lancet import LancetConfig, run_lancet
+from metaql.labeling.semigan import SemiGAN, SemiGANConfig
 from metaql.labeling.session import LabelingSession
 from metaql.labeling.termination import stop_decision
 
@@ -201,6 +202,28 @@ def test_any_model_with_features_and_logits_plugs_in():
     assert isinstance(r.model, PlainModel) and len(r.propagated) == 120
     with pytest.raises(InvalidInputException, match="features"):
         run_lancet(x, labeled, y[labeled], 3, TINY, make_model=lambda d, k, s: nn.Linear(d, k))
+
+
+def test_semigan_labels_with_its_averaged_weights():
+    x, y = blobs(30)
+    model = SemiGAN(SemiGANConfig(in_dim=8, num_classes=3, hidden=[32], feature_dim=16,
+                                  input_noise=0.0, hidden_noise=0.0))   # comparable outputs
+    train_embedding(model, x, torch.arange(9), y[:9], TrainConfig(steps=30, batch_size=64))
+    with torch.no_grad():
+        averaged = model.average["head"](model.average["body"](x))[:, :3]
+        live = model.head(model.body(x))[:, :3]
+    assert torch.equal(model.logits(x), averaged) and not torch.allclose(averaged, live)
+    model.train()                                 # training mode: the live weights
+    assert torch.equal(model.logits(x), live)
+
+
+def test_a_semigan_saved_before_averaging_still_loads():
+    old = SemiGAN(SemiGANConfig(in_dim=8, num_classes=3, hidden=[32], feature_dim=16,
+                                ema_decay=0.0))
+    description = {k: v for k, v in old.describe().items() if k != "ema_decay"}
+    rebuilt = SemiGAN.from_description(description)
+    rebuilt.load_state_dict(old.state_dict())     # strict: no averaged weights expected
+    assert rebuilt.average is None
 
 
 # -- the session: labels, budget, persistence -------------------------------------------------------

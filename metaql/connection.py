@@ -245,7 +245,9 @@ class Connection:
         return Capture(self.store, model, layers, checkpoint, lr, **kwargs)
 
     def replay(self, checkpoint: str, samples: str = "train", layers=None, **kwargs) -> int:
-        """Stores exact factors of a set's samples at a saved checkpoint (eval mode)."""
+        """Stores exact factors of a set's samples at a saved checkpoint (eval mode). Keyword
+        arguments go to metaql.storage.capture.replay_into_store: target, batch_size, shard_size,
+        dtype ('float32' | 'float16' | 'bfloat16') and storage ({layer: 'factored' | 'full'})."""
         from metaql.storage.capture import replay_into_store
         self._check_open()
         return replay_into_store(self.store, checkpoint, self.store.set_ids(samples), layers,

@@ -187,14 +187,15 @@ class Capture:
 
 def replay_into_store(store: Store, checkpoint: str, ids, layers=None, target: str = "label",
                       batch_size: int = 256, shard_size: int = 2048, dtype: str = "float32",
-                      progress=None) -> int:
-    """Computes exact factors of registered samples at a saved checkpoint and stores them."""
+                      progress=None, storage: dict[str, str] | None = None) -> int:
+    """Computes exact factors of registered samples at a saved checkpoint and stores them.
+    ``storage`` overrides the space formula per layer ({layer: 'factored' | 'full'}), as in capture."""
     from metaql.storage.replay import iter_replay
 
     ids = _as_ids(ids)
     model = store.model_at(checkpoint)
     hooks = LayerHooks(watched_modules(model, layers))
-    writer = ShardWriter(store, checkpoint, hooks, shard_size, dtype)
+    writer = ShardWriter(store, checkpoint, hooks, shard_size, dtype, storage)
     labels = torch.as_tensor(store.sample_columns(ids, ["label"])["label"].astype(np.int64)) \
         if target == "label" else None
     inputs = store.inputs(ids)

@@ -13,7 +13,7 @@ from tests.bruteforce import flat_layer, per_sample_grads, rel_err, stored_full
 from tests.layer_models import BNNet, ConvNet, TextNet
 
 
-def _capture_and_compare(model, x, y, layers, replay=False):
+def _capture_and_compare(model, x, y, layers, replay=False, storage=None):
     expected = per_sample_grads(model, x, y)
     ids = np.arange(len(x))
     with metaql.connect(":memory:") as con:
@@ -21,9 +21,10 @@ def _capture_and_compare(model, x, y, layers, replay=False):
         factory = f"{type(model).__module__}:{type(model).__name__}"
         if replay:
             con.store.begin_checkpoint("c0", model, lr=1.0, factory=factory, kwargs=model.metaql_config)
-            con.replay("c0", layers=layers)
+            con.replay("c0", layers=layers, storage=storage)
         else:
-            with con.capture(model, layers=layers, checkpoint="c0", factory=factory, kwargs=model.metaql_config) as cap:
+            with con.capture(model, layers=layers, checkpoint="c0", factory=factory, kwargs=model.metaql_config,
+                             storage=storage) as cap:
                 cap.backward(F.cross_entropy(model(x), y, reduction="sum"), ids, reduction="sum")
         for layer in layers:
             meta, full = stored_full(con.store, "c0", layer, ids)
@@ -61,6 +62,16 @@ def test_conv_storage_choice_follows_the_space_formula():
     layers = _capture_and_compare(deep, torch.randn(2, 64, 2, 2), torch.tensor([0, 1]), ["conv"])
     assert layers["conv"]["storage"] == "factored"
     assert layers["conv"]["factored_numbers"] == 64 * 4 * 2 and layers["conv"]["full_numbers"] == 64 * 64 * 9 + 64
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_storage_override_by_capture_and_by_replay(replay):
+    """The space formula keeps a 3->64 conv on 32x32 full; an override stores it factored, exactly."""
+    torch.manual_seed(0)
+    wide = ConvNet(2, 3, 64, 3, padding=1, size=32)
+    layers = _capture_and_compare(wide, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), ["conv"], replay=replay,
+                                  storage={"conv": "factored"})
+    assert layers["conv"]["storage"] == "factored"
 
 
 @given(st.integers(1, 4), st.integers(2, 6), st.integers(0, 2**16))

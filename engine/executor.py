@@ -186,6 +186,6 @@ def chunk_scores(kind, meta, stored: str, strategy: str, chunk, q, similarity: s
         score = norm if q is None else ops.full_dot(g, q)
         return score.double().cpu().numpy(), norm.double().cpu().numpy()
     n = next(iter(chunk.values())).shape[0]
-    norm = ops.squared_norm(kind, meta, chunk) if (similarity == "cosine" or q is None) else torch.zeros(n)
+    norm = ops.squared_norm(kind, meta, chunk) if (similarity == "cosine" or q is None) else torch.zeros(n, device=next(iter(chunk.values())).device)
     score = norm if q is None else ops.FACTORED[strategy](kind, meta, chunk, q)
     return score.double().cpu().numpy(), norm.double().cpu().numpy()

@@ -1,5 +1,6 @@
 """Every strategy equals brute force on explicitly built full gradients, for every layer kind's
 canonical-form primitives (dense rows; an embedding's id rows)."""
+import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -88,3 +89,27 @@ def test_conv_strategies_equal_autograd(p):
     for name, strategy in ops.FACTORED.items():
         assert rel_err(strategy(kind, meta, train, q), expected) < 1e-4, name
     assert rel_err(ops.squared_norm(kind, meta, train), (g * g).sum(1)) < 1e-4
+
+
+DEVICE_CASES = {
+    "conv 2x2 (taps)": (torch.nn.Conv2d(4, 4, 3, padding=1), lambda n: {"I": torch.randn(n, 4, 2, 2), "DO": torch.randn(n, 4, 2, 2)}),
+    "conv groups": (torch.nn.Conv2d(4, 4, 3, padding=1, groups=2), lambda n: {"I": torch.randn(n, 4, 5, 5), "DO": torch.randn(n, 4, 5, 5)}),
+    "conv 1d reflect": (torch.nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect"), lambda n: {"I": torch.randn(n, 4, 6), "DO": torch.randn(n, 4, 6)}),
+    "linear": (torch.nn.Linear(4, 3), lambda n: {"X": torch.randn(n, 2, 4), "D": torch.randn(n, 2, 3)}),
+    "embedding": (torch.nn.Embedding(7, 3), lambda n: {"ids": torch.randint(0, 7, (n, 2)), "D": torch.randn(n, 2, 3)}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEVICE_CASES))
+@pytest.mark.parametrize("b", [1, 8])
+def test_operators_stay_on_the_inputs_device(case, b):
+    """No operator makes a tensor on the CPU behind the caller's back (the executor runs them on
+    CUDA when present). The 'meta' device stands in for a GPU: mixing it with CPU tensors raises."""
+    module, make = DEVICE_CASES[case]
+    kind = kind_named("conv" if "conv" in case else case)
+    meta = kind.meta("l", module)
+    train = {k: v.to("meta") for k, v in make(5).items()}
+    q = ops.query_side(kind, meta, {k: v.to("meta") for k, v in make(b).items()})
+    for name, strategy in ops.FACTORED.items():
+        assert strategy(kind, meta, train, q).device.type == "meta", name
+    assert ops.squared_norm(kind, meta, train).device.type == "meta"

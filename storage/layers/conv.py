@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,7 +129,7 @@ class Conv(LayerKind):
         d = dout.reshape(b, dout.shape[1], length).transpose(1, 2)            # (B, L, Cout)
         if g > 1:
             cout_g = d.shape[2] // g
-            blocks = torch.zeros(b, g, length, d.shape[2], dtype=d.dtype)
+            blocks = torch.zeros(b, g, length, d.shape[2], dtype=d.dtype, device=d.device)
             for j in range(g):                                                 # a loop over groups, not samples
                 blocks[:, j, :, j * cout_g:(j + 1) * cout_g] = d[:, :, j * cout_g:(j + 1) * cout_g]
             d = blocks.reshape(b, g * length, -1)
@@ -161,58 +163,56 @@ def _gram_x_by_taps(meta: LayerMeta, inp: torch.Tensor, xr: torch.Tensor, paddin
     filters spends its time on set-up. Each output position adds up, over the kernel taps that
     land inside the input, input pixel . query slice of that tap."""
     n, c = inp.shape[:2]
-    size = tuple(inp.shape[2:])
-    s_of, tap = _taps(meta, size, padding)
-    r, taps = xr.shape[0], math.prod(meta.extra["kernel"])
+    taps = _taps(meta, tuple(inp.shape[2:]), padding)
+    dev = inp.device
+    r, k = xr.shape[0], math.prod(meta.extra["kernel"])
     pixels = inp.reshape(n, c, -1).transpose(1, 2)                          # (N, P, C), a view
-    out = torch.zeros(n, _out_positions(meta, size, padding), r, dtype=pixels.dtype)
+    out = torch.zeros(n, taps.outputs, r, dtype=pixels.dtype, device=dev)
     if r < TAPS_ONE_PRODUCT_BELOW:
         # few query rows: one product of every pixel with every (tap, row), (N*P, C) @ (C, taps*R);
         # some products fall outside the input and are dropped, cheaper than one call per tap
-        per_tap = xr.reshape(r, c, taps).permute(1, 2, 0).reshape(c, taps * r)
+        per_tap = xr.reshape(r, c, k).permute(1, 2, 0).reshape(c, k * r)
         a = (pixels.reshape(-1, c) @ per_tap).reshape(n, -1, r)            # (N, P*taps, R)
-        return out.index_add_(1, s_of, a.index_select(1, tap))
+        return out.index_add_(1, taps.output_of.to(dev), a.index_select(1, taps.pixel_tap.to(dev)))
     # many query rows: per tap, only the pixels it reaches (on 2x2 with padding 1, 16 products of 36)
-    xq = xr.reshape(r, c, taps)
-    pix, tap_of = tap // taps, tap % taps
-    for t in range(taps):
-        sel = (tap_of == t).nonzero().squeeze(1)
-        if len(sel):    # within one tap each output position appears once: no index collisions
-            a = pixels[:, pix[sel], :].reshape(-1, c) @ xq[:, :, t].T        # (N*|sel|, R)
-            out[:, s_of[sel], :] += a.reshape(n, len(sel), r)
+    xq = xr.reshape(r, c, k)
+    for t, (pix, outs) in taps.by_tap.items():
+        # within one tap each output position appears once: no index collisions
+        a = pixels[:, pix.to(dev), :].reshape(-1, c) @ xq[:, :, t].T         # (N*|pix|, R)
+        out[:, outs.to(dev), :] += a.reshape(n, len(pix), r)
     return out
 
 
+@dataclass(frozen=True)
+class Taps:
+    """Where each kernel tap lands, for an input size: every (output position, input pixel, tap)
+    inside the input, flat (output_of, pixel_tap = pixel * taps + tap) and grouped by tap."""
+    outputs: int
+    output_of: torch.Tensor
+    pixel_tap: torch.Tensor
+    by_tap: dict[int, tuple[torch.Tensor, torch.Tensor]]     # tap -> (input pixels, output positions)
+
+
 @functools.lru_cache(maxsize=64)
-def _taps_cached(kernel, stride, dilation, size, padding):
-    """(output position, input pixel * taps + tap) of every kernel tap that lands inside the input."""
+def _taps_cached(kernel, stride, dilation, size, padding) -> Taps:
     out = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in zip(size, padding, dilation, kernel, stride)]
-    pairs_s, pairs_t = [], []
+    triples = []
     for o, pos in enumerate(itertools.product(*map(range, out))):
         for t, off in enumerate(itertools.product(*map(range, kernel))):
             at = [q * st + f * d - p for q, st, f, d, p in zip(pos, stride, off, dilation, padding)]
             if all(0 <= a < s for a, s in zip(at, size)):
-                pixel = 0
-                for a, s in zip(at, size):
-                    pixel = pixel * s + a
-                pairs_s.append(o)
-                pairs_t.append(pixel * math.prod(kernel) + t)
-    return torch.tensor(pairs_s, dtype=torch.long), torch.tensor(pairs_t, dtype=torch.long), math.prod(out)
+                triples.append((o, int(np.ravel_multi_index(at, size)), t))
+    k = math.prod(kernel)
+    by_tap = {t: (torch.tensor([p for _, p, u in triples if u == t]), torch.tensor([o for o, _, u in triples if u == t]))
+              for t in sorted({u for _, _, u in triples})}
+    return Taps(math.prod(out), torch.tensor([o for o, _, _ in triples], dtype=torch.long),
+                torch.tensor([p * k + t for _, p, t in triples], dtype=torch.long), by_tap)
 
 
-def _taps(meta, size, padding):
-    s_of, tap, _ = _taps_cached(*_geometry(meta, size, padding))
-    return s_of, tap
-
-
-def _out_positions(meta, size, padding) -> int:
-    return _taps_cached(*_geometry(meta, size, padding))[2]
-
-
-def _geometry(meta, size, padding):
+def _taps(meta: LayerMeta, size, padding) -> Taps:
     e = meta.extra
     pad = (0,) * len(size) if padding == 0 else tuple(padding)
-    return tuple(e["kernel"]), tuple(e["stride"]), tuple(e["dilation"]), size, pad
+    return _taps_cached(tuple(e["kernel"]), tuple(e["stride"]), tuple(e["dilation"]), size, pad)
 
 
 def _conv(meta: LayerMeta, inp, weight, bias, padding):

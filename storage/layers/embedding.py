@@ -50,11 +50,11 @@ class Embedding(LayerKind):
 
     def outer(self, meta, x, ids):
         n, s, dim = x.shape
-        out = torch.zeros(n, meta.dout, dim)
+        out = torch.zeros(n, meta.dout, dim, dtype=x.dtype, device=x.device)
         return out.scatter_add_(1, ids.unsqueeze(-1).expand(n, s, dim), x)
 
     def average(self, meta, x, ids):
-        out = torch.zeros(meta.dout, x.shape[-1])
+        out = torch.zeros(meta.dout, x.shape[-1], dtype=x.dtype, device=x.device)
         return out.index_add_(0, ids.reshape(-1), x.reshape(-1, x.shape[-1])) / x.shape[0]
 
     def torch_grad_vector(self, meta, grads):

@@ -208,9 +208,9 @@ def unit_scan(wl, unit, strategy, b, n, cap_s, repeat=3, min_seconds=0.5, layers
 
 
 def query_prep(wl, layer, b) -> dict[str, float]:
-    """Query-side work each strategy needs once per query: rows of the B query samples (iterate),
-    their average gradient Gbar (batch_average, reconstruct: kind.average_of, from the factors);
-    replay excluded (common to all)."""
+    """Query-side work each strategy needs once per query, as ops.query_side builds it for a dot
+    product: rows of the B query samples (iterate), their average gradient Gbar (batch_average,
+    reconstruct: kind.average_of, from the factors); replay excluded (common to all)."""
     meta, kind, _ = wl.meta(layer)
     f = {k: v[:b] for k, v in wl.query[layer].items()}
 
@@ -351,7 +351,7 @@ def p2b_rows(wl, unit, n, b, cfg) -> list:
         for strat in STRATEGIES:
             sec, e = unit_scan(wl, unit, strat, b, n, cfg["cap_s"], cfg["repeat"], layers=[layer])
             t[strat][layer], ex[strat] = sec + prep[strat], ex[strat] or e
-    one, one_ex = unit_scan(wl, unit, "iterate", 1, n, cfg["cap_s"], cfg["repeat"])
+    one, _ = unit_scan(wl, unit, "iterate", 1, n, cfg["cap_s"], cfg["repeat"])
     paper_iterate = b * (one + sum(query_prep(wl, layer, 1)["iterate"] for layer in layers))
     total = {strat: sum(t[strat].values()) for strat in STRATEGIES}
     picks = optimizer_picks(wl, unit, n, b)

@@ -78,7 +78,7 @@ def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
             part += layer_scores
             norms += layer_norms
             seen |= layer_seen
-            if q is not None:
+            if q is not None and scan.similarity == "cosine":
                 qnorm += float((q["gbar_flat"].double() ** 2).sum())
             strat.measured_seconds = time.perf_counter() - t0
         if scan.similarity == "cosine":
@@ -108,7 +108,7 @@ def query_sides(scan: InfluenceScan, store, ckpt: str, strategies: list[Strategy
     for layer in scan.layers:
         meta, _ = store.layer_meta(layer)
         chosen = {s.chosen for s in strategies if s.layer == layer}
-        side = ops.query_side(kind_named(meta.kind), meta, factors[layer], chosen)
+        side = ops.query_side(kind_named(meta.kind), meta, factors[layer], chosen, norm=scan.similarity == "cosine")
         out[layer] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in side.items()}
     return out
 
@@ -164,9 +164,9 @@ def recomputed_batches(store, ckpt: str, layer: str, train: np.ndarray, batch: i
 def chunk_rows(tensors: dict, q, strategy: str, meta) -> int:
     """Training samples per chunk so that the largest intermediate stays under CHUNK_NUMBERS."""
     per_sample = sum(int(np.prod(t.shape[1:])) for t in tensors.values())
-    # a convolution may build patches (kernel taps x the input) and per-tap products
-    taps = int(np.prod(meta.extra.get("kernel", [1]))) if meta.extra else 1
     if strategy == "iterate" and q is not None and "x_rows" in q:
+        # a convolution may build patches (kernel taps x the input) and per-tap products
+        taps = int(np.prod(meta.extra.get("kernel", [1]))) if meta.extra else 1
         rows = kind_named(meta.kind).positions(meta, {k: v[:1] for k, v in tensors.items()})
         per_sample = per_sample * taps + rows * len(q["x_rows"]) * (2 * taps + 1)
     if strategy == "reconstruct":

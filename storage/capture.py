@@ -37,6 +37,7 @@ class ShardWriter:
             raise InvalidInputException(f"dtype must be one of {', '.join(STORAGE_DTYPES)}")
         self.store, self.checkpoint, self.hooks = store, checkpoint, hooks
         self.shard_size, self.dtype, self.storage = shard_size, STORAGE_DTYPES[dtype], storage or {}
+        store.check_storage_override(self.storage)    # before any training step depends on it
         self.modes: dict[str, str] = {}
         self.suffix_of: dict[str, str] = {}
         self.buffers: dict[str, list[dict[str, torch.Tensor]]] = {}

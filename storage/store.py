@@ -338,6 +338,16 @@ class Store:
                          json.dumps(meta.to_dict())])
         return mode
 
+    def check_storage_override(self, storage: dict[str, str]) -> None:
+        """A layer keeps the storage mode of its first capture (every checkpoint is scored alike);
+        an override that contradicts it is refused up front, not ignored."""
+        for layer, mode in storage.items():
+            row = self.db.execute("SELECT storage FROM layers WHERE name = ?", [layer]).fetchone()
+            if row and row[0] != mode:
+                raise InvalidInputException(
+                    f"layer '{layer}' is stored {row[0]} in this store (set at its first capture), so "
+                    f"storage={{'{layer}': '{mode}'}} cannot apply; drop the override, or capture into a new store")
+
     def stored_ids(self, checkpoint: str, layer: str) -> np.ndarray:
         ids = [self.open_shard(r["file"], r["checksum"]).ids for r in self._shard_rows("factors", checkpoint, layer)]
         return np.concatenate(ids) if ids else np.zeros(0, np.int64)

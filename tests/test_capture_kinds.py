@@ -74,6 +74,19 @@ def test_storage_override_by_capture_and_by_replay(replay):
     assert layers["conv"]["storage"] == "factored"
 
 
+def test_storage_override_contradicting_the_store_is_refused_up_front():
+    torch.manual_seed(0)
+    wide = ConvNet(2, 3, 64, 3, padding=1, size=32)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    with metaql.connect(":memory:") as con:
+        con.add_samples([0, 1], "train", y.numpy(), x)
+        with con.capture(wide, layers=["conv"], checkpoint="c0") as cap:
+            cap.backward(F.cross_entropy(wide(x), y), [0, 1])
+        with pytest.raises(metaql.InvalidInputException, match="stored full in this store"):
+            con.capture(wide, layers=["conv"], checkpoint="c1", storage={"conv": "factored"})
+        assert con.execute("SELECT storage FROM layers").fetchall() == [("full",)]
+
+
 @given(st.integers(1, 4), st.integers(2, 6), st.integers(0, 2**16))
 def test_embedding_attention_layernorm(b, t, seed):
     torch.manual_seed(seed)

@@ -60,6 +60,8 @@ def _conv_grads(module, inp, dout) -> torch.Tensor:
 
 @settings(max_examples=40)
 @given(conv_dims)
+@example({"dims": 1, "groups": 1, "cin_per": 1, "cout_per": 1, "k": 1, "stride": 1, "dilation": 1, "padding": 1,
+          "mode": "reflect", "size": 5, "bias": False, "n": 1, "b": 1, "seed": 2722})   # a score near 0
 @example({"dims": 2, "groups": 1, "cin_per": 3, "cout_per": 2, "k": 3, "stride": 1, "dilation": 1, "padding": 1,
           "mode": "zeros", "size": 2, "bias": True, "n": 3, "b": 8, "seed": 1})   # taps one by one: R = 32 rows
 def test_conv_strategies_equal_autograd(p):
@@ -85,9 +87,12 @@ def test_conv_strategies_equal_autograd(p):
     g, gq = _conv_grads(module, train["I"], train["DO"]), _conv_grads(module, query["I"], query["DO"])
     expected = (g @ gq.T).mean(dim=1)
     q = ops.query_side(kind, meta, query)
-    assert rel_err(q["gbar_flat"], gq.mean(0)) < 1e-4
+    # errors against the scale of the terms, not of their sum: a score near 0 by cancellation
+    # carries float32 rounding of the terms (the im2col path differs from autograd there as well)
+    scale = g.norm(dim=1) * gq.norm(dim=1).mean()
+    assert (q["gbar_flat"] - gq.mean(0)).norm() <= 1e-4 * gq.norm(dim=1).mean()
     for name, strategy in ops.FACTORED.items():
-        assert rel_err(strategy(kind, meta, train, q), expected) < 1e-4, name
+        assert ((strategy(kind, meta, train, q) - expected).abs() <= 1e-4 * scale + 1e-12).all(), name
     assert rel_err(ops.squared_norm(kind, meta, train), (g * g).sum(1)) < 1e-4
 
 
@@ -113,3 +118,17 @@ def test_operators_stay_on_the_inputs_device(case, b):
     for name, strategy in ops.FACTORED.items():
         assert strategy(kind, meta, train, q).device.type == "meta", name
     assert ops.squared_norm(kind, meta, train).device.type == "meta"
+
+
+@pytest.mark.parametrize("kind_name", ["linear", "conv", "conv groups"])
+def test_strategies_accept_an_empty_chunk(kind_name):
+    module = {"linear": torch.nn.Linear(4, 3), "conv": torch.nn.Conv2d(2, 3, 3, padding=1),
+              "conv groups": torch.nn.Conv2d(2, 4, 3, padding=1, groups=2)}[kind_name]
+    kind = kind_named(kind_name.split()[0])
+    meta = kind.meta("l", module)
+    shapes = {"X": (2, 4), "D": (2, 3)} if kind_name == "linear" else \
+        {"I": (2, 4, 4), "DO": (module.out_channels, 4, 4)}
+    q = ops.query_side(kind, meta, {k: torch.randn(2, *v) for k, v in shapes.items()})
+    empty = {k: torch.zeros(0, *v) for k, v in shapes.items()}
+    for name, strategy in ops.FACTORED.items():
+        assert strategy(kind, meta, empty, q).shape == (0,), name

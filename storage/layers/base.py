@@ -111,8 +111,8 @@ class LayerKind:
         """<grad_n, Gbar> = sum(D_n * (X_n Gbar^T)) for each sample (Lemma 7); Gbar is (dout, din [+1])."""
         rows, weight = x.reshape(-1, x.shape[-1]), gbar[:, :meta.din].T
         y = torch.addmm(gbar[:, meta.din], rows, weight) if meta.bias else rows @ weight
-        # in place on the fresh product: 1.75x faster than einsum("nso,nso->n") on MiniLM shapes
-        return y.reshape(x.shape[0], -1).mul_(d.reshape(d.shape[0], -1)).sum(1)
+        # in place on the fresh product: no second (N, S, dout) buffer, unlike einsum("nso,nso->n")
+        return y.reshape(d.shape).mul_(d).sum(dim=(1, 2))
 
     def outer(self, meta: LayerMeta, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Per-sample full gradients (N, dout, din [+1])."""

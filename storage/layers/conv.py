@@ -64,12 +64,12 @@ class Conv(LayerKind):
         if not _plain(meta, inp):
             return super().gram_x_factors(meta, factors, xr)
         inp, padding = _conv_input(meta, inp)
-        if inp[0, 0].numel() <= TAPS_MAX_PIXELS:
+        if math.prod(inp.shape[2:]) <= TAPS_MAX_PIXELS:
             g = _gram_x_by_taps(meta, inp, xr, padding)
         else:
             filters = xr.reshape(xr.shape[0], inp.shape[1], *meta.extra["kernel"])
             g = _conv(meta, inp, filters, None, padding)                        # (N, R, *out)
-            g = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)          # (N, L, R)
+            g = g.flatten(2).transpose(1, 2)                                   # (N, L, R)
         return g + 1.0 if meta.bias else g
 
     def average_scores(self, meta, factors, gbar):
@@ -87,7 +87,7 @@ class Conv(LayerKind):
         """Gbar by the convolution's own weight-gradient kernel when the output has many pixels
         (2x faster than im2col on 8x8 outputs); on a few pixels im2col is cheaper (1.7x on 2x2)."""
         inp, dout = factors["I"].float(), factors["DO"].float()
-        if not _plain(meta, inp) or dout[0, 0].numel() < WEIGHT_GRAD_MIN_PIXELS:
+        if not _plain(meta, inp) or math.prod(dout.shape[2:]) < WEIGHT_GRAD_MIN_PIXELS:
             return super().average_of(meta, factors)
         inp, padding = _conv_input(meta, inp)
         e = meta.extra
@@ -110,7 +110,7 @@ class Conv(LayerKind):
         dout = factors["DO"].float()
         if meta.extra["groups"] != 1 or dout.dim() != meta.extra["dims"] + 2:
             return self.rows(meta, factors)[1]
-        return dout.reshape(dout.shape[0], dout.shape[1], -1).transpose(1, 2)
+        return dout.flatten(2).transpose(1, 2)
 
     def _rows_one(self, meta, inp, dout):
         e = meta.extra
@@ -125,14 +125,15 @@ class Conv(LayerKind):
         x = patches(inp, kernel, stride, dil)                                  # (B, L, Cin*kk)
         length = x.shape[1]
         if g > 1:
-            x = x.reshape(b, length, g, -1).transpose(1, 2).reshape(b, g * length, -1)
+            width = x.shape[-1] // g
+            x = x.reshape(b, length, g, width).transpose(1, 2).reshape(b, g * length, width)
         d = dout.reshape(b, dout.shape[1], length).transpose(1, 2)            # (B, L, Cout)
         if g > 1:
             cout_g = d.shape[2] // g
             blocks = torch.zeros(b, g, length, d.shape[2], dtype=d.dtype, device=d.device)
             for j in range(g):                                                 # a loop over groups, not samples
                 blocks[:, j, :, j * cout_g:(j + 1) * cout_g] = d[:, :, j * cout_g:(j + 1) * cout_g]
-            d = blocks.reshape(b, g * length, -1)
+            d = blocks.reshape(b, g * length, d.shape[2])
         return x, d
 
 
@@ -166,7 +167,7 @@ def _gram_x_by_taps(meta: LayerMeta, inp: torch.Tensor, xr: torch.Tensor, paddin
     taps = _taps(meta, tuple(inp.shape[2:]), padding)
     dev = inp.device
     r, k = xr.shape[0], math.prod(meta.extra["kernel"])
-    pixels = inp.reshape(n, c, -1).transpose(1, 2)                          # (N, P, C), a view
+    pixels = inp.flatten(2).transpose(1, 2)                                 # (N, P, C), a view
     out = torch.zeros(n, taps.outputs, r, dtype=pixels.dtype, device=dev)
     if r < TAPS_ONE_PRODUCT_BELOW:
         # few query rows: one product of every pixel with every (tap, row), (N*P, C) @ (C, taps*R);

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metastore_common import (MINILM_BLOCKS, VGG16, Report, WideMLP, batches, best_of, cifar_like, clock,
-                              load_minilm, log, memory_bandwidth, minilm_available, sal_layers, set_threads, table,
-                              token_sequences)
+from metastore_common import (MINILM_BLOCKS, VGG16, Report, WideMLP, add_threads_option, batches, best_of,
+                              cifar_like, clock, load_minilm, log, memory_bandwidth, minilm_available, sal_layers,
+                              set_threads, table, token_sequences)
 
 import metaql
 from metaql.engine import operators as ops
@@ -431,9 +431,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run, about a minute")
     ap.add_argument("--no-minilm", action="store_true", help="skip the MiniLM workload")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: on a shared machine multi-threaded operators "
-                         "wait on descheduled threads; pass 0 for torch's default, all cores)")
+    add_threads_option(ap)
     args = ap.parse_args(argv)
     set_threads(args.threads)
     cfg = dict(QUICK if args.quick else FULL)

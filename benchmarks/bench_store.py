@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from metastore_common import (MINILM_BLOCKS, MINILM_LAYERS, VGG_LAYERS, VGG16, Report, UnmaskedMiniLM,
-                              batches, cifar_like, clock, load_minilm, log, minilm_available, sal_layers,
-                              set_threads, table, token_sequences)
+                              add_threads_option, batches, cifar_like, clock, load_minilm, log, minilm_available,
+                              sal_layers, set_threads, table, token_sequences)
 
 import metaql
 from metaql.storage.layers import kind_named
@@ -274,9 +274,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-minilm", action="store_true", help="skip the MiniLM rows")
     ap.add_argument("--vgg-n", type=int, help="VGG16 samples captured (default 1000)")
     ap.add_argument("--minilm-n", type=int, help="MiniLM samples captured (default 256)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: on a shared machine multi-threaded operators "
-                         "wait on descheduled threads; pass 0 for torch's default, all cores)")
+    add_threads_option(ap)
     args = ap.parse_args(argv)
     set_threads(args.threads)
     cfg = dict(QUICK if args.quick else FULL)

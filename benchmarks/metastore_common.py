@@ -174,6 +174,13 @@ def best_of(fn, repeat: int = 3, min_seconds: float = 0.2, max_repeat: int = 30)
     return best, out
 
 
+def add_threads_option(ap) -> None:
+    """The --threads option both timing benchmarks take (see set_threads)."""
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: on a shared machine multi-threaded operators "
+                         "wait on descheduled threads; pass 0 for torch's default, all cores)")
+
+
 def set_threads(n: int | None) -> None:
     """Pins torch's intra-op threads. On a machine shared with other jobs, each multi-threaded
     operator waits for a second thread the scheduler may not run for a time slice (milliseconds),

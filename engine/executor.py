@@ -185,7 +185,8 @@ def chunk_scores(kind, meta, stored: str, strategy: str, chunk, q, similarity: s
         norm = (g * g).sum(1)
         score = norm if q is None else ops.full_dot(g, q)
         return score.double().cpu().numpy(), norm.double().cpu().numpy()
-    n = next(iter(chunk.values())).shape[0]
-    norm = ops.squared_norm(kind, meta, chunk) if (similarity == "cosine" or q is None) else torch.zeros(n, device=next(iter(chunk.values())).device)
+    first = next(iter(chunk.values()))
+    norm = ops.squared_norm(kind, meta, chunk) if (similarity == "cosine" or q is None) \
+        else torch.zeros(first.shape[0], device=first.device)
     score = norm if q is None else ops.FACTORED[strategy](kind, meta, chunk, q)
     return score.double().cpu().numpy(), norm.double().cpu().numpy()

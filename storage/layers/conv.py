@@ -20,6 +20,11 @@ from torch import nn
 
 from metaql.storage.layers.base import LayerKind, LayerMeta, register
 
+# Where the convolution-form fast paths give way (measured on VGG16 shapes, one thread):
+WEIGHT_GRAD_MIN_PIXELS = 16  # Gbar by the weight-gradient kernel: 2x faster at 8x8 outputs, 1.7x slower at 2x2
+TAPS_MAX_PIXELS = 8          # X Gram by kernel taps: 1.9x faster than the convolution at 2x2, 1.15x slower at 4x4
+TAPS_ONE_PRODUCT_BELOW = 16  # query rows: below, per-tap calls cost more than the products they save (3x at 4)
+
 
 @register(nn.Conv1d, nn.Conv2d)
 class Conv(LayerKind):
@@ -58,8 +63,9 @@ class Conv(LayerKind):
         return self._rows_one(meta, inp, dout)
 
     def gram_x_factors(self, meta, factors, xr):
-        """X_n X_q^T as a convolution of the stored input with the query's patches as filters:
-        the training side is never unfolded (kh*kw times fewer numbers to write)."""
+        """X_n X_q^T without unfolding the training side (kh*kw times fewer numbers to write): a
+        convolution of the stored input with the query's patches as filters, or, on inputs of a
+        few pixels, products over the kernel taps."""
         inp = factors["I"].float()
         if not _plain(meta, inp):
             return super().gram_x_factors(meta, factors, xr)
@@ -84,8 +90,8 @@ class Conv(LayerKind):
         return y.mul_(dout).flatten(1).sum(1)
 
     def average_of(self, meta, factors):
-        """Gbar by the convolution's own weight-gradient kernel when the output has many pixels
-        (2x faster than im2col on 8x8 outputs); on a few pixels im2col is cheaper (1.7x on 2x2)."""
+        """Gbar by the convolution's own weight-gradient kernel when the output has many pixels;
+        on a few pixels im2col is cheaper."""
         inp, dout = factors["I"].float(), factors["DO"].float()
         if not _plain(meta, inp) or math.prod(dout.shape[2:]) < WEIGHT_GRAD_MIN_PIXELS:
             return super().average_of(meta, factors)
@@ -108,7 +114,7 @@ class Conv(LayerKind):
 
     def d_rows(self, meta, factors):
         dout = factors["DO"].float()
-        if meta.extra["groups"] != 1 or dout.dim() != meta.extra["dims"] + 2:
+        if not _plain(meta, dout):
             return self.rows(meta, factors)[1]
         return dout.flatten(2).transpose(1, 2)
 
@@ -137,9 +143,6 @@ class Conv(LayerKind):
         return x, d
 
 
-WEIGHT_GRAD_MIN_PIXELS = 16
-
-
 def _plain(meta: LayerMeta, inp: torch.Tensor) -> bool:
     """One call and one group: the shapes the convolution-form fast paths handle."""
     return meta.extra["groups"] == 1 and inp.dim() == meta.extra["dims"] + 2
@@ -153,10 +156,6 @@ def _conv_input(meta: LayerMeta, inp: torch.Tensor):
     if symmetric:
         return inp, tuple(reversed(pad[::2]))
     return (F.pad(inp, pad, mode=mode) if any(pad) else inp), 0
-
-
-TAPS_MAX_PIXELS = 8          # measured: taps 1.9x faster than the convolution at 2x2, 1.15x slower at 4x4
-TAPS_ONE_PRODUCT_BELOW = 16  # query rows: below, per-tap calls cost more than the products they save (3x at 4)
 
 
 def _gram_x_by_taps(meta: LayerMeta, inp: torch.Tensor, xr: torch.Tensor, padding) -> torch.Tensor:

@@ -21,14 +21,15 @@ COLUMNS = [("sample_id", "BIGINT"), ("anomaly_score", "DOUBLE"), ("is_anomaly", 
 def elite(ctx, data: SetName, labeled: SetName, score: str = "svdd", label_column: str = "label",
           anomaly_label: int = 1, normal_label: int = 0, features: str = "", epochs: int = 150,
           batch_size: int = 128, lr: float = 3e-4, eta_m: float = 1.0, margin: float = 0.0,
-          meta_gradient: str = "factored", seed: int = 0) -> pa.Table:
+          meta_gradient: str = "factored", anomaly_loss: str = "hinge", seed: int = 0) -> pa.Table:
     """Robust anomaly detection with meta-gradients (ELITE, KDD 2021) on a polluted sample set.
 
     data: the unlabeled samples to clean (labeled samples found in it are used as labeled only,
     but still scored). labeled: samples whose ``label_column`` holds ``anomaly_label`` or
     ``normal_label`` (or the strings 'anomaly' / 'normal'). features: comma-separated columns of
     ``samples`` to use as tabular input; empty means the registered inputs. margin: C of the hinge
-    loss, 0 for automatic. Returns sample_id, anomaly_score (higher = more anomalous) and
+    loss, 0 for automatic. anomaly_loss: 'hinge' (Eq. 4's max(C - Omega, 0)) or 'linear'
+    (C - Omega, the form of the paper's derivation) for pseudo-anomalies. Returns sample_id, anomaly_score (higher = more anomalous) and
     is_anomaly (score above the threshold chosen on the labeled samples).
     """
     data_ids = _ids(ctx, data)
@@ -39,7 +40,8 @@ def elite(ctx, data: SetName, labeled: SetName, score: str = "svdd", label_colum
         raise InvalidInputException(f"every sample of '{data}' is in '{labeled}'; ELITE needs unlabeled samples")
     x_train, x_labeled = _inputs(ctx, train_ids, features), _inputs(ctx, labeled_ids, features)
     det = EliteDetector(score=score, epochs=epochs, batch_size=batch_size, lr=lr, eta_m=eta_m,
-                        margin=margin if margin > 0 else None, meta_gradient=meta_gradient, seed=seed)
+                        margin=margin if margin > 0 else None, meta_gradient=meta_gradient,
+                        anomaly_loss=anomaly_loss, seed=seed)
     det.fit(x_train, x_labeled, labels, progress=_epochs_progress(ctx))
     det.save(ctx.store.artifact_dir("elite", str(data)))
     x_data = x_train if len(train_ids) == len(data_ids) else _inputs(ctx, data_ids, features)

@@ -33,16 +33,36 @@ def sample_weights(meta: torch.Tensor, eta_m: float) -> torch.Tensor:
     return eta_m * meta.abs()
 
 
-def training_loss(omega: torch.Tensor, meta: torch.Tensor, eta_m: float, margin: float) -> torch.Tensor:
+ANOMALY_LOSSES = ("linear", "hinge")
+
+
+def anomaly_term(omega: torch.Tensor, y: torch.Tensor, margin: float, anomaly_loss: str) -> torch.Tensor:
+    """The per-sample training loss under pseudo labels y.
+
+    'hinge' is Eq. 4 as written: an anomaly stops contributing once Omega >= C. 'linear' keeps
+    C - Omega for every anomaly, the form the paper's own derivations use ("we assume C is large
+    enough and therefore max{C - Omega, 0} = C - Omega", Eq. 8 and the proof of Theorem 1), under
+    which the step is exactly -(1/n) sum_i M_i grad Omega_i (Eq. 16) and Theorem 1's monotone
+    decrease of L^v holds; the authors' published code trains this way too. The validation loss
+    (Eq. 6) keeps the hinge either way.
+    """
+    if anomaly_loss == "hinge":
+        return hinge_loss(omega, y, margin)
+    linear = margin - omega
+    return torch.where(y > 0, omega, torch.where(y < 0, linear, torch.zeros_like(omega)))
+
+
+def training_loss(omega: torch.Tensor, meta: torch.Tensor, eta_m: float, margin: float,
+                  anomaly_loss: str = "hinge") -> torch.Tensor:
     """The objective whose gradient is Eq. 14's update: (1/n) sum_i alpha_i l(x_i, y_i).
 
-    Its gradient is -(1/n) sum_i M_i grad Omega_i over the samples whose hinge is active (a
-    normal: |M_i| grad Omega_i with M_i < 0; an anomaly below C: -|M_i| grad Omega_i with
-    M_i > 0); anomalies above C add nothing. So keeping labels as per-sample state between
-    iterations (Sec. 3.3.3, "starts with assuming that all unlabeled training samples are
-    normal") changes nothing: the first-order flip test of Eq. 8-10, with the hinge handled
-    exactly, gives -sign(M_i) whatever the current label (results/elite.md, Notes).
+    Its gradient is -(1/n) sum_i M_i grad Omega_i (a normal: |M_i| grad Omega_i with M_i < 0; an
+    anomaly: -|M_i| grad Omega_i with M_i > 0), over every sample with the linear anomaly loss and
+    over the active hinges with Eq. 4's (anomalies above C then add nothing). So keeping labels as
+    per-sample state between iterations (Sec. 3.3.3, "starts with assuming that all unlabeled
+    training samples are normal") changes nothing: the first-order flip test of Eq. 8-10 gives
+    -sign(M_i) whatever the current label (results/elite.md, Notes).
     """
     y = pseudo_labels(meta.detach())
     alpha = sample_weights(meta.detach(), eta_m)
-    return (alpha * hinge_loss(omega, y, margin)).mean()
+    return (alpha * anomaly_term(omega, y, margin, anomaly_loss)).mean()

@@ -89,11 +89,21 @@ def test_pseudo_labels_weights_and_loss_follow_eq_4_and_10_to_14():
     omega = torch.tensor([0.2, 0.5, 1.0, 0.3, 1.5], requires_grad=True)
     # Eq. 4 with C = 1: Omega for normals, max(C - Omega, 0) for anomalies, nothing for label 0
     assert torch.allclose(hinge_loss(omega, pseudo_labels(meta), 1.0), torch.tensor([0.2, 0.5, 0.0, 0.7, 0.0]))
-    loss = training_loss(omega, meta, eta_m=2.0, margin=1.0)
+    loss = training_loss(omega, meta, eta_m=2.0, margin=1.0, anomaly_loss="hinge")
     assert float(loss.detach()) == pytest.approx((4 * 0.2 + 1 * 0.5 + 1 * 0.7) / 5)
     # Eq. 14: the step follows alpha_i * dl/dOmega_i / n (pulled in, pushed out until Omega >= C)
     loss.backward()
     assert torch.allclose(omega.grad, torch.tensor([4.0, 1.0, 0.0, -1.0, 0.0]) / 5)
+
+
+def test_linear_anomaly_loss_gives_the_step_of_theorem_1():
+    meta = torch.tensor([-2.0, -0.5, 0.0, 0.5, 3.0])
+    omega = torch.tensor([0.2, 0.5, 1.0, 0.3, 1.5], requires_grad=True)
+    loss = training_loss(omega, meta, eta_m=2.0, margin=1.0, anomaly_loss="linear")   # C - Omega
+    assert float(loss.detach()) == pytest.approx((4 * 0.2 + 1 * 0.5 + 1 * 0.7 + 6 * (1 - 1.5)) / 5)
+    loss.backward()
+    # Eq. 16: d loss / d Omega_i = -eta_M M_i / n for every sample, the anomaly above C included
+    assert torch.allclose(omega.grad, -2.0 * meta / 5)
 
 
 def test_label_is_normal_when_the_sample_gradient_agrees_with_the_validation_gradient():
@@ -203,7 +213,7 @@ def test_bad_input_raises_before_training(case, monkeypatch):
 
 
 @pytest.mark.parametrize("param", [{"score": "knn"}, {"meta_gradient": "exact"}, {"lr": 0.0}, {"margin": -1.0},
-                                   {"optimizer": "lbfgs"}, {"batch_size": 0}])
+                                   {"optimizer": "lbfgs"}, {"batch_size": 0}, {"anomaly_loss": "squared"}])
 def test_bad_parameters_raise_before_training(param, monkeypatch):
     monkeypatch.setattr(EliteDetector, "_initial_score", lambda *a: pytest.fail("training started"))
     with pytest.raises(InvalidInputException):

@@ -74,6 +74,14 @@ def test_the_trained_detector_is_kept_in_the_store(ctx):
     assert np.allclose(again, table.column("anomaly_score").to_numpy())
 
 
+def test_the_anomaly_loss_reaches_the_detector(ctx):
+    table = elite(ctx, data="train", labeled="val", anomaly_loss="linear")
+    assert EliteDetector.load(ctx.store.artifact_dir("elite", "train")).anomaly_loss == "linear"
+    assert roc_auc_score(ctx.truth, table.column("anomaly_score").to_numpy()) > 0.95
+    with pytest.raises(InvalidInputException, match="anomaly_loss"):
+        elite(ctx, data="train", labeled="val", anomaly_loss="squared")
+
+
 def test_labeled_samples_inside_the_data_set_are_scored_not_trained_on(ctx):
     ctx.store.create_set("some_train", "SELECT sample_id FROM samples WHERE split = 'train' AND sample_id < 4 "
                                        "OR sample_id >= 170 AND sample_id < 174")

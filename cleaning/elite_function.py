@@ -29,8 +29,9 @@ def elite(ctx, data: SetName, labeled: SetName, score: str = "svdd", label_colum
     ``normal_label`` (or the strings 'anomaly' / 'normal'). features: comma-separated columns of
     ``samples`` to use as tabular input; empty means the registered inputs. margin: C of the hinge
     loss, 0 for automatic. anomaly_loss: 'hinge' (Eq. 4's max(C - Omega, 0)) or 'linear'
-    (C - Omega, the form of the paper's derivation) for pseudo-anomalies. Returns sample_id, anomaly_score (higher = more anomalous) and
-    is_anomaly (score above the threshold chosen on the labeled samples).
+    (C - Omega, the form of the paper's derivation) for pseudo-anomalies. Returns sample_id,
+    anomaly_score (higher = more anomalous) and is_anomaly (score above the threshold chosen on
+    the labeled samples).
     """
     data_ids = _ids(ctx, data)
     labeled_ids = _ids(ctx, labeled)

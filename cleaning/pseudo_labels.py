@@ -36,7 +36,7 @@ def sample_weights(meta: torch.Tensor, eta_m: float) -> torch.Tensor:
 ANOMALY_LOSSES = ("linear", "hinge")
 
 
-def anomaly_term(omega: torch.Tensor, y: torch.Tensor, margin: float, anomaly_loss: str) -> torch.Tensor:
+def sample_loss(omega: torch.Tensor, y: torch.Tensor, margin: float, anomaly_loss: str) -> torch.Tensor:
     """The per-sample training loss under pseudo labels y.
 
     'hinge' is Eq. 4 as written: an anomaly stops contributing once Omega >= C. 'linear' keeps
@@ -65,4 +65,4 @@ def training_loss(omega: torch.Tensor, meta: torch.Tensor, eta_m: float, margin:
     """
     y = pseudo_labels(meta.detach())
     alpha = sample_weights(meta.detach(), eta_m)
-    return (alpha * anomaly_term(omega, y, margin, anomaly_loss)).mean()
+    return (alpha * sample_loss(omega, y, margin, anomaly_loss)).mean()

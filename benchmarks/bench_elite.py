@@ -37,6 +37,9 @@ from metaql.cleaning.pseudo_labels import validation_loss
 RESULTS = Path(__file__).parent / "results" / "elite.md"
 N_LABELED = 10          # per class: 10 normal + 10 anomalous (the paper's 20 labels)
 TEST_FRACTION = 0.3
+# the ELITE columns a run may ask for: the detector's arguments beyond the shared settings
+ELITE_VARIANTS = {"ELITE": {"score": "svdd"}, "ELITE-linear": {"score": "svdd", "anomaly_loss": "linear"},
+                  "ELITE-AE": {"score": "ae"}}
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -69,13 +72,8 @@ def run_methods(x: np.ndarray, is_anom: np.ndarray, split: dict[str, np.ndarray]
     base = dict(shared, lr=cfg["baseline_lr"], seed=seed)
     out = {}
     for m in methods:
-        if m == "ELITE":
-            scores = EliteDetector(score="svdd", **elite).fit(xu, xl, yl).decision_function(xt)
-        elif m == "ELITE-linear":
-            scores = (EliteDetector(score="svdd", anomaly_loss="linear", **elite)
-                      .fit(xu, xl, yl).decision_function(xt))
-        elif m == "ELITE-AE":
-            scores = EliteDetector(score="ae", **elite).fit(xu, xl, yl).decision_function(xt)
+        if m in ELITE_VARIANTS:
+            scores = EliteDetector(**ELITE_VARIANTS[m], **elite).fit(xu, xl, yl).decision_function(xt)
         elif m == "Deep SAD":
             scores = DeepSAD(**base).fit(xu, xl, yl).decision_function(xt)
         elif m == "Deep SVDD":

@@ -139,7 +139,9 @@ def run_lancet(name: str, config: LancetConfig, select: str, pool: Pool, start: 
     ids = np.arange(pool.y.size, dtype=np.int64)
     session = LabelingSession(ids, num_classes=10, oracle=pool.y, config=config)
     session.ask_oracle(start)
-    x, rng, run = torch.from_numpy(pool.x), np.random.default_rng(seed + 1), Run(name)
+    # the pool as 8 x 8 images, as a user registers them: LANCET shifts its labeled batch
+    x = torch.from_numpy(pool.x).reshape(-1, 8, 8)
+    rng, run = np.random.default_rng(seed + 1), Run(name)
     t0 = time.perf_counter()
     for budget in budgets:
         step = budget - session.n_labeled

@@ -2,6 +2,7 @@
 
     cfm.py              the conditional feature matching loss (Eq. 27)
     embedding.py        the pluggable model protocol and the training loop that adds CFM
+    augment.py          one-pixel shifts of the labeled batch for image-shaped pools
     semigan.py          SemiGAN, the default embedding model (Eq. 32-35)
     propagation.py      labels and confidences from the linear head (§9)
     dmn.py              the distribution matching network and online weight approximation

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from metaql.labeling.augment import Augment
 from metaql.labeling.cfm import cfm_loss
 
 Regularizer = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -64,6 +65,9 @@ class TrainConfig:
     # points of propagated accuracy; 0.1 with lambda 1 was the best of the few settings tried
     cfm_weight: float = 0.1
     margin: float = 1.0          # lambda of Eq. 27
+    # one-pixel shifts of the labeled batch: 'auto' for image-shaped pools, 'shift', 'none'
+    # (metaql.labeling.augment says why and what it measured)
+    augment: str = "auto"
     seed: int = 0
 
 
@@ -80,11 +84,12 @@ def cfm_regularizer(num_classes: int, config: TrainConfig) -> Regularizer:
 def train_embedding(model: nn.Module, x: Tensor, labeled: Tensor, labels: Tensor,
                     config: TrainConfig,
                     progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
-                    ) -> list[dict[str, float]]:
-    """Trains `model` in place on inputs x (N x ...), labeled rows `labeled` with `labels`.
+                    augment: Augment | None = None) -> list[dict[str, float]]:
+    """Trains `model` in place on inputs x (N x d), labeled rows `labeled` with `labels`.
 
     Unlabeled batches are drawn from the rows not in `labeled` (all rows when every row is
-    labeled). Returns the per-step loss log, sampled every 50 steps.
+    labeled); `augment`, if given, transforms every labeled batch. Returns the per-step loss
+    log, sampled every 50 steps.
     """
     gen = torch.Generator().manual_seed(config.seed)
     unlabeled = _complement(labeled, x.shape[0])
@@ -105,7 +110,8 @@ def train_embedding(model: nn.Module, x: Tensor, labeled: Tensor, labels: Tensor
                 set_lr_scale(min(1.0, 2.0 * (1.0 - step / config.steps)))
             li = _batch(labeled, config.labeled_batch, gen)
             ui = _batch(unlabeled, config.batch_size, gen)
-            losses = step_fn(x[li], labels[_positions(labeled, li)], x[ui], regularize)
+            x_l = x[li] if augment is None else augment(x[li], gen)
+            losses = step_fn(x_l, labels[_positions(labeled, li)], x[ui], regularize)
             if step % 50 == 0:
                 log.append({"step": float(step), **losses})
         model.eval()

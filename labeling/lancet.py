@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from metaql.engine.errors import InvalidInputException, Warning as MetaQLWarning
+from metaql.labeling.augment import labeled_augmentation
 from metaql.labeling.dmn import OWAConfig, OWAResult, online_weight_approximation, select_candidates
 from metaql.labeling.embedding import EmbeddingModel, TrainConfig, train_embedding
 from metaql.labeling.propagation import Propagated, embed, propagate
@@ -132,6 +133,7 @@ def run_lancet(x: Tensor, labeled: Tensor, labels: Tensor, num_classes: int,
     config = config or LancetConfig()
     labeled, labels = labeled.long(), labels.long()
     check_labels(labels, num_classes)
+    augment = labeled_augmentation(config.train.augment, tuple(x.shape[1:]))
     x = prepare_inputs(x)
     train = config.train
     if model is None:
@@ -142,7 +144,7 @@ def run_lancet(x: Tensor, labeled: Tensor, labels: Tensor, num_classes: int,
         raise InvalidInputException(
             f"{type(model).__name__} is no LANCET model: it needs num_classes, features(x) "
             f"and logits(x) (see metaql.labeling.embedding)")
-    log = train_embedding(model, x, labeled, labels, train, progress)
+    log = train_embedding(model, x, labeled, labels, train, progress, augment)
     z, logits = embed(model, x)
     propagated = propagate(logits, labeled, labels)
     unlabeled = (~propagated.human).nonzero().squeeze(1)

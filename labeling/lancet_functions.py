@@ -27,6 +27,7 @@ import torch
 from metaql.engine.errors import InvalidInputException, IOException, Warning as MetaQLWarning
 from metaql.engine.functions import SetName, table_function
 from metaql.storage.labels import add_labels, read_labels
+from metaql.labeling.augment import check_mode
 from metaql.labeling.dmn import OWAConfig
 from metaql.labeling.embedding import TrainConfig
 from metaql.labeling.lancet import LancetConfig, check_budget
@@ -46,7 +47,8 @@ STATUS_COLUMNS = [("should_stop", "BOOLEAN"), ("reason", "VARCHAR"), ("dmn_loss"
 @table_function(name="LANCET_CANDIDATES", columns=CANDIDATE_COLUMNS)
 def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: int = 0,
                       oracle: str = "", steps: int = TrainConfig.steps, cfm: bool = True,
-                      alpha_t: float = 0.1, seed: int = 0) -> pa.Table:
+                      alpha_t: float = 0.1, seed: int = 0,
+                      augment: str = TrainConfig.augment) -> pa.Table:
     """The `budget` unlabeled samples of `pool` to label next: smallest OWA weight first.
 
     A small weight (~ p_labeled / p_unlabeled of the sample's embedding) means no labeled
@@ -55,11 +57,11 @@ def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: in
     labeled_by 'oracle:<column>'. num_classes 0 infers it from the labels. steps, cfm, seed:
     the embedding's training; alpha_t: the stop threshold (see LANCET_STATUS).
     """
-    session, x = _session(ctx, pool, num_classes, oracle, steps, cfm, alpha_t, seed)
+    session, x = _session(ctx, pool, num_classes, oracle, steps, cfm, alpha_t, seed, augment)
     if session.n_labeled == 0:
         ids, weights = _random_start(session, budget, seed)
     else:
-        ids, weights = _cached_round(ctx, session, x, pool, (steps, cfm, alpha_t, seed),
+        ids, weights = _cached_round(ctx, session, x, pool, (steps, cfm, alpha_t, seed, augment),
                                      lambda: session.candidates(x, budget, progress=_bar(ctx, steps)))
     if oracle:
         truth = ctx.store.sample_columns(ids, [oracle])[oracle]
@@ -70,12 +72,13 @@ def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: in
 
 @table_function(name="LANCET", columns=LABEL_COLUMNS)
 def lancet(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = TrainConfig.steps,
-           cfm: bool = True, alpha_t: float = 0.1, seed: int = 0) -> pa.Table:
+           cfm: bool = True, alpha_t: float = 0.1, seed: int = 0,
+           augment: str = TrainConfig.augment) -> pa.Table:
     """Every sample of `pool` with a label: its human label (source 'human', confidence 1) or
     the one LANCET propagates by the linear head on its CFM embedding (source 'propagated',
     confidence = the head's softmax probability)."""
-    session, x = _session(ctx, pool, num_classes, "", steps, cfm, alpha_t, seed)
-    out = _cached_round(ctx, session, x, pool, (steps, cfm, alpha_t, seed),
+    session, x = _session(ctx, pool, num_classes, "", steps, cfm, alpha_t, seed, augment)
+    out = _cached_round(ctx, session, x, pool, (steps, cfm, alpha_t, seed, augment),
                         lambda: session.propagated(x, progress=_bar(ctx, steps)))
     return pa.table({"sample_id": pa.array(out["sample_id"], pa.int64()),
                      "label": pa.array(out["label"], pa.int32()),
@@ -85,11 +88,12 @@ def lancet(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = TrainConf
 
 @table_function(name="LANCET_STATUS", columns=STATUS_COLUMNS)
 def lancet_status(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = TrainConfig.steps,
-                  cfm: bool = True, alpha_t: float = 0.1, seed: int = 0) -> pa.Table:
+                  cfm: bool = True, alpha_t: float = 0.1, seed: int = 0,
+                  augment: str = TrainConfig.augment) -> pa.Table:
     """One row: should_stop and the reason (§10.4: the DMN's loss within 5% of its maximum
     log 4 and every unlabeled weight above alpha_t), with the diagnostics behind it."""
-    session, x = _session(ctx, pool, num_classes, "", steps, cfm, alpha_t, seed)
-    decision = _cached_round(ctx, session, x, pool, (steps, cfm, alpha_t, seed),
+    session, x = _session(ctx, pool, num_classes, "", steps, cfm, alpha_t, seed, augment)
+    decision = _cached_round(ctx, session, x, pool, (steps, cfm, alpha_t, seed, augment),
                              lambda: session.status(x, progress=_bar(ctx, steps)))
     row = decision.as_row()
     return pa.table({name: [row[name]] for name, _ in STATUS_COLUMNS})
@@ -97,7 +101,7 @@ def lancet_status(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = Tr
 
 # -- building a session from the store ------------------------------------------------------------
 def _session(ctx: Any, pool: str, num_classes: int, oracle: str, steps: int, cfm: bool,
-             alpha_t: float, seed: int) -> tuple[LabelingSession, torch.Tensor]:
+             alpha_t: float, seed: int, augment: str) -> tuple[LabelingSession, torch.Tensor]:
     ids = np.asarray(ctx.store.set_ids(str(pool)), dtype=np.int64)
     if ids.size == 0:
         raise InvalidInputException(f"the sample set '{pool}' is empty")
@@ -107,7 +111,7 @@ def _session(ctx: Any, pool: str, num_classes: int, oracle: str, steps: int, cfm
         raise InvalidInputException(f"alpha_t must lie in (0, 1), got {alpha_t}")
     known = read_labels(ctx.store, ids)
     k = num_classes or _infer_classes(ctx, ids, known["label"], oracle)
-    session = LabelingSession(ids, k, config=lancet_config(steps, cfm, alpha_t, seed))
+    session = LabelingSession(ids, k, config=lancet_config(steps, cfm, alpha_t, seed, augment))
     for i, y, by, at in zip(known["sample_id"], known["label"], known["labeled_by"],
                             known["labeled_at"]):
         session.labels[int(i)] = (int(y), str(by), at)
@@ -119,9 +123,11 @@ def _session(ctx: Any, pool: str, num_classes: int, oracle: str, steps: int, cfm
     return session, ctx.store.inputs(ids)
 
 
-def lancet_config(steps: int, cfm: bool, alpha_t: float, seed: int) -> LancetConfig:
+def lancet_config(steps: int, cfm: bool, alpha_t: float, seed: int,
+                  augment: str = TrainConfig.augment) -> LancetConfig:
     """The round's configuration from the functions' arguments (the rest: library defaults)."""
-    return LancetConfig(train=TrainConfig(steps=steps, cfm=cfm, seed=seed),
+    check_mode(augment)   # before any training, so a typo fails fast
+    return LancetConfig(train=TrainConfig(steps=steps, cfm=cfm, seed=seed, augment=augment),
                         owa=OWAConfig(seed=seed), alpha_t=alpha_t)
 
 

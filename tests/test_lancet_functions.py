@@ -23,8 +23,9 @@ N, CLASSES = 90, 3
 @pytest.fixture(autouse=True)
 def _tiny_rounds(monkeypatch):
     """Small nets and few steps: the functions' plumbing is under test, not the learning."""
-    def tiny(steps, cfm, alpha_t, seed):
-        return LancetConfig(train=TrainConfig(steps=min(steps, 40), cfm=cfm, seed=seed),
+    def tiny(steps, cfm, alpha_t, seed, augment):
+        return LancetConfig(train=TrainConfig(steps=min(steps, 40), cfm=cfm, seed=seed,
+                                              augment=augment),
                             owa=OWAConfig(iterations=60, refine_iterations=20, seed=seed),
                             semigan={"hidden": [32], "feature_dim": 16}, warm_steps=10,
                             alpha_t=alpha_t)
@@ -134,6 +135,8 @@ def test_contradicting_labels_are_refused_not_overwritten():
     ("SELECT * FROM LANCET_CANDIDATES(pool=train, budget=0)", "positive"),
     ("SELECT * FROM LANCET(pool=train, num_classes=2)", r"outside \[0, 2\)"),
     ("SELECT * FROM LANCET_STATUS(pool=train, alpha_t=2.0)", "alpha_t"),
+    ("SELECT * FROM LANCET(pool=train, augment='flip')", "one of auto, shift, none"),
+    ("SELECT * FROM LANCET(pool=train, augment='shift')", "image-shaped"),
 ])
 def test_bad_arguments_are_clear_errors(query, match):
     con = blob_store()

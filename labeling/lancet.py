@@ -133,7 +133,8 @@ def run_lancet(x: Tensor, labeled: Tensor, labels: Tensor, num_classes: int,
     config = config or LancetConfig()
     labeled, labels = labeled.long(), labels.long()
     check_labels(labels, num_classes)
-    augment = labeled_augmentation(config.train.augment, tuple(x.shape[1:]))
+    augment = labeled_augmentation(config.train.augment, tuple(x.shape[1:]),
+                                   labels.numel() / num_classes)
     x = prepare_inputs(x)
     train = config.train
     if model is None:

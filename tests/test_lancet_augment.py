@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from metaql.engine.errors import InvalidInputException
-from metaql.labeling.augment import labeled_augmentation, pixel_shifts
+from metaql.labeling.augment import SCARCE, labeled_augmentation, pixel_shifts
 from metaql.labeling.embedding import TrainConfig, train_embedding
 
 
@@ -45,9 +45,11 @@ def test_shifts_cover_all_nine_offsets_and_follow_the_generator():
     assert torch.equal(out, again)
 
 
-def test_auto_shifts_images_only():
-    assert labeled_augmentation("auto", (8, 8)) is not None
-    assert labeled_augmentation("auto", (3, 32, 32)) is not None
+def test_auto_shifts_images_while_labels_are_scarce():
+    assert labeled_augmentation("auto", (8, 8), labels_per_class=2) is not None
+    assert labeled_augmentation("auto", (3, 32, 32), labels_per_class=2) is not None
+    assert labeled_augmentation("auto", (8, 8), labels_per_class=SCARCE) is None
+    assert labeled_augmentation("shift", (8, 8), labels_per_class=20) is not None
     assert labeled_augmentation("auto", (64,)) is None           # flat features: no notion of a pixel
     assert labeled_augmentation("none", (8, 8)) is None
 

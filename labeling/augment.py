@@ -1,18 +1,18 @@
-"""Augmentation of the labeled batch: random one-pixel shifts of image-shaped inputs, at a cold start.
+"""Opt-in augmentation of the labeled batch: random one-pixel shifts of image-shaped inputs.
 
 With 2 labels per class, SemiGAN's discriminator and its linear head fit the exact pixels of the
 few labeled images; a labeled image shifted by a pixel is still the same class, so shifting the
 labeled batch at every step spreads each label's evidence to the labeled image's neighbourhood
 (the Continuity condition of papers/000 §7 asks for labeled points near the unlabeled ones).
-Only the labeled batch is shifted: shifting the unlabeled batch as well makes the feature-matching
-generator chase the shifted distribution instead of the pool's, and cost accuracy on digits.
-Only while labels are scarce (mode 'auto': fewer than `SCARCE` per class): on 8 x 8 digits a
-shift drops an eighth of the image, and once a few labels per class cover the classes that loss of
-detail costs more than the regularization gains.
+Only the labeled batch is shifted: shifting the unlabeled batch too makes the feature-matching
+generator chase the shifted distribution instead of the pool's (worse on digits).
 
-Measured on digits (benchmarks/results/lancet.md, Notes): development splits 10-16, 20 labels,
-0.801 with shifts against 0.786 for LabelSpreading; shifting in every round cost 0.01-0.03 at
-100-200 labels on the benchmark's splits, shifting only at a cold start did not.
+Off by default, because on digits it does not pay over a whole session (measurements in
+benchmarks/results/lancet.md, Notes): 'cold' (shifts below 3 labels per class) lifts the
+20-label round on 6 of 7 splits (mean +0.020), but the next round, at 40 labels, comes out
+0.009 lower on the same splits, and 'shift' (every round) costs 0.01-0.03 at 100-200 labels:
+on 8 x 8 images a one-pixel shift drops an eighth of the digit. On larger images, where a pixel
+is a smaller part of the object, it is the customary augmentation.
 """
 from __future__ import annotations
 
@@ -25,27 +25,26 @@ from metaql.engine.errors import InvalidInputException
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]   # (flat rows, generator) -> flat rows
 
-MODES = ("auto", "shift", "none")
-SCARCE = 3.0   # labels per class below which 'auto' shifts
+MODES = ("none", "cold", "shift")
+SCARCE = 3.0   # labels per class below which 'cold' shifts
 
 
 def labeled_augmentation(mode: str, input_shape: tuple[int, ...],
                          labels_per_class: float = 0.0) -> Augment | None:
     """The augmentation a round applies to labeled batches, or None.
 
-    mode 'auto' shifts when the pool's inputs are images (per sample H x W or C x H x W, both
-    sides at least 4 pixels) and the round has fewer than SCARCE labels per class, and does
-    nothing for flat feature vectors; 'shift' shifts in every round and insists on images;
-    'none' turns augmentation off.
+    'none' (the default) leaves the batch alone; 'cold' shifts while the round has fewer than
+    SCARCE labels per class; 'shift' shifts in every round. Both need image-shaped inputs (per
+    sample H x W or C x H x W, both sides at least 4 pixels).
     """
     check_mode(mode)
     image = _is_image(input_shape)
-    if mode == "shift" and not image:
+    if mode != "none" and not image:
         raise InvalidInputException(
-            f"augment='shift' needs image-shaped inputs (H x W or C x H x W per sample); this "
+            f"augment='{mode}' needs image-shaped inputs (H x W or C x H x W per sample); this "
             f"pool's inputs have shape {tuple(input_shape)} per sample. Register the inputs as "
             f"images or pass augment='none'")
-    if mode == "none" or not image or (mode == "auto" and labels_per_class >= SCARCE):
+    if mode == "none" or (mode == "cold" and labels_per_class >= SCARCE):
         return None
     return lambda rows, gen: pixel_shifts(rows, input_shape, gen)
 

@@ -55,9 +55,9 @@ def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: in
     neighbour. With no label yet, a random start is suggested (weight 1). oracle: a column of
     `samples` holding true labels (experiments): the candidates are labeled from it at once,
     labeled_by 'oracle:<column>'. num_classes 0 infers it from the labels. steps, cfm, seed:
-    the embedding's training; augment: 'auto' (one-pixel shifts of the labeled batch when the
-    inputs are images and there are fewer than 3 labels per class), 'shift' (every round) or
-    'none'; alpha_t: the stop threshold (see LANCET_STATUS).
+    the embedding's training; augment: 'none', or one-pixel shifts of the labeled batch of an
+    image-shaped pool, 'cold' (below 3 labels per class) or 'shift' (every round); alpha_t: the
+    stop threshold (see LANCET_STATUS).
     """
     session, x = _session(ctx, pool, num_classes, oracle, steps, cfm, alpha_t, seed, augment)
     if session.n_labeled == 0:

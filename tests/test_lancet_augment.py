@@ -45,18 +45,20 @@ def test_shifts_cover_all_nine_offsets_and_follow_the_generator():
     assert torch.equal(out, again)
 
 
-def test_auto_shifts_images_while_labels_are_scarce():
-    assert labeled_augmentation("auto", (8, 8), labels_per_class=2) is not None
-    assert labeled_augmentation("auto", (3, 32, 32), labels_per_class=2) is not None
-    assert labeled_augmentation("auto", (8, 8), labels_per_class=SCARCE) is None
+def test_cold_shifts_while_labels_are_scarce_and_shift_always():
+    assert labeled_augmentation("cold", (8, 8), labels_per_class=2) is not None
+    assert labeled_augmentation("cold", (3, 32, 32), labels_per_class=2) is not None
+    assert labeled_augmentation("cold", (8, 8), labels_per_class=SCARCE) is None
     assert labeled_augmentation("shift", (8, 8), labels_per_class=20) is not None
-    assert labeled_augmentation("auto", (64,)) is None           # flat features: no notion of a pixel
     assert labeled_augmentation("none", (8, 8)) is None
+    assert labeled_augmentation("none", (64,)) is None
+    assert TrainConfig().augment == "none"                      # opt-in: see metaql.labeling.augment
 
 
 @pytest.mark.parametrize("mode, shape, match", [
     ("shift", (64,), "image-shaped"),
-    ("flip", (8, 8), "one of auto, shift, none"),
+    ("cold", (64,), "image-shaped"),
+    ("flip", (8, 8), "one of none, cold, shift"),
 ])
 def test_bad_augmentation_requests_are_clear_errors(mode, shape, match):
     with pytest.raises(InvalidInputException, match=match):

@@ -6,9 +6,13 @@ and (b) the test accuracy of one fixed classifier (an RBF SVM) trained on the wh
 those labels. Baselines: scikit-learn LabelSpreading with random, margin-uncertainty and core-set
 (k-center greedy) selection; ablations: LANCET without CFM (plain SemiGAN embedding, DMN
 selection) and LANCET with random selection. We also report where LANCET's stop rule (§10.4)
-first fires and its propagation efficiency there (correct propagated labels per human label).
+first fires and its propagation efficiency there (correct propagated labels per human label),
+and LANCET minus the best LabelSpreading of each seed with its standard error: single runs at
+20-40 labels vary by several points, so read the means beside that noise.
 
-    python benchmarks/bench_lancet.py            # 2 seeds, 2 processes (writes results/lancet.md)
+    python benchmarks/bench_lancet.py --seeds 8  # the reported run (~30 min on 2 cores)
+    python benchmarks/bench_lancet.py            # 2 seeds, 2 processes (writes results/lancet.md
+                                                 # and every round to results/lancet.json)
     python benchmarks/bench_lancet.py --quick    # a < 1 minute smoke run (writes nothing)
 """
 from __future__ import annotations

@@ -190,6 +190,7 @@ SETUP = (
 
 METHODS = ["LANCET", "LS random", "LS margin", "LS core-set", "LANCET w/o CFM",
            "LANCET random sel."]
+BASELINES = [m for m in METHODS if m.startswith("LS ")]
 
 
 def run_method(method: str, seed: int, budgets: list[int], quick: bool, warm: bool,
@@ -226,9 +227,6 @@ def table(runs_by_seed: list[list[Run]], budgets: list[int], metric: str) -> str
     return "\n".join(lines)
 
 
-BASELINES = ["LS random", "LS margin", "LS core-set"]
-
-
 def margin_table(runs_by_seed: list[list[Run]], budgets: list[int]) -> str:
     """LANCET minus the best LabelSpreading baseline on the same seed, mean and standard error
     over seeds: the comparison the target is about, with its noise beside it."""
@@ -241,8 +239,8 @@ def margin_table(runs_by_seed: list[list[Run]], budgets: list[int]) -> str:
         cells = []
         for metric in ("prop_acc", "test_acc"):
             d = np.asarray([_lead(runs, names, i, metric) for runs in runs_by_seed])
-            se = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else float("nan")
-            cells.append(f"{d.mean():+.3f} ± {se:.3f}")
+            se = f" ± {d.std(ddof=1) / np.sqrt(d.size):.3f}" if d.size > 1 else ""
+            cells.append(f"{d.mean():+.3f}{se}")
         ahead = sum(_lead(runs, names, i, "prop_acc") > 0 for runs in runs_by_seed)
         lines.append(f"| {b} | {cells[0]} | {cells[1]} | {ahead} of {len(runs_by_seed)} |")
     return "\n".join(lines)

@@ -8,8 +8,8 @@
 Human labels come from the catalog table `labels`; the pool's inputs from the store. A round
 (training, propagation, OWA) runs when the pool's labeled set has changed and is cached under
 the store's artifacts (kind 'lancet', named after the pool), keyed by the labeled set's content
-and the arguments, so repeated calls and a reopened store reuse it; a new labeled set continues
-training the most recent cached model of the same arguments.
+and the round's configuration, so repeated calls and a reopened store reuse it; a new labeled set
+continues training the most recent cached model of the same configuration.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from metaql.labeling.augment import check_mode
 from metaql.labeling.dmn import OWAConfig
 from metaql.labeling.embedding import TrainConfig
 from metaql.labeling.lancet import LancetConfig, check_budget
-from metaql.labeling.session import LabelingSession
+from metaql.labeling.session import LabelingSession, config_to_json
 
 CACHE_KEEP = 3   # cached rounds kept per pool: the current one and a little history
 
@@ -63,7 +63,7 @@ def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: in
     if session.n_labeled == 0:
         ids, weights = _random_start(session, budget, seed)
     else:
-        ids, weights = _cached_round(ctx, session, x, pool, (steps, cfm, alpha_t, seed, augment),
+        ids, weights = _cached_round(ctx, session, pool,
                                      lambda: session.candidates(x, budget, progress=_bar(ctx, steps)))
     if oracle:
         truth = ctx.store.sample_columns(ids, [oracle])[oracle]
@@ -80,7 +80,7 @@ def lancet(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = TrainConf
     the one LANCET propagates by the linear head on its CFM embedding (source 'propagated',
     confidence = the head's softmax probability)."""
     session, x = _session(ctx, pool, num_classes, "", steps, cfm, alpha_t, seed, augment)
-    out = _cached_round(ctx, session, x, pool, (steps, cfm, alpha_t, seed, augment),
+    out = _cached_round(ctx, session, pool,
                         lambda: session.propagated(x, progress=_bar(ctx, steps)))
     return pa.table({"sample_id": pa.array(out["sample_id"], pa.int64()),
                      "label": pa.array(out["label"], pa.int32()),
@@ -95,7 +95,7 @@ def lancet_status(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = Tr
     """One row: should_stop and the reason (§10.4: the DMN's loss within 5% of its maximum
     log 4 and every unlabeled weight above alpha_t), with the diagnostics behind it."""
     session, x = _session(ctx, pool, num_classes, "", steps, cfm, alpha_t, seed, augment)
-    decision = _cached_round(ctx, session, x, pool, (steps, cfm, alpha_t, seed, augment),
+    decision = _cached_round(ctx, session, pool,
                              lambda: session.status(x, progress=_bar(ctx, steps)))
     row = decision.as_row()
     return pa.table({name: [row[name]] for name, _ in STATUS_COLUMNS})
@@ -169,12 +169,15 @@ def _bar(ctx: Any, steps: int):
 
 
 # -- the cache of trained rounds ------------------------------------------------------------------
-def _cached_round(ctx: Any, session: LabelingSession, x: torch.Tensor, pool: str,
-                  args: tuple, compute):
+def _cached_round(ctx: Any, session: LabelingSession, pool: str, compute):
     """Runs `compute` with the session's trained state restored from the store's cache (or the
-    newest cached model of the same arguments as a warm start), then caches the new state."""
+    newest cached model of the same configuration as a warm start), then caches the new state.
+
+    Entries are keyed by the whole round configuration, not just the functions' arguments, so a
+    changed library default never reuses a model trained under the old one."""
     root = ctx.store.artifact_dir("lancet", str(pool))
-    family = _digest([session.pool_ids.tobytes(), json.dumps(args).encode(),
+    config = json.dumps(config_to_json(session.config), sort_keys=True)
+    family = _digest([session.pool_ids.tobytes(), config.encode(),
                       str(session.num_classes).encode()])
     here = root / f"{family}-{session.key()}"
     source = here if (here / "session.json").exists() else _newest(root, family)

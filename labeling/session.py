@@ -207,7 +207,7 @@ class LabelingSession:
         meta: dict[str, Any] = {
             "format": FORMAT, "num_classes": self.num_classes, "budget": self.budget,
             "labeled_by": [self.labels[int(i)][1] for i in ids],
-            "config": _config_to_json(self.config), "result_key": None,
+            "config": config_to_json(self.config), "result_key": None,
         }
         if self.result is not None:
             meta.update(_save_result(self.result, d))
@@ -250,7 +250,8 @@ def _micros(at: dt.datetime) -> int:
     return int(round(at.timestamp() * 1e6))
 
 
-def _config_to_json(c: LancetConfig) -> dict[str, Any]:
+def config_to_json(c: LancetConfig) -> dict[str, Any]:
+    """Every knob of a round as JSON: what a session saves, and what its cache entries are keyed by."""
     return {"train": c.train.__dict__, "owa": c.owa.__dict__, "semigan": c.semigan,
             "warm_steps": c.warm_steps, "alpha_t": c.alpha_t, "loss_tolerance": c.loss_tolerance}
 

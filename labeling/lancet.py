@@ -22,6 +22,7 @@ from metaql.labeling.propagation import Propagated, embed, propagate
 from metaql.labeling.semigan import SemiGAN, SemiGANConfig
 from metaql.labeling.termination import StopDecision, stop_decision
 
+RETRAIN_GROWTH = 1.5
 ModelFactory = Callable[[int, int, int], nn.Module]   # (in_dim, num_classes, seed) -> model
 
 
@@ -34,6 +35,12 @@ class LancetConfig:
     owa: OWAConfig = field(default_factory=OWAConfig)
     semigan: dict[str, Any] = field(default_factory=dict)   # SemiGANConfig overrides
     warm_steps: int = 800         # steps when continuing from the previous round's model
+    # A round continues the previous round's model only while the new labels are a small part of
+    # the labeled set: from `retrain_growth` times the labels the previous model saw, it trains
+    # afresh (config.train.steps). A model warm-started from 2 labels per class stays near its
+    # first solution: on 4 development splits, going from 20 to 40 labels, 800 more steps gave
+    # 0.919 propagated accuracy, 3000 more 0.927, a fresh model 0.944
+    retrain_growth: float = RETRAIN_GROWTH
     alpha_t: float = 0.1          # §10.4
     loss_tolerance: float = 0.05  # how near log 4 the DMN loss must be to call the sides matched
 
@@ -67,6 +74,16 @@ class LancetResult:
         pick, weights = select_candidates(z[labeled], z[self.unlabeled], budget, self.owa_config,
                                           first=self.owa if self.owa.dmn is not None else None)
         return self.unlabeled[pick], weights
+
+
+def warm_start(previous: LancetResult | None, n_labeled: int,
+               config: LancetConfig) -> nn.Module | None:
+    """The previous round's model to continue training, or None when the next round should
+    train a fresh one (no previous round, or the labeled set grew by `retrain_growth` or more)."""
+    if previous is None:
+        return None
+    before = int(previous.propagated.human.sum())
+    return previous.model if n_labeled < config.retrain_growth * before else None
 
 
 def check_budget(budget: int, n_unlabeled: int) -> None:

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from metaql.engine.errors import IOException, InvalidInputException, Warning as MetaQLWarning
 from metaql.labeling.dmn import OWAConfig, OWAResult
 from metaql.labeling.embedding import TrainConfig
-from metaql.labeling.lancet import (LancetConfig, LancetResult, ModelFactory, check_budget,
-                                    run_lancet)
+from metaql.labeling.lancet import (RETRAIN_GROWTH, LancetConfig, LancetResult, ModelFactory,
+                                    check_budget, run_lancet, warm_start)
 from metaql.labeling.propagation import Propagated
 from metaql.labeling.semigan import SemiGAN
 from metaql.labeling.termination import StopDecision
@@ -149,8 +149,9 @@ class LabelingSession:
             warm: bool = True) -> LancetResult:
         """The round for the current labels; reused while the labeled set is unchanged.
 
-        With warm=True a new round continues training the previous round's model (fewer steps);
-        warm=False always trains from scratch.
+        With warm=True a new round continues training the previous round's model (fewer steps)
+        unless the labeled set has grown by `config.retrain_growth` since; warm=False always
+        trains from scratch.
         """
         key = self.key()
         if self.result is not None and self.result_key == key:
@@ -160,7 +161,7 @@ class LabelingSession:
                 f"{x.shape[0]} input row(s) for a pool of {self.pool_ids.size} samples")
         ids = self.labeled_ids
         labels = torch.as_tensor([self.labels[int(i)][0] for i in ids], dtype=torch.long)
-        previous = self.result.model if (warm and self.result is not None) else None
+        previous = warm_start(self.result, len(ids), self.config) if warm else None
         self.result = run_lancet(x, torch.as_tensor(self.rows(ids)), labels, self.num_classes,
                                  self.config, model=previous, make_model=self.make_model,
                                  progress=progress)
@@ -253,12 +254,14 @@ def _micros(at: dt.datetime) -> int:
 def config_to_json(c: LancetConfig) -> dict[str, Any]:
     """Every knob of a round as JSON: what a session saves, and what its cache entries are keyed by."""
     return {"train": c.train.__dict__, "owa": c.owa.__dict__, "semigan": c.semigan,
-            "warm_steps": c.warm_steps, "alpha_t": c.alpha_t, "loss_tolerance": c.loss_tolerance}
+            "warm_steps": c.warm_steps, "alpha_t": c.alpha_t, "loss_tolerance": c.loss_tolerance,
+            "retrain_growth": c.retrain_growth}
 
 
 def _config_from_json(j: dict[str, Any]) -> LancetConfig:
     return LancetConfig(TrainConfig(**j["train"]), OWAConfig(**j["owa"]), dict(j["semigan"]),
-                        j["warm_steps"], j["alpha_t"], j["loss_tolerance"])
+                        j["warm_steps"], j["alpha_t"], j["loss_tolerance"],
+                        j.get("retrain_growth", RETRAIN_GROWTH))   # saved before the knob existed
 
 
 def _save_result(r: LancetResult, d: Path) -> dict[str, Any]:

@@ -317,3 +317,19 @@ def test_warm_rounds_continue_the_previous_model():
         second = s.fit(x)
     assert second.model is first                 # trained further, not rebuilt
     assert s.fit(x) is second                    # unchanged labels: the cached round
+
+
+def test_a_round_retrains_once_the_labeled_set_has_grown_enough():
+    x, y = blobs(30)
+    config = LancetConfig(**{**TINY.__dict__, "retrain_growth": 1.5})
+    s = LabelingSession(np.arange(90), 3, oracle=y.numpy(), config=config)
+    s.ask_oracle(range(9))
+    first = s.fit(x).model
+    s.ask_oracle(range(9, 13))                   # 13 < 1.5 x 9: continue the model
+    second = s.fit(x)
+    assert second.model is first and len(second.log) == len(range(0, TINY.warm_steps, 50))
+    s.ask_oracle(range(13, 20))                  # 20 >= 1.5 x 13: a fresh model, full length
+    third = s.fit(x)
+    assert third.model is not first
+    assert len(third.log) == len(range(0, TINY.train.steps, 50))
+    assert s.fit(x, warm=False).model is third.model   # unchanged labels: still the cached round

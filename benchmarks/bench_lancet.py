@@ -168,7 +168,7 @@ def run_lancet(name: str, config: LancetConfig, select: str, pool: Pool, start: 
 
 
 def lancet_config(quick: bool, seed: int) -> LancetConfig:
-    """The library's defaults (6000 first-round steps, 800 per later round); tiny for --quick."""
+    """The library's defaults (6000 steps from scratch, 800 on a warm start); tiny for --quick."""
     if not quick:
         return LancetConfig(train=TrainConfig(seed=seed), owa=OWAConfig(seed=seed))
     return LancetConfig(train=TrainConfig(steps=150, seed=seed),
@@ -181,8 +181,11 @@ SETUP = (
     "knn 7/10 and rbf 2-16 for random selection on seed 0), alpha 0.2; margin: the smallest gap "
     "between its two most probable labels; core-set: k-center greedy on the pixels. LANCET: "
     "SemiGAN (discriminator 64-256-256-128 with K+1 outputs, Gaussian noise, weight norm; "
-    "feature-matching generator) plus CFM (weight 0.1, lambda 1), 6000 steps in the first round "
-    "and 800 more per round (warm start from the previous round's model), labels from the "
+    "feature-matching generator) plus CFM (weight 0.1, lambda 1), 6000 steps from scratch in the "
+    "first round and whenever the labeled set has grown 1.5 times since the previous round (40 "
+    "and 60 labels here), else 800 more steps on the previous round's model, one-pixel shifts of "
+    "the labeled images while there are fewer than 3 labels per class (augment='auto': the "
+    "20-label round here), labels from the "
     "linear head of an exponential moving average (decay 0.999) of the discriminator, DMN/OWA with 400 iterations, the b candidates picked in up to "
     "20 OWA passes (one label per pass at b = 20). LANCET w/o CFM: the same without the CFM "
     "term; LANCET random sel.: the same with random candidates. Downstream classifier: "

@@ -1,4 +1,4 @@
-"""Opt-in augmentation of the labeled batch: random one-pixel shifts of image-shaped inputs.
+"""Augmentation of the labeled batch: random one-pixel shifts of image-shaped inputs.
 
 With 2 labels per class, SemiGAN's discriminator and its linear head fit the exact pixels of the
 few labeled images; a labeled image shifted by a pixel is still the same class, so shifting the
@@ -7,12 +7,14 @@ labeled batch at every step spreads each label's evidence to the labeled image's
 Only the labeled batch is shifted: shifting the unlabeled batch too makes the feature-matching
 generator chase the shifted distribution instead of the pool's (worse on digits).
 
-Off by default, because on digits it does not pay over a whole session (measurements in
-benchmarks/results/lancet.md, Notes): 'cold' (shifts below 3 labels per class) lifts the
-20-label round on 6 of 7 splits (mean +0.020), but the next round, at 40 labels, comes out
-0.009 lower on the same splits, and 'shift' (every round) costs 0.01-0.03 at 100-200 labels:
-on 8 x 8 images a one-pixel shift drops an eighth of the digit. On larger images, where a pixel
-is a smaller part of the object, it is the customary augmentation.
+The default, 'auto', shifts only at a cold start (below 3 labels per class) and only on
+image-shaped pools (measurements in benchmarks/results/lancet.md, Notes). On digits it lifts
+the 20-label round on 6 of 7 splits (mean +0.020). It used to cost the next round 0.009, since
+that round continued the shifted model; now that a round whose labeled set has grown 1.5 times
+trains afresh (LancetConfig.retrain_growth), the 40-label round gains too (development splits
+10-13: 0.946 against 0.940 without shifts). 'shift' (every round) costs 0.01-0.03 at 100-200
+labels: on 8 x 8 images a one-pixel shift drops an eighth of the digit. On larger images, where
+a pixel is a smaller part of the object, it is the customary augmentation.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from metaql.engine.errors import InvalidInputException
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]   # (flat rows, generator) -> flat rows
 
-MODES = ("none", "cold", "shift")
+MODES = ("auto", "none", "cold", "shift")
 SCARCE = 3.0   # labels per class below which 'cold' shifts
 
 
@@ -33,12 +35,15 @@ def labeled_augmentation(mode: str, input_shape: tuple[int, ...],
                          labels_per_class: float = 0.0) -> Augment | None:
     """The augmentation a round applies to labeled batches, or None.
 
-    'none' (the default) leaves the batch alone; 'cold' shifts while the round has fewer than
-    SCARCE labels per class; 'shift' shifts in every round. Both need image-shaped inputs (per
-    sample H x W or C x H x W, both sides at least 4 pixels).
+    'none' leaves the batch alone; 'cold' shifts while the round has fewer than SCARCE labels
+    per class; 'shift' shifts in every round. Both need image-shaped inputs (per sample H x W or
+    C x H x W, both sides at least 4 pixels). 'auto' (the default) is 'cold' on image-shaped
+    inputs and 'none' on flat features.
     """
     check_mode(mode)
     image = _is_image(input_shape)
+    if mode == "auto":
+        mode = "cold" if image else "none"
     if mode != "none" and not image:
         raise InvalidInputException(
             f"augment='{mode}' needs image-shaped inputs (H x W or C x H x W per sample); this "

@@ -65,9 +65,10 @@ class TrainConfig:
     # points of propagated accuracy; 0.1 with lambda 1 was the best of the few settings tried
     cfm_weight: float = 0.1
     margin: float = 1.0          # lambda of Eq. 27
-    # one-pixel shifts of the labeled batch of image-shaped pools: 'none', 'cold' (below 3 labels
-    # per class), 'shift' (every round); metaql.labeling.augment says why it is off by default
-    augment: str = "none"
+    # one-pixel shifts of the labeled batch of image-shaped pools: 'auto' ('cold' on images, else
+    # 'none'), 'none', 'cold' (below 3 labels per class), 'shift' (every round); see
+    # metaql.labeling.augment
+    augment: str = "auto"
     seed: int = 0
 
 

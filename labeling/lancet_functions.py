@@ -55,8 +55,9 @@ def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: in
     neighbour. With no label yet, a random start is suggested (weight 1). oracle: a column of
     `samples` holding true labels (experiments): the candidates are labeled from it at once,
     labeled_by 'oracle:<column>'. num_classes 0 infers it from the labels. steps, cfm, seed:
-    the embedding's training; augment: 'none', or one-pixel shifts of the labeled batch of an
-    image-shaped pool, 'cold' (below 3 labels per class) or 'shift' (every round); alpha_t: the
+    the embedding's training; augment: one-pixel shifts of the labeled batch of an image-shaped
+    pool, 'cold' (below 3 labels per class) or 'shift' (every round), 'none', or 'auto' (the
+    default: 'cold' on images, 'none' on flat features); alpha_t: the
     stop threshold (see LANCET_STATUS).
     """
     session, x = _session(ctx, pool, num_classes, oracle, steps, cfm, alpha_t, seed, augment)

@@ -52,13 +52,19 @@ def test_cold_shifts_while_labels_are_scarce_and_shift_always():
     assert labeled_augmentation("shift", (8, 8), labels_per_class=20) is not None
     assert labeled_augmentation("none", (8, 8)) is None
     assert labeled_augmentation("none", (64,)) is None
-    assert TrainConfig().augment == "none"                      # opt-in: see metaql.labeling.augment
+
+
+def test_auto_is_cold_on_images_and_none_on_flat_features():
+    assert TrainConfig().augment == "auto"
+    assert labeled_augmentation("auto", (8, 8), labels_per_class=2) is not None
+    assert labeled_augmentation("auto", (8, 8), labels_per_class=SCARCE) is None
+    assert labeled_augmentation("auto", (64,), labels_per_class=2) is None   # no error either
 
 
 @pytest.mark.parametrize("mode, shape, match", [
     ("shift", (64,), "image-shaped"),
     ("cold", (64,), "image-shaped"),
-    ("flip", (8, 8), "one of none, cold, shift"),
+    ("flip", (8, 8), "one of auto, none, cold, shift"),
 ])
 def test_bad_augmentation_requests_are_clear_errors(mode, shape, match):
     with pytest.raises(InvalidInputException, match=match):

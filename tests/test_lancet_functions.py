@@ -135,7 +135,7 @@ def test_contradicting_labels_are_refused_not_overwritten():
     ("SELECT * FROM LANCET_CANDIDATES(pool=train, budget=0)", "positive"),
     ("SELECT * FROM LANCET(pool=train, num_classes=2)", r"outside \[0, 2\)"),
     ("SELECT * FROM LANCET_STATUS(pool=train, alpha_t=2.0)", "alpha_t"),
-    ("SELECT * FROM LANCET(pool=train, augment='flip')", "one of none, cold, shift"),
+    ("SELECT * FROM LANCET(pool=train, augment='flip')", "one of auto, none, cold, shift"),
     ("SELECT * FROM LANCET(pool=train, augment='shift')", "image-shaped"),
 ])
 def test_bad_arguments_are_clear_errors(query, match):

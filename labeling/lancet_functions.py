@@ -57,8 +57,8 @@ def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: in
     labeled_by 'oracle:<column>'. num_classes 0 infers it from the labels. steps, cfm, seed:
     the embedding's training; augment: one-pixel shifts of the labeled batch of an image-shaped
     pool, 'cold' (below 3 labels per class) or 'shift' (every round), 'none', or 'auto' (the
-    default: 'cold' on images, 'none' on flat features); alpha_t: the
-    stop threshold (see LANCET_STATUS).
+    default: 'cold' on images, 'none' on flat features); alpha_t: the stop threshold (see
+    LANCET_STATUS).
     """
     session, x = _session(ctx, pool, num_classes, oracle, steps, cfm, alpha_t, seed, augment)
     if session.n_labeled == 0:

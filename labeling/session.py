@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from metaql.engine.errors import IOException, InvalidInputException, Warning as MetaQLWarning
 from metaql.labeling.dmn import OWAConfig, OWAResult
 from metaql.labeling.embedding import TrainConfig
-from metaql.labeling.lancet import (RETRAIN_GROWTH, LancetConfig, LancetResult, ModelFactory,
-                                    check_budget, run_lancet, warm_start)
+from metaql.labeling.lancet import (LancetConfig, LancetResult, ModelFactory, check_budget,
+                                    run_lancet, warm_start)
 from metaql.labeling.propagation import Propagated
 from metaql.labeling.semigan import SemiGAN
 from metaql.labeling.termination import StopDecision
@@ -261,7 +261,7 @@ def config_to_json(c: LancetConfig) -> dict[str, Any]:
 def _config_from_json(j: dict[str, Any]) -> LancetConfig:
     return LancetConfig(TrainConfig(**j["train"]), OWAConfig(**j["owa"]), dict(j["semigan"]),
                         j["warm_steps"], j["alpha_t"], j["loss_tolerance"],
-                        j.get("retrain_growth", RETRAIN_GROWTH))   # saved before the knob existed
+                        j.get("retrain_growth", LancetConfig.retrain_growth))   # saved before the knob existed
 
 
 def _save_result(r: LancetResult, d: Path) -> dict[str, Any]:

@@ -48,11 +48,15 @@ STATUS_COLUMNS = [("should_stop", "BOOLEAN"), ("reason", "VARCHAR"), ("dmn_loss"
 def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: int = 0,
                       oracle: str = "", steps: int = TrainConfig.steps, cfm: bool = True,
                       alpha_t: float = 0.1, seed: int = 0,
-                      augment: str = TrainConfig.augment) -> pa.Table:
+                      augment: str = TrainConfig.augment,
+                      after_stop: str = LancetConfig.after_stop) -> pa.Table:
     """The `budget` unlabeled samples of `pool` to label next: smallest OWA weight first.
 
     A small weight (~ p_labeled / p_unlabeled of the sample's embedding) means no labeled
-    neighbour. With no label yet, a random start is suggested (weight 1). oracle: a column of
+    neighbour. Once LANCET_STATUS says stop, the default after_stop='confidence' asks for the
+    least confident propagated labels instead (least confident first; the DMN's weights no
+    longer rank anything there); after_stop='dmn' keeps the smallest weights. With no label
+    yet, a random start is suggested (weight 1). oracle: a column of
     `samples` holding true labels (experiments): the candidates are labeled from it at once,
     labeled_by 'oracle:<column>'. num_classes 0 infers it from the labels. steps, cfm, seed:
     the embedding's training; augment: one-pixel shifts of the labeled batch of an image-shaped
@@ -60,7 +64,8 @@ def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: in
     default: 'cold' on images, 'none' on flat features); alpha_t: the stop threshold (see
     LANCET_STATUS).
     """
-    session, x = _session(ctx, pool, num_classes, oracle, steps, cfm, alpha_t, seed, augment)
+    session, x = _session(ctx, pool, num_classes, oracle, steps, cfm, alpha_t, seed, augment,
+                          after_stop)
     if session.n_labeled == 0:
         ids, weights = _random_start(session, budget, seed)
     else:
@@ -104,7 +109,8 @@ def lancet_status(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = Tr
 
 # -- building a session from the store ------------------------------------------------------------
 def _session(ctx: Any, pool: str, num_classes: int, oracle: str, steps: int, cfm: bool,
-             alpha_t: float, seed: int, augment: str) -> tuple[LabelingSession, torch.Tensor]:
+             alpha_t: float, seed: int, augment: str,
+             after_stop: str = LancetConfig.after_stop) -> tuple[LabelingSession, torch.Tensor]:
     ids = np.asarray(ctx.store.set_ids(str(pool)), dtype=np.int64)
     if ids.size == 0:
         raise InvalidInputException(f"the sample set '{pool}' is empty")
@@ -114,7 +120,8 @@ def _session(ctx: Any, pool: str, num_classes: int, oracle: str, steps: int, cfm
         raise InvalidInputException(f"alpha_t must lie in (0, 1), got {alpha_t}")
     known = read_labels(ctx.store, ids)
     k = num_classes or _infer_classes(ctx, ids, known["label"], oracle)
-    session = LabelingSession(ids, k, config=lancet_config(steps, cfm, alpha_t, seed, augment))
+    session = LabelingSession(ids, k, config=lancet_config(steps, cfm, alpha_t, seed, augment,
+                                                           after_stop))
     for i, y, by, at in zip(known["sample_id"], known["label"], known["labeled_by"],
                             known["labeled_at"]):
         session.labels[int(i)] = (int(y), str(by), at)
@@ -127,11 +134,12 @@ def _session(ctx: Any, pool: str, num_classes: int, oracle: str, steps: int, cfm
 
 
 def lancet_config(steps: int, cfm: bool, alpha_t: float, seed: int,
-                  augment: str = TrainConfig.augment) -> LancetConfig:
+                  augment: str = TrainConfig.augment,
+                  after_stop: str = LancetConfig.after_stop) -> LancetConfig:
     """The round's configuration from the functions' arguments (the rest: library defaults)."""
     check_mode(augment)   # before any training, so a typo fails fast
     return LancetConfig(train=TrainConfig(steps=steps, cfm=cfm, seed=seed, augment=augment),
-                        owa=OWAConfig(seed=seed), alpha_t=alpha_t)
+                        owa=OWAConfig(seed=seed), alpha_t=alpha_t, after_stop=after_stop)
 
 
 def _infer_classes(ctx: Any, ids: np.ndarray, labels: np.ndarray, oracle: str) -> int:
@@ -175,9 +183,11 @@ def _cached_round(ctx: Any, session: LabelingSession, pool: str, compute):
     newest cached model of the same configuration as a warm start), then caches the new state.
 
     Entries are keyed by the whole round configuration, not just the functions' arguments, so a
-    changed library default never reuses a model trained under the old one."""
+    changed library default never reuses a model trained under the old one. The candidate rule
+    (after_stop) is left out: it picks from a trained round without changing it."""
     root = ctx.store.artifact_dir("lancet", str(pool))
-    config = json.dumps(config_to_json(session.config), sort_keys=True)
+    knobs = {k: v for k, v in config_to_json(session.config).items() if k != "after_stop"}
+    config = json.dumps(knobs, sort_keys=True)
     family = _digest([session.pool_ids.tobytes(), config.encode(),
                       str(session.num_classes).encode()])
     here = root / f"{family}-{session.key()}"

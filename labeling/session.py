@@ -176,7 +176,7 @@ class LabelingSession:
             raise InvalidInputException(
                 f"{budget} candidates asked for, but only {self.budget_left} label(s) are left "
                 f"in the budget of {self.budget}")
-        rows, weights = self.fit(x, **fit_args).candidates(budget, x)
+        rows, weights = self.fit(x, **fit_args).candidates(budget, x, self.config.after_stop)
         return self.pool_ids[rows.numpy()], weights.numpy()
 
     def propagated(self, x: torch.Tensor, **fit_args: Any) -> dict[str, np.ndarray]:
@@ -255,13 +255,15 @@ def config_to_json(c: LancetConfig) -> dict[str, Any]:
     """Every knob of a round as JSON: what a session saves, and what its cache entries are keyed by."""
     return {"train": c.train.__dict__, "owa": c.owa.__dict__, "semigan": c.semigan,
             "warm_steps": c.warm_steps, "alpha_t": c.alpha_t, "loss_tolerance": c.loss_tolerance,
-            "retrain_growth": c.retrain_growth}
+            "retrain_growth": c.retrain_growth, "after_stop": c.after_stop}
 
 
 def _config_from_json(j: dict[str, Any]) -> LancetConfig:
     return LancetConfig(TrainConfig(**j["train"]), OWAConfig(**j["owa"]), dict(j["semigan"]),
                         j["warm_steps"], j["alpha_t"], j["loss_tolerance"],
-                        j.get("retrain_growth", LancetConfig.retrain_growth))   # saved before the knob existed
+                        # sessions saved before these knobs existed get the defaults
+                        j.get("retrain_growth", LancetConfig.retrain_growth),
+                        after_stop=j.get("after_stop", LancetConfig.after_stop))
 
 
 def _save_result(r: LancetResult, d: Path) -> dict[str, Any]:

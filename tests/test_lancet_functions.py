@@ -23,12 +23,12 @@ N, CLASSES = 90, 3
 @pytest.fixture(autouse=True)
 def _tiny_rounds(monkeypatch):
     """Small nets and few steps: the functions' plumbing is under test, not the learning."""
-    def tiny(steps, cfm, alpha_t, seed, augment):
+    def tiny(steps, cfm, alpha_t, seed, augment, after_stop):
         return LancetConfig(train=TrainConfig(steps=min(steps, 40), cfm=cfm, seed=seed,
                                               augment=augment),
                             owa=OWAConfig(iterations=60, refine_iterations=20, seed=seed),
                             semigan={"hidden": [32], "feature_dim": 16}, warm_steps=10,
-                            alpha_t=alpha_t)
+                            alpha_t=alpha_t, after_stop=after_stop)
     monkeypatch.setattr(lancet_functions, "lancet_config", tiny)
     before = torch.get_num_threads()
     torch.set_num_threads(1)

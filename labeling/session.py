@@ -259,10 +259,12 @@ def config_to_json(c: LancetConfig) -> dict[str, Any]:
 
 
 def _config_from_json(j: dict[str, Any]) -> LancetConfig:
-    return LancetConfig(TrainConfig(**j["train"]), OWAConfig(**j["owa"]), dict(j["semigan"]),
-                        j["warm_steps"], j["alpha_t"], j["loss_tolerance"],
+    # by keyword: the dataclass's field order is no file format
+    return LancetConfig(train=TrainConfig(**j["train"]), owa=OWAConfig(**j["owa"]),
+                        semigan=dict(j["semigan"]), warm_steps=j["warm_steps"],
+                        alpha_t=j["alpha_t"], loss_tolerance=j["loss_tolerance"],
                         # sessions saved before these knobs existed get the defaults
-                        j.get("retrain_growth", LancetConfig.retrain_growth),
+                        retrain_growth=j.get("retrain_growth", LancetConfig.retrain_growth),
                         after_stop=j.get("after_stop", LancetConfig.after_stop))
 
 

@@ -16,9 +16,10 @@ from metaql.engine.errors import InvalidInputException, Warning as MetaQLWarning
 from metaql.labeling.cfm import cfm_loss
 from metaql.labeling.dmn import MAX_LOSS, OWAConfig, OWAResult, online_weight_approximation
 from metaql.labeling.embedding import TrainConfig, train_embedding
-from metaql.labeling.lancet import LancetConfig, run_lancet
+from metaql.labeling.lancet import LancetConfig, LancetResult, run_lancet
+from metaql.labeling.propagation import Propagated
 from metaql.labeling.semigan import SemiGAN, SemiGANConfig
-from metaql.labeling.session import LabelingSession
+from metaql.labeling.session import LabelingSession, _config_from_json, config_to_json
 from metaql.labeling.termination import stop_decision
 
 FAST_OWA = OWAConfig(iterations=150, batch_size=64)
@@ -237,6 +238,7 @@ def test_session_round_trips_through_save_and_load(tmp_path):
     s.save(tmp_path / "session")
     t = LabelingSession.load(tmp_path / "session")
     assert t.labels == s.labels and t.budget == 40 and t.budget_left == 28
+    assert t.config == s.config                             # every knob, each in its place
     assert t.labels[1000][1] == "ana" and t.labels[1005][1] == "oracle"
     assert np.array_equal(t.oracle, s.oracle) and t.key() == s.key()
     assert t.result is not None and t.result_key == s.key()
@@ -333,3 +335,54 @@ def test_a_round_retrains_once_the_labeled_set_has_grown_enough():
     assert third.model is not first
     assert len(third.log) == len(range(0, TINY.train.steps, 50))
     assert s.fit(x, warm=False).model is third.model   # unchanged labels: still the cached round
+
+
+# -- candidates once the stop rule has fired ---------------------------------------------------------
+def _round(should_stop: bool) -> LancetResult:
+    """A hand-built round over 8 rows, rows 0-1 human-labeled, with known confidences and weights."""
+    confidence = torch.tensor([1.0, 1.0, 0.9, 0.4, 0.8, 0.3, 0.95, 0.6])
+    human = torch.zeros(8, dtype=torch.bool)
+    human[:2] = True
+    unlabeled = torch.arange(2, 8)
+    weights = torch.tensor([0.5, 1.5, 0.2, 1.0, 1.7, 1.1])
+    # a DMN loss at its maximum (the sides match) or well below it (they do not)
+    owa = OWAResult(weights, torch.zeros(6), torch.zeros(2),
+                    dmn_loss=MAX_LOSS if should_stop else 0.5 * MAX_LOSS)
+    decision = stop_decision(owa, 2, 6)
+    g = torch.Generator().manual_seed(0)
+    return LancetResult(nn.Identity(), Propagated(torch.zeros(8, dtype=torch.long), confidence,
+                                                  human), unlabeled, owa, decision,
+                        features=torch.randn(8, 4, generator=g), owa_config=FAST_OWA)
+
+
+def test_past_the_stop_point_candidates_are_the_least_confident_labels():
+    r = _round(should_stop=True)
+    assert r.decision.should_stop
+    rows, weights = r.candidates(3, after_stop="confidence")
+    assert rows.tolist() == [5, 3, 7]                       # confidences 0.3, 0.4, 0.6
+    assert weights.tolist() == pytest.approx([1.0, 1.5, 1.1])   # their OWA weights
+    dmn_rows, _ = r.candidates(3, after_stop="dmn")         # the paper's rule still on request
+    assert dmn_rows.tolist() != rows.tolist()
+
+
+def test_before_the_stop_point_candidates_come_from_the_dmn_whatever_the_rule():
+    r = _round(should_stop=False)
+    assert not r.decision.should_stop
+    by_confidence, w1 = r.candidates(3, after_stop="confidence")
+    by_dmn, w2 = r.candidates(3, after_stop="dmn")
+    assert by_confidence.tolist() == by_dmn.tolist() and torch.equal(w1, w2)
+
+
+def test_an_unknown_candidate_rule_is_a_clear_error():
+    with pytest.raises(InvalidInputException, match="after_stop must be one of confidence, dmn"):
+        LancetConfig(after_stop="margin")
+    with pytest.raises(InvalidInputException, match="after_stop"):
+        _round(True).candidates(2, after_stop="margin")
+
+
+def test_the_candidate_rule_is_saved_and_old_sessions_get_the_default():
+    saved = config_to_json(LancetConfig(after_stop="dmn"))
+    assert _config_from_json(saved).after_stop == "dmn"
+    del saved["after_stop"], saved["retrain_growth"]       # a session saved before both knobs
+    old = _config_from_json(saved)
+    assert old.after_stop == LancetConfig.after_stop and old.retrain_growth == 1.5

@@ -137,6 +137,8 @@ def test_contradicting_labels_are_refused_not_overwritten():
     ("SELECT * FROM LANCET_STATUS(pool=train, alpha_t=2.0)", "alpha_t"),
     ("SELECT * FROM LANCET(pool=train, augment='flip')", "one of auto, none, cold, shift"),
     ("SELECT * FROM LANCET(pool=train, augment='shift')", "image-shaped"),
+    ("SELECT * FROM LANCET_CANDIDATES(pool=train, budget=5, after_stop='maybe')",
+     "after_stop must be one of confidence, dmn"),
 ])
 def test_bad_arguments_are_clear_errors(query, match):
     con = blob_store()

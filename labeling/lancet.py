@@ -49,8 +49,9 @@ class LancetConfig:
     # Past the stop point the DMN can no longer tell the labeled embeddings from the weighted
     # unlabeled ones, so its weights rank little but noise, while the remaining propagation
     # errors sit among the least confident labels (on 4 development splits their confidences
-    # were, on average, in the lowest 2-13% of the propagated labels'). There, 'confidence' raised a downstream SVM's test accuracy at 100
-    # labels from 0.976 to 0.982 and propagated accuracy from 0.982 to 0.987
+    # were, on average, in the lowest 2-13% of the propagated labels'). There, 'confidence'
+    # raised a downstream SVM's test accuracy at 100 labels from 0.976 to 0.982 and propagated
+    # accuracy from 0.982 to 0.987
     after_stop: str = "confidence"
 
     def __post_init__(self) -> None:
@@ -91,7 +92,6 @@ class LancetResult:
         pick, weights = select_candidates(z[labeled], z[self.unlabeled], budget, self.owa_config,
                                           first=self.owa if self.owa.dmn is not None else None)
         return self.unlabeled[pick], weights
-
 
     def least_confident(self, budget: int) -> tuple[Tensor, Tensor]:
         """(rows, OWA weights) of the `budget` unlabeled rows whose propagated labels have the

@@ -48,10 +48,10 @@ class LancetConfig:
     # paper's smallest weights, 'confidence' asks for the least confident propagated labels.
     # Past the stop point the DMN can no longer tell the labeled embeddings from the weighted
     # unlabeled ones, so its weights rank little but noise, while the remaining propagation
-    # errors sit among the least confident labels (on 4 development splits their confidences
-    # were, on average, in the lowest 2-13% of the propagated labels'). There, 'confidence'
-    # raised a downstream SVM's test accuracy at 100 labels from 0.976 to 0.982 and propagated
-    # accuracy from 0.982 to 0.987
+    # errors sit among the least confident labels (on 4 development splits, from 100 labels on,
+    # their confidences were on average in the lowest 2-10% of the propagated labels'). On the
+    # benchmark's 8 seeds 'confidence' raised a downstream SVM's test accuracy at 100 labels from
+    # 0.973 to 0.984 (benchmarks/results/lancet.md)
     after_stop: str = "confidence"
 
     def __post_init__(self) -> None:

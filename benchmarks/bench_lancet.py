@@ -187,8 +187,8 @@ SETUP = (
     "the labeled images while there are fewer than 3 labels per class (augment='auto': the "
     "20-label round here), labels from the "
     "linear head of an exponential moving average (decay 0.999) of the discriminator, DMN/OWA with 400 iterations, the b candidates picked in up to "
-    "20 OWA passes (one label per pass at b = 20) until the stop rule fires, after it the b "
-    "least confident propagated labels (after_stop='confidence'). LANCET w/o CFM: the same without the CFM "
+    "20 OWA passes (one label per pass at b = 20), and in rounds where the stop rule holds the "
+    "b least confident propagated labels instead (after_stop='confidence'). LANCET w/o CFM: the same without the CFM "
     "term; LANCET random sel.: the same with random candidates. Downstream classifier: "
     "SVC(C=10, gamma='scale') on every pool sample with the produced labels.")
 

@@ -3,8 +3,8 @@
 Pure tensors in, tensors out: no store, no session. `run_lancet` trains (or continues training)
 the embedding model on the pool's inputs and the human labels, propagates labels by its linear
 head, runs OWA on the embedding and applies the stop rule; `LancetResult.candidates` then picks
-the b unlabeled samples with the smallest weights (or, once the stop rule has fired, by default
-the b least confident propagated labels).
+the b unlabeled samples with the smallest weights, or, in a round where the stop rule holds, by
+default the b least confident propagated labels.
 """
 from __future__ import annotations
 
@@ -44,8 +44,9 @@ class LancetConfig:
     retrain_growth: float = 1.5
     alpha_t: float = 0.1          # §10.4
     loss_tolerance: float = 0.05  # how near log 4 the DMN loss must be to call the sides matched
-    # Candidates once the stop rule has fired, for users who label past it: 'dmn' keeps the
-    # paper's smallest weights, 'confidence' asks for the least confident propagated labels.
+    # Candidates in a round where the stop rule holds, for users who label past it: 'dmn' keeps
+    # the paper's smallest weights, 'confidence' asks for the least confident propagated labels.
+    # Each round decides afresh: when a later round's rule says continue, the DMN picks again.
     # Past the stop point the DMN can no longer tell the labeled embeddings from the weighted
     # unlabeled ones, so its weights rank little but noise, while the remaining propagation
     # errors sit among the least confident labels (on 4 development splits, from 100 labels on,
@@ -72,10 +73,10 @@ class LancetResult:
     owa_config: OWAConfig = field(default_factory=OWAConfig)
 
     def candidates(self, budget: int, x: Tensor | None = None,
-                   after_stop: str = "dmn") -> tuple[Tensor, Tensor]:
+                   after_stop: str = LancetConfig.after_stop) -> tuple[Tensor, Tensor]:
         """(rows, OWA weights) of the `budget` unlabeled rows to label next: the smallest OWA
-        weights (see `select_candidates`), or with after_stop='confidence' and the stop rule
-        fired, the least confident propagated labels. `x`, the pool's inputs, is needed when the
+        weights (see `select_candidates`), or with after_stop='confidence' and this round's stop
+        rule holding, the least confident propagated labels. `x`, the pool's inputs, is needed when the
         embedding is not in memory (a round loaded from disk)."""
         check_budget(budget, self.unlabeled.numel())
         check_after_stop(after_stop)

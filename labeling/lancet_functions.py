@@ -35,7 +35,7 @@ from metaql.labeling.session import LabelingSession, config_to_json
 
 CACHE_KEEP = 3   # cached rounds kept per pool: the current one and a little history
 
-CANDIDATE_COLUMNS = [("sample_id", "BIGINT"), ("weight", "DOUBLE")]
+CANDIDATE_COLUMNS = [("sample_id", "BIGINT"), ("weight", "DOUBLE"), ("confidence", "DOUBLE")]
 LABEL_COLUMNS = [("sample_id", "BIGINT"), ("label", "INTEGER"), ("confidence", "DOUBLE"),
                  ("source", "VARCHAR")]
 STATUS_COLUMNS = [("should_stop", "BOOLEAN"), ("reason", "VARCHAR"), ("dmn_loss", "DOUBLE"),
@@ -50,13 +50,15 @@ def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: in
                       alpha_t: float = 0.1, seed: int = 0,
                       augment: str = TrainConfig.augment,
                       after_stop: str = LancetConfig.after_stop) -> pa.Table:
-    """The `budget` unlabeled samples of `pool` to label next: smallest OWA weight first.
+    """The `budget` unlabeled samples of `pool` to label next, with each one's OWA weight and
+    the confidence of its propagated label.
 
-    A small weight (~ p_labeled / p_unlabeled of the sample's embedding) means no labeled
-    neighbour. Once LANCET_STATUS says stop, the default after_stop='confidence' asks for the
-    least confident propagated labels instead (least confident first; the DMN's weights no
-    longer rank anything there); after_stop='dmn' keeps the smallest weights. With no label
-    yet, a random start is suggested (weight 1). oracle: a column of
+    In a round where the stop rule does not hold (LANCET_STATUS), these are the smallest OWA
+    weights, smallest first: a small weight (~ p_labeled / p_unlabeled of the sample's
+    embedding) means no labeled neighbour. In a round where it holds, the DMN's weights no
+    longer rank much, and the default after_stop='confidence' asks for the least confident
+    propagated labels, least confident first; after_stop='dmn' keeps the smallest weights. With
+    no label yet, a random start is suggested (weight 1, confidence NULL). oracle: a column of
     `samples` holding true labels (experiments): the candidates are labeled from it at once,
     labeled_by 'oracle:<column>'. num_classes 0 infers it from the labels. steps, cfm, seed:
     the embedding's training; augment: one-pixel shifts of the labeled batch of an image-shaped
@@ -68,14 +70,18 @@ def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: in
                           after_stop)
     if session.n_labeled == 0:
         ids, weights = _random_start(session, budget, seed)
+        confidence = pa.nulls(len(ids), pa.float64())
     else:
         ids, weights = _cached_round(ctx, session, pool,
                                      lambda: session.candidates(x, budget, progress=_bar(ctx, steps)))
+        rows = session.rows(ids)
+        confidence = pa.array(session.result.propagated.confidence[rows].numpy(), pa.float64())
     if oracle:
         truth = ctx.store.sample_columns(ids, [oracle])[oracle]
         add_labels(ctx.store, ids, _as_labels(truth, oracle), by=f"oracle:{oracle}")
     return pa.table({"sample_id": pa.array(ids, pa.int64()),
-                     "weight": pa.array(np.asarray(weights, dtype=np.float64), pa.float64())})
+                     "weight": pa.array(np.asarray(weights, dtype=np.float64), pa.float64()),
+                     "confidence": confidence})
 
 
 @table_function(name="LANCET", columns=LABEL_COLUMNS)

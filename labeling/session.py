@@ -252,7 +252,8 @@ def _micros(at: dt.datetime) -> int:
 
 
 def config_to_json(c: LancetConfig) -> dict[str, Any]:
-    """Every knob of a round as JSON: what a session saves, and what its cache entries are keyed by."""
+    """Every knob of a round as JSON: what a session saves, and (less after_stop, which only
+    picks from a trained round) what its cache entries are keyed by."""
     return {"train": c.train.__dict__, "owa": c.owa.__dict__, "semigan": c.semigan,
             "warm_steps": c.warm_steps, "alpha_t": c.alpha_t, "loss_tolerance": c.loss_tolerance,
             "retrain_growth": c.retrain_growth, "after_stop": c.after_stop}

@@ -14,7 +14,8 @@ from torch import nn
 
 from metaql.engine.errors import InvalidInputException, Warning as MetaQLWarning
 from metaql.labeling.cfm import cfm_loss
-from metaql.labeling.dmn import MAX_LOSS, OWAConfig, OWAResult, online_weight_approximation
+from metaql.labeling.dmn import (MAX_LOSS, OWAConfig, OWAResult, online_weight_approximation,
+                                 select_candidates)
 from metaql.labeling.embedding import TrainConfig, train_embedding
 from metaql.labeling.lancet import LancetConfig, LancetResult, run_lancet
 from metaql.labeling.propagation import Propagated
@@ -361,8 +362,23 @@ def test_past_the_stop_point_candidates_are_the_least_confident_labels():
     rows, weights = r.candidates(3, after_stop="confidence")
     assert rows.tolist() == [5, 3, 7]                       # confidences 0.3, 0.4, 0.6
     assert weights.tolist() == pytest.approx([1.0, 1.5, 1.1])   # their OWA weights
-    dmn_rows, _ = r.candidates(3, after_stop="dmn")         # the paper's rule still on request
-    assert dmn_rows.tolist() != rows.tolist()
+    dmn_rows, dmn_weights = r.candidates(3, after_stop="dmn")   # the paper's rule on request
+    z, human = r.features, r.propagated.human
+    pick, weights = select_candidates(z[human], z[~human], 3, r.owa_config)
+    assert dmn_rows.tolist() == r.unlabeled[pick].tolist() and torch.equal(dmn_weights, weights)
+
+
+def test_a_session_picks_by_its_configured_rule():
+    ids = np.arange(100, 108)
+    for rule, expected in [("confidence", [105, 103, 107]), ("dmn", None)]:
+        s = LabelingSession(ids, 2, config=LancetConfig(after_stop=rule))
+        s.label([100, 101], [0, 1])
+        s.result, s.result_key = _round(should_stop=True), s.key()   # a cached, stopped round
+        got, _ = s.candidates(torch.zeros(8, 4), 3)
+        if expected is not None:
+            assert got.tolist() == expected
+        else:
+            assert got.tolist() == ids[s.result.candidates(3, after_stop="dmn")[0].numpy()].tolist()
 
 
 def test_before_the_stop_point_candidates_come_from_the_dmn_whatever_the_rule():

@@ -71,9 +71,11 @@ def test_candidates_lancet_and_status_over_the_labels_table():
     cands = con.execute("SELECT * FROM LANCET_CANDIDATES(pool=train, budget=4)").fetchall()
     labeled = {r[0] for r in con.execute("SELECT sample_id FROM labels").fetchall()}
     assert len(cands) == 4 and not labeled & {c[0] for c in cands}
-    assert all(c[1] >= 0 for c in cands)
+    assert all(c[1] >= 0 and 0.0 <= c[2] <= 1.0 for c in cands)
     rows = con.execute("SELECT sample_id, label, confidence, source FROM LANCET(pool=train) "
                        "ORDER BY sample_id").fetchall()
+    by_id = {r[0]: r[2] for r in rows}
+    assert all(c[2] == pytest.approx(by_id[c[0]]) for c in cands)   # the propagated label's
     assert [r[0] for r in rows] == list(range(100, 100 + N))
     assert {r[0] for r in rows if r[3] == "human"} == labeled
     assert all(0.0 <= r[2] <= 1.0 for r in rows) and all(r[2] == 1.0 for r in rows if r[3] == "human")
@@ -94,6 +96,16 @@ def test_oracle_mode_labels_the_candidates_from_a_column():
     assert got["sample_id"].size == 15 and set(got["labeled_by"]) == {"oracle:label"}
     assert np.array_equal(got["label"], (got["sample_id"] - 100) % CLASSES)
     assert {r[0] for r in first} <= set(got["sample_id"].tolist())
+    assert all(r[2] is None for r in first)          # a random start has no confidence yet
+
+
+def test_the_candidate_rule_shares_the_trained_round(rounds):
+    con = blob_store()
+    seed_labels(con)
+    con.execute("SELECT * FROM LANCET(pool=train)").fetchall()
+    con.execute("SELECT * FROM LANCET_CANDIDATES(pool=train, budget=3, after_stop='dmn')").fetchall()
+    con.execute("SELECT * FROM LANCET_CANDIDATES(pool=train, budget=3)").fetchall()
+    assert len(rounds) == 1                          # one training; the rule only picks from it
 
 
 def test_rounds_are_cached_by_the_labeled_set_and_survive_reopening(tmp_path, rounds):

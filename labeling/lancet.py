@@ -24,7 +24,7 @@ from metaql.labeling.semigan import SemiGAN, SemiGANConfig
 from metaql.labeling.termination import StopDecision, stop_decision
 
 ModelFactory = Callable[[int, int, int], nn.Module]   # (in_dim, num_classes, seed) -> model
-AFTER_STOP = ("confidence", "dmn")   # candidate rules once the stop rule has fired
+AFTER_STOP = ("confidence", "dmn")   # candidate rules in a round where the stop rule holds
 
 
 @dataclass
@@ -76,8 +76,8 @@ class LancetResult:
                    after_stop: str = LancetConfig.after_stop) -> tuple[Tensor, Tensor]:
         """(rows, OWA weights) of the `budget` unlabeled rows to label next: the smallest OWA
         weights (see `select_candidates`), or with after_stop='confidence' and this round's stop
-        rule holding, the least confident propagated labels. `x`, the pool's inputs, is needed when the
-        embedding is not in memory (a round loaded from disk)."""
+        rule holding, the least confident propagated labels. `x`, the pool's inputs, is needed
+        when the embedding is not in memory (a round loaded from disk)."""
         check_budget(budget, self.unlabeled.numel())
         check_after_stop(after_stop)
         if self.owa is None:
@@ -104,7 +104,7 @@ class LancetResult:
 
 
 def check_after_stop(rule: str) -> None:
-    """Raises unless `rule` names a candidate rule for after the stop point."""
+    """Raises unless `rule` names a candidate rule for rounds where the stop rule holds."""
     if rule not in AFTER_STOP:
         raise InvalidInputException(
             f"after_stop must be one of {', '.join(AFTER_STOP)}; got '{rule}'")

@@ -74,8 +74,8 @@ def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: in
     else:
         ids, weights = _cached_round(ctx, session, pool,
                                      lambda: session.candidates(x, budget, progress=_bar(ctx, steps)))
-        rows = session.rows(ids)
-        confidence = pa.array(session.result.propagated.confidence[rows].numpy(), pa.float64())
+        labels = session.propagated(x)                  # the same cached round: no training
+        confidence = pa.array(labels["confidence"][session.rows(ids)], pa.float64())
     if oracle:
         truth = ctx.store.sample_columns(ids, [oracle])[oracle]
         add_labels(ctx.store, ids, _as_labels(truth, oracle), by=f"oracle:{oracle}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import re
 import types
 from pathlib import Path

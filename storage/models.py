@@ -18,6 +18,7 @@ import re
 import types
 from pathlib import Path
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -45,13 +46,11 @@ def save_weights(model: nn.Module, path: Path) -> None:
 
 
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
-    if not path.exists():
-        raise IOException(f"weights file {path} is missing; the checkpoint cannot be replayed")
+    _require(path)
     try:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises SafetensorError, OSError or others on a damaged file
-        raise IOException(f"weights file {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
-                          "the checkpoint cannot be replayed: restore the store from a backup") from None
+        raise _unreadable(path, e) from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -59,6 +58,16 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
                               "attach a model of the architecture the store was captured with "
                               "(con.attach_model(model))") from None
     return model
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header; no tensor data is read."""
+    _require(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise _unreadable(path, e) from None
 
 
 def factory_of(model: nn.Module) -> str:
@@ -102,10 +111,13 @@ def parse_kwargs(kwargs_json: object) -> dict:
     return kwargs
 
 
-def build_model(factory: str, kwargs_json: str | None) -> nn.Module:
-    """Calls a factory the caller has decided to trust; resolution is safe even so."""
+def build_model(factory: str, kwargs_json: str | None, weights: Path | None = None) -> nn.Module:
+    """Calls a factory the caller has decided to trust; resolution is safe even so. With `weights`,
+    the model must fit that file before it is built for real (see _check_fits)."""
     kwargs = parse_kwargs(kwargs_json)
     target = _resolve(check_factory_name(factory))
+    if weights is not None:
+        _check_fits(factory, target, kwargs, weight_shapes(weights))
     try:
         model = target(**kwargs)
     except Exception as e:  # the factory's own error, with its arguments
@@ -115,6 +127,22 @@ def build_model(factory: str, kwargs_json: str | None) -> nn.Module:
         raise BinderException(f"cannot rebuild the model: factory '{factory}' returned a "
                               f"{type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _check_fits(factory: str, target, kwargs: dict, shapes: dict) -> None:
+    """Kwargs from a received catalog can ask even a trusted factory for a model of any size
+    ({"hidden": 10**9}); a build on the meta device allocates nothing, so only a model whose
+    parameters match the weights file is built for real."""
+    try:
+        with torch.device("meta"):
+            mine = {k: tuple(v.shape) for k, v in target(**kwargs).state_dict().items()}
+    except Exception:  # a factory that cannot build on the meta device: the real build and load check it
+        return
+    if mine != shapes:
+        diff = sorted(set(mine.items()) ^ set(shapes.items()))[:2]
+        raise BinderException(f"{factory}(**{_show(kwargs)}) builds a model that does not fit the checkpoint's "
+                              f"weights (e.g. {_show(diff)}): the store's model kwargs were changed since "
+                              "capture; attach the right model with con.attach_model(model)")
 
 
 def untrusted(factory: object, kwargs_json: object) -> UntrustedFactoryError:
@@ -173,6 +201,16 @@ def _resolve(factory: str):
         return obj
     raise BinderException(f"factory '{factory}' is a {type(obj).__name__}, not an nn.Module class or a plain "
                           "function: MetaQL will not call it; pass the model to con.attach_model(model)")
+
+
+def _require(path: Path) -> None:
+    if not path.exists():
+        raise IOException(f"weights file {path} is missing; the checkpoint cannot be replayed")
+
+
+def _unreadable(path: Path, e: Exception) -> IOException:
+    return IOException(f"weights file {path} is corrupt or unreadable ({type(e).__name__}: {_first_line(e)}); "
+                       "the checkpoint cannot be replayed: restore the store from a backup")
 
 
 def _refuse_constant(name: str):

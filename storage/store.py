@@ -308,13 +308,14 @@ class Store:
         if row is None:
             raise IOException(f"checkpoint '{checkpoint}' names model {c['model_id']}, which the catalog's "
                               "models table lacks: the store was tampered with or damaged")
-        return model_files.load_weights(self._architecture(*row), self._inside(c["weights_file"]))
+        weights = self._inside(c["weights_file"])
+        return model_files.load_weights(self._architecture(*row, weights), weights)
 
-    def _architecture(self, factory: str | None, kwargs: str | None) -> nn.Module:
+    def _architecture(self, factory: str | None, kwargs: str | None, weights: Path) -> nn.Module:
         import copy
         if factory in self.trusted_factories or factory in model_files.DEFAULT_TRUSTED:
             try:
-                return model_files.build_model(factory, kwargs)
+                return model_files.build_model(factory, kwargs, weights)
             except BinderException:
                 if self.live_model is None:
                     raise

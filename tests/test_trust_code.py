@@ -235,3 +235,13 @@ def test_the_default_trust_is_exact_metaql_module_classes():
         cls = model_files._resolve(factory)
         assert module.startswith("metaql.") and isinstance(cls, type) and issubclass(cls, torch.nn.Module)
         assert f"{cls.__module__}:{cls.__qualname__}" == factory
+
+
+def test_huge_kwargs_are_refused_before_anything_is_allocated(real_store, tmp_path):
+    path = copy_of(real_store, tmp_path)
+    huge = {"din": 6, "hidden": 10**12, "classes": 3, "bias": True}   # 24 TB of weights
+    for factory, kwargs in ((REAL, huge), ("metaql.demo:DigitsMLP", {"hidden": 10**12})):   # the demo: trusted
+        tamper(path, factory, json.dumps(kwargs))
+        with metaql.connect(str(path), read_only=True, config={"trusted_factories": [REAL]}) as con:
+            with pytest.raises(metaql.BinderException, match="does not fit the checkpoint's weights"):
+                con.execute(INFLUENCE)

@@ -373,6 +373,7 @@ P2B_RATIO, LEMMA7_RATIO = P2B_HEAD.index("best paper baseline / P2B"), P2B_HEAD.
 def e2e_table(wl, cfg, layers) -> tuple[list[list], list[str]]:
     """The whole query path, per forced strategy and the optimizer's own pick."""
     path = wl.path
+    model = wl.con.store.live_model   # a fresh connection does not trust the store's factory (__main__:...)
     wl.con.close()
     rows, explain = [], []
     with metaql.connect(path) as con:
@@ -386,6 +387,7 @@ def e2e_table(wl, cfg, layers) -> tuple[list[list], list[str]]:
             log(f"end-to-end B={b} {strat}")
             config = {} if strat == "auto" else {"force_strategy": strat}
             with metaql.connect(path, config=config) as con:
+                con.attach_model(model)
                 if strat == "auto":
                     lines, picks = explain_picks(con, layers, f"batch(q{b})")
                     explain += [f"-- B = {b}: EXPLAIN {sql}"] + lines

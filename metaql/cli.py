@@ -12,6 +12,7 @@ examples:
   metaql runs/digits.mq                        the interactive shell on a store
   metaql runs/digits.mq -c "SHOW LAYERS;"      run statements, print the results, exit
   metaql runs/digits.mq --mode csv < q.sql     statements (and dot commands) from standard input
+  metaql runs/x.mq --model mypkg.nets:Net      trust the store's model factory mypkg.nets:Net to replay
   metaql demo [STORE] [--epochs N] [--force]   build a demo store from scikit-learn's digits, query it
 
 a statement:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     script = _script(args)
     try:
         shell = Shell(args.store, read_only=args.readonly, mode=args.mode, max_rows=args.maxrows,
-                      bail=script is not None)
+                      bail=script is not None, trusted_factories=args.model)
     except Exception as e:  # a store that cannot open: say why, exit non-zero
         print(error_text(e), file=sys.stderr)
         return 1
@@ -70,6 +71,10 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--command", metavar="STATEMENTS",
                    help="run these statements and dot commands, then exit")
     p.add_argument("--readonly", action="store_true", help="open the store read-only")
+    p.add_argument("--model", action="append", default=[], metavar="PKG.MOD:FACTORY",
+                   help="trust this model factory for the session, so queries that replay samples may "
+                        "import and call it to rebuild a store's model (repeatable; a store alone never "
+                        "makes MetaQL run the code it names)")
     p.add_argument("--mode", choices=MODES, default="box", help="output mode (default: box)")
     p.add_argument("--maxrows", type=int, default=40, metavar="N",
                    help="rows a box shows, the middle ones elided (default: 40; 0: all)")

@@ -49,7 +49,10 @@ class Connection:
 
         self.database = database
         self.config = dict(config or {})
+        from metaql.storage.models import trusted_factories
+        trusted = trusted_factories(self.config.get("trusted_factories"))   # checked before the store opens
         self.store = Store(database, read_only=read_only)
+        self.store.trusted_factories |= trusted
         self.registry = REGISTRY.copy()
         self._result: Result | None = None
         self._interrupt = threading.Event()
@@ -268,7 +271,14 @@ class Connection:
         return add_labels(self.store, ids, labels, by=by, overwrite=overwrite)
 
     def attach_model(self, model) -> None:
-        """Uses this in-process model's architecture for replay when its factory is not importable."""
+        """Uses this in-process model's architecture (a deep copy; the weights always come from the
+        checkpoint's file) when the store's recorded factory is not trusted or not importable."""
+        from torch import nn
+
+        from metaql.engine.errors import InvalidInputException
+        self._check_open()
+        if not isinstance(model, nn.Module):
+            raise InvalidInputException(f"attach_model takes a torch.nn.Module, got {type(model).__name__}")
         self.store.live_model = model
 
     def register_function(self, fn: Callable, name: str | None = None, replace: bool = False) -> None:

@@ -60,8 +60,9 @@ class ExitShell(Exception):
 
 class Shell:
     def __init__(self, store: str = ":memory:", read_only: bool = False, mode: str = "box",
-                 max_rows: int = 40, out=None, err=None, bail: bool = False):
+                 max_rows: int = 40, out=None, err=None, bail: bool = False, trusted_factories=()):
         self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.trusted_factories = list(trusted_factories)   # --model: trusted for every store this session opens
         self.con = self._connect(store, read_only)
         self.store_name = store
         self.mode, self.max_rows, self.timer, self.bail = mode, max_rows, False, bail
@@ -74,7 +75,7 @@ class Shell:
 
     def _connect(self, store: str, read_only: bool):
         from metaql.connection import connect   # lazily: torch loads only when a store opens
-        con = connect(store, read_only=read_only)
+        con = connect(store, read_only=read_only, config={"trusted_factories": self.trusted_factories})
         if self.err.isatty():   # a bar in a file or a pipe would only be noise
             con.progress = self._progress_bar
         return con

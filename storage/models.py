@@ -2,18 +2,39 @@
 
 A store records a model as an importable factory ("package.module:callable") plus JSON keyword
 arguments, so the shell can replay samples at a checkpoint without the training script.
+
+A store is data: it may come from anyone. Its factory string names code, so MetaQL imports and calls
+it only when this process trusts that exact string (`trusted_factories` in the connection's config,
+the shell's `--model`, `factory=` at capture, or `DEFAULT_TRUSTED`); otherwise the model comes from
+`con.attach_model(model)`, or the query fails with a message that says how to trust it. Even a
+trusted factory resolves only to an nn.Module class or a plain function, and its kwargs are plain
+JSON data, never a route to another callable.
 """
 from __future__ import annotations
 
 import importlib
 import json
+import re
+import types
 from pathlib import Path
-
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from metaql.engine.errors import BinderException, IOException
+from metaql.engine.errors import BinderException, InvalidInputException, IOException
+
+# MetaQL's own models, trusted without asking so `metaql demo` then `metaql STORE -c ...` works.
+# Exact strings only: a prefix ("metaql.*") would trust "metaql.demo:shutil.rmtree" style paths.
+DEFAULT_TRUSTED = frozenset({"metaql.demo:DigitsMLP"})
+
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_FACTORY = re.compile(rf"^{_NAME}(\.{_NAME})*:{_NAME}(\.{_NAME})*$")
+_MAX_KWARGS_CHARS = 1 << 20
+
+
+class UntrustedFactoryError(BinderException):
+    """The store names model code that this process has not trusted."""
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
@@ -25,10 +46,28 @@ def save_weights(model: nn.Module, path: Path) -> None:
 
 
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
-    if not path.exists():
-        raise IOException(f"weights file {path} is missing; the checkpoint cannot be replayed")
-    model.load_state_dict(load_file(str(path)), strict=True)
+    _require(path)
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises SafetensorError, OSError or others on a damaged file
+        raise _unreadable(path, e) from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BinderException(f"the model does not fit the weights in {path.name} ({_first_line(e)}); "
+                              "attach a model of the architecture the store was captured with "
+                              "(con.attach_model(model))") from None
     return model
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header; no tensor data is read."""
+    _require(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise _unreadable(path, e) from None
 
 
 def factory_of(model: nn.Module) -> str:
@@ -36,18 +75,90 @@ def factory_of(model: nn.Module) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def build_model(factory: str, kwargs_json: str | None) -> nn.Module:
-    module_name, _, attr = factory.partition(":")
-    try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
+def check_factory_name(factory: object) -> str:
+    """The factory string if it is a well-formed 'package.module:callable' without dunder parts."""
+    if not isinstance(factory, str) or not _FACTORY.match(factory) or \
+            any(p.startswith("__") for p in re.split(r"[.:]", factory)):
         raise BinderException(
-            f"cannot rebuild the model: factory '{factory}' is not importable ({e}); "
-            "install the package that defines it, or pass the model to con.attach_model(model)"
-        ) from None
-    return obj(**json.loads(kwargs_json or "{}"))
+            f"'{_show(factory)}' is not a model factory: write 'package.module:callable' "
+            "(identifiers only, no __dunder__ parts), e.g. 'mypkg.models:Net'")
+    return factory
+
+
+def trusted_factories(value: object) -> set[str]:
+    """The `trusted_factories` config value as a set of checked factory strings."""
+    if value is None:
+        return set()
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise InvalidInputException("config['trusted_factories'] must be a list of 'package.module:callable' "
+                                    f"strings, got {_show(value)}")
+    return {check_factory_name(f) for f in value}
+
+
+def parse_kwargs(kwargs_json: object) -> dict:
+    """The catalog's model kwargs as a dict of plain JSON data; junk means the store was tampered with."""
+    if kwargs_json is None:
+        return {}
+    try:
+        if not isinstance(kwargs_json, str) or len(kwargs_json) > _MAX_KWARGS_CHARS:
+            raise ValueError("not a JSON text of at most 1 MiB")
+        kwargs = json.loads(kwargs_json, parse_constant=_refuse_constant)
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+            raise ValueError("not a JSON object whose keys are identifiers")
+    except (ValueError, RecursionError) as e:
+        raise IOException(f"the catalog's model kwargs are not valid JSON keyword arguments ({_first_line(e)}; "
+                          f"got {_show(kwargs_json)}): the store was tampered with or damaged") from None
+    return kwargs
+
+
+def build_model(factory: str, kwargs_json: str | None, weights: Path | None = None) -> nn.Module:
+    """Calls a factory the caller has decided to trust; resolution is safe even so. With `weights`,
+    the model must fit that file before it is built for real (see _check_fits)."""
+    kwargs = parse_kwargs(kwargs_json)
+    target = _resolve(check_factory_name(factory))
+    if weights is not None:
+        _check_fits(factory, target, kwargs, weight_shapes(weights))
+    try:
+        model = target(**kwargs)
+    except Exception as e:  # the factory's own error, with its arguments
+        raise BinderException(f"cannot rebuild the model: {factory}(**{_show(kwargs)}) raised "
+                              f"{type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise BinderException(f"cannot rebuild the model: factory '{factory}' returned a "
+                              f"{type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _check_fits(factory: str, target, kwargs: dict, shapes: dict) -> None:
+    """Kwargs from a received catalog can ask even a trusted factory for a model of any size
+    ({"hidden": 10**9}); a build on the meta device allocates nothing, so only a model whose
+    parameters match the weights file is built for real."""
+    try:
+        with torch.device("meta"):
+            mine = {k: tuple(v.shape) for k, v in target(**kwargs).state_dict().items()}
+    except Exception:  # a factory that cannot build on the meta device: the real build and load check it
+        return
+    if mine != shapes:
+        diff = sorted(set(mine.items()) ^ set(shapes.items()))[:2]
+        raise BinderException(f"{factory}(**{_show(kwargs)}) builds a model that does not fit the checkpoint's "
+                              f"weights (e.g. {_show(diff)}): the store's model kwargs were changed since "
+                              "capture; attach the right model with con.attach_model(model)")
+
+
+def untrusted(factory: object, kwargs_json: object) -> UntrustedFactoryError:
+    """The error for a recorded factory this process has not trusted: what it is, how to trust it."""
+    what = (f"this store's model is built by '{_show(factory)}' with kwargs {_show(kwargs_json)}, code "
+            "that this process has not trusted (MetaQL never runs code a store names unless you say so)")
+    try:
+        name = check_factory_name(factory)
+    except BinderException:
+        return UntrustedFactoryError(f"{what}; it is not a factory MetaQL can call: pass an instance of the "
+                                     "architecture to con.attach_model(model) (the weights still come from "
+                                     "the store)")
+    return UntrustedFactoryError(
+        f"{what}. If you trust it: metaql.connect(path, config={{'trusted_factories': ['{name}']}}), or "
+        f"in the shell `metaql STORE --model {name}`; or pass an instance of the architecture to "
+        "con.attach_model(model) (the weights still come from the store)")
 
 
 def factory_is_rebuildable(model: nn.Module, factory: str, kwargs: dict) -> bool:
@@ -68,3 +179,50 @@ def init_kwargs(model: nn.Module) -> dict:
     """Constructor kwargs a model advertises in a `metaql_config` dict attribute, else none."""
     cfg = getattr(model, "metaql_config", None)
     return dict(cfg) if isinstance(cfg, dict) else {}
+
+
+def _resolve(factory: str):
+    """The nn.Module class or plain function a factory names. The walk goes through modules and
+    classes only (a getattr on anything else could run a property), and ends at nothing callable
+    but those two (never a builtin like eval or os.system, a bound method or a partial)."""
+    module_name, _, attr = factory.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            if not isinstance(obj, (types.ModuleType, type)):
+                raise AttributeError(f"'{part}' is reached through a {type(obj).__name__}")
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise BinderException(
+            f"cannot rebuild the model: factory '{factory}' is not importable ({e}); "
+            "install the package that defines it, or pass the model to con.attach_model(model)"
+        ) from None
+    if (isinstance(obj, type) and issubclass(obj, nn.Module)) or isinstance(obj, types.FunctionType):
+        return obj
+    raise BinderException(f"factory '{factory}' is a {type(obj).__name__}, not an nn.Module class or a plain "
+                          "function: MetaQL will not call it; pass the model to con.attach_model(model)")
+
+
+def _require(path: Path) -> None:
+    if not path.exists():
+        raise IOException(f"weights file {path} is missing; the checkpoint cannot be replayed")
+
+
+def _unreadable(path: Path, e: Exception) -> IOException:
+    return IOException(f"weights file {path} is corrupt or unreadable ({type(e).__name__}: {_first_line(e)}); "
+                       "the checkpoint cannot be replayed: restore the store from a backup")
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _show(value: object) -> str:
+    """A short printable form of a value that may come from a hostile catalog."""
+    text = value if isinstance(value, str) else repr(value)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:200])
+    return text if len(value if isinstance(value, str) else text) <= 200 else text + "...(truncated)"

@@ -52,6 +52,7 @@ class Store:
         self._shards: OrderedDict[str, Shard] = OrderedDict()
         self._verified: set[str] = set()
         self.live_model: nn.Module | None = None
+        self.trusted_factories: set[str] = set()   # model code this process said to run (model_at)
         if not read_only:
             self._remove_orphans()
 
@@ -282,6 +283,8 @@ class Store:
     def _model_id(self, model: nn.Module, factory: str | None, kwargs: dict | None) -> int:
         factory = factory or model_files.factory_of(model)
         kwargs = kwargs if kwargs is not None else model_files.init_kwargs(model)
+        # the user typed this factory, or handed us a live instance of its class: trusted in this process
+        self.trusted_factories.add(factory)
         row = self.db.execute("SELECT model_id FROM models WHERE factory = ? AND kwargs = ?",
                               [factory, json.dumps(kwargs, sort_keys=True)]).fetchone()
         if row:
@@ -297,19 +300,28 @@ class Store:
         return model_id
 
     def model_at(self, checkpoint: str) -> nn.Module:
-        """The model with the checkpoint's weights: rebuilt from its factory, or the live model's
-        architecture when this process captured it (the weights always come from the file)."""
+        """The model with the checkpoint's weights (always from the file). Its architecture comes
+        from the recorded factory only if this process trusts that exact string, else from the
+        model the user attached or is capturing; a store alone never makes MetaQL run its code."""
         c = self.checkpoint(checkpoint)
-        factory, kwargs = self.db.execute("SELECT factory, kwargs FROM models WHERE model_id = ?",
-                                          [c["model_id"]]).fetchone()
-        try:
-            model = model_files.build_model(factory, kwargs)
-        except BinderException:
-            if self.live_model is None:
-                raise
-            import copy
-            model = copy.deepcopy(self.live_model)
-        return model_files.load_weights(model, self._inside(c["weights_file"]))
+        row = self.db.execute("SELECT factory, kwargs FROM models WHERE model_id = ?", [c["model_id"]]).fetchone()
+        if row is None:
+            raise IOException(f"checkpoint '{checkpoint}' names model {c['model_id']}, which the catalog's "
+                              "models table lacks: the store was tampered with or damaged")
+        weights = self._inside(c["weights_file"])
+        return model_files.load_weights(self._architecture(*row, weights), weights)
+
+    def _architecture(self, factory: str | None, kwargs: str | None, weights: Path) -> nn.Module:
+        import copy
+        if factory in self.trusted_factories or factory in model_files.DEFAULT_TRUSTED:
+            try:
+                return model_files.build_model(factory, kwargs, weights)
+            except BinderException:
+                if self.live_model is None:
+                    raise
+        if self.live_model is None:
+            raise model_files.untrusted(factory, kwargs)
+        return copy.deepcopy(self.live_model)
 
     # ---- layers and shards -----------------------------------------------------------------------
     def layers(self) -> list[dict]:

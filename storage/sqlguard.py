@@ -18,6 +18,7 @@ TEMP table of that name would shadow the real one for MetaQL's own queries).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import duckdb
@@ -197,9 +198,11 @@ def _created(node: exp.Create, kind: str) -> list[tuple[str, str]]:
 def _dropped(node: exp.Drop, kind: str) -> list[tuple[str, str]]:
     what = str(node.args.get("kind") or "").upper()
     if what == "SCHEMA":
-        # MetaQL's tables live in the catalog's main schema
-        return [("DROP SCHEMA", "samples") for t in node.args.get("tables") or []
-                if (t.args.get("db") and t.args["db"].name.lower() == "main") or t.name.lower() == "main"]
+        for t in node.args.get("tables") or []:
+            if (t.args.get("db") and t.args["db"].name.lower() == "main") or t.name.lower() == "main":
+                raise ProgrammingError("DROP SCHEMA main is refused: it holds MetaQL's tables and would break "
+                                       "the store; drop your own tables one by one")
+        return []
     if what == "INDEX":
         return []
     return [(f"DROP {what}", _name(t, kind)) for t in node.args.get("tables") or []]
@@ -264,6 +267,8 @@ def _check_setting(text: str) -> None:
         raise ProgrammingError("USE is refused: MetaQL's own queries must keep resolving its tables in the "
                                "store's catalog; qualify names instead (other_schema.my_table)")
     names = [w for w in words[1:] if w not in ("session", "global", "local")][:1]
+    if names == ["variable"]:
+        return
     if not names or names[0] not in _SAFE_SETTINGS:
         raise ProgrammingError(f"SET {names[0] if names else ''} is refused on a MetaQL store (search_path and "
                                "schema would hide its tables); settings allowed: "
@@ -310,10 +315,15 @@ def _written(text: str) -> bool:
 
 
 def _parse(text: str, kind: str) -> exp.Expression:
+    log = logging.getLogger("sqlglot")
+    level = log.level
+    log.setLevel(logging.ERROR)     # its "falling back to a Command" warning is ours to handle
     try:
         parsed = [e for e in sqlglot.parse(text, read="duckdb") if e is not None]
     except SqlglotError:
         raise _unknown(kind) from None
+    finally:
+        log.setLevel(level)
     if len(parsed) != 1:
         raise _unknown(kind)
     return parsed[0]

@@ -469,11 +469,18 @@ class Store:
         return path
 
     def artifact_dir(self, kind: str, name: str) -> Path:
+        """The slot of a table function's artifact (storage/artifacts.py saves into it as one unit);
+        created only on a writable store: a read-only one writes nothing."""
         for part in (kind, name):
-            if not _SAFE_NAME.match(str(part)):
+            if not _SAFE_NAME.match(str(part)) or str(part) in (".", ".."):
                 raise BinderException(f"'{part}' is not a safe artifact name")
         path = self.root / "artifacts" / kind / name
-        path.mkdir(parents=True, exist_ok=True)
+        for level in (path.parent.parent, path.parent, path):
+            if level.is_symlink():
+                raise IOException(f"{level} is a symbolic link; a store's artifacts must stay inside it "
+                                  "(replace the link with a directory)")
+        if not self.read_only:
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
 

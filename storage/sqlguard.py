@@ -19,6 +19,7 @@ TEMP table of that name would shadow the real one for MetaQL's own queries).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import duckdb
@@ -252,17 +253,18 @@ def _check_command(node: exp.Command, kind: str) -> None:
 
 
 def _check_call(text: str) -> None:
-    words = [t.text.lower() for t in _tokens(text)]
-    name = words[0] if words[:1] == ["checkpoint"] else (words[1] if len(words) > 1 else "")
+    first, rest = _head(text)
+    name = first.lower() if first.lower() == "checkpoint" else (_words(rest)[:1] or [""])[0]
     bare = name[len("pragma_"):] if name.startswith("pragma_") else name
     if bare not in _READ_ONLY_CALLS and not name.startswith("duckdb_"):
-        raise ProgrammingError(f"{words[0].upper()} {name} is refused: only read-only PRAGMAs and calls run "
+        raise ProgrammingError(f"{first.upper()} {name} is refused: only read-only PRAGMAs and calls run "
                                f"on a MetaQL store ({', '.join(sorted(_READ_ONLY_CALLS))}, duckdb_*); "
                                "query the duckdb_* table functions in a SELECT instead")
 
 
 def _check_setting(text: str) -> None:
-    words = [t.text.lower() for t in _tokens(text)]
+    first, rest = _head(text)
+    words = [first.lower()] + _words(rest)
     if words[:1] == ["use"]:
         raise ProgrammingError("USE is refused: MetaQL's own queries must keep resolving its tables in the "
                                "store's catalog; qualify names instead (other_schema.my_table)")
@@ -277,25 +279,38 @@ def _check_setting(text: str) -> None:
 
 def _explained(text: str) -> str:
     """The statement after EXPLAIN [ANALYZE] [(options)]."""
-    tokens = _tokens(text)
-    k = 1
-    if k < len(tokens) and tokens[k].text.upper() == "ANALYZE":
-        k += 1
-    if k < len(tokens) and tokens[k].token_type == TokenType.L_PAREN:
-        depth, m = 0, k
-        for m in range(k, len(tokens)):
-            depth += (tokens[m].token_type == TokenType.L_PAREN) - \
-                     (tokens[m].token_type == TokenType.R_PAREN)
+    rest = _head(text)[1]
+    tokens = _tokens(rest)
+    if tokens and tokens[0].text.upper() == "ANALYZE":
+        rest = rest[tokens[0].end + 1:]
+        tokens = _tokens(rest)
+    if tokens and tokens[0].token_type == TokenType.L_PAREN:
+        depth = 0
+        for m, t in enumerate(tokens):
+            depth += (t.token_type == TokenType.L_PAREN) - (t.token_type == TokenType.R_PAREN)
             if depth == 0:
                 break
         if m + 1 < len(tokens):
-            k = m + 1
-    if k >= len(tokens):
+            rest = rest[tokens[m + 1].start:]
+    if not rest.strip():
         raise _unknown("EXPLAIN")
-    return text[tokens[k].start:]
+    return rest
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
+def _head(text: str) -> tuple[str, str]:
+    """The first word (comments skipped) and the text after it; sqlglot reads some statements
+    (EXPLAIN, CALL, RESET) as one command word and one opaque string, so the rest is re-read."""
+    tokens = _tokens(text)
+    if not tokens:
+        return "", ""
+    return tokens[0].text, text[tokens[0].end + 1:]
+
+
+def _words(text: str) -> list[str]:
+    return [w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_$]*", text)]
+
+
 def _tokens(text: str) -> list:
     try:
         return _DIALECT.tokenize(text)
@@ -304,8 +319,13 @@ def _tokens(text: str) -> list:
 
 
 def _has_write_word(text: str) -> bool:
-    return any(t.text.upper() in _WRITE_WORDS for t in _tokens(text)
-               if t.token_type != TokenType.IDENTIFIER and not t.token_type.name.endswith("STRING"))
+    for t in _tokens(text):
+        if t.token_type == TokenType.COMMAND:       # the rest came back as one opaque string
+            return _has_write_word(text[t.end + 1:])
+        if t.text.upper() in _WRITE_WORDS and t.token_type != TokenType.IDENTIFIER \
+                and not t.token_type.name.endswith("STRING"):
+            return True
+    return False
 
 
 def _written(text: str) -> bool:

@@ -105,7 +105,7 @@ def retarget_insert(text: str, table: str) -> str:
 
 # ---- one statement ---------------------------------------------------------------------------------
 def _check(text: str, kind: str, depth: int) -> Statement:
-    if kind == "SELECT":
+    if kind in ("SELECT", "MULTI"):     # DuckDB expands a PIVOT statement into a MULTI
         _check_read(text)
     elif kind in _WRITE_TYPES:
         return Statement(text, kind, _check_write(text, kind))

@@ -78,7 +78,7 @@ def test_users_tables_and_plain_reads_keep_working(con):
     assert con.execute("SELECT w FROM samples WHERE sample_id = 2").fetchone() == (-1.0,)
     for sql in ("SELECT count(*) FROM shards", "FROM samples LIMIT 1", "SUMMARIZE samples", "SHOW TABLES",
                 "WITH t AS (SELECT 1 AS a) SELECT * FROM t", "PRAGMA table_info('samples')",
-                "SELECT replace('update', 'u', 'U')", "SET threads = 1"):
+                "SELECT replace('update', 'u', 'U')", "SET threads = 1", "PIVOT samples ON split USING count(*)"):
         con.execute(sql).fetchall()
     con.execute("DROP TABLE mine")
 

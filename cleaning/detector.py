@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from metaql.cleaning import checks
 from metaql.cleaning.scores import make_score
 from metaql.engine.errors import IOException, InvalidInputException
+from metaql.storage.artifacts import load_unit, save_unit
 
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "detector.json"
@@ -64,22 +65,32 @@ class ScoreDetector:
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Writes the fitted detector into directory ``path`` (weights.safetensors + detector.json)."""
+        """Writes the fitted detector into directory ``path`` as one unit (weights.safetensors and
+        detector.json in a new version made current atomically, storage/artifacts.py): a crash
+        leaves the previous detector whole, never new weights with an old threshold."""
         self._require_fitted()
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        save_unit(path, self._write_files)
+        return path
+
+    def _write_files(self, path: Path) -> None:
         tensors = {k: v.detach().contiguous().clone() for k, v in self.score_.state_dict().items()}
         save_file(tensors, str(path / WEIGHTS_FILE))
         config = {"format": FORMAT_VERSION, "class": type(self).__name__, "params": self.get_params(),
                   "shape": list(self.shape_), "score_kind": self.score_kind, "squared": self.squared_score,
                   "state": self._fitted_state()}
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        return path
 
     @classmethod
     def load(cls, path: str | Path) -> "ScoreDetector":
-        """A detector saved by ``save``; the class is checked against the one asked for."""
-        path = Path(path)
+        """A detector saved by ``save`` (checked against its manifest); the class is checked
+        against the one asked for."""
+        if not Path(path).is_dir():
+            raise IOException(f"no saved detector at {path}")
+        return load_unit(path, cls._load_files)
+
+    @classmethod
+    def _load_files(cls, path: Path) -> "ScoreDetector":
         try:
             config = json.loads((path / CONFIG_FILE).read_text())
             tensors = load_file(str(path / WEIGHTS_FILE))

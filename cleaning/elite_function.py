@@ -2,7 +2,8 @@
 
 Reads the samples of ``data`` (unlabeled, polluted) and ``labeled`` from the store, trains an
 ``EliteDetector`` on them, saves it under the store's artifacts (kind 'elite', named after the data
-set) so it can score new samples later, and returns one row per sample of ``data``.
+set) so it can score new samples later, and returns one row per sample of ``data``. On a read-only
+store it saves nothing (and warns once).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from metaql.cleaning.elite import EliteDetector
 from metaql.engine.errors import InvalidInputException
 from metaql.engine.functions import SetName, table_function
+from metaql.storage.artifacts import warn_not_saved
 
 COLUMNS = [("sample_id", "BIGINT"), ("anomaly_score", "DOUBLE"), ("is_anomaly", "BOOLEAN")]
 
@@ -44,7 +46,10 @@ def elite(ctx, data: SetName, labeled: SetName, score: str = "svdd", label_colum
                         margin=margin if margin > 0 else None, meta_gradient=meta_gradient,
                         anomaly_loss=anomaly_loss, seed=seed)
     det.fit(x_train, x_labeled, labels, progress=_epochs_progress(ctx))
-    det.save(ctx.store.artifact_dir("elite", str(data)))
+    if getattr(ctx.store, "read_only", False):
+        warn_not_saved(ctx.store, "ELITE's detector")
+    else:
+        det.save(ctx.store.artifact_dir("elite", str(data)))
     x_data = x_train if len(train_ids) == len(data_ids) else _inputs(ctx, data_ids, features)
     scores = det.decision_function(x_data)
     return pa.table({"sample_id": pa.array(data_ids, pa.int64()),

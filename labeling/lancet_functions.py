@@ -32,6 +32,7 @@ from metaql.labeling.dmn import OWAConfig
 from metaql.labeling.embedding import TrainConfig
 from metaql.labeling.lancet import LancetConfig, check_budget
 from metaql.labeling.session import LabelingSession, config_to_json
+from metaql.storage.artifacts import is_saved, saved_at, warn_not_saved
 
 CACHE_KEEP = 3   # cached rounds kept per pool: the current one and a little history
 
@@ -66,6 +67,9 @@ def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: in
     default: 'cold' on images, 'none' on flat features); alpha_t: the stop threshold (see
     LANCET_STATUS).
     """
+    if oracle and getattr(ctx.store, "read_only", False):
+        raise IOException("LANCET_CANDIDATES(oracle=...) adds the candidates' labels to the store, which "
+                          "is open read-only; reopen it without read_only, or leave out oracle=")
     session, x = _session(ctx, pool, num_classes, oracle, steps, cfm, alpha_t, seed, augment,
                           after_stop)
     if session.n_labeled == 0:
@@ -197,16 +201,19 @@ def _cached_round(ctx: Any, session: LabelingSession, pool: str, compute):
     family = _digest([session.pool_ids.tobytes(), config.encode(),
                       str(session.num_classes).encode()])
     here = root / f"{family}-{session.key()}"
-    source = here if (here / "session.json").exists() else _newest(root, family)
+    source = here if is_saved(here) else _newest(root, family)
     if source is not None:
         try:
             cached = LabelingSession.load(source)
             session.result, session.result_key = cached.result, cached.result_key
         except IOException:
-            shutil.rmtree(source, ignore_errors=True)   # a broken cache entry is only a cache miss
+            source = None   # a broken cache entry is only a cache miss; the save below replaces it
     out = compute()
-    if source != here:
-        _save_atomically(session, here)
+    if getattr(ctx.store, "read_only", False):
+        if source != here:
+            warn_not_saved(ctx.store, "LANCET's trained round")
+    elif source != here:
+        session.save(here)          # one unit: a crash leaves the old entry or the new one
         _prune(root)
     return out
 
@@ -219,23 +226,17 @@ def _digest(parts: list[bytes]) -> str:
 
 
 def _newest(root: Path, family: str) -> Path | None:
-    found = [d for d in root.glob(f"{family}-*") if (d / "session.json").exists()]
-    return max(found, key=lambda d: (d / "session.json").stat().st_mtime, default=None)
-
-
-def _save_atomically(session: LabelingSession, target: Path) -> None:
-    """Writes to a temporary sibling and renames it: a crash never leaves half a cache entry."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    session.save(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    found = [d for d in root.glob(f"{family}-*") if is_saved(d)] if root.is_dir() else []
+    return max(found, key=saved_at, default=None)
 
 
 def _prune(root: Path) -> None:
-    entries = sorted((d for d in root.iterdir() if d.is_dir() and (d / "session.json").exists()),
-                     key=lambda d: (d / "session.json").stat().st_mtime, reverse=True)
+    entries = sorted((d for d in root.iterdir() if d.is_dir() and not d.is_symlink() and is_saved(d)),
+                     key=saved_at, reverse=True)
     for stale in entries[CACHE_KEEP:]:
         shutil.rmtree(stale, ignore_errors=True)
-    for tmp in root.glob("*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    # entries of older MetaQL versions (flat, or unfinished '.tmp' saves) are never read again
+    for old in root.iterdir():
+        if old.is_dir() and not old.is_symlink() and not is_saved(old) and \
+                (old.name.endswith(".tmp") or (old / "session.json").exists()):
+            shutil.rmtree(old, ignore_errors=True)

@@ -28,6 +28,7 @@ from metaql.labeling.lancet import (LancetConfig, LancetResult, ModelFactory, ch
 from metaql.labeling.propagation import Propagated
 from metaql.labeling.semigan import SemiGAN
 from metaql.labeling.termination import StopDecision
+from metaql.storage.artifacts import load_unit, save_unit
 
 FORMAT = 1
 
@@ -192,9 +193,12 @@ class LabelingSession:
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Writes session.json and tensors (safetensors) under `directory`; returns it."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        """Writes session.json and tensors (safetensors) under `directory` as one unit (a new
+        version made current atomically, storage/artifacts.py); returns `directory`."""
+        save_unit(directory, self._write_files)
+        return Path(directory)
+
+    def _write_files(self, d: Path) -> None:
         ids = self.labeled_ids
         tensors = {
             "pool_ids": torch.from_numpy(self.pool_ids),
@@ -214,17 +218,19 @@ class LabelingSession:
             meta.update(_save_result(self.result, d))
             meta["result_key"] = self.result_key
         save_file(tensors, str(d / "session.safetensors"))
-        # JSON last: a reader never sees metadata pointing at tensors not yet written
         (d / "session.json").write_text(json.dumps(meta, indent=1, default=str))
-        return d
 
     @classmethod
     def load(cls, directory: str | Path, make_model: ModelFactory | None = None,
              model_from: Callable[[dict[str, Any]], torch.nn.Module] | None = None
              ) -> "LabelingSession":
-        """Reads a saved session. A cached model other than SemiGAN needs `model_from(description)`
-        to rebuild it before its weights are loaded."""
-        d = Path(directory)
+        """Reads a saved session (checked against its manifest). A cached model other than
+        SemiGAN needs `model_from(description)` to rebuild it before its weights are loaded."""
+        return load_unit(directory, lambda d: cls._read_files(d, make_model, model_from))
+
+    @classmethod
+    def _read_files(cls, d: Path, make_model: ModelFactory | None,
+                    model_from: Callable[[dict[str, Any]], torch.nn.Module] | None) -> "LabelingSession":
         try:
             meta = json.loads((d / "session.json").read_text())
             t = load_file(str(d / "session.safetensors"))

@@ -29,6 +29,7 @@ from metaql.parser import parse
 from metaql.planner import plan_call, plan_topk
 from metaql.result import Result
 from metaql.storage.catalog import INTERNAL_TABLES, query_arrow, register, unregister
+from metaql.storage.sqlguard import checked_statements, require_read_query, retarget_insert
 from metaql.storage.store import Store
 
 _SHOW = {
@@ -143,13 +144,17 @@ class Connection:
         register(self.store.db, name, table)
         try:
             alias = stmt.alias or stmt.call.name.lower()
-            out = query_arrow(self.store.db, f"SELECT {stmt.columns} FROM {name} AS {alias} {stmt.tail}")
+            text = f"SELECT {stmt.columns} FROM {name} AS {alias} {stmt.tail}"
+            require_read_query(text, "the SQL around a table function")
+            out = query_arrow(self.store.db, text)
         finally:
             unregister(self.store.db, name)
         return Result(out)
 
     def _plain_sql(self, text: str, params) -> Result:
-        _refuse_internal_writes(text)
+        statements = _refuse_internal_writes(text)
+        if any(s.labels_insert for s in statements):
+            return self._insert_labels(statements, params)
         try:
             table = query_arrow(self.store.db, text, params)
         except duckdb.CatalogException as e:
@@ -158,6 +163,15 @@ class Connection:
                 self.registry.get(missing.group(1))  # raises with MetaQL's functions and a hint
             raise
         return Result.message("ok") if table is None else Result(table)
+
+    def _insert_labels(self, statements, params) -> Result:
+        """INSERT INTO labels runs into a scratch table; its rows then go through the labels API,
+        which refuses a label that contradicts an earlier one."""
+        from metaql.storage.labels import SCRATCH_TABLE, add_labels_from_sql
+        if len(statements) != 1:
+            raise ProgrammingError("run INSERT INTO labels as a statement of its own")
+        n = add_labels_from_sql(self.store, retarget_insert(statements[0].text, SCRATCH_TABLE), params)
+        return Result.message(f"labels: {n} newly labeled")
 
     def _show(self, what: str) -> Result:
         if what == "functions":
@@ -352,19 +366,10 @@ def _bar_progress(it, total=None, desc=""):
     return tqdm(it, total=total, desc=desc, file=sys.stderr, leave=False, mininterval=0.5)
 
 
-_WRITE = ("insert", "update", "delete", "drop", "alter", "create", "truncate", "copy", "attach", "detach")
-
-
-def _refuse_internal_writes(text: str) -> None:
-    """Plain SQL may read the catalog's bookkeeping tables but not write them (files would dangle)."""
-    head = text.lstrip().split(None, 1)[0].lower() if text.strip() else ""
-    if head not in _WRITE:
-        return
-    words = set(re.findall(r"[A-Za-z_]\w*", text.lower()))
-    touched = [t for t in INTERNAL_TABLES if t in words]
-    if touched:
-        raise ProgrammingError(f"{head.upper()} on MetaQL's table(s) {', '.join(touched)} would break the store; "
-                               "use CREATE SET / DROP SET, or the Python API, to change them")
+def _refuse_internal_writes(text: str) -> list:
+    """Plain SQL may read the catalog's bookkeeping tables but not write them (files would dangle):
+    decided on each parsed statement (storage/sqlguard.py), never on its first word."""
+    return checked_statements(text)
 
 
 def _duck_error(e: Exception) -> Error:

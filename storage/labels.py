@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import warnings
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from metaql.engine.errors import IOException, InvalidInputException, Warning as MetaQLWarning
+from metaql.storage.catalog import query_arrow
 
 
 def read_labels(store: Any, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -27,19 +28,20 @@ def read_labels(store: Any, ids: np.ndarray) -> dict[str, np.ndarray]:
             "labeled_at": np.asarray([r[3] for r in rows], dtype=object)}
 
 
-def add_labels(store: Any, ids: Iterable[int], labels: Iterable[int], by: str = "human",
-               at: dt.datetime | None = None, overwrite: bool = False) -> int:
+def add_labels(store: Any, ids: Iterable[int], labels: Iterable[int], by: str | Sequence[str] = "human",
+               at: dt.datetime | Sequence[dt.datetime | None] | None = None, overwrite: bool = False) -> int:
     """Inserts labels; returns how many samples were newly labeled.
 
     A sample already labeled with the same label is left as it was (author and time kept); one
-    labeled differently raises InvalidInputException unless overwrite=True.
+    labeled differently raises InvalidInputException unless overwrite=True. `by` and `at` are one
+    value for every label or one per label (None: now).
     """
-    if getattr(store, "read_only", False):
-        raise IOException("the store is open read-only; reopen it without read_only to add labels")
+    _require_writable(store)
     ids_a = np.asarray(list(ids), dtype=np.int64)
     labels_a = np.asarray(list(labels), dtype=np.int64)
     if ids_a.shape != labels_a.shape:
         raise InvalidInputException(f"{ids_a.size} id(s) but {labels_a.size} label(s)")
+    by_a, at_a = _per_label(by, ids_a.size, "by"), _per_label(at, ids_a.size, "at")
     if np.unique(ids_a).size != ids_a.size:
         raise InvalidInputException("the same sample id is labeled twice in one call")
     old = read_labels(store, ids_a)
@@ -56,20 +58,63 @@ def add_labels(store: Any, ids: Iterable[int], labels: Iterable[int], by: str = 
                        for i, y in zip(ids_a.tolist(), labels_a.tolist())], dtype=bool)
     if not keep.any():
         return 0
-    when = (at or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc).replace(tzinfo=None)
-    _replace_rows(store, ids_a[keep].tolist(), labels_a[keep].tolist(), by, when)
+    now = dt.datetime.now(dt.timezone.utc)
+    when = [_naive_utc(a or now) for a in at_a[keep].tolist()]
+    _replace_rows(store, ids_a[keep].tolist(), labels_a[keep].tolist(), by_a[keep].tolist(), when)
     return int(sum(1 for i in ids_a[keep].tolist() if i not in known))
 
 
-def _replace_rows(store: Any, ids: list[int], labels: list[int], by: str, when: dt.datetime) -> None:
+# MetaQL's scratch table for the rows of a user's INSERT INTO labels (sqlguard reserves the prefix)
+SCRATCH_TABLE = "_metaql_label_rows"
+
+
+def add_labels_from_sql(store: Any, insert_sql: str, params: Any = None) -> int:
+    """Runs `insert_sql`, a user's INSERT INTO labels retargeted at SCRATCH_TABLE, then adds the
+    rows it produced with add_labels: a contradicting label is refused, never written."""
+    _require_writable(store)
+    store.sql(f"CREATE OR REPLACE TEMP TABLE {SCRATCH_TABLE} (sample_id BIGINT, label INTEGER, "
+              "labeled_by VARCHAR DEFAULT current_user, labeled_at TIMESTAMP)")
+    try:
+        query_arrow(store.db, insert_sql, params)
+        rows = store.sql(f"SELECT sample_id, label, labeled_by, labeled_at FROM {SCRATCH_TABLE}").fetchall()
+    finally:
+        store.sql(f"DROP TABLE IF EXISTS {SCRATCH_TABLE}")
+    if any(r[0] is None or r[1] is None for r in rows):
+        raise InvalidInputException("INSERT INTO labels needs a sample_id and a label on every row")
+    # labeled_at as written is naive UTC, the labels table's convention
+    at = [None if r[3] is None else r[3].replace(tzinfo=dt.timezone.utc) for r in rows]
+    return add_labels(store, [r[0] for r in rows], [r[1] for r in rows], by=[r[2] for r in rows], at=at)
+
+
+def _require_writable(store: Any) -> None:
+    if getattr(store, "read_only", False):
+        raise IOException("the store is open read-only; reopen it without read_only to add labels")
+
+
+def _per_label(value: Any, n: int, name: str) -> np.ndarray:
+    if value is None or isinstance(value, (str, dt.datetime)):
+        return np.asarray([value] * n, dtype=object)
+    out = np.asarray(list(value), dtype=object)
+    if out.shape != (n,):
+        raise InvalidInputException(f"{name}= has {out.size} value(s) for {n} label(s)")
+    return out
+
+
+def _naive_utc(at: dt.datetime) -> dt.datetime:
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=dt.timezone.utc)
+    return at.astimezone(dt.timezone.utc).replace(tzinfo=None)
+
+
+def _replace_rows(store: Any, ids: list[int], labels: list[int], by: list, when: list[dt.datetime]) -> None:
     """Deletes then inserts the rows of `ids` in one transaction: all or nothing."""
     store.sql("BEGIN TRANSACTION")
     try:
         store.sql("DELETE FROM labels WHERE sample_id IN (SELECT unnest(?))", [ids])
-        # TIMESTAMP holds naive UTC; parallel unnests zip the two lists row by row
+        # TIMESTAMP holds naive UTC; parallel unnests zip the lists row by row
         store.sql("INSERT INTO labels (sample_id, label, labeled_by, labeled_at) "
-                  "SELECT unnest(?::BIGINT[]), unnest(?::INTEGER[]), ?, ?::TIMESTAMP",
-                  [ids, labels, by, when])
+                  "SELECT unnest(?::BIGINT[]), unnest(?::INTEGER[]), unnest(?::VARCHAR[]), "
+                  "unnest(?::TIMESTAMP[])", [ids, labels, by, when])
         store.sql("COMMIT")
     except BaseException:
         store.sql("ROLLBACK")

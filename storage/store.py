@@ -24,10 +24,12 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from metaql.engine.errors import BinderException, CatalogException, IOException, InvalidInputException
+from metaql.engine.errors import (BinderException, CatalogException, InvalidInputException, IOException,
+                                  ProgrammingError)
 from metaql.storage import models as model_files
 from metaql.storage.catalog import open_catalog, query_arrow, register, require_name, transaction, unregister
 from metaql.storage.layers import LayerMeta, kind_named
+from metaql.storage.sqlguard import require_read_query
 from metaql.storage.tensorfile import Shard, file_checksum, write_shard
 
 _SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
@@ -119,7 +121,7 @@ class Store:
                     self._ensure_column(k, v)
                 arrow = pa.table({**table, **columns})
                 register(self.db, "_new_samples", arrow)
-                cols = ", ".join(arrow.column_names)
+                cols = ", ".join(quote_identifier(c) for c in arrow.column_names)
                 self.db.execute(f"INSERT INTO samples ({cols}) SELECT {cols} FROM _new_samples")
                 unregister(self.db, "_new_samples")
                 if inputs is not None:
@@ -134,22 +136,37 @@ class Store:
         return n
 
     def _ensure_column(self, name: str, values: np.ndarray) -> None:
-        if not _SAFE_NAME.match(name) or "." in name:
-            raise InvalidInputException(f"column name '{name}' must be a plain identifier")
-        existing = {r[0] for r in self.db.execute("SELECT column_name FROM information_schema.columns "
-                                                  "WHERE table_name = 'samples'").fetchall()}
-        if name not in existing:
+        if not isinstance(name, str) or not _SAFE_NAME.match(name) or "." in name:
+            raise InvalidInputException(f"column name {name!r} must be a plain identifier "
+                                        "(letters, digits, _ and -, not starting with a digit)")
+        # DuckDB matches column names without regard to case
+        if name.lower() not in {c.lower() for c in self.sample_column_names()}:
             sqltype = pa.array(values).type
             duck = {"int64": "BIGINT", "double": "DOUBLE", "float": "DOUBLE", "bool": "BOOLEAN"}.get(
                 str(sqltype), "VARCHAR")
-            self.db.execute(f'ALTER TABLE samples ADD COLUMN "{name}" {duck}')
+            self.db.execute(f"ALTER TABLE samples ADD COLUMN {quote_identifier(name)} {duck}")
+
+    def sample_column_names(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT column_name FROM information_schema.columns WHERE "
+                                              "table_schema = 'main' AND table_name = 'samples' "
+                                              "ORDER BY ordinal_position").fetchall()]
 
     def sample_columns(self, ids, names: list[str]) -> dict[str, np.ndarray]:
+        """Columns of `samples` for the given ids, in their order; every name is checked against the
+        table's columns (a user's name never reaches the SQL text unchecked) and quoted."""
         ids = _as_ids(ids)
-        cols = ", ".join(f'"{n}"' for n in names)
+        known = {c.lower(): c for c in self.sample_column_names()}
+        for n in names:
+            if not isinstance(n, str) or n.lower() not in known:
+                try:
+                    require_name("samples column", str(n), list(known.values()))
+                except CatalogException as e:
+                    raise BinderException(str(e)) from None
+        cols = ", ".join(quote_identifier(known[n.lower()]) for n in names)
         register(self.db, "_ids", pa.table({"sample_id": ids, "_pos": np.arange(len(ids))}))
         try:
             t = query_arrow(self.db, f"SELECT {cols} FROM _ids JOIN samples USING (sample_id) ORDER BY _pos")
+            t = t.rename_columns(list(names))
         except Exception as e:
             raise BinderException(f"cannot read samples columns {names}: {e}") from None
         finally:
@@ -206,6 +223,12 @@ class Store:
         self._writable()
         if not _SAFE_NAME.match(name):
             raise BinderException(f"set name '{name}' must be an identifier")
+        try:
+            # pasted into SELECT * FROM (query) below: one read-only SELECT, nothing that could close it
+            require_read_query(query, "a set's query")
+            require_read_query(f"SELECT * FROM ({query}) AS _q", "a set's query")
+        except ProgrammingError as e:
+            raise BinderException(str(e)) from None
         with transaction(self.db):
             if name in self.set_names():
                 if not replace:
@@ -458,12 +481,24 @@ class Store:
         return path
 
     def artifact_dir(self, kind: str, name: str) -> Path:
+        """The slot of a table function's artifact (storage/artifacts.py saves into it as one unit);
+        created only on a writable store: a read-only one writes nothing."""
         for part in (kind, name):
-            if not _SAFE_NAME.match(str(part)):
+            if not _SAFE_NAME.match(str(part)) or str(part) in (".", ".."):
                 raise BinderException(f"'{part}' is not a safe artifact name")
         path = self.root / "artifacts" / kind / name
-        path.mkdir(parents=True, exist_ok=True)
+        for level in (path.parent.parent, path.parent, path):
+            if level.is_symlink():
+                raise IOException(f"{level} is a symbolic link; a store's artifacts must stay inside it "
+                                  "(replace the link with a directory)")
+        if not self.read_only:
+            path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def quote_identifier(name: str) -> str:
+    """A name as a DuckDB identifier: double-quoted, inner quotes doubled (never closes early)."""
+    return '"' + str(name).replace('"', '""') + '"'
 
 
 def _as_ids(ids) -> np.ndarray:

@@ -239,7 +239,9 @@ def test_save_load_round_trip_gives_identical_scores(score, shape, tmp_path):
     det = EliteDetector(score=score, epochs=3, batch_size=16, margin=None if score == "svdd" else 2.0)
     det.fit(xu, xl, [0, 0, 0, 1, 1, 1])
     det.save(tmp_path / "det")
-    assert sorted(p.name for p in (tmp_path / "det").iterdir()) == ["detector.json", "weights.safetensors"]
+    # one unit: a version directory made current by the CURRENT pointer (storage/artifacts.py)
+    version = (tmp_path / "det" / (tmp_path / "det" / "CURRENT").read_text())
+    assert sorted(p.name for p in version.iterdir()) == ["MANIFEST.json", "detector.json", "weights.safetensors"]
     back = EliteDetector.load(tmp_path / "det")
     x = torch.randn(25, *shape, generator=g)
     assert np.array_equal(back.decision_function(x), det.decision_function(x))

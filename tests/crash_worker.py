@@ -4,7 +4,8 @@ random moment, then reopened, verified, resumed and scored.
     python -m tests.crash_worker OUT JOBS SPEC...     results: OUT/reference.json, OUT/trial<i>.json
 
 A SPEC is a fault point (killed at its middle hit in an uninterrupted run), 'point:N' (its N-th
-hit) or 't=SECONDS' (killed that long after the store is open). The process imports torch and
+hit), 't=SECONDS' (killed that long after the store is open) or 't=?' (at a random moment of the
+uninterrupted capture's duration). The process imports torch and
 MetaQL once and forks a runner per trial (JOBS at a time), which forks the capture it kills, so a
 trial costs no interpreter start. Training and data are seeded: a killed and resumed store must
 score exactly like the uninterrupted capture (reference.json).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import random
 import signal
 import sys
 import time
@@ -51,8 +53,10 @@ def run_capture(store_dir: str, ready=None) -> None:
         with metaql.connect(store_dir) as con:
             if ready:
                 ready()
-            if con.execute("SELECT count(*) FROM samples").fetchone()[0] == 0:
+            splits = con.store.splits()
+            if "train" not in splits:
                 con.add_samples(np.arange(TRAIN), "train", y[:TRAIN].numpy(), x[:TRAIN])
+            if "test" not in splits:
                 con.add_samples(np.arange(TRAIN, TRAIN + TEST), "test", y[TRAIN:].numpy(), x[TRAIN:])
             for epoch in range(EPOCHS):
                 order = torch.randperm(TRAIN, generator=torch.Generator().manual_seed(epoch)).numpy()
@@ -73,19 +77,26 @@ def _sgd_step(model: torch.nn.Module, lr: float) -> None:
             p.grad = None
 
 
-def scores(store_dir: str) -> dict[str, list]:
-    with metaql.connect(store_dir) as con:
-        # fixed cost constants: every store picks the same strategies (and skips timing the machine)
-        con.store.db.execute("INSERT OR REPLACE INTO meta VALUES ('cost_constants', ?)",
-                             [json.dumps({"sec_per_flop": 1e-10, "sec_per_byte": 1e-9})])
-        con.attach_model(MLP(din=6, hidden=8, classes=3))
-        return {name: con.execute(q).fetchall() for name, q in QUERIES.items()}
+def checked(store_dir: str, read_only: bool = False, scored: bool = False) -> dict:
+    """The store's verify() lines and leftover files (and its scores)."""
+    with metaql.connect(store_dir, read_only=read_only) as con:
+        out = {"verify": con.verify(), "leftovers": leftovers(con, store_dir)}
+        if scored:
+            out["scores"] = scores(con)
+    return out
 
 
-def leftovers(store_dir: str) -> list[str]:
+def scores(con) -> dict[str, list]:
+    # fixed cost constants: every store picks the same strategies (and skips timing the machine)
+    con.store.db.execute("INSERT OR REPLACE INTO meta VALUES ('cost_constants', ?)",
+                         [json.dumps({"sec_per_flop": 1e-10, "sec_per_byte": 1e-9})])
+    con.attach_model(MLP(din=6, hidden=8, classes=3))
+    return {name: con.execute(q).fetchall() for name, q in QUERIES.items()}
+
+
+def leftovers(con, store_dir: str) -> list[str]:
     """Files under tensors/ and inputs/ that no shard row names, and temporaries anywhere."""
-    with metaql.connect(store_dir, read_only=True) as con:
-        named = {r[0] for r in con.execute("SELECT file FROM shards").fetchall()}
+    named = {r[0] for r in con.execute("SELECT file FROM shards").fetchall()}
     root = Path(store_dir)
     files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
     return [f for f in files if f.endswith(".tmp") or (f.split("/")[0] in ("tensors", "inputs") and f not in named)]
@@ -95,10 +106,12 @@ def reference(out: Path) -> dict:
     """An uninterrupted capture, counting the hits of every fault point."""
     log = out / "hits.txt"
     faults.arm(None, log=str(log))
-    run_capture(str(out / "reference"))
+    started = []
+    run_capture(str(out / "reference"), ready=lambda: started.append(time.monotonic()))
+    seconds = time.monotonic() - started[0]
     faults.arm(None)
     hits = collections.Counter(log.read_text().split())
-    return {"hits": hits, "verify": _verify(str(out / "reference")), "scores": scores(str(out / "reference"))}
+    return {"hits": hits, "seconds": seconds, **checked(str(out / "reference"), scored=True)}
 
 
 def trial(store_dir: str, fault: str | None = None, kill_after: float | None = None) -> dict:
@@ -115,12 +128,12 @@ def trial(store_dir: str, fault: str | None = None, kill_after: float | None = N
     status = _wait(pid, kill_after)
     result = {"killed": os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL,
               "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}
-    result["unnamed_after_kill"] = leftovers(store_dir)
-    metaql.connect(store_dir).close()          # the writable open that cleans up after the kill
-    result.update(verify_killed=_verify(store_dir), leftovers=leftovers(store_dir))
+    result["unnamed_after_kill"] = checked(store_dir, read_only=True)["leftovers"]
+    after_kill = checked(store_dir)            # the writable open that cleans up after the kill
+    result.update(verify_killed=after_kill["verify"], leftovers=after_kill["leftovers"])
     run_capture(store_dir)
-    result.update(verify=_verify(store_dir), scores=scores(store_dir))
-    return result
+    final = checked(store_dir, scored=True)
+    return {**result, "verify": final["verify"], "scores": final["scores"], "leftovers_resumed": final["leftovers"]}
 
 
 def _wait(pid: int, kill_after: float | None) -> int:
@@ -134,11 +147,6 @@ def _wait(pid: int, kill_after: float | None) -> int:
             time.sleep(0.002)
         os.kill(pid, signal.SIGKILL)
     return os.waitpid(pid, 0)[1]
-
-
-def _verify(store_dir: str) -> list[str]:
-    with metaql.connect(store_dir, read_only=True) as con:
-        return con.verify()
 
 
 def _child(body) -> None:
@@ -155,9 +163,12 @@ def _child(body) -> None:
         os._exit(code)
 
 
-def resolve(spec: str, hits: dict[str, int]) -> dict:
+def resolve(spec: str, reference: dict) -> dict:
+    """A trial's plan; 't=?' is a random moment of the uninterrupted capture's duration."""
     if spec.startswith("t="):
-        return {"spec": spec, "kill_after": float(spec[2:])}
+        t = random.uniform(0, reference["seconds"]) if spec == "t=?" else float(spec[2:])
+        return {"spec": f"t={t:.3f}", "kill_after": t}
+    hits = reference["hits"]
     point, _, nth = spec.partition(":")
     n = int(nth) if nth else (hits.get(point, 0) + 1) // 2
     return {"spec": f"{point}:{n}", "fault": f"{point}:{n}"}
@@ -167,8 +178,7 @@ def main(out: Path, jobs: int, specs: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _import_lazy_modules()
     _run_forked([lambda: _dump(out / "reference.json", reference(out))], 1)
-    hits = json.loads((out / "reference.json").read_text())["hits"]
-    plans = [resolve(s, hits) for s in specs]
+    plans = [resolve(s, json.loads((out / "reference.json").read_text())) for s in specs]
     _run_forked([lambda i=i, p=p: _dump(out / f"trial{i}.json", {**p, **trial(
         str(out / f"store{i}"), p.get("fault"), p.get("kill_after"))}) for i, p in enumerate(plans)], jobs)
 

@@ -4,8 +4,8 @@ random moment, then reopened, verified, resumed and scored.
     python -m tests.crash_worker OUT JOBS SPEC...     results: OUT/reference.json, OUT/trial<i>.json
 
 A SPEC is a fault point (killed at its middle hit in an uninterrupted run), 'point:N' (its N-th
-hit), 't=SECONDS' (killed that long after the store is open) or 't=?' (at a random moment of the
-uninterrupted capture's duration). The process imports torch and
+hit), 'point:?' (a random hit), '?' (a random hit of a random point), 't=SECONDS' (killed that
+long after the store is open) or 't=?' (at a random moment of the uninterrupted capture's duration). The process imports torch and
 MetaQL once and forks a runner per trial (JOBS at a time), which forks the capture it kills, so a
 trial costs no interpreter start. Training and data are seeded: a killed and resumed store must
 score exactly like the uninterrupted capture (reference.json).
@@ -169,8 +169,8 @@ def resolve(spec: str, reference: dict) -> dict:
         t = random.uniform(0, reference["seconds"]) if spec == "t=?" else float(spec[2:])
         return {"spec": f"t={t:.3f}", "kill_after": t}
     hits = reference["hits"]
-    point, _, nth = spec.partition(":")
-    n = int(nth) if nth else (hits.get(point, 0) + 1) // 2
+    point, _, nth = (random.choice(sorted(hits)) + ":?" if spec == "?" else spec).partition(":")
+    n = random.randint(1, hits[point]) if nth == "?" else int(nth) if nth else (hits.get(point, 0) + 1) // 2
     return {"spec": f"{point}:{n}", "fault": f"{point}:{n}"}
 
 

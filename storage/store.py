@@ -383,8 +383,19 @@ class Store:
                     f"storage={{'{layer}': '{mode}'}} cannot apply; drop the override, or capture into a new store")
 
     def stored_ids(self, checkpoint: str, layer: str) -> np.ndarray:
-        ids = [self.open_shard(r["file"], r["checksum"]).ids for r in self._shard_rows("factors", checkpoint, layer)]
+        """Sample ids stored for (checkpoint, layer). A resumed capture asks this of every layer, so
+        only the id columns are read (memory-mapped); checksums are checked where factors are read."""
+        ids = [self._shard_ids(r["file"]) for r in self._shard_rows("factors", checkpoint, layer)]
         return np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
+    def _shard_ids(self, rel: str) -> np.ndarray:
+        if rel in self._shards:
+            return self._shards[rel].ids
+        path = self._inside(rel)
+        if not path.exists():
+            raise IOException(f"shard file {path} is missing; recapture its checkpoint/layer "
+                              "(con.verify() lists every damaged file)")
+        return Shard(path).ids.copy()
 
     def factor_shards(self, checkpoint: str, layer: str) -> list[dict]:
         return self._shard_rows("factors", checkpoint, layer)

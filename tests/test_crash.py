@@ -273,3 +273,15 @@ def test_shared_input_layers_resumed_apart_store_the_input_themselves(tmp_path):
         con.close()
     assert [i for i, _ in results["resumed"]] == [i for i, _ in results["at once"]] == list(range(8))
     assert [s for _, s in results["resumed"]] == pytest.approx([s for _, s in results["at once"]], rel=1e-5)
+
+
+def test_a_store_written_before_these_tables_opens_read_only_and_writable(store_dir):
+    model = _two_checkpoints(store_dir)
+    with metaql.connect(store_dir) as con:     # as the previous format left it
+        con.store.db.execute("DROP TABLE pending_files")
+        con.store.db.execute("ALTER TABLE checkpoints DROP COLUMN weights_checksum")
+    for read_only in (True, False):
+        with metaql.connect(store_dir, read_only=read_only) as con:
+            con.attach_model(model)
+            assert con.verify() == []
+            assert con.execute("SELECT count(*) FROM INFLUENCE(query=batch(q))").fetchone() == (10,)

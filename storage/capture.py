@@ -9,7 +9,7 @@
 Entering saves the weights as the checkpoint's; each sample's factors are those of its own loss at
 the step it was seen (TracIn's approximation of the checkpoint; exact for models without
 cross-sample layers such as BatchNorm in train mode; use `con.replay` for exact factors at the
-saved weights). Ids already stored for the checkpoint are skipped, so a killed run resumes.
+saved weights). Each layer skips the ids it already stored for the checkpoint, so a killed run resumes.
 """
 from __future__ import annotations
 
@@ -25,11 +25,13 @@ STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
 
 
 class ShardWriter:
-    """Buffers per-layer factors and writes one shard per layer each time the buffers are full.
+    """Buffers per-layer factors and writes one shard per layer each time a layer's buffer is full.
 
-    Every layer receives the same sample ids in each batch, so the buffers fill in lockstep and
-    flush together; that lets a layer whose input is another watched layer's input (Q, K and V
-    projections) point at that layer's stored suffix instead of storing it again."""
+    Each layer keeps the ids it has not stored yet for the checkpoint (a resumed capture fills in
+    exactly what each layer lacks; a layer that never runs blocks nothing), and a flush commits
+    every layer's shard as one unit (Store.write_factor_shards). A layer whose input is another
+    watched layer's input (Q, K and V projections) points at that layer's stored suffix when both
+    buffered the same ids, and stores the suffix itself otherwise."""
 
     def __init__(self, store: Store, checkpoint: str, hooks: LayerHooks, shard_size: int = 2048,
                  dtype: str = "float32", storage: dict[str, str] | None = None):
@@ -40,44 +42,65 @@ class ShardWriter:
         store.check_storage_override(self.storage)    # before any training step depends on it
         self.modes: dict[str, str] = {}
         self.suffix_of: dict[str, str] = {}
-        self.buffers: dict[str, list[dict[str, torch.Tensor]]] = {}
-        self.ids: list[np.ndarray] = []
-        self.done: set[int] | None = None
+        # one dict per batch: {layer: (ids kept, tensors, suffix is the owner's very tensor)}
+        self.batches: list[dict[str, tuple[np.ndarray, dict[str, torch.Tensor], bool]]] = []
+        self.stored: dict[str, set[int]] = {}      # per layer: ids committed for this checkpoint
+        self.buffered: dict[str, set[int]] = {}    # per layer: ids waiting for the next flush
         self.rows_written = 0
 
+    @property
+    def ids(self) -> list[np.ndarray]:
+        """The buffered ids of the fullest layer, batch by batch."""
+        per_layer: dict[str, list[np.ndarray]] = {}
+        for batch in self.batches:
+            for layer, (ids, _, _) in batch.items():
+                per_layer.setdefault(layer, []).append(ids)
+        return max(per_layer.values(), key=lambda parts: sum(map(len, parts)), default=[])
+
     def add(self, ids: np.ndarray, factors: dict[str, dict[str, torch.Tensor]]) -> None:
-        keep = self._new_rows(ids)
-        if not keep.any():
-            return
-        rows = torch.from_numpy(np.nonzero(keep)[0])
+        """Buffers the batch's new rows of every layer; raises before buffering anything."""
+        check_unique_ids(ids)
         for layer, fs in factors.items():
             if not all(torch.isfinite(v).all() for v in fs.values() if v.is_floating_point()):
                 raise InvalidInputException(f"layer '{layer}' has NaN or infinite activations or gradients in "
                                             "this batch; nothing of it was stored (check the inputs and the lr)")
         shared = self._shared_suffixes(factors)
+        modes = {layer: self._mode(layer, fs, shared.get(layer)) for layer, fs in factors.items()}
+        keeps = {layer: self._new_rows(layer, ids) for layer in factors}
+        batch = {}
         for layer, fs in factors.items():
-            kind = self.hooks.kinds[layer]
-            mode = self._mode(layer, fs, shared.get(layer))
-            if mode == "full":
-                fs = {"G": kind.full(kind.meta(layer, self.hooks.modules[layer]), fs)}
-            elif layer in self.suffix_of:
-                fs = {k: v for k, v in fs.items() if k != kind.suffix_name()}
-            self.buffers.setdefault(layer, []).append({k: self._to_storage(v[rows]) for k, v in fs.items()})
-        self.ids.append(ids[keep])
-        self.done.update(ids[keep].tolist())
-        if sum(len(i) for i in self.ids) >= self.shard_size:
+            if keeps[layer].any():
+                batch[layer] = self._layer_rows(layer, fs, modes[layer], ids, keeps, batch)
+        if not batch:
+            return
+        self.batches.append(batch)       # one step: an interrupt leaves the batch wholly in or out
+        for layer, (kept, _, _) in batch.items():
+            self.buffered.setdefault(layer, set()).update(kept.tolist())
+        if max(len(b) for b in self.buffered.values()) >= self.shard_size:
             self.flush()
+
+    def _layer_rows(self, layer, fs, mode, ids, keeps, batch) -> tuple[np.ndarray, dict[str, torch.Tensor], bool]:
+        kind, keep = self.hooks.kinds[layer], keeps[layer]
+        rows = torch.from_numpy(np.nonzero(keep)[0])
+        if mode == "full":
+            fs = {"G": kind.full(kind.meta(layer, self.hooks.modules[layer]), fs)}
+        owner, suffix = self.suffix_of.get(layer), kind.suffix_name()
+        if owner in batch and np.array_equal(keeps[owner], keep):
+            tensors = {k: self._to_storage(v[rows]) for k, v in fs.items() if k != suffix}
+            tensors[suffix] = batch[owner][1][suffix]    # no copy: the owner's rows are these rows
+            return ids[keep], tensors, True
+        return ids[keep], {k: self._to_storage(v[rows]) for k, v in fs.items()}, False
 
     def _to_storage(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to("cpu", self.dtype if t.is_floating_point() else t.dtype)
 
-    def _new_rows(self, ids: np.ndarray) -> np.ndarray:
-        """Ids not stored yet for this checkpoint (a resumed capture skips the others)."""
-        if self.done is None:
-            first = next(iter(self.hooks.modules))
-            self.done = set(self.store.stored_ids(self.checkpoint, first).tolist())
-        return np.fromiter((int(i) not in self.done for i in ids), bool, len(ids))
-
+    def _new_rows(self, layer: str, ids: np.ndarray) -> np.ndarray:
+        """Ids this layer has neither stored for the checkpoint nor buffered (a resumed capture
+        skips the others)."""
+        if layer not in self.stored:
+            self.stored[layer] = set(self.store.stored_ids(self.checkpoint, layer).tolist())
+        stored, buffered = self.stored[layer], self.buffered.get(layer, set())
+        return np.fromiter((int(i) not in stored and int(i) not in buffered for i in ids), bool, len(ids))
     def _shared_suffixes(self, factors) -> dict[str, str]:
         """{layer: earlier layer} for layers whose stored input is the very same tensor."""
         seen, shared = {}, {}
@@ -115,18 +138,29 @@ class ShardWriter:
         return self.modes[layer]
 
     def flush(self) -> None:
-        if not self.ids:
+        """Writes every layer's buffered rows as one unit. The buffers are taken first, so a flush
+        that fails or is interrupted is never written again (its ids are captured on resume)."""
+        batches, self.batches, self.buffered = self.batches, [], {}
+        if not batches:
             return
-        ids = np.concatenate(self.ids)
-        files: dict[str, str] = {}
-        # layers that own their suffix first, so dependents can name the file that holds it
-        for name in sorted(self.buffers, key=lambda n: n in self.suffix_of):
-            parts = self.buffers[name]
-            tensors = {k: _cat_rows([p[k] for p in parts]) for k in parts[0]}
-            files[name] = self.store.write_factor_shard(self.checkpoint, name, ids, tensors, self.modes[name],
-                                                        suffix_file=files.get(self.suffix_of.get(name)))
-        self.rows_written += len(ids)
-        self.buffers, self.ids = {}, []
+        entries = [self._entry(layer, batches) for layer in self._layers_in(batches)]
+        self.store.write_factor_shards(self.checkpoint, entries)
+        for e in entries:
+            self.stored[e["layer"]].update(e["ids"].tolist())
+        self.rows_written += len(np.unique(np.concatenate([e["ids"] for e in entries])))
+
+    def _layers_in(self, batches) -> list[str]:
+        return list(dict.fromkeys(layer for batch in batches for layer in batch))
+
+    def _entry(self, layer: str, batches) -> dict:
+        parts = [batch[layer] for batch in batches if layer in batch]
+        ids = np.concatenate([p[0] for p in parts])
+        owner, suffix = self.suffix_of.get(layer), self.hooks.kinds[layer].suffix_name()
+        shares = owner is not None and all(p[2] for p in parts) and np.array_equal(
+            ids, np.concatenate([batch[owner][0] for batch in batches if owner in batch]))
+        names = [k for k in parts[0][1] if not (shares and k == suffix)]
+        return dict(layer=layer, ids=ids, tensors={k: _cat_rows([p[1][k] for p in parts]) for k in names},
+                    storage=self.modes[layer], suffix_of=owner if shares else None)
 
 
 def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -154,8 +188,16 @@ class Capture:
         """Backpropagates `loss` (as loss.backward() would) and keeps each sample's factors.
 
         `loss` is the batch loss with the given reduction ('mean' or 'sum'), or a vector of
-        per-sample losses (then reduced with `reduction` for the backward pass)."""
+        per-sample losses (then reduced with `reduction` for the backward pass). A refused batch
+        stores nothing and leaves the capture ready for the next one."""
+        try:
+            return self._backward(loss, ids, reduction)
+        finally:
+            self.hooks.clear()      # the forward pass's inputs: stale for the next batch either way
+
+    def _backward(self, loss: torch.Tensor, ids, reduction: str) -> torch.Tensor:
         ids = _as_ids(ids)
+        check_unique_ids(ids)
         if reduction not in ("mean", "sum"):
             raise InvalidInputException("reduction must be 'mean' or 'sum'")
         if loss.dim() == 1:
@@ -174,16 +216,25 @@ class Capture:
             if b != len(ids):
                 raise InvalidInputException(f"layer '{layer}' saw a batch of {b} but {len(ids)} ids were given")
         self.writer.add(ids, factors)
-        self.hooks.clear()
         self.samples += len(ids)
         return loss
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        complete = False
         try:
             self.writer.flush()
+            complete = exc_type is None
         finally:
             self.hooks.detach()
-            self.store.finish_checkpoint(self.checkpoint, "complete" if exc_type is None else "partial")
+            self.store.finish_checkpoint(self.checkpoint, "complete" if complete else "partial")
+
+
+def check_unique_ids(ids: np.ndarray) -> None:
+    values, counts = np.unique(ids, return_counts=True)
+    if len(values) != len(ids):
+        raise InvalidInputException(
+            f"sample ids {values[counts > 1][:5].tolist()} repeat within one batch; a sample's factors are "
+            "stored once per checkpoint, so pass each id once per cap.backward call")
 
 
 def replay_into_store(store: Store, checkpoint: str, ids, layers=None, target: str = "label",

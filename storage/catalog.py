@@ -44,10 +44,14 @@ CREATE TABLE IF NOT EXISTS set_members (set_name VARCHAR NOT NULL, sample_id BIG
 CREATE TABLE IF NOT EXISTS labels (
     sample_id BIGINT PRIMARY KEY, label INTEGER NOT NULL, labeled_by VARCHAR DEFAULT current_user,
     labeled_at TIMESTAMP DEFAULT current_timestamp);
+-- files a writer is about to create: committed before the files are written, deleted in the
+-- transaction that names them in `shards`; a writable open deletes the listed files no row names
+CREATE TABLE IF NOT EXISTS pending_files (file VARCHAR PRIMARY KEY, created_at TIMESTAMP DEFAULT current_timestamp);
+ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS weights_checksum VARCHAR;
 """
 
 # Tables MetaQL keeps consistent with files on disk: plain SQL may read them, not write them.
-INTERNAL_TABLES = ("meta", "models", "checkpoints", "layers", "shards", "sets", "set_members")
+INTERNAL_TABLES = ("meta", "models", "checkpoints", "layers", "shards", "sets", "set_members", "pending_files")
 
 _LOCK_RE = re.compile(r"\(PID (\d+)\)")
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metaql.engine.errors import BinderException, InvalidInputException, IOException
+from metaql.storage.tensorfile import fsync_path
 
 # MetaQL's own models, trusted without asking so `metaql demo` then `metaql STORE -c ...` works.
 # Exact strings only: a prefix ("metaql.*") would trust "metaql.demo:shutil.rmtree" style paths.
@@ -42,7 +43,9 @@ def save_weights(model: nn.Module, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(tmp))
+    fsync_path(tmp)             # the catalog records the file's checksum: it must be on disk first
     tmp.replace(path)
+    fsync_path(path.parent)
 
 
 def load_weights(model: nn.Module, path: Path) -> nn.Module:

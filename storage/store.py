@@ -7,7 +7,8 @@
     STORE/artifacts/<kind>/<name>/               state kept by table functions (ELITE, LANCET)
 
 A shard's file is complete on disk (written, synced, renamed) before the catalog row that names it
-commits, so a crash leaves at worst an unnamed file, which the next writable open deletes.
+commits, and the files of one flush are listed in `pending_files` before they are written, so a crash
+leaves at worst listed files no row names, which the next writable open deletes (storage/durable.py).
 """
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ from torch import nn
 
 from metaql.engine.errors import (BinderException, CatalogException, InvalidInputException, IOException,
                                   ProgrammingError)
+from metaql.storage import durable
+from metaql.storage.artifacts import artifact_problems
 from metaql.storage import models as model_files
 from metaql.storage.catalog import open_catalog, query_arrow, register, require_name, transaction, unregister
+from metaql.storage.faults import fault_point
 from metaql.storage.layers import LayerMeta, kind_named
 from metaql.storage.sqlguard import require_read_query
 from metaql.storage.tensorfile import Shard, file_checksum, write_shard
@@ -53,6 +57,7 @@ class Store:
         self.db = open_catalog(self.root / "catalog.duckdb", read_only)
         self._shards: OrderedDict[str, Shard] = OrderedDict()
         self._verified: set[str] = set()
+        self._weights_ok: set[tuple] = set()
         self.live_model: nn.Module | None = None
         self.trusted_factories: set[str] = set()   # model code this process said to run (model_at)
         if not read_only:
@@ -68,13 +73,14 @@ class Store:
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     def _remove_orphans(self) -> None:
-        """Deletes files a crashed writer left behind: temporaries and shards no row names."""
-        known = {r[0] for r in self.db.execute("SELECT file FROM shards").fetchall()}
-        for sub in ("tensors", "inputs"):
-            for f in (self.root / sub).rglob("*") if (self.root / sub).exists() else []:
-                rel = f.relative_to(self.root).as_posix()
-                if f.is_file() and (f.suffix == ".tmp" or rel not in known):
-                    f.unlink()
+        """Deletes what a killed writer left: files `pending_files` lists that no shard row names,
+        and the store's own temporaries; never another file, never through a symlink."""
+        named = {r[0] for r in self.db.execute("SELECT file FROM shards").fetchall()}
+        pending = [r[0] for r in self.db.execute("SELECT file FROM pending_files").fetchall()]
+        unnamed = [f for f in pending if f not in named]
+        durable.remove_own(self.root, unnamed + [f + ".tmp" for f in unnamed] + durable.temp_files(self.root))
+        if pending:
+            self.db.execute("DELETE FROM pending_files")
 
     def _writable(self) -> None:
         if self.read_only:
@@ -294,14 +300,19 @@ class Store:
         model_id = self._model_id(model, factory, kwargs)
         rel = f"weights/{name}.safetensors"
         model_files.save_weights(model, self.root / rel)
+        fault_point("weights.written")
         ordinal = len(existing)
-        self.db.execute("INSERT INTO checkpoints (name, ordinal, model_id, epoch, step, lr, weights_file, status)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, 'capturing')",
-                        [name, ordinal, model_id, epoch, step, float(lr), rel])
+        fault_point("commit.checkpoint.before")
+        self.db.execute("INSERT INTO checkpoints (name, ordinal, model_id, epoch, step, lr, weights_file, status,"
+                        " weights_checksum) VALUES (?, ?, ?, ?, ?, ?, ?, 'capturing', ?)",
+                        [name, ordinal, model_id, epoch, step, float(lr), rel, file_checksum(self.root / rel)])
+        fault_point("commit.checkpoint.after")
         return self.checkpoint(name)
 
     def finish_checkpoint(self, name: str, status: str = "complete") -> None:
+        fault_point("commit.finish.before")
         self.db.execute("UPDATE checkpoints SET status = ? WHERE name = ?", [status, name])
+        fault_point("commit.finish.after")
 
     def _model_id(self, model: nn.Module, factory: str | None, kwargs: dict | None) -> int:
         factory = factory or model_files.factory_of(model)
@@ -331,7 +342,7 @@ class Store:
         if row is None:
             raise IOException(f"checkpoint '{checkpoint}' names model {c['model_id']}, which the catalog's "
                               "models table lacks: the store was tampered with or damaged")
-        weights = self._inside(c["weights_file"])
+        weights = self._checked_weights(c)
         return model_files.load_weights(self._architecture(*row, weights), weights)
 
     def _architecture(self, factory: str | None, kwargs: str | None, weights: Path) -> nn.Module:
@@ -345,6 +356,30 @@ class Store:
         if self.live_model is None:
             raise model_files.untrusted(factory, kwargs)
         return copy.deepcopy(self.live_model)
+
+    def _checked_weights(self, c: dict) -> Path:
+        """The checkpoint's weights file, once its checksum matched the catalog's (re-checked when
+        the file changes on disk): wrong weights would give silently wrong scores."""
+        path = self._inside(c["weights_file"])
+        problem = self._weights_problem(c, path)
+        if problem:
+            raise IOException(f"{problem}; recapture the checkpoint (con.verify() lists every damaged file)")
+        return path
+
+    def _weights_problem(self, c: dict, path: Path) -> str | None:
+        if not path.exists():
+            return f"weights file {path} of checkpoint '{c['name']}' is missing"
+        expected = c.get("weights_checksum")
+        if expected is None:        # a store written before weights had checksums
+            return None
+        st = path.stat()
+        seen = (c["name"], st.st_ino, st.st_size, st.st_mtime_ns)
+        if seen in self._weights_ok:
+            return None
+        if file_checksum(path) != expected:
+            return f"weights of checkpoint '{c['name']}' do not match their checksum ({path} was changed or replaced)"
+        self._weights_ok.add(seen)
+        return None
 
     # ---- layers and shards -----------------------------------------------------------------------
     def layers(self) -> list[dict]:
@@ -384,8 +419,19 @@ class Store:
                     f"storage={{'{layer}': '{mode}'}} cannot apply; drop the override, or capture into a new store")
 
     def stored_ids(self, checkpoint: str, layer: str) -> np.ndarray:
-        ids = [self.open_shard(r["file"], r["checksum"]).ids for r in self._shard_rows("factors", checkpoint, layer)]
+        """Sample ids stored for (checkpoint, layer). A resumed capture asks this of every layer, so
+        only the id columns are read (memory-mapped); checksums are checked where factors are read."""
+        ids = [self._shard_ids(r["file"]) for r in self._shard_rows("factors", checkpoint, layer)]
         return np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
+    def _shard_ids(self, rel: str) -> np.ndarray:
+        if rel in self._shards:
+            return self._shards[rel].ids
+        path = self._inside(rel)
+        if not path.exists():
+            raise IOException(f"shard file {path} is missing; recapture its checkpoint/layer "
+                              "(con.verify() lists every damaged file)")
+        return Shard(path).ids.copy()
 
     def factor_shards(self, checkpoint: str, layer: str) -> list[dict]:
         return self._shard_rows("factors", checkpoint, layer)
@@ -405,7 +451,64 @@ class Store:
                            storage: str, suffix_file: str | None = None) -> str:
         """Writes one shard; returns its path relative to the store. `suffix_file` names the shard
         (same ids, same order) that holds this layer's input, when another layer stored it."""
-        return self._write_shard_row("factors", checkpoint, layer, ids, tensors, storage, suffix_file)
+        return self.write_factor_shards(checkpoint, [dict(layer=layer, ids=ids, tensors=tensors, storage=storage,
+                                                          suffix_file=suffix_file)])[layer]
+
+    def write_factor_shards(self, checkpoint: str, entries: list[dict]) -> dict[str, str]:
+        """Writes one shard per entry (layer, ids, tensors, storage, and suffix_of: the entry's layer
+        whose shard holds its input, or suffix_file) as one unit: every row commits or none does.
+        Returns {layer: path relative to the store}."""
+        self._writable()
+        named = {e["layer"]: self._new_shard_file("factors", checkpoint, e["layer"]) for e in entries}
+        files = {layer: rel for layer, (_, rel) in named.items()}
+        rows, written = [], []
+        try:
+            self._record_pending(list(files.values()))
+            for e in entries:
+                fault_point("flush.layer")
+                seq, rel = named[e["layer"]]
+                written.append(self.root / rel)
+                nbytes, checksum = write_shard(self.root / rel, e["ids"], e["tensors"])
+                suffix = files[e["suffix_of"]] if e.get("suffix_of") else e.get("suffix_file")
+                rows.append(_shard_row(seq, rel, "factors", checkpoint, e["layer"], e["ids"], nbytes, checksum,
+                                       e["storage"], suffix))
+            with transaction(self.db):
+                self._insert_shard_rows(rows)
+                self.db.execute("DELETE FROM pending_files WHERE file IN (SELECT unnest(?))", [list(files.values())])
+                fault_point("commit.shards.before")
+            fault_point("commit.shards.after")
+        except BaseException:
+            self._discard(written)
+            raise
+        return files
+
+    def _new_shard_file(self, kind: str, checkpoint: str | None, layer: str | None) -> tuple[int, str]:
+        """(shard id, path relative to the store) of a new shard."""
+        seq = self.db.execute("SELECT nextval('shard_seq')").fetchone()[0]
+        name = durable.shard_name(seq)
+        return seq, f"tensors/{checkpoint}/{layer}/{name}" if kind == "factors" else f"inputs/{name}"
+
+    def _record_pending(self, files: list[str]) -> None:
+        """Commits the names of files about to be written, on a connection of its own so that it
+        commits even inside the caller's open transaction (add_samples)."""
+        fault_point("commit.pending.before")
+        cur = self.db.cursor()
+        try:
+            cur.execute("INSERT INTO pending_files (file) SELECT unnest(?)", [files])
+        finally:
+            cur.close()
+        fault_point("commit.pending.after")
+
+    def _insert_shard_rows(self, rows: list[list]) -> None:
+        self.db.executemany(
+            "INSERT INTO shards (shard_id, kind, checkpoint, layer, file, rows, min_id, max_id, bytes,"
+            " checksum, storage, suffix_file) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def _discard(self, written: list[Path]) -> None:
+        """Best effort after a failed write: what is left is deleted on the next writable open."""
+        for path in written:
+            path.unlink(missing_ok=True)
+            durable.remove_own(self.root, [path.relative_to(self.root).as_posix() + ".tmp"])
 
     def shard_tensors(self, row: dict) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
         """A factor shard's ids and tensors, with a shared suffix fetched from its owner's shard."""
@@ -422,20 +525,18 @@ class Store:
         return shard.ids, tensors
 
     def _write_shard_row(self, kind, checkpoint, layer, ids, tensors, storage=None, suffix_file=None) -> str:
+        """Writes one shard and inserts its row in the caller's transaction; the file is listed in
+        pending_files first, so a kill before that transaction commits leaves nothing behind."""
         self._writable()
-        seq = self.db.execute("SELECT nextval('shard_seq')").fetchone()[0]
-        rel = (f"tensors/{checkpoint}/{layer}/{seq:06d}.arrow" if kind == "factors"
-               else f"inputs/{seq:06d}.arrow")
+        seq, rel = self._new_shard_file(kind, checkpoint, layer)
         path = self.root / rel
-        nbytes, checksum = write_shard(path, ids, tensors)
+        self._record_pending([rel])
         try:
-            self.db.execute(
-                "INSERT INTO shards (shard_id, kind, checkpoint, layer, file, rows, min_id, max_id, bytes,"
-                " checksum, storage, suffix_file) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [seq, kind, checkpoint, layer, rel, len(ids), int(ids.min()), int(ids.max()), nbytes,
-                 checksum, storage, suffix_file])
+            nbytes, checksum = write_shard(path, ids, tensors)
+            self._insert_shard_rows([_shard_row(seq, rel, kind, checkpoint, layer, ids, nbytes, checksum, storage,
+                                                suffix_file)])
         except BaseException:
-            path.unlink(missing_ok=True)
+            self._discard([path])
             raise
         return rel
 
@@ -460,9 +561,13 @@ class Store:
         return shard
 
     def verify(self) -> list[str]:
-        """Problems with shard files (missing, corrupt), one line each; empty when all is well."""
-        problems = []
-        for row in _dicts(self.db.execute("SELECT file, checksum FROM shards ORDER BY shard_id")):
+        """Problems, one human-readable line each; empty when all is well: shard files missing or
+        corrupt, checkpoints whose capture did not finish, weights that fail their checksum, per
+        (checkpoint, layer) sample ids stored twice or missing against the checkpoint's other layers,
+        and torn or corrupt artifacts (ELITE detectors, LANCET sessions)."""
+        problems, ids = [], {}
+        for row in _dicts(self.db.execute("SELECT kind, checkpoint, layer, file, checksum FROM shards "
+                                          "ORDER BY shard_id")):
             try:
                 path = self._inside(row["file"])
             except IOException as e:
@@ -472,7 +577,47 @@ class Store:
                 problems.append(f"missing: {row['file']}")
             elif file_checksum(path) != row["checksum"]:
                 problems.append(f"corrupt: {row['file']}")
-        return problems
+            elif row["kind"] == "factors":
+                ids.setdefault(row["checkpoint"], {}).setdefault(row["layer"], []).append(Shard(path).ids)
+        for c in self.checkpoints():
+            problems += self._checkpoint_problems(c, ids.get(c["name"], {}))
+        return problems + artifact_problems(self.root)
+
+    def _checkpoint_problems(self, c: dict, layer_ids: dict[str, list[np.ndarray]]) -> list[str]:
+        name, out = c["name"], []
+        if c["status"] != "complete":
+            out.append(f"checkpoint '{name}' is {c['status']}: its capture did not finish; "
+                       "run the same capture again to resume it")
+        try:
+            problem = self._weights_problem(c, self._inside(c["weights_file"]))
+        except IOException as e:
+            problem = str(e)
+        if problem:
+            out.append(problem)
+        per_layer = {layer: np.concatenate(parts) for layer, parts in sorted(layer_ids.items())}
+        union = np.unique(np.concatenate(list(per_layer.values()))) if per_layer else np.zeros(0, np.int64)
+        for layer, stored in per_layer.items():
+            unique = np.unique(stored)
+            if len(unique) != len(stored):
+                out.append(f"checkpoint '{name}' layer '{layer}' stores {len(stored) - len(unique)} sample ids "
+                           "twice; its scores count them twice: recapture it under a new checkpoint name")
+            if len(unique) != len(union):
+                out.append(f"checkpoint '{name}' layer '{layer}' lacks {len(union) - len(unique)} of the "
+                           f"{len(union)} samples its other layers hold; run the same capture again to fill them in")
+        unknown = self._unregistered(union)
+        if unknown:
+            out.append(f"checkpoint '{name}' stores {unknown} sample ids that are not registered samples")
+        return out
+
+    def _unregistered(self, ids: np.ndarray) -> int:
+        if len(ids) == 0:
+            return 0
+        register(self.db, "_stored_ids", pa.table({"sample_id": ids}))
+        try:
+            return self.db.execute("SELECT count(*) FROM _stored_ids WHERE sample_id NOT IN "
+                                   "(SELECT sample_id FROM samples)").fetchone()[0]
+        finally:
+            unregister(self.db, "_stored_ids")
 
     def _inside(self, rel: str) -> Path:
         path = (self.root / rel).resolve()
@@ -510,6 +655,11 @@ def _as_ids(ids) -> np.ndarray:
     if arr.dtype.kind not in "iu":
         raise InvalidInputException(f"sample ids must be integers, got {arr.dtype}")
     return arr.astype(np.int64).reshape(-1)
+
+
+def _shard_row(seq, rel, kind, checkpoint, layer, ids, nbytes, checksum, storage, suffix_file) -> list:
+    return [seq, kind, checkpoint, layer, rel, len(ids), int(ids.min()), int(ids.max()), nbytes, checksum,
+            storage, suffix_file]
 
 
 def _dicts(rel) -> list[dict]:

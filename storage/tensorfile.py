@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from metaql.engine.errors import IOException
+from metaql.storage.faults import fault_point
 
 _ARROW_TYPES = {torch.float32: pa.float32(), torch.float16: pa.float16(), torch.int64: pa.int64(),
                 torch.float64: pa.float64(), torch.int32: pa.int32()}
@@ -40,14 +41,21 @@ def write_shard(path: Path, ids: np.ndarray, tensors: dict[str, torch.Tensor],
     schema = pa.schema(fields, metadata={"metaql": json.dumps({"tensors": meta, **(extra or {})})})
     table = pa.Table.from_arrays(columns, schema=schema)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     with pa.OSFile(str(tmp), "wb") as sink:
         with pa.ipc.new_file(sink, schema) as writer:
             writer.write_table(table)
     _fsync(tmp)
+    fault_point("shard.rename.before")
     os.replace(tmp, path)
     _fsync(path.parent)
+    fault_point("shard.rename.after")
     return path.stat().st_size, file_checksum(path)
+
+
+def temp_path(path: Path) -> Path:
+    """Where a file is written before its rename; a writable open deletes these (Store._remove_orphans)."""
+    return path.with_name(path.name + ".tmp")
 
 
 def file_checksum(path: Path) -> str:
@@ -86,6 +94,11 @@ class Shard:
         if info["dtype"] == _BF16_TAG:
             t = t.view(torch.bfloat16)
         return t.reshape(self.rows, *info["shape"])
+
+
+def fsync_path(path: Path) -> None:
+    """Flushes a file or directory to disk."""
+    _fsync(path)
 
 
 def _fsync(path: Path) -> None:

@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import tempfile
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable
@@ -25,9 +26,11 @@ import torch
 from torch import nn
 
 from metaql.engine.errors import BinderException, CatalogException, IOException, InvalidInputException
+from metaql.storage import files
 from metaql.storage import models as model_files
 from metaql.storage.catalog import open_catalog, query_arrow, register, require_name, transaction, unregister
 from metaql.storage.layers import LayerMeta, kind_named
+from metaql.storage.snapshot import Publisher, ReaderCopy
 from metaql.storage.tensorfile import Shard, file_checksum, write_shard
 
 _SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
@@ -42,25 +45,100 @@ class Store:
             path = self._tmpdir
         self.root = Path(path).resolve()
         self.read_only = read_only
-        if read_only and not (self.root / "catalog.duckdb").exists():
-            raise IOException(f"no MetaQL store at {self.root} (no catalog.duckdb); "
-                              "open it without read_only to create one")
-        if (self.root.exists() and not self.root.is_dir()):
-            raise IOException(f"{self.root} is a file; a store is a directory")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.db = open_catalog(self.root / "catalog.duckdb", read_only)
+        self._owner, self._children, self._closed = self, weakref.WeakSet(), False
+        self._lock = self._reader = self._publisher = None
+        self._live_model: nn.Module | None = None
         self._shards: OrderedDict[str, Shard] = OrderedDict()
         self._verified: set[str] = set()
-        self.live_model: nn.Module | None = None
-        if not read_only:
-            self._remove_orphans()
+        files.check_store_dir(self.root, read_only)
+        files.refuse_symlinks(self.root)
+        try:
+            if read_only:
+                self._reader = ReaderCopy(self.root)
+                self.db = self._reader.db
+            else:
+                self._lock = files.WriterLock(self.root)
+                files.refuse_symlinks(self.root)   # again: the store may have changed before we held the lock
+                self.db = open_catalog(self.root / files.CATALOG, False)
+                self._remove_orphans()
+                self._publisher = Publisher(self.root)
+                self.committed()
+                self._lock.mark_ready()
+        except BaseException:
+            self._release()
+            raise
 
     # ---- lifecycle -------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._owner._closed
+
+    @property
+    def live_model(self) -> nn.Module | None:
+        return self._owner._live_model
+
+    @live_model.setter
+    def live_model(self, model: nn.Module | None) -> None:
+        self._owner._live_model = model
+
+    def cursor(self) -> "Store":
+        """Another handle on this store for another thread: its own DuckDB connection (a cursor on
+        the writer's database, or a reader's own copy of the catalog) and its own shard cache.
+        Closing it leaves this store open; closing this store closes it."""
+        if self.closed:
+            raise IOException("the store is closed")
+        child = object.__new__(Store)
+        child.__dict__.update(root=self.root, read_only=self.read_only, _tmpdir=None, _owner=self._owner,
+                              _children=weakref.WeakSet(), _closed=False, _lock=None, _reader=None,
+                              _publisher=self._publisher, _live_model=None, _shards=OrderedDict(),
+                              _verified=self._verified)
+        if self.read_only:
+            child._reader = ReaderCopy(self.root)
+            child.db = child._reader.db
+        else:
+            child.db = self._owner.db.cursor()
+        self._owner._children.add(child)
+        return child
+
+    def committed(self) -> None:
+        """Publishes the catalog for readers (storage/snapshot.py) if anything was committed since
+        the last time; costs two stat calls when nothing was. Writers call it after each commit."""
+        if self._publisher is not None and self._owner._tmpdir is None and not self.closed:
+            self._publisher.publish(self.db)
+
+    def refresh(self) -> bool:
+        """A reader's catalog catches up with the store's last commit (a no-op for a writer);
+        True when it changed. Connection calls it before each statement."""
+        if self._reader is None or self.closed:
+            return False
+        changed = self._reader.refresh()
+        if changed:
+            self.db = self._reader.db
+        return changed
+
     def close(self) -> None:
+        if self._closed:
+            return
+        if self._owner is self:
+            for child in list(self._children):
+                child.close()
+            try:
+                self.committed()
+            except Exception:  # a failed last publish must not keep the store (and its lock) open
+                pass
+        self._closed = True
         self._shards.clear()
+        self._release()
+
+    def _release(self) -> None:
         try:
-            self.db.close()
+            if self._reader is not None:
+                self._reader.close()
+            elif getattr(self, "db", None) is not None:
+                self.db.close()
         finally:
+            if self._lock is not None:
+                self._lock.release()
             if self._tmpdir:
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
 
@@ -130,6 +208,7 @@ class Store:
             for f in written:
                 f.unlink(missing_ok=True)
             raise
+        self.committed()
         return n
 
     def _ensure_column(self, name: str, values: np.ndarray) -> None:
@@ -228,6 +307,7 @@ class Store:
             self.db.execute("INSERT INTO set_members SELECT ?, sample_id FROM _members", [name])
             unregister(self.db, "_members")
             self.db.execute("INSERT INTO sets (name, definition, size) VALUES (?, ?, ?)", [name, query, len(ids)])
+        self.committed()
         return len(ids)
 
     def drop_set(self, name: str, if_exists: bool = False) -> None:
@@ -238,6 +318,7 @@ class Store:
             require_name("set", name, self.set_names())
         with transaction(self.db):
             self._drop_set_rows(name)
+        self.committed()
 
     def _drop_set_rows(self, name: str) -> None:
         self.db.execute("DELETE FROM set_members WHERE set_name = ?", [name])
@@ -278,6 +359,7 @@ class Store:
 
     def finish_checkpoint(self, name: str, status: str = "complete") -> None:
         self.db.execute("UPDATE checkpoints SET status = ? WHERE name = ?", [status, name])
+        self.committed()
 
     def _model_id(self, model: nn.Module, factory: str | None, kwargs: dict | None) -> int:
         factory = factory or model_files.factory_of(model)
@@ -440,18 +522,18 @@ class Store:
         return problems
 
     def _inside(self, rel: str) -> Path:
-        path = (self.root / rel).resolve()
-        if self.root not in path.parents:
-            raise IOException(f"catalog path '{rel}' points outside the store; the catalog was tampered with")
-        return path
+        return files.inside(self.root, rel)
+
+    def folder_for_write(self, rel: str) -> Path:
+        """The folder `rel` inside the store, created without following any symlink: where every
+        file the store writes goes (shards, weights, artifacts)."""
+        return files.folder_for_write(self.root, rel)
 
     def artifact_dir(self, kind: str, name: str) -> Path:
         for part in (kind, name):
             if not _SAFE_NAME.match(str(part)):
                 raise BinderException(f"'{part}' is not a safe artifact name")
-        path = self.root / "artifacts" / kind / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return self.folder_for_write(f"artifacts/{kind}/{name}")
 
 
 def _as_ids(ids) -> np.ndarray:

@@ -60,10 +60,11 @@ def check_store_dir(root: Path, read_only: bool) -> bool:
             raise IOException(f"no MetaQL store at {root} (an empty directory); "
                               "open it without read_only to create one")
         return True
-    if set(entries) & set(FOLDERS):
+    signs = sorted(set(entries) & {*FOLDERS, SNAPSHOT, CATALOG + ".wal"})
+    if signs:
         raise IOException(f"{root} looks like a MetaQL store whose {CATALOG} is missing (it has "
-                          f"{', '.join(sorted(set(entries) & set(FOLDERS)))}/); restore {CATALOG} from a "
-                          "backup. MetaQL will not recreate it: an empty catalog would disown every shard")
+                          f"{', '.join(signs)}); restore {CATALOG} from a backup. MetaQL will not "
+                          "recreate it: an empty catalog would disown every shard")
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     raise IOException(f"{root} is a non-empty directory that is not a MetaQL store (it holds {shown}); "
                       "pass a new path or an empty directory to create a store")

@@ -38,7 +38,7 @@ from pathlib import Path
 import duckdb
 
 from metaql.engine.errors import IOException
-from metaql.storage.catalog import _complete, open_catalog
+from metaql.storage.catalog import open_catalog
 from metaql.storage.files import CATALOG, LOCK, SNAPSHOT, holder_pid, writer_ready
 
 READY_WAIT = 10.0
@@ -58,15 +58,18 @@ def catalog_fingerprint(root: Path) -> tuple:
 
 
 class Publisher:
-    """The writer's side: publishes STORE/catalog.snapshot.duckdb when the catalog changed."""
+    """The writer's side: publishes STORE/catalog.snapshot.duckdb when the catalog changed. It
+    copies through its own cursor on the writer's database, outside any transaction a user opened
+    on theirs, so a snapshot holds committed rows only."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, db: duckdb.DuckDBPyConnection):
         self.root = root
+        self.db = db.cursor()
         self._mutex = threading.Lock()   # cursors of one writer share the publisher
         self._published = None
         self.last_ms = 0.0
 
-    def publish(self, db: duckdb.DuckDBPyConnection) -> bool:
+    def publish(self) -> bool:
         """Publishes a snapshot if anything was committed since the last one; True if it did."""
         with self._mutex:
             fp = catalog_fingerprint(self.root)   # taken first: a commit during the copy republishes
@@ -74,18 +77,16 @@ class Publisher:
                 return False
             t0 = time.perf_counter()
             tmp = self.root / (SNAPSHOT + ".tmp")
-            for p in (tmp, Path(str(tmp) + ".wal")):
-                if os.path.lexists(p):
-                    os.unlink(p)   # the store's own temporary, by its exact name (unlink never follows)
-            _complete(db)
-            name = db.execute("SELECT current_database()").fetchone()[0].replace('"', '""')
-            quoted = str(tmp).replace("'", "''")
             try:
-                db.execute(f"ATTACH '{quoted}' AS metaql_snapshot")
+                for p in (tmp, Path(str(tmp) + ".wal")):
+                    if os.path.lexists(p):
+                        os.unlink(p)   # the store's own temporary, by its exact name (unlink never follows)
+                name = self.db.execute("SELECT current_database()").fetchone()[0].replace('"', '""')
+                self.db.execute(f"ATTACH '{str(tmp).replace(chr(39), chr(39) * 2)}' AS metaql_snapshot")
                 try:
-                    db.execute(f'COPY FROM DATABASE "{name}" TO metaql_snapshot')
+                    self.db.execute(f'COPY FROM DATABASE "{name}" TO metaql_snapshot')
                 finally:
-                    db.execute("DETACH metaql_snapshot")
+                    self.db.execute("DETACH metaql_snapshot")
                 os.replace(tmp, self.root / SNAPSHOT)
             except (duckdb.Error, OSError) as e:
                 # the commit itself stands; readers keep seeing the previous snapshot
@@ -95,6 +96,9 @@ class Publisher:
             self._published = fp
             self.last_ms = (time.perf_counter() - t0) * 1e3
             return True
+
+    def close(self) -> None:
+        self.db.close()
 
 
 class ReaderCopy:

@@ -5,6 +5,11 @@
     STORE/inputs/NNNNNN.arrow                    registered sample inputs (for replay)
     STORE/weights/<checkpoint>.safetensors       model weights per checkpoint
     STORE/artifacts/<kind>/<name>/               state kept by table functions (ELITE, LANCET)
+    STORE/writer.lock                            the single writer's flock and pid (storage/files.py)
+    STORE/catalog.snapshot.duckdb                the last committed catalog, for readers (storage/snapshot.py)
+
+What an open accepts, creates or refuses, and why no symlink is followed: storage/files.py. How a
+reader queries beside a writer (Store.committed, Store.refresh, Store.cursor): storage/snapshot.py.
 
 A shard's file is complete on disk (written, synced, renamed) before the catalog row that names it
 commits, so a crash leaves at worst an unnamed file, which the next writable open deletes.
@@ -50,9 +55,9 @@ class Store:
         self._live_model: nn.Module | None = None
         self._shards: OrderedDict[str, Shard] = OrderedDict()
         self._verified: set[str] = set()
-        files.check_store_dir(self.root, read_only)
-        files.refuse_symlinks(self.root)
         try:
+            files.check_store_dir(self.root, read_only)
+            files.refuse_symlinks(self.root)
             if read_only:
                 self._reader = ReaderCopy(self.root)
                 self.db = self._reader.db
@@ -61,9 +66,12 @@ class Store:
                 files.refuse_symlinks(self.root)   # again: the store may have changed before we held the lock
                 self.db = open_catalog(self.root / files.CATALOG, False)
                 self._remove_orphans()
-                self._publisher = Publisher(self.root)
+                self._publisher = Publisher(self.root, self.db)
                 self.committed()
                 self._lock.mark_ready()
+        except OSError as e:   # permissions, a full disk, a folder that vanished meanwhile
+            self._release()
+            raise IOException(f"cannot open the store {self.root}: {e}") from None
         except BaseException:
             self._release()
             raise
@@ -90,7 +98,7 @@ class Store:
         child = object.__new__(Store)
         child.__dict__.update(root=self.root, read_only=self.read_only, _tmpdir=None, _owner=self._owner,
                               _children=weakref.WeakSet(), _closed=False, _lock=None, _reader=None,
-                              _publisher=self._publisher, _live_model=None, _shards=OrderedDict(),
+                              _publisher=self._publisher, _shards=OrderedDict(),
                               _verified=self._verified)
         if self.read_only:
             child._reader = ReaderCopy(self.root)
@@ -104,7 +112,7 @@ class Store:
         """Publishes the catalog for readers (storage/snapshot.py) if anything was committed since
         the last time; costs two stat calls when nothing was. Writers call it after each commit."""
         if self._publisher is not None and self._owner._tmpdir is None and not self.closed:
-            self._publisher.publish(self.db)
+            self._publisher.publish()
 
     def refresh(self) -> bool:
         """A reader's catalog catches up with the store's last commit (a no-op for a writer);
@@ -132,6 +140,8 @@ class Store:
 
     def _release(self) -> None:
         try:
+            if self._publisher is not None and self._owner is self:
+                self._publisher.close()
             if self._reader is not None:
                 self._reader.close()
             elif getattr(self, "db", None) is not None:

@@ -83,14 +83,24 @@ class Connection:
         return Relation(self, statements[0], parameters)
 
     def cursor(self) -> "Connection":
-        """Another cursor on the same store: its own results, the same catalog and functions."""
+        """A second connection to the same store, for another thread: its own DuckDB connection
+        and result, the same functions and config. Closing it leaves this connection open;
+        closing this connection closes it."""
         self._check_open()
         other = object.__new__(Connection)
         other.__dict__.update(self.__dict__)
-        other._result, other._interrupt, other._owns_store = None, threading.Event(), False
+        other.store = self.store.cursor()
+        other._result, other._interrupt, other._owns_store = None, threading.Event(), True
         return other
 
     def _run(self, stmt, params) -> Result:
+        self.store.refresh()   # a reader sees the store's last commit
+        try:
+            return self._run_one(stmt, params)
+        finally:
+            self.store.committed()   # a writer publishes what the statement committed, for readers
+
+    def _run_one(self, stmt, params) -> Result:
         self._interrupt.clear()
         with _sigint_to(self._interrupt, self.store.db.interrupt):
             try:
@@ -267,14 +277,20 @@ class Connection:
         dtype ('float32' | 'float16' | 'bfloat16') and storage ({layer: 'factored' | 'full'})."""
         from metaql.storage.capture import replay_into_store
         self._check_open()
-        return replay_into_store(self.store, checkpoint, self.store.set_ids(samples), layers,
-                                 progress=self.progress, **kwargs)
+        try:
+            return replay_into_store(self.store, checkpoint, self.store.set_ids(samples), layers,
+                                     progress=self.progress, **kwargs)
+        finally:
+            self.store.committed()
 
     def update_predictions(self, checkpoint: str | None = None, batch_size: int = 1024) -> int:
         """Fills samples.pred and samples.loss from the model at a checkpoint (default: the last)."""
         from metaql.storage.predictions import update_predictions
         self._check_open()
-        return update_predictions(self.store, checkpoint, batch_size)
+        try:
+            return update_predictions(self.store, checkpoint, batch_size)
+        finally:
+            self.store.committed()
 
     def label(self, ids, labels, by: str = "human", overwrite: bool = False) -> int:
         """Records human labels (with who and when) in the catalog's `labels` table; returns how
@@ -282,7 +298,10 @@ class Connection:
         overwrite=True (which warns). `INSERT INTO labels ...` works too."""
         from metaql.storage.labels import add_labels
         self._check_open()
-        return add_labels(self.store, ids, labels, by=by, overwrite=overwrite)
+        try:
+            return add_labels(self.store, ids, labels, by=by, overwrite=overwrite)
+        finally:
+            self.store.committed()
 
     def attach_model(self, model) -> None:
         """Uses this in-process model's architecture (a deep copy; the weights always come from the
@@ -301,6 +320,8 @@ class Connection:
         self.registry.register(fn, name=name, replace=replace)
 
     def verify(self) -> list[str]:
+        self._check_open()
+        self.store.refresh()
         return self.store.verify()
 
     def interrupt(self) -> None:
@@ -316,7 +337,7 @@ class Connection:
         self.store = None
 
     def _check_open(self) -> None:
-        if self.store is None:
+        if self.store is None or self.store.closed:
             raise ProgrammingError("the connection is closed")
 
     def __enter__(self) -> "Connection":

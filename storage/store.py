@@ -5,6 +5,11 @@
     STORE/inputs/NNNNNN.arrow                    registered sample inputs (for replay)
     STORE/weights/<checkpoint>.safetensors       model weights per checkpoint
     STORE/artifacts/<kind>/<name>/               state kept by table functions (ELITE, LANCET)
+    STORE/writer.lock                            the single writer's flock and pid (storage/files.py)
+    STORE/catalog.snapshot.duckdb                the last committed catalog, for readers (storage/snapshot.py)
+
+What an open accepts, creates or refuses, and why no symlink is followed: storage/files.py. How a
+reader queries beside a writer (Store.committed, Store.refresh, Store.cursor): storage/snapshot.py.
 
 A shard's file is complete on disk (written, synced, renamed) before the catalog row that names it
 commits, and the files of one flush are listed in `pending_files` before they are written, so a crash
@@ -16,6 +21,7 @@ import json
 import re
 import shutil
 import tempfile
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,12 +33,13 @@ from torch import nn
 
 from metaql.engine.errors import (BinderException, CatalogException, InvalidInputException, IOException,
                                   ProgrammingError)
-from metaql.storage import durable
+from metaql.storage import durable, files
 from metaql.storage.artifacts import artifact_problems
 from metaql.storage import models as model_files
 from metaql.storage.catalog import open_catalog, query_arrow, register, require_name, transaction, unregister
 from metaql.storage.faults import fault_point
 from metaql.storage.layers import LayerMeta, kind_named
+from metaql.storage.snapshot import Publisher, ReaderCopy
 from metaql.storage.sqlguard import require_read_query
 from metaql.storage.tensorfile import Shard, file_checksum, write_shard
 
@@ -48,27 +55,108 @@ class Store:
             path = self._tmpdir
         self.root = Path(path).resolve()
         self.read_only = read_only
-        if read_only and not (self.root / "catalog.duckdb").exists():
-            raise IOException(f"no MetaQL store at {self.root} (no catalog.duckdb); "
-                              "open it without read_only to create one")
-        if (self.root.exists() and not self.root.is_dir()):
-            raise IOException(f"{self.root} is a file; a store is a directory")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.db = open_catalog(self.root / "catalog.duckdb", read_only)
+        self._owner, self._children, self._closed = self, weakref.WeakSet(), False
+        self._lock = self._reader = self._publisher = None
+        self._live_model: nn.Module | None = None
         self._shards: OrderedDict[str, Shard] = OrderedDict()
         self._verified: set[str] = set()
         self._weights_ok: set[tuple] = set()
-        self.live_model: nn.Module | None = None
         self.trusted_factories: set[str] = set()   # model code this process said to run (model_at)
-        if not read_only:
-            self._remove_orphans()
+        try:
+            files.check_store_dir(self.root, read_only)
+            files.refuse_symlinks(self.root)
+            if read_only:
+                self._reader = ReaderCopy(self.root)
+                self.db = self._reader.db
+            else:
+                self._lock = files.WriterLock(self.root)
+                files.refuse_symlinks(self.root)   # again: the store may have changed before we held the lock
+                self.db = open_catalog(self.root / files.CATALOG, False)
+                self._remove_orphans()
+                self._publisher = Publisher(self.root, self.db)
+                self.committed()
+                self._lock.mark_ready()
+        except OSError as e:   # permissions, a full disk, a folder that vanished meanwhile
+            self._release()
+            raise IOException(f"cannot open the store {self.root}: {e}") from None
+        except BaseException:
+            self._release()
+            raise
 
     # ---- lifecycle -------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._owner._closed
+
+    @property
+    def live_model(self) -> nn.Module | None:
+        return self._owner._live_model
+
+    @live_model.setter
+    def live_model(self, model: nn.Module | None) -> None:
+        self._owner._live_model = model
+
+    def cursor(self) -> "Store":
+        """Another handle on this store for another thread: its own DuckDB connection (a cursor on
+        the writer's database, or a reader's own copy of the catalog) and its own shard cache.
+        Closing it leaves this store open; closing this store closes it."""
+        if self.closed:
+            raise IOException("the store is closed")
+        child = object.__new__(Store)
+        child.__dict__.update(root=self.root, read_only=self.read_only, _tmpdir=None, _owner=self._owner,
+                              _children=weakref.WeakSet(), _closed=False, _lock=None, _reader=None,
+                              _publisher=self._publisher, _shards=OrderedDict(),
+                              _verified=self._verified, _weights_ok=self._weights_ok,
+                              trusted_factories=self.trusted_factories)
+        if self.read_only:
+            child._reader = ReaderCopy(self.root)
+            child.db = child._reader.db
+        else:
+            child.db = self._owner.db.cursor()
+        self._owner._children.add(child)
+        return child
+
+    def committed(self) -> None:
+        """Publishes the catalog for readers (storage/snapshot.py) if anything was committed since
+        the last time; costs two stat calls when nothing was. Writers call it after each commit."""
+        if self._publisher is not None and self._owner._tmpdir is None and not self.closed:
+            self._publisher.publish()
+
+    def refresh(self) -> bool:
+        """A reader's catalog catches up with the store's last commit (a no-op for a writer);
+        True when it changed. Connection calls it before each statement."""
+        if self._reader is None or self.closed:
+            return False
+        changed = self._reader.refresh()
+        if changed:
+            self.db = self._reader.db
+        return changed
+
     def close(self) -> None:
+        if self._closed:
+            return
+        if self._owner is self:
+            for child in list(self._children):
+                child.close()
+            try:
+                self.committed()
+            except Exception:  # a failed last publish must not keep the store (and its lock) open
+                pass
+        self._closed = True
         self._shards.clear()
+        self._release()
+
+    def _release(self) -> None:
         try:
-            self.db.close()
+            if self._publisher is not None and self._owner is self:
+                self._publisher.close()
+            if self._reader is not None:
+                self._reader.close()
+            elif getattr(self, "db", None) is not None:
+                self.db.close()
         finally:
+            if self._lock is not None:
+                self._lock.release()
             if self._tmpdir:
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
 
@@ -139,6 +227,7 @@ class Store:
             for f in written:
                 f.unlink(missing_ok=True)
             raise
+        self.committed()
         return n
 
     def _ensure_column(self, name: str, values: np.ndarray) -> None:
@@ -258,6 +347,7 @@ class Store:
             self.db.execute("INSERT INTO set_members SELECT ?, sample_id FROM _members", [name])
             unregister(self.db, "_members")
             self.db.execute("INSERT INTO sets (name, definition, size) VALUES (?, ?, ?)", [name, query, len(ids)])
+        self.committed()
         return len(ids)
 
     def drop_set(self, name: str, if_exists: bool = False) -> None:
@@ -268,6 +358,7 @@ class Store:
             require_name("set", name, self.set_names())
         with transaction(self.db):
             self._drop_set_rows(name)
+        self.committed()
 
     def _drop_set_rows(self, name: str) -> None:
         self.db.execute("DELETE FROM set_members WHERE set_name = ?", [name])
@@ -299,7 +390,7 @@ class Store:
             return existing[name]
         model_id = self._model_id(model, factory, kwargs)
         rel = f"weights/{name}.safetensors"
-        model_files.save_weights(model, self.root / rel)
+        model_files.save_weights(model, self._path_for_write(rel))
         fault_point("weights.written")
         ordinal = len(existing)
         fault_point("commit.checkpoint.before")
@@ -313,6 +404,7 @@ class Store:
         fault_point("commit.finish.before")
         self.db.execute("UPDATE checkpoints SET status = ? WHERE name = ?", [status, name])
         fault_point("commit.finish.after")
+        self.committed()
 
     def _model_id(self, model: nn.Module, factory: str | None, kwargs: dict | None) -> int:
         factory = factory or model_files.factory_of(model)
@@ -460,27 +552,33 @@ class Store:
         Returns {layer: path relative to the store}."""
         self._writable()
         named = {e["layer"]: self._new_shard_file("factors", checkpoint, e["layer"]) for e in entries}
-        files = {layer: rel for layer, (_, rel) in named.items()}
+        rels = {layer: rel for layer, (_, rel) in named.items()}
         rows, written = [], []
         try:
-            self._record_pending(list(files.values()))
+            self._record_pending(list(rels.values()))
             for e in entries:
                 fault_point("flush.layer")
                 seq, rel = named[e["layer"]]
-                written.append(self.root / rel)
-                nbytes, checksum = write_shard(self.root / rel, e["ids"], e["tensors"])
-                suffix = files[e["suffix_of"]] if e.get("suffix_of") else e.get("suffix_file")
+                path = self._path_for_write(rel)
+                written.append(path)
+                nbytes, checksum = write_shard(path, e["ids"], e["tensors"])
+                suffix = rels[e["suffix_of"]] if e.get("suffix_of") else e.get("suffix_file")
                 rows.append(_shard_row(seq, rel, "factors", checkpoint, e["layer"], e["ids"], nbytes, checksum,
                                        e["storage"], suffix))
             with transaction(self.db):
                 self._insert_shard_rows(rows)
-                self.db.execute("DELETE FROM pending_files WHERE file IN (SELECT unnest(?))", [list(files.values())])
+                self.db.execute("DELETE FROM pending_files WHERE file IN (SELECT unnest(?))", [list(rels.values())])
                 fault_point("commit.shards.before")
             fault_point("commit.shards.after")
         except BaseException:
             self._discard(written)
             raise
-        return files
+        self.committed()        # readers see each flush as it lands
+        return rels
+
+    def _path_for_write(self, rel: str) -> Path:
+        """Where the store writes file `rel`: its folder created without following any symlink."""
+        return self.folder_for_write(Path(rel).parent.as_posix()) / Path(rel).name
 
     def _new_shard_file(self, kind: str, checkpoint: str | None, layer: str | None) -> tuple[int, str]:
         """(shard id, path relative to the store) of a new shard."""
@@ -529,7 +627,7 @@ class Store:
         pending_files first, so a kill before that transaction commits leaves nothing behind."""
         self._writable()
         seq, rel = self._new_shard_file(kind, checkpoint, layer)
-        path = self.root / rel
+        path = self._path_for_write(rel)
         self._record_pending([rel])
         try:
             nbytes, checksum = write_shard(path, ids, tensors)
@@ -620,10 +718,12 @@ class Store:
             unregister(self.db, "_stored_ids")
 
     def _inside(self, rel: str) -> Path:
-        path = (self.root / rel).resolve()
-        if self.root not in path.parents:
-            raise IOException(f"catalog path '{rel}' points outside the store; the catalog was tampered with")
-        return path
+        return files.inside(self.root, rel)
+
+    def folder_for_write(self, rel: str) -> Path:
+        """The folder `rel` inside the store, created without following any symlink: where every
+        file the store writes goes (shards, weights, artifacts)."""
+        return files.folder_for_write(self.root, rel)
 
     def artifact_dir(self, kind: str, name: str) -> Path:
         """The slot of a table function's artifact (storage/artifacts.py saves into it as one unit);
@@ -631,14 +731,9 @@ class Store:
         for part in (kind, name):
             if not _SAFE_NAME.match(str(part)) or str(part) in (".", ".."):
                 raise BinderException(f"'{part}' is not a safe artifact name")
-        path = self.root / "artifacts" / kind / name
-        for level in (path.parent.parent, path.parent, path):
-            if level.is_symlink():
-                raise IOException(f"{level} is a symbolic link; a store's artifacts must stay inside it "
-                                  "(replace the link with a directory)")
-        if not self.read_only:
-            path.mkdir(parents=True, exist_ok=True)
-        return path
+        rel = f"artifacts/{kind}/{name}"
+        # a read-only store only looks (symlinks refused all the same); a writer creates the slot
+        return self._inside(rel) if self.read_only else self.folder_for_write(rel)
 
 
 def quote_identifier(name: str) -> str:

@@ -1,0 +1,194 @@
+"""Readers beside a writer (other processes and this one) and cursors in threads."""
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metaql
+from tests.models import MLP
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _captured(path, n=24):
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(n, 6), torch.randint(0, 3, (n,))
+    con = metaql.connect(str(path), config={"progress": False})
+    con.add_samples(np.arange(n), "train", y.numpy(), x)
+    with con.capture(model, checkpoint="c0", lr=0.1, shard_size=8) as cap:
+        cap.backward(F.cross_entropy(model(x), y), np.arange(n))
+    return con
+
+
+def _state(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+_WRITER = """
+import sys, time, numpy as np, torch, torch.nn.functional as F, metaql
+sys.path.insert(0, {root!r})
+from tests.models import MLP
+torch.manual_seed(1)
+model = MLP()
+con = metaql.connect({store!r})
+print("open", flush=True)
+sys.stdin.readline()                     # the reader has its first answers
+for r in range(1, 4):
+    ids = np.arange(64 * r, 64 * (r + 1))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    con.add_samples(ids, "train", y.numpy(), x)
+    with con.capture(model, checkpoint=f"c{{r}}", lr=0.1, shard_size=16) as cap:
+        for part in np.array_split(np.arange(64), 4):
+            cap.backward(F.cross_entropy(model(x[part]), y[part]), ids[part])
+    time.sleep(0.3)                      # lets the reader see each round
+con.close()
+"""
+
+
+def test_a_reader_process_queries_while_a_writer_process_captures(tmp_path):
+    store = str(tmp_path / "s.mq")
+    con = metaql.connect(store)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    con.add_samples(np.arange(64), "train", y.numpy(), x)
+    model = MLP()
+    with con.capture(model, checkpoint="c0", lr=0.1, shard_size=16) as cap:
+        cap.backward(F.cross_entropy(model(x), y), np.arange(64))
+    con.execute("SELECT * FROM SELF_INFLUENCE()")    # measures the cost constants once, for the reader
+    con.close()
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER.format(root=ROOT, store=store)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        assert writer.stdout.readline().strip() == "open", writer.stderr.read()
+        # a second writer is refused with the writer's pid
+        with pytest.raises(metaql.IOException, match=rf"open for writing by process {writer.pid}.*read_only=True"):
+            metaql.connect(store)
+        while True:
+            finished = writer.poll() is not None   # first: the last round runs after the writer closed
+            with metaql.connect(store, read_only=True) as con:   # a fresh reader each round, beside the writer
+                for i in range(2):   # the second time through a reader's refresh of its copy
+                    seen.append([con.execute("SELECT count(*) FROM samples").fetchone()[0],
+                                 con.execute("SELECT count(*) FROM shards").fetchone()[0],
+                                 len(con.execute("SHOW CHECKPOINTS").fetchall()),
+                                 3 if i else len(con.execute("SELECT TOPK(3) train FROM SELF_INFLUENCE("
+                                                             "checkpoints=[c0]) ORDER BY DESC").fetchall())])
+            if finished:
+                break
+            if len(seen) == 2:
+                writer.stdin.write("go\n")
+                writer.stdin.flush()
+            time.sleep(0.02)
+        assert writer.returncode == 0, writer.stderr.read()
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    for column in range(3):                       # samples, shards, checkpoints never go back
+        values = [row[column] for row in seen]
+        assert values == sorted(values), (column, values)
+    with metaql.connect(store, read_only=True) as con:
+        final = [con.execute("SELECT count(*) FROM samples").fetchone()[0],
+                 con.execute("SELECT count(*) FROM shards").fetchone()[0], 4, 3]
+    assert seen[0][0] == 64 and seen[-1] == final and final[0] == 256
+    assert all(row[3] == 3 for row in seen)
+    assert len({row[0] for row in seen}) >= 3, seen   # it saw the capture progress, not only its end
+
+
+def test_a_writer_and_a_reader_in_one_process(tmp_path):
+    path = tmp_path / "s.mq"
+    writer = _captured(path)
+    reader = metaql.connect(str(path), read_only=True)
+    try:
+        assert reader.execute("SELECT count(*) FROM samples").fetchone() == (24,)
+        writer.add_samples(np.arange(100, 110), "test")
+        writer.execute("CREATE SET few AS SELECT sample_id FROM samples WHERE sample_id < 5")
+        assert reader.execute("SELECT count(*) FROM samples").fetchone() == (34,)     # the last commit
+        assert reader.execute("SELECT size FROM sets WHERE name = 'few'").fetchone() == (5,)
+        with pytest.raises(metaql.IOException, match="read-only"):
+            reader.execute("CREATE SET x AS SELECT 1 AS sample_id")
+        with pytest.raises(metaql.Error, match="read-only"):
+            reader.execute("INSERT INTO labels VALUES (1, 1, 'me', now())")
+        writer.close()
+        writer = metaql.connect(str(path))           # an open reader does not block a writer
+        writer.execute("DROP SET few")
+        assert reader.execute("SELECT count(*) FROM sets").fetchone() == (0,)
+        writer.close()
+        # with no writer, a reader writes nothing inside the store, queries included
+        before = _state(path)
+        assert len(reader.execute("SELECT TOPK(3) train FROM SELF_INFLUENCE() ORDER BY DESC").fetchall()) == 3
+        with metaql.connect(str(path), read_only=True) as other:
+            assert other.execute("SELECT count(*) FROM shards").fetchone()[0] > 0
+            assert other.verify() == []
+        assert _state(path) == before
+    finally:
+        reader.close()
+        writer.close()
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_cursors_run_statements_from_two_threads(tmp_path, read_only):
+    con = _captured(tmp_path / "s.mq")
+    if read_only:
+        con.execute("SELECT * FROM SELF_INFLUENCE()")   # measures the cost constants once
+        con.close()
+        con = metaql.connect(str(tmp_path / "s.mq"), read_only=True, config={"progress": False,
+                                                                          "trusted_factories": ["tests.models:MLP"]})
+    expected = con.execute("SELECT sample_id, score FROM INFLUENCE(query=point(3)) ORDER BY sample_id").fetchall()
+    errors, counts = [], [0, 0]
+
+    def work(k: int) -> None:
+        cur = con.cursor()
+        try:
+            for i in range(30 if read_only else 60):
+                if i % 4 == 0:
+                    got = cur.execute("SELECT sample_id, score FROM INFLUENCE(query=point(3)) "
+                                      "ORDER BY sample_id").fetchall()
+                    assert got == expected
+                elif i % 4 == 1 and not read_only:
+                    cur.execute(f"CREATE OR REPLACE SET t{k} AS SELECT sample_id FROM samples WHERE sample_id < ?",
+                                [i % 7 + 1])
+                    assert cur.execute("SELECT size FROM sets WHERE name = ?", [f"t{k}"]).fetchone() == (i % 7 + 1,)
+                else:
+                    assert cur.execute("SELECT count(*) FROM samples s JOIN shards h ON s.sample_id "
+                                       "BETWEEN h.min_id AND h.max_id WHERE h.layer = 'fc1'").fetchone() == (24,)
+                counts[k] += 1
+        except Exception as e:  # the test reports every failure, from either thread
+            errors.append(repr(e))
+        finally:
+            cur.close()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == [] and counts == ([30, 30] if read_only else [60, 60])
+        assert con.execute("SELECT count(*) FROM samples").fetchone() == (24,)   # closed cursors, open parent
+    finally:
+        con.close()
+
+
+def test_closing_the_parent_closes_its_cursors(store_dir):
+    con = metaql.connect(store_dir)
+    con.add_samples([1, 2], "train")
+    cur = con.cursor()
+    cur.execute("SELECT 1")
+    assert con.fetchall is not None and cur.fetchall() == [(1,)]
+    with pytest.raises(metaql.ProgrammingError, match="no result"):
+        con.fetchall()                               # its own result state
+    cur.close()
+    assert con.execute("SELECT count(*) FROM samples").fetchone() == (2,)
+    other = con.cursor()
+    con.close()
+    with pytest.raises(metaql.ProgrammingError, match="closed"):
+        other.execute("SELECT 1")

@@ -76,6 +76,8 @@ def parameter(key: str, params) -> Any:
     if key.isdigit():
         seq = list(params.values()) if isinstance(params, dict) else list(params)
         i = int(key) - 1
+        if i < 0:
+            raise BinderException(f"parameters are numbered from $1, not ${key}")
         if i >= len(seq):
             raise BinderException(f"parameter {key} is missing: {len(seq)} parameters were passed")
         return seq[i]

@@ -1,6 +1,4 @@
 """Every error a metaql.Error, every argument bounded at bind time, cancel and recovery (issue #16)."""
-from __future__ import annotations
-
 import json
 import threading
 import time
@@ -12,7 +10,6 @@ import pytest
 import torch
 
 import metaql
-from metaql.engine.functions import Range
 from metaql.storage.store import Store
 from tests.fuzzing import small_store
 
@@ -26,7 +23,7 @@ def con():
     c.close()
 
 
-def _error(con, statement, params=None) -> metaql.Error:
+def _error(con, statement, params=None):
     with pytest.raises(metaql.Error) as info:
         con.execute(statement, params).fetchall()
     return info.value
@@ -67,34 +64,36 @@ def test_a_float_literal_beyond_a_double_is_refused(con):
 
 # ---- the binder: ranges, int64, finite floats ------------------------------------------------------------
 def test_elite_epochs_beyond_its_range_is_refused_at_bind_time(con):
-    # 'test' holds labels 0..2, which ELITE refuses when it reads the data: a BinderException
+    # 'train' holds labels 0..2, which ELITE refuses when it reads the data: a BinderException
     # proves the bound is checked first, before any sample is read or any epoch runs
     t0 = time.perf_counter()
     for epochs in (2 ** 63 - 1, 2 ** 64, 10 ** 30, 0, -1):
-        e = _error(con, f"SELECT * FROM ELITE(data=train, labeled=test, epochs={epochs})")
+        e = _error(con, f"SELECT * FROM ELITE(data=test, labeled=train, epochs={epochs})")
         assert isinstance(e, metaql.BinderException) and "epochs=" in str(e), str(e)
-    assert "[1, 10_000]" in str(_error(con, "SELECT * FROM ELITE(data=train, labeled=test, epochs=10001)"))
+    assert "[1, 10_000]" in str(_error(con, "SELECT * FROM ELITE(data=test, labeled=train, epochs=10001)"))
     assert time.perf_counter() - t0 < 5
 
 
 def test_lancet_steps_and_budget_beyond_their_range_are_refused_at_bind_time(con):
-    for statement in ("SELECT * FROM LANCET_STATUS(pool=train, steps=1" + "0" * 30 + ")",
-                      "SELECT * FROM LANCET_STATUS(pool=train, steps=2000000)",
-                      "SELECT * FROM LANCET(pool=train, num_classes=" + str(2 ** 63) + ")",
-                      "SELECT * FROM LANCET_CANDIDATES(pool=train, budget=" + str(2 ** 63 - 1) + ")",
-                      "SELECT * FROM LANCET_CANDIDATES(pool=train, seed=-1)"):
+    # the pool 'test' has no human label, which LANCET refuses when it reads the labels: a
+    # BinderException proves the bounds come first
+    for statement in ("SELECT * FROM LANCET_STATUS(pool=test, steps=1" + "0" * 30 + ")",
+                      "SELECT * FROM LANCET_STATUS(pool=test, steps=2000000)",
+                      "SELECT * FROM LANCET(pool=test, num_classes=" + str(2 ** 63) + ")",
+                      "SELECT * FROM LANCET_CANDIDATES(pool=test, budget=" + str(2 ** 63 - 1) + ")",
+                      "SELECT * FROM LANCET_CANDIDATES(pool=test, seed=-1)"):
         e = _error(con, statement)
         assert isinstance(e, metaql.BinderException), f"{statement}: {type(e).__name__} {e}"
 
 
 def test_floats_must_be_finite_and_ints_whole(con):
-    e = _error(con, "SELECT * FROM ELITE(data=train, labeled=test, lr=?)", [float("nan")])
+    e = _error(con, "SELECT * FROM ELITE(data=test, labeled=train, lr=?)", [float("nan")])
     assert isinstance(e, metaql.BinderException) and "finite" in str(e)
-    e = _error(con, f"SELECT * FROM ELITE(data=train, labeled=test, lr={10 ** 350})")   # OverflowError before
+    e = _error(con, f"SELECT * FROM ELITE(data=test, labeled=train, lr={10 ** 350})")   # OverflowError before
     assert isinstance(e, metaql.BinderException) and "finite" in str(e)
-    e = _error(con, "SELECT * FROM ELITE(data=train, labeled=test, normal_label=?)", [2 ** 64])
+    e = _error(con, "SELECT * FROM ELITE(data=test, labeled=train, normal_label=?)", [2 ** 64])
     assert isinstance(e, metaql.BinderException) and "whole number in [-9_223" in str(e)
-    assert isinstance(_error(con, "SELECT * FROM ELITE(data=train, labeled=test, epochs=?)", [np.int64(0)]),
+    assert isinstance(_error(con, "SELECT * FROM ELITE(data=test, labeled=train, epochs=?)", [np.int64(0)]),
                       metaql.BinderException)
 
 
@@ -133,6 +132,8 @@ def test_describe_shows_ranges(con):
 
 
 def test_a_user_function_declares_its_range(con):
+    from metaql.engine.functions import Range   # annotations evaluate here (no __future__ import)
+
     def ranged(ctx, n: Annotated[int, Range(1, 5)] = 1, x: Annotated[float, Range(0, 1, open_high=True)] = 0.0):
         return {"n": [n], "x": [x]}
     con.register_function(ranged, replace=True)

@@ -54,6 +54,12 @@ PARAMS = [None, 0, 1, -1, 2 ** 63, 10 ** 30, 0.9, float("nan"), float("inf"), -f
 SMALL_WORK = {"epochs": ["1", "2"], "steps": ["1", "2", "3"], "batch_size": ["4", "16"],
               "budget": ["1", "2", "3"]}
 
+# Calls valid on small_store, with small work: about 0.5 s each.
+VALID_CALLS = {"INFLUENCE": "query=batch(test)", "SELF_INFLUENCE": "checkpoints=[c1]",
+               "ELITE": "data=train, labeled=val, epochs=2, batch_size=16",
+               "LANCET": "pool=train, steps=3", "LANCET_STATUS": "pool=train, steps=3",
+               "LANCET_CANDIDATES": "pool=train, budget=2, steps=3"}
+
 
 def readme_examples() -> list[str]:
     """The SQL statements of the README (one per statement, continuation lines joined)."""
@@ -127,6 +133,8 @@ class Generator:
             s = self.catalog_change(r)
         elif kind < 0.70:
             s = self.plain_sql(r)
+        elif kind < 0.705:
+            s = self.valid_call(r)
         elif kind < 0.92:
             s = self.mutated_example(r)
         else:
@@ -144,6 +152,12 @@ class Generator:
         tail = r.choice(["", " WHERE score > 0", " ORDER BY score LIMIT 3", " ORDER BY ASC",
                          " JOIN samples USING (sample_id) WHERE label = 1", " LIMIT -1", " WHERE (((1)))"])
         return f"SELECT {cols} FROM {self.call(r)}{alias}{tail}"
+
+    def valid_call(self, r: random.Random) -> str:
+        """A call that runs (briefly): ELITE, LANCET and INFLUENCE reach their loops and artifacts."""
+        fn, args = r.choice(list(VALID_CALLS.items()))
+        extra = self.arguments(r, fn) if r.random() < 0.3 else ""
+        return f"SELECT * FROM {fn}({', '.join(a for a in (args, extra) if a)})"
 
     def catalog_change(self, r: random.Random) -> str:
         name = r.choice(["s1", "s2", "odd", "train", "x y", "1bad", "s" * 200])

@@ -36,7 +36,9 @@ def bind_call(call: ast.TableCall, registry: FunctionRegistry, params) -> BoundC
         call = ast.TableCall(call.name, dict(zip(fn.params, call.positional)))
     raw = {k: value_of(v, params) for k, v in call.args.items()}
     checked = fn.check_arguments(raw)
-    return BoundCall(fn, {k: coerce(fn.name, k, v, fn.params[k].hint, fn.params[k].range) for k, v in checked.items()})
+    return BoundCall(fn, {k: v if v is None and fn.params[k].default is None
+                          else coerce(fn.name, k, v, fn.params[k].hint, fn.params[k].range)
+                          for k, v in checked.items()})
 
 
 TOPK_RANGE = Range(1, 2 ** 31)
@@ -89,8 +91,10 @@ def parameter(key: str, params) -> Any:
 def coerce(fn: str, name: str, value: Any, hint: Any, bounds: Range | None = None) -> Any:
     """Checks a value against the parameter's type hint and range, with a message that names
     both; every number that reaches a function is finite and within its bounds (int64 at most)."""
-    if value is None or hint is Any:
+    if hint is Any:
         return value
+    if value is None:
+        _bad(fn, name, value, "a value (NULL is none; leave the argument out for its default)")
     if typing.get_origin(hint) is typing.Literal:
         choices = typing.get_args(hint)
         if str(value) not in choices:

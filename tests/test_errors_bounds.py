@@ -97,6 +97,11 @@ def test_floats_must_be_finite_and_ints_whole(con):
                       metaql.BinderException)
 
 
+def test_null_is_no_value_for_a_typed_argument(con):
+    e = _error(con, "SELECT * FROM ELITE(data=train, labeled=val, epochs=?)", [None])   # a TypeError before
+    assert isinstance(e, metaql.BinderException) and "NULL" in str(e)
+
+
 @pytest.mark.parametrize("sid", ["1.5", "1e308", "'x'", str(2 ** 63), "[1]"])
 def test_point_takes_a_whole_sample_id(con, sid):
     e = _error(con, f"SELECT * FROM INFLUENCE(query=point({sid}))")

@@ -1,5 +1,7 @@
 """Every error a metaql.Error, every argument bounded at bind time, cancel and recovery (issue #16)."""
 import json
+import os
+import signal
 import threading
 import time
 import warnings
@@ -223,7 +225,8 @@ def test_non_finite_scores_are_refused_naming_layer_and_checkpoint(store_dir):
 
 
 # ---- cancel and recovery ------------------------------------------------------------------------------------
-def test_a_statement_after_a_cancelled_influence_works(con, monkeypatch):
+@pytest.mark.parametrize("cancel", ["interrupt", "ctrl-c"])
+def test_a_statement_after_a_cancelled_influence_works(con, monkeypatch, cancel):
     """A cancel that lands while INFLUENCE reads the catalog leaves DuckDB an interrupted execute()
     result; its complete() re-raised the interrupt in every later statement."""
     reference = con.execute("SELECT TOPK(5) train FROM INFLUENCE(query=batch(test)) ORDER BY ASC").fetchall()
@@ -231,7 +234,10 @@ def test_a_statement_after_a_cancelled_influence_works(con, monkeypatch):
 
     def cancelled_mid_read(self, checkpoint, layer):
         pending = self.db.execute("SELECT * FROM range(10000000000)")
-        con.interrupt()                           # Ctrl-C or con.interrupt() from another thread
+        if cancel == "interrupt":
+            con.interrupt()                       # as from another thread
+        else:
+            os.kill(os.getpid(), signal.SIGINT)   # the statement runs in the main thread: its handler
         pending.fetchall()
         return original(self, checkpoint, layer)
     monkeypatch.setattr(Store, "factor_shards", cancelled_mid_read)

@@ -7,13 +7,15 @@ store it saves nothing (and warns once).
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import pyarrow as pa
 import torch
 
 from metaql.cleaning.elite import EliteDetector
 from metaql.engine.errors import InvalidInputException
-from metaql.engine.functions import SetName, table_function
+from metaql.engine.functions import Range, SetName, table_function
 from metaql.storage.artifacts import warn_not_saved
 
 COLUMNS = [("sample_id", "BIGINT"), ("anomaly_score", "DOUBLE"), ("is_anomaly", "BOOLEAN")]
@@ -21,9 +23,14 @@ COLUMNS = [("sample_id", "BIGINT"), ("anomaly_score", "DOUBLE"), ("is_anomaly", 
 
 @table_function(name="ELITE", columns=COLUMNS)
 def elite(ctx, data: SetName, labeled: SetName, score: str = "svdd", label_column: str = "label",
-          anomaly_label: int = 1, normal_label: int = 0, features: str = "", epochs: int = 150,
-          batch_size: int = 128, lr: float = 3e-4, eta_m: float = 1.0, margin: float = 0.0,
-          meta_gradient: str = "factored", anomaly_loss: str = "hinge", seed: int = 0) -> pa.Table:
+          anomaly_label: int = 1, normal_label: int = 0, features: str = "",
+          epochs: Annotated[int, Range(1, 10_000)] = 150,
+          batch_size: Annotated[int, Range(1, 2 ** 20)] = 128,
+          lr: Annotated[float, Range(0, 10, open_low=True)] = 3e-4,
+          eta_m: Annotated[float, Range(0, 1e6, open_low=True)] = 1.0,
+          margin: Annotated[float, Range(0, 1e6)] = 0.0,
+          meta_gradient: str = "factored", anomaly_loss: str = "hinge",
+          seed: Annotated[int, Range(0, 2 ** 32 - 1)] = 0) -> pa.Table:
     """Robust anomaly detection with meta-gradients (ELITE, KDD 2021) on a polluted sample set.
 
     data: the unlabeled samples to clean (labeled samples found in it are used as labeled only,

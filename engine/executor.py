@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 
 from metaql.engine import operators as ops
-from metaql.engine.errors import BinderException, InterruptException
+from metaql.engine.errors import BinderException, InterruptException, InvalidInputException
 from metaql.engine.functions import FunctionRegistry
 from metaql.engine.plan import FunctionScan, InfluenceScan, Strategy, TopK
 from metaql.storage.hooks import watched_modules
@@ -75,6 +75,7 @@ def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
             t0 = time.perf_counter()
             q = None if query is None else query[strat.layer]
             layer_scores, layer_norms, layer_seen = layer_pass(store, ckpt, strat, train, q, scan, ctx)
+            check_finite(layer_scores, strat.layer, ckpt)
             part += layer_scores
             norms += layer_norms
             seen |= layer_seen
@@ -84,11 +85,23 @@ def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
         if scan.similarity == "cosine":
             part = part / np.maximum(np.sqrt(norms) * (np.sqrt(qnorm) if query is not None else 1.0), 1e-30)
         total += lr * part
+        check_finite(total, ", ".join(s.layer for s in strategies), ckpt, lr)
     if scan.total:
         # sum_i <g_i, G_q> = <sum_i g_i, G_q>: the per-sample pass costs what summing first would
         return pa.table({"train_samples": pa.array([int(seen.sum())], pa.int64()),
                          "score": pa.array([float(total[seen].sum())])})
     return pa.table({"sample_id": pa.array(train[seen]), "score": pa.array(total[seen])})
+
+
+def check_finite(scores: np.ndarray, layer: str, ckpt: str, lr: float | None = None) -> None:
+    """Refuses to return inf or NaN scores: a sum that overflowed says nothing about a sample."""
+    if np.isfinite(scores).all():
+        return
+    n = int((~np.isfinite(scores)).sum())
+    where = f"layer {layer} at checkpoint {ckpt}" + ("" if lr is None else f" (weighted by its lr={lr:g})")
+    raise InvalidInputException(
+        f"{n} scores of {where} are not finite (inf or NaN): the factors or weights overflow a double; "
+        "check the model's weights and inputs for huge values, or leave this layer/checkpoint out")
 
 
 def query_sides(scan: InfluenceScan, store, ckpt: str, strategies: list[Strategy],

@@ -38,11 +38,42 @@ class SampleRef:
         return f"{self.mode}({self.value})"
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric argument accepts, as `typing.Annotated[int, Range(1, 100_000)]`:
+    bounds included unless `open_low`/`open_high`; None leaves that side unbounded. The binder
+    checks it before the function runs (so no statement asks for 2**63 epochs) and DESCRIBE
+    shows it."""
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.open_low and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.open_high and value == self.high)))
+
+    def __str__(self) -> str:
+        low = "-inf" if self.low is None else _number(self.low)
+        high = "inf" if self.high is None else _number(self.high)
+        return f"{'(' if self.open_low or self.low is None else '['}{low}, {high}" \
+               f"{')' if self.open_high or self.high is None else ']'}"
+
+
+def _number(x: float) -> str:
+    return f"{x:_}" if isinstance(x, int) else f"{x:g}"
+
+
+INT64 = Range(-2 ** 63, 2 ** 63 - 1)    # every int argument, ranged or not: DuckDB's BIGINT
+
+
 @dataclass
 class Param:
     name: str
     hint: Any
     default: Any = inspect.Parameter.empty
+    range: Range | None = None
 
     @property
     def required(self) -> bool:
@@ -52,7 +83,8 @@ class Param:
     def type_name(self) -> str:
         if typing.get_origin(self.hint) is typing.Literal:
             return "|".join(map(str, typing.get_args(self.hint)))
-        return getattr(self.hint, "__name__", str(self.hint))
+        name = getattr(self.hint, "__name__", str(self.hint))
+        return name if self.range is None else f"{name} in {self.range}"
 
     def describe(self) -> str:
         return self.type_name if self.required else f"{self.type_name} = {self.default!r}"
@@ -126,11 +158,20 @@ class FunctionRegistry:
 def _params_of(fn: Callable[..., Any]) -> dict[str, Param]:
     sig = inspect.signature(fn)
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)
     except Exception:  # hints that cannot be resolved are documentation only
         hints = {}
     params = list(sig.parameters.values())[1:]  # the first parameter is the context
-    return {p.name: Param(p.name, hints.get(p.name, Any), p.default) for p in params}
+    return {p.name: _param(p, hints.get(p.name, Any)) for p in params}
+
+
+def _param(p: inspect.Parameter, hint: Any) -> Param:
+    """A Param from an annotation, `Annotated[T, Range(...)]` split into the type and its range."""
+    if typing.get_origin(hint) is not typing.Annotated:
+        return Param(p.name, hint, p.default)
+    base, *extras = typing.get_args(hint)
+    ranges = [e for e in extras if isinstance(e, Range)]
+    return Param(p.name, base, p.default, ranges[0] if ranges else None)
 
 
 # Built-in functions register into this registry when their modules are imported

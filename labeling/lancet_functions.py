@@ -18,14 +18,14 @@ import json
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from metaql.engine.errors import InvalidInputException, IOException, Warning as MetaQLWarning
-from metaql.engine.functions import SetName, table_function
+from metaql.engine.functions import Range, SetName, table_function
 from metaql.storage.labels import add_labels, read_labels
 from metaql.labeling.augment import check_mode
 from metaql.labeling.dmn import OWAConfig
@@ -33,6 +33,14 @@ from metaql.labeling.embedding import TrainConfig
 from metaql.labeling.lancet import LancetConfig, check_budget
 from metaql.labeling.session import LabelingSession, config_to_json
 from metaql.storage.artifacts import is_saved, saved_at, warn_not_saved
+
+# The arguments' bounds, checked at bind time: far above real use, low enough that no statement
+# asks for days of training.
+Budget = Annotated[int, Range(1, 1_000_000)]
+Classes = Annotated[int, Range(0, 100_000)]
+Steps = Annotated[int, Range(1, 1_000_000)]
+AlphaT = Annotated[float, Range(0, 1, open_low=True, open_high=True)]
+Seed = Annotated[int, Range(0, 2 ** 32 - 1)]
 
 CACHE_KEEP = 3   # cached rounds kept per pool: the current one and a little history
 
@@ -46,9 +54,9 @@ STATUS_COLUMNS = [("should_stop", "BOOLEAN"), ("reason", "VARCHAR"), ("dmn_loss"
 
 
 @table_function(name="LANCET_CANDIDATES", columns=CANDIDATE_COLUMNS)
-def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: int = 0,
-                      oracle: str = "", steps: int = TrainConfig.steps, cfm: bool = True,
-                      alpha_t: float = 0.1, seed: int = 0,
+def lancet_candidates(ctx: Any, pool: SetName, budget: Budget = 20, num_classes: Classes = 0,
+                      oracle: str = "", steps: Steps = TrainConfig.steps, cfm: bool = True,
+                      alpha_t: AlphaT = 0.1, seed: Seed = 0,
                       augment: str = TrainConfig.augment,
                       after_stop: str = LancetConfig.after_stop) -> pa.Table:
     """The `budget` unlabeled samples of `pool` to label next, with each one's OWA weight and
@@ -89,8 +97,8 @@ def lancet_candidates(ctx: Any, pool: SetName, budget: int = 20, num_classes: in
 
 
 @table_function(name="LANCET", columns=LABEL_COLUMNS)
-def lancet(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = TrainConfig.steps,
-           cfm: bool = True, alpha_t: float = 0.1, seed: int = 0,
+def lancet(ctx: Any, pool: SetName, num_classes: Classes = 0, steps: Steps = TrainConfig.steps,
+           cfm: bool = True, alpha_t: AlphaT = 0.1, seed: Seed = 0,
            augment: str = TrainConfig.augment) -> pa.Table:
     """Every sample of `pool` with a label: its human label (source 'human', confidence 1) or
     the one LANCET propagates by the linear head on its CFM embedding (source 'propagated',
@@ -105,8 +113,8 @@ def lancet(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = TrainConf
 
 
 @table_function(name="LANCET_STATUS", columns=STATUS_COLUMNS)
-def lancet_status(ctx: Any, pool: SetName, num_classes: int = 0, steps: int = TrainConfig.steps,
-                  cfm: bool = True, alpha_t: float = 0.1, seed: int = 0,
+def lancet_status(ctx: Any, pool: SetName, num_classes: Classes = 0, steps: Steps = TrainConfig.steps,
+                  cfm: bool = True, alpha_t: AlphaT = 0.1, seed: Seed = 0,
                   augment: str = TrainConfig.augment) -> pa.Table:
     """One row: should_stop and the reason (§10.4: the DMN's loss within 5% of its maximum
     log 4 and every unlabeled weight above alpha_t), with the diagnostics behind it."""

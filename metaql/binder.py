@@ -3,14 +3,19 @@ and converted to Python values by the function's type hints. Names of layers, se
 checkpoints are checked against the catalog when the function resolves them (with did-you-mean)."""
 from __future__ import annotations
 
+import math
+import numbers
 import re
 import typing
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from metaql import ast
 from metaql.engine.errors import BinderException, ParserException
-from metaql.engine.functions import CheckpointList, FunctionRegistry, LayerList, SampleRef, SetName, TableFunction
+from metaql.engine.functions import (INT64, CheckpointList, FunctionRegistry, LayerList, Range, SampleRef, SetName,
+                                     TableFunction)
 
 
 @dataclass
@@ -31,7 +36,20 @@ def bind_call(call: ast.TableCall, registry: FunctionRegistry, params) -> BoundC
         call = ast.TableCall(call.name, dict(zip(fn.params, call.positional)))
     raw = {k: value_of(v, params) for k, v in call.args.items()}
     checked = fn.check_arguments(raw)
-    return BoundCall(fn, {k: coerce(fn.name, k, v, fn.params[k].hint) for k, v in checked.items()})
+    return BoundCall(fn, {k: v if v is None and fn.params[k].default is None
+                          else coerce(fn.name, k, v, fn.params[k].hint, fn.params[k].range)
+                          for k, v in checked.items()})
+
+
+TOPK_RANGE = Range(1, 2 ** 31)
+
+
+def check_topk(k: int) -> int:
+    """TOPK(n): a count torch.topk can take (it needs an int32-sized k)."""
+    if k not in TOPK_RANGE:
+        shown = str(k) if len(str(k)) <= 20 else str(k)[:17] + "..."
+        raise BinderException(f"TOPK(n) needs n in {TOPK_RANGE}, not {shown}; use a smaller count")
+    return k
 
 
 def value_of(node, params) -> Any:
@@ -60,6 +78,8 @@ def parameter(key: str, params) -> Any:
     if key.isdigit():
         seq = list(params.values()) if isinstance(params, dict) else list(params)
         i = int(key) - 1
+        if i < 0:
+            raise BinderException(f"parameters are numbered from $1, not ${key}")
         if i >= len(seq):
             raise BinderException(f"parameter {key} is missing: {len(seq)} parameters were passed")
         return seq[i]
@@ -68,10 +88,13 @@ def parameter(key: str, params) -> Any:
     return params[key]
 
 
-def coerce(fn: str, name: str, value: Any, hint: Any) -> Any:
-    """Checks a value against the parameter's type hint, with a message that names both."""
-    if value is None or hint is Any:
+def coerce(fn: str, name: str, value: Any, hint: Any, bounds: Range | None = None) -> Any:
+    """Checks a value against the parameter's type hint and range, with a message that names
+    both; every number that reaches a function is finite and within its bounds (int64 at most)."""
+    if hint is Any:
         return value
+    if value is None:
+        _bad(fn, name, value, "a value (NULL is none; leave the argument out for its default)")
     if typing.get_origin(hint) is typing.Literal:
         choices = typing.get_args(hint)
         if str(value) not in choices:
@@ -80,38 +103,90 @@ def coerce(fn: str, name: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint) or hint
     want = {int: "a whole number", float: "a number", str: "a name or 'string'", bool: "true or false"}
     if hint is bool:
-        if isinstance(value, bool):
-            return value
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint is float and isinstance(value, (int, float)):
-        return float(value)
+    if hint is int and isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return _in_range(fn, name, int(value), bounds, INT64)
+    if hint is float and isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        return _in_range(fn, name, _finite(fn, name, value), bounds)
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     if hint is SetName:
-        if isinstance(value, SampleRef) and value.mode == "batch":
+        if isinstance(value, SampleRef) and value.mode == "batch" and isinstance(value.value, str):
             return SetName(value.value)
         if isinstance(value, str):
             return SetName(value)
         return _bad(fn, name, value, "a set name")
     if hint is SampleRef:
-        return value if isinstance(value, SampleRef) else SampleRef("batch", value)
+        return _sample_ref(fn, name, value)
     if hint in (LayerList, CheckpointList):
-        if isinstance(value, (list, tuple)):
-            return [str(v) for v in value]
-        if isinstance(value, str):
-            return value
-        return _bad(fn, name, value, "a list in brackets")
+        return _name_list(fn, name, value, "layer" if hint is LayerList else "checkpoint")
     if origin in want:
         return _bad(fn, name, value, want[origin])
     return value
 
 
+def _in_range(fn: str, name: str, value, bounds: Range | None, limit: Range | None = None):
+    r = bounds or limit     # a parameter's own range lies within int64: name the tighter one
+    if r is not None and value not in r:
+        _bad(fn, name, value, f"{_sign_word(r, value)}{'a whole number' if isinstance(value, int) else 'a number'} in {r}")
+    return value
+
+
+def _sign_word(r: Range, value) -> str:
+    """'positive: ' when the value falls below a range that starts at zero or one."""
+    if r.low is None or value > r.low:
+        return ""
+    if r.low == 0 and r.open_low or r.low == 1:
+        return "positive: "
+    return "non-negative: " if r.low == 0 else ""
+
+
+def _finite(fn: str, name: str, value) -> float:
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        _bad(fn, name, value if len(str(value)) < 40 else f"{str(value)[:20]}...", "a finite number")
+    return out
+
+
+def _sample_ref(fn: str, name: str, value) -> SampleRef:
+    """point(id) with a whole id in int64 range; batch(set) or a bare value naming a set."""
+    ref = value if isinstance(value, SampleRef) else SampleRef("batch", value)
+    if ref.mode == "point":
+        sid = ref.value
+        if isinstance(sid, str) and re.fullmatch(r"[+-]?\d{1,19}", sid.strip()):
+            sid = int(sid)
+        if not isinstance(sid, numbers.Integral) or isinstance(sid, bool) or int(sid) not in INT64:
+            _bad(fn, name, value, "point(id) with a whole sample id")
+        return SampleRef("point", int(sid))
+    if not isinstance(ref.value, str):
+        _bad(fn, name, value, "batch(set) or a set name")
+    return ref
+
+
+def _name_list(fn: str, name: str, value, kind: str):
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, (list, tuple)):
+        return _bad(fn, name, value, "a list in brackets")
+    if not value:
+        every = "layers=*" if kind == "layer" else "checkpoints=all"
+        raise BinderException(f"{fn}() argument {name}=[] names no {kind}: name at least one {kind}, or {every}")
+    if not all(isinstance(v, str) for v in value):
+        return _bad(fn, name, value, f"a list of {kind} names, e.g. [{'fc1, fc2' if kind == 'layer' else 'c0, c1'}]")
+    return list(value)
+
+
 def _bad(fn: str, name: str, value: Any, what: str):
-    raise BinderException(f"{fn}() argument {name}= should be {what}, not {value!r}")
+    shown = str(value) if isinstance(value, SampleRef) else repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise BinderException(f"{fn}() argument {name}= should be {what}, not {shown}")
 
 
 _BARE_NAME = re.compile(r"^\s*[A-Za-z_]\w*\s*$")

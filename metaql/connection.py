@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 
 from metaql import ast
-from metaql.binder import bind_call, check_func_select
+from metaql.binder import bind_call, check_func_select, check_topk
 from metaql.engine import executor
-from metaql.engine.errors import (BinderException, CatalogException, Error, InterruptException, IOException,
-                                  ProgrammingError)
+from metaql.engine.errors import (BinderException, CatalogException, Error, InternalException, InterruptException,
+                                  InvalidInputException, IOException, ParserException, ProgrammingError)
 from metaql.engine.functions import REGISTRY
 from metaql.engine.plan import InfluenceScan, TopK
 from metaql.parser import parse
@@ -66,7 +66,7 @@ class Connection:
     def execute(self, query: str, parameters: Any = None) -> "Connection":
         """Runs every statement in `query`; the last one's result is fetched from the connection."""
         self._check_open()
-        statements = parse(query, self.registry.names())
+        statements = _parsed(query, self.registry.names())
         if not statements:
             raise ProgrammingError("no statement to execute")
         for stmt in statements:
@@ -77,7 +77,7 @@ class Connection:
         """A lazy relation for one statement: parsed now (syntax errors surface at once), run on
         the first fetch, like DuckDB's `sql()`."""
         self._check_open()
-        statements = parse(query, self.registry.names())
+        statements = _parsed(query, self.registry.names())
         if len(statements) != 1:
             raise ProgrammingError(f"sql() takes one statement, got {len(statements)}")
         return Relation(self, statements[0], parameters)
@@ -102,15 +102,17 @@ class Connection:
 
     def _run_one(self, stmt, params) -> Result:
         self._interrupt.clear()
-        with _sigint_to(self._interrupt, self.store.db.interrupt):
-            try:
+        try:
+            with _sigint_to(self._interrupt, self.store.db.interrupt):
                 return self._dispatch(stmt, params)
-            except KeyboardInterrupt:
-                raise InterruptException("query cancelled; nothing was changed") from None
-            except duckdb.InterruptException:
-                raise InterruptException("query cancelled; nothing was changed") from None
-            except duckdb.Error as e:
-                raise _duck_error(e) from None
+        except BaseException as e:
+            # a cancelled or failed statement may leave an execute() result behind whose complete()
+            # re-raises its error: every later statement on the connection would fail with it
+            _drop_pending(getattr(self.store, "db", None))
+            translated = as_metaql_error(e)
+            if translated is e:
+                raise
+            raise translated from _cause(e)
 
     def _dispatch(self, stmt, params) -> Result:
         if isinstance(stmt, ast.PlainSQL):
@@ -133,8 +135,7 @@ class Connection:
     def _plan(self, stmt, params):
         ctx = self._context()
         if isinstance(stmt, ast.TopKSelect):
-            if stmt.k <= 0:
-                raise BinderException("TOPK(n) needs n >= 1")
+            check_topk(stmt.k)
             return plan_topk(bind_call(stmt.call, self.registry, params), ctx, stmt.k, stmt.ascending, stmt.train_set)
         if isinstance(stmt, ast.FuncSelect):
             check_func_select(stmt)
@@ -218,7 +219,8 @@ class Connection:
         return Result(pa.table({"plan": lines}))
 
     def _context(self) -> executor.Context:
-        return executor.Context(self.store, self.registry, self.config, self.progress, self._interrupt.is_set)
+        return executor.Context(self.store, self.registry, self.config,
+                                _interruptible(self.progress, self._interrupt.is_set), self._interrupt.is_set)
 
     # ---- results (DuckDB's cursor-style fetch on the connection) --------------------------------
     def _last(self) -> Result:
@@ -393,17 +395,87 @@ def _refuse_internal_writes(text: str) -> list:
     return checked_statements(text)
 
 
+_CANCELLED = "query cancelled; nothing was changed"
+
+
+def as_metaql_error(e: BaseException) -> BaseException:
+    """The exception a statement raises for `e`: metaql.Error as it is; a cancel as
+    InterruptException; DuckDB's errors as the matching metaql class; anything else (a bug, in
+    MetaQL or in a user's table function) as InternalException naming the original type.
+    SystemExit and the like pass through."""
+    if isinstance(e, Error):
+        return e
+    if isinstance(e, (KeyboardInterrupt, duckdb.InterruptException)):
+        return InterruptException(_CANCELLED)
+    if isinstance(e, duckdb.Error):
+        return _duck_error(e)
+    if isinstance(e, RecursionError):
+        return ProgrammingError("the statement is nested too deeply to run; flatten it")
+    if isinstance(e, Exception):
+        text = str(e)
+        text = text if len(text) <= 500 else text[:500] + "..."
+        return InternalException(f"{type(e).__module__}.{type(e).__qualname__}: {text} "
+                                 "(please report this with the statement that caused it)")
+    return e
+
+
+def _cause(e: BaseException) -> BaseException | None:
+    """What a translated error chains to: the original traceback for a bug, nothing for errors
+    whose message already says it all."""
+    return e if isinstance(e, Exception) and not isinstance(e, (Error, duckdb.Error)) else None
+
+
+def _parsed(query: str, function_names) -> list:
+    if not isinstance(query, str):
+        raise ProgrammingError(f"a statement is a string, not {type(query).__name__}")
+    try:
+        return parse(query, function_names)
+    except BaseException as e:
+        translated = as_metaql_error(e)
+        if translated is e:
+            raise
+        raise translated from _cause(e)
+
+
+def _drop_pending(db) -> None:
+    abort = getattr(db, "abort", None)
+    if abort is None:
+        return
+    try:
+        abort()
+    except Exception:  # a closed connection has nothing pending; the statement's error matters
+        pass
+
+
+def _interruptible(progress: Callable, interrupted: Callable[[], bool]) -> Callable:
+    """The context's progress wrapper, checking for a cancel at every item: every loop a table
+    function reports progress on (LANCET's training steps, ELITE's epochs) stops at once."""
+    def wrap(it, total=None, desc=""):
+        for item in progress(it, total=total, desc=desc):
+            if interrupted():
+                raise InterruptException(_CANCELLED)
+            yield item
+    return wrap
+
+
+# DuckDB's exception classes and MetaQL's, most specific first (DuckDB's tree is DB-API's).
+_DUCK_CLASSES = [("ParserException", ParserException), ("CatalogException", CatalogException),
+                 ("BinderException", BinderException), ("IOException", IOException),
+                 ("InterruptException", InterruptException), ("ConversionException", InvalidInputException),
+                 ("OutOfRangeException", InvalidInputException), ("InvalidInputException", InvalidInputException),
+                 ("TypeMismatchException", BinderException), ("ConstraintException", InvalidInputException),
+                 ("InvalidTypeException", BinderException), ("NotImplementedException", ProgrammingError),
+                 ("TransactionException", ProgrammingError), ("PermissionException", IOException),
+                 ("OutOfMemoryException", IOException), ("SerializationException", IOException),
+                 ("InternalException", InternalException), ("FatalException", InternalException)]
+
+
 def _duck_error(e: Exception) -> Error:
     msg = str(e)
-    if isinstance(e, duckdb.ParserException):
-        from metaql.engine.errors import ParserException
-        return ParserException(msg)
-    if isinstance(e, duckdb.CatalogException):
-        return CatalogException(msg)
-    if isinstance(e, (duckdb.BinderException,)):
-        return BinderException(msg)
-    if isinstance(e, duckdb.IOException):
-        return IOException(msg)
+    for name, cls in _DUCK_CLASSES:
+        duck = getattr(duckdb, name, None)
+        if duck is not None and isinstance(e, duck):
+            return cls(msg)
     return ProgrammingError(msg)
 
 

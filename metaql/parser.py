@@ -7,12 +7,18 @@ from functools import lru_cache
 from importlib import resources
 
 from lark import Lark, Token, Transformer, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.exceptions import VisitError
 
 from metaql import ast
 from metaql.engine.errors import ParserException
 
 METAQL_STARTS = re.compile(r"^\s*(create\s+(or\s+replace\s+)?set\b|drop\s+set\b|explain\b|show\b|describe\b"
                            r"|select\s+topk\b)", re.I)
+# Bounds that no real statement reaches but that keep every parse short and free of recursion
+# errors: the AST transformer recurses once per level of brackets.
+MAX_NESTING = 32
+MAX_STATEMENT_CHARS = 1_000_000
+MAX_NUMBER_CHARS = 400      # far beyond any int64 or double, far below Python's 4,300-digit limit
 _CALL = re.compile(r"\b(from|join)\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(", re.I)
 
 TERMINAL_WORDS = {
@@ -78,11 +84,50 @@ def is_metaql(statement: str, function_names) -> bool:
 def parse_statement(statement: str, function_names=()) -> object:
     if not is_metaql(statement, function_names):
         return ast.PlainSQL(statement.strip())
+    check_size(statement)
     try:
         tree = parser().parse(statement)
     except UnexpectedInput as e:
         raise _parse_error(statement, e) from None
-    return ToAST().transform(tree)
+    try:
+        return ToAST(statement).transform(tree)
+    except VisitError as e:   # Lark wraps what a rule raised; the user should see our error
+        if isinstance(e.orig_exc, ParserException):
+            raise e.orig_exc from None
+        raise
+
+
+def check_size(statement: str) -> None:
+    """Refuses a MetaQL statement too long, or with brackets nested too deep, before parsing it
+    (a loop, not recursion: 10,000 nested '[' must be refused, not overflow the stack)."""
+    if len(statement) > MAX_STATEMENT_CHARS:
+        raise ParserException(f"the statement is {len(statement):,} characters long; MetaQL statements are "
+                              f"limited to {MAX_STATEMENT_CHARS:,} (pass long lists as parameters or sets)")
+    depth, quote, i = 0, False, 0
+    while i < len(statement):
+        c = statement[i]
+        if c == "'":
+            quote = not quote
+        elif quote:
+            pass
+        elif statement.startswith("--", i):
+            end = statement.find("\n", i)
+            i = len(statement) if end < 0 else end
+            continue
+        elif c in "([":
+            depth += 1
+            if depth > MAX_NESTING:
+                line, col = _line_col(statement, i)
+                raise ParserException(f"brackets are nested more than {MAX_NESTING} levels deep; "
+                                      "flatten the expression", line, col, _caret(statement, line, col))
+        elif c in ")]":
+            depth = max(depth - 1, 0)
+        i += 1
+
+
+def _line_col(text: str, pos: int) -> tuple[int, int]:
+    line = text.count("\n", 0, pos) + 1
+    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
 
 
 def parse(text: str, function_names=()) -> list:
@@ -92,7 +137,7 @@ def parse(text: str, function_names=()) -> list:
 def _parse_error(text: str, e: UnexpectedInput) -> ParserException:
     if isinstance(e, UnexpectedToken):
         expected = sorted(TERMINAL_WORDS.get(t, t) for t in e.accepts or e.expected)
-        found = "the end of the statement" if e.token.type == "$END" else f"'{e.token}'"
+        found = "the end of the statement" if e.token.type == "$END" else f"'{_clip(str(e.token))}'"
         msg = f"syntax error: unexpected {found}; expected {_or(expected)}"
     elif isinstance(e, UnexpectedEOF):
         msg = f"syntax error: the statement ends too early; expected {_or(sorted(TERMINAL_WORDS.get(t, t) for t in e.expected))}"
@@ -109,10 +154,19 @@ def _parse_error(text: str, e: UnexpectedInput) -> ParserException:
     return ParserException(msg, line, col, _caret(text, line, col))
 
 
-def _caret(text: str, line: int, col: int) -> str:
+def _clip(s: str, n: int = 60) -> str:
+    return s if len(s) <= n else s[:n] + "..."
+
+
+def _caret(text: str, line: int, col: int, width: int = 100) -> str:
     lines = text.split("\n")
     src = lines[line - 1] if 0 < line <= len(lines) else ""
-    return f"  {src}\n  {' ' * (max(col, 1) - 1)}^"
+    col = max(col, 1)
+    if len(src) > width:    # a window around the spot, so a huge line prints as one screen line
+        start = max(0, min(col - 1 - width // 2, len(src) - width))
+        src = ("..." if start else "") + src[start:start + width] + ("..." if start + width < len(src) else "")
+        col = col - start + (3 if start else 0)
+    return f"  {src}\n  {' ' * (col - 1)}^"
 
 
 def _or(words: list[str]) -> str:
@@ -142,9 +196,16 @@ def _positional_counter():
 class ToAST(Transformer):
     """Lark tree -> metaql.ast objects."""
 
-    def __init__(self):
+    def __init__(self, text: str = ""):
         super().__init__()
         self._next_param = _positional_counter()
+        self._text = text
+
+    def _error(self, message: str, token) -> ParserException:
+        line, col = getattr(token, "line", None), getattr(token, "column", None)
+        if line is None:
+            return ParserException(message)
+        return ParserException(message, line, col, _caret(self._text, line, col))
 
     def start(self, items):
         return items[0]
@@ -157,8 +218,19 @@ class ToAST(Transformer):
         return ast.Star()
 
     def number(self, items):
-        s = str(items[0])
-        return ast.Literal(float(s) if any(c in s for c in ".eE") else int(s))
+        return ast.Literal(self._number(items[0]))
+
+    def _number(self, token) -> int | float:
+        s = str(token)
+        if len(s) > MAX_NUMBER_CHARS:
+            raise self._error(f"a number of {len(s):,} characters is too long; numbers are limited to "
+                              f"{MAX_NUMBER_CHARS} characters", token)
+        if not any(c in s for c in ".eE"):
+            return int(s)
+        value = float(s)
+        if value in (float("inf"), float("-inf")):
+            raise self._error(f"the number {s} is too large for a double", token)
+        return value
 
     def string(self, items):
         return ast.Literal(str(items[0])[1:-1].replace("''", "'"))
@@ -173,11 +245,11 @@ class ToAST(Transformer):
     def call(self, items):
         return ast.Call(str(items[0]), [v for v in items[1:] if v is not None and not isinstance(v, Token)])
 
-    def named_argument(self, items):
-        return (str(items[0]), items[2])
-
     def positional_argument(self, items):
         return (None, items[0])
+
+    def named_argument(self, items):
+        return (items[0], items[2])
 
     def table_call(self, items):
         call = ast.TableCall(str(items[0]))
@@ -187,10 +259,11 @@ class ToAST(Transformer):
             key, value = item
             if key is None:
                 call.positional.append(value)
-            elif key.lower() in call.args:
-                raise ParserException(f"argument '{key}' is given twice in {call.name}()")
+            elif str(key).lower() in call.args:
+                raise self._error(f"argument '{key}' is given twice in {call.name}(); give each argument once",
+                                  key)
             else:
-                call.args[key.lower()] = value
+                call.args[str(key).lower()] = value
         return call
 
     topk_call = table_call
@@ -216,7 +289,7 @@ class ToAST(Transformer):
         return str(items[2]).lower() == "asc"
 
     def topk_select(self, items):
-        k = int(items[3])
+        k = self._number(items[3])
         call = [i for i in items if isinstance(i, ast.TableCall)][0]
         asc = items[-1] if isinstance(items[-1], bool) else False
         return ast.TopKSelect(k, str(items[5]), call, asc)

@@ -326,7 +326,7 @@ def _statements(text: str) -> list[str]:
 
 def error_text(e: BaseException) -> str:
     """'Parser Error: ...', 'Binder Error: ...' as DuckDB prints them (parse errors keep their caret)."""
-    text = str(e)
+    text = str(e) or type(e).__name__
     if _LABELLED.match(text):
         return text
     label = next((label for cls, label in _ERROR_LABELS if isinstance(e, cls)), "Error")

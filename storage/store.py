@@ -45,6 +45,7 @@ from metaql.storage.tensorfile import Shard, file_checksum, write_shard
 
 _SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 SHARD_CACHE = 16
+MAX_LR = 1e6     # a checkpoint's weight in every score: beyond this, sums of products overflow doubles
 
 
 class Store:
@@ -189,7 +190,7 @@ class Store:
         if len(np.unique(ids)) != len(ids):
             raise InvalidInputException("add_samples got duplicate sample ids")
         n = len(ids)
-        labels_arr = None if labels is None else np.asarray(labels).reshape(-1)
+        labels_arr = None if labels is None else _class_labels(labels)
         if labels_arr is not None and len(labels_arr) != n:
             raise InvalidInputException(f"{n} ids but {len(labels_arr)} labels")
         if inputs is not None:
@@ -382,8 +383,9 @@ class Store:
         self._writable()
         if not _SAFE_NAME.match(name):
             raise BinderException(f"checkpoint name '{name}' must be an identifier (letters, digits, _ . -)")
-        if not (isinstance(lr, (int, float)) and np.isfinite(lr)):
-            raise InvalidInputException(f"lr must be a finite number, got {lr!r}")
+        if not (isinstance(lr, (int, float)) and np.isfinite(lr) and abs(lr) <= MAX_LR):
+            raise InvalidInputException(f"lr must be a finite number of magnitude at most {MAX_LR:g} (scores are "
+                                        f"weighted by it and would overflow), got {lr!r}")
         self.live_model = model
         existing = {c["name"]: c for c in self.checkpoints()}
         if name in existing:
@@ -739,6 +741,26 @@ class Store:
 def quote_identifier(name: str) -> str:
     """A name as a DuckDB identifier: double-quoted, inner quotes doubled (never closes early)."""
     return '"' + str(name).replace('"', '""') + '"'
+
+
+def _class_labels(labels) -> np.ndarray:
+    """Labels as int64 class indices; floats only when whole (1.0), never truncated (0.9 -> 0)."""
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    arr = np.asarray(labels).reshape(-1)
+    if arr.dtype.kind in "iu":
+        if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+            raise InvalidInputException("labels must be class indices that fit in int64")
+        return arr.astype(np.int64)
+    if arr.dtype.kind == "b":
+        return arr.astype(np.int64)
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr) | (arr != np.round(arr)) | (np.abs(arr) >= 2.0 ** 63)
+        if bad.any():
+            raise InvalidInputException(f"labels must be whole class indices; {int(bad.sum())} are not "
+                                        f"(e.g. {arr[bad][:3].tolist()}); pass integers, or round them yourself")
+        return arr.astype(np.int64)
+    raise InvalidInputException(f"labels must be whole class indices, got values of type {arr.dtype}")
 
 
 def _as_ids(ids) -> np.ndarray:

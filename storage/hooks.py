@@ -49,10 +49,13 @@ class LayerHooks:
         self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in self.modules}
         self.grads: dict[str, dict[int, torch.Tensor]] = {n: {} for n in self.modules}
         self.normalized: dict[str, torch.Tensor] = {}    # batch-statistics norm inputs (first batch)
+        self.refused: dict[str, str] = {}                # {layer: why a call of it cannot be captured}
+        self._computing = False     # a kind recomputing a module (torch.func) must not be recorded
 
     def attach(self) -> "LayerHooks":
         for name, module in self.modules.items():
-            self._handles.setdefault(name, []).append(module.register_forward_hook(self._forward_hook(name)))
+            self._handles.setdefault(name, []).append(
+                module.register_forward_hook(self._forward_hook(name), with_kwargs=True))
         if self._first:
             for name, bn in self.batchnorms.items():
                 self._handles.setdefault("\0" + name, []).append(bn.register_forward_hook(self._norm_hook(name)))
@@ -66,8 +69,14 @@ class LayerHooks:
         self.clear()
 
     def _forward_hook(self, name: str):
-        def hook(module, inputs, output):
-            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+        def hook(module, inputs, kwargs, output):
+            if self._computing or not torch.is_grad_enabled():
+                return
+            problem = self.kinds[name].call_problem(inputs, kwargs, output)
+            if problem:
+                self.refused[name] = problem
+                return
+            if not (isinstance(output, torch.Tensor) and output.requires_grad):
                 return
             call = len(self.inputs[name])
             self.inputs[name].append(inputs[0].detach())
@@ -91,7 +100,7 @@ class LayerHooks:
         if self._first:
             self._first_batch(missing)
         for name, why in missing.items():
-            if len(self.inputs[name]):
+            if len(self.inputs[name]) or name in self.refused:
                 raise InvalidInputException(
                     f"layer '{name}' {why}, so it has no per-sample gradient; nothing of this batch was "
                     f"stored (leave '{name}' out of layers=, or make the loss depend on its output)")
@@ -102,11 +111,17 @@ class LayerHooks:
                 continue
             grads = [self.grads[name][i] * scale if scale != 1.0 else self.grads[name][i]
                      for i in range(calls)]
-            out[name] = self.kinds[name].factors(module, self.inputs[name], grads)
+            self._computing = True
+            try:
+                out[name] = self.kinds[name].factors(module, self.inputs[name], grads)
+            finally:
+                self._computing = False
         return out
 
     def _no_gradient(self, name: str) -> str:
         calls, grads = len(self.inputs[name]), len(self.grads[name])
+        if name in self.refused:
+            return self.refused[name]
         if calls == 0:
             return "saw no forward call through its own forward (its parent may use its weights directly)"
         if grads != calls:
@@ -142,7 +157,7 @@ class LayerHooks:
     def _drop(self, name: str) -> None:
         for h in self._handles.pop(name, []):
             h.remove()
-        for d in (self.modules, self.kinds, self.inputs, self.outputs, self.grads):
+        for d in (self.modules, self.kinds, self.inputs, self.outputs, self.grads, self.refused):
             d.pop(name, None)
 
 

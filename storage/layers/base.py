@@ -52,6 +52,10 @@ class LayerKind:
         """Per-sample factors (leading dim = batch) from the module's calls in one forward pass."""
         raise NotImplementedError
 
+    def call_problem(self, args: tuple, kwargs: dict, output) -> str:
+        """'' when the hooks can capture this call of the module, else why not."""
+        return ""
+
     def suffix_name(self) -> str | None:
         """The factor that is the layer's input as-is (shared between layers reading one input)."""
         return None
@@ -151,6 +155,18 @@ KINDS: dict[type, LayerKind] = {}
 _BY_NAME: dict[str, LayerKind] = {}
 
 
+_FALLBACK: list[LayerKind] = []      # the general kind, for modules no specialised kind captures
+
+
+def register_fallback(cls: type[LayerKind]) -> type[LayerKind]:
+    """Registers the kind that captures any module with parameters no specialised kind takes; it
+    implements `applies(module) -> str` ('' or why not)."""
+    handler = cls()
+    _FALLBACK[:] = [handler]
+    _BY_NAME[handler.kind] = handler
+    return cls
+
+
 def register(*module_types: type):
     def wrap(cls: type[LayerKind]) -> type[LayerKind]:
         handler = cls()
@@ -177,6 +193,16 @@ def find_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
     computes what the parent does: it overrides none of the methods the kind models (forward) and
     its own parameters are the parent's (not e.g. weight_norm's weight_g/weight_v); otherwise the
     kind's factors would be the gradients of another function, silently wrong."""
+    kind, why = _specialised_kind(module)
+    if kind is None and _FALLBACK:
+        unfit = _FALLBACK[0].applies(module)
+        if not unfit:
+            return _FALLBACK[0], ""
+        why = f"is a {type(module).__name__} that {unfit}"
+    return kind, why
+
+
+def _specialised_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
     mro = type(module).__mro__
     base = next((t for t in mro if t in KINDS), None)
     if base is None:

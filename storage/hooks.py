@@ -23,6 +23,9 @@ from metaql.storage.layers import LayerKind, find_kind, kind_for
 
 _GLOB = set("*?[")
 NOTICE_NAMES = 20     # names a skip notice or an error spells out before "and N more"
+# a pattern leaves out a full-only layer larger than this (a GPT-2 Conv1D under the fallback kind
+# would store millions of numbers per sample); named explicitly, any size is captured
+PATTERN_MAX_FULL = 1 << 20
 
 
 @dataclass
@@ -142,7 +145,7 @@ class LayerHooks:
             h.remove()
         if self.skipped:
             warnings.warn(f"layers: skipped {len(self.skipped)} module(s) with parameters: "
-                          + _listed(f"'{n}' ({why})" for n, why in self.skipped.items()), Warning, stacklevel=4)
+                          + _listed(f"'{n}' ({why})" for n, why in self.skipped.items()), Warning, stacklevel=5)
         coupled = coupled_layers(self.normalized, self.outputs)
         if coupled:
             warnings.warn(
@@ -151,7 +154,7 @@ class LayerHooks:
                           for layer, bns in coupled.items())
                 + ": a BatchNorm normalizing with batch statistics (train mode) mixes the samples of a batch, "
                 "so a sample's gradient depends on the others; replay the checkpoint (con.replay, eval "
-                "mode) for exact factors", Warning, stacklevel=4)
+                "mode) for exact factors", Warning, stacklevel=5)
         self.normalized = {}
 
     def _drop(self, name: str) -> None:
@@ -208,6 +211,8 @@ def select_layers(model: nn.Module, layers: list[str] | str | None) -> Selection
         layers = ["*"]
     elif isinstance(layers, str):
         layers = [layers]
+    if not layers:
+        raise BinderException("layers= is empty; name layers, glob patterns ('encoder.*'), or '*' for all")
     sel = Selection({}, batchnorms={n: m for n, m in named.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
     explicit = [n for n in layers if not (_GLOB & set(str(n)))]
     for pattern in [p for p in layers if _GLOB & set(str(p))]:
@@ -236,11 +241,18 @@ def _add_pattern(sel: Selection, named: dict[str, nn.Module], pattern: str) -> N
         if n in sel.modules or not any(True for _ in module.parameters(recurse=False)):
             continue      # a container or a parameterless module: nothing of its own to capture
         kind, why = find_kind(module)
+        if kind is not None and not kind.factored and _numbers(module) > PATTERN_MAX_FULL:
+            kind, why = None, (f"would store all its {_numbers(module)} parameters' gradients per sample as the "
+                               f"{kind.kind} kind; name it in layers= to capture it anyway")
         if kind is None:
             sel.skipped[n] = why
         else:
             sel.modules[n] = module
             sel.optional.add(n)
+
+
+def _numbers(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
 
 
 def _require_layer(name: str, named: dict[str, nn.Module]) -> None:

@@ -134,3 +134,13 @@ def test_modules_of_several_inputs_are_skipped_up_front():
             warnings.simplefilter("ignore")
             cap = con.capture(model, layers="*")
         assert list(cap.hooks.modules) == ["0"] and "1" in cap.hooks.skipped
+
+
+def test_pattern_leaves_out_huge_full_only_layers_but_a_name_takes_them():
+    from metaql.storage.hooks import PATTERN_MAX_FULL, select_layers
+    model = nn.Sequential(nn.Linear(3, 3), nn.PReLU(PATTERN_MAX_FULL + 1))
+    sel = select_layers(model, "*")
+    assert list(sel.modules) == ["0"] and "would store all its" in sel.skipped["1"]
+    assert list(select_layers(model, ["0", "1"]).modules) == ["0", "1"]
+    with pytest.raises(metaql.BinderException, match="layers= is empty"):
+        select_layers(model, [])

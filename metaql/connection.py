@@ -273,10 +273,19 @@ class Connection:
         self._check_open()
         return Capture(self.store, model, layers, checkpoint, lr, **kwargs)
 
+    def checkpoint(self, model, name: str, lr: float, epoch: int | None = None, step: int | None = None,
+                   factory: str | None = None, kwargs: dict | None = None) -> dict:
+        """Registers the model's current weights as checkpoint `name` for replay, capturing
+        nothing (see metaql.storage.checkpoints); `lr` is the learning rate TracIn weighs it by."""
+        from metaql.storage.checkpoints import register_checkpoint
+        self._check_open()
+        return register_checkpoint(self.store, model, name, lr, epoch, step, factory, kwargs)
+
     def replay(self, checkpoint: str, samples: str = "train", layers=None, **kwargs) -> int:
         """Stores exact factors of a set's samples at a saved checkpoint (eval mode). Keyword
         arguments go to metaql.storage.capture.replay_into_store: target, batch_size, shard_size,
-        dtype ('float32' | 'float16' | 'bfloat16') and storage ({layer: 'factored' | 'full'})."""
+        dtype ('float32' | 'float16' | 'bfloat16') and storage ({layer: 'factored' | 'full'}). `layers`
+        defaults to the layers the store holds (every layer, '*', when it holds none)."""
         from metaql.storage.capture import replay_into_store
         self._check_open()
         try:

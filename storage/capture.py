@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from metaql.engine.errors import InvalidInputException
-from metaql.storage.hooks import LayerHooks, watched_modules
+from metaql.storage.hooks import LayerHooks, select_layers
 from metaql.storage.store import Store, _as_ids
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -174,7 +174,7 @@ class Capture:
                  factory: str | None = None, kwargs: dict | None = None, shard_size: int = 2048,
                  dtype: str = "float32", storage: dict[str, str] | None = None):
         self.store, self.model, self.checkpoint = store, model, checkpoint
-        self.hooks = LayerHooks(watched_modules(model, layers))
+        self.hooks = LayerHooks(select_layers(model, layers))
         self._ckpt_args = dict(lr=lr, epoch=epoch, step=step, factory=factory, kwargs=kwargs)
         self.writer = ShardWriter(store, checkpoint, self.hooks, shard_size, dtype, storage)
         self.samples = 0
@@ -246,7 +246,7 @@ def replay_into_store(store: Store, checkpoint: str, ids, layers=None, target: s
 
     ids = _as_ids(ids)
     model = store.model_at(checkpoint)
-    hooks = LayerHooks(watched_modules(model, layers))
+    hooks = LayerHooks(select_layers(model, replayed_layers(store, model, checkpoint, layers)))
     writer = ShardWriter(store, checkpoint, hooks, shard_size, dtype, storage)
     labels = torch.as_tensor(store.sample_columns(ids, ["label"])["label"].astype(np.int64)) \
         if target == "label" else None
@@ -257,3 +257,21 @@ def replay_into_store(store: Store, checkpoint: str, ids, layers=None, target: s
         writer.add(ids[rows], factors)
     writer.flush()
     return writer.rows_written
+
+
+def replayed_layers(store: Store, model: nn.Module, checkpoint: str, layers):
+    """`layers` as given, else the layers the store already holds (a replay fills in what a capture
+    stored, not every layer of the model), else every layer ('*') of a store that holds none."""
+    if layers is not None:
+        return layers
+    held = [row["name"] for row in store.layers()]
+    if not held:
+        return "*"
+    names = {n for n, _ in model.named_modules()}
+    lacking = [n for n in held if n not in names]
+    if lacking:
+        from metaql.engine.errors import CatalogException
+        raise CatalogException(
+            f"the store holds layers {lacking[:5]} that the model of checkpoint '{checkpoint}' lacks; attach the "
+            "model the store was captured with (con.attach_model) or pass layers=[...] to con.replay")
+    return held

@@ -2,41 +2,84 @@
 
 Calls are indexed so that the i-th input pairs with the i-th output gradient even though the
 backward pass visits calls in reverse order; a module called twice contributes both calls.
+
+Layers picked by a pattern (`layers='*'`, `'bert.encoder.layer.*.attention.*'`) are optional: one
+that no gradient reaches in the first batch (BERT's pooler when the loss does not use it, a module
+whose parent calls its weights directly) is dropped, and one warning lists everything skipped and
+why. A layer named explicitly must get its gradient, or the batch is refused before anything of it
+is stored.
 """
 from __future__ import annotations
+
+import fnmatch
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from metaql.storage.layers import LayerKind, kind_for
+from metaql.engine.errors import BinderException, CatalogException, InvalidInputException, Warning
+from metaql.storage.layers import LayerKind, find_kind, kind_for
+
+_GLOB = set("*?[")
+NOTICE_NAMES = 20     # names a skip notice or an error spells out before "and N more"
+# a pattern leaves out a full-only layer larger than this (a GPT-2 Conv1D under the fallback kind
+# would store millions of numbers per sample); named explicitly, any size is captured
+PATTERN_MAX_FULL = 1 << 20
+
+
+@dataclass
+class Selection:
+    """The watched modules of a model, and what the layer patterns matched but cannot capture."""
+    modules: dict[str, nn.Module]
+    optional: set[str] = field(default_factory=set)        # picked by a pattern, not by name
+    skipped: dict[str, str] = field(default_factory=dict)  # {module: why it is not captured}
+    batchnorms: dict[str, nn.Module] = field(default_factory=dict)
 
 
 class LayerHooks:
-    def __init__(self, modules: dict[str, nn.Module]):
-        self.modules = modules
-        self.kinds: dict[str, LayerKind] = {n: kind_for(n, m) for n, m in modules.items()}
-        self._handles: list = []
+    def __init__(self, modules: dict[str, nn.Module] | Selection):
+        sel = modules if isinstance(modules, Selection) else Selection(dict(modules))
+        self.modules = dict(sel.modules)
+        self.optional, self.skipped, self.batchnorms = set(sel.optional), dict(sel.skipped), sel.batchnorms
+        self.kinds: dict[str, LayerKind] = {n: kind_for(n, m) for n, m in self.modules.items()}
+        self._handles: dict[str, list] = {}
+        self._first = True      # the first batch decides which optional layers stay
         self.clear()
 
     def clear(self) -> None:
         self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in self.modules}
         self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in self.modules}
         self.grads: dict[str, dict[int, torch.Tensor]] = {n: {} for n in self.modules}
+        self.normalized: dict[str, torch.Tensor] = {}    # batch-statistics norm inputs (first batch)
+        self.refused: dict[str, str] = {}                # {layer: why a call of it cannot be captured}
+        self._computing = False     # a kind recomputing a module (torch.func) must not be recorded
 
     def attach(self) -> "LayerHooks":
         for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+            self._handles.setdefault(name, []).append(
+                module.register_forward_hook(self._forward_hook(name), with_kwargs=True))
+        if self._first:
+            for name, bn in self.batchnorms.items():
+                self._handles.setdefault("\0" + name, []).append(bn.register_forward_hook(self._norm_hook(name)))
         return self
 
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
+        for handles in self._handles.values():
+            for h in handles:
+                h.remove()
         self._handles.clear()
         self.clear()
 
     def _forward_hook(self, name: str):
-        def hook(module, inputs, output):
-            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+        def hook(module, inputs, kwargs, output):
+            if self._computing or not torch.is_grad_enabled():
+                return
+            problem = self.kinds[name].call_problem(inputs, kwargs, output)
+            if problem:
+                self.refused[name] = problem
+                return
+            if not (isinstance(output, torch.Tensor) and output.requires_grad):
                 return
             call = len(self.inputs[name])
             self.inputs[name].append(inputs[0].detach())
@@ -47,38 +90,176 @@ class LayerHooks:
             output.register_hook(keep_grad)
         return hook
 
+    def _norm_hook(self, name: str):
+        def hook(module, inputs, output):
+            if _batch_statistics(module) and torch.is_grad_enabled() and inputs[0].grad_fn is not None:
+                self.normalized[name] = inputs[0]
+        return hook
+
     def factors(self, scale: float = 1.0) -> dict[str, dict[str, torch.Tensor]]:
-        """Per-layer per-sample factors of the last forward/backward; `scale` undoes a mean loss."""
+        """Per-layer per-sample factors of the last forward/backward; `scale` undoes a mean loss.
+        Raises (before anything of the batch is stored) when a required layer got no gradient."""
+        missing = {n: why for n in self.modules if (why := self._no_gradient(n))}
+        if self._first:
+            self._first_batch(missing)
+        for name, why in missing.items():
+            if len(self.inputs[name]) or name in self.refused:
+                raise InvalidInputException(
+                    f"layer '{name}' {why}, so it has no per-sample gradient; nothing of this batch was "
+                    f"stored (leave '{name}' out of layers=, or make the loss depend on its output)")
         out = {}
         for name, module in self.modules.items():
             calls = len(self.inputs[name])
             if calls == 0:
                 continue
-            if len(self.grads[name]) != calls:
-                raise RuntimeError(f"layer '{name}' saw {calls} forward calls but "
-                                   f"{len(self.grads[name])} gradients; did backward reach it?")
             grads = [self.grads[name][i] * scale if scale != 1.0 else self.grads[name][i]
                      for i in range(calls)]
-            out[name] = self.kinds[name].factors(module, self.inputs[name], grads)
+            self._computing = True
+            try:
+                out[name] = self.kinds[name].factors(module, self.inputs[name], grads)
+            finally:
+                self._computing = False
         return out
+
+    def _no_gradient(self, name: str) -> str:
+        calls, grads = len(self.inputs[name]), len(self.grads[name])
+        if name in self.refused:
+            return self.refused[name]
+        if calls == 0:
+            return "saw no forward call through its own forward (its parent may use its weights directly)"
+        if grads != calls:
+            return (f"saw {calls} forward calls but {grads} gradients: the loss does not depend on its "
+                    f"output{'' if grads == 0 else ' of every call'}")
+        return ""
+
+    def _first_batch(self, missing: dict[str, str]) -> None:
+        """Drops optional layers no gradient reached, warns once about every skipped module, and
+        warns about layers whose factors a batch-statistics norm couples across samples."""
+        self._first = False
+        dropped = {n: why for n, why in missing.items() if n in self.optional}
+        for name in dropped:
+            self._drop(name)
+            del missing[name]
+        self.skipped.update(dropped)
+        for h in [h for key in list(self._handles) if key.startswith("\0") for h in self._handles.pop(key)]:
+            h.remove()
+        if self.skipped:
+            warnings.warn(f"layers: skipped {len(self.skipped)} module(s) with parameters: "
+                          + _listed(f"'{n}' ({why})" for n, why in self.skipped.items()), Warning, stacklevel=5)
+        coupled = coupled_layers(self.normalized, self.outputs)
+        if coupled:
+            warnings.warn(
+                "per-sample factors are inexact for "
+                + _listed(f"'{layer}' (its output reaches {', '.join(repr(b) for b in bns)})"
+                          for layer, bns in coupled.items())
+                + ": a BatchNorm normalizing with batch statistics (train mode) mixes the samples of a batch, "
+                "so a sample's gradient depends on the others; replay the checkpoint (con.replay, eval "
+                "mode) for exact factors", Warning, stacklevel=5)
+        self.normalized = {}
+
+    def _drop(self, name: str) -> None:
+        for h in self._handles.pop(name, []):
+            h.remove()
+        for d in (self.modules, self.kinds, self.inputs, self.outputs, self.grads, self.refused):
+            d.pop(name, None)
+
+
+def coupled_layers(normalized: dict[str, torch.Tensor], outputs: dict[str, list[torch.Tensor]]) -> dict[str, list[str]]:
+    """{watched layer: batch-statistics norms its output flows into}, found on the autograd graph."""
+    nodes = {}
+    for layer, outs in outputs.items():
+        for o in outs:
+            if o.grad_fn is not None:
+                nodes.setdefault(o.grad_fn, []).append(layer)
+    out: dict[str, list[str]] = {}
+    for bn, x in normalized.items():
+        for layer in sorted({layer for node in _upstream(x.grad_fn) for layer in nodes.get(node, [])}):
+            out.setdefault(layer, []).append(bn)
+    return out
+
+
+def _upstream(node) -> set:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        todo.extend(next_fn for next_fn, _ in n.next_functions)
+    return seen
+
+
+def _batch_statistics(module: nn.Module) -> bool:
+    return module.training or getattr(module, "running_mean", None) is None
+
+
+def _listed(items) -> str:
+    items = list(items)
+    more = f", and {len(items) - NOTICE_NAMES} more" if len(items) > NOTICE_NAMES else ""
+    return "; ".join(items[:NOTICE_NAMES]) + more
+
+
+def select_layers(model: nn.Module, layers: list[str] | str | None) -> Selection:
+    """Resolves layer names and glob patterns ('*' or None for every layer) to modules.
+
+    A name must be a module of a kind MetaQL captures exactly (else a clear error). A pattern
+    (fnmatch over module names, '*' crossing dots) picks the matching modules that have parameters
+    of their own; those no kind captures are listed in `skipped`, and a pattern that matches no
+    module at all is an error that names some modules."""
+    named = {n: m for n, m in model.named_modules() if n}
+    if layers is None:
+        layers = ["*"]
+    elif isinstance(layers, str):
+        layers = [layers]
+    if not layers:
+        raise BinderException("layers= is empty; name layers, glob patterns ('encoder.*'), or '*' for all")
+    sel = Selection({}, batchnorms={n: m for n, m in named.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+    explicit = [n for n in layers if not (_GLOB & set(str(n)))]
+    for pattern in [p for p in layers if _GLOB & set(str(p))]:
+        _add_pattern(sel, named, pattern)
+    for n in explicit:
+        _require_layer(n, named)
+        kind_for(n, named[n])
+        sel.optional.discard(n)
+        sel.skipped.pop(n, None)
+        sel.modules[n] = named[n]
+    if not sel.modules:
+        raise BinderException("no layer of the model is of a kind MetaQL captures"
+                              + (": " + _listed(f"'{n}' {why}" for n, why in sel.skipped.items()) if sel.skipped else ""))
+    order = list(named)
+    sel.modules = dict(sorted(sel.modules.items(), key=lambda kv: order.index(kv[0])))
+    return sel
+
+
+def _add_pattern(sel: Selection, named: dict[str, nn.Module], pattern: str) -> None:
+    matched = [n for n in named if fnmatch.fnmatchcase(n, pattern)]
+    if not matched:
+        raise CatalogException(f"layer pattern '{pattern}' matches no module of the model; its modules "
+                               f"include: {_listed(repr(n) for n in named)}")
+    for n in matched:
+        module = named[n]
+        if n in sel.modules or not any(True for _ in module.parameters(recurse=False)):
+            continue      # a container or a parameterless module: nothing of its own to capture
+        kind, why = find_kind(module)
+        if kind is not None and not kind.factored and _numbers(module) > PATTERN_MAX_FULL:
+            kind, why = None, (f"would store all its {_numbers(module)} parameters' gradients per sample as the "
+                               f"{kind.kind} kind; name it in layers= to capture it anyway")
+        if kind is None:
+            sel.skipped[n] = why
+        else:
+            sel.modules[n] = module
+            sel.optional.add(n)
+
+
+def _numbers(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def _require_layer(name: str, named: dict[str, nn.Module]) -> None:
+    from metaql.storage.catalog import require_name
+    require_name("layer", name, list(named))
 
 
 def watched_modules(model: nn.Module, layers: list[str] | str | None) -> dict[str, nn.Module]:
-    """Resolves layer names (or '*' / None for every supported layer) to modules."""
-    from metaql.storage.layers import KINDS
-    from metaql.storage.catalog import require_name
-
-    named = dict(model.named_modules())
-    if layers in (None, "*", ["*"]):
-        picked = {n: m for n, m in named.items() if n and any(isinstance(m, t) for t in KINDS)}
-        if not picked:
-            raise ValueError("the model has no layer of a supported kind")
-        return picked
-    if isinstance(layers, str):
-        layers = [layers]
-    out = {}
-    for n in layers:
-        require_name("layer", n, [k for k in named if k])
-        kind_for(n, named[n])
-        out[n] = named[n]
-    return out
+    """Resolves layer names and patterns to modules (see select_layers)."""
+    return select_layers(model, layers).modules

@@ -29,8 +29,10 @@ def iter_replay(model: nn.Module, hooks: LayerHooks, inputs: torch.Tensor,
                 logits = model(inputs[rows])
                 loss = per_sample_loss(logits, None if labels is None else labels[rows], target)
                 outputs = [o for outs in hooks.outputs.values() for o in outs]
-                # autograd.grad w.r.t. the outputs fires their hooks and leaves .grad of weights alone
-                torch.autograd.grad(loss.sum(), outputs)
+                # autograd.grad w.r.t. the outputs fires their hooks and leaves .grad of weights alone;
+                # an output the loss does not use is left to hooks.factors to report by its layer's name
+                if outputs:
+                    torch.autograd.grad(loss.sum(), outputs, allow_unused=True)
                 yield rows, hooks.factors()
     finally:
         hooks.detach()

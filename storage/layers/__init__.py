@@ -7,9 +7,10 @@ kind means adding one file here that subclasses `LayerKind` and decorates it wit
 """
 from __future__ import annotations
 
-from metaql.storage.layers.base import KINDS, LayerKind, LayerMeta, kind_for, kind_named, register
+from metaql.storage.layers.base import (KINDS, LayerKind, LayerMeta, find_kind, kind_for, kind_named, register,
+                                         register_fallback)
 
 # Importing the modules registers their kinds.
-from metaql.storage.layers import conv, embedding, linear, norm  # noqa: F401,E402
+from metaql.storage.layers import conv, embedding, fallback, linear, norm  # noqa: F401,E402
 
-__all__ = ["KINDS", "LayerKind", "LayerMeta", "kind_for", "kind_named", "register"]
+__all__ = ["KINDS", "LayerKind", "LayerMeta", "find_kind", "kind_for", "kind_named", "register", "register_fallback"]

@@ -39,6 +39,9 @@ class LayerMeta:
 class LayerKind:
     kind: str = ""
     factored: bool = True        # False: only full per-sample gradients make sense (norm layers)
+    # what a module must compute exactly as the registered type does for the kind to apply (find_kind)
+    modelled_methods: tuple[str, ...] = ("forward",)
+    param_names: tuple[str, ...] = ("weight", "bias")      # the first is required
 
     # ---- capture ------------------------------------------------------------------------------
     def meta(self, name: str, module: nn.Module) -> LayerMeta:
@@ -48,6 +51,10 @@ class LayerKind:
                 grad_outputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-sample factors (leading dim = batch) from the module's calls in one forward pass."""
         raise NotImplementedError
+
+    def call_problem(self, args: tuple, kwargs: dict, output) -> str:
+        """'' when the hooks can capture this call of the module, else why not."""
+        return ""
 
     def suffix_name(self) -> str | None:
         """The factor that is the layer's input as-is (shared between layers reading one input)."""
@@ -148,6 +155,18 @@ KINDS: dict[type, LayerKind] = {}
 _BY_NAME: dict[str, LayerKind] = {}
 
 
+_FALLBACK: list[LayerKind] = []      # the general kind, for modules no specialised kind captures
+
+
+def register_fallback(cls: type[LayerKind]) -> type[LayerKind]:
+    """Registers the kind that captures any module with parameters no specialised kind takes; it
+    implements `applies(module) -> str` ('' or why not)."""
+    handler = cls()
+    _FALLBACK[:] = [handler]
+    _BY_NAME[handler.kind] = handler
+    return cls
+
+
 def register(*module_types: type):
     def wrap(cls: type[LayerKind]) -> type[LayerKind]:
         handler = cls()
@@ -159,14 +178,48 @@ def register(*module_types: type):
 
 
 def kind_for(name: str, module: nn.Module) -> LayerKind:
-    for t in type(module).__mro__:
-        if t in KINDS:
-            return KINDS[t]
-    supported = ", ".join(sorted({t.__name__ for t in KINDS}))
-    raise BinderException(
-        f"layer '{name}' is a {type(module).__name__}, which MetaQL cannot capture yet; "
-        f"supported layer kinds: {supported}"
-    )
+    kind, why = find_kind(module)
+    if kind is None:
+        supported = ", ".join(sorted({t.__name__ for t in KINDS}))
+        raise BinderException(f"layer '{name}' {why}; supported layer kinds: {supported} "
+                              "(leave it out of layers=, or use layers='*', which skips it with a notice)")
+    return kind
+
+
+def find_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
+    """(the kind that captures `module` exactly, '') or (None, why no kind does).
+
+    Kinds are registered for exact module types. A subclass may use its parent's kind only when it
+    computes what the parent does: it overrides none of the methods the kind models (forward) and
+    its own parameters are the parent's (not e.g. weight_norm's weight_g/weight_v); otherwise the
+    kind's factors would be the gradients of another function, silently wrong."""
+    kind, why = _specialised_kind(module)
+    if kind is None and _FALLBACK:
+        unfit = _FALLBACK[0].applies(module)
+        if not unfit:
+            return _FALLBACK[0], ""
+        why = f"is a {type(module).__name__} that {unfit}"
+    return kind, why
+
+
+def _specialised_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
+    mro = type(module).__mro__
+    base = next((t for t in mro if t in KINDS), None)
+    if base is None:
+        return None, f"is a {type(module).__name__}, which MetaQL cannot capture yet"
+    kind = KINDS[base]
+    overriding = [c.__name__ for c in mro[:mro.index(base)]
+                  if any(m in vars(c) for m in kind.modelled_methods)]
+    if overriding:
+        return None, (f"is a {type(module).__name__}, a subclass of {base.__name__} whose own forward "
+                      f"(in {overriding[0]}) MetaQL cannot model: capturing it as a plain {base.__name__} "
+                      "would store wrong gradients")
+    own = {n for n, _ in module.named_parameters(recurse=False)}
+    if not own or not own <= set(kind.param_names) or kind.param_names[0] not in own:
+        return None, (f"is a {type(module).__name__} whose parameters ({', '.join(sorted(own)) or 'none'}) "
+                      f"are not a plain {base.__name__}'s ({', '.join(kind.param_names)}; e.g. weight_norm or "
+                      "a parametrization computes its weight), so its gradients are not the kind's")
+    return kind, ""
 
 
 def kind_named(kind: str) -> LayerKind:

@@ -29,6 +29,7 @@ TAPS_ONE_PRODUCT_BELOW = 16  # query rows: below, per-tap calls cost more than t
 @register(nn.Conv1d, nn.Conv2d)
 class Conv(LayerKind):
     kind = "conv"
+    modelled_methods = ("forward", "_conv_forward")
 
     def meta(self, name: str, module: nn.Module) -> LayerMeta:
         dims = 1 if isinstance(module, nn.Conv1d) else 2

@@ -29,4 +29,5 @@ def register_checkpoint(store: Store, model: nn.Module, name: str, lr: float, ep
     with transaction(store.db):
         store.begin_checkpoint(name, model, lr=lr, epoch=epoch, step=step, factory=factory, kwargs=kwargs)
         store.finish_checkpoint(name, "complete")
+    store.committed()          # readers see it once it has committed
     return store.checkpoint(name)

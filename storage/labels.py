@@ -10,6 +10,7 @@ import datetime as dt
 import warnings
 from typing import Any, Iterable, Sequence
 
+import duckdb
 import numpy as np
 
 from metaql.engine.errors import IOException, InvalidInputException, Warning as MetaQLWarning
@@ -37,13 +38,13 @@ def add_labels(store: Any, ids: Iterable[int], labels: Iterable[int], by: str | 
     value for every label or one per label (None: now).
     """
     _require_writable(store)
-    ids_a = np.asarray(list(ids), dtype=np.int64)
-    labels_a = np.asarray(list(labels), dtype=np.int64)
+    ids_a, labels_a = _whole_numbers(ids, "sample id"), _whole_numbers(labels, "label")
     if ids_a.shape != labels_a.shape:
         raise InvalidInputException(f"{ids_a.size} id(s) but {labels_a.size} label(s)")
     by_a, at_a = _per_label(by, ids_a.size, "by"), _per_label(at, ids_a.size, "at")
     if np.unique(ids_a).size != ids_a.size:
         raise InvalidInputException("the same sample id is labeled twice in one call")
+    _require_registered(store, ids_a)
     old = read_labels(store, ids_a)
     known = dict(zip(old["sample_id"].tolist(), old["label"].tolist()))
     changed = [(i, known[i], y) for i, y in zip(ids_a.tolist(), labels_a.tolist())
@@ -68,6 +69,29 @@ def add_labels(store: Any, ids: Iterable[int], labels: Iterable[int], by: str | 
 SCRATCH_TABLE = "_metaql_label_rows"
 
 
+def _whole_numbers(values: Iterable, what: str) -> np.ndarray:
+    """int64 values, refusing fractions and NaN instead of truncating them (0.9 is not label 0)."""
+    arr = np.asarray(list(values))
+    if arr.dtype.kind in "iu" or arr.size == 0:
+        return arr.astype(np.int64).reshape(-1)
+    try:
+        as_float = arr.astype(np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise InvalidInputException(f"each {what} must be a whole number, got {arr.dtype} values") from None
+    if not np.all(np.isfinite(as_float) & (as_float == np.round(as_float))):
+        raise InvalidInputException(f"each {what} must be a whole number; got e.g. "
+                                    f"{as_float[~(np.isfinite(as_float) & (as_float == np.round(as_float)))][:3].tolist()}")
+    return as_float.astype(np.int64)
+
+
+def _require_registered(store: Any, ids: np.ndarray) -> None:
+    unknown = store.sql("SELECT count(*), min(i) FROM (SELECT unnest(?) AS i) WHERE i NOT IN "
+                        "(SELECT sample_id FROM samples)", [ids.tolist()]).fetchone()
+    if unknown[0]:
+        raise InvalidInputException(f"{unknown[0]} of these sample ids are not registered samples "
+                                    f"(e.g. {unknown[1]}); register them with con.add_samples first")
+
+
 def add_labels_from_sql(store: Any, insert_sql: str, params: Any = None) -> int:
     """Runs `insert_sql`, a user's INSERT INTO labels retargeted at SCRATCH_TABLE, then adds the
     rows it produced with add_labels: a contradicting label is refused, never written."""
@@ -75,7 +99,10 @@ def add_labels_from_sql(store: Any, insert_sql: str, params: Any = None) -> int:
     store.sql(f"CREATE OR REPLACE TEMP TABLE {SCRATCH_TABLE} (sample_id BIGINT, label INTEGER, "
               "labeled_by VARCHAR DEFAULT current_user, labeled_at TIMESTAMP)")
     try:
-        query_arrow(store.db, insert_sql, params)
+        try:
+            query_arrow(store.db, insert_sql, params)
+        except duckdb.Error as e:   # said of the user's table, never of the scratch one
+            raise type(e)(str(e).replace(SCRATCH_TABLE, "labels")) from None
         rows = store.sql(f"SELECT sample_id, label, labeled_by, labeled_at FROM {SCRATCH_TABLE}").fetchall()
     finally:
         store.sql(f"DROP TABLE IF EXISTS {SCRATCH_TABLE}")

@@ -338,7 +338,7 @@ class Store:
             col = "sample_id" if "sample_id" in t.column_names else (t.column_names[0] if t.num_columns == 1 else None)
             if col is None:
                 raise BinderException("a set's query must return a sample_id column (or one column of ids)")
-            ids = np.unique(np.asarray(t.column(col).to_numpy(zero_copy_only=False), dtype=np.int64))
+            ids = np.unique(_set_ids(t.column(col), col))
             register(self.db, "_members", pa.table({"sample_id": ids}))
             unknown = self.db.execute("SELECT count(*) FROM _members WHERE sample_id NOT IN "
                                       "(SELECT sample_id FROM samples)").fetchone()[0]
@@ -761,6 +761,17 @@ def _class_labels(labels) -> np.ndarray:
                                         f"(e.g. {arr[bad][:3].tolist()}); pass integers, or round them yourself")
         return arr.astype(np.int64)
     raise InvalidInputException(f"labels must be whole class indices, got values of type {arr.dtype}")
+
+
+def _set_ids(column: pa.ChunkedArray, name: str) -> np.ndarray:
+    """A set query's id column as int64: whole numbers without NULLs, else a BinderException."""
+    if not pa.types.is_integer(column.type):
+        raise BinderException(f"a set's query must return integer sample ids, but its column '{name}' is "
+                              f"{column.type}; select sample_id (or cast the ids to BIGINT)")
+    if column.null_count:
+        raise BinderException(f"a set's query returned {column.null_count} NULL id(s) in '{name}'; "
+                              "filter them out (WHERE sample_id IS NOT NULL)")
+    return column.to_numpy().astype(np.int64)
 
 
 def _as_ids(ids) -> np.ndarray:

@@ -264,3 +264,26 @@ def test_a_loop_that_reports_progress_stops_at_a_cancel(con):
     timer.join()
     assert time.perf_counter() - t0 < 2
     assert con.execute("SELECT * FROM slow(steps=2)").fetchall() == [(2,)]
+
+
+def test_set_queries_of_non_integer_or_null_ids_are_binder_errors():
+    with metaql.connect(":memory:") as con:
+        con.add_samples(np.arange(4), "train", labels=[0, 1, 0, 1])
+        for query in ("SELECT 'x'", "SELECT NULL", "SELECT 1.5 AS sample_id"):
+            with pytest.raises(metaql.BinderException, match="integer sample ids"):
+                con.execute(f"CREATE SET s AS {query}")
+        con.execute("CREATE SET s AS SELECT sample_id FROM samples WHERE label = 1")
+        assert con.execute("SELECT size FROM sets").fetchall() == [(2,)]
+
+
+def test_labels_are_whole_numbers_of_registered_samples():
+    with metaql.connect(":memory:") as con:
+        con.add_samples(np.arange(4), "train", labels=[0, 1, 0, 1])
+        with pytest.raises(metaql.InvalidInputException, match="whole number"):
+            con.label([1], [0.9])                    # was stored as label 0
+        with pytest.raises(metaql.InvalidInputException, match="not registered"):
+            con.label([99], [1])
+        with pytest.raises(metaql.InvalidInputException, match="not registered"):
+            con.execute("INSERT INTO labels (sample_id, label) VALUES (999, 0)")
+        assert con.label([1], [1.0]) == 1
+        assert con.execute("SELECT sample_id, label FROM labels").fetchall() == [(1, 1)]

@@ -56,15 +56,28 @@ INTERNAL_TABLES = ("meta", "models", "checkpoints", "layers", "shards", "sets", 
 _LOCK_RE = re.compile(r"\(PID (\d+)\)")
 
 
-def open_catalog(path: Path | str, read_only: bool) -> duckdb.DuckDBPyConnection:
+def open_catalog(path: Path | str, read_only: bool, shown: Path | str | None = None) -> duckdb.DuckDBPyConnection:
+    """The catalog at `path` (`shown` names it in errors: a reader opens a private copy)."""
+    shown = str(shown or path)
     try:
         con = duckdb.connect(str(path), read_only=read_only)
     except duckdb.IOException as e:
-        raise IOException(_lock_message(str(path), str(e))) from None
-    if not read_only:
-        con.execute(SCHEMA)
-        con.execute("INSERT OR IGNORE INTO meta VALUES ('format_version', ?)", [FORMAT_VERSION])
-    _check_version(con, path)
+        raise IOException(_lock_message(shown, str(e).replace(str(path), shown))) from None
+    except duckdb.Error as e:   # a damaged file: DuckDB's block checksums caught it
+        raise IOException(f"the catalog {shown} is damaged ({str(e).splitlines()[0]}); restore it from a "
+                          "backup: MetaQL will not open or rebuild a damaged catalog") from None
+    try:
+        if not read_only:
+            con.execute(SCHEMA)
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('format_version', ?)", [FORMAT_VERSION])
+        _check_version(con, shown)
+    except duckdb.Error as e:
+        con.close()
+        raise IOException(f"the catalog {shown} is damaged ({str(e).splitlines()[0]}); restore it from a "
+                          "backup") from None
+    except BaseException:
+        con.close()
+        raise
     return con
 
 

@@ -183,7 +183,7 @@ class ReaderCopy:
 
     def _open(self, target: Path, fp) -> bool:
         try:
-            db = open_catalog(target, read_only=True)
+            db = open_catalog(target, read_only=True, shown=self.root / "catalog.duckdb")
         finally:
             _unlink_copy(target)   # DuckDB keeps its descriptor; nothing piles up in the temp folder
         old, self.db, self.source = self.db, db, fp

@@ -146,3 +146,21 @@ def test_a_second_writer_in_this_process_is_refused_with_its_pid(store_dir):
         assert con.execute("SELECT count(*) FROM samples").fetchone() == (3,)
     with metaql.connect(store_dir) as con:            # closing released the lock
         assert con.execute("SELECT count(*) FROM samples").fetchone() == (3,)
+
+
+@pytest.mark.parametrize("damage", ["junk", "flipped block"])
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_damaged_catalog_is_an_io_error_naming_the_store(tmp_path, damage, read_only):
+    path = tmp_path / "s.mq"
+    with metaql.connect(str(path)) as con:
+        con.add_samples(np.arange(5), "train", labels=[0, 1, 0, 1, 0])
+    catalog = path / "catalog.duckdb"
+    data = bytearray(catalog.read_bytes())
+    if damage == "junk":
+        data = bytearray(b"garbage" * 100)
+    else:
+        data[5000:5100] = b"\xff" * 100          # raised a raw duckdb.Error before
+    catalog.write_bytes(bytes(data))
+    with pytest.raises(metaql.IOException, match=str(catalog)):
+        metaql.connect(str(path), read_only=read_only)
+    assert catalog.read_bytes() == bytes(data)     # refused, never rebuilt

@@ -39,7 +39,7 @@ def outcome(trial: dict, reference: dict) -> dict[str, bool]:
     }
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=200)
     ap.add_argument("--jobs", type=int, default=2)
@@ -70,7 +70,11 @@ def main(argv: list[str]) -> None:
                      + ", ".join(f"{k} {v}" for k, v in sorted(reference["hits"].items()))
                      + ". 'killed' counts trials where SIGKILL landed before the capture ended."))
     report.write(RESULTS / f"{name}.md")
+    failed = sum(1 for r in every if not all(r[c] for c in columns[1:]))
+    if failed or len(trials) < kills:
+        print(f"FAILED: {failed} of {len(trials)} trials failed a check ({kills} planned)", file=sys.stderr)
+    return int(bool(failed or len(trials) < kills))
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    sys.exit(main(sys.argv))

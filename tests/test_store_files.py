@@ -164,3 +164,31 @@ def test_a_damaged_catalog_is_an_io_error_naming_the_store(tmp_path, damage, rea
     with pytest.raises(metaql.IOException, match=str(catalog)):
         metaql.connect(str(path), read_only=read_only)
     assert catalog.read_bytes() == bytes(data)     # refused, never rebuilt
+
+
+def test_tampered_catalog_rows_never_reach_outside_the_store(tmp_path):
+    """A received store whose catalog names paths outside it: reads, verify and the writable open's
+    cleanup refuse them, and the victim's files stay as they were."""
+    path, victim = tmp_path / "s.mq", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "x.arrow").write_bytes(b"keep")
+    (victim / "w.safetensors").write_bytes(b"keep")
+    _captured(path)
+    import duckdb
+    db = duckdb.connect(str(path / "catalog.duckdb"))
+    db.execute("UPDATE shards SET file = '../victim/x.arrow' WHERE shard_id = (SELECT min(shard_id) FROM shards "
+               "WHERE kind = 'factors')")
+    db.execute("UPDATE shards SET file = ? WHERE shard_id = (SELECT max(shard_id) FROM shards)",
+               [str(victim / "x.arrow")])
+    db.execute("UPDATE checkpoints SET weights_file = '../victim/w.safetensors'")
+    db.execute("INSERT INTO pending_files (file) VALUES ('../victim/x.arrow'), (?), ('tensors/../../victim/w.safetensors')",
+               [str(victim / "w.safetensors")])
+    db.close()
+    with metaql.connect(str(path), config={"trusted_factories": ["tests.models:MLP"]}) as con:
+        problems = con.verify()
+        assert any("outside the store" in p for p in problems)
+        for query in ("SELECT * FROM SELF_INFLUENCE()", "SELECT * FROM INFLUENCE(query=point(1))"):
+            with pytest.raises(metaql.IOException, match="outside the store"):
+                con.execute(query)
+    assert sorted(p.name for p in victim.iterdir()) == ["w.safetensors", "x.arrow"]
+    assert (victim / "x.arrow").read_bytes() == b"keep" and (victim / "w.safetensors").read_bytes() == b"keep"

@@ -225,8 +225,7 @@ class Store:
                         written.append(self.root / self._write_shard_row("inputs", None, None, ids[sl],
                                                                          {"input": inputs[sl]}))
         except BaseException:
-            for f in written:
-                f.unlink(missing_ok=True)
+            self._discard(written)
             raise
         self.committed()
         return n
@@ -605,10 +604,23 @@ class Store:
             " checksum, storage, suffix_file) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def _discard(self, written: list[Path]) -> None:
-        """Best effort after a failed write: what is left is deleted on the next writable open."""
-        for path in written:
-            path.unlink(missing_ok=True)
-            durable.remove_own(self.root, [path.relative_to(self.root).as_posix() + ".tmp"])
+        """Best effort after a failed write; what is left is deleted on the next writable open (the
+        files are listed in pending_files). A file whose row committed is kept: a Ctrl-C can land
+        just after the COMMIT returned, and deleting then would lose a committed shard."""
+        rels = [path.relative_to(self.root).as_posix() for path in written]
+        try:
+            cur = self.db.cursor()
+            try:
+                named = {r[0] for r in cur.execute("SELECT file FROM shards WHERE file IN (SELECT unnest(?))",
+                                                   [rels]).fetchall()}
+            finally:
+                cur.close()
+        except Exception:  # cannot tell what committed: leave it all to the next open's cleanup
+            return
+        for path, rel in zip(written, rels):
+            if rel not in named:
+                path.unlink(missing_ok=True)
+                durable.remove_own(self.root, [rel + ".tmp"])
 
     def shard_tensors(self, row: dict) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
         """A factor shard's ids and tensors, with a shared suffix fetched from its owner's shard."""

@@ -288,3 +288,30 @@ def test_a_store_written_before_these_tables_opens_read_only_and_writable(store_
             con.attach_model(model)
             assert con.verify() == []
             assert con.execute("SELECT count(*) FROM INFLUENCE(query=batch(q))").fetchone() == (10,)
+
+
+def test_a_ctrl_c_just_after_a_flush_commits_keeps_that_flush(store_dir, monkeypatch):
+    """KeyboardInterrupt delivered right after the shards' COMMIT returned: the old code deleted the
+    committed files, leaving rows without files and a checkpoint that could not be resumed."""
+    from metaql.storage import store as store_module
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(16, 6), torch.randint(0, 3, (16,))
+    hits = [0]
+    original = store_module.fault_point
+
+    def interrupt_after_second_commit(name):
+        if name == "commit.shards.after":
+            hits[0] += 1
+            if hits[0] == 2:
+                raise KeyboardInterrupt
+        original(name)
+    with metaql.connect(store_dir) as con:
+        con.add_samples(np.arange(16), "train", y.numpy(), x)
+        monkeypatch.setattr(store_module, "fault_point", interrupt_after_second_commit)
+        with pytest.raises(KeyboardInterrupt):
+            _capture(con, model, x, y, batches=4)
+        monkeypatch.setattr(store_module, "fault_point", original)
+        assert [p for p in con.verify() if "missing" in p] == []
+        _capture(con, model, x, y, batches=4)           # resumes
+        assert con.verify() == []
+        assert len(con.store.stored_ids("c0", "fc1")) == 16

@@ -6,11 +6,13 @@ up: mislabeled and harmful samples sort first in ASC order.
 """
 from __future__ import annotations
 
+import warnings
+from typing import Literal
+
 import numpy as np
 import pyarrow as pa
 
-from metaql.engine.errors import BinderException, CatalogException, InvalidInputException
-from typing import Literal
+from metaql.engine.errors import BinderException, CatalogException, InvalidInputException, Warning
 
 from metaql.engine.functions import CheckpointList, LayerList, SampleRef, table_function
 from metaql.engine.plan import InfluenceScan, Side
@@ -101,14 +103,32 @@ def resolve_layers(store, layers) -> list[str]:
 
 
 def resolve_checkpoints(store, checkpoints) -> list[str]:
-    known = [c["name"] for c in store.checkpoints()]
+    """Checkpoint names for `all`, `last`, one name or a list. A checkpoint whose capture did not
+    finish (killed, or still running in another process) holds factors for only some samples, so it
+    is never scored: `all` and `last` leave it out with a warning, naming it is an error."""
+    rows = store.checkpoints()
+    known = [c["name"] for c in rows]
     if not known:
         raise CatalogException("the store has no checkpoints yet; capture one with con.capture(...)")
-    if checkpoints in ("all", None):
-        return known
-    if checkpoints == "last":
-        return known[-1:]
+    unfinished = {c["name"]: c["status"] for c in rows if c["status"] != "complete"}
+    if checkpoints in ("all", None, "last"):
+        complete = [n for n in known if n not in unfinished]
+        if not complete:
+            raise InvalidInputException(f"no checkpoint is complete ({_unfinished_text(unfinished)}); "
+                                        "finish or resume the capture (run it again) before querying")
+        if unfinished and (checkpoints != "last" or known[-1] in unfinished):
+            warnings.warn(f"left out {_unfinished_text(unfinished)}: scores use the complete checkpoints "
+                          f"({', '.join(complete)}); run the same capture again to resume", Warning, stacklevel=2)
+        return complete[-1:] if checkpoints == "last" else complete
     names = [checkpoints] if isinstance(checkpoints, str) else [str(c) for c in checkpoints]
     for n in names:
         require_name("checkpoint", n, known)
+        if n in unfinished:
+            raise InvalidInputException(f"checkpoint '{n}' is {unfinished[n]}: its capture did not finish, so it "
+                                        "holds factors for only some samples; resume it (run the same capture "
+                                        "again) before querying it")
     return names
+
+
+def _unfinished_text(unfinished: dict[str, str]) -> str:
+    return ", ".join(f"checkpoint '{n}' ({status})" for n, status in unfinished.items())

@@ -315,3 +315,26 @@ def test_a_ctrl_c_just_after_a_flush_commits_keeps_that_flush(store_dir, monkeyp
         _capture(con, model, x, y, batches=4)           # resumes
         assert con.verify() == []
         assert len(con.store.stored_ids("c0", "fc1")) == 16
+
+
+def test_an_unfinished_checkpoint_is_never_scored(store_dir):
+    """A capture stopped mid-checkpoint holds factors for some samples only; the old code summed them
+    into every query silently (samples missing from it lost that checkpoint's whole term)."""
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(16, 6), torch.randint(0, 3, (16,))
+    with metaql.connect(store_dir) as con:
+        con.add_samples(np.arange(16), "train", y.numpy(), x)
+        _capture(con, model, x, y, checkpoint="c0", batches=4)
+        with pytest.raises(RuntimeError):
+            with con.capture(model, checkpoint="c1", lr=0.1, shard_size=4) as cap:
+                cap.backward(F.cross_entropy(model(x[:8]), y[:8]), np.arange(8))
+                raise RuntimeError("the training loop died")
+        only_c0 = con.execute("SELECT sample_id, score FROM SELF_INFLUENCE(checkpoints=[c0]) "
+                              "ORDER BY sample_id").fetchall()
+        with pytest.warns(metaql.Warning, match=r"left out checkpoint 'c1' \(partial\)"):
+            assert _self_influence(con) == only_c0
+        with pytest.raises(metaql.InvalidInputException, match="'c1' is partial"):
+            con.execute("SELECT * FROM SELF_INFLUENCE(checkpoints=[c1])")
+        _capture(con, model, x, y, checkpoint="c1", batches=4)     # resumed: now scored
+        both = _self_influence(con)
+        assert both != only_c0 and con.verify() == []

@@ -91,6 +91,13 @@ def refuse_symlinks(root: Path) -> None:
             for n in dirnames + filenames:
                 if os.path.islink(os.path.join(dirpath, n)):
                     raise _symlink_error(root, Path(dirpath, n))
+            for n in filenames:   # a FIFO or device would block or mislead every read of it
+                if not stat.S_ISREG(os.lstat(os.path.join(dirpath, n)).st_mode):
+                    raise IOException(f"{Path(dirpath, n)} is not a regular file (a FIFO, socket or device); "
+                                      "a store holds only plain files: remove it")
+    spill = root / (CATALOG + ".tmp")         # DuckDB's spill folder: it must not lead elsewhere either
+    if spill.is_symlink():
+        raise _symlink_error(root, spill)
 
 
 def inside(root: Path, rel: str) -> Path:

@@ -687,7 +687,13 @@ class Store:
                 continue
             if not path.exists():
                 problems.append(f"missing: {row['file']}")
-            elif file_checksum(path) != row["checksum"]:
+                continue
+            try:
+                intact = file_checksum(path) == row["checksum"]
+            except IOException as e:   # not a regular file, unreadable
+                problems.append(str(e))
+                continue
+            if not intact:
                 problems.append(f"corrupt: {row['file']}")
             elif row["kind"] == "factors":
                 ids.setdefault(row["checkpoint"], {}).setdefault(row["layer"], []).append(Shard(path).ids)

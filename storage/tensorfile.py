@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import warnings
 import zlib
 from pathlib import Path
@@ -60,10 +61,24 @@ def temp_path(path: Path) -> Path:
 
 def file_checksum(path: Path) -> str:
     crc = 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(CHUNK):
             crc = zlib.crc32(chunk, crc)
     return f"crc32:{crc:08x}"
+
+
+def open_regular(path: Path):
+    """`path` opened for reading, refusing symlinks and anything but a regular file (a FIFO put in
+    a store's place would block the read forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise IOException(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IOException(f"{path} is not a regular file; a store holds only plain files: remove it")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 class Shard:

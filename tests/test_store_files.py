@@ -192,3 +192,32 @@ def test_tampered_catalog_rows_never_reach_outside_the_store(tmp_path):
                 con.execute(query)
     assert sorted(p.name for p in victim.iterdir()) == ["w.safetensors", "x.arrow"]
     assert (victim / "x.arrow").read_bytes() == b"keep" and (victim / "w.safetensors").read_bytes() == b"keep"
+
+
+def test_a_fifo_in_a_store_is_refused_never_waited_on(tmp_path):
+    """A FIFO in a shard's place blocked verify() and queries forever (open() waits for a writer)."""
+    import signal
+
+    def too_long(signum, frame):
+        raise TimeoutError("blocked on a FIFO")
+    path = tmp_path / "s.mq"
+    _captured(path)
+    shard = next((path / "tensors").rglob("*.arrow"))
+    shard.unlink()
+    os.mkfifo(shard)
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(20)
+    try:
+        with pytest.raises(metaql.IOException, match="not a regular file"):
+            metaql.connect(str(path), read_only=True)
+        shard.unlink()
+        shard.write_bytes(b"")
+        with metaql.connect(str(path), read_only=True) as con:   # a FIFO appearing after the open
+            shard.unlink()
+            os.mkfifo(shard)
+            assert any("not a regular file" in p for p in con.verify())
+            with pytest.raises(metaql.IOException, match="not a regular file"):
+                con.execute("SELECT * FROM SELF_INFLUENCE()")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

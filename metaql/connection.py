@@ -163,7 +163,7 @@ class Connection:
         return Result(out)
 
     def _plain_sql(self, text: str, params) -> Result:
-        statements = _refuse_internal_writes(text)
+        statements = _refuse_internal_writes(text, self.store.root)
         if any(s.labels_insert for s in statements):
             return self._insert_labels(statements, params)
         try:
@@ -398,10 +398,11 @@ def _bar_progress(it, total=None, desc=""):
     return tqdm(it, total=total, desc=desc, file=sys.stderr, leave=False, mininterval=0.5)
 
 
-def _refuse_internal_writes(text: str) -> list:
-    """Plain SQL may read the catalog's bookkeeping tables but not write them (files would dangle):
-    decided on each parsed statement (storage/sqlguard.py), never on its first word."""
-    return checked_statements(text)
+def _refuse_internal_writes(text: str, store_root=None) -> list:
+    """Plain SQL may read the catalog's bookkeeping tables but not write them (files would dangle),
+    nor COPY into the store's folder: decided on each parsed statement (storage/sqlguard.py), never
+    on its first word."""
+    return checked_statements(text, store_root=store_root)
 
 
 _CANCELLED = "query cancelled; nothing was changed"

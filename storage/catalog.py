@@ -60,17 +60,19 @@ def open_catalog(path: Path | str, read_only: bool, shown: Path | str | None = N
     """The catalog at `path` (`shown` names it in errors: a reader opens a private copy)."""
     shown = str(shown or path)
     try:
-        con = duckdb.connect(str(path), read_only=read_only)
+        con = duckdb.connect(str(path), read_only=read_only, config=dict(SAFE_CONFIG))
     except duckdb.IOException as e:
         raise IOException(_lock_message(shown, str(e).replace(str(path), shown))) from None
     except duckdb.Error as e:   # a damaged file: DuckDB's block checksums caught it
         raise IOException(f"the catalog {shown} is damaged ({str(e).splitlines()[0]}); restore it from a "
                           "backup: MetaQL will not open or rebuild a damaged catalog") from None
     try:
+        _refuse_shadows(con, shown)
         if not read_only:
             con.execute(SCHEMA)
             con.execute("INSERT OR IGNORE INTO meta VALUES ('format_version', ?)", [FORMAT_VERSION])
         _check_version(con, shown)
+        _check_tables(con, shown)
     except duckdb.Error as e:
         con.close()
         raise IOException(f"the catalog {shown} is damaged ({str(e).splitlines()[0]}); restore it from a "
@@ -79,6 +81,62 @@ def open_catalog(path: Path | str, read_only: bool, shown: Path | str | None = N
         con.close()
         raise
     return con
+
+
+# A received catalog is data: DuckDB must not fetch or load extensions on its behalf (a view that
+# reads 'https://...' would otherwise install httpfs and send local data out).
+SAFE_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+
+_EXPECTED: dict[tuple[str, str], str] | None = None
+
+
+def _expected_columns() -> dict[tuple[str, str], str]:
+    """(table, column) -> type of every column SCHEMA creates, from a throwaway in-memory catalog."""
+    global _EXPECTED
+    if _EXPECTED is None:
+        con = duckdb.connect(":memory:")
+        try:
+            con.execute(SCHEMA)
+            _EXPECTED = {(t, c): d for t, c, d in con.execute(
+                "SELECT table_name, column_name, data_type FROM information_schema.columns").fetchall()}
+        finally:
+            con.close()
+    return _EXPECTED
+
+
+def _refuse_shadows(con: duckdb.DuckDBPyConnection, shown: str) -> None:
+    """A catalog whose MetaQL tables are views, or whose macros shadow DuckDB's functions, would run
+    its author's SQL inside MetaQL's own queries: refused before any of them runs."""
+    tables = {t for t, _ in _expected_columns()}
+    views = [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
+             if r[0].lower() in tables]
+    from metaql.storage.sqlguard import builtin_functions
+    macros = [r[0] for r in con.execute("SELECT DISTINCT function_name FROM duckdb_functions() WHERE NOT internal "
+                                        "AND function_type IN ('macro', 'table_macro')").fetchall()
+              if r[0].lower() in builtin_functions()]
+    if views or macros:
+        what = ", ".join([f"view {v}" for v in views] + [f"macro {m}()" for m in macros])
+        raise IOException(f"the catalog {shown} was tampered with: {what} stand(s) in for MetaQL's tables or "
+                          "DuckDB's functions; MetaQL will not open it (restore the catalog from a backup)")
+
+
+def _check_tables(con: duckdb.DuckDBPyConnection, shown: str) -> None:
+    """Every table and column MetaQL relies on is there, as a table, with its type."""
+    found = {(t, c): d for t, c, d in con.execute(
+        "SELECT c.table_name, c.column_name, c.data_type FROM information_schema.columns c JOIN "
+        "information_schema.tables t USING (table_catalog, table_schema, table_name) "
+        "WHERE t.table_type = 'BASE TABLE' AND c.table_schema = 'main'").fetchall()}
+    wrong = [f"{t}.{c} ({d})" for (t, c), d in _expected_columns().items()
+             if found.get((t, c), d if _added_later(t, c) else None) != d]
+    if wrong:
+        raise IOException(f"the catalog {shown} is not a MetaQL catalog of this version or was tampered with: "
+                          f"{', '.join(wrong[:5])} missing or of another type; restore it from a backup")
+
+
+def _added_later(table: str, column: str) -> bool:
+    """Columns added after format 1 shipped: a store written before them (opened read-only, so
+    SCHEMA has not added them) may lack them."""
+    return table == "pending_files" or (table, column) == ("checkpoints", "weights_checksum")
 
 
 def _lock_message(path: str, err: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 import sqlglot
@@ -68,16 +69,36 @@ def protected_names() -> set[str]:
     return {t.lower() for t in catalog.INTERNAL_TABLES} | {"samples", "labels", "shard_seq"}
 
 
-def checked_statements(text: str, _depth: int = 0) -> list[Statement]:
+def checked_statements(text: str, _depth: int = 0, store_root: Path | None = None) -> list[Statement]:
     """The statements of `text`, each allowed to run; raises ProgrammingError at the first one that
-    would write MetaQL's tables or that cannot be classified."""
+    would write MetaQL's tables or that cannot be classified (and, given the store's root, at a COPY
+    that would write a file inside the store)."""
     if _depth > _MAX_NESTING:
         raise ProgrammingError("statements nested too deeply; run the inner statement on its own")
     try:
         raw = duckdb.extract_statements(text)
     except duckdb.Error as e:
         raise ParserException(str(e).splitlines()[0]) from None
-    return [_check(s.query, s.type.name, _depth) for s in raw]
+    checked = [_check(s.query, s.type.name, _depth) for s in raw]
+    if store_root is not None:
+        for s in checked:
+            if s.kind == "COPY":
+                _refuse_copy_into(s.text, Path(store_root))
+    return checked
+
+
+def _refuse_copy_into(text: str, root: Path) -> None:
+    """COPY ... TO a file inside the store would overwrite its shards, catalog or lock."""
+    node = _parse(text, "COPY")
+    if not isinstance(node, exp.Copy) or node.args.get("kind"):      # kind True: COPY ... FROM
+        return
+    real = root.resolve()
+    for f in node.args.get("files") or []:
+        target = Path(f.name if isinstance(f, exp.Literal) else f.sql()).expanduser()
+        resolved = (target if target.is_absolute() else Path.cwd() / target).resolve()
+        if resolved == real or real in resolved.parents:
+            raise ProgrammingError(f"COPY ... TO '{f.name}' would write inside the store ({real}), over the "
+                                   "files MetaQL keeps; copy results to a path outside the store")
 
 
 def require_read_query(text: str, what: str = "this query") -> None:
@@ -105,6 +126,7 @@ def retarget_insert(text: str, table: str) -> str:
 
 # ---- one statement ---------------------------------------------------------------------------------
 def _check(text: str, kind: str, depth: int) -> Statement:
+    _refuse_sequence_changes(text)
     if kind in ("SELECT", "MULTI"):     # DuckDB expands a PIVOT statement into a MULTI
         _check_read(text)
     elif kind in _WRITE_TYPES:
@@ -135,6 +157,40 @@ _REFUSED = {
 }
 
 
+def _refuse_sequence_changes(text: str) -> None:
+    """setval() would rewind the store's shard numbering: the next capture's ids would collide."""
+    if "setval" in text.lower() and any(t.text.lower() == "setval" and t.token_type != TokenType.STRING
+                                        for t in _tokens(text)):
+        raise ProgrammingError("setval() is refused on a MetaQL store: its sequences number the store's "
+                               "own files; use your own counters in your own tables")
+
+
+def _shadows_builtin(node: exp.Create) -> str | None:
+    """The name of a CREATE MACRO/FUNCTION that would shadow one of DuckDB's functions, which
+    MetaQL's own SQL calls (nextval, current_database, ...)."""
+    if str(node.args.get("kind") or "").upper() not in ("MACRO", "FUNCTION", "TABLE MACRO"):
+        return None
+    this = node.this.this if isinstance(node.this, exp.UserDefinedFunction) else node.this
+    name = this.name.lower() if isinstance(this, exp.Expression) else ""
+    return name if name in builtin_functions() else None
+
+
+_BUILTINS: set[str] | None = None
+
+
+def builtin_functions() -> set[str]:
+    """Names of DuckDB's own functions and macros (lower case), read once."""
+    global _BUILTINS
+    if _BUILTINS is None:
+        con = duckdb.connect(":memory:")
+        try:
+            _BUILTINS = {r[0].lower() for r in con.execute(
+                "SELECT DISTINCT function_name FROM duckdb_functions() WHERE internal").fetchall()}
+        finally:
+            con.close()
+    return _BUILTINS
+
+
 def _check_read(text: str) -> None:
     """A SELECT-type statement may still write through a data-modifying CTE."""
     if _has_write_word(text):
@@ -155,6 +211,10 @@ def _check_write(text: str, kind: str, allow_labels: bool = True) -> bool:
                                "...); quote identifiers named like SQL keywords, e.g. \"update\"")
     protected, labels_insert = protected_names(), False
     for node in writes:
+        shadowed = _shadows_builtin(node) if isinstance(node, exp.Create) else None
+        if shadowed:
+            raise ProgrammingError(f"CREATE MACRO {shadowed} is refused: it would shadow DuckDB's own "
+                                   f"{shadowed}(), which MetaQL's queries use; give your macro another name")
         for verb, name in _targets(node, kind):
             if name not in protected and not name.startswith(SCRATCH_PREFIX):
                 continue

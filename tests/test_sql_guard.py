@@ -60,6 +60,9 @@ def snapshot(con) -> dict:
     "USE memory",
     "PREPARE p AS DELETE FROM shards",
     "PRAGMA import_database('/nonexistent')",
+    "SELECT setval('shard_seq', 1)",                      # the next capture's shard ids would collide
+    "CREATE MACRO nextval(x) AS 1",                       # MetaQL's own SQL calls these
+    "CREATE TEMP MACRO current_database() AS 'temp'",
 ])
 def test_writes_around_the_store_are_refused_whatever_their_form(con, sql):
     before = snapshot(con)
@@ -162,3 +165,17 @@ def test_every_statement_of_a_text_is_judged():
     assert [s.kind for s in checked_statements("SELECT 1; /* c */ EXPLAIN SELECT 2")] == ["SELECT", "EXPLAIN"]
     with pytest.raises(ProgrammingError, match="shards"):
         checked_statements("EXPLAIN ANALYZE DELETE FROM shards")
+
+
+def test_copy_to_a_file_inside_the_store_is_refused(con, tmp_path, monkeypatch):
+    root = con.store.root
+    before = sorted(p.name for p in root.iterdir())
+    for target in (root / "catalog.duckdb", root / "writer.lock", root / "tensors" / "x.parquet"):
+        with pytest.raises(ProgrammingError, match="inside the store"):
+            con.execute(f"COPY (SELECT 1 AS a) TO '{target}'")
+    monkeypatch.chdir(root)
+    with pytest.raises(ProgrammingError, match="inside the store"):
+        con.execute("COPY (SELECT 1 AS a) TO 'catalog.snapshot.duckdb'")
+    assert sorted(p.name for p in root.iterdir()) == before
+    con.execute(f"COPY (SELECT 1 AS a) TO '{tmp_path / 'out.parquet'}'")       # outside: the user's business
+    assert (tmp_path / "out.parquet").exists()

@@ -221,3 +221,25 @@ def test_a_fifo_in_a_store_is_refused_never_waited_on(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("tamper", [
+    "CREATE TABLE s2 AS SELECT * FROM shards; DROP TABLE shards; "
+    "CREATE VIEW shards AS SELECT * FROM s2 WHERE length(current_setting('home_directory')) >= 0",
+    "CREATE MACRO current_database() AS 'temp'",
+    "DROP TABLE pending_files; CREATE TABLE pending_files (file INTEGER)",
+])
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_catalog_whose_tables_or_functions_were_replaced_is_refused(tmp_path, tamper, read_only):
+    """Views standing in for MetaQL's tables ran their author's SQL inside MetaQL's own queries; a
+    macro shadowing a DuckDB function changed what MetaQL's SQL did; a retyped column leaked a raw
+    TypeError."""
+    import duckdb
+    path = tmp_path / "s.mq"
+    _captured(path)
+    db = duckdb.connect(str(path / "catalog.duckdb"))
+    for statement in tamper.split("; "):
+        db.execute(statement)
+    db.close()
+    with pytest.raises(metaql.IOException, match="tampered"):
+        metaql.connect(str(path), read_only=read_only)

@@ -26,7 +26,7 @@ import torch
 
 from metaql.engine.errors import InvalidInputException, IOException, Warning as MetaQLWarning
 from metaql.engine.functions import Range, SetName, table_function
-from metaql.storage.labels import add_labels, read_labels
+from metaql.storage.labels import add_labels, read_labels, whole_numbers
 from metaql.labeling.augment import check_mode
 from metaql.labeling.dmn import OWAConfig
 from metaql.labeling.embedding import TrainConfig
@@ -177,7 +177,7 @@ def _as_labels(values: np.ndarray, column: str) -> np.ndarray:
         raise InvalidInputException(f"the oracle column '{column}' has missing values")
     if values.dtype.kind not in "iuf":
         raise InvalidInputException(f"the oracle column '{column}' must hold integer labels")
-    return values.astype(np.int64)
+    return whole_numbers(values, f"label of the oracle column '{column}'")   # 0.9 is not label 0
 
 
 def _random_start(session: LabelingSession, budget: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -38,7 +38,7 @@ def add_labels(store: Any, ids: Iterable[int], labels: Iterable[int], by: str | 
     value for every label or one per label (None: now).
     """
     _require_writable(store)
-    ids_a, labels_a = _whole_numbers(ids, "sample id"), _whole_numbers(labels, "label")
+    ids_a, labels_a = whole_numbers(ids, "sample id"), whole_numbers(labels, "label")
     if ids_a.shape != labels_a.shape:
         raise InvalidInputException(f"{ids_a.size} id(s) but {labels_a.size} label(s)")
     by_a, at_a = _per_label(by, ids_a.size, "by"), _per_label(at, ids_a.size, "at")
@@ -69,7 +69,7 @@ def add_labels(store: Any, ids: Iterable[int], labels: Iterable[int], by: str | 
 SCRATCH_TABLE = "_metaql_label_rows"
 
 
-def _whole_numbers(values: Iterable, what: str) -> np.ndarray:
+def whole_numbers(values: Iterable, what: str) -> np.ndarray:
     """int64 values, refusing fractions and NaN instead of truncating them (0.9 is not label 0)."""
     arr = np.asarray(list(values))
     if arr.dtype.kind in "iu" or arr.size == 0:
@@ -96,7 +96,7 @@ def add_labels_from_sql(store: Any, insert_sql: str, params: Any = None) -> int:
     """Runs `insert_sql`, a user's INSERT INTO labels retargeted at SCRATCH_TABLE, then adds the
     rows it produced with add_labels: a contradicting label is refused, never written."""
     _require_writable(store)
-    store.sql(f"CREATE OR REPLACE TEMP TABLE {SCRATCH_TABLE} (sample_id BIGINT, label INTEGER, "
+    store.sql(f"CREATE OR REPLACE TEMP TABLE {SCRATCH_TABLE} (sample_id BIGINT, label DOUBLE, "
               "labeled_by VARCHAR DEFAULT current_user, labeled_at TIMESTAMP)")
     try:
         try:

@@ -287,3 +287,13 @@ def test_labels_are_whole_numbers_of_registered_samples():
             con.execute("INSERT INTO labels (sample_id, label) VALUES (999, 0)")
         assert con.label([1], [1.0]) == 1
         assert con.execute("SELECT sample_id, label FROM labels").fetchall() == [(1, 1)]
+
+
+def test_labels_inserted_through_sql_are_whole_numbers_not_rounded():
+    with metaql.connect(":memory:") as con:
+        con.add_samples(np.arange(4), "train", labels=[0, 1, 0, 1])
+        for values in ("(1, 1.7)", "(2, 0.5)", "(3, '2.6')"):       # stored as 2, 1 (or 0) and 3 before
+            with pytest.raises(metaql.InvalidInputException, match="whole number"):
+                con.execute(f"INSERT INTO labels (sample_id, label) VALUES {values}")
+        con.execute("INSERT INTO labels (sample_id, label) VALUES (1, 2.0), (2, '3')")
+        assert con.execute("SELECT sample_id, label FROM labels ORDER BY 1").fetchall() == [(1, 2), (2, 3)]

@@ -42,6 +42,7 @@ from metaql.storage.catalog import open_catalog
 from metaql.storage.files import CATALOG, LOCK, SNAPSHOT, holder_pid, writer_ready
 
 READY_WAIT = 10.0
+MIN_INTERVAL = 1.0      # seconds between two snapshots of frequent commits (force=False)
 _RETRY = object()
 
 
@@ -65,16 +66,27 @@ class Publisher:
     def __init__(self, root: Path, db: duckdb.DuckDBPyConnection):
         self.root = root
         self.db = db.cursor()
-        self._mutex = threading.Lock()   # cursors of one writer share the publisher
+        self._mutex = threading.RLock()   # cursors of one writer share the publisher
         self._published = None
+        self._last = float("-inf")
+        self._timer: threading.Timer | None = None
+        self._closed = False
         self.last_ms = 0.0
 
-    def publish(self) -> bool:
-        """Publishes a snapshot if anything was committed since the last one; True if it did."""
+    def publish(self, force: bool = True) -> bool:
+        """Publishes a snapshot if anything was committed since the last one; True if it did. A
+        publish copies the whole catalog, so frequent commits (a capture's flushes, bulk loads) pass
+        force=False: then at most one snapshot per MIN_INTERVAL, the last one by a timer thread."""
         with self._mutex:
+            if self._closed:
+                return False
             fp = catalog_fingerprint(self.root)   # taken first: a commit during the copy republishes
             if fp == self._published:
                 return False
+            if not force and time.monotonic() - self._last < MIN_INTERVAL:
+                self._defer()
+                return False
+            self._last = time.monotonic()
             t0 = time.perf_counter()
             tmp = self.root / (SNAPSHOT + ".tmp")
             try:
@@ -97,8 +109,24 @@ class Publisher:
             self.last_ms = (time.perf_counter() - t0) * 1e3
             return True
 
+    def _defer(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(MIN_INTERVAL, self._deferred)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _deferred(self) -> None:
+        with self._mutex:
+            self._timer = None
+            self.publish()
+
     def close(self) -> None:
-        self.db.close()
+        with self._mutex:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.db.close()
 
 
 class ReaderCopy:

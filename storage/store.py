@@ -117,11 +117,13 @@ class Store:
         self._owner._children.add(child)
         return child
 
-    def committed(self) -> None:
+    def committed(self, force: bool = True) -> None:
         """Publishes the catalog for readers (storage/snapshot.py) if anything was committed since
-        the last time; costs two stat calls when nothing was. Writers call it after each commit."""
+        the last time; costs two stat calls when nothing was. Writers call it after each commit;
+        frequent ones (shard flushes, add_samples) with force=False: at most one snapshot a second,
+        the last one published by a timer, so readers lag those by about a second."""
         if self._publisher is not None and self._owner._tmpdir is None and not self.closed:
-            self._publisher.publish()
+            self._publisher.publish(force)
 
     def refresh(self) -> bool:
         """A reader's catalog catches up with the store's last commit (a no-op for a writer);
@@ -227,7 +229,7 @@ class Store:
         except BaseException:
             self._discard(written)
             raise
-        self.committed()
+        self.committed(force=False)     # bulk loads call this often; readers lag by about a second
         return n
 
     def _ensure_column(self, name: str, values: np.ndarray) -> None:
@@ -574,7 +576,7 @@ class Store:
         except BaseException:
             self._discard(written)
             raise
-        self.committed()        # readers see each flush as it lands
+        self.committed(force=False)      # readers see flushes within about a second
         return rels
 
     def _path_for_write(self, rel: str) -> Path:

@@ -192,3 +192,32 @@ def test_closing_the_parent_closes_its_cursors(store_dir):
     con.close()
     with pytest.raises(metaql.ProgrammingError, match="closed"):
         other.execute("SELECT 1")
+
+
+def test_frequent_flushes_publish_at_most_one_snapshot_a_second(tmp_path, monkeypatch):
+    """Each publish copies the whole catalog; one per shard flush cost a capture of 20k samples about
+    4 s. Flushes now publish at most once a second (the last by a timer), and readers still see
+    every flush once it is published."""
+    from metaql.storage import snapshot
+    published = []
+    original = snapshot.Publisher.publish
+
+    def counting(self, force=True):
+        done = original(self, force)
+        published.append(done)
+        return done
+    monkeypatch.setattr(snapshot.Publisher, "publish", counting)
+    torch.manual_seed(0)
+    n = 640
+    model, x, y = MLP(), torch.randn(n, 6), torch.randint(0, 3, (n,))
+    with metaql.connect(str(tmp_path / "s.mq"), config={"progress": False}) as con:
+        con.add_samples(np.arange(n), "train", y.numpy(), x)
+        published.clear()
+        with con.capture(model, checkpoint="c0", lr=0.1, shard_size=16) as cap:     # 40 flushes
+            for part in np.array_split(np.arange(n), 40):
+                cap.backward(F.cross_entropy(model(x[part]), y[part]), part)
+        shards = con.execute("SELECT count(*) FROM shards WHERE kind = 'factors'").fetchone()[0]
+        assert shards == 80 and sum(published) <= 6, sum(published)
+        with metaql.connect(str(tmp_path / "s.mq"), read_only=True) as reader:
+            assert reader.execute("SELECT count(*) FROM shards WHERE kind = 'factors'").fetchone()[0] == 80
+            assert reader.execute("SELECT status FROM checkpoints").fetchall() == [("complete",)]

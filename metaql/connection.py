@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import functools
 import re
 import signal
 import sys
@@ -42,6 +43,23 @@ _SHOW = {
 def connect(database: str = ":memory:", read_only: bool = False, config: dict | None = None) -> "Connection":
     """Opens (or creates) a store: a directory, or ':memory:' for a throwaway one."""
     return Connection(database, read_only, config)
+
+
+def _catalog_errors(method: Callable) -> Callable:
+    """A Python-API method whose DuckDB errors (read-only writes, constraints, a transaction the
+    user left open) surface as the matching metaql.Error; the user's own model code raises as is."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except duckdb.Error as e:
+            raise _duck_error(e) from e
+    return wrapper
+
+
+def _positive(name: str, value, high: int = 1 << 24) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= high:
+        raise InvalidInputException(f"{name} must be a whole number in [1, {high:,}], got {value!r}")
 
 
 class Connection:
@@ -261,18 +279,23 @@ class Connection:
         return None if self._result is None else self._result.description
 
     # ---- data in ----------------------------------------------------------------------------------
+    @_catalog_errors
     def add_samples(self, ids, split: str, labels=None, inputs=None, columns=None) -> int:
         """Registers samples (ids, split, labels; inputs for replay; extra catalog columns)."""
         self._check_open()
         return self.store.add_samples(ids, split, labels, inputs, columns)
 
+    @_catalog_errors
     def capture(self, model, layers=None, checkpoint: str = "ckpt0", lr: float = 1.0, **kwargs):
         """A context manager that captures per-sample factors in the training loop
         (see metaql.storage.capture.Capture)."""
         from metaql.storage.capture import Capture
         self._check_open()
+        if "shard_size" in kwargs:
+            _positive("shard_size", kwargs["shard_size"])
         return Capture(self.store, model, layers, checkpoint, lr, **kwargs)
 
+    @_catalog_errors
     def checkpoint(self, model, name: str, lr: float, epoch: int | None = None, step: int | None = None,
                    factory: str | None = None, kwargs: dict | None = None) -> dict:
         """Registers the model's current weights as checkpoint `name` for replay, capturing
@@ -281,6 +304,7 @@ class Connection:
         self._check_open()
         return register_checkpoint(self.store, model, name, lr, epoch, step, factory, kwargs)
 
+    @_catalog_errors
     def replay(self, checkpoint: str, samples: str = "train", layers=None, **kwargs) -> int:
         """Stores exact factors of a set's samples at a saved checkpoint (eval mode). Keyword
         arguments go to metaql.storage.capture.replay_into_store: target, batch_size, shard_size,
@@ -288,27 +312,35 @@ class Connection:
         defaults to the layers the store holds (every layer, '*', when it holds none)."""
         from metaql.storage.capture import replay_into_store
         self._check_open()
+        for size in ("batch_size", "shard_size"):
+            if size in kwargs:
+                _positive(size, kwargs[size])
         try:
             return replay_into_store(self.store, checkpoint, self.store.set_ids(samples), layers,
                                      progress=self.progress, **kwargs)
         finally:
             self.store.committed()
 
+    @_catalog_errors
     def update_predictions(self, checkpoint: str | None = None, batch_size: int = 1024) -> int:
         """Fills samples.pred and samples.loss from the model at a checkpoint (default: the last)."""
         from metaql.storage.predictions import update_predictions
         self._check_open()
+        _positive("batch_size", batch_size)
         try:
             return update_predictions(self.store, checkpoint, batch_size)
         finally:
             self.store.committed()
 
+    @_catalog_errors
     def label(self, ids, labels, by: str = "human", overwrite: bool = False) -> int:
         """Records human labels (with who and when) in the catalog's `labels` table; returns how
         many samples were newly labeled. A label that contradicts an earlier one raises, unless
         overwrite=True (which warns). `INSERT INTO labels ...` works too."""
         from metaql.storage.labels import add_labels
         self._check_open()
+        if not isinstance(by, str):
+            raise InvalidInputException(f"by= names who labeled, as a string; got {type(by).__name__}")
         try:
             return add_labels(self.store, ids, labels, by=by, overwrite=overwrite)
         finally:
@@ -330,6 +362,7 @@ class Connection:
         returns a pyarrow.Table (or a dict of columns)."""
         self.registry.register(fn, name=name, replace=replace)
 
+    @_catalog_errors
     def verify(self) -> list[str]:
         self._check_open()
         self.store.refresh()

@@ -297,3 +297,22 @@ def test_labels_inserted_through_sql_are_whole_numbers_not_rounded():
                 con.execute(f"INSERT INTO labels (sample_id, label) VALUES {values}")
         con.execute("INSERT INTO labels (sample_id, label) VALUES (1, 2.0), (2, '3')")
         assert con.execute("SELECT sample_id, label FROM labels ORDER BY 1").fetchall() == [(1, 2), (2, 3)]
+
+
+def test_python_api_arguments_and_catalog_errors_are_metaql_errors(tmp_path):
+    torch.manual_seed(0)
+    with metaql.connect(str(tmp_path / "s.mq"), config={"progress": False}) as con:
+        con.add_samples(np.arange(8), "train", labels=np.arange(8) % 3, inputs=torch.randn(8, 6))
+        from tests.models import MLP
+        model = MLP()
+        with pytest.raises(metaql.InvalidInputException, match="shard_size"):
+            con.capture(model, checkpoint="c0", shard_size=0)
+        con.checkpoint(model, "c0", lr=0.1)
+        for call in (lambda: con.update_predictions(batch_size=0),            # was ValueError
+                     lambda: con.replay("c0", batch_size=0),                     # was ZeroDivisionError
+                     lambda: con.replay("c0", shard_size=-1),
+                     lambda: con.label([0], [1], by=5),                          # was TypeError
+                     lambda: con.add_samples([100], None)):                      # was a raw duckdb error
+            with pytest.raises(metaql.InvalidInputException):
+                call()
+        assert con.verify() == []

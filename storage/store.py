@@ -378,8 +378,9 @@ class Store:
 
     def begin_checkpoint(self, name: str, model: nn.Module, lr: float, epoch: int | None = None,
                          step: int | None = None, factory: str | None = None,
-                         kwargs: dict | None = None) -> dict:
-        """Records a checkpoint and its weights; an existing one of that name is resumed."""
+                         kwargs: dict | None = None, task=None) -> dict:
+        """Records a checkpoint and its weights; an existing one of that name is resumed. `task`
+        (see metaql.storage.tasks) is recorded with the model: every replay uses its loss."""
         self._writable()
         if not _SAFE_NAME.match(name):
             raise BinderException(f"checkpoint name '{name}' must be an identifier (letters, digits, _ . -)")
@@ -388,9 +389,11 @@ class Store:
                                         f"weighted by it and would overflow), got {lr!r}")
         self.live_model = model
         existing = {c["name"]: c for c in self.checkpoints()}
+        from metaql.storage.tasks import task_spec
+        spec, trusted_loss = task_spec(task)     # checked before anything is written
         if name in existing:
             return existing[name]
-        model_id = self._model_id(model, factory, kwargs)
+        model_id = self._model_id(model, factory, kwargs, spec, trusted_loss)
         rel = f"weights/{name}.safetensors"
         model_files.save_weights(model, self._path_for_write(rel))
         fault_point("weights.written")
@@ -408,13 +411,19 @@ class Store:
         fault_point("commit.finish.after")
         self.committed()
 
-    def _model_id(self, model: nn.Module, factory: str | None, kwargs: dict | None) -> int:
+    def _model_id(self, model: nn.Module, factory: str | None, kwargs: dict | None,
+                  task: dict | None = None, trusted_loss: set[str] = frozenset()) -> int:
+        from metaql.storage.tasks import LEGACY_CLASSIFICATION, spec_text
+        task = spec_text(task or {"task": "classification"})
+        # a store written before tasks recorded classification as 'cross_entropy'
+        same_task = [task, LEGACY_CLASSIFICATION] if task == spec_text({"task": "classification"}) else [task]
+        self.trusted_factories |= set(trusted_loss)     # the loss code the user named, like a factory
         factory = factory or model_files.factory_of(model)
         kwargs = kwargs if kwargs is not None else model_files.init_kwargs(model)
         # the user typed this factory, or handed us a live instance of its class: trusted in this process
         self.trusted_factories.add(factory)
-        row = self.db.execute("SELECT model_id FROM models WHERE factory = ? AND kwargs = ?",
-                              [factory, json.dumps(kwargs, sort_keys=True)]).fetchone()
+        row = self.db.execute("SELECT model_id FROM models WHERE factory = ? AND kwargs = ? AND loss IN "
+                              "(SELECT unnest(?))", [factory, json.dumps(kwargs, sort_keys=True), same_task]).fetchone()
         if row:
             return row[0]
         if not model_files.factory_is_rebuildable(model, factory, kwargs):
@@ -423,8 +432,8 @@ class Store:
                           "that replay samples will work only in this process (pass factory='pkg.mod:fn' "
                           "and kwargs= to con.capture to fix)", stacklevel=4)
         model_id = self.db.execute("SELECT coalesce(max(model_id), 0) + 1 FROM models").fetchone()[0]
-        self.db.execute("INSERT INTO models (model_id, factory, kwargs, loss) VALUES (?, ?, ?, 'cross_entropy')",
-                        [model_id, factory, json.dumps(kwargs, sort_keys=True)])
+        self.db.execute("INSERT INTO models (model_id, factory, kwargs, loss) VALUES (?, ?, ?, ?)",
+                        [model_id, factory, json.dumps(kwargs, sort_keys=True), task])
         return model_id
 
     def model_at(self, checkpoint: str) -> nn.Module:

@@ -227,9 +227,10 @@ class Custom(Task):
     def losses(self, output, inputs, targets, target="label", attention_mask=None):
         self.check_target(target)
         out = self.fn(output, targets)
-        if not isinstance(out, torch.Tensor) or out.dim() != 1 or out.shape[0] != len(inputs):
+        n = len(targets if targets is not None else inputs)
+        if not isinstance(out, torch.Tensor) or out.dim() != 1 or out.shape[0] != n:
             raise InvalidInputException(f"the loss '{self.opts['loss']}' must return one loss per sample "
-                                        f"(a tensor of shape ({len(inputs)},)), got "
+                                        f"(a tensor of shape ({n},)), got "
                                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
         return out
 
@@ -264,10 +265,11 @@ def task_spec(task) -> tuple[dict, set[str]]:
                                         "script or a function body): move it into a module, then pass it or "
                                         "'package.module:function'")
         task = name
+    given = task
     if isinstance(task, str):
         task = {"task": "custom", "loss": task} if ":" in task else {"task": task}
     if not isinstance(task, dict) or task.get("task") not in TASKS:
-        raise InvalidInputException(f"unknown task {model_files._show(task)}; use one of {', '.join(TASKS)}, a "
+        raise InvalidInputException(f"unknown task '{model_files._show(given)}'; use one of {', '.join(TASKS)}, a "
                                     "spec dict such as {'task': 'regression', 'target': 'y'}, or 'pkg.mod:loss_fn'")
     trusted = {task["loss"]} if task["task"] == "custom" and isinstance(task.get("loss"), str) else set()
     spec = make_task(task, trusted).spec()

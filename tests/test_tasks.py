@@ -11,7 +11,6 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import metaql
-from metaql.storage.tasks import CausalLM
 from tests.bruteforce import rel_err
 from tests.models import MLP
 
@@ -156,6 +155,7 @@ def test_causal_lm_scores_are_those_of_token_level_loss(store_dir):
 
 
 def test_causal_lm_loss_matches_hugging_face_convention():
+    from metaql.storage.tasks import CausalLM
     torch.manual_seed(2)
     logits, ids = torch.randn(3, 5, 7), torch.randint(0, 7, (3, 5))
     labels = ids.clone()

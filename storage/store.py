@@ -392,6 +392,7 @@ class Store:
         from metaql.storage.tasks import task_spec
         spec, trusted_loss = task_spec(task)     # checked before anything is written
         if name in existing:
+            self._check_resumed_task(existing[name], spec)
             return existing[name]
         model_id = self._model_id(model, factory, kwargs, spec, trusted_loss)
         rel = f"weights/{name}.safetensors"
@@ -404,6 +405,16 @@ class Store:
                         [name, ordinal, model_id, epoch, step, float(lr), rel, file_checksum(self.root / rel)])
         fault_point("commit.checkpoint.after")
         return self.checkpoint(name)
+
+    def _check_resumed_task(self, c: dict, spec: dict) -> None:
+        """A resumed capture must add factors of the loss its checkpoint was begun with."""
+        from metaql.storage.tasks import LEGACY_CLASSIFICATION, spec_text
+        row = self.db.execute("SELECT loss FROM models WHERE model_id = ?", [c["model_id"]]).fetchone()
+        recorded = LEGACY_CLASSIFICATION if row is None or row[0] is None else row[0]
+        recorded = spec_text({"task": "classification"}) if recorded == LEGACY_CLASSIFICATION else recorded
+        if recorded != spec_text(spec):
+            raise InvalidInputException(f"checkpoint '{c['name']}' was captured with the task {recorded}, not "
+                                        f"{spec_text(spec)}: resume it with that task, or capture a new checkpoint")
 
     def finish_checkpoint(self, name: str, status: str = "complete") -> None:
         fault_point("commit.finish.before")

@@ -245,6 +245,8 @@ def test_task_errors_say_what_to_do(store_dir):
             con.capture(model, task=lambda out, y: out)
         assert con.execute("SELECT count(*) FROM checkpoints").fetchone() == (0,)
         con.checkpoint(model, "c0", lr=0.1)
+        with pytest.raises(metaql.InvalidInputException, match="'c0' was captured with the task .*classification"):
+            con.capture(model, checkpoint="c0", task="regression").__enter__()
     db = duckdb.connect(f"{store_dir}/catalog.duckdb")
     db.execute("UPDATE models SET loss = '{\"task\": \"telepathy\"}'")
     db.close()

@@ -253,3 +253,26 @@ def test_task_errors_say_what_to_do(store_dir):
     with metaql.connect(store_dir, config={"trusted_factories": ["tests.models:MLP"]}) as con:
         with pytest.raises(metaql.IOException, match="task .* not a task spec.*tampered"):
             con.replay("c0", "train")
+
+
+def test_gpt2_causal_lm_scores_equal_bruteforce():
+    """A 1-layer GPT-2 built from a transformers config, captured with its token-level loss."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=11, n_positions=8, bos_token_id=1,
+                                  eos_token_id=1, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    x = torch.randint(1, 11, (9, 6))
+    x[::3, 4:] = 0
+    layers = ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    with metaql.connect(":memory:") as con:
+        con.add_samples(np.arange(6), "train", inputs=x[:6])
+        con.add_samples(np.arange(6, 9), "test", inputs=x[6:])
+        with pytest.warns(UserWarning, match="cannot rebuild"):     # in this process, from the live model
+            with con.capture(model, layers=layers, checkpoint="c0", lr=0.5,
+                             task={"task": "causal_lm", "pad_token_id": 0}) as cap:
+                cap.backward(cap.loss(model(x[:6]), inputs=x[:6]), np.arange(6))
+        inf, self_inf = _scores(con, layers)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    exp_inf, exp_self = _expected(model, [state], [0.5], layers, lambda out, t: _lm_loss(out, t), x, x, 6)
+    assert rel_err(inf, exp_inf) < 1e-5 and rel_err(self_inf, exp_self) < 1e-5

@@ -133,6 +133,13 @@ class Regression(Task):
     def why_not(self, target):
         return "a regression prediction is its own target, so its loss and gradient would be zero"
 
+    def __init__(self, **options):
+        super().__init__(**options)
+        cols = self.opts["target"]
+        if not (isinstance(cols, str) or (isinstance(cols, list) and cols and all(isinstance(c, str) for c in cols))):
+            raise InvalidInputException("a regression task's 'target' names the samples column of the targets, or "
+                                        f"a list of columns (one per output), got {model_files._show(cols)}")
+
     def columns(self) -> list[str]:
         cols = self.opts["target"]
         return [cols] if isinstance(cols, str) else list(cols)
@@ -273,7 +280,11 @@ def task_spec(task) -> tuple[dict, set[str]]:
                                     "spec dict such as {'task': 'regression', 'target': 'y'}, or 'pkg.mod:loss_fn'")
     trusted = {task["loss"]} if task["task"] == "custom" and isinstance(task.get("loss"), str) else set()
     spec = make_task(task, trusted).spec()
-    json.dumps(spec)
+    try:
+        json.dumps(spec)
+    except (TypeError, ValueError):
+        raise InvalidInputException(f"the task spec {model_files._show(spec)} must be plain JSON data "
+                                    "(strings, numbers, lists): it is recorded in the catalog") from None
     return spec, trusted
 
 

@@ -241,6 +241,8 @@ def test_task_errors_say_what_to_do(store_dir):
             con.capture(model, task="regresion")
         with pytest.raises(metaql.InvalidInputException, match="no option \\['ignore'\\]"):
             con.checkpoint(model, "c0", lr=0.1, task={"task": "causal_lm", "ignore": 0})
+        with pytest.raises(metaql.InvalidInputException, match="'target' names the samples column"):
+            con.capture(model, task={"task": "regression", "target": 3})
         with pytest.raises(metaql.InvalidInputException, match="not importable by that name"):
             con.capture(model, task=lambda out, y: out)
         assert con.execute("SELECT count(*) FROM checkpoints").fetchone() == (0,)

@@ -21,6 +21,7 @@ from metaql.engine.plan import FunctionScan, InfluenceScan, Strategy, TopK
 from metaql.storage.hooks import watched_modules
 from metaql.storage.layers import kind_named
 from metaql.storage.replay import replay_factors
+from metaql.storage.tasks import task_at
 
 CHUNK_NUMBERS = 32 * 2 ** 20      # bound on the largest intermediate of one chunk (numbers)
 
@@ -107,16 +108,12 @@ def check_finite(scores: np.ndarray, layer: str, ckpt: str, lr: float | None = N
 def query_sides(scan: InfluenceScan, store, ckpt: str, strategies: list[Strategy],
                 device: str = "cpu") -> dict[str, dict]:
     """Replays the query samples at the checkpoint; per layer what its chosen strategy needs."""
-    model = store.model_at(ckpt)
+    model, task = store.model_at(ckpt), task_at(store, ckpt)
     modules = watched_modules(model, scan.layers)
     ids = scan.query.ids
-    labels = None
-    if scan.loss == "label":
-        col = store.sample_columns(ids, ["label"])["label"]
-        if any(v is None for v in col) or np.isnan(col.astype(float)).any():
-            raise BinderException("loss=label needs labels, but some query samples have none; use loss=pred")
-        labels = torch.as_tensor(col.astype(np.int64))
-    factors = replay_factors(model, modules, store.inputs(ids), labels, scan.loss)
+    # the query side's loss is the checkpoint's task's, read as scan.loss says
+    targets = task.stored_targets(store, ids, scan.loss)
+    factors = replay_factors(model, modules, store.inputs(ids), targets, scan.loss, task=task)
     out = {}
     for layer in scan.layers:
         meta, _ = store.layer_meta(layer)
@@ -166,12 +163,12 @@ def rows_of(t: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
 
 def recomputed_batches(store, ckpt: str, layer: str, train: np.ndarray, batch: int = 256):
     """The re-compute baseline: factors of the training samples replayed now, not read."""
-    model = store.model_at(ckpt)
+    model, task = store.model_at(ckpt), task_at(store, ckpt)
     modules = watched_modules(model, [layer])
     for start in range(0, len(train), batch):
         ids = train[start:start + batch]
-        labels = torch.as_tensor(store.sample_columns(ids, ["label"])["label"].astype(np.int64))
-        yield ids, replay_factors(model, modules, store.inputs(ids), labels)[layer]
+        targets = task.stored_targets(store, ids)
+        yield ids, replay_factors(model, modules, store.inputs(ids), targets, task=task)[layer]
 
 
 def chunk_rows(tensors: dict, q, strategy: str, meta) -> int:

@@ -297,12 +297,13 @@ class Connection:
 
     @_catalog_errors
     def checkpoint(self, model, name: str, lr: float, epoch: int | None = None, step: int | None = None,
-                   factory: str | None = None, kwargs: dict | None = None) -> dict:
+                   factory: str | None = None, kwargs: dict | None = None, task=None) -> dict:
         """Registers the model's current weights as checkpoint `name` for replay, capturing
-        nothing (see metaql.storage.checkpoints); `lr` is the learning rate TracIn weighs it by."""
+        nothing (see metaql.storage.checkpoints); `lr` is the learning rate TracIn weighs it by;
+        `task` the loss replay uses (metaql.storage.tasks; default classification)."""
         from metaql.storage.checkpoints import register_checkpoint
         self._check_open()
-        return register_checkpoint(self.store, model, name, lr, epoch, step, factory, kwargs)
+        return register_checkpoint(self.store, model, name, lr, epoch, step, factory, kwargs, task)
 
     @_catalog_errors
     def replay(self, checkpoint: str, samples: str = "train", layers=None, **kwargs) -> int:

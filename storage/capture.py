@@ -172,10 +172,13 @@ class Capture:
     def __init__(self, store: Store, model: nn.Module, layers=None, checkpoint: str = "ckpt0",
                  lr: float = 1.0, epoch: int | None = None, step: int | None = None,
                  factory: str | None = None, kwargs: dict | None = None, shard_size: int = 2048,
-                 dtype: str = "float32", storage: dict[str, str] | None = None):
+                 dtype: str = "float32", storage: dict[str, str] | None = None, task=None):
+        from metaql.storage.tasks import make_task, task_spec
         self.store, self.model, self.checkpoint = store, model, checkpoint
+        spec, trusted_loss = task_spec(task)
+        self.task = make_task(spec, trusted_loss)
         self.hooks = LayerHooks(select_layers(model, layers))
-        self._ckpt_args = dict(lr=lr, epoch=epoch, step=step, factory=factory, kwargs=kwargs)
+        self._ckpt_args = dict(lr=lr, epoch=epoch, step=step, factory=factory, kwargs=kwargs, task=task)
         self.writer = ShardWriter(store, checkpoint, self.hooks, shard_size, dtype, storage)
         self.samples = 0
 
@@ -183,6 +186,14 @@ class Capture:
         self.store.begin_checkpoint(self.checkpoint, self.model, **self._ckpt_args)
         self.hooks.attach()
         return self
+
+    def loss(self, output, targets=None, inputs=None, attention_mask=None) -> torch.Tensor:
+        """Per-sample losses of the capture's task, the very loss every later replay uses:
+        `cap.backward(cap.loss(model(x), y), ids)`. A causal LM reads its labels from `inputs` (the
+        input ids) unless `targets` are given."""
+        if inputs is None and self.task.name == "causal_lm":
+            inputs = targets
+        return self.task.losses(output, inputs, targets, "label", attention_mask)
 
     def backward(self, loss: torch.Tensor, ids, reduction: str = "mean") -> torch.Tensor:
         """Backpropagates `loss` (as loss.backward() would) and keeps each sample's factors.
@@ -245,13 +256,13 @@ def replay_into_store(store: Store, checkpoint: str, ids, layers=None, target: s
     from metaql.storage.replay import iter_replay
 
     ids = _as_ids(ids)
-    model = store.model_at(checkpoint)
+    from metaql.storage.tasks import task_at
+    model, task = store.model_at(checkpoint), task_at(store, checkpoint)
+    labels = task.stored_targets(store, ids, target)
     hooks = LayerHooks(select_layers(model, replayed_layers(store, model, checkpoint, layers)))
     writer = ShardWriter(store, checkpoint, hooks, shard_size, dtype, storage)
-    labels = torch.as_tensor(store.sample_columns(ids, ["label"])["label"].astype(np.int64)) \
-        if target == "label" else None
     inputs = store.inputs(ids)
-    batches = iter_replay(model, hooks, inputs, labels, target, batch_size)
+    batches = iter_replay(model, hooks, inputs, labels, target, batch_size, task)
     for rows, factors in (progress(batches, total=-(-len(ids) // batch_size), desc=f"replay {checkpoint}")
                           if progress else batches):
         writer.add(ids[rows], factors)

@@ -18,8 +18,10 @@ from metaql.storage.store import Store
 
 
 def register_checkpoint(store: Store, model: nn.Module, name: str, lr: float, epoch: int | None = None,
-                        step: int | None = None, factory: str | None = None, kwargs: dict | None = None) -> dict:
-    """Saves `model`'s weights as a new complete checkpoint; returns its catalog row."""
+                        step: int | None = None, factory: str | None = None, kwargs: dict | None = None,
+                        task=None) -> dict:
+    """Saves `model`'s weights as a new complete checkpoint; returns its catalog row. `task` (see
+    metaql.storage.tasks) is the loss every replay at this checkpoint uses."""
     if not isinstance(model, nn.Module):
         raise InvalidInputException(f"con.checkpoint takes a torch.nn.Module, got {type(model).__name__}")
     if name in {c["name"] for c in store.checkpoints()}:
@@ -27,7 +29,8 @@ def register_checkpoint(store: Store, model: nn.Module, name: str, lr: float, ep
                                "weights under a new name")
     # one transaction: the row appears complete or not at all (never 'capturing')
     with transaction(store.db):
-        store.begin_checkpoint(name, model, lr=lr, epoch=epoch, step=step, factory=factory, kwargs=kwargs)
+        store.begin_checkpoint(name, model, lr=lr, epoch=epoch, step=step, factory=factory, kwargs=kwargs,
+                               task=task)
         store.finish_checkpoint(name, "complete")
     store.committed()          # readers see it once it has committed
     return store.checkpoint(name)

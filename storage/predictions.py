@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
+from metaql.engine.errors import BinderException
 from metaql.storage.catalog import register, transaction, unregister
+from metaql.storage.tasks import task_at
 
 
 def update_predictions(store, checkpoint: str | None = None, batch_size: int = 1024) -> int:
@@ -14,25 +15,34 @@ def update_predictions(store, checkpoint: str | None = None, batch_size: int = 1
     if not names:
         from metaql.engine.errors import CatalogException
         raise CatalogException("no checkpoint to predict with; capture one first")
-    model = store.model_at(checkpoint or names[-1]).eval()
+    checkpoint = checkpoint or names[-1]
+    model, task = store.model_at(checkpoint).eval(), task_at(store, checkpoint)
     ids = store.sql("SELECT sample_id FROM samples ORDER BY sample_id").fetchnumpy()["sample_id"].astype(np.int64)
-    labels = store.sample_columns(ids, ["label"])["label"]
     inputs = store.inputs(ids)
     preds, losses = [], []
     with torch.no_grad():
         for start in range(0, len(ids), batch_size):
-            logits = model(inputs[start:start + batch_size]).reshape(min(batch_size, len(ids) - start), -1)
-            preds.append(logits.argmax(1))
-            y = labels[start:start + batch_size]
-            if all(v is not None for v in y):
-                losses.append(F.cross_entropy(logits, torch.as_tensor(y.astype(np.int64)), reduction="none"))
-            else:
-                losses.append(torch.full((len(y),), float("nan")))
-    table = pa.table({"sample_id": ids, "pred": torch.cat(preds).numpy().astype(np.int32),
-                      "loss": torch.cat(losses).double().numpy()})
+            rows = ids[start:start + batch_size]
+            out = model(inputs[start:start + batch_size])
+            pred = task.predictions(out)
+            preds.append(np.full(len(rows), None) if pred is None else pred.cpu().numpy().astype(np.int32))
+            losses.append(_losses(store, task, out, inputs[start:start + batch_size], rows))
+    # a task without classes (regression, causal_lm, custom) leaves pred NULL and fills loss only
+    pred = np.concatenate(preds)
+    table = pa.table({"sample_id": ids, "pred": pa.array(pred.tolist() if pred.dtype == object else pred, pa.int32()),
+                      "loss": np.concatenate(losses)})
     with transaction(store.db):
         register(store.db, "_preds", table)
         store.db.execute("UPDATE samples SET pred = p.pred, loss = p.loss FROM _preds p "
                          "WHERE samples.sample_id = p.sample_id")
         unregister(store.db, "_preds")
     return len(ids)
+
+
+def _losses(store, task, output, inputs, ids) -> np.ndarray:
+    """Each sample's loss under the task on its stored targets; NaN for samples that lack them."""
+    try:
+        targets = task.stored_targets(store, ids)
+    except BinderException:
+        return np.full(len(ids), np.nan)
+    return task.losses(output, inputs, targets).double().cpu().numpy()

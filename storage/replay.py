@@ -11,13 +11,16 @@ import torch
 from torch import nn
 
 from metaql.storage.hooks import LayerHooks
-from metaql.storage.losses import per_sample_loss
 
 
 def iter_replay(model: nn.Module, hooks: LayerHooks, inputs: torch.Tensor,
-                labels: torch.Tensor | None, target: str = "label", batch_size: int = 256
+                labels: torch.Tensor | None, target: str = "label", batch_size: int = 256, task=None
                 ) -> Iterator[tuple[slice, dict[str, dict[str, torch.Tensor]]]]:
-    """Yields (rows, {layer: factors}) batch by batch, through the given (unattached) hooks."""
+    """Yields (rows, {layer: factors}) batch by batch, through the given (unattached) hooks.
+    `labels` are the task's stored targets (metaql.storage.tasks; default classification)."""
+    from metaql.storage.tasks import Classification
+    task = task or Classification()
+    task.check_target(target)
     hooks.attach()
     was_training = model.training
     model.eval()
@@ -26,8 +29,8 @@ def iter_replay(model: nn.Module, hooks: LayerHooks, inputs: torch.Tensor,
             for start in range(0, inputs.shape[0], batch_size):
                 rows = slice(start, min(start + batch_size, inputs.shape[0]))
                 hooks.clear()
-                logits = model(inputs[rows])
-                loss = per_sample_loss(logits, None if labels is None else labels[rows], target)
+                loss = task.losses(model(inputs[rows]), inputs[rows], None if labels is None else labels[rows],
+                                   target)
                 outputs = [o for outs in hooks.outputs.values() for o in outs]
                 # autograd.grad w.r.t. the outputs fires their hooks and leaves .grad of weights alone;
                 # an output the loss does not use is left to hooks.factors to report by its layer's name
@@ -39,10 +42,10 @@ def iter_replay(model: nn.Module, hooks: LayerHooks, inputs: torch.Tensor,
         model.train(was_training)
 
 
-def replay_factors(model, modules, inputs, labels, target="label", batch_size=256):
+def replay_factors(model, modules, inputs, labels, target="label", batch_size=256, task=None):
     """All factors of the given samples, concatenated: {layer: {factor: (N, ...)}}."""
     parts: dict[str, dict[str, list[torch.Tensor]]] = {}
-    for _, factors in iter_replay(model, LayerHooks(modules), inputs, labels, target, batch_size):
+    for _, factors in iter_replay(model, LayerHooks(modules), inputs, labels, target, batch_size, task):
         for layer, fs in factors.items():
             for k, v in fs.items():
                 parts.setdefault(layer, {}).setdefault(k, []).append(v)

@@ -379,8 +379,9 @@ class Store:
 
     def begin_checkpoint(self, name: str, model: nn.Module, lr: float, epoch: int | None = None,
                          step: int | None = None, factory: str | None = None,
-                         kwargs: dict | None = None) -> dict:
-        """Records a checkpoint and its weights; an existing one of that name is resumed."""
+                         kwargs: dict | None = None, task=None) -> dict:
+        """Records a checkpoint and its weights; an existing one of that name is resumed. `task`
+        (see metaql.storage.tasks) is recorded with the model: every replay uses its loss."""
         self._writable()
         if not _SAFE_NAME.match(name):
             raise BinderException(f"checkpoint name '{name}' must be an identifier (letters, digits, _ . -)")
@@ -389,9 +390,12 @@ class Store:
                                         f"weighted by it and would overflow), got {lr!r}")
         self.live_model = model
         existing = {c["name"]: c for c in self.checkpoints()}
+        from metaql.storage.tasks import task_spec
+        spec, trusted_loss = task_spec(task)     # checked before anything is written
         if name in existing:
+            self._check_resumed_task(existing[name], spec)
             return existing[name]
-        model_id = self._model_id(model, factory, kwargs)
+        model_id = self._model_id(model, factory, kwargs, spec, trusted_loss)
         rel = f"weights/{name}.safetensors"
         model_files.save_weights(model, self._path_for_write(rel))
         fault_point("weights.written")
@@ -403,19 +407,35 @@ class Store:
         fault_point("commit.checkpoint.after")
         return self.checkpoint(name)
 
+    def _check_resumed_task(self, c: dict, spec: dict) -> None:
+        """A resumed capture must add factors of the loss its checkpoint was begun with."""
+        from metaql.storage.tasks import LEGACY_CLASSIFICATION, spec_text
+        row = self.db.execute("SELECT loss FROM models WHERE model_id = ?", [c["model_id"]]).fetchone()
+        recorded = LEGACY_CLASSIFICATION if row is None or row[0] is None else row[0]
+        recorded = spec_text({"task": "classification"}) if recorded == LEGACY_CLASSIFICATION else recorded
+        if recorded != spec_text(spec):
+            raise InvalidInputException(f"checkpoint '{c['name']}' was captured with the task {recorded}, not "
+                                        f"{spec_text(spec)}: resume it with that task, or capture a new checkpoint")
+
     def finish_checkpoint(self, name: str, status: str = "complete") -> None:
         fault_point("commit.finish.before")
         self.db.execute("UPDATE checkpoints SET status = ? WHERE name = ?", [status, name])
         fault_point("commit.finish.after")
         self.committed()
 
-    def _model_id(self, model: nn.Module, factory: str | None, kwargs: dict | None) -> int:
+    def _model_id(self, model: nn.Module, factory: str | None, kwargs: dict | None,
+                  task: dict | None = None, trusted_loss: set[str] = frozenset()) -> int:
+        from metaql.storage.tasks import LEGACY_CLASSIFICATION, spec_text
+        task = spec_text(task or {"task": "classification"})
+        # a store written before tasks recorded classification as 'cross_entropy'
+        same_task = [task, LEGACY_CLASSIFICATION] if task == spec_text({"task": "classification"}) else [task]
+        self.trusted_factories |= set(trusted_loss)     # the loss code the user named, like a factory
         factory = factory or model_files.factory_of(model)
         kwargs = kwargs if kwargs is not None else model_files.init_kwargs(model)
         # the user typed this factory, or handed us a live instance of its class: trusted in this process
         self.trusted_factories.add(factory)
-        row = self.db.execute("SELECT model_id FROM models WHERE factory = ? AND kwargs = ?",
-                              [factory, json.dumps(kwargs, sort_keys=True)]).fetchone()
+        row = self.db.execute("SELECT model_id FROM models WHERE factory = ? AND kwargs = ? AND loss IN "
+                              "(SELECT unnest(?))", [factory, json.dumps(kwargs, sort_keys=True), same_task]).fetchone()
         if row:
             return row[0]
         if not model_files.factory_is_rebuildable(model, factory, kwargs):
@@ -424,8 +444,8 @@ class Store:
                           "that replay samples will work only in this process (pass factory='pkg.mod:fn' "
                           "and kwargs= to con.capture to fix)", stacklevel=4)
         model_id = self.db.execute("SELECT coalesce(max(model_id), 0) + 1 FROM models").fetchone()[0]
-        self.db.execute("INSERT INTO models (model_id, factory, kwargs, loss) VALUES (?, ?, ?, 'cross_entropy')",
-                        [model_id, factory, json.dumps(kwargs, sort_keys=True)])
+        self.db.execute("INSERT INTO models (model_id, factory, kwargs, loss) VALUES (?, ?, ?, ?)",
+                        [model_id, factory, json.dumps(kwargs, sort_keys=True), task])
         return model_id
 
     def model_at(self, checkpoint: str) -> nn.Module:

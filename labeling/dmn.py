@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -61,11 +62,13 @@ def distribution_matching_network(dim: int, hidden: int) -> nn.Sequential:
 
 
 def online_weight_approximation(z_l: Tensor, z_u: Tensor, config: OWAConfig | None = None,
-                                dmn: nn.Module | None = None, iterations: int | None = None
+                                dmn: nn.Module | None = None, iterations: int | None = None,
+                                progress: Callable[[Iterable[int]], Iterable[int]] | None = None
                                 ) -> OWAResult:
     """Algorithm 2: trains a DMN on labeled z_l vs unlabeled z_u and returns the OWA weights.
 
     `dmn` continues a DMN trained before (for `iterations` steps instead of config.iterations).
+    `progress` wraps the iterations (a table function's wrapper also checks for Ctrl-C there).
     """
     config = config or OWAConfig()
     if z_l.shape[0] == 0 or z_u.shape[0] == 0:
@@ -80,7 +83,8 @@ def online_weight_approximation(z_l: Tensor, z_u: Tensor, config: OWAConfig | No
                            fused=True)
     weights = torch.ones(z_u.shape[0])
     n = config.batch_size
-    for _ in range(config.iterations if iterations is None else iterations):
+    steps = range(config.iterations if iterations is None else iterations)
+    for _ in (progress(steps) if progress is not None else steps):
         li = torch.randint(z_l.shape[0], (n,), generator=gen)   # with replacement: N_l may be < n
         ui = torch.randperm(z_u.shape[0], generator=gen)[:n]
         noisy_l = z_l[li] + config.input_noise * torch.randn(n, z_l.shape[1], generator=gen)

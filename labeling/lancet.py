@@ -200,7 +200,7 @@ def run_lancet(x: Tensor, labeled: Tensor, labels: Tensor, num_classes: int,
     z, logits = embed(model, x)
     propagated = propagate(logits, labeled, labels)
     unlabeled = (~propagated.human).nonzero().squeeze(1)
-    owa = (online_weight_approximation(z[labeled], z[unlabeled], config.owa)
+    owa = (online_weight_approximation(z[labeled], z[unlabeled], config.owa, progress=progress)
            if unlabeled.numel() else None)
     decision = stop_decision(owa, labeled.numel(), unlabeled.numel(), config.alpha_t,
                              config.loss_tolerance)

@@ -141,12 +141,14 @@ class Connection:
         ctx = self._context()
         if isinstance(stmt, ast.TopKSelect):
             k = check_topk(_whole_number(value_of(stmt.k, params)))
+            _check_ranks_by_score(self.registry.get(stmt.call.name))
             return plan_topk(bind_call(stmt.call, self.registry, params), ctx, k, stmt.ascending, stmt.train_set)
         raise ProgrammingError(f"cannot plan {type(stmt).__name__}")
 
     def _run_plan(self, stmt, plan) -> Result:
         from metaql.engine.optimizer import optimize
-        return Result(executor.execute(optimize(plan, self.store, self.config), self._context()))
+        table = executor.execute(optimize(plan, self.store, self.config), self._context())
+        return Result(_conformed(self.registry.get(stmt.call.name), table))
 
     def _create_set(self, stmt: ast.CreateSet, params) -> Result:
         if stmt.body is None:
@@ -182,8 +184,9 @@ class Connection:
         shown = {name: _clipped(stmt.text[span.start:span.end]) for name, (span, _) in zip(private, stmt.calls)}
         registered = []
         try:
-            for name, plan in zip(private, plans):
-                register(self.store.db, name, _checked_output(executor.execute(plan, self._context())))
+            for name, plan, (_, call) in zip(private, plans, stmt.calls):
+                table = executor.execute(plan, self._context())
+                register(self.store.db, name, _conformed(self.registry.get(call.name), table))
                 registered.append(name)
             yield rewritten(stmt.text, stmt.lo, stmt.hi, [span for span, _ in stmt.calls], private)
         except BaseException as e:
@@ -378,10 +381,12 @@ class Connection:
             raise InvalidInputException(f"attach_model takes a torch.nn.Module, got {type(model).__name__}")
         self.store.live_model = model
 
-    def register_function(self, fn: Callable, name: str | None = None, replace: bool = False) -> None:
+    def register_function(self, fn: Callable, name: str | None = None, replace: bool = False,
+                          columns: list[tuple[str, str]] | None = None) -> None:
         """Adds a table function to this connection: a plain function `fn(ctx, **typed_args)` that
-        returns a pyarrow.Table (or a dict of columns)."""
-        self.registry.register(fn, name=name, replace=replace)
+        returns a pyarrow.Table (or a dict of columns). `columns`, e.g. [("sample_id", "BIGINT"),
+        ("score", "DOUBLE")], declares what it returns; a call whose result differs fails."""
+        self.registry.register(fn, name=name, replace=replace, columns=columns)
 
     def verify(self) -> list[str]:
         self._check_open()
@@ -459,6 +464,14 @@ def _whole_number(value) -> int:
     raise BinderException(f"TOPK(n) needs a whole number, not {value!r:.60}")
 
 
+def _check_ranks_by_score(fn) -> None:
+    """TOPK(n) ranks by a `score` column; a function that declares none is refused before it runs."""
+    names = [n for n, _ in fn.columns]
+    if names and "score" not in names:
+        raise BinderException(f"TOPK(n) ranks by a score column, and {fn.name} returns ({', '.join(names)}); "
+                              f"write SELECT * FROM {fn.name}(...) ORDER BY <column> DESC LIMIT n")
+
+
 def _check_forgotten_topk(stmt: ast.SQLWithCalls) -> None:
     """`SELECT train FROM INFLUENCE(...) ORDER BY ASC`: a TOPK(n) forgotten, said so."""
     if len(stmt.calls) != 1:
@@ -486,10 +499,33 @@ def _renamed(e: BaseException, shown: dict[str, str]) -> BaseException:
         return ProgrammingError(text)
 
 
-def _checked_output(table) -> pa.Table:
+_ARROW_TYPES = {"BIGINT": pa.int64(), "INTEGER": pa.int32(), "SMALLINT": pa.int16(), "DOUBLE": pa.float64(),
+                "FLOAT": pa.float32(), "REAL": pa.float32(), "BOOLEAN": pa.bool_(), "VARCHAR": pa.string()}
+
+
+def _conformed(fn, table) -> pa.Table:
+    """The function's result with exactly its declared columns and types (a safe cast, e.g.
+    float32 to DOUBLE, is made); anything else is refused, so that SQL over a function can rely
+    on what DESCRIBE and the docs say it returns."""
     if not isinstance(table, pa.Table):
-        raise InternalException(f"a table function returned {type(table).__name__}, not a pyarrow.Table")
-    return table
+        raise InternalException(f"table function {fn.name} returned {type(table).__name__}, not a pyarrow.Table")
+    if not fn.columns:
+        return table
+    declared = ", ".join(f"{n} {t}" for n, t in fn.columns)
+    got = ", ".join(f"{f.name} {f.type}" for f in table.schema)
+    wrong = InvalidInputException(f"table function {fn.name} returned the columns ({got}) but declares "
+                                  f"({declared}); it must return the declared columns, in that order")
+    if table.column_names != [n for n, _ in fn.columns]:
+        raise wrong
+    if any(t.upper() not in _ARROW_TYPES for _, t in fn.columns):
+        return table     # a type this check does not know: the names are checked, the type is the function's
+    schema = pa.schema([(n, _ARROW_TYPES[t.upper()]) for n, t in fn.columns])
+    if table.schema.equals(schema):
+        return table
+    try:
+        return table.select(schema.names).cast(schema, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        raise wrong from None
 
 
 def _refuse_internal_writes(text: str) -> list:

@@ -45,7 +45,6 @@ def by_duckdb(con, template: str, params=None) -> list:
 
 
 SHAPES = [
-    ("SELECT sample_id, score FROM {A} AS r WHERE score > 0", None),
     ("SELECT r.sample_id, s.label FROM {A} r JOIN samples s USING (sample_id) WHERE s.label = ?", [1]),
     ("SELECT s.split, count(*) FROM samples s JOIN {A} r ON r.sample_id = s.sample_id GROUP BY 1", None),
     ("SELECT s.sample_id FROM samples s, {B} b WHERE s.sample_id = b.sample_id AND b.score > ?", [0.0]),
@@ -65,9 +64,10 @@ def test_statement_shapes_match_duckdb_over_the_materialised_result(con, templat
 
 
 def test_a_call_without_alias_is_named_after_its_function(con):
-    got = con.execute("SELECT influence.sample_id, influence.score FROM INFLUENCE(query=batch(test)) "
-                      "ORDER BY influence.score DESC LIMIT 3").fetchall()
-    assert sorted(got) == by_duckdb(con, "SELECT sample_id, score FROM {A} ORDER BY score DESC LIMIT 3")
+    got = con.execute("SELECT influence.sample_id, s.label FROM samples s JOIN INFLUENCE(query=batch(test)) "
+                      "ON influence.sample_id = s.sample_id ORDER BY influence.score DESC LIMIT 3").fetchall()
+    assert sorted(got) == by_duckdb(con, "SELECT a.sample_id, s.label FROM samples s JOIN {A} a "
+                                         "ON a.sample_id = s.sample_id ORDER BY a.score DESC LIMIT 3")
 
 
 def test_create_set_from_self_influence(con):
@@ -134,20 +134,25 @@ def test_duckdb_statements_stay_duckdb(con):
     assert plan[0] == "INFLUENCE(query=batch(test))" and plan[-1].startswith("total:")
 
 
-@pytest.mark.parametrize("sql, words", [
+ERRORS = [
+    ("SELECT * FROM INFLUENCE(query=batch(test)) WHERE score = 'abc'", "INFLUENCE(query=batch(test)) AS influence"),
+    ("SELECT * FROM INFLUENCE(query=batch(test)) AS r(a, b, c)", 'table "r"'),
     ("SELECT nosuch FROM INFLUENCE(query=batch(test))", "nosuch"),
     ("SELECT * FROM INFLUENCE(query=batch(test)) WHERE WHERE", "WHERE"),
     ("SELECT * FROM INFLUENCE(query=batch(test)) JOIN SELF_INFLUENCE(checkpoints=[c1]) USING (nosuch)", "nosuch"),
     ("SELECT * FROM INFLUENCE(query=batch(nosuch)) a JOIN samples USING (sample_id)", "nosuch"),
     ("SELECT * FROM samples JOIN INFLUENCE(query=batch(test), layers=[fc1 fc2]) USING (sample_id)", "fc2"),
     ("SELECT * FROM INFLUENCE(query=batch(test)), INFLUENCE(query=batch(test))", "influence"),
-])
-def test_errors_name_the_users_text_never_the_private_relation(con, sql, words):
-    with pytest.raises(metaql.Error) as e:
-        con.execute(sql).fetchall()
-    assert "_metaql" not in str(e.value) and words in str(e.value)
-    leftover = con.store.db.sql("SELECT count(*) FROM duckdb_views() WHERE view_name LIKE '_metaql%'").fetchall()[0]
-    assert leftover == (0,)
+]
+
+
+def test_errors_name_the_users_text_never_the_private_relation(con):
+    for sql, words in ERRORS:
+        with pytest.raises(metaql.Error) as e:
+            con.execute(sql).fetchall()
+        assert "_metaql" not in str(e.value) and words in str(e.value), (sql, str(e.value))
+        leftover = con.store.db.sql("SELECT count(*) FROM duckdb_views() WHERE view_name LIKE '_metaql%'")
+        assert leftover.fetchall()[0] == (0,)
 
 
 @pytest.mark.parametrize("sql", [
@@ -159,3 +164,41 @@ def test_the_sql_guard_judges_the_statement_around_a_call(con, sql):
     with pytest.raises(metaql.ProgrammingError, match="refused"):
         con.execute(sql)
     assert con.verify() == []
+
+
+def _scores(dtype, names=("sample_id", "score"), values=(0.5, 0.25, 1.0)):
+    def fn(ctx, n: int = 3):
+        return pa.table({names[0]: pa.array(range(n), pa.int64()), names[1]: pa.array(list(values)[:n], dtype)})
+    return fn
+
+
+def test_declared_output_columns_are_what_a_function_returns():
+    with metaql.connect(":memory:") as c:
+        declared = [("sample_id", "BIGINT"), ("score", "DOUBLE")]
+        c.register_function(_scores(pa.float32()), name="F32", columns=declared)
+        c.register_function(_scores(pa.float64(), names=("id", "score")), name="RENAMED", columns=declared)
+        c.register_function(_scores(pa.string(), values=("a", "b", "c")), name="TEXT", columns=declared)
+        got = c.execute("SELECT * FROM F32(n=2) f").arrow()
+        assert got.schema.types == [pa.int64(), pa.float64()] and got.column("score").to_pylist() == [0.5, 0.25]
+        assert c.execute("SELECT TOPK(1) train FROM F32()").fetchall() == [(2, 1.0)]
+        for name in ("RENAMED", "TEXT"):
+            with pytest.raises(metaql.InvalidInputException, match=r"declares \(sample_id BIGINT, score DOUBLE\)"):
+                c.execute(f"SELECT * FROM {name}() x JOIN (SELECT 1 AS sample_id) USING (sample_id)")
+
+
+def test_topk_over_a_function_without_a_score_column_is_refused_before_it_runs():
+    ran = []
+
+    def weights(ctx):
+        ran.append(1)
+        return pa.table({"sample_id": pa.array([1], pa.int64()), "weight": pa.array([1.0])})
+    with metaql.connect(":memory:") as c:
+        c.register_function(weights, name="WEIGHTS", columns=[("sample_id", "BIGINT"), ("weight", "DOUBLE")])
+        with pytest.raises(metaql.BinderException, match="ORDER BY <column> DESC LIMIT n"):
+            c.execute("SELECT TOPK(1) train FROM WEIGHTS() ORDER BY DESC")
+        assert ran == []
+
+
+def test_metaql_sql_runs_on_a_default_connection():
+    assert metaql.sql("SELECT 42 AS x").fetchall() == [(42,)]
+    assert metaql.default_connection() is metaql.default_connection()

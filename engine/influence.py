@@ -19,6 +19,7 @@ from metaql.storage.losses import LOSS_TARGETS
 
 SIMILARITIES = ("dot", "cosine")
 COLUMNS = [("sample_id", "BIGINT"), ("score", "DOUBLE")]
+TOTAL_COLUMNS = [("train_samples", "BIGINT"), ("score", "DOUBLE")]     # INFLUENCE(..., total=true)
 
 
 def influence_plan(ctx, layers=("*",), query=None, train="train", checkpoints="all",
@@ -50,7 +51,7 @@ def _run(ctx, scan: InfluenceScan) -> pa.Table:
     return execute(optimize(scan, ctx.store, ctx.config), ctx)
 
 
-@table_function("INFLUENCE", COLUMNS, logical=influence_plan)
+@table_function("INFLUENCE", COLUMNS, logical=influence_plan, alternatives=[TOTAL_COLUMNS])
 def influence(ctx, *, query: SampleRef, layers: LayerList = ("*",), train: SampleRef = "train",
               checkpoints: CheckpointList = "all", similarity: Literal["dot", "cosine"] = "dot",
               loss: Literal["label", "pred", "expected"] = "label", total: bool = False) -> pa.Table:
@@ -108,6 +109,8 @@ def resolve_checkpoints(store, checkpoints) -> list[str]:
         return known
     if checkpoints == "last":
         return known[-1:]
+    if checkpoints == "first":     # with `last`, compares the start and the end of training in one JOIN
+        return known[:1]
     names = [checkpoints] if isinstance(checkpoints, str) else [str(c) for c in checkpoints]
     for n in names:
         require_name("checkpoint", n, known)

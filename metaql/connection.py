@@ -511,15 +511,17 @@ def _conformed(fn, table) -> pa.Table:
         raise InternalException(f"table function {fn.name} returned {type(table).__name__}, not a pyarrow.Table")
     if not fn.columns:
         return table
-    declared = ", ".join(f"{n} {t}" for n, t in fn.columns)
+    shapes = [fn.columns] + list(fn.alternatives)
+    declared = " or ".join("(" + ", ".join(f"{n} {t}" for n, t in cols) + ")" for cols in shapes)
     got = ", ".join(f"{f.name} {f.type}" for f in table.schema)
     wrong = InvalidInputException(f"table function {fn.name} returned the columns ({got}) but declares "
-                                  f"({declared}); it must return the declared columns, in that order")
-    if table.column_names != [n for n, _ in fn.columns]:
+                                  f"{declared}; it must return the declared columns, in that order")
+    columns = next((cols for cols in shapes if table.column_names == [n for n, _ in cols]), None)
+    if columns is None:
         raise wrong
-    if any(t.upper() not in _ARROW_TYPES for _, t in fn.columns):
+    if any(t.upper() not in _ARROW_TYPES for _, t in columns):
         return table     # a type this check does not know: the names are checked, the type is the function's
-    schema = pa.schema([(n, _ARROW_TYPES[t.upper()]) for n, t in fn.columns])
+    schema = pa.schema([(n, _ARROW_TYPES[t.upper()]) for n, t in columns])
     if table.schema.equals(schema):
         return table
     try:

@@ -204,8 +204,7 @@ def bound_parameters(text: str, params):
     if not found:
         return text, None
     if all(not key.isdigit() and key != "?" for _, _, key in found) and isinstance(params, dict):
-        used = {key for _, _, key in found}
-        return text, {k: v for k, v in params.items() if k in used}
+        return text, {key: parameter(key, params) for _, _, key in found}
     numbers: dict[str, int] = {}
     values, out, at = [], [], 0
     for start, end, key in found:

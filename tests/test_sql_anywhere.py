@@ -15,7 +15,7 @@ from tests.fuzzing import small_store
 
 CALLS = {"A": "INFLUENCE(query=batch(test))", "B": "SELF_INFLUENCE(checkpoints=[c1])",
          "C0": "INFLUENCE(query=batch(test), checkpoints=[c0])",
-         "C1": "INFLUENCE(query=batch(test), checkpoints=[c1])"}
+         "C1": "INFLUENCE(query=batch(test), checkpoints=[c1])", "B0": "SELF_INFLUENCE(checkpoints=[c0])"}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,12 @@ def test_a_call_without_alias_is_named_after_its_function(con):
                       "ON influence.sample_id = s.sample_id ORDER BY influence.score DESC LIMIT 3").fetchall()
     assert sorted(got) == by_duckdb(con, "SELECT a.sample_id, s.label FROM samples s JOIN {A} a "
                                          "ON a.sample_id = s.sample_id ORDER BY a.score DESC LIMIT 3")
+
+
+def test_first_and_last_checkpoints_compare_in_one_join(con):
+    got = con.execute("SELECT f.sample_id, f.score, l.score FROM SELF_INFLUENCE(checkpoints=first) f "
+                      "JOIN SELF_INFLUENCE(checkpoints=last) l USING (sample_id)").arrow()
+    assert rows(got) == by_duckdb(con, "SELECT f.sample_id, f.score, l.score FROM {B0} f JOIN {B} l USING (sample_id)")
 
 
 def test_create_set_from_self_influence(con):
@@ -202,3 +208,16 @@ def test_topk_over_a_function_without_a_score_column_is_refused_before_it_runs()
 def test_metaql_sql_runs_on_a_default_connection():
     assert metaql.sql("SELECT 42 AS x").fetchall() == [(42,)]
     assert metaql.default_connection() is metaql.default_connection()
+
+
+def test_a_declared_alternative_result_passes_and_is_typed(con):
+    """INFLUENCE(total=true) returns its other declared shape (train_samples, score)."""
+    got = con.execute("SELECT * FROM INFLUENCE(query=batch(test), total=true) t").arrow()
+    assert got.column_names == ["train_samples", "score"] and got.schema.types == [pa.int64(), pa.float64()]
+
+
+def test_a_missing_parameter_around_a_call_is_named(con):
+    with pytest.raises(metaql.BinderException, match=r"named parameter \$m is missing"):
+        con.execute("SELECT * FROM INFLUENCE(query=batch($q)) WHERE score < $m", {"q": "test"})
+    with pytest.raises(metaql.BinderException, match="parameter 2 is missing: 1 parameters were passed"):
+        con.execute("SELECT * FROM INFLUENCE(query=batch(?)) LIMIT ?", ["test"])

@@ -31,7 +31,7 @@ from metaql.planner import plan_call, plan_topk
 from metaql.result import Result
 from metaql.sqlcalls import bound_parameters, rewritten
 from metaql.storage.catalog import INTERNAL_TABLES, query_arrow, register, unregister
-from metaql.storage.sqlguard import checked_statements, require_read_query, retarget_insert
+from metaql.storage.sqlguard import checked_statements, retarget_insert
 from metaql.storage.store import Store
 
 _SHOW = {

@@ -99,6 +99,8 @@ class TableFunction:
     doc: str = ""
     # builds a logical plan node instead of running `fn` directly (INFLUENCE: EXPLAIN, optimizer)
     logical: Callable[..., Any] | None = None
+    # other results an argument selects (INFLUENCE's total=true): each a list like `columns`
+    alternatives: list = field(default_factory=list)
 
     def check_arguments(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Returns the call's keyword arguments with defaults filled in; raises on unknown/missing."""
@@ -180,9 +182,10 @@ REGISTRY = FunctionRegistry()
 
 
 def table_function(name: str | None = None, columns: list[tuple[str, str]] | None = None,
-                   logical: Callable[..., Any] | None = None):
+                   logical: Callable[..., Any] | None = None, alternatives: list | None = None):
     """Decorator: registers a built-in table function in the global registry."""
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        REGISTRY.register(fn, name=name, columns=columns).logical = logical
+        tf = REGISTRY.register(fn, name=name, columns=columns)
+        tf.logical, tf.alternatives = logical, list(alternatives or [])
         return fn
     return wrap

@@ -21,6 +21,7 @@ from metaql.storage.losses import LOSS_TARGETS
 
 SIMILARITIES = ("dot", "cosine")
 COLUMNS = [("sample_id", "BIGINT"), ("score", "DOUBLE")]
+TOTAL_COLUMNS = [("train_samples", "BIGINT"), ("score", "DOUBLE")]     # INFLUENCE(..., total=true)
 
 
 def influence_plan(ctx, layers=("*",), query=None, train="train", checkpoints="all",
@@ -52,7 +53,7 @@ def _run(ctx, scan: InfluenceScan) -> pa.Table:
     return execute(optimize(scan, ctx.store, ctx.config), ctx)
 
 
-@table_function("INFLUENCE", COLUMNS, logical=influence_plan)
+@table_function("INFLUENCE", COLUMNS, logical=influence_plan, alternatives=[TOTAL_COLUMNS])
 def influence(ctx, *, query: SampleRef, layers: LayerList = ("*",), train: SampleRef = "train",
               checkpoints: CheckpointList = "all", similarity: Literal["dot", "cosine"] = "dot",
               loss: Literal["label", "pred", "expected"] = "label", total: bool = False) -> pa.Table:
@@ -111,15 +112,18 @@ def resolve_checkpoints(store, checkpoints) -> list[str]:
     if not known:
         raise CatalogException("the store has no checkpoints yet; capture one with con.capture(...)")
     unfinished = {c["name"]: c["status"] for c in rows if c["status"] != "complete"}
-    if checkpoints in ("all", None, "last"):
+    if checkpoints in ("all", None, "last", "first"):
         complete = [n for n in known if n not in unfinished]
         if not complete:
             raise InvalidInputException(f"no checkpoint is complete ({_unfinished_text(unfinished)}); "
                                         "finish or resume the capture (run it again) before querying")
-        if unfinished and (checkpoints != "last" or known[-1] in unfinished):
+        picked = {"last": complete[-1:], "first": complete[:1]}.get(checkpoints, complete)
+        if any(n in unfinished for n in known if checkpoints in ("all", None)
+               or (checkpoints == "last" and n == known[-1]) or (checkpoints == "first" and n == known[0])):
             warnings.warn(f"left out {_unfinished_text(unfinished)}: scores use the complete checkpoints "
-                          f"({', '.join(complete)}); run the same capture again to resume", Warning, stacklevel=2)
-        return complete[-1:] if checkpoints == "last" else complete
+                          f"({', '.join(picked)}); run the same capture again to resume", Warning, stacklevel=2)
+        # `first` with `last` compares the start and the end of training in one JOIN
+        return picked
     names = [checkpoints] if isinstance(checkpoints, str) else [str(c) for c in checkpoints]
     for n in names:
         require_name("checkpoint", n, known)

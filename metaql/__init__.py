@@ -18,7 +18,7 @@ paramstyle = "qmark"
 __all__ = ["connect", "Connection", "Result", "Error", "ProgrammingError", "ParserException",
            "BinderException", "CatalogException", "InvalidInputException", "IOException",
            "InterruptException", "InternalException", "Warning", "SetName", "LayerList",
-           "CheckpointList", "SampleRef"]
+           "CheckpointList", "SampleRef", "sql", "default_connection"]
 
 # The connection pulls in torch, DuckDB and Arrow; importing it lazily keeps `metaql --help` instant.
 _LAZY = {"connect": "metaql.connection", "Connection": "metaql.connection", "Result": "metaql.result"}
@@ -31,3 +31,20 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'metaql' has no attribute {name!r}")
+
+
+_default = None
+
+
+def default_connection():
+    """The process's in-memory connection that `metaql.sql()` runs on (opened on first use)."""
+    global _default
+    if _default is None or _default.store is None:
+        from metaql.connection import connect
+        _default = connect(":memory:")
+    return _default
+
+
+def sql(query: str, parameters=None):
+    """Runs `query` on the default in-memory connection, like `duckdb.sql()`: a lazy relation."""
+    return default_connection().sql(query, parameters)

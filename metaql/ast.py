@@ -44,10 +44,21 @@ class TableCall:
 
 
 @dataclass
+class SQLWithCalls:
+    """DuckDB SQL holding MetaQL table-function calls: text[lo:hi] is the SQL, each call a
+    (metaql.sqlcalls.CallSpan, TableCall) with offsets into the whole statement's text."""
+    text: str
+    lo: int
+    hi: int
+    calls: list
+
+
+@dataclass
 class CreateSet:
     name: str
     query: str
     replace: bool = False
+    body: SQLWithCalls | None = None     # the query, when it calls table functions
 
 
 @dataclass
@@ -58,7 +69,7 @@ class DropSet:
 
 @dataclass
 class TopKSelect:
-    k: int
+    k: int | Parameter
     train_set: str
     call: TableCall
     ascending: bool = False

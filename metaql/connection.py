@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import signal
 import sys
@@ -20,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from metaql import ast
-from metaql.binder import bind_call, check_func_select, check_topk
+from metaql.binder import bind_call, check_func_select, check_topk, value_of
 from metaql.engine import executor
 from metaql.engine.errors import (BinderException, CatalogException, Error, InternalException, InterruptException,
                                   InvalidInputException, IOException, ParserException, ProgrammingError)
@@ -29,8 +30,9 @@ from metaql.engine.plan import InfluenceScan, TopK
 from metaql.parser import parse
 from metaql.planner import plan_call, plan_topk
 from metaql.result import Result
+from metaql.sqlcalls import bound_parameters, rewritten
 from metaql.storage.catalog import INTERNAL_TABLES, query_arrow, register, unregister
-from metaql.storage.sqlguard import checked_statements, require_read_query, retarget_insert
+from metaql.storage.sqlguard import checked_statements, retarget_insert
 from metaql.storage.store import Store
 
 _SHOW = {
@@ -38,6 +40,8 @@ _SHOW = {
     "checkpoints": "SELECT name, ordinal, epoch, step, lr, status, created_at FROM checkpoints ORDER BY ordinal",
     "sets": "SELECT name, size, definition, created_at FROM sets ORDER BY name",
 }
+_CALL_IDS = itertools.count()          # private relation names, unique per process
+_PRIVATE = re.compile(r"_metaql_call_\d+")
 
 
 def connect(database: str = ":memory:", read_only: bool = False, config: dict | None = None) -> "Connection":
@@ -135,9 +139,10 @@ class Connection:
     def _dispatch(self, stmt, params) -> Result:
         if isinstance(stmt, ast.PlainSQL):
             return self._plain_sql(stmt.text, params)
+        if isinstance(stmt, ast.SQLWithCalls):
+            return self._sql_with_calls(stmt, params)
         if isinstance(stmt, ast.CreateSet):
-            n = self.store.create_set(stmt.name, stmt.query, params, replace=stmt.replace)
-            return Result.message(f"set {stmt.name}: {n} samples")
+            return self._create_set(stmt, params)
         if isinstance(stmt, ast.DropSet):
             self.store.drop_set(stmt.name, stmt.if_exists)
             return Result.message(f"dropped set {stmt.name}")
@@ -153,32 +158,63 @@ class Connection:
     def _plan(self, stmt, params):
         ctx = self._context()
         if isinstance(stmt, ast.TopKSelect):
-            check_topk(stmt.k)
-            return plan_topk(bind_call(stmt.call, self.registry, params), ctx, stmt.k, stmt.ascending, stmt.train_set)
-        if isinstance(stmt, ast.FuncSelect):
-            check_func_select(stmt)
-            return plan_call(bind_call(stmt.call, self.registry, params), ctx)
+            k = check_topk(_whole_number(value_of(stmt.k, params)))
+            _check_ranks_by_score(self.registry.get(stmt.call.name))
+            return plan_topk(bind_call(stmt.call, self.registry, params), ctx, k, stmt.ascending, stmt.train_set)
         raise ProgrammingError(f"cannot plan {type(stmt).__name__}")
 
     def _run_plan(self, stmt, plan) -> Result:
         from metaql.engine.optimizer import optimize
         table = executor.execute(optimize(plan, self.store, self.config), self._context())
-        if isinstance(stmt, ast.FuncSelect):
-            return self._sql_over(table, stmt)
-        return Result(table)
+        return Result(_conformed(self.registry.get(stmt.call.name), table))
 
-    def _sql_over(self, table: pa.Table, stmt: ast.FuncSelect) -> Result:
-        """Runs the statement's SQL (columns, alias, joins, filters) over the function's result."""
-        name = "_metaql_fn_result"
-        register(self.store.db, name, table)
+    def _create_set(self, stmt: ast.CreateSet, params) -> Result:
+        if stmt.body is None:
+            n = self.store.create_set(stmt.name, stmt.query, params, replace=stmt.replace)
+        else:
+            with self._call_relations(stmt.body, params) as text:
+                text, duck_params = bound_parameters(text, params)
+                n = self.store.create_set(stmt.name, text, duck_params, replace=stmt.replace,
+                                          definition=stmt.query)
+        return Result.message(f"set {stmt.name}: {n} samples")
+
+    def _sql_with_calls(self, stmt: ast.SQLWithCalls, params, plans=None) -> Result:
+        """Runs each table-function call, gives DuckDB its result as a relation, and lets DuckDB
+        run the statement around the calls (the SQL guard judges that final statement)."""
+        _check_forgotten_topk(stmt)
+        with self._call_relations(stmt, params, plans) as text:
+            return self._plain_sql(*bound_parameters(text, params))
+
+    def _call_plans(self, stmt: ast.SQLWithCalls, params) -> list:
+        """Every call bound and planned before any runs: a wrong name in the second call fails
+        before the first call's work."""
+        from metaql.engine.optimizer import optimize
+        ctx = self._context()
+        return [optimize(plan_call(bind_call(call, self.registry, params), ctx), self.store, self.config)
+                for _, call in stmt.calls]
+
+    @contextmanager
+    def _call_relations(self, stmt: ast.SQLWithCalls, params, plans=None):
+        """Yields the statement's SQL with each call replaced by a registered private relation
+        holding its result; errors name the user's call, never the private name."""
+        plans = plans if plans is not None else self._call_plans(stmt, params)
+        private = [f"_metaql_call_{next(_CALL_IDS)}" for _ in stmt.calls]
+        shown = {name: _clipped(stmt.text[span.start:span.end]) for name, (span, _) in zip(private, stmt.calls)}
+        registered = []
         try:
-            alias = stmt.alias or stmt.call.name.lower()
-            text = f"SELECT {stmt.columns} FROM {name} AS {alias} {stmt.tail}"
-            require_read_query(text, "the SQL around a table function")
-            out = query_arrow(self.store.db, text)
+            for name, plan, (_, call) in zip(private, plans, stmt.calls):
+                table = executor.execute(plan, self._context())
+                register(self.store.db, name, _conformed(self.registry.get(call.name), table))
+                registered.append(name)
+            yield rewritten(stmt.text, stmt.lo, stmt.hi, [span for span, _ in stmt.calls], private)
+        except BaseException as e:
+            raise _renamed(as_metaql_error(e), shown) from _cause(e)
         finally:
-            unregister(self.store.db, name)
-        return Result(out)
+            for name in registered:
+                try:
+                    unregister(self.store.db, name)
+                except duckdb.Error:    # the statement's own error is the one to report
+                    pass
 
     def _plain_sql(self, text: str, params) -> Result:
         statements = _refuse_internal_writes(text, self.store.root)
@@ -226,6 +262,8 @@ class Connection:
     def _explain(self, stmt: ast.Explain, params) -> Result:
         from metaql.engine.explain import explain_lines
         from metaql.engine.optimizer import optimize
+        if isinstance(stmt.statement, ast.SQLWithCalls):
+            return self._explain_calls(stmt.statement, stmt.analyze, params)
         plan = optimize(self._plan(stmt.statement, params), self.store, self.config)
         if stmt.analyze:
             t0 = time.perf_counter()
@@ -233,6 +271,24 @@ class Connection:
             total = time.perf_counter() - t0
         lines = explain_lines(plan, analyze=stmt.analyze)
         if stmt.analyze:
+            lines.append(f"total: {total:.4f} s")
+        return Result(pa.table({"plan": lines}))
+
+    def _explain_calls(self, stmt: ast.SQLWithCalls, analyze: bool, params) -> Result:
+        """The plan of each table-function call in the statement (one after the other, each
+        headed by the call when there are several); ANALYZE runs the whole statement."""
+        from metaql.engine.explain import explain_lines
+        plans = self._call_plans(stmt, params)
+        if analyze:
+            t0 = time.perf_counter()
+            self._sql_with_calls(stmt, params, plans)
+            total = time.perf_counter() - t0
+        lines = []
+        for (span, _), plan in zip(stmt.calls, plans):
+            if len(plans) > 1:
+                lines.append(_clipped(stmt.text[span.start:span.end]))
+            lines += explain_lines(plan, analyze=analyze, indent="  " if len(plans) > 1 else "")
+        if analyze:
             lines.append(f"total: {total:.4f} s")
         return Result(pa.table({"plan": lines}))
 
@@ -358,10 +414,12 @@ class Connection:
             raise InvalidInputException(f"attach_model takes a torch.nn.Module, got {type(model).__name__}")
         self.store.live_model = model
 
-    def register_function(self, fn: Callable, name: str | None = None, replace: bool = False) -> None:
+    def register_function(self, fn: Callable, name: str | None = None, replace: bool = False,
+                          columns: list[tuple[str, str]] | None = None) -> None:
         """Adds a table function to this connection: a plain function `fn(ctx, **typed_args)` that
-        returns a pyarrow.Table (or a dict of columns)."""
-        self.registry.register(fn, name=name, replace=replace)
+        returns a pyarrow.Table (or a dict of columns). `columns`, e.g. [("sample_id", "BIGINT"),
+        ("score", "DOUBLE")], declares what it returns; a call whose result differs fails."""
+        self.registry.register(fn, name=name, replace=replace, columns=columns)
 
     @_catalog_errors
     def verify(self) -> list[str]:
@@ -430,6 +488,80 @@ def _quiet_progress(it, total=None, desc=""):
 def _bar_progress(it, total=None, desc=""):
     from tqdm import tqdm
     return tqdm(it, total=total, desc=desc, file=sys.stderr, leave=False, mininterval=0.5)
+
+
+def _whole_number(value) -> int:
+    """TOPK(?)'s count: a whole number, not a bool or a float."""
+    import numbers
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    raise BinderException(f"TOPK(n) needs a whole number, not {value!r:.60}")
+
+
+def _check_ranks_by_score(fn) -> None:
+    """TOPK(n) ranks by a `score` column; a function that declares none is refused before it runs."""
+    names = [n for n, _ in fn.columns]
+    if names and "score" not in names:
+        raise BinderException(f"TOPK(n) ranks by a score column, and {fn.name} returns ({', '.join(names)}); "
+                              f"write SELECT * FROM {fn.name}(...) ORDER BY <column> DESC LIMIT n")
+
+
+def _check_forgotten_topk(stmt: ast.SQLWithCalls) -> None:
+    """`SELECT train FROM INFLUENCE(...) ORDER BY ASC`: a TOPK(n) forgotten, said so."""
+    if len(stmt.calls) != 1:
+        return
+    span, call = stmt.calls[0]
+    head = re.match(r"^\s*select\s+(.*?)\s+from\s*$", stmt.text[stmt.lo:span.start], re.I | re.S)
+    if head:
+        check_func_select(ast.FuncSelect(head.group(1), call, None, stmt.text[span.end:stmt.hi].strip().rstrip(";")))
+
+
+def _clipped(text: str, n: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def _renamed(e: BaseException, shown: dict[str, str]) -> BaseException:
+    """`e` with every private relation name replaced by the user's call."""
+    msg = str(e)
+    if not isinstance(e, Error) or not _PRIVATE.search(msg):
+        return e
+    text = _PRIVATE.sub(lambda m: shown.get(m.group(0), "a table function's result"), msg)
+    try:
+        return type(e)(text)
+    except TypeError:
+        return ProgrammingError(text)
+
+
+_ARROW_TYPES = {"BIGINT": pa.int64(), "INTEGER": pa.int32(), "SMALLINT": pa.int16(), "DOUBLE": pa.float64(),
+                "FLOAT": pa.float32(), "REAL": pa.float32(), "BOOLEAN": pa.bool_(), "VARCHAR": pa.string()}
+
+
+def _conformed(fn, table) -> pa.Table:
+    """The function's result with exactly its declared columns and types (a safe cast, e.g.
+    float32 to DOUBLE, is made); anything else is refused, so that SQL over a function can rely
+    on what DESCRIBE and the docs say it returns."""
+    if not isinstance(table, pa.Table):
+        raise InternalException(f"table function {fn.name} returned {type(table).__name__}, not a pyarrow.Table")
+    if not fn.columns:
+        return table
+    shapes = [fn.columns] + list(fn.alternatives)
+    declared = " or ".join("(" + ", ".join(f"{n} {t}" for n, t in cols) + ")" for cols in shapes)
+    got = ", ".join(f"{f.name} {f.type}" for f in table.schema)
+    wrong = InvalidInputException(f"table function {fn.name} returned the columns ({got}) but declares "
+                                  f"{declared}; it must return the declared columns, in that order")
+    columns = next((cols for cols in shapes if table.column_names == [n for n, _ in cols]), None)
+    if columns is None:
+        raise wrong
+    if any(t.upper() not in _ARROW_TYPES for _, t in columns):
+        return table     # a type this check does not know: the names are checked, the type is the function's
+    schema = pa.schema([(n, _ARROW_TYPES[t.upper()]) for n, t in columns])
+    if table.schema.equals(schema):
+        return table
+    try:
+        return table.select(schema.names).cast(schema, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        raise wrong from None
 
 
 def _refuse_internal_writes(text: str, store_root=None) -> list:

@@ -1,5 +1,17 @@
-"""Text -> statements -> AST. MetaQL statements parse with the Lark grammar; plain SQL is routed
-to DuckDB untouched. Parse errors carry line, column, the line with a caret, and plain words."""
+"""Text -> statements -> AST. Parse errors carry line, column, the line with a caret, and plain words.
+
+The split between the two parsers:
+- MetaQL's own statements parse with the Lark grammar (grammar/metaql.lark): CREATE [OR REPLACE]
+  SET name AS <query> (the header; the query is SQL, below), DROP SET, SHOW LAYERS|CHECKPOINTS|SETS|
+  FUNCTIONS|TABLES, DESCRIBE <table function>, SELECT TOPK(n) train FROM F(...) ORDER BY ASC|DESC,
+  and EXPLAIN [ANALYZE] of TOPK or of SQL that calls a table function.
+- Everything else is DuckDB's SQL. A MetaQL table-function call may stand in it wherever a table
+  may (FROM, JOIN, CTEs, subqueries, UNION, CREATE TABLE AS, COPY, INSERT ... SELECT): the scanner
+  of metaql/sqlcalls.py finds each call's span, the call's text alone parses with the grammar's
+  table_call rule, and the face runs the call and gives DuckDB the rest, with each span replaced by
+  a private relation (ast.SQLWithCalls). SQL without a call (DESCRIBE samples, EXPLAIN SELECT ...,
+  SUMMARIZE) goes to DuckDB untouched (ast.PlainSQL).
+"""
 from __future__ import annotations
 
 import re
@@ -11,9 +23,11 @@ from lark.exceptions import VisitError
 
 from metaql import ast
 from metaql.engine.errors import ParserException
+from metaql.sqlcalls import find_calls, parameters_of
 
-METAQL_STARTS = re.compile(r"^\s*(create\s+(or\s+replace\s+)?set\b|drop\s+set\b|explain\b|show\b|describe\b"
-                           r"|select\s+topk\b)", re.I)
+METAQL_STARTS = re.compile(r"^\s*(create\s+(or\s+replace\s+)?set\b|drop\s+set\b|show\b|select\s+topk\b)", re.I)
+_DESCRIBE = re.compile(r"^\s*describe\s+([A-Za-z_][A-Za-z0-9_]*)\s*;?\s*$", re.I)
+_EXPLAIN = re.compile(r"^\s*explain\b(\s+analyze\b)?", re.I)
 # Bounds that no real statement reaches but that keep every parse short and free of recursion
 # errors: the AST transformer recurses once per level of brackets.
 MAX_NESTING = 32
@@ -33,7 +47,8 @@ TERMINAL_WORDS = {
 @lru_cache(maxsize=1)
 def parser() -> Lark:
     text = resources.files("metaql.grammar").joinpath("metaql.lark").read_text()
-    return Lark(text, parser="lalr", lexer="contextual", propagate_positions=False, maybe_placeholders=True)
+    return Lark(text, parser="lalr", lexer="contextual", propagate_positions=False, maybe_placeholders=True,
+                start=["start", "table_call"])
 
 
 def split_statements(text: str) -> list[str]:
@@ -75,26 +90,74 @@ def _strip_comments(s: str) -> str:
 
 
 def is_metaql(statement: str, function_names) -> bool:
-    if METAQL_STARTS.match(_strip_comments(statement)):
-        return True
-    names = {n.upper() for n in function_names}
-    return any(m.group(2).upper() in names for m in _CALL.finditer(statement))
+    return not isinstance(parse_statement(statement, function_names), ast.PlainSQL)
 
 
 def parse_statement(statement: str, function_names=()) -> object:
-    if not is_metaql(statement, function_names):
-        return ast.PlainSQL(statement.strip())
+    """One statement's AST: MetaQL's own statement, SQL with table-function calls, or plain SQL."""
+    head = _strip_comments(statement)
+    names = {n.upper() for n in function_names}
+    described = _DESCRIBE.match(head)
+    if METAQL_STARTS.match(head) or (described and described.group(1).upper() in names):
+        return _lark_statement(statement, function_names)
+    explained = _EXPLAIN.match(statement)
+    if explained:
+        return _explain(statement, explained, function_names)
+    return with_calls(statement, 0, len(statement), function_names) or ast.PlainSQL(statement.strip())
+
+
+def _lark_statement(statement: str, function_names) -> object:
     check_size(statement)
     try:
-        tree = parser().parse(statement)
+        tree = parser().parse(statement, start="start")
     except UnexpectedInput as e:
         raise _parse_error(statement, e) from None
+    return _transformed(ToAST(statement, function_names), tree)
+
+
+def _transformed(transformer, tree):
     try:
-        return ToAST(statement).transform(tree)
+        return transformer.transform(tree)
     except VisitError as e:   # Lark wraps what a rule raised; the user should see our error
         if isinstance(e.orig_exc, ParserException):
             raise e.orig_exc from None
         raise
+
+
+def _explain(statement: str, explained, function_names) -> object:
+    """EXPLAIN of TOPK or of SQL with a call is MetaQL's; EXPLAIN of plain SQL is DuckDB's."""
+    rest = _padded(statement, explained.end(), len(statement))
+    if re.match(r"^\s*select\s+topk\b", _strip_comments(rest), re.I):
+        return _lark_statement(statement, function_names)
+    inner = parse_statement(rest, function_names)
+    if isinstance(inner, ast.SQLWithCalls):
+        return ast.Explain(ast.SQLWithCalls(statement, explained.end(), inner.hi, inner.calls),
+                           bool(explained.group(1)))
+    return ast.PlainSQL(statement.strip())
+
+
+def _padded(text: str, lo: int, hi: int) -> str:
+    """text[lo:hi] at its place: what precedes it blanked, newlines kept, so that positions (and
+    parse errors' line and column) stay those of the whole statement."""
+    return re.sub(r"[^\n]", " ", text[:lo]) + text[lo:hi]
+
+
+def with_calls(statement: str, lo: int, hi: int, function_names) -> ast.SQLWithCalls | None:
+    """statement[lo:hi] as SQL with its table-function calls parsed; None when it calls none."""
+    region = _padded(statement, lo, hi)
+    spans = find_calls(region, {n.upper() for n in function_names})
+    if not spans:
+        return None
+    check_size(region)
+    calls = []
+    for span in spans:
+        text = _padded(region, span.start, span.end)
+        try:
+            tree = parser().parse(text, start="table_call")
+        except UnexpectedInput as e:
+            raise _parse_error(text, e, statement) from None
+        calls.append((span, _transformed(ToAST(statement, function_names), tree)))
+    return ast.SQLWithCalls(statement, lo, hi, calls)
 
 
 def check_size(statement: str) -> None:
@@ -134,7 +197,7 @@ def parse(text: str, function_names=()) -> list:
     return [parse_statement(s, function_names) for s in split_statements(text)]
 
 
-def _parse_error(text: str, e: UnexpectedInput) -> ParserException:
+def _parse_error(text: str, e: UnexpectedInput, shown: str | None = None) -> ParserException:
     if isinstance(e, UnexpectedToken):
         expected = sorted(TERMINAL_WORDS.get(t, t) for t in e.accepts or e.expected)
         found = "the end of the statement" if e.token.type == "$END" else f"'{_clip(str(e.token))}'"
@@ -151,7 +214,7 @@ def _parse_error(text: str, e: UnexpectedInput) -> ParserException:
     if line is None or line < 0:
         line = text.count("\n") + 1
         col = len(text.rsplit("\n", 1)[-1]) + 1
-    return ParserException(msg, line, col, _caret(text, line, col))
+    return ParserException(msg, line, col, _caret(shown or text, line, col))
 
 
 def _clip(s: str, n: int = 60) -> str:
@@ -183,23 +246,24 @@ def _hint(text: str) -> str | None:
     return None
 
 
-def _positional_counter():
-    n = 0
-
-    def next_key() -> str:
-        nonlocal n
-        n += 1
-        return str(n)
-    return next_key
-
-
 class ToAST(Transformer):
     """Lark tree -> metaql.ast objects."""
 
-    def __init__(self, text: str = ""):
+    def __init__(self, text: str = "", function_names=()):
         super().__init__()
-        self._next_param = _positional_counter()
         self._text = text
+        self._names = function_names
+        # a '?' is numbered by its place in the whole statement, so that numbering is one across
+        # TOPK(?), a call's arguments and the SQL around them
+        self._question_marks = [start for start, _, key in parameters_of(text) if key == "?"]
+
+    def _parameter(self, token) -> ast.Parameter:
+        s = str(token)
+        if s != "?":
+            return ast.Parameter(s[1:])
+        pos = getattr(token, "start_pos", None)
+        n = self._question_marks.index(pos) + 1 if pos in self._question_marks else 1
+        return ast.Parameter(str(n))
 
     def _error(self, message: str, token) -> ParserException:
         line, col = getattr(token, "line", None), getattr(token, "column", None)
@@ -236,8 +300,7 @@ class ToAST(Transformer):
         return ast.Literal(str(items[0])[1:-1].replace("''", "'"))
 
     def parameter(self, items):
-        s = str(items[0])
-        return ast.Parameter(self._next_param() if s == "?" else s[1:])
+        return self._parameter(items[0])
 
     def list(self, items):
         return ast.ListValue([v for v in items if v is not None and not isinstance(v, Token)])
@@ -273,7 +336,8 @@ class ToAST(Transformer):
         replace = any(isinstance(i, ast.Literal) and i.value == "or_replace" for i in items)
         name = [i for i in items if isinstance(i, Token) and i.type == "NAME"][0]
         body = [i for i in items if isinstance(i, Token) and i.type == "SQL_BODY"][0]
-        return ast.CreateSet(str(name), str(body).strip(), replace)
+        calls = with_calls(self._text, body.start_pos, body.end_pos, self._names)
+        return ast.CreateSet(str(name), str(body).strip(), replace, calls)
 
     def or_replace(self, _):
         return ast.Literal("or_replace")
@@ -289,7 +353,7 @@ class ToAST(Transformer):
         return str(items[2]).lower() == "asc"
 
     def topk_select(self, items):
-        k = self._number(items[3])
+        k = self._parameter(items[3]) if items[3].type == "PARAMETER" else self._number(items[3])
         call = [i for i in items if isinstance(i, ast.TableCall)][0]
         asc = items[-1] if isinstance(items[-1], bool) else False
         return ast.TopKSelect(k, str(items[5]), call, asc)

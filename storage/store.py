@@ -316,7 +316,9 @@ class Store:
         require_name("set", name, self.set_names() + self.splits())
         raise AssertionError  # pragma: no cover - require_name raised
 
-    def create_set(self, name: str, query: str, params: Any = None, replace: bool = False) -> int:
+    def create_set(self, name: str, query: str, params: Any = None, replace: bool = False,
+                   definition: str | None = None) -> int:
+        """`definition`: the query as the user wrote it, when `query` is its rewritten form."""
         self._writable()
         if not _SAFE_NAME.match(name):
             raise BinderException(f"set name '{name}' must be an identifier")
@@ -348,7 +350,8 @@ class Store:
                 raise BinderException(f"{unknown} ids returned by the set's query are not registered samples")
             self.db.execute("INSERT INTO set_members SELECT ?, sample_id FROM _members", [name])
             unregister(self.db, "_members")
-            self.db.execute("INSERT INTO sets (name, definition, size) VALUES (?, ?, ?)", [name, query, len(ids)])
+            self.db.execute("INSERT INTO sets (name, definition, size) VALUES (?, ?, ?)",
+                            [name, definition or query, len(ids)])
         self.committed()
         return len(ids)
 

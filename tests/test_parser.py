@@ -22,8 +22,11 @@ def test_statements_parse_to_ast():
     assert s.call.args["query"] == ast.Call("batch", [ast.Name("test_wrong")])
     s = one("SELECT sample_id, score FROM INFLUENCE(layers=*, query=point(4711)) AS r "
             "JOIN samples USING (sample_id) WHERE score < 0 ORDER BY score LIMIT 5")
-    assert isinstance(s, ast.FuncSelect) and s.alias == "r" and s.columns == "sample_id, score"
-    assert s.tail == "JOIN samples USING (sample_id) WHERE score < 0 ORDER BY score LIMIT 5"
+    # issue #18: SQL around a call is DuckDB's; the parser cuts out the call and keeps the rest
+    assert isinstance(s, ast.SQLWithCalls) and len(s.calls) == 1
+    span, call = s.calls[0]
+    assert s.text[span.start:span.end] == "INFLUENCE(layers=*, query=point(4711))" and span.has_alias
+    assert call.args["query"] == ast.Call("point", [ast.Literal(4711)])
     assert one("CREATE OR REPLACE SET x AS SELECT 1 AS sample_id") == ast.CreateSet("x", "SELECT 1 AS sample_id", True)
     assert one("drop set if exists x") == ast.DropSet("x", True)
     assert one("SHOW layers") == ast.Show("layers")
@@ -38,11 +41,11 @@ def test_query_words_stay_usable_as_names():
 
 
 def test_parameters_and_literals():
-    s = one("SELECT * FROM INFLUENCE(query=batch(?), similarity='cosine', k=$2, x=$name, y=-1.5e2)")
-    assert s.call.args["query"] == ast.Call("batch", [ast.Parameter("1")])
-    assert s.call.args["similarity"] == ast.Literal("cosine")
-    assert s.call.args["k"] == ast.Parameter("2") and s.call.args["x"] == ast.Parameter("name")
-    assert s.call.args["y"] == ast.Literal(-150.0)
+    [(_, call)] = one("SELECT * FROM INFLUENCE(query=batch(?), similarity='cosine', k=$2, x=$name, y=-1.5e2)").calls
+    assert call.args["query"] == ast.Call("batch", [ast.Parameter("1")])
+    assert call.args["similarity"] == ast.Literal("cosine")
+    assert call.args["k"] == ast.Parameter("2") and call.args["x"] == ast.Parameter("name")
+    assert call.args["y"] == ast.Literal(-150.0)
 
 
 def test_split_statements_respects_quotes_and_comments():

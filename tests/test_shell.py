@@ -210,8 +210,8 @@ def test_errors_print_like_duckdb(shell):
     assert err.splitlines()[-1].endswith("^") and "ORDER BY up" in err
     shell.run_statement("SELECT nope FROM samples")
     assert outputs(shell)[1].startswith('Binder Error: Referenced column "nope" not found')   # not doubled
-    shell.run_statement("DESCRIBE nope")
-    assert outputs(shell)[1].startswith("Catalog Error: unknown table function 'nope'")
+    shell.run_statement("DESCRIBE nope")     # issue #18: DESCRIBE of what is not a table function is DuckDB's
+    assert outputs(shell)[1].startswith("Catalog Error: Table with name nope does not exist")
     shell.run_script(".mode xml\n.nope")
     assert outputs(shell)[1] == ("Error: usage: .mode [box|csv|json|markdown]\n"
                                  "Error: unknown command .nope (did you mean .open?); .help lists the commands\n")

@@ -28,7 +28,8 @@ def demo_store(tmp_path_factory):
     return store
 
 
-def test_readme_sql_examples_run(demo_store):
+def test_readme_sql_examples_run(demo_store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)          # COPY ... TO writes where the user runs it
     statements = [s for b in blocks("sql") for s in split_statements(b)]
     assert len(statements) > 10
     with metaql.connect(demo_store) as con:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from metaql.engine.errors import IOException, Warning as MetaQLWarning
+from metaql.storage.tensorfile import fsync_path
 
 POINTER = "CURRENT"
 MANIFEST = "MANIFEST.json"
@@ -51,7 +52,7 @@ def save_unit(slot: str | Path, write: Callable[[Path], Any]) -> Path:
         _write_manifest(tmp)
         version = f"v-{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         os.rename(tmp, slot / version)
-        _fsync_dir(slot)
+        fsync_path(slot)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -59,7 +60,7 @@ def save_unit(slot: str | Path, write: Callable[[Path], Any]) -> Path:
     pointer_tmp = slot / f"{_TMP_PREFIX}{POINTER}"
     _write_synced(pointer_tmp, version.encode())
     os.replace(pointer_tmp, slot / POINTER)
-    _fsync_dir(slot)
+    fsync_path(slot)
     _remove_old_versions(slot, keep={version, previous})
     return slot / version
 
@@ -165,10 +166,10 @@ def warn_not_saved(store: Any, what: str) -> None:
 def _write_manifest(directory: Path) -> None:
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        _fsync_file(path)
+        fsync_path(path)
         files[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     _write_synced(directory / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1).encode())
-    _fsync_dir(directory)
+    fsync_path(directory)
 
 
 def _pointed(slot: Path) -> str | None:
@@ -208,16 +209,3 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -46,10 +46,10 @@ def write_shard(path: Path, ids: np.ndarray, tensors: dict[str, torch.Tensor],
     with pa.OSFile(str(tmp), "wb") as sink:
         with pa.ipc.new_file(sink, schema) as writer:
             writer.write_table(table)
-    _fsync(tmp)
+    fsync_path(tmp)
     fault_point("shard.rename.before")
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
     fault_point("shard.rename.after")
     return path.stat().st_size, file_checksum(path)
 
@@ -113,10 +113,6 @@ class Shard:
 
 def fsync_path(path: Path) -> None:
     """Flushes a file or directory to disk."""
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

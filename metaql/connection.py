@@ -45,7 +45,11 @@ _PRIVATE = re.compile(r"_metaql_call_\d+")
 
 
 def connect(database: str = ":memory:", read_only: bool = False, config: dict | None = None) -> "Connection":
-    """Opens (or creates) a store: a directory, or ':memory:' for a throwaway one."""
+    """Opens (or creates) a store: a directory, or ':memory:' for a throwaway one.
+
+    config keys: 'progress' (bool: progress bars, default on a terminal), 'trusted_factories' (model
+    factories this process may run, see README), 'device' ('cpu' / 'cuda' for the scans),
+    'force_strategy' (pin one query strategy; benchmarks and tests). Other keys are refused."""
     return Connection(database, read_only, config)
 
 
@@ -61,6 +65,27 @@ def _catalog_errors(method: Callable) -> Callable:
     return wrapper
 
 
+# connect(config=...) keys: what each one does is in connect()'s docstring
+CONFIG_KEYS = ("device", "force_strategy", "progress", "trusted_factories")
+
+
+def _checked_config(config) -> dict:
+    """A copy of `config`, refusing keys MetaQL does not know (a typo would otherwise be ignored)."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise InvalidInputException(f"config must be a dict, got {type(config).__name__}")
+    for key in config:
+        if key not in CONFIG_KEYS:
+            import difflib
+            hint = difflib.get_close_matches(str(key), CONFIG_KEYS, n=1)
+            raise InvalidInputException(f"unknown config key {key!r}." + (f" Did you mean {hint[0]!r}?" if hint else "")
+                                        + f" Known keys: {', '.join(CONFIG_KEYS)}")
+    if "progress" in config and not isinstance(config["progress"], bool):
+        raise InvalidInputException(f"config['progress'] must be true or false, got {config['progress']!r}")
+    return dict(config)
+
+
 def _positive(name: str, value, high: int = 1 << 24) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= high:
         raise InvalidInputException(f"{name} must be a whole number in [1, {high:,}], got {value!r}")
@@ -71,7 +96,7 @@ class Connection:
         from metaql import builtins  # noqa: F401  registers the built-in table functions
 
         self.database = database
-        self.config = dict(config or {})
+        self.config = _checked_config(config)
         from metaql.storage.models import trusted_factories
         trusted = trusted_factories(self.config.get("trusted_factories"))   # checked before the store opens
         self.store = Store(database, read_only=read_only)

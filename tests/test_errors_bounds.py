@@ -316,3 +316,12 @@ def test_python_api_arguments_and_catalog_errors_are_metaql_errors(tmp_path):
             with pytest.raises(metaql.InvalidInputException):
                 call()
         assert con.verify() == []
+
+
+def test_unknown_config_keys_are_refused_with_a_hint():
+    with pytest.raises(metaql.InvalidInputException, match="unknown config key 'progres'. Did you mean 'progress'"):
+        metaql.connect(":memory:", config={"progres": False})        # a typo was silently ignored
+    with pytest.raises(metaql.InvalidInputException, match="true or false"):
+        metaql.connect(":memory:", config={"progress": "no"})
+    with metaql.connect(":memory:", config={"progress": False, "device": "cpu"}) as con:
+        assert con.execute("SELECT 1").fetchall() == [(1,)]

@@ -54,3 +54,22 @@ def test_checkpoint_name_taken_or_not_a_model():
         with pytest.raises(metaql.InvalidInputException, match="takes a torch.nn.Module"):
             con.checkpoint({"weight": 1}, "c1", lr=0.1)
         assert [c["name"] for c in con.store.checkpoints()] == ["c0"]
+
+
+def test_replay_is_idempotent_across_overlapping_layer_sets():
+    """Replaying [fc1] and then [fc1, fc2] stored fc1's rows twice on the old code: SELF_INFLUENCE came
+    out exactly 2x on fc1 and verify() said nothing. Now each layer stores only the ids it lacks."""
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(10, 6), torch.randint(0, 3, (10,))
+    with metaql.connect(":memory:") as con:
+        con.add_samples(np.arange(10), "train", y.numpy(), x)
+        con.checkpoint(model, "c0", lr=1.0)
+        assert con.replay("c0", "train", layers=["fc1"]) == 10
+        con.replay("c0", "train", layers=["fc1", "fc2"])
+        con.replay("c0", "train", layers=["fc1", "fc2"])            # again: nothing new to store
+        assert sorted(con.store.stored_ids("c0", "fc1")) == list(range(10))
+        assert sorted(con.store.stored_ids("c0", "fc2")) == list(range(10))
+        assert con.verify() == []
+        got = con.execute("SELECT score FROM SELF_INFLUENCE() ORDER BY sample_id").fetchnumpy()["score"]
+    g = _flat(per_sample_grads(model, x, y))
+    assert rel_err(torch.from_numpy(got), (g * g).sum(1)) < 1e-5

@@ -26,12 +26,11 @@ from metaql.engine import executor
 from metaql.engine.errors import (BinderException, CatalogException, Error, InternalException, InterruptException,
                                   InvalidInputException, IOException, ParserException, ProgrammingError)
 from metaql.engine.functions import REGISTRY
-from metaql.engine.plan import InfluenceScan, TopK
 from metaql.parser import parse
 from metaql.planner import plan_call, plan_topk
 from metaql.result import Result
 from metaql.sqlcalls import bound_parameters, rewritten
-from metaql.storage.catalog import INTERNAL_TABLES, query_arrow, register, unregister
+from metaql.storage.catalog import query_arrow, register, unregister
 from metaql.storage.sqlguard import checked_statements, retarget_insert
 from metaql.storage.store import Store
 

@@ -697,4 +697,6 @@ def _empty_result(fn) -> pa.Table | None:
 
 def _duck_types(con, schema: pa.Schema) -> list:
     """DuckDB's types of an Arrow schema (as DuckDB reads the result back)."""
+    from metaql.storage.catalog import _complete
+    _complete(con.store.db)
     return list(con.store.db.from_arrow(schema.empty_table()).types)

@@ -490,8 +490,8 @@ class Connection:
         return self
 
     def table(self, table_name: str) -> "Relation":
-        """A relation over a table or view of the store (or a registered object); a MetaQL set's
-        name gives its members' sample_id, like the IN (set) the language allows."""
+        """A relation over a table or view of the store, or a registered object; the name of a
+        MetaQL set (not shadowed by a table) gives its members' sample_id."""
         from metaql.relation import _literal, _name
         self._check_open()
         self.store.refresh()

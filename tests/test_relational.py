@@ -300,3 +300,28 @@ def test_metaql_sql_on_the_default_connection():
     rel = metaql.sql("SELECT range AS i FROM range(10)")
     assert rel.filter("i % 2 = 0").order("i DESC").limit(2).fetchall() == [(8,), (6,)]
     assert metaql.sql("SELECT 42 AS x").columns == ["x"]
+
+
+def _relation_over_a_local_frame(con):
+    inner_frame = pd.DataFrame({"sample_id": [1, 4], "tag": ["x", "y"]})
+    return con.sql("SELECT * FROM inner_frame").filter("sample_id > 1")
+
+
+def test_a_relation_keeps_the_python_object_it_was_built_on(con):
+    rel = _relation_over_a_local_frame(con)        # fetched where `inner_frame` is no name, as in DuckDB
+    assert rel.fetchall() == [(4, "y")]
+    assert rel.join(con.table("samples").set_alias("s"), "sample_id").project("tag, split").fetchall() == \
+        [("y", "train")]
+
+
+def test_rows_with_two_columns_of_one_name_keep_both(con):
+    assert con.execute("SELECT 1 AS a, 2 AS a").fetchall() == [(1, 2)]
+    assert con.sql("SELECT 1 AS a, 2 AS a").fetchone() == (1, 2)
+
+
+def test_a_relation_of_a_closed_connection_refuses_to_run(tmp_path):
+    c = metaql.connect(str(tmp_path / "c.mq"))
+    rel = c.sql("SELECT 1 AS a")
+    c.close()
+    with pytest.raises(metaql.ProgrammingError, match="closed"):
+        rel.fetchall()

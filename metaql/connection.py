@@ -26,8 +26,9 @@ from metaql.engine import executor
 from metaql.engine.errors import (BinderException, CatalogException, Error, InternalException, InterruptException,
                                   InvalidInputException, IOException, ParserException, ProgrammingError)
 from metaql.engine.functions import REGISTRY
-from metaql.parser import parse
+from metaql.parser import parse, split_statements
 from metaql.planner import plan_call, plan_topk
+from metaql.relation import Relation
 from metaql.result import Result
 from metaql.sqlcalls import bound_parameters, rewritten
 from metaql.storage.catalog import query_arrow, register, unregister
@@ -120,13 +121,13 @@ class Connection:
         return self
 
     def sql(self, query: str, parameters: Any = None) -> "Relation":
-        """A lazy relation for one statement: parsed now (syntax errors surface at once), run on
-        the first fetch, like DuckDB's `sql()`."""
+        """A lazy relation for one statement, like DuckDB's `sql()`: parsed now (syntax errors
+        surface at once), run on each fetch; relational methods compose it (metaql/relation.py)."""
         self._check_open()
         statements = _parsed(query, self.registry.names())
         if len(statements) != 1:
             raise ProgrammingError(f"sql() takes one statement, got {len(statements)}")
-        return Relation(self, statements[0], parameters)
+        return Relation.of_statement(self, statements[0], split_statements(query)[0].strip(), parameters)
 
     def cursor(self) -> "Connection":
         """A second connection to the same store, for another thread: its own DuckDB connection
@@ -137,6 +138,7 @@ class Connection:
         other.__dict__.update(self.__dict__)
         other.store = self.store.cursor()
         other._result, other._interrupt, other._owns_store = None, threading.Event(), True
+        other._registered = {}      # con.register() names are per connection, as in DuckDB
         return other
 
     def _run(self, stmt, params) -> Result:
@@ -244,8 +246,9 @@ class Connection:
         statements = _refuse_internal_writes(text, self.store.root)
         if any(s.labels_insert for s in statements):
             return self._insert_labels(statements, params)
+        from metaql.pyobjects import with_python_objects
         try:
-            table = query_arrow(self.store.db, text, params)
+            table = with_python_objects(self, lambda: query_arrow(self.store.db, text, params))
         except duckdb.CatalogException as e:
             missing = re.search(r"Table Function with name (\w+) does not exist", str(e))
             if missing:
@@ -457,6 +460,69 @@ class Connection:
         self._interrupt.set()
         self.store.db.interrupt()
 
+    # ---- DuckDB's relational API (metaql/relation.py, metaql/pyobjects.py) ----------------------------
+    def register(self, view_name: str, python_object) -> "Connection":
+        """Makes a pandas/polars DataFrame, a pyarrow Table/RecordBatchReader/Dataset or a dict of
+        columns queryable as `view_name` on this connection (a temporary view: nothing is stored).
+        Names of the store's tables and views, and MetaQL's own, are refused."""
+        from metaql.pyobjects import check_name, ensure_registered, registrable
+        self._check_open()
+        obj = registrable(python_object)
+        name = check_name(self, view_name)
+        db = ensure_registered(self)
+        try:
+            register(db, name, obj)
+        except duckdb.Error as e:
+            raise _duck_error(e) from None
+        self._registered[name.lower()] = (name, obj)
+        return self
+
+    def unregister(self, view_name: str) -> "Connection":
+        """Forgets a name con.register() gave (a name it did not give is left alone)."""
+        from metaql.pyobjects import ensure_registered
+        self._check_open()
+        entry = self.__dict__.get("_registered", {}).pop(str(view_name).lower(), None)
+        if entry is not None:
+            try:
+                unregister(ensure_registered(self), entry[0])
+            except duckdb.Error:    # already gone with a reader's reopened catalog
+                pass
+        return self
+
+    def table(self, table_name: str) -> "Relation":
+        """A relation over a table or view of the store, or a registered object; the name of a
+        MetaQL set (not shadowed by a table) gives its members' sample_id."""
+        from metaql.relation import _literal, _name
+        self._check_open()
+        self.store.refresh()
+        text = f"SELECT * FROM {_name(table_name)}"
+        try:
+            self._plain_sql(f"{text} LIMIT 0", None)
+        except (duckdb.CatalogException, CatalogException):
+            if table_name not in self.store.set_names():
+                raise CatalogException(f"Table with name {table_name} does not exist: it is no table, view, "
+                                       "registered object or set of this store (SHOW TABLES, SHOW SETS)") from None
+            text = f"SELECT sample_id FROM set_members WHERE set_name = {_literal(table_name)} ORDER BY sample_id"
+        except duckdb.Error as e:
+            raise _duck_error(e) from None
+        return Relation.of_statement(self, ast.PlainSQL(text), text, None).set_alias(table_name.split(".")[-1])
+
+    def view(self, view_name: str) -> "Relation":
+        return self.table(view_name)
+
+    def executemany(self, query: str, parameters=None) -> "Connection":
+        """Runs one statement once per parameter set, like DuckDB's executemany; the last run's
+        result is fetched from the connection."""
+        self._check_open()
+        statements = _parsed(query, self.registry.names())
+        if len(statements) != 1:
+            raise ProgrammingError(f"executemany() takes one statement, got {len(statements)}")
+        if parameters is None or isinstance(parameters, (str, bytes, dict)):
+            raise InvalidInputException("executemany() takes a sequence of parameter sets, e.g. [[1], [2]]")
+        for params in parameters:
+            self._result = self._run(statements[0], params)
+        return self
+
     # ---- lifecycle ----------------------------------------------------------------------------------
     def close(self) -> None:
         if self.store is not None and self._owns_store:
@@ -475,34 +541,6 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<metaql.Connection {self.database!r}{' read-only' if self.store and self.store.read_only else ''}>"
-
-
-class Relation:
-    """What `con.sql()` returns: runs its statement on first use, then behaves as its result."""
-
-    def __init__(self, con: Connection, statement, parameters):
-        self._con, self._statement, self._parameters = con, statement, parameters
-        self._result: Result | None = None
-
-    def _run(self) -> Result:
-        if self._result is None:
-            self._con._check_open()
-            self._result = self._con._run(self._statement, self._parameters)
-        return self._result
-
-    def __getattr__(self, name: str):
-        if name in ("fetchone", "fetchmany", "fetchall", "df", "arrow", "fetchnumpy", "pl", "torch", "show",
-                    "description", "columns"):
-            return getattr(self._run(), name)
-        raise AttributeError(name)
-
-    fetchdf = property(lambda self: self._run().df)
-
-    def __len__(self) -> int:
-        return len(self._run())
-
-    def __repr__(self) -> str:
-        return repr(self._run())
 
 
 def _quiet_progress(it, total=None, desc=""):

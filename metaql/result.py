@@ -27,8 +27,7 @@ class Result:
         return self._table.num_rows
 
     def _rows(self, start: int, stop: int) -> list[tuple]:
-        part = self._table.slice(start, max(stop - start, 0)).to_pylist()
-        return [tuple(r.values()) for r in part]
+        return rows_of(self._table.slice(start, max(stop - start, 0)))
 
     def fetchone(self):
         rows = self.fetchmany(1)
@@ -71,3 +70,9 @@ class Result:
     def __repr__(self) -> str:
         from metaql.format import render
         return render(self._table, "box", 20)
+
+
+def rows_of(table) -> list[tuple]:
+    """The rows of an Arrow table or batch as tuples, column by column (two columns of one name,
+    as a join's ON gives, are both kept)."""
+    return list(zip(*(c.to_pylist() for c in table.columns))) if table.num_columns else [()] * table.num_rows

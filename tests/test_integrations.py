@@ -301,3 +301,46 @@ def test_broadcast_layer_is_skipped_by_a_pattern_and_refused_by_name():
         with pytest.raises(metaql.InvalidInputException, match="layer 'pos' saw a batch of 1 but 4 ids"):
             with con.capture(model, layers=["pos", "head"], checkpoint="c1") as cap:
                 cap.backward(F.cross_entropy(model(ids), y), np.arange(4))
+
+
+def test_hf_trainer_checkpoint_every_n_steps_and_names_taken(tmp_path):
+    x, y = _digits(16)
+    with metaql.connect(str(tmp_path / "s.mq")) as con:
+        con.add_samples(np.arange(16), "train", y.numpy(), x)
+        trainer = _hf_trainer(con, TinyNet(), _digit_rows(x, y), 4, every=2, out=tmp_path / "o")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.train()
+        assert [(c["name"], c["step"], c["status"]) for c in con.store.checkpoints()] == [
+            ("step0", 0, "complete"), ("step2", 2, "complete")] and con.verify() == []
+        for name, ids in (("step0", trainer.seen[0][0].tolist() + trainer.seen[1][0].tolist()),
+                          ("step2", trainer.seen[2][0].tolist() + trainer.seen[3][0].tolist())):
+            assert sorted(con.store.stored_ids(name, "fc1").tolist()) == sorted(ids)
+        again = _hf_trainer(con, TinyNet(), _digit_rows(x, y), 4, every=2, out=tmp_path / "o")
+        with pytest.raises(metaql.CatalogException, match="'step0' already exists"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            again.train()
+
+
+def test_lightning_exception_leaves_no_scored_checkpoint(tmp_path):
+    L, LitNet, _ = _lit_module()
+    from metaql.integrations.lightning import MetaQLCallback
+
+    class Failing(LitNet):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 2:
+                raise RuntimeError("bad batch")
+            return super().training_step(batch, batch_idx)
+
+    x, y = _digits(16)
+    data = torch.utils.data.TensorDataset(x, y, torch.arange(16))
+    with metaql.connect(str(tmp_path / "l.mq")) as con:
+        con.add_samples(np.arange(16), "train", y.numpy(), x)
+        trainer = L.Trainer(max_epochs=1, callbacks=[MetaQLCallback(con)], logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                            default_root_dir=str(tmp_path))
+        with pytest.raises(RuntimeError, match="bad batch"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(Failing(), torch.utils.data.DataLoader(data, batch_size=4))
+        assert [(c["name"], c["status"]) for c in con.store.checkpoints()] == [("epoch1", "partial")]
+        assert any("'epoch1' is partial" in p for p in con.verify())

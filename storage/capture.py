@@ -240,14 +240,17 @@ class Capture:
 
     def _keep_factors(self, ids: np.ndarray, scale: float) -> None:
         factors = self.hooks.factors(scale=scale)
-        for layer, fs in list(factors.items()):
-            b = next(iter(fs.values())).shape[0]
+        rows = {layer: next(iter(fs.values())).shape[0] for layer, fs in factors.items()}
+        for layer, b in rows.items():
             if b == len(ids):
                 continue
             # a module whose output the model broadcasts over the batch (BERT's position embeddings
             # get position_ids of shape (1, L)) receives the batch's summed gradient: no sample's own
-            why = (f"saw a batch of {b} but {len(ids)} ids were given (its output is broadcast over the "
-                   "batch, so no per-sample gradient reaches it)")
+            broadcast = b == 1 and len(ids) in rows.values()
+            if not broadcast:
+                raise InvalidInputException(f"layer '{layer}' saw a batch of {b} but {len(ids)} ids were given")
+            why = (f"saw a batch of 1 but {len(ids)} ids were given (its output is broadcast over the batch, so "
+                   "no per-sample gradient reaches it)")
             if layer in self.hooks.optional and layer not in self.writer.modes:
                 self.hooks.drop(layer, why)
                 del factors[layer]

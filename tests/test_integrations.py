@@ -344,3 +344,14 @@ def test_lightning_exception_leaves_no_scored_checkpoint(tmp_path):
             trainer.fit(Failing(), torch.utils.data.DataLoader(data, batch_size=4))
         assert [(c["name"], c["status"]) for c in con.store.checkpoints()] == [("epoch1", "partial")]
         assert any("'epoch1' is partial" in p for p in con.verify())
+
+
+def test_wrong_number_of_ids_is_refused_not_skipped():
+    """A batch given too many ids is the caller's error: no layer is dropped as 'broadcast'."""
+    model, x, y = TinyNet(), torch.rand(1, 64), torch.tensor([3])
+    with metaql.connect(":memory:") as con:
+        con.add_samples(np.arange(2), "train", np.array([3, 3]), torch.rand(2, 64))
+        with pytest.raises(metaql.InvalidInputException, match="saw a batch of 1 but 2 ids"):
+            with con.capture(model, layers="*", checkpoint="c0") as cap:
+                F.cross_entropy(model(x), y).backward()
+                cap.record(np.arange(2))

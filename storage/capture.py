@@ -221,14 +221,44 @@ class Capture:
             raise InvalidInputException("the loss is NaN or infinite; nothing was captured for this batch")
         loss.backward()
         # d(mean)/d(out_i) is d(loss_i)/d(out_i) / B: scale back to each sample's own loss
-        factors = self.hooks.factors(scale=float(len(ids)) if reduction == "mean" else 1.0)
-        for layer, fs in factors.items():
-            b = next(iter(fs.values())).shape[0]
-            if b != len(ids):
+        self._keep_factors(ids, float(len(ids)) if reduction == "mean" else 1.0)
+        return loss
+
+    def record(self, ids, scale: float = 1.0) -> None:
+        """Keeps each sample's factors of a backward pass that a framework ran itself (the Hugging
+        Face Trainer, Lightning; see metaql.integrations). `scale` is 1 / (d backpropagated loss /
+        d loss_i): it turns the gradients at each layer's output into those of each sample's own
+        loss. A refused batch stores nothing and leaves the capture ready for the next one."""
+        try:
+            ids = _as_ids(ids)
+            check_unique_ids(ids)
+            if not (np.isfinite(scale) and scale > 0):
+                raise InvalidInputException(f"the loss scale must be a positive finite number, got {scale!r}")
+            self._keep_factors(ids, float(scale))
+        finally:
+            self.hooks.clear()
+
+    def _keep_factors(self, ids: np.ndarray, scale: float) -> None:
+        factors = self.hooks.factors(scale=scale)
+        rows = {layer: next(iter(fs.values())).shape[0] for layer, fs in factors.items()}
+        for layer, b in rows.items():
+            if b == len(ids):
+                continue
+            # a module whose output the model broadcasts over the batch (BERT's position embeddings
+            # get position_ids of shape (1, L)) receives the batch's summed gradient: no sample's own
+            broadcast = b == 1 and len(ids) in rows.values()
+            if not broadcast:
                 raise InvalidInputException(f"layer '{layer}' saw a batch of {b} but {len(ids)} ids were given")
+            why = (f"saw a batch of 1 but {len(ids)} ids were given (its output is broadcast over the batch, so "
+                   "no per-sample gradient reaches it)")
+            if layer in self.hooks.optional and layer not in self.writer.modes:
+                self.hooks.drop(layer, why)
+                del factors[layer]
+            else:
+                raise InvalidInputException(f"layer '{layer}' {why}; nothing of this batch was stored (leave "
+                                            f"'{layer}' out of layers=, or give it one input row per sample)")
         self.writer.add(ids, factors)
         self.samples += len(ids)
-        return loss
 
     def __exit__(self, exc_type, exc, tb) -> None:
         complete = False

@@ -157,6 +157,12 @@ class LayerHooks:
                 "mode) for exact factors", Warning, stacklevel=5)
         self.normalized = {}
 
+    def drop(self, name: str, why: str) -> None:
+        """Stops watching a layer a pattern picked, with one warning that says why."""
+        self._drop(name)
+        self.skipped[name] = why
+        warnings.warn(f"layers: skipped '{name}' ({why})", Warning, stacklevel=4)
+
     def _drop(self, name: str) -> None:
         for h in self._handles.pop(name, []):
             h.remove()

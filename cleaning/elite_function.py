@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from metaql.cleaning.elite import EliteDetector
-from metaql.engine.errors import InvalidInputException
+from metaql.errors import InvalidInputException
 from metaql.engine.functions import Range, SetName, table_function
 from metaql.storage.artifacts import warn_not_saved
 

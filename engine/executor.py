@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 
 from metaql.engine import operators as ops
-from metaql.engine.errors import InterruptException, InvalidInputException
+from metaql.errors import InterruptException, InvalidInputException
 from metaql.engine.functions import FunctionRegistry
 from metaql.engine.plan import FunctionScan, InfluenceScan, Strategy, TopK
 from metaql.storage.hooks import watched_modules

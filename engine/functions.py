@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from metaql.engine.errors import BinderException, CatalogException
+from metaql.errors import BinderException, CatalogException
 
 
 class SetName(str):

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from metaql.engine.errors import BinderException, CatalogException, InvalidInputException, Warning
+from metaql.errors import BinderException, CatalogException, InvalidInputException, Warning
 
 from metaql.engine.functions import CheckpointList, LayerList, SampleRef, table_function
 from metaql.engine.plan import InfluenceScan, Side

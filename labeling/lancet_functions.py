@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from metaql.engine.errors import InvalidInputException, IOException, Warning as MetaQLWarning
+from metaql.errors import InvalidInputException, IOException, Warning as MetaQLWarning
 from metaql.engine.functions import Range, SetName, table_function
 from metaql.storage.labels import add_labels, read_labels, whole_numbers
 from metaql.labeling.augment import check_mode

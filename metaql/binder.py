@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from metaql import ast
-from metaql.engine.errors import BinderException, ParserException
+from metaql.errors import BinderException, ParserException
 from metaql.engine.functions import (INT64, CheckpointList, FunctionRegistry, LayerList, Range, SampleRef, SetName,
                                      TableFunction)
 

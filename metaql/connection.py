@@ -23,8 +23,8 @@ import pyarrow as pa
 from metaql import ast
 from metaql.binder import bind_call, check_func_select, check_topk, value_of
 from metaql.engine import executor
-from metaql.engine.errors import (BinderException, CatalogException, Error, InternalException, InterruptException,
-                                  InvalidInputException, IOException, ParserException, ProgrammingError)
+from metaql.errors import (DUCKDB_NAMES, BinderException, CatalogException, Error, InternalException,
+                           InterruptException, InvalidInputException, IOException, ParserException, ProgrammingError)
 from metaql.engine.functions import REGISTRY
 from metaql.parser import parse
 from metaql.planner import plan_call, plan_topk
@@ -432,7 +432,7 @@ class Connection:
         checkpoint's file) when the store's recorded factory is not trusted or not importable."""
         from torch import nn
 
-        from metaql.engine.errors import InvalidInputException
+        from metaql.errors import InvalidInputException
         self._check_open()
         if not isinstance(model, nn.Module):
             raise InvalidInputException(f"attach_model takes a torch.nn.Module, got {type(model).__name__}")
@@ -658,16 +658,8 @@ def _interruptible(progress: Callable, interrupted: Callable[[], bool]) -> Calla
     return wrap
 
 
-# DuckDB's exception classes and MetaQL's, most specific first (DuckDB's tree is DB-API's).
-_DUCK_CLASSES = [("ParserException", ParserException), ("CatalogException", CatalogException),
-                 ("BinderException", BinderException), ("IOException", IOException),
-                 ("InterruptException", InterruptException), ("ConversionException", InvalidInputException),
-                 ("OutOfRangeException", InvalidInputException), ("InvalidInputException", InvalidInputException),
-                 ("TypeMismatchException", BinderException), ("ConstraintException", InvalidInputException),
-                 ("InvalidTypeException", BinderException), ("NotImplementedException", ProgrammingError),
-                 ("TransactionException", ProgrammingError), ("PermissionException", IOException),
-                 ("OutOfMemoryException", IOException), ("SerializationException", IOException),
-                 ("InternalException", InternalException), ("FatalException", InternalException)]
+# DuckDB's exception classes and MetaQL's of the same name, most specific first (metaql/errors.py).
+_DUCK_CLASSES = DUCKDB_NAMES
 
 
 def _duck_error(e: Exception) -> Error:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import duckdb
 
-from metaql.engine.errors import CatalogException, IOException
+from metaql.errors import CatalogException, IOException
 
 FORMAT_VERSION = "1"
 

@@ -31,7 +31,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from metaql.engine.errors import (BinderException, CatalogException, InvalidInputException, IOException,
+from metaql.errors import (BinderException, CatalogException, InvalidInputException, IOException,
                                   ProgrammingError)
 from metaql.storage import durable, files
 from metaql.storage.artifacts import artifact_problems

@@ -20,6 +20,10 @@ class SetName(str):
     """A type hint: the argument names a sample set (`train`, `test`, a CREATE SET name, ...)."""
 
 
+class ColumnName(str):
+    """A type hint: the argument names a column of the `samples` table ('' for none)."""
+
+
 class LayerList(list):
     """A type hint: a list of layer names, or `*` for every layer."""
 

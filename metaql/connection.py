@@ -266,20 +266,22 @@ class Connection:
                      f.doc.split("\n")[0]) for f in (self.registry.get(n) for n in self.registry.names())]
             return Result(pa.table({"name": [r[0] for r in rows], "arguments": [r[1] for r in rows],
                                     "description": [r[2] for r in rows]}))
-        if what == "tables":
-            return Result(query_arrow(self.store.db,
-                                      "SELECT table_name AS name FROM information_schema.tables ORDER BY 1"))
         if what not in SHOWN:
             raise BinderException(f"SHOW {what.upper()}: use SHOW LAYERS, CHECKPOINTS, SETS, FUNCTIONS or TABLES")
         return Result(self.store.listing(what))
 
     def _describe(self, name: str) -> Result:
+        """A table function's arguments (name, type, default), then the columns it declares it
+        returns, each as `-> column` with its SQL type (an alternative result, such as INFLUENCE's
+        total=true, marked as such)."""
         fn = self.registry.get(name)
-        return Result(pa.table({
-            "argument": [p.name for p in fn.params.values()],
-            "type": [p.type_name for p in fn.params.values()],
-            "default": ["(required)" if p.required else repr(p.default) for p in fn.params.values()],
-        }))
+        rows = [(p.name, p.type_name, "(required)" if p.required else repr(p.default)) for p in fn.params.values()]
+        for i, columns in enumerate([fn.columns] + list(fn.alternatives)):
+            rows += [(f"-> {c}", t, "(output column)" if i == 0 else f"(output column, alternative {i})")
+                     for c, t in columns]
+        return Result(pa.table({"argument": [r[0] for r in rows], "type": [r[1] for r in rows],
+                                "default": [r[2] for r in rows]}, schema=pa.schema([
+                                    ("argument", pa.string()), ("type", pa.string()), ("default", pa.string())])))
 
     def _explain(self, stmt: ast.Explain, params) -> Result:
         from metaql.engine.explain import explain_lines

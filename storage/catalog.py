@@ -59,6 +59,7 @@ SHOWN = {
               "ORDER BY name",
     "checkpoints": "SELECT name, ordinal, epoch, step, lr, status, created_at FROM checkpoints ORDER BY ordinal",
     "sets": "SELECT name, size, definition, created_at FROM sets ORDER BY name",
+    "tables": "SELECT table_name AS name FROM information_schema.tables ORDER BY 1",
 }
 
 _LOCK_RE = re.compile(r"\(PID (\d+)\)")

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from metaql.errors import CatalogException, InvalidInputException, Warning
+from metaql.errors import BinderException, CatalogException, InvalidInputException, Warning
 from metaql.storage.catalog import require_name
 from metaql.storage.layers import LayerMeta
 
@@ -71,7 +71,13 @@ class CatalogSnapshot:
         return self.store.sample_column_names()
 
     def require_column(self, name: str) -> str:
-        require_name("column of samples", str(name), self.sample_columns)
+        """`name` if `samples` has that column (case-blind, as DuckDB); a BinderException (DuckDB's
+        class for an unknown column) with did-you-mean otherwise, as Store.sample_columns says it."""
+        if str(name).lower() not in {c.lower() for c in self.sample_columns}:
+            try:
+                require_name("samples column", str(name), self.sample_columns)
+            except CatalogException as e:
+                raise BinderException(str(e)) from None
         return str(name)
 
     # ---- layers ---------------------------------------------------------------------------------
@@ -163,7 +169,7 @@ class CatalogSnapshot:
     def _factor_shards(self) -> dict[tuple[str, str], list[dict]]:
         """Every factor shard row, read in one round trip, by (checkpoint, layer) in shard order."""
         out: dict[tuple[str, str], list[dict]] = {}
-        for row in self.store.factor_shard_rows():
+        for row in self.store.factor_shards(None, None):     # None, None: every checkpoint and layer
             out.setdefault((row["checkpoint"], row["layer"]), []).append(row)
         return out
 

@@ -211,10 +211,6 @@ class Store:
         """SHOW LAYERS / CHECKPOINTS / SETS as an Arrow table."""
         return query_arrow(self.db, SHOWN[what])
 
-    def factor_shard_rows(self) -> list[dict]:
-        """Every factor shard's row, in one round trip."""
-        return self._shard_rows("factors")
-
     def cost_constants(self, measure) -> dict[str, float]:
         """The cost model's constants from the catalog's meta table; on first use `measure()`d and
         kept there (a read-only store keeps nothing and measures again next time)."""
@@ -596,7 +592,9 @@ class Store:
                               "(con.verify() lists every damaged file)")
         return Shard(path).ids.copy()
 
-    def factor_shards(self, checkpoint: str, layer: str) -> list[dict]:
+    def factor_shards(self, checkpoint: str | None, layer: str | None) -> list[dict]:
+        """Factor shard rows of (checkpoint, layer); None leaves that side open (a statement's
+        catalog snapshot reads every one in one round trip)."""
         return self._shard_rows("factors", checkpoint, layer)
 
     def _shard_rows(self, kind: str, checkpoint: str | None = None, layer: str | None = None) -> list[dict]:

@@ -54,7 +54,7 @@ def test_explain_refuses_an_unknown_set_as_running_does(con, call):
 def test_binder_resolves_columns_samples_and_says_did_you_mean(con):
     with pytest.raises(metaql.CatalogException, match="unknown set 'tran'. Did you mean 'train'"):
         con.execute("EXPLAIN SELECT * FROM ELITE(data=tran, labeled=test)")
-    with pytest.raises(metaql.CatalogException, match="column of samples 'lable'.*Did you mean 'label'"):
+    with pytest.raises(metaql.BinderException, match="unknown samples column 'lable'.*Did you mean 'label'"):
         con.execute("EXPLAIN SELECT * FROM ELITE(data=train, labeled=test, label_column=lable)")
     with pytest.raises(metaql.CatalogException, match="sample 999 is not registered"):
         con.execute("EXPLAIN SELECT * FROM INFLUENCE(query=point(999))")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metaql.engine.errors import InvalidInputException
+from metaql.errors import InvalidInputException
 
 NORMAL_NAMES = {"normal", "inlier", "0"}
 ANOMALY_NAMES = {"anomaly", "anomalous", "outlier", "1"}

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from metaql.cleaning import checks
 from metaql.cleaning.scores import make_score
-from metaql.engine.errors import IOException, InvalidInputException
+from metaql.errors import IOException, InvalidInputException
 from metaql.storage.artifacts import load_unit, save_unit
 
 WEIGHTS_FILE = "weights.safetensors"

@@ -20,7 +20,7 @@ from metaql.cleaning.pseudo_labels import ANOMALY_LOSSES, pseudo_labels, trainin
 from metaql.cleaning.scores import SCORES, make_score
 from metaql.cleaning.thresholds import balanced_threshold
 from metaql.cleaning.training import Progress, make_optimizer, minibatches, no_progress, pretrain_svdd
-from metaql.engine.errors import InvalidInputException
+from metaql.errors import InvalidInputException
 
 
 class EliteDetector(ScoreDetector):

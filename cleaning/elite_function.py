@@ -14,15 +14,16 @@ import pyarrow as pa
 import torch
 
 from metaql.cleaning.elite import EliteDetector
-from metaql.engine.errors import InvalidInputException
-from metaql.engine.functions import Range, SetName, table_function
+from metaql.errors import InvalidInputException
+from metaql.engine.functions import ColumnName, Range, SetName, table_function
 from metaql.storage.artifacts import warn_not_saved
+from metaql.storage.catalog_snapshot import catalog_of
 
 COLUMNS = [("sample_id", "BIGINT"), ("anomaly_score", "DOUBLE"), ("is_anomaly", "BOOLEAN")]
 
 
 @table_function(name="ELITE", columns=COLUMNS)
-def elite(ctx, data: SetName, labeled: SetName, score: str = "svdd", label_column: str = "label",
+def elite(ctx, data: SetName, labeled: SetName, score: str = "svdd", label_column: ColumnName = "label",
           anomaly_label: int = 1, normal_label: int = 0, features: str = "",
           epochs: Annotated[int, Range(1, 10_000)] = 150,
           batch_size: Annotated[int, Range(1, 2 ** 20)] = 128,
@@ -77,7 +78,7 @@ def _epochs_progress(ctx):
 
 
 def _ids(ctx, name: str) -> np.ndarray:
-    ids = np.asarray(ctx.store.set_ids(str(name)), dtype=np.int64)
+    ids = np.asarray(catalog_of(ctx).set_ids(str(name)), dtype=np.int64)
     if len(ids) == 0:
         raise InvalidInputException(f"the sample set '{name}' is empty")
     return ids

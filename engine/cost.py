@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-BYTES_PER_NUMBER = 4
+from metaql.engine.strategies import BYTES_PER_NUMBER, STRATEGIES, applicable  # noqa: F401
 
 
 @dataclass
@@ -27,27 +27,14 @@ class Shapes:
 
 
 def estimates(sh: Shapes) -> dict[str, dict[str, float]]:
-    """{strategy: {flops, bytes}} for every strategy that applies to how the layer is stored."""
-    params = sh.din * sh.dout
-    query_side = sh.b * sh.sq * params            # building the query batch's average gradient
-    # re-compute replays each training sample: at least this layer's forward and two backward
-    # products, then Lemma 7; it reads only the inputs (a lower bound: other layers are extra)
-    recompute = {"flops": sh.n * 4 * sh.s * params + query_side, "bytes": sh.n * sh.s * sh.din * BYTES_PER_NUMBER}
-    if sh.stored == "full":
-        return {"full_dot": {"flops": sh.n * params + query_side, "bytes": sh.n * params * BYTES_PER_NUMBER},
-                "recompute": recompute}
-    read = sh.n * sh.s * (sh.din + sh.dout) * BYTES_PER_NUMBER
-    return {
-        "iterate": {"flops": sh.n * sh.b * sh.s * sh.sq * (sh.din + sh.dout), "bytes": read},
-        "batch_average": {"flops": sh.n * sh.s * params + query_side, "bytes": read},
-        "reconstruct": {"flops": sh.n * (sh.s * params + params) + query_side, "bytes": read},
-        "recompute": recompute,
-    }
+    """{strategy: {flops, bytes}} for every registered strategy that reads a layer stored as `sh.stored`
+    (engine/strategies.py holds each strategy's formula)."""
+    return {s.name: s.estimate(sh) for s in applicable(sh.stored)}
 
 
 # Strategies shown by EXPLAIN and run when forced (benchmarks), never picked by cost: their
 # formula is a lower bound (re-compute's real cost includes the whole model's forward/backward).
-BASELINES = ("recompute",)
+BASELINES = tuple(n for n, s in STRATEGIES.items() if s.baseline)
 
 
 def seconds(est: dict[str, float], consts: dict[str, float]) -> float:

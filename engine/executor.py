@@ -15,9 +15,11 @@ import pyarrow as pa
 import torch
 
 from metaql.engine import operators as ops
-from metaql.engine.errors import InterruptException, InvalidInputException
 from metaql.engine.functions import FunctionRegistry
 from metaql.engine.plan import FunctionScan, InfluenceScan, Strategy, TopK
+from metaql.engine.strategies import needs_of, strategy_named
+from metaql.errors import InterruptException, InvalidInputException
+from metaql.storage.catalog_snapshot import catalog_of
 from metaql.storage.hooks import watched_modules
 from metaql.storage.layers import kind_named
 from metaql.storage.replay import replay_factors
@@ -34,6 +36,7 @@ class Context:
     config: dict = field(default_factory=dict)
     progress: Callable = lambda it, total=None, desc="": it
     interrupted: Callable[[], bool] = lambda: False
+    catalog: Any = None          # the statement's CatalogSnapshot (storage/catalog_snapshot.py)
 
     def check_interrupt(self) -> None:
         if self.interrupted():
@@ -61,16 +64,18 @@ def top_k(table: pa.Table, k: int, ascending: bool) -> pa.Table:
 
 
 def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
-    store = ctx.store
+    store, catalog = ctx.store, catalog_of(ctx)
     train = np.sort(scan.train.ids)
     total = np.zeros(len(train))
     seen = np.zeros(len(train), dtype=bool)
     by_ckpt: dict[str, list[Strategy]] = {}
     for s in scan.strategies:
         by_ckpt.setdefault(s.checkpoint, []).append(s)
+    inputs = None if scan.query is None else store.inputs(scan.query.ids)   # the same at every checkpoint
     for ckpt, strategies in ctx.progress(list(by_ckpt.items()), desc="checkpoints"):
-        lr = store.checkpoint(ckpt)["lr"]
-        query = None if scan.query is None else query_sides(scan, store, ckpt, strategies, device_of(ctx))
+        lr = catalog.checkpoint(ckpt)["lr"]
+        query = None if scan.query is None else query_sides(scan, store, ckpt, strategies, device_of(ctx),
+                                                            catalog, inputs)
         part, norms, qnorm = np.zeros(len(train)), np.zeros(len(train)), 0.0
         for strat in strategies:
             t0 = time.perf_counter()
@@ -106,19 +111,21 @@ def check_finite(scores: np.ndarray, layer: str, ckpt: str, lr: float | None = N
 
 
 def query_sides(scan: InfluenceScan, store, ckpt: str, strategies: list[Strategy],
-                device: str = "cpu") -> dict[str, dict]:
+                device: str = "cpu", catalog=None, inputs=None) -> dict[str, dict]:
     """Replays the query samples at the checkpoint; per layer what its chosen strategy needs."""
+    catalog = catalog if catalog is not None else catalog_of(Context(store, FunctionRegistry()))
     model, task = store.model_at(ckpt), task_at(store, ckpt)
     modules = watched_modules(model, scan.layers)
     ids = scan.query.ids
     # the query side's loss is the checkpoint's task's, read as scan.loss says
     targets = task.stored_targets(store, ids, scan.loss)
-    factors = replay_factors(model, modules, store.inputs(ids), targets, scan.loss, task=task)
+    inputs = inputs if inputs is not None else store.inputs(ids)
+    factors = replay_factors(model, modules, inputs, targets, scan.loss, task=task)
     out = {}
     for layer in scan.layers:
-        meta, _ = store.layer_meta(layer)
-        chosen = {s.chosen for s in strategies if s.layer == layer}
-        side = ops.query_side(kind_named(meta.kind), meta, factors[layer], chosen, norm=scan.similarity == "cosine")
+        meta, _ = catalog.layer_meta(layer)
+        needs = needs_of({s.chosen for s in strategies if s.layer == layer})
+        side = ops.query_side(kind_named(meta.kind), meta, factors[layer], needs, norm=scan.similarity == "cosine")
         out[layer] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in side.items()}
     return out
 
@@ -129,12 +136,13 @@ def device_of(ctx: Context) -> str:
 
 
 def layer_pass(store, ckpt: str, strat: Strategy, train: np.ndarray, q, scan: InfluenceScan, ctx: Context):
-    meta, stored = store.layer_meta(strat.layer)
+    catalog = catalog_of(ctx)
+    meta, stored = catalog.layer_meta(strat.layer)
     kind = kind_named(meta.kind)
     scores, norms, seen = np.zeros(len(train)), np.zeros(len(train)), np.zeros(len(train), bool)
     device = device_of(ctx)
-    batches = recomputed_batches(store, ckpt, strat.layer, train) if strat.chosen == "recompute" \
-        else (store.shard_tensors(row) for row in store.factor_shards(ckpt, strat.layer))
+    batches = recomputed_batches(store, ckpt, strat.layer, train) if strategy_named(strat.chosen).replays \
+        else (catalog.shard_tensors(row) for row in catalog.factor_shards(ckpt, strat.layer))
     for ids, tensors in batches:
         ctx.check_interrupt()
         keep = np.isin(ids, train)
@@ -174,29 +182,24 @@ def recomputed_batches(store, ckpt: str, layer: str, train: np.ndarray, batch: i
 def chunk_rows(tensors: dict, q, strategy: str, meta) -> int:
     """Training samples per chunk so that the largest intermediate stays under CHUNK_NUMBERS."""
     per_sample = sum(int(np.prod(t.shape[1:])) for t in tensors.values())
-    if strategy == "iterate" and q is not None and "x_rows" in q:
-        # a convolution may build patches (kernel taps x the input) and per-tap products
-        taps = int(np.prod(meta.extra.get("kernel", [1]))) if meta.extra else 1
-        rows = kind_named(meta.kind).positions(meta, {k: v[:1] for k, v in tensors.items()})
-        per_sample = per_sample * taps + rows * len(q["x_rows"]) * (2 * taps + 1)
-    if strategy == "reconstruct":
-        per_sample += meta.params
+    per_sample = strategy_named(strategy).extra_numbers(meta, tensors, q, per_sample)
     return max(1, CHUNK_NUMBERS // max(per_sample, 1))
 
 
 def chunk_scores(kind, meta, stored: str, strategy: str, chunk, q, similarity: str):
     """(scores, squared norms) of one chunk of training samples for one layer."""
-    if strategy == "recompute":
-        stored, strategy = ("full", "full_dot") if not kind.factored else ("factored", "batch_average")
+    strat = strategy_named(strategy)
+    if strat.replays:
+        stored, strat = strat.delegate(kind)
         if stored == "full":
             chunk = {"G": kind.full(meta, chunk)}
     if stored == "full":
         g = chunk["G"].float()
         norm = (g * g).sum(1)
-        score = norm if q is None else ops.full_dot(g, q)
+        score = norm if q is None else strat.scores(kind, meta, {"G": g}, q)
         return score.double().cpu().numpy(), norm.double().cpu().numpy()
     first = next(iter(chunk.values()))
     norm = ops.squared_norm(kind, meta, chunk) if (similarity == "cosine" or q is None) \
         else torch.zeros(first.shape[0], device=first.device)
-    score = norm if q is None else ops.FACTORED[strategy](kind, meta, chunk, q)
+    score = norm if q is None else strat.scores(kind, meta, chunk, q)
     return score.double().cpu().numpy(), norm.double().cpu().numpy()

@@ -13,11 +13,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from metaql.engine.errors import BinderException, CatalogException
+from metaql.errors import BinderException, CatalogException
 
 
 class SetName(str):
     """A type hint: the argument names a sample set (`train`, `test`, a CREATE SET name, ...)."""
+
+
+class ColumnName(str):
+    """A type hint: the argument names a column of the `samples` table ('' for none)."""
 
 
 class LayerList(list):

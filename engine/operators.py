@@ -42,18 +42,19 @@ def squared_norm(kind, meta, chunk) -> torch.Tensor:
 FACTORED = {"iterate": iterate, "batch_average": batch_average, "reconstruct": reconstruct}
 
 
-def query_side(kind, meta, factors: dict[str, torch.Tensor], strategies=None, norm: bool = True) -> dict:
-    """What the chosen strategies need of the query samples of one layer, computed once (None: all):
-    the rows for iterate; the average gradient Gbar for the others, and for its norm (cosine)."""
+def query_side(kind, meta, factors: dict[str, torch.Tensor], needs=None, norm: bool = True) -> dict:
+    """What the chosen strategies need of the query samples of one layer, computed once: `needs`
+    holds "rows" (iterate) and/or "gbar" (the average gradient Gbar; also made for its norm,
+    cosine), None everything (engine.strategies.needs_of turns strategy names into needs)."""
     count = next(iter(factors.values())).shape[0]
     if not kind.factored:
         g = kind.full(meta, factors)
         return {"count": count, "gbar_flat": g.mean(0)}
     side: dict = {"count": count}
-    if strategies is None or norm or set(strategies) - {"iterate"}:
+    if needs is None or norm or "gbar" in needs:
         gbar = kind.average_of(meta, factors)
         side.update(gbar=gbar, gbar_flat=gbar.reshape(-1))
-    if strategies is None or "iterate" in strategies:
+    if needs is None or "rows" in needs:
         x, d = kind.rows(meta, factors)
         side.update(x_rows=kind.flat_rows(meta, x), d_rows=kind.flat_rows(meta, d))
     return side

@@ -1,46 +1,105 @@
-"""The optimizer: per (checkpoint, layer), the cheapest strategy by the cost model.
+"""The optimizer: a list of small rules, each a function (plan, env) -> plan, applied in order to a
+copy of the logical plan (after sqlglot's optimizer), so the planner's tree is never changed and a
+plan optimized once is not optimized again.
 
-Rules are small functions over the plan, applied in order (after sqlglot's optimizer).
+RULES today: per (checkpoint, layer) of an influence scan, the cheapest strategy by the cost model
+(engine/cost.py, engine/strategies.py). The optimizer reads the catalog only through the
+statement's CatalogSnapshot (layer rows and the cost constants, each read once) and writes nothing:
+the store keeps the measured cost constants (Store.cost_constants).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
 
 from metaql.engine import cost
 from metaql.engine.plan import InfluenceScan, Strategy, TopK
+from metaql.engine.strategies import STRATEGIES
+from metaql.storage.catalog_snapshot import CatalogSnapshot
 
 FORCE_KEY = "force_strategy"   # connection config: pin one strategy (benchmarks, tests)
 
 
-def optimize(plan, store, config: dict | None = None):
-    node = plan.child if isinstance(plan, TopK) else plan
+@dataclass
+class Env:
+    """What rules may read: the statement's catalog snapshot and the connection's config."""
+    catalog: CatalogSnapshot
+    config: dict
+
+
+def optimize(plan, catalog, config: dict | None = None):
+    """`plan` optimized by every rule, as a new tree; `catalog` is the statement's CatalogSnapshot
+    (a Store is accepted and read through a snapshot of its own)."""
+    if getattr(plan, "_optimized", False):
+        return plan
+    env = Env(snapshot_of(catalog), dict(config or {}))
+    out = copy_plan(plan)
+    for rule in RULES:
+        out = rule(out, env)
+    out._optimized = True
+    return out
+
+
+def snapshot_of(catalog) -> CatalogSnapshot:
+    return catalog if isinstance(catalog, CatalogSnapshot) else CatalogSnapshot(catalog)
+
+
+def copy_plan(node):
+    """A copy of every plan node of the tree; leaf data (sample id arrays) is shared, never changed."""
+    if isinstance(node, TopK):
+        return dataclasses.replace(node, child=copy_plan(node.child))
     if isinstance(node, InfluenceScan):
-        node.strategies = choose_strategies(node, store, (config or {}).get(FORCE_KEY))
+        return dataclasses.replace(node, layers=list(node.layers), checkpoints=list(node.checkpoints),
+                                   strategies=[dataclasses.replace(s, estimates=dict(s.estimates))
+                                               for s in node.strategies])
+    return dataclasses.replace(node) if dataclasses.is_dataclass(node) else node
+
+
+def scans(plan):
+    """The influence scans of the tree."""
+    if isinstance(plan, TopK):
+        yield from scans(plan.child)
+    elif isinstance(plan, InfluenceScan):
+        yield plan
+
+
+# ---- rules ------------------------------------------------------------------------------------------
+def choose_scan_strategies(plan, env: Env):
+    """Per (checkpoint, layer) of each influence scan, every applicable strategy's estimate and the
+    cheapest one that is not a baseline (or the one the config forces, or self_norm for
+    self-influence)."""
+    for scan in scans(plan):
+        scan.strategies = choose_strategies(scan, env.catalog, env.config.get(FORCE_KEY))
     return plan
 
 
-def choose_strategies(scan: InfluenceScan, store, force: str | None = None) -> list[Strategy]:
-    consts = cost_constants(store)
+RULES: list[Callable] = [choose_scan_strategies]
+
+
+def choose_strategies(scan: InfluenceScan, catalog, force: str | None = None) -> list[Strategy]:
+    catalog = snapshot_of(catalog)
+    consts = catalog.cost_constants(cost.measure_constants)
     out = []
     for ckpt in scan.checkpoints:
         for layer in scan.layers:
-            ests = cost.estimates(layer_shapes(scan, store, ckpt, layer))
+            ests = cost.estimates(layer_shapes(scan, catalog, ckpt, layer))
             for e in ests.values():
                 e["seconds"] = cost.seconds(e, consts)
             if scan.query is None:
-                chosen = "self_norm"
+                chosen = STRATEGIES["self_norm"].name
             elif force and force in ests:
                 chosen = force
             else:
-                chosen = min((k for k in ests if k not in cost.BASELINES), key=lambda k: ests[k]["seconds"])
+                chosen = min((k for k in ests if not STRATEGIES[k].baseline), key=lambda k: ests[k]["seconds"])
             out.append(Strategy(ckpt, layer, chosen, ests))
     return out
 
 
-def layer_shapes(scan: InfluenceScan, store, ckpt: str, layer: str) -> cost.Shapes:
-    meta, stored = store.layer_meta(layer)
-    row = store.sql("SELECT positions FROM layers WHERE name = ?", [layer]).fetchone()
-    positions = int(row[0] or 1)
+def layer_shapes(scan: InfluenceScan, catalog, ckpt: str, layer: str) -> cost.Shapes:
+    row = snapshot_of(catalog).layer(layer)
+    meta, stored = row["layer_meta"], row["storage"]
+    positions = int(row["positions"] or 1)
     n = len(scan.train.ids)
     b = 0 if scan.query is None else len(scan.query.ids)
     return cost.Shapes(n=n, s=positions, b=b, sq=positions, din=meta.din + int(meta.bias),
@@ -48,10 +107,5 @@ def layer_shapes(scan: InfluenceScan, store, ckpt: str, layer: str) -> cost.Shap
 
 
 def cost_constants(store) -> dict[str, float]:
-    row = store.sql("SELECT value FROM meta WHERE key = 'cost_constants'").fetchone()
-    if row:
-        return json.loads(row[0])
-    consts = cost.measure_constants()
-    if not store.read_only:
-        store.sql("INSERT OR REPLACE INTO meta VALUES ('cost_constants', ?)", [json.dumps(consts)])
-    return consts
+    """The cost constants (kept by the store; measured on first use)."""
+    return store.cost_constants(cost.measure_constants)

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from metaql.engine.errors import InvalidInputException
+from metaql.errors import InvalidInputException
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]   # (flat rows, generator) -> flat rows
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from metaql.engine.errors import InvalidInputException, Warning as MetaQLWarning
+from metaql.errors import InvalidInputException, Warning as MetaQLWarning
 from metaql.labeling.augment import labeled_augmentation
 from metaql.labeling.dmn import OWAConfig, OWAResult, online_weight_approximation, select_candidates
 from metaql.labeling.embedding import EmbeddingModel, TrainConfig, train_embedding

@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from metaql.engine.errors import InvalidInputException, IOException, Warning as MetaQLWarning
-from metaql.engine.functions import Range, SetName, table_function
+from metaql.errors import InvalidInputException, IOException, Warning as MetaQLWarning
+from metaql.engine.functions import ColumnName, Range, SetName, table_function
 from metaql.storage.labels import add_labels, read_labels, whole_numbers
 from metaql.labeling.augment import check_mode
 from metaql.labeling.dmn import OWAConfig
@@ -33,6 +33,7 @@ from metaql.labeling.embedding import TrainConfig
 from metaql.labeling.lancet import LancetConfig, check_budget
 from metaql.labeling.session import LabelingSession, config_to_json
 from metaql.storage.artifacts import is_saved, saved_at, warn_not_saved
+from metaql.storage.catalog_snapshot import catalog_of
 
 # The arguments' bounds, checked at bind time: far above real use, low enough that no statement
 # asks for days of training.
@@ -55,7 +56,7 @@ STATUS_COLUMNS = [("should_stop", "BOOLEAN"), ("reason", "VARCHAR"), ("dmn_loss"
 
 @table_function(name="LANCET_CANDIDATES", columns=CANDIDATE_COLUMNS)
 def lancet_candidates(ctx: Any, pool: SetName, budget: Budget = 20, num_classes: Classes = 0,
-                      oracle: str = "", steps: Steps = TrainConfig.steps, cfm: bool = True,
+                      oracle: ColumnName = "", steps: Steps = TrainConfig.steps, cfm: bool = True,
                       alpha_t: AlphaT = 0.1, seed: Seed = 0,
                       augment: str = TrainConfig.augment,
                       after_stop: str = LancetConfig.after_stop) -> pa.Table:
@@ -129,7 +130,7 @@ def lancet_status(ctx: Any, pool: SetName, num_classes: Classes = 0, steps: Step
 def _session(ctx: Any, pool: str, num_classes: int, oracle: str, steps: int, cfm: bool,
              alpha_t: float, seed: int, augment: str,
              after_stop: str = LancetConfig.after_stop) -> tuple[LabelingSession, torch.Tensor]:
-    ids = np.asarray(ctx.store.set_ids(str(pool)), dtype=np.int64)
+    ids = np.asarray(catalog_of(ctx).set_ids(str(pool)), dtype=np.int64)
     if ids.size == 0:
         raise InvalidInputException(f"the sample set '{pool}' is empty")
     if steps <= 0:

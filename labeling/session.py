@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from metaql.engine.errors import IOException, InvalidInputException, Warning as MetaQLWarning
+from metaql.errors import IOException, InvalidInputException, Warning as MetaQLWarning
 from metaql.labeling.dmn import OWAConfig, OWAResult
 from metaql.labeling.embedding import TrainConfig
 from metaql.labeling.lancet import (LancetConfig, LancetResult, ModelFactory, check_budget,

@@ -5,23 +5,23 @@
     con.execute("SELECT TOPK(50) train FROM INFLUENCE(layers=*, query=batch(test_wrong)) ORDER BY ASC")
     con.fetchall()
 """
-from metaql.engine.errors import (BinderException, CatalogException, Error, InternalException,
-                                  InterruptException, InvalidInputException, IOException, ParserException,
-                                  ProgrammingError, Warning)
-from metaql.engine.functions import CheckpointList, LayerList, SampleRef, SetName
+from metaql.errors import *  # noqa: F401,F403  the exception tree (a leaf module)
+from metaql.errors import __all__ as _ERRORS
+from metaql.errors import Warning  # noqa: F401
 
 __version__ = "0.1.0"
 apilevel = "2.0"
 threadsafety = 1
 paramstyle = "qmark"
 
-__all__ = ["connect", "Connection", "Result", "Error", "ProgrammingError", "ParserException",
-           "BinderException", "CatalogException", "InvalidInputException", "IOException",
-           "InterruptException", "InternalException", "Warning", "SetName", "LayerList",
-           "CheckpointList", "SampleRef", "sql", "default_connection"]
+__all__ = ["connect", "Connection", "Result", *_ERRORS, "SetName", "LayerList", "CheckpointList", "SampleRef",
+           "sql", "default_connection"]
 
 # The connection pulls in torch, DuckDB and Arrow; importing it lazily keeps `metaql --help` instant.
-_LAZY = {"connect": "metaql.connection", "Connection": "metaql.connection", "Result": "metaql.result"}
+# The type hints are lazy too, so that `import metaql.errors` loads nothing but the exception tree.
+_LAZY = {"connect": "metaql.connection", "Connection": "metaql.connection", "Result": "metaql.result",
+         "SetName": "metaql.engine.functions", "LayerList": "metaql.engine.functions",
+         "CheckpointList": "metaql.engine.functions", "SampleRef": "metaql.engine.functions"}
 
 
 def __getattr__(name: str):

@@ -1,6 +1,8 @@
 """AST -> bound statement: parameters substituted, table functions looked up, arguments checked
-and converted to Python values by the function's type hints. Names of layers, sets and
-checkpoints are checked against the catalog when the function resolves them (with did-you-mean)."""
+and converted to Python values by the function's type hints, and every name argument (a set, a
+sample, layers with glob patterns, checkpoints, a column of `samples`) resolved against the
+statement's one catalog snapshot (storage/catalog_snapshot.py), with did-you-mean. Every function,
+and EXPLAIN of it, refuses an unknown name alike, before anything runs."""
 from __future__ import annotations
 
 import math
@@ -13,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from metaql import ast
-from metaql.engine.errors import BinderException, ParserException
-from metaql.engine.functions import (INT64, CheckpointList, FunctionRegistry, LayerList, Range, SampleRef, SetName,
-                                     TableFunction)
+from metaql.errors import BinderException, ParserException
+from metaql.engine.functions import (INT64, CheckpointList, ColumnName, FunctionRegistry, LayerList, Range,
+                                     SampleRef, SetName, TableFunction)
 
 
 @dataclass
@@ -24,7 +26,40 @@ class BoundCall:
     arguments: dict[str, Any]
 
 
-def bind_call(call: ast.TableCall, registry: FunctionRegistry, params) -> BoundCall:
+def bind_call(call: ast.TableCall, registry: FunctionRegistry, params, catalog=None) -> BoundCall:
+    """The call with its function looked up and its arguments checked; with the statement's
+    `catalog` snapshot, every name the user passed is resolved against it too."""
+    bound = _bound_values(call, registry, params)
+    if catalog is not None:
+        passed = set(call.args) | set(list(bound.function.params)[:len(call.positional)])
+        bound.arguments.update(resolved_names(bound.function, bound.arguments, passed, catalog))
+    return bound
+
+
+def resolved_names(fn: TableFunction, arguments: dict[str, Any], passed: set[str], catalog) -> dict[str, Any]:
+    """The name arguments among `passed`, resolved by their declared type: a set must exist (a
+    named set or a split), a point's sample be registered, layers (names or glob patterns) become
+    the stored layers they name, checkpoints (all/first/last/names) the complete checkpoints they
+    name, a column name a column of `samples`. A function's own defaults are resolved when it runs."""
+    out = {}
+    for name in passed:
+        value, hint = arguments.get(name), fn.params[name].hint
+        if value is None:
+            continue
+        if hint is SetName:
+            catalog.require_set(value)
+        elif hint is SampleRef and isinstance(value, SampleRef):
+            catalog.require_sample(value.value) if value.mode == "point" else catalog.require_set(value.value)
+        elif hint is LayerList:
+            out[name] = catalog.layer_names(value)
+        elif hint is CheckpointList:
+            out[name] = catalog.checkpoint_names(value)
+        elif hint is ColumnName and value != "":
+            catalog.require_column(value)
+    return out
+
+
+def _bound_values(call: ast.TableCall, registry: FunctionRegistry, params) -> BoundCall:
     fn = registry.get(call.name)
     if call.positional:
         if call.args:
@@ -114,6 +149,10 @@ def coerce(fn: str, name: str, value: Any, hint: Any, bounds: Range | None = Non
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    if hint is ColumnName:
+        if isinstance(value, str):
+            return ColumnName(value)
+        return _bad(fn, name, value, "a column name of samples")
     if hint is SetName:
         if isinstance(value, SampleRef) and value.mode == "batch" and isinstance(value.value, str):
             return SetName(value.value)

@@ -23,23 +23,19 @@ import pyarrow as pa
 from metaql import ast
 from metaql.binder import bind_call, check_func_select, check_topk, value_of
 from metaql.engine import executor
-from metaql.engine.errors import (BinderException, CatalogException, Error, InternalException, InterruptException,
-                                  InvalidInputException, IOException, ParserException, ProgrammingError)
+from metaql.errors import (DUCKDB_NAMES, BinderException, Error, InternalException, InterruptException,
+                           InvalidInputException, ProgrammingError)
 from metaql.engine.functions import REGISTRY
 from metaql.parser import parse, split_statements
 from metaql.planner import plan_call, plan_topk
 from metaql.relation import Relation
 from metaql.result import Result
 from metaql.sqlcalls import bound_parameters, rewritten
-from metaql.storage.catalog import query_arrow, register, unregister
+from metaql.storage.catalog import SHOWN, query_arrow, register, unregister
+from metaql.storage.catalog_snapshot import CatalogSnapshot
 from metaql.storage.sqlguard import checked_statements, retarget_insert
 from metaql.storage.store import Store
 
-_SHOW = {
-    "layers": "SELECT name, kind, din, dout, bias, positions, storage, factored_numbers, full_numbers FROM layers ORDER BY name",
-    "checkpoints": "SELECT name, ordinal, epoch, step, lr, status, created_at FROM checkpoints ORDER BY ordinal",
-    "sets": "SELECT name, size, definition, created_at FROM sets ORDER BY name",
-}
 _CALL_IDS = itertools.count()          # private relation names, unique per process
 _PRIVATE = re.compile(r"_metaql_call_\d+")
 
@@ -143,6 +139,7 @@ class Connection:
 
     def _run(self, stmt, params) -> Result:
         self.store.refresh()   # a reader sees the store's last commit
+        self._catalog = None   # one catalog snapshot per statement, read on first use (_statement_catalog)
         try:
             return self._run_one(stmt, params)
         finally:
@@ -186,12 +183,13 @@ class Connection:
         if isinstance(stmt, ast.TopKSelect):
             k = check_topk(_whole_number(value_of(stmt.k, params)))
             _check_ranks_by_score(self.registry.get(stmt.call.name))
-            return plan_topk(bind_call(stmt.call, self.registry, params), ctx, k, stmt.ascending, stmt.train_set)
+            return plan_topk(bind_call(stmt.call, self.registry, params, ctx.catalog), ctx, k, stmt.ascending,
+                             stmt.train_set)
         raise ProgrammingError(f"cannot plan {type(stmt).__name__}")
 
     def _run_plan(self, stmt, plan) -> Result:
         from metaql.engine.optimizer import optimize
-        table = executor.execute(optimize(plan, self.store, self.config), self._context())
+        table = executor.execute(optimize(plan, self._statement_catalog(), self.config), self._context())
         return Result(_conformed(self.registry.get(stmt.call.name), table))
 
     def _create_set(self, stmt: ast.CreateSet, params) -> Result:
@@ -216,8 +214,8 @@ class Connection:
         before the first call's work."""
         from metaql.engine.optimizer import optimize
         ctx = self._context()
-        return [optimize(plan_call(bind_call(call, self.registry, params), ctx), self.store, self.config)
-                for _, call in stmt.calls]
+        return [optimize(plan_call(bind_call(call, self.registry, params, ctx.catalog), ctx), ctx.catalog,
+                         self.config) for _, call in stmt.calls]
 
     @contextmanager
     def _call_relations(self, stmt: ast.SQLWithCalls, params, plans=None):
@@ -271,33 +269,37 @@ class Connection:
                      f.doc.split("\n")[0]) for f in (self.registry.get(n) for n in self.registry.names())]
             return Result(pa.table({"name": [r[0] for r in rows], "arguments": [r[1] for r in rows],
                                     "description": [r[2] for r in rows]}))
-        if what == "tables":
-            return Result(query_arrow(self.store.db,
-                                      "SELECT table_name AS name FROM information_schema.tables ORDER BY 1"))
-        if what not in _SHOW:
+        if what not in SHOWN:
             raise BinderException(f"SHOW {what.upper()}: use SHOW LAYERS, CHECKPOINTS, SETS, FUNCTIONS or TABLES")
-        return Result(query_arrow(self.store.db, _SHOW[what]))
+        return Result(self.store.listing(what))
 
     def _describe(self, name: str) -> Result:
+        """A table function's arguments (name, type, default), then the columns it declares it
+        returns, each as `-> column` with its SQL type (an alternative result, such as INFLUENCE's
+        total=true, marked as such)."""
         fn = self.registry.get(name)
-        return Result(pa.table({
-            "argument": [p.name for p in fn.params.values()],
-            "type": [p.type_name for p in fn.params.values()],
-            "default": ["(required)" if p.required else repr(p.default) for p in fn.params.values()],
-        }))
+        rows = [(p.name, p.type_name, "(required)" if p.required else repr(p.default)) for p in fn.params.values()]
+        for i, columns in enumerate([fn.columns] + list(fn.alternatives)):
+            rows += [(f"-> {c}", t, "(output column)" if i == 0 else f"(output column, alternative {i})")
+                     for c, t in columns]
+        return Result(pa.table({"argument": [r[0] for r in rows], "type": [r[1] for r in rows],
+                                "default": [r[2] for r in rows]}, schema=pa.schema([
+                                    ("argument", pa.string()), ("type", pa.string()), ("default", pa.string())])))
 
     def _explain(self, stmt: ast.Explain, params) -> Result:
         from metaql.engine.explain import explain_lines
         from metaql.engine.optimizer import optimize
         if isinstance(stmt.statement, ast.SQLWithCalls):
             return self._explain_calls(stmt.statement, stmt.analyze, params)
-        plan = optimize(self._plan(stmt.statement, params), self.store, self.config)
+        trips = self.store.round_trips.count
+        plan = optimize(self._plan(stmt.statement, params), self._statement_catalog(), self.config)
         if stmt.analyze:
             t0 = time.perf_counter()
             self._run_plan(stmt.statement, plan)
             total = time.perf_counter() - t0
         lines = explain_lines(plan, analyze=stmt.analyze)
         if stmt.analyze:
+            lines.append(f"catalog round trips: {self.store.round_trips.count - trips}")
             lines.append(f"total: {total:.4f} s")
         return Result(pa.table({"plan": lines}))
 
@@ -305,6 +307,7 @@ class Connection:
         """The plan of each table-function call in the statement (one after the other, each
         headed by the call when there are several); ANALYZE runs the whole statement."""
         from metaql.engine.explain import explain_lines
+        trips = self.store.round_trips.count
         plans = self._call_plans(stmt, params)
         if analyze:
             t0 = time.perf_counter()
@@ -316,12 +319,23 @@ class Connection:
                 lines.append(_clipped(stmt.text[span.start:span.end]))
             lines += explain_lines(plan, analyze=analyze, indent="  " if len(plans) > 1 else "")
         if analyze:
+            # every statement the whole EXPLAIN ANALYZE sent to the catalog: binding, planning, the
+            # calls' scans and DuckDB's run of the statement around them
+            lines.append(f"catalog round trips: {self.store.round_trips.count - trips}")
             lines.append(f"total: {total:.4f} s")
         return Result(pa.table({"plan": lines}))
 
     def _context(self) -> executor.Context:
         return executor.Context(self.store, self.registry, self.config,
-                                _interruptible(self.progress, self._interrupt.is_set), self._interrupt.is_set)
+                                _interruptible(self.progress, self._interrupt.is_set), self._interrupt.is_set,
+                                self._statement_catalog())
+
+    def _statement_catalog(self) -> CatalogSnapshot:
+        """The running statement's catalog snapshot: the binder, the optimizer and every call of the
+        statement read the catalog through it, each part once."""
+        if getattr(self, "_catalog", None) is None or self._catalog.store is not self.store:
+            self._catalog = CatalogSnapshot(self.store)
+        return self._catalog
 
     # ---- results (DuckDB's cursor-style fetch on the connection) --------------------------------
     def _last(self) -> Result:
@@ -435,7 +449,7 @@ class Connection:
         checkpoint's file) when the store's recorded factory is not trusted or not importable."""
         from torch import nn
 
-        from metaql.engine.errors import InvalidInputException
+        from metaql.errors import InvalidInputException
         self._check_open()
         if not isinstance(model, nn.Module):
             raise InvalidInputException(f"attach_model takes a torch.nn.Module, got {type(model).__name__}")
@@ -696,16 +710,8 @@ def _interruptible(progress: Callable, interrupted: Callable[[], bool]) -> Calla
     return wrap
 
 
-# DuckDB's exception classes and MetaQL's, most specific first (DuckDB's tree is DB-API's).
-_DUCK_CLASSES = [("ParserException", ParserException), ("CatalogException", CatalogException),
-                 ("BinderException", BinderException), ("IOException", IOException),
-                 ("InterruptException", InterruptException), ("ConversionException", InvalidInputException),
-                 ("OutOfRangeException", InvalidInputException), ("InvalidInputException", InvalidInputException),
-                 ("TypeMismatchException", BinderException), ("ConstraintException", InvalidInputException),
-                 ("InvalidTypeException", BinderException), ("NotImplementedException", ProgrammingError),
-                 ("TransactionException", ProgrammingError), ("PermissionException", IOException),
-                 ("OutOfMemoryException", IOException), ("SerializationException", IOException),
-                 ("InternalException", InternalException), ("FatalException", InternalException)]
+# DuckDB's exception classes and MetaQL's of the same name, most specific first (metaql/errors.py).
+_DUCK_CLASSES = DUCKDB_NAMES
 
 
 def _duck_error(e: Exception) -> Error:

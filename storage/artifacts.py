@@ -29,7 +29,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from metaql.engine.errors import IOException, Warning as MetaQLWarning
+from metaql.errors import IOException, Warning as MetaQLWarning
 from metaql.storage.tensorfile import fsync_path
 
 POINTER = "CURRENT"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metaql.engine.errors import InvalidInputException
+from metaql.errors import InvalidInputException
 from metaql.storage.hooks import LayerHooks, select_layers
 from metaql.storage.store import Store, _as_ids
 
@@ -311,7 +311,7 @@ def replayed_layers(store: Store, model: nn.Module, checkpoint: str, layers):
     names = {n for n, _ in model.named_modules()}
     lacking = [n for n in held if n not in names]
     if lacking:
-        from metaql.engine.errors import CatalogException
+        from metaql.errors import CatalogException
         raise CatalogException(
             f"the store holds layers {lacking[:5]} that the model of checkpoint '{checkpoint}' lacks; attach the "
             "model the store was captured with (con.attach_model) or pass layers=[...] to con.replay")

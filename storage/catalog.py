@@ -12,7 +12,7 @@ from pathlib import Path
 
 import duckdb
 
-from metaql.engine.errors import CatalogException, IOException
+from metaql.errors import CatalogException, IOException
 
 FORMAT_VERSION = "1"
 
@@ -52,6 +52,15 @@ ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS weights_checksum VARCHAR;
 
 # Tables MetaQL keeps consistent with files on disk: plain SQL may read them, not write them.
 INTERNAL_TABLES = ("meta", "models", "checkpoints", "layers", "shards", "sets", "set_members", "pending_files")
+
+# SHOW LAYERS / CHECKPOINTS / SETS: the catalog's listing of each (Store.listing)
+SHOWN = {
+    "layers": "SELECT name, kind, din, dout, bias, positions, storage, factored_numbers, full_numbers FROM layers "
+              "ORDER BY name",
+    "checkpoints": "SELECT name, ordinal, epoch, step, lr, status, created_at FROM checkpoints ORDER BY ordinal",
+    "sets": "SELECT name, size, definition, created_at FROM sets ORDER BY name",
+    "tables": "SELECT table_name AS name FROM information_schema.tables ORDER BY 1",
+}
 
 _LOCK_RE = re.compile(r"\(PID (\d+)\)")
 
@@ -212,3 +221,46 @@ def arrow_of(result) -> "pyarrow.Table":
         if fn is not None:
             return fn()
     raise AttributeError("this DuckDB result has no Arrow export")
+
+
+class RoundTrips:
+    """How many statements a store has sent to its DuckDB catalog (EXPLAIN ANALYZE prints the
+    count per statement)."""
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+class CountedConnection:
+    """A DuckDB connection that counts every call that runs a statement on it; all else passes
+    through unchanged. The store wraps its catalog connection in one, so a round trip made
+    anywhere (store, engine, a table function) is counted, not only those of one helper."""
+    _RUNS = frozenset({"execute", "executemany", "sql", "query", "register", "unregister", "table",
+                       "read_parquet", "from_arrow"})
+    __slots__ = ("_con", "trips")
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, trips: RoundTrips) -> None:
+        self._con, self.trips = con, trips
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._con, name)
+        if name not in self._RUNS:
+            return attr
+        trips = self.trips
+
+        def counted(*args, **kwargs):
+            trips.count += 1
+            return attr(*args, **kwargs)
+        return counted
+
+    @property
+    def raw(self) -> duckdb.DuckDBPyConnection:
+        return self._con
+
+
+def counted(con, trips: RoundTrips):
+    """`con` counted into `trips` (None stays None; an already counted one is re-pointed)."""
+    if con is None:
+        return None
+    return CountedConnection(con.raw if isinstance(con, CountedConnection) else con, trips)

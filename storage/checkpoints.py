@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from metaql.engine.errors import CatalogException, InvalidInputException
+from metaql.errors import CatalogException, InvalidInputException
 from metaql.storage.catalog import transaction
 from metaql.storage.store import Store
 

@@ -28,7 +28,7 @@ import stat
 import time
 from pathlib import Path, PurePosixPath
 
-from metaql.engine.errors import IOException
+from metaql.errors import IOException
 
 CATALOG = "catalog.duckdb"
 LOCK = "writer.lock"

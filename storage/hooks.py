@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from metaql.engine.errors import BinderException, CatalogException, InvalidInputException, Warning
+from metaql.errors import BinderException, CatalogException, InvalidInputException, Warning
 from metaql.storage.layers import LayerKind, find_kind, kind_for
 
 _GLOB = set("*?[")

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 import duckdb
 import numpy as np
 
-from metaql.engine.errors import IOException, InvalidInputException, Warning as MetaQLWarning
+from metaql.errors import IOException, InvalidInputException, Warning as MetaQLWarning
 from metaql.storage.catalog import query_arrow
 
 

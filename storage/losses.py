@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from metaql.engine.errors import BinderException
+from metaql.errors import BinderException
 
 LOSS_TARGETS = ("label", "pred", "expected")
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from metaql.engine.errors import BinderException, InvalidInputException, IOException
+from metaql.errors import BinderException, InvalidInputException, IOException
 from metaql.storage.tensorfile import fsync_path
 
 # MetaQL's own models, trusted without asking so `metaql demo` then `metaql STORE -c ...` works.

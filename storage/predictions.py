@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from metaql.engine.errors import BinderException
+from metaql.errors import BinderException
 from metaql.storage.catalog import register, transaction, unregister
 from metaql.storage.tasks import task_at
 
@@ -13,7 +13,7 @@ from metaql.storage.tasks import task_at
 def update_predictions(store, checkpoint: str | None = None, batch_size: int = 1024) -> int:
     names = [c["name"] for c in store.checkpoints()]
     if not names:
-        from metaql.engine.errors import CatalogException
+        from metaql.errors import CatalogException
         raise CatalogException("no checkpoint to predict with; capture one first")
     checkpoint = checkpoint or names[-1]
     model, task = store.model_at(checkpoint).eval(), task_at(store, checkpoint)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import duckdb
 
-from metaql.engine.errors import IOException
+from metaql.errors import IOException
 from metaql.storage.catalog import open_catalog
 from metaql.storage.files import CATALOG, LOCK, SNAPSHOT, holder_pid, writer_ready
 

@@ -30,7 +30,7 @@ from sqlglot.dialects.duckdb import DuckDB
 from sqlglot.errors import SqlglotError
 from sqlglot.tokens import TokenType
 
-from metaql.engine.errors import ParserException, ProgrammingError
+from metaql.errors import ParserException, ProgrammingError
 from metaql.storage import catalog
 
 SAMPLE_CORE = ("sample_id", "split", "label", "pred", "loss")

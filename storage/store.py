@@ -31,12 +31,13 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from metaql.engine.errors import (BinderException, CatalogException, InvalidInputException, IOException,
+from metaql.errors import (BinderException, CatalogException, InvalidInputException, IOException,
                                   ProgrammingError)
 from metaql.storage import durable, files
 from metaql.storage.artifacts import artifact_problems
 from metaql.storage import models as model_files
-from metaql.storage.catalog import open_catalog, query_arrow, register, require_name, transaction, unregister
+from metaql.storage.catalog import (SHOWN, RoundTrips, counted, open_catalog, query_arrow, register, require_name, transaction,
+                                    unregister)
 from metaql.storage.faults import fault_point
 from metaql.storage.layers import LayerMeta, kind_named
 from metaql.storage.snapshot import Publisher, ReaderCopy
@@ -180,6 +181,46 @@ class Store:
     # ---- plain SQL over the catalog ---------------------------------------------------------
     def sql(self, text: str, params: Any = None):
         return self.db.execute(text, params) if params is not None else self.db.execute(text)
+
+    # ---- the catalog connection, counted ------------------------------------------------------
+    @property
+    def db(self):
+        return self.__dict__.get("_db")
+
+    @db.setter
+    def db(self, con) -> None:
+        # every statement sent to the catalog is counted (EXPLAIN ANALYZE: "catalog round trips")
+        self.__dict__["_db"] = counted(con, self.round_trips)
+
+    @property
+    def round_trips(self) -> RoundTrips:
+        return self.__dict__.setdefault("_round_trips", RoundTrips())
+
+    # ---- typed reads for a statement's catalog snapshot (storage/catalog_snapshot.py) ------------
+    def has_sample(self, sample_id: int) -> bool:
+        return self.db.execute("SELECT count(*) FROM samples WHERE sample_id = ?", [int(sample_id)]).fetchone()[0] > 0
+
+    def member_ids(self, name: str, split: bool = False) -> np.ndarray:
+        """Sample ids of the named set (of the split `name` when `split`), sorted; the caller
+        has checked the name (CatalogSnapshot.set_ids)."""
+        q = "SELECT sample_id FROM samples WHERE split = ? ORDER BY sample_id" if split else \
+            "SELECT sample_id FROM set_members WHERE set_name = ? ORDER BY sample_id"
+        return self.db.execute(q, [name]).fetchnumpy()["sample_id"].astype(np.int64)
+
+    def listing(self, what: str) -> pa.Table:
+        """SHOW LAYERS / CHECKPOINTS / SETS as an Arrow table."""
+        return query_arrow(self.db, SHOWN[what])
+
+    def cost_constants(self, measure) -> dict[str, float]:
+        """The cost model's constants from the catalog's meta table; on first use `measure()`d and
+        kept there (a read-only store keeps nothing and measures again next time)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'cost_constants'").fetchone()
+        if row:
+            return json.loads(row[0])
+        consts = measure()
+        if not self.read_only:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('cost_constants', ?)", [json.dumps(consts)])
+        return consts
 
     # ---- samples ------------------------------------------------------------------------------
     def add_samples(self, ids, split: str, labels=None, inputs: torch.Tensor | np.ndarray | None = None,
@@ -551,7 +592,9 @@ class Store:
                               "(con.verify() lists every damaged file)")
         return Shard(path).ids.copy()
 
-    def factor_shards(self, checkpoint: str, layer: str) -> list[dict]:
+    def factor_shards(self, checkpoint: str | None, layer: str | None) -> list[dict]:
+        """Factor shard rows of (checkpoint, layer); None leaves that side open (a statement's
+        catalog snapshot reads every one in one round trip)."""
         return self._shard_rows("factors", checkpoint, layer)
 
     def _shard_rows(self, kind: str, checkpoint: str | None = None, layer: str | None = None) -> list[dict]:
@@ -647,12 +690,15 @@ class Store:
                 path.unlink(missing_ok=True)
                 durable.remove_own(self.root, [rel + ".tmp"])
 
-    def shard_tensors(self, row: dict) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
-        """A factor shard's ids and tensors, with a shared suffix fetched from its owner's shard."""
+    def shard_tensors(self, row: dict, checksum_of=None) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+        """A factor shard's ids and tensors, with a shared suffix fetched from its owner's shard
+        (whose checksum `checksum_of(file)` gives when the caller holds the shard rows)."""
         shard = self.open_shard(row["file"], row["checksum"])
         tensors = {n: shard.tensor(n) for n in shard.names()}
         if row.get("suffix_file"):
-            owner = self.db.execute("SELECT checksum FROM shards WHERE file = ?", [row["suffix_file"]]).fetchone()
+            known = checksum_of(row["suffix_file"]) if checksum_of is not None else None
+            owner = (known,) if known is not None else \
+                self.db.execute("SELECT checksum FROM shards WHERE file = ?", [row["suffix_file"]]).fetchone()
             if owner is None:
                 raise IOException(f"shard {row['file']} shares its input with {row['suffix_file']}, "
                                   "which the catalog does not list; recapture the checkpoint")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metaql.engine.errors import BinderException, InvalidInputException, IOException
+from metaql.errors import BinderException, InvalidInputException, IOException
 from metaql.storage import models as model_files
 from metaql.storage.losses import LOSS_TARGETS, per_sample_loss
 

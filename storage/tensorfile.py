@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from metaql.engine.errors import IOException
+from metaql.errors import IOException
 from metaql.storage.faults import fault_point
 
 _ARROW_TYPES = {torch.float32: pa.float32(), torch.float16: pa.float16(), torch.int64: pa.int64(),

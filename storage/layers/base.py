@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from metaql.engine.errors import BinderException
+from metaql.errors import BinderException
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from metaql.engine.errors import InvalidInputException
+from metaql.errors import InvalidInputException
 from metaql.storage.layers.base import LayerKind, LayerMeta, register_fallback
 
 # one tensor in, one tensor out is what the per-sample recomputation needs; these are not

@@ -18,7 +18,7 @@ class _Norm(LayerKind):
 
     def meta(self, name: str, module: nn.Module) -> LayerMeta:
         if getattr(module, "weight", None) is None:
-            from metaql.engine.errors import BinderException
+            from metaql.errors import BinderException
             raise BinderException(f"layer '{name}' has no affine parameters: nothing to capture")
         n = module.weight.numel()
         shapes = {"weight": list(module.weight.shape)}

@@ -1,0 +1,164 @@
+"""The physical strategies of an influence scan, one registered object each.
+
+A strategy says where it applies (how the layer is stored), what it costs (flops and bytes read,
+after MetaStore's formulas: papers/000 §17-18, DESIGN.md "The math"), what it needs of the query
+side, how many numbers one training sample takes in a chunk, and how it scores a chunk. The cost
+model, the optimizer, the executor and EXPLAIN all look strategies up here by name instead of
+comparing strings; a new strategy is one class and one `register` call.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from metaql.engine import operators as ops
+
+BYTES_PER_NUMBER = 4
+
+
+class ScanStrategy:
+    name = ""
+    stored: tuple[str, ...] = ("factored",)    # storage modes it reads
+    baseline = False      # shown by EXPLAIN and run when forced, never picked by cost
+    replays = False       # reads factors replayed now, not the stored shards
+    needs: frozenset = frozenset({"gbar"})    # of the query side: "gbar" (average gradient), "rows"
+
+    def estimate(self, sh) -> dict[str, float]:
+        """{flops, bytes} over N training samples for the shapes `sh` (engine.cost.Shapes)."""
+        raise NotImplementedError
+
+    def extra_numbers(self, meta, tensors: dict, q, per_sample: int) -> int:
+        """Numbers one training sample takes in a chunk, from the stored ones (`per_sample`)."""
+        return per_sample
+
+    def scores(self, kind, meta, chunk: dict, q) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<strategy {self.name}>"
+
+
+def _params(sh) -> int:
+    return sh.din * sh.dout
+
+
+def _query_side(sh) -> int:
+    """Flops of building the query batch's average gradient."""
+    return sh.b * sh.sq * _params(sh)
+
+
+def _read(sh) -> int:
+    return sh.n * sh.s * (sh.din + sh.dout) * BYTES_PER_NUMBER
+
+
+class FullDot(ScanStrategy):
+    """Stored full gradients against the query side's flattened average gradient."""
+    name, stored = "full_dot", ("full",)
+
+    def estimate(self, sh):
+        return {"flops": sh.n * _params(sh) + _query_side(sh), "bytes": sh.n * _params(sh) * BYTES_PER_NUMBER}
+
+    def scores(self, kind, meta, chunk, q):
+        return ops.full_dot(chunk["G"].float(), q)
+
+
+class Iterate(ScanStrategy):
+    """Gram products of rows with every query sample's rows; no gradient is built."""
+    name, needs = "iterate", frozenset({"rows"})
+
+    def estimate(self, sh):
+        return {"flops": sh.n * sh.b * sh.s * sh.sq * (sh.din + sh.dout), "bytes": _read(sh)}
+
+    def extra_numbers(self, meta, tensors, q, per_sample):
+        if q is None or "x_rows" not in q:
+            return per_sample
+        from metaql.storage.layers import kind_named
+        # a convolution may build patches (kernel taps x the input) and per-tap products
+        taps = int(np.prod(meta.extra.get("kernel", [1]))) if meta.extra else 1
+        rows = kind_named(meta.kind).positions(meta, {k: v[:1] for k, v in tensors.items()})
+        return per_sample * taps + rows * len(q["x_rows"]) * (2 * taps + 1)
+
+    def scores(self, kind, meta, chunk, q):
+        return ops.iterate(kind, meta, chunk, q)
+
+
+class BatchAverage(ScanStrategy):
+    """Lemma 7: one product of each training sample's rows with the query's average gradient."""
+    name = "batch_average"
+
+    def estimate(self, sh):
+        return {"flops": sh.n * sh.s * _params(sh) + _query_side(sh), "bytes": _read(sh)}
+
+    def scores(self, kind, meta, chunk, q):
+        return ops.batch_average(kind, meta, chunk, q)
+
+
+class Reconstruct(ScanStrategy):
+    """Builds each training gradient, then one inner product (the paper's baseline)."""
+    name = "reconstruct"
+
+    def estimate(self, sh):
+        return {"flops": sh.n * (sh.s * _params(sh) + _params(sh)) + _query_side(sh), "bytes": _read(sh)}
+
+    def extra_numbers(self, meta, tensors, q, per_sample):
+        return per_sample + meta.params
+
+    def scores(self, kind, meta, chunk, q):
+        return ops.reconstruct(kind, meta, chunk, q)
+
+
+class Recompute(ScanStrategy):
+    """Replays each training sample now instead of reading its factors, then scores them as the
+    stored form would (full_dot or batch_average). Its formula is a lower bound (at least this
+    layer's forward and two backward products; the whole model's are extra), so it is a baseline."""
+    name, stored, baseline, replays = "recompute", ("factored", "full"), True, True
+
+    def estimate(self, sh):
+        return {"flops": sh.n * 4 * sh.s * _params(sh) + _query_side(sh),
+                "bytes": sh.n * sh.s * sh.din * BYTES_PER_NUMBER}
+
+    def delegate(self, kind) -> tuple[str, ScanStrategy]:
+        """(storage mode, strategy) that scores the replayed factors."""
+        return ("factored", STRATEGIES["batch_average"]) if kind.factored else ("full", STRATEGIES["full_dot"])
+
+
+class SelfNorm(ScanStrategy):
+    """Self-influence: each training sample's squared gradient norm (no query side)."""
+    name, stored, needs = "self_norm", (), frozenset()
+
+    def estimate(self, sh):
+        raise NotImplementedError("self_norm is chosen for self-influence, never by cost")
+
+
+STRATEGIES: dict[str, ScanStrategy] = {}
+
+
+def register(strategy: ScanStrategy) -> ScanStrategy:
+    STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+# registration order is the order of the estimates (and so of ties in the optimizer's pick)
+for _cls in (FullDot, Iterate, BatchAverage, Reconstruct, Recompute, SelfNorm):
+    register(_cls())
+
+
+def strategy_named(name: str) -> ScanStrategy:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        from metaql.errors import InvalidInputException
+        raise InvalidInputException(f"unknown strategy '{name}'; strategies: "
+                                    f"{', '.join(n for n, s in STRATEGIES.items() if s.stored)}") from None
+
+
+def applicable(stored: str) -> list[ScanStrategy]:
+    """The strategies that read a layer stored `stored`, in registration order."""
+    return [s for s in STRATEGIES.values() if stored in s.stored]
+
+
+def needs_of(names) -> set[str]:
+    """What of the query side the strategies `names` need together (None: everything)."""
+    if names is None:
+        return {"gbar", "rows"}
+    return set().union(*(STRATEGIES[n].needs for n in names)) if names else set()

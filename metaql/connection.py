@@ -23,7 +23,7 @@ import pyarrow as pa
 from metaql import ast
 from metaql.binder import bind_call, check_func_select, check_topk, value_of
 from metaql.engine import executor
-from metaql.errors import (DUCKDB_NAMES, BinderException, Error, InternalException, InterruptException,
+from metaql.errors import (DUCKDB_NAMES, BinderException, CatalogException, Error, InternalException, InterruptException,
                            InvalidInputException, ProgrammingError)
 from metaql.engine.functions import REGISTRY
 from metaql.parser import parse, split_statements

@@ -19,6 +19,7 @@ from pygments.token import Keyword, Name
 import metaql
 from metaql import SetName, cli
 from metaql.completion import MetaQLCompleter, MetaQLLexer
+from metaql.format import MODES
 from metaql.shell import Shell, error_text, script_parts
 from tests.models import MLP
 
@@ -114,7 +115,7 @@ def test_interactive_session_in_a_terminal(terminals):
     child.expect("2 rows")
     assert "fc1" in child.before and "fc2" in child.before and "factored" in child.before
     child.expect(FRESH_PROMPT)
-    child.send(".se\t")
+    child.send(".set\t")     # .se is .separator, .schema, .sets, .shell
     child.expect("sets")
     child.send("\r")
     child.expect("1 row")
@@ -213,7 +214,7 @@ def test_errors_print_like_duckdb(shell):
     shell.run_statement("DESCRIBE nope")     # issue #18: DESCRIBE of what is not a table function is DuckDB's
     assert outputs(shell)[1].startswith("Catalog Error: Table with name nope does not exist")
     shell.run_script(".mode xml\n.nope")
-    assert outputs(shell)[1] == ("Error: usage: .mode [box|csv|json|markdown]\n"
+    assert outputs(shell)[1] == ("Error: unknown mode xml; the modes are " + ", ".join(MODES) + "\n"
                                  "Error: unknown command .nope (did you mean .open?); .help lists the commands\n")
     assert error_text(metaql.InvalidInputException("NaN in inputs")) == "Invalid Input Error: NaN in inputs"
 

@@ -41,8 +41,15 @@ def slow(ctx, steps: int = 400):
         time.sleep(0.05)
     return {"steps": [steps]}
 
+def stubborn(ctx, steps: int = 1200):
+    print("stubborn started", file=sys.stderr, flush=True)
+    for _ in range(steps):      # 60 s, never checking for a cancel
+        time.sleep(0.05)
+    return {"steps": [steps]}
+
 with Shell(sys.argv[1]) as shell:
     shell.con.register_function(slow)
+    shell.con.register_function(stubborn)
     sys.exit(shell.interactive())
 """
 
@@ -163,6 +170,18 @@ def test_ctrl_c_stops_a_running_statement_and_a_bar_shows_its_progress(terminals
     child.send("SELECT 1 + 1 AS two;\r")
     child.expect("1 row")
     assert re.search(r"│\s+2 │", child.before)
+    child.expect(FRESH_PROMPT)
+
+    # one Ctrl-C also stops a table function that never checks for it (issue #18)
+    child.send("SELECT * FROM stubborn();\r")
+    child.expect("stubborn started")
+    child.send("\x03")
+    child.expect("Interrupted")
+    child.expect(FRESH_PROMPT)
+    child.send("\x03")                 # twice on an empty line: DuckDB's hint
+    child.expect(FRESH_PROMPT)
+    child.send("\x03")
+    child.expect("Interrupted, use Ctrl\\+D to exit")
     child.send("\x04")
     child.expect(pexpect.EOF)
 

@@ -259,3 +259,18 @@ def test_one_ctrl_c_stops_a_table_function_that_never_checks(shell):
         shell.run_script("SELECT * FROM stubborn() JOIN samples ON true;")
     assert time.perf_counter() - start < 8     # was 20 s: the first Ctrl-C only set a flag nobody read
     assert shell.run_script(".mode csv\nSELECT 1 AS after;") == 0 and outputs(shell)[0] == "after\n1\n"
+
+
+def test_completion_knows_the_new_dot_commands(shell, tmp_path):
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+
+    from metaql.completion import MetaQLCompleter
+
+    def completions(text):
+        found = MetaQLCompleter(shell).get_completions(Document(text), CompleteEvent(completion_requested=True))
+        return [c.text for c in found]
+    assert completions(".mode duck") == ["duckbox"] and completions(".mode j") == ["json", "jsonlines"]
+    assert completions(".headers o") == ["on", "off"] and completions(".sch") == [".schema"]
+    (tmp_path / "results.csv").write_text("")
+    assert completions(f".output {tmp_path}/res") == ["ults.csv"]

@@ -36,8 +36,8 @@ DOT_COMMANDS = {
     ".separator": ("[SEP]", "column separator of list and csv (default: | and ,); or show it"),
     ".maxrows": ("[N]", "rows a box shows, the middle ones elided (0: all); or show it"),
     ".maxwidth": ("[N]", "width a box may take (0: the terminal's); or show it"),
-    ".output": ("[FILE]", "send results to FILE (not inside the store), or back to the screen"),
-    ".once": ("FILE", "send the next statement's result to FILE"),
+    ".output": ("[FILE|'|CMD']", "send results to FILE (not inside the store) or CMD, or back to the screen"),
+    ".once": ("FILE|'|CMD'", "send the next statement's result to FILE or CMD"),
     ".echo": ("[on|off]", "print each statement and dot command before running it"),
     ".print": ("TEXT...", "print TEXT"),
     ".shell": ("CMD [ARGS...]", "run CMD in a system shell (.system too)"),
@@ -81,6 +81,7 @@ class Shell:
         self.mode, self.max_rows, self.timer, self.bail = mode, max_rows, False, bail
         self.headers, self.nullvalue, self.separator, self.max_width, self.echo = True, None, None, 0, False
         self._screen, self._once = None, 0     # while .output/.once redirect: the stream they replaced
+        self._piped = None                     # the command they write into (`.output |CMD`)
         self._ctrl_c_on_empty = 0
 
     def __enter__(self) -> "Shell":
@@ -165,7 +166,10 @@ class Shell:
         text = render(table, self.mode, self.max_rows, self._width(), headers=self.headers,
                       nullvalue=self.nullvalue, separator=self.separator)
         if text:
-            print(text, file=self.out)
+            try:
+                print(text, file=self.out)
+            except BrokenPipeError:    # `.output |head -1`: the command stopped reading, as it may
+                pass
 
     def _width(self) -> int | None:
         """.maxwidth, else the terminal's width when printing to one (boxes are narrowed to it),
@@ -282,26 +286,50 @@ class Shell:
         return self._redirect(args[0], once=True)
 
     def _redirect(self, name: str, once: bool) -> bool:
+        """Results into the file `name`, or into the command after a '|' (as in DuckDB)."""
+        handle = self._pipe(name[1:]) if name.startswith("|") else self._file(name)
+        if handle is None:
+            return False
+        self._screen, self.out = self.out, handle
+        self._once = 2 if once else 0     # this dot command, then the next statement
+        return True
+
+    def _file(self, name: str):
+        """`name` opened for writing once the redirect before it has ended; None (said why) when it
+        is inside the store or cannot be written."""
         path = Path(name).expanduser()
         inside = _store_folder_holding(self.store_name, path)
         if inside is not None:
             print(f"Error: cannot write {name}: it is inside the store {inside}, which owns its files; "
                   "write the output outside the store", file=self.err)
-            return False
+            return None
         try:
             handle = path.open("w")
         except OSError as e:
             print(f"IO Error: cannot write to {name}: {e.strerror}", file=self.err)
-            return False
+            return None
         self._end_redirect()
-        self._screen, self.out = self.out, handle
-        self._once = 2 if once else 0     # this dot command, then the next statement
-        return True
+        return handle
+
+    def _pipe(self, command: str):
+        if not command.strip():
+            print("Error: no command after '|'", file=self.err)
+            return None
+        self._end_redirect()
+        self.out.flush()
+        self._piped = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, text=True)
+        return self._piped.stdin
 
     def _end_redirect(self) -> None:
         if self._screen is not None:
-            self.out.close()
+            try:
+                self.out.close()
+            except BrokenPipeError:    # the command did not read it all (`| head -1`)
+                pass
             self.out, self._screen, self._once = self._screen, None, 0
+        if self._piped is not None:
+            self._piped.wait()      # its output comes before what the shell prints next
+            self._piped = None
 
     def _dot_schema(self, args) -> bool:
         if len(args) > 1:

@@ -165,6 +165,9 @@ def test_output_and_once_redirect_results(shell, tmp_path):
     assert once_file.read_text() == "d\n4\n" and outputs(shell)[0] == "e\n5\n"
     assert shell.run_script(f".once {once_file}\nSELECT nope;\nSELECT 6 AS f;") == 1   # an error uses it up too
     assert once_file.read_text() == "" and outputs(shell)[0] == "f\n6\n"
+    piped = tmp_path / "piped.txt"
+    assert shell.run_script(f".once '|tr a-z A-Z > {piped}'\nSELECT 'quiet' AS word;\nSELECT 7 AS g;") == 0
+    assert piped.read_text() == "WORD\nQUIET\n" and outputs(shell)[0] == "g\n7\n"
 
 
 def test_output_refuses_the_store_folder(shell, path, tmp_path):

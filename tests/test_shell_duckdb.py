@@ -212,8 +212,8 @@ def test_settings_dot_commands(shell):
     assert outputs(shell)[0] == "+---+\n| a |\n+---+\n| 1 |\n+---+\n    a = 1\n"
 
 
-def test_shell_runs_system_commands(shell, tmp_path):
-    assert shell.run_script(f".shell echo hi there\n.system 'printf %s x y'\n.shell \"exit 3\"") == 0
+def test_shell_runs_system_commands(shell):
+    assert shell.run_script(".shell echo hi there\n.system 'printf %s x y'\n.shell \"exit 3\"") == 0
     assert outputs(shell) == ("hi there\nxy", "System command returns 3\n")
     assert shell.run_dot(".shell") is False and outputs(shell)[1].startswith("Error: usage: .shell")
 

@@ -150,9 +150,9 @@ class Shell:
 
     def _with_clean_warnings(self, run):
         """run(), its Python warnings printed as one line each ('Warning: ...'), not with the file,
-        line and source that Python's default display adds."""
+        line and source that Python's default display adds. The filters stay as they are (a
+        library's DeprecationWarning stays hidden); entering resets which ones were already shown."""
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
             try:
                 return run()
             finally:

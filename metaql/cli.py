@@ -129,12 +129,13 @@ def _file_text(name: str) -> str | None:
 def _arg_parser() -> argparse.ArgumentParser:
     from metaql.shell import dot_help
     p = _Parser(
-        prog="metaql", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        prog="metaql", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False, add_help=False,
         usage="metaql [OPTIONS] [STORE [SQL ...]]",
         description="MetaQL: query the gradients of your training data. Without -c, -f or statements "
                     "after the store, and with a terminal on standard input, opens the interactive "
                     "shell (statements end with ';').",
         epilog=EXAMPLES.format(dots=dot_help(indent="  ")))
+    p.add_argument("-h", "-help", "--help", action="help", help="show this help and exit")
     p.add_argument("store", nargs="?", default=":memory:",
                    help="store directory, created if missing (default: :memory:, a throwaway store)")
     p.add_argument("sql", nargs="*", metavar="SQL",

@@ -23,7 +23,8 @@ SHOW_TARGETS = ["LAYERS", "CHECKPOINTS", "SETS", "FUNCTIONS", "TABLES"]
 SELECT_WORDS = ["TOPK", "DISTINCT", "AS", "FROM"]
 FILTER_WORDS = ["AND", "OR", "NOT", "IN", "IS", "NULL", "LIKE", "BETWEEN", "GROUP BY", "ORDER BY", "LIMIT"]
 ORDER_WORDS = ["ASC", "DESC", "LIMIT"]
-SWITCHES = {".mode": MODES, ".timer": ("on", "off"), ".bail": ("on", "off")}
+SWITCHES = {".mode": MODES, ".timer": ("on", "off"), ".bail": ("on", "off"), ".headers": ("on", "off"),
+            ".echo": ("on", "off")}
 # Arguments typed plain `str` whose values the hints cannot tell.
 KNOWN_VALUES = {"similarity": ("dot", "cosine"), "loss": LOSS_TARGETS}
 
@@ -139,7 +140,7 @@ class MetaQLCompleter(Completer):
         if not argument:
             return
         name, word = argument.group(1).lower(), argument.group(2)
-        if name in (".read", ".open"):
+        if name in (".read", ".open", ".output", ".once"):
             if name == ".open" and word.startswith("-") and "--readonly".startswith(word):
                 yield Completion("--readonly", start_position=-len(word))
             yield from PathCompleter(expanduser=True).get_completions(Document(word), complete_event)

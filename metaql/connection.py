@@ -723,24 +723,46 @@ def _duck_error(e: Exception) -> Error:
     return ProgrammingError(msg)
 
 
+FORCE_CANCEL_AFTER_S = 1.0    # a statement that has not seen a Ctrl-C by then is stopped where it is
+
+
 @contextmanager
 def _sigint_to(event: threading.Event, interrupt_duckdb: Callable[[], None]):
     """While a statement runs in the main thread, Ctrl-C sets `event` (the executor checks it
-    between shards) and interrupts DuckDB's running SQL. A second Ctrl-C interrupts at once."""
+    between shards) and interrupts DuckDB's running SQL. A statement that has not stopped
+    FORCE_CANCEL_AFTER_S later (a table function that never checks, a sleep, a long loop) gets a
+    KeyboardInterrupt where it is, so one Ctrl-C stops any statement; a second one stops it at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    main, lock, running, timers = threading.get_ident(), threading.Lock(), [True], []
+
+    def force() -> None:
+        with lock:      # never after the statement ended: the signal would hit the caller's code
+            if running[0]:
+                signal.pthread_kill(main, signal.SIGINT)    # a real signal also ends a sleep
 
     def handler(signum, frame):
         if event.is_set():
-            raise KeyboardInterrupt
+            if running[0]:
+                raise KeyboardInterrupt
+            return
         event.set()
         interrupt_duckdb()
+        timers.append(threading.Timer(FORCE_CANCEL_AFTER_S, force))
+        timers[-1].daemon = True
+        timers[-1].start()
     previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        try:
+            with lock:
+                running[0] = False
+            for timer in timers:
+                timer.cancel()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         if event.is_set():
             event.clear()
             raise InterruptException("query cancelled; nothing was changed")

@@ -19,6 +19,7 @@ from pygments.token import Keyword, Name
 import metaql
 from metaql import SetName, cli
 from metaql.completion import MetaQLCompleter, MetaQLLexer
+from metaql.format import MODES
 from metaql.shell import Shell, error_text, script_parts
 from tests.models import MLP
 
@@ -40,8 +41,15 @@ def slow(ctx, steps: int = 400):
         time.sleep(0.05)
     return {"steps": [steps]}
 
+def stubborn(ctx, steps: int = 1200):
+    print("stubborn started", file=sys.stderr, flush=True)
+    for _ in range(steps):      # 60 s, never checking for a cancel
+        time.sleep(0.05)
+    return {"steps": [steps]}
+
 with Shell(sys.argv[1]) as shell:
     shell.con.register_function(slow)
+    shell.con.register_function(stubborn)
     sys.exit(shell.interactive())
 """
 
@@ -114,7 +122,7 @@ def test_interactive_session_in_a_terminal(terminals):
     child.expect("2 rows")
     assert "fc1" in child.before and "fc2" in child.before and "factored" in child.before
     child.expect(FRESH_PROMPT)
-    child.send(".se\t")
+    child.send(".set\t")     # .se is .separator, .schema, .sets, .shell
     child.expect("sets")
     child.send("\r")
     child.expect("1 row")
@@ -162,6 +170,18 @@ def test_ctrl_c_stops_a_running_statement_and_a_bar_shows_its_progress(terminals
     child.send("SELECT 1 + 1 AS two;\r")
     child.expect("1 row")
     assert re.search(r"│\s+2 │", child.before)
+    child.expect(FRESH_PROMPT)
+
+    # one Ctrl-C also stops a table function that never checks for it (issue #18)
+    child.send("SELECT * FROM stubborn();\r")
+    child.expect("stubborn started")
+    child.send("\x03")
+    child.expect("Interrupted")
+    child.expect(FRESH_PROMPT)
+    child.send("\x03")                 # twice on an empty line: DuckDB's hint
+    child.expect(FRESH_PROMPT)
+    child.send("\x03")
+    child.expect("Interrupted, use Ctrl\\+D to exit")
     child.send("\x04")
     child.expect(pexpect.EOF)
 
@@ -213,7 +233,7 @@ def test_errors_print_like_duckdb(shell):
     shell.run_statement("DESCRIBE nope")     # issue #18: DESCRIBE of what is not a table function is DuckDB's
     assert outputs(shell)[1].startswith("Catalog Error: Table with name nope does not exist")
     shell.run_script(".mode xml\n.nope")
-    assert outputs(shell)[1] == ("Error: usage: .mode [box|csv|json|markdown]\n"
+    assert outputs(shell)[1] == ("Error: unknown mode xml; the modes are " + ", ".join(MODES) + "\n"
                                  "Error: unknown command .nope (did you mean .open?); .help lists the commands\n")
     assert error_text(metaql.InvalidInputException("NaN in inputs")) == "Invalid Input Error: NaN in inputs"
 

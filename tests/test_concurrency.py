@@ -213,11 +213,15 @@ def test_frequent_flushes_publish_at_most_one_snapshot_a_second(tmp_path, monkey
     with metaql.connect(str(tmp_path / "s.mq"), config={"progress": False}) as con:
         con.add_samples(np.arange(n), "train", y.numpy(), x)
         published.clear()
+        began = time.monotonic()
         with con.capture(model, checkpoint="c0", lr=0.1, shard_size=16) as cap:     # 40 flushes
             for part in np.array_split(np.arange(n), 40):
                 cap.backward(F.cross_entropy(model(x[part]), y[part]), part)
         shards = con.execute("SELECT count(*) FROM shards WHERE kind = 'factors'").fetchone()[0]
-        assert shards == 80 and sum(published) <= 6, sum(published)
+        # at most one a second plus the first and the timer's last; a loaded machine stretches the
+        # capture, so the bound follows the time it took (40 flushes published each would exceed it)
+        bound = 2 + (time.monotonic() - began) / snapshot.MIN_INTERVAL
+        assert shards == 80 and sum(published) <= min(bound, 20), (sum(published), bound)
         with metaql.connect(str(tmp_path / "s.mq"), read_only=True) as reader:
             assert reader.execute("SELECT count(*) FROM shards WHERE kind = 'factors'").fetchone()[0] == 80
             assert reader.execute("SELECT status FROM checkpoints").fetchall() == [("complete",)]

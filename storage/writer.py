@@ -7,9 +7,9 @@ kill mid-flush leaves exactly what it leaves inline (storage/durable.py). Catalo
 the writer's own cursor: a DuckDB connection must not be used by two threads at once, and the
 training thread keeps using the store's own.
 
-The queue holds at most `max_pending` flushes besides the one being written: a training loop that
-outruns the disk blocks there, so a capture holds at most (2 + max_pending) shards' worth of
-factors. The first error stops the writer (what is queued behind it is not written) and is
+At most `max_pending` flushes wait behind the one being written (none by default): a training
+loop that outruns the disk blocks at the hand-over, so a capture holds at most (2 + max_pending)
+shards' worth of factors, the one it fills and the one being written (inline it held one). The first error stops the writer (what is queued behind it is not written) and is
 raised in the training thread at the next cap.backward and on exit; the checkpoint is then left
 partial and a rerun of the same capture fills in what is missing.
 """
@@ -21,14 +21,15 @@ from typing import Callable
 
 from metaql.engine.errors import Error, IOException
 
-MAX_PENDING = 1
+MAX_PENDING = 0
 
 
 class BackgroundWriter:
     def __init__(self, store, checkpoint: str, max_pending: int = MAX_PENDING):
         self.checkpoint = checkpoint
         self._store = store.cursor()
-        self._jobs: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._jobs: queue.Queue = queue.Queue()
+        self._slots = threading.BoundedSemaphore(1 + max_pending)    # flushes handed over, not yet written
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"metaql-writer-{checkpoint}", daemon=True)
         self._thread.start()
@@ -38,10 +39,12 @@ class BackgroundWriter:
         return self._error is not None
 
     def submit(self, job: Callable) -> None:
-        """Queues `job(store)`; blocks while the queue is full (what bounds a capture's memory)."""
+        """Queues `job(store)`; blocks while 1 + max_pending flushes are unwritten (what bounds a
+        capture's memory)."""
         self.check()
         if not self._thread.is_alive():
             raise IOException("the capture's shard writer is closed; start a new capture")
+        self._slots.acquire()
         self._jobs.put(job)
 
     def check(self) -> None:
@@ -70,9 +73,10 @@ class BackgroundWriter:
             job = self._jobs.get()
             if job is None:
                 return
-            if self._error is not None:
-                continue          # a failed writer drains the queue so that no submit blocks forever
             try:
-                job(self._store)
+                if self._error is None:    # a failed writer drains the queue so that no submit blocks forever
+                    job(self._store)
             except BaseException as e:   # noqa: B036 - re-raised in the training thread
                 self._error = e
+            finally:
+                self._slots.release()

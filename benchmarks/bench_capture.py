@@ -7,7 +7,8 @@ layers the space formula stores factored and with layers='*'. Target: <= 1.3x a 
 
 One repetition is one epoch-sized block of plain steps, then the same steps on the same batches
 inside one `con.capture`. "capture ms/step" is the captured loop, the shard writes it hands to the
-background writer included (shard size 256, so an epoch flushes several times while it trains);
+background writer included (the shard size is half the block, so a block flushes twice while it
+trains: the digits models at about the capture's default of 2,048 samples);
 "fixed ms per capture" is entering (the checkpoint's weights file) and exiting (the last flush
 drained, the checkpoint marked complete and published), which a capture pays once however long it
 runs; the epoch ratio counts both. Blocks alternate and each time is the median over repetitions:
@@ -102,7 +103,11 @@ def digits(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
 def subjects(quick: bool) -> dict:
     """{name: (model factory, x, y, batch size, what layers='*' means)}; an epoch-sized block of each."""
     torch.manual_seed(0)
-    dx, dy = digits(256 if quick else 1280)
+    dx, dy = digits()
+    copies = 1 if quick else 3                   # 5,391 digits: two flushes of 2,696 samples per block
+    dx, dy = dx.repeat(copies, 1), dy.repeat(copies)
+    if quick:
+        dx, dy = dx[:512], dy[:512]
     g = torch.Generator().manual_seed(0)
     n_vgg = 64 if quick else 256
     cx, cy = torch.randn(n_vgg, 3, 32, 32, generator=g), torch.randint(0, 10, (n_vgg,), generator=g)
@@ -237,9 +242,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="alternated repetitions (default 3; --quick 1)")
     ap.add_argument("--threads", default="1,0", help="comma-separated torch thread counts; 0 = all cores")
     ap.add_argument("--models", default=None, help="comma-separated subset of digits_cnn,vgg_shaped,mlp,minilm")
-    ap.add_argument("--shard-size", type=int, default=256,
-                    help="samples per shard (default 256, so that an epoch's block flushes several times "
-                         "while it trains; a capture's default is 2048)")
+    ap.add_argument("--shard-size", type=int, default=None,
+                    help="samples per shard (default: half a block, so that each block flushes twice while it trains)")
     ap.add_argument("--out", default=str(HERE / "results" / "capture_overhead.json"))
     args = ap.parse_args(argv)
     reps = args.reps or (1 if args.quick else 3)
@@ -255,7 +259,8 @@ def main(argv=None) -> int:
         for n in threads:
             for name, (factory, x, y, batch, all_layers) in subs.items():
                 print(f"[{time.perf_counter() - t0:5.0f} s] {name}, {n} thread(s)", file=sys.stderr, flush=True)
-                rows += measure(name, factory, x, y, batch, all_layers, reps, n, workdir, args.shard_size)
+                rows += measure(name, factory, x, y, batch, all_layers, reps, n, workdir,
+                                args.shard_size or -(-len(x) // 2))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     env = environment(threads)

@@ -44,7 +44,7 @@ class ShardWriter:
         self.shard_size, self.dtype, self.storage = shard_size, STORAGE_DTYPES[dtype], storage or {}
         store.check_storage_override(self.storage)    # before any training step depends on it
         self.background = background      # flushes written by a BackgroundWriter thread (storage/writer.py)
-        self._thread = None
+        self._worker = None
         self._metas: dict = {}
         self._held: bool | None = None
         self._layers: dict | None = None
@@ -195,23 +195,23 @@ class ShardWriter:
             for layer, ids in self._write(self.store, batches).items():
                 self.stored[layer].update(ids.tolist())
             return
-        if self._thread is None:
+        if self._worker is None:
             from metaql.storage.writer import BackgroundWriter
-            self._thread = BackgroundWriter(self.store, self.checkpoint)
+            self._worker = BackgroundWriter(self.store, self.checkpoint)
         # counted as stored at hand-over: a failed write stops the capture (BackgroundWriter.check)
         for layer in self._layers_in(batches):
             self.stored[layer].update(np.concatenate([b[layer][0] for b in batches if layer in b]).tolist())
-        self._thread.submit(lambda store: self._write(store, batches))
+        self._worker.submit(lambda store: self._write(store, batches))
 
     def check(self) -> None:
         """Raises the background writer's error (a flush it could not write), if any."""
-        if self._thread is not None:
-            self._thread.check()
+        if self._worker is not None:
+            self._worker.check()
 
     def close(self, raise_error: bool = True) -> None:
         """Waits for the background writer to write every flush handed to it; raises its error
         unless told not to. A no-op inline."""
-        thread, self._thread = self._thread, None
+        thread, self._worker = self._worker, None
         if thread is not None:
             thread.close(raise_error)
 

@@ -105,7 +105,7 @@ def test_a_writer_error_is_raised_in_the_training_thread_and_leaves_nothing_half
             with con.capture(model, layers="*", checkpoint="c0", lr=0.1, shard_size=4) as cap:
                 cap.backward(F.cross_entropy(model(x[:4]), y[:4]), np.arange(4))       # hands the flush over
                 deadline = time.monotonic() + 30
-                while not cap.writer._thread.failed and time.monotonic() < deadline:
+                while not cap.writer._worker.failed and time.monotonic() < deadline:
                     time.sleep(0.01)
                 for _ in range(2):          # every later step is refused: the capture is broken
                     with pytest.raises(metaql.IOException, match="No space left"):

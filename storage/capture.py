@@ -83,6 +83,7 @@ class ShardWriter:
         if not batch:
             return
         self.batches.append(batch)       # one step: an interrupt leaves the batch wholly in or out
+        self._resolve_full([t for _, t, _ in batch.values() if isinstance(t, _FullRows)])
         for layer, (kept, _, _) in batch.items():
             self.buffered.setdefault(layer, set()).update(kept.tolist())
         if max(len(b) for b in self.buffered.values()) >= self.shard_size:
@@ -195,13 +196,28 @@ class ShardWriter:
             for layer, ids in self._write(self.store, batches).items():
                 self.stored[layer].update(ids.tolist())
             return
-        if self._worker is None:
-            from metaql.storage.writer import BackgroundWriter
-            self._worker = BackgroundWriter(self.store, self.checkpoint)
+        self._start()
         # counted as stored at hand-over: a failed write stops the capture (BackgroundWriter.check)
         for layer in self._layers_in(batches):
             self.stored[layer].update(np.concatenate([b[layer][0] for b in batches if layer in b]).tolist())
         self._worker.submit(lambda store: self._write(store, batches))
+
+    def _resolve_full(self, fulls: list) -> None:
+        """Full-stored layers' gradients of a batch, computed now (on the writer thread when there is
+        one, ahead of the flush) so that a buffer holds them rather than the larger factors."""
+        if not fulls:
+            return
+        if not self.background:
+            for f in fulls:
+                f.resolve()
+            return
+        self._start()
+        self._worker.submit(lambda store: [f.resolve() for f in fulls], bounded=False)
+
+    def _start(self) -> None:
+        if self._worker is None:
+            from metaql.storage.writer import BackgroundWriter
+            self._worker = BackgroundWriter(self.store, self.checkpoint)
 
     def check(self) -> None:
         """Raises the background writer's error (a flush it could not write), if any."""
@@ -244,9 +260,15 @@ class _FullRows:
     def __init__(self, kind, meta, factors, rows, to_storage):
         self.kind, self.meta, self.factors, self.rows, self.to_storage = kind, meta, factors, rows, to_storage
 
+    def resolve(self) -> None:
+        """Computes the gradients and drops the factors (larger than them: why the layer is stored full)."""
+        if self.factors is not None:
+            g = self.kind.full(self.meta, self.factors)
+            self.g, self.factors = self.to_storage(g if self.rows is None else g[self.rows]), None
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        g = self.kind.full(self.meta, self.factors)
-        return {"G": self.to_storage(g if self.rows is None else g[self.rows])}
+        self.resolve()
+        return {"G": self.g}
 
 
 def _copy(v: torch.Tensor) -> torch.Tensor:

@@ -38,14 +38,15 @@ class BackgroundWriter:
     def failed(self) -> bool:
         return self._error is not None
 
-    def submit(self, job: Callable) -> None:
-        """Queues `job(store)`; blocks while 1 + max_pending flushes are unwritten (what bounds a
-        capture's memory)."""
+    def submit(self, job: Callable, bounded: bool = True) -> None:
+        """Queues `job(store)`. A flush (bounded) blocks while 1 + max_pending flushes are unwritten,
+        which bounds a capture's memory; a job that shrinks a buffered batch does not wait."""
         self.check()
         if not self._thread.is_alive():
             raise IOException("the capture's shard writer is closed; start a new capture")
-        self._slots.acquire()
-        self._jobs.put(job)
+        if bounded:
+            self._slots.acquire()
+        self._jobs.put((job, bounded))
 
     def check(self) -> None:
         """Raises the writer's first error, if any, in the calling (training) thread."""
@@ -70,13 +71,15 @@ class BackgroundWriter:
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
+            item = self._jobs.get()
+            if item is None:
                 return
+            job, bounded = item
             try:
                 if self._error is None:    # a failed writer drains the queue so that no submit blocks forever
                     job(self._store)
             except BaseException as e:   # noqa: B036 - re-raised in the training thread
                 self._error = e
             finally:
-                self._slots.release()
+                if bounded:
+                    self._slots.release()

@@ -354,6 +354,7 @@ class Capture:
         d loss_i): it turns the gradients at each layer's output into those of each sample's own
         loss. A refused batch stores nothing and leaves the capture ready for the next one."""
         try:
+            self.writer.check()
             ids = _as_ids(ids)
             check_unique_ids(ids)
             if not (np.isfinite(scale) and scale > 0):

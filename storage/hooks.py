@@ -75,14 +75,20 @@ class LayerHooks:
         def hook(module, inputs, kwargs, output):
             if self._computing or not torch.is_grad_enabled():
                 return
-            problem = self.kinds[name].call_problem(inputs, kwargs, output)
+            kind = self.kinds[name]
+            problem = kind.call_problem(inputs, kwargs, output)
             if problem:
                 self.refused[name] = problem
                 return
+            output = kind.call_output(output)
             if not (isinstance(output, torch.Tensor) and output.requires_grad):
                 return
+            saved, problem = kind.saved_call(module, inputs, kwargs)
+            if problem:
+                self.refused[name] = problem
+                return
             call = len(self.inputs[name])
-            self.inputs[name].append(inputs[0].detach())
+            self.inputs[name].append(saved)
             self.outputs[name].append(output)
 
             def keep_grad(grad, name=name, call=call):
@@ -223,12 +229,27 @@ def select_layers(model: nn.Module, layers: list[str] | str | None) -> Selection
         sel.optional.discard(n)
         sel.skipped.pop(n, None)
         sel.modules[n] = named[n]
+    _drop_covered(sel, explicit)
     if not sel.modules:
         raise BinderException("no layer of the model is of a kind MetaQL captures"
                               + (": " + _listed(f"'{n}' {why}" for n, why in sel.skipped.items()) if sel.skipped else ""))
     order = list(named)
     sel.modules = dict(sorted(sel.modules.items(), key=lambda kv: order.index(kv[0])))
     return sel
+
+
+def _drop_covered(sel: Selection, explicit: list[str]) -> None:
+    """Children a selected layer's kind captures with it (nn.MultiheadAttention's out_proj) are not
+    layers of their own: a pattern's pick is dropped silently, a name is refused."""
+    for parent, module in list(sel.modules.items()):
+        for child in find_kind(module)[0].covers_children:
+            name = f"{parent}.{child}"
+            if name in explicit:
+                raise BinderException(f"layer '{name}' is captured as part of layer '{parent}' (its kind "
+                                      f"{find_kind(module)[0].kind} covers it); name '{parent}' in layers= instead")
+            sel.modules.pop(name, None)
+            sel.optional.discard(name)
+            sel.skipped.pop(name, None)
 
 
 def _add_pattern(sel: Selection, named: dict[str, nn.Module], pattern: str) -> None:

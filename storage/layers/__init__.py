@@ -11,6 +11,6 @@ from metaql.storage.layers.base import (KINDS, LayerKind, LayerMeta, find_kind, 
                                          register_fallback)
 
 # Importing the modules registers their kinds.
-from metaql.storage.layers import conv, embedding, fallback, linear, norm  # noqa: F401,E402
+from metaql.storage.layers import conv, embedding, fallback, linear, mha, norm  # noqa: F401,E402
 
 __all__ = ["KINDS", "LayerKind", "LayerMeta", "find_kind", "kind_for", "kind_named", "register", "register_fallback"]

@@ -42,6 +42,13 @@ class LayerKind:
     # what a module must compute exactly as the registered type does for the kind to apply (find_kind)
     modelled_methods: tuple[str, ...] = ("forward",)
     param_names: tuple[str, ...] = ("weight", "bias")      # the first is required
+    # children whose parameters this kind captures as part of the layer (nn.MultiheadAttention's
+    # out_proj): a pattern does not pick them separately, and naming them is refused
+    covers_children: tuple[str, ...] = ()
+
+    def unfit(self, module: nn.Module) -> str:
+        """'' when a module of the registered type is one this kind models, else why not."""
+        return ""
 
     # ---- capture ------------------------------------------------------------------------------
     def meta(self, name: str, module: nn.Module) -> LayerMeta:
@@ -55,6 +62,14 @@ class LayerKind:
     def call_problem(self, args: tuple, kwargs: dict, output) -> str:
         """'' when the hooks can capture this call of the module, else why not."""
         return ""
+
+    def saved_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[object, str]:
+        """(what `factors` needs of this call's inputs, '') or (None, why the call cannot be captured)."""
+        return args[0].detach(), ""
+
+    def call_output(self, output):
+        """The output tensor whose gradient `factors` receives."""
+        return output
 
     def suffix_name(self) -> str | None:
         """The factor that is the layer's input as-is (shared between layers reading one input)."""
@@ -198,8 +213,15 @@ def find_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
         unfit = _FALLBACK[0].applies(module)
         if not unfit:
             return _FALLBACK[0], ""
-        why = f"is a {type(module).__name__} that {unfit}"
+        if not _refused_by_own_kind(module):
+            why = f"is a {type(module).__name__} that {unfit}"
     return kind, why
+
+
+def _refused_by_own_kind(module: nn.Module) -> bool:
+    """True when the kind registered for exactly this type refused it (its reason is the one to show)."""
+    kind = KINDS.get(type(module))
+    return kind is not None and bool(kind.unfit(module))
 
 
 def _specialised_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
@@ -214,6 +236,9 @@ def _specialised_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
         return None, (f"is a {type(module).__name__}, a subclass of {base.__name__} whose own forward "
                       f"(in {overriding[0]}) MetaQL cannot model: capturing it as a plain {base.__name__} "
                       "would store wrong gradients")
+    unfit = kind.unfit(module)
+    if unfit:
+        return None, f"is a {type(module).__name__} that {unfit}"
     own = {n for n, _ in module.named_parameters(recurse=False)}
     if not own or not own <= set(kind.param_names) or kind.param_names[0] not in own:
         return None, (f"is a {type(module).__name__} whose parameters ({', '.join(sorted(own)) or 'none'}) "

@@ -184,6 +184,24 @@ def init_kwargs(model: nn.Module) -> dict:
     return dict(cfg) if isinstance(cfg, dict) else {}
 
 
+def import_kind(path: str) -> None:
+    """Imports the module of a trusted layer-kind path ('package.module:Class'); importing it
+    registers the kind. The name must resolve to a LayerKind subclass."""
+    from metaql.storage.layers import LayerKind
+    module_name, _, attr = check_factory_name(path).partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            if not isinstance(obj, (types.ModuleType, type)):
+                raise AttributeError(f"'{part}' is reached through a {type(obj).__name__}")
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise BinderException(f"cannot load the layer kind '{path}' ({e}); install the package that defines "
+                              "it") from None
+    if not (isinstance(obj, type) and issubclass(obj, LayerKind)):
+        raise BinderException(f"'{path}' is a {type(obj).__name__}, not a metaql LayerKind class")
+
+
 def _resolve(factory: str):
     """The nn.Module class or plain function a factory names. The walk goes through modules and
     classes only (a getattr on anything else could run a property), and ends at nothing callable

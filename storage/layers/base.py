@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from metaql.engine.errors import BinderException
+from metaql.engine.errors import BinderException, CatalogException
 
 
 @dataclass
@@ -27,6 +27,8 @@ class LayerMeta:
     bias: bool
     param_shapes: dict[str, list[int]] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    # 'package.module:Class' of the kind: another process imports it (if trusted) to read the layer
+    kind_class: str = ""
 
     @property
     def params(self) -> int:
@@ -248,4 +250,17 @@ def _specialised_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
 
 
 def kind_named(kind: str) -> LayerKind:
+    if kind not in _BY_NAME:
+        raise CatalogException(f"layer kind '{kind}' is not registered in this process: import the module "
+                               "that registers it (metaql.storage.layers.register) before querying")
     return _BY_NAME[kind]
+
+
+def kind_registered(kind: str) -> bool:
+    return kind in _BY_NAME
+
+
+def kind_class_of(kind: str) -> str:
+    """The importable 'package.module:Class' of a registered kind."""
+    cls = type(_BY_NAME[kind])
+    return f"{cls.__module__}:{cls.__qualname__}"

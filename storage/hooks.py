@@ -106,6 +106,7 @@ class LayerHooks:
         """Per-layer per-sample factors of the last forward/backward; `scale` undoes a mean loss.
         Raises (before anything of the batch is stored) when a required layer got no gradient."""
         missing = {n: why for n in self.modules if (why := self._no_gradient(n))}
+        missing.update(self._broadcast())
         if self._first:
             self._first_batch(missing)
         for name, why in missing.items():
@@ -137,6 +138,16 @@ class LayerHooks:
             return (f"saw {calls} forward calls but {grads} gradients: the loss does not depend on its "
                     f"output{'' if grads == 0 else ' of every call'}")
         return ""
+
+    def _broadcast(self) -> dict[str, str]:
+        """{layer: why} for layers called on fewer rows than the batch (GPT-2's position embedding
+        reads position ids of shape (1, T), broadcast over the samples): the gradient torch hands
+        back is the batch's sum, from which no sample's own gradient can be separated."""
+        sizes = {n: {self.kinds[n].call_batch(c) for c in calls} for n, calls in self.inputs.items() if calls}
+        batch = max((max(s) for s in sizes.values()), default=1)
+        return {n: (f"is called on inputs of leading dimension {min(s)}, not the batch's {batch} (an input shared "
+                    "by every sample, such as position ids): its gradient is the batch's sum, not per sample")
+                for n, s in sizes.items() if min(s) != batch and n not in self.refused}
 
     def _first_batch(self, missing: dict[str, str]) -> None:
         """Drops optional layers no gradient reached, warns once about every skipped module, and

@@ -433,8 +433,7 @@ class Store:
         # a store written before tasks recorded classification as 'cross_entropy'
         same_task = [task, LEGACY_CLASSIFICATION] if task == spec_text({"task": "classification"}) else [task]
         self.trusted_factories |= set(trusted_loss)     # the loss code the user named, like a factory
-        factory = factory or model_files.factory_of(model)
-        kwargs = kwargs if kwargs is not None else model_files.init_kwargs(model)
+        factory, kwargs = model_files.recipe(model, factory, kwargs)
         # the user typed this factory, or handed us a live instance of its class: trusted in this process
         self.trusted_factories.add(factory)
         row = self.db.execute("SELECT model_id FROM models WHERE factory = ? AND kwargs = ? AND loss IN "
@@ -443,9 +442,11 @@ class Store:
             return row[0]
         if not model_files.factory_is_rebuildable(model, factory, kwargs):
             import warnings
-            warnings.warn(f"MetaQL cannot rebuild this model from '{factory}' with {kwargs}: queries "
-                          "that replay samples will work only in this process (pass factory='pkg.mod:fn' "
-                          "and kwargs= to con.capture to fix)", stacklevel=4)
+            script = " (a class defined in the script, which another process cannot import: move it into a " \
+                "module)" if factory.startswith("__main__:") or "<locals>" in factory else ""
+            warnings.warn(f"MetaQL cannot rebuild this model from '{factory}' with {kwargs}{script}: queries "
+                          "that replay samples will work only in this process, or after con.attach_model(model) "
+                          "(pass factory='pkg.mod:fn' and kwargs= to con.capture to fix)", stacklevel=4)
         model_id = self.db.execute("SELECT coalesce(max(model_id), 0) + 1 FROM models").fetchone()[0]
         self.db.execute("INSERT INTO models (model_id, factory, kwargs, loss) VALUES (?, ?, ?, ?)",
                         [model_id, factory, json.dumps(kwargs, sort_keys=True), task])

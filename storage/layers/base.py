@@ -69,6 +69,10 @@ class LayerKind:
         """(what `factors` needs of this call's inputs, '') or (None, why the call cannot be captured)."""
         return args[0].detach(), ""
 
+    def call_batch(self, saved) -> int:
+        """The number of samples a call saved by `saved_call` ran on."""
+        return saved.shape[0] if saved.dim() else 1
+
     def call_output(self, output):
         """The output tensor whose gradient `factors` receives."""
         return output

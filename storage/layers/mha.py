@@ -76,6 +76,9 @@ class MultiheadAttention(LayerKind):
                      self_attention=q is k and k is v)
         return saved, ""
 
+    def call_batch(self, saved) -> int:
+        return saved["query"].shape[0]
+
     def call_output(self, output):
         return output[0] if isinstance(output, tuple) else output
 

@@ -108,7 +108,14 @@ def fallback(draw):
     return body, _plain, torch.randn(NTRAIN + NTEST, n, 3)
 
 
-EXAMPLES = {f.__name__: f for f in (linear, conv, embedding, layernorm, batchnorm, multihead_attention, fallback)}
+def hf_conv1d(draw):
+    from transformers.pytorch_utils import Conv1D
+    nx, nf = draw(st.integers(1, 5)), draw(st.integers(1, 4))
+    return Conv1D(nf, nx), _plain, torch.randn(NTRAIN + NTEST, draw(st.integers(1, 3)), nx)
+
+
+EXAMPLES = {f.__name__: f for f in (linear, conv, embedding, layernorm, batchnorm, multihead_attention, fallback,
+                                    hf_conv1d)}
 
 
 def _registered_kinds() -> list[str]:

@@ -11,7 +11,7 @@ from metaql.storage.layers.base import (KINDS, LayerKind, LayerMeta, find_kind, 
                                          kind_registered, register, register_fallback)
 
 # Importing the modules registers their kinds.
-from metaql.storage.layers import conv, embedding, fallback, linear, mha, norm  # noqa: F401,E402
+from metaql.storage.layers import conv, embedding, fallback, hf_conv1d, linear, mha, norm  # noqa: F401,E402
 
 __all__ = ["KINDS", "LayerKind", "LayerMeta", "find_kind", "kind_class_of", "kind_for", "kind_named", "kind_registered",
            "register", "register_fallback"]

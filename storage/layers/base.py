@@ -198,6 +198,30 @@ def register(*module_types: type):
     return wrap
 
 
+_PENDING: list[tuple[str, str, LayerKind]] = []    # (module, class name, kind) of types not imported yet
+
+
+def register_lazy(module_name: str, class_name: str):
+    """Registers a kind for a class of a library MetaQL does not import itself (transformers): the
+    type is looked up once its module is imported, which any model of it has done."""
+    def wrap(cls: type[LayerKind]) -> type[LayerKind]:
+        handler = cls()
+        _PENDING.append((module_name, class_name, handler))
+        _BY_NAME[handler.kind] = handler
+        return cls
+    return wrap
+
+
+def _register_pending() -> None:
+    import sys
+    for entry in list(_PENDING):
+        module = sys.modules.get(entry[0])
+        if module is not None:
+            _PENDING.remove(entry)
+            if isinstance(getattr(module, entry[1], None), type):
+                KINDS[getattr(module, entry[1])] = entry[2]
+
+
 def kind_for(name: str, module: nn.Module) -> LayerKind:
     kind, why = find_kind(module)
     if kind is None:
@@ -225,12 +249,14 @@ def find_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
 
 
 def _refused_by_own_kind(module: nn.Module) -> bool:
+    _register_pending()
     """True when the kind registered for exactly this type refused it (its reason is the one to show)."""
     kind = KINDS.get(type(module))
     return kind is not None and bool(kind.unfit(module))
 
 
 def _specialised_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
+    _register_pending()
     mro = type(module).__mro__
     base = next((t for t in mro if t in KINDS), None)
     if base is None:

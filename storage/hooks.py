@@ -241,12 +241,28 @@ def select_layers(model: nn.Module, layers: list[str] | str | None) -> Selection
         sel.skipped.pop(n, None)
         sel.modules[n] = named[n]
     _drop_covered(sel, explicit)
+    _warn_tied(sel.modules)
     if not sel.modules:
         raise BinderException("no layer of the model is of a kind MetaQL captures"
                               + (": " + _listed(f"'{n}' {why}" for n, why in sel.skipped.items()) if sel.skipped else ""))
     order = list(named)
     sel.modules = dict(sorted(sel.modules.items(), key=lambda kv: order.index(kv[0])))
     return sel
+
+
+def _warn_tied(modules: dict[str, nn.Module]) -> None:
+    """Layers sharing one parameter (GPT-2's lm_head and wte, tied) are captured each with its own
+    use of it: torch's gradient of the shared parameter is their sum, which per-layer scores lack."""
+    owners: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    tied = sorted({tuple(names) for names in owners.values() if len(names) > 1})
+    if tied:
+        warnings.warn("layers " + "; ".join(" and ".join(f"'{n}'" for n in t) for t in tied) + " share a parameter "
+                      "(tied weights): each is scored with its own use of it, not with the shared parameter's "
+                      "gradient (their sum); untie them (e.g. tie_word_embeddings=False) or select one of them "
+                      "for a parameter-level answer", Warning, stacklevel=4)
 
 
 def _drop_covered(sel: Selection, explicit: list[str]) -> None:

@@ -225,8 +225,8 @@ def _module_spec(module: nn.Module) -> dict | None:
     if any(True for _ in module.children()) and not isinstance(module, nn.MultiheadAttention):
         return None           # a built-in container of other modules (ModuleList, Transformer...)
     args = {}
-    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype") or p.name.startswith("_"):
+    for p in _init_parameters(cls):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype", "mode") or p.name.startswith("_"):
             continue
         if not hasattr(module, p.name):
             continue          # left to its default; the repr comparison catches a wrong one
@@ -238,6 +238,16 @@ def _module_spec(module: nn.Module) -> dict | None:
             return None
         args[p.name] = value
     return {"class": cls.__name__, "kwargs": args}
+
+
+def _init_parameters(cls: type) -> list:
+    """The constructor's named parameters; a class that forwards *args, **kwargs (nn.LSTM) has its
+    parent's (RNNBase's, whose `mode` the class fills in itself)."""
+    for c in cls.__mro__:
+        params = list(inspect.signature(c.__init__).parameters.values())[1:]
+        if any(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            return params
+    return []
 
 
 def _plain_json(value) -> bool:

@@ -80,7 +80,7 @@ class LayerHooks:
             if problem:
                 self.refused[name] = problem
                 return
-            output = kind.call_output(output)
+            output, replacement = kind.call_output(output)
             if not (isinstance(output, torch.Tensor) and output.requires_grad):
                 return
             saved, problem = kind.saved_call(module, inputs, kwargs)
@@ -94,6 +94,7 @@ class LayerHooks:
             def keep_grad(grad, name=name, call=call):
                 self.grads[name][call] = grad.detach()
             output.register_hook(keep_grad)
+            return replacement
         return hook
 
     def _norm_hook(self, name: str):

@@ -73,9 +73,11 @@ class LayerKind:
         """The number of samples a call saved by `saved_call` ran on."""
         return saved.shape[0] if saved.dim() else 1
 
-    def call_output(self, output):
-        """The output tensor whose gradient `factors` receives."""
-        return output
+    def call_output(self, output) -> tuple[object, object]:
+        """(the output tensor whose gradient `factors` receives, a replacement for the module's
+        output or None): a kind may hand on an output rebuilt as views of that one tensor, so its
+        gradient gathers the gradients of every output (the fallback kind on an LSTM)."""
+        return output, None
 
     def suffix_name(self) -> str | None:
         """The factor that is the layer's input as-is (shared between layers reading one input)."""

@@ -80,7 +80,7 @@ class MultiheadAttention(LayerKind):
         return saved["query"].shape[0]
 
     def call_output(self, output):
-        return output[0] if isinstance(output, tuple) else output
+        return (output[0] if isinstance(output, tuple) else output), None
 
     def factors(self, module, inputs, grad_outputs):
         xs, dqkvs, attns, douts = [], [], [], []

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from metaql.engine.errors import BinderException, CatalogException, InvalidInputException, Warning
-from metaql.storage.layers import LayerKind, find_kind, kind_for
+from metaql.storage.layers import KINDS, LayerKind, find_kind, kind_for
 
 _GLOB = set("*?[")
 NOTICE_NAMES = 20     # names a skip notice or an error spells out before "and N more"
@@ -241,7 +241,8 @@ def select_layers(model: nn.Module, layers: list[str] | str | None) -> Selection
         sel.optional.discard(n)
         sel.skipped.pop(n, None)
         sel.modules[n] = named[n]
-    _drop_covered(sel, explicit)
+    _drop_covered(sel, explicit, named)
+    _skip_covered(sel, named)
     _warn_tied(sel.modules)
     if not sel.modules:
         raise BinderException("no layer of the model is of a kind MetaQL captures"
@@ -266,15 +267,30 @@ def _warn_tied(modules: dict[str, nn.Module]) -> None:
                       "for a parameter-level answer", Warning, stacklevel=4)
 
 
-def _drop_covered(sel: Selection, explicit: list[str]) -> None:
+def _skip_covered(sel: Selection, named: dict[str, nn.Module]) -> None:
+    """A skipped layer's covered children (out_proj of an attention no kind models) are skipped with it."""
+    for parent in list(sel.skipped):
+        kind = KINDS.get(type(named[parent]))
+        for child in kind.covers_children if kind is not None else ():
+            name = f"{parent}.{child}"
+            if name in sel.optional:
+                sel.modules.pop(name, None)
+                sel.optional.discard(name)
+                sel.skipped[name] = f"is part of '{parent}', which is skipped"
+
+
+def _drop_covered(sel: Selection, explicit: list[str], named: dict[str, nn.Module]) -> None:
     """Children a selected layer's kind captures with it (nn.MultiheadAttention's out_proj) are not
     layers of their own: a pattern's pick is dropped silently, a name is refused."""
+    for name in explicit:
+        parent, _, child = name.rpartition(".")
+        kind = KINDS.get(type(named.get(parent)))
+        if kind is not None and child in kind.covers_children:
+            raise BinderException(f"layer '{name}' is captured as part of layer '{parent}' (its kind {kind.kind} "
+                                  f"covers it; torch never calls it itself); name '{parent}' in layers= instead")
     for parent, module in list(sel.modules.items()):
         for child in find_kind(module)[0].covers_children:
             name = f"{parent}.{child}"
-            if name in explicit:
-                raise BinderException(f"layer '{name}' is captured as part of layer '{parent}' (its kind "
-                                      f"{find_kind(module)[0].kind} covers it); name '{parent}' in layers= instead")
             sel.modules.pop(name, None)
             sel.optional.discard(name)
             sel.skipped.pop(name, None)

@@ -35,6 +35,7 @@ class Selection:
     optional: set[str] = field(default_factory=set)        # picked by a pattern, not by name
     skipped: dict[str, str] = field(default_factory=dict)  # {module: why it is not captured}
     batchnorms: dict[str, nn.Module] = field(default_factory=dict)
+    root: nn.Module | None = None       # the model: its input's leading dimension is the batch
 
 
 class LayerHooks:
@@ -42,6 +43,7 @@ class LayerHooks:
         sel = modules if isinstance(modules, Selection) else Selection(dict(modules))
         self.modules = dict(sel.modules)
         self.optional, self.skipped, self.batchnorms = set(sel.optional), dict(sel.skipped), sel.batchnorms
+        self.root = sel.root
         self.kinds: dict[str, LayerKind] = {n: kind_for(n, m) for n, m in self.modules.items()}
         self._handles: dict[str, list] = {}
         self._first = True      # the first batch decides which optional layers stay
@@ -54,11 +56,15 @@ class LayerHooks:
         self.normalized: dict[str, torch.Tensor] = {}    # batch-statistics norm inputs (first batch)
         self.refused: dict[str, str] = {}                # {layer: why a call of it cannot be captured}
         self._computing = False     # a kind recomputing a module (torch.func) must not be recorded
+        self.batch: int | None = None   # samples in the model's last call (its input is batch first)
 
     def attach(self) -> "LayerHooks":
         for name, module in self.modules.items():
             self._handles.setdefault(name, []).append(
                 module.register_forward_hook(self._forward_hook(name), with_kwargs=True))
+        if self.root is not None:
+            self._handles.setdefault("\1root", []).append(
+                self.root.register_forward_pre_hook(self._batch_hook, with_kwargs=True))
         if self._first:
             for name, bn in self.batchnorms.items():
                 self._handles.setdefault("\0" + name, []).append(bn.register_forward_hook(self._norm_hook(name)))
@@ -96,6 +102,11 @@ class LayerHooks:
             output.register_hook(keep_grad)
             return replacement
         return hook
+
+    def _batch_hook(self, module, args, kwargs):
+        if not self._computing:
+            first = next((t for t in _tensors((args, kwargs)) if t.dim()), None)
+            self.batch = None if first is None else first.shape[0]
 
     def _norm_hook(self, name: str):
         def hook(module, inputs, output):
@@ -145,10 +156,11 @@ class LayerHooks:
         reads position ids of shape (1, T), broadcast over the samples): the gradient torch hands
         back is the batch's sum, from which no sample's own gradient can be separated."""
         sizes = {n: {self.kinds[n].call_batch(c) for c in calls} for n, calls in self.inputs.items() if calls}
-        batch = max((max(s) for s in sizes.values()), default=1)
-        return {n: (f"is called on inputs of leading dimension {min(s)}, not the batch's {batch} (an input shared "
-                    "by every sample, such as position ids): its gradient is the batch's sum, not per sample")
-                for n, s in sizes.items() if min(s) != batch and n not in self.refused}
+        batch = self.batch if self.batch is not None else _most_common(sizes.values())
+        return {n: (f"is called on inputs of leading dimension {sorted(s - {batch})[0]}, not the batch's {batch} "
+                    "(an input shared by every sample, such as position ids, or samples merged into rows): its "
+                    "gradient cannot be split into per-sample ones")
+                for n, s in sizes.items() if s != {batch} and n not in self.refused}
 
     def _first_batch(self, missing: dict[str, str]) -> None:
         """Drops optional layers no gradient reached, warns once about every skipped module, and
@@ -180,6 +192,25 @@ class LayerHooks:
             h.remove()
         for d in (self.modules, self.kinds, self.inputs, self.outputs, self.grads, self.refused):
             d.pop(name, None)
+
+
+def _most_common(sizes) -> int | None:
+    counts: dict[int, int] = {}
+    for s in sizes:
+        for b in s:
+            counts[b] = counts.get(b, 0) + 1
+    return max(counts, key=lambda b: (counts[b], b)) if counts else None
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
 
 
 def coupled_layers(normalized: dict[str, torch.Tensor], outputs: dict[str, list[torch.Tensor]]) -> dict[str, list[str]]:
@@ -231,7 +262,8 @@ def select_layers(model: nn.Module, layers: list[str] | str | None) -> Selection
         layers = [layers]
     if not layers:
         raise BinderException("layers= is empty; name layers, glob patterns ('encoder.*'), or '*' for all")
-    sel = Selection({}, batchnorms={n: m for n, m in named.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+    sel = Selection({}, batchnorms={n: m for n, m in named.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)},
+                    root=model)
     explicit = [n for n in layers if not (_GLOB & set(str(n)))]
     for pattern in [p for p in layers if _GLOB & set(str(p))]:
         _add_pattern(sel, named, pattern)

@@ -1,5 +1,5 @@
-"""nn.MultiheadAttention's kind refuses what it does not model, with the reason (issue #17); its
-exactness is checked with every other kind in tests/test_kind_registry_exact.py."""
+"""Kinds refuse what they do not model, with the reason (issue #17): nn.MultiheadAttention's limits,
+layers whose rows are not one per sample, tied weights. Exactness: tests/test_kind_registry_exact.py."""
 import warnings
 
 import numpy as np
@@ -52,3 +52,33 @@ def test_tied_weights_warn():
     head.weight = emb.weight
     with pytest.warns(metaql.Warning, match=r"'0' and '1' share a parameter \(tied weights\)"):
         select_layers(nn.Sequential(emb, head), "*")
+
+
+class Rows(nn.Module):
+    """Position embeddings broadcast over the batch; a Linear over the batch's tokens merged into rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(6, 4), nn.Embedding(3, 4)
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.emb(x) + self.pos(torch.arange(3).unsqueeze(0))
+        return self.head(self.fc(h.reshape(-1, 4)).reshape(x.shape[0], 3, 4).mean(1))
+
+
+def test_layers_whose_rows_are_not_one_per_sample_are_skipped_or_refused():
+    torch.manual_seed(0)
+    model, x, y = Rows(), torch.randint(0, 6, (5, 3)), torch.randint(0, 3, (5,))
+    with metaql.connect(":memory:") as con:
+        con.add_samples(np.arange(5), "train", y.numpy(), x)
+        with pytest.warns(metaql.Warning, match=r"'pos' \(is called on inputs of leading dimension 1, not the "
+                                                r"batch's 5.*'fc' \(is called on inputs of leading dimension 15"):
+            with con.capture(model, layers="*", checkpoint="c0") as cap:
+                cap.backward(F.cross_entropy(model(x), y), np.arange(5))
+        assert [r["name"] for r in con.store.layers()] == ["emb", "head"]
+        # named alone, the old code stored the batch's summed gradient under one id (or failed on indexing)
+        with pytest.raises(metaql.InvalidInputException, match=r"layer 'pos' is called on inputs of leading dim"):
+            with con.capture(model, layers=["pos"], checkpoint="c1") as cap:
+                cap.backward(F.cross_entropy(model(x), y), np.arange(5))
+        assert [r["name"] for r in con.store.layers()] == ["emb", "head"]     # nothing of pos stored

@@ -58,9 +58,6 @@ class MultiheadAttention(LayerKind):
                          {"embed_dim": e, "num_heads": module.num_heads})
 
     # ---- capture ------------------------------------------------------------------------------
-    def call_problem(self, args, kwargs, output) -> str:
-        return ""     # the module decides at the call: see saved_call
-
     def saved_call(self, module: nn.Module, args: tuple, kwargs: dict):
         call = _SIGNATURE.bind(module, *args, **kwargs).arguments
         call.pop("self")

@@ -101,6 +101,13 @@ def test_sequential_spec_rebuilds_only_what_it_describes():
         model_files.huggingface("AutoConfig", {})
 
 
+def test_a_tampered_sequential_spec_is_refused_before_allocating(tmp_path):
+    model_files.save_weights(nn.Sequential(nn.Linear(2, 2)), tmp_path / "w.safetensors")
+    huge = {"layers": [["0", {"class": "Linear", "kwargs": {"in_features": 10 ** 6, "out_features": 10 ** 6}}]]}
+    with pytest.raises(metaql.BinderException, match="does not fit the checkpoint's weights"):
+        model_files.build_model(model_files.SEQUENTIAL, json.dumps(huge), tmp_path / "w.safetensors")
+
+
 def _tiny_gpt2():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16, resid_pdrop=0,

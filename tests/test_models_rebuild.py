@@ -116,6 +116,25 @@ def _tiny_gpt2():
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
+def test_gpt2_rebuilds_from_its_config_in_a_new_connection(tmp_path):
+    """The fast check (the slow one below runs a fresh process): a connection that never saw the
+    model rebuilds it from the class and config recorded with the weights."""
+    torch.manual_seed(1)
+    model, x = _tiny_gpt2(), torch.randint(1, 100, (4, 6))
+    with metaql.connect(tmp_path / "g") as con:
+        con.add_samples(np.arange(4), "train", inputs=x)
+        con.checkpoint(model, "c0", lr=0.5, task={"task": "causal_lm"})
+        factory, kwargs = con.execute("SELECT factory, kwargs FROM models").fetchone()
+    assert factory == model_files.HUGGINGFACE and json.loads(kwargs)["cls"] == "GPT2LMHeadModel"
+    with metaql.connect(tmp_path / "g") as con:          # the old code: the factory is not trusted
+        assert con.replay("c0", "train", layers=["transformer.h.1.mlp.c_fc"]) == 4
+        rebuilt = con.store.model_at("c0")
+    assert type(rebuilt) is type(model) and rebuilt is not model
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x).logits, model(x).logits)
+
+
+@pytest.mark.slow
 def test_gpt2_rebuilds_from_its_config_in_a_fresh_process(tmp_path):
     torch.manual_seed(1)
     model, x = _tiny_gpt2(), torch.randint(1, 100, (5, 6))

@@ -364,24 +364,14 @@ class Capture:
             self.hooks.clear()
 
     def _keep_factors(self, ids: np.ndarray, scale: float) -> None:
+        # hooks.factors refuses (or, under a pattern, skips on the first batch) a layer called on
+        # fewer rows than the batch, such as BERT's position embeddings: see LayerHooks._broadcast
         factors = self.hooks.factors(scale=scale)
-        rows = {layer: next(iter(fs.values())).shape[0] for layer, fs in factors.items()}
-        for layer, b in rows.items():
-            if b == len(ids):
-                continue
-            # a module whose output the model broadcasts over the batch (BERT's position embeddings
-            # get position_ids of shape (1, L)) receives the batch's summed gradient: no sample's own
-            broadcast = b == 1 and len(ids) in rows.values()
-            if not broadcast:
-                raise InvalidInputException(f"layer '{layer}' saw a batch of {b} but {len(ids)} ids were given")
-            why = (f"saw a batch of 1 but {len(ids)} ids were given (its output is broadcast over the batch, so "
-                   "no per-sample gradient reaches it)")
-            if layer in self.hooks.optional and layer not in self.writer.modes:
-                self.hooks.drop(layer, why)
-                del factors[layer]
-            else:
-                raise InvalidInputException(f"layer '{layer}' {why}; nothing of this batch was stored (leave "
-                                            f"'{layer}' out of layers=, or give it one input row per sample)")
+        for layer, fs in factors.items():
+            rows = next(iter(fs.values())).shape[0]
+            if rows != len(ids):
+                raise InvalidInputException(f"layer '{layer}' saw a batch of {rows} but {len(ids)} ids were given; "
+                                            "nothing of this batch was stored (give one id per sample of the batch)")
         self.writer.add(ids, factors)
         self.samples += len(ids)
 

@@ -90,9 +90,13 @@ class CatalogSnapshot:
         return rows
 
     def layer(self, name: str) -> dict:
+        """The layer's row, its kind registered first (a user's kind is imported only if trusted,
+        as Store.layer_meta does: a layer is never scored by a kind this process lacks)."""
         if name not in self.layers:
             require_name("layer", name, list(self.layers))
-        return self.layers[name]
+        row = self.layers[name]
+        self.store._load_kind(row["layer_meta"])
+        return row
 
     def layer_meta(self, name: str) -> tuple[LayerMeta, str]:
         """What Store.layer_meta returns, from this snapshot."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from metaql.errors import BinderException, CatalogException, InvalidInputException, Warning
-from metaql.storage.layers import LayerKind, find_kind, kind_for
+from metaql.storage.layers import KINDS, LayerKind, find_kind, kind_for
 
 _GLOB = set("*?[")
 NOTICE_NAMES = 20     # names a skip notice or an error spells out before "and N more"
@@ -35,6 +35,7 @@ class Selection:
     optional: set[str] = field(default_factory=set)        # picked by a pattern, not by name
     skipped: dict[str, str] = field(default_factory=dict)  # {module: why it is not captured}
     batchnorms: dict[str, nn.Module] = field(default_factory=dict)
+    root: nn.Module | None = None       # the model: its input's leading dimension is the batch
 
 
 class LayerHooks:
@@ -42,6 +43,7 @@ class LayerHooks:
         sel = modules if isinstance(modules, Selection) else Selection(dict(modules))
         self.modules = dict(sel.modules)
         self.optional, self.skipped, self.batchnorms = set(sel.optional), dict(sel.skipped), sel.batchnorms
+        self.root = sel.root
         self.kinds: dict[str, LayerKind] = {n: kind_for(n, m) for n, m in self.modules.items()}
         self._handles: dict[str, list] = {}
         self._first = True      # the first batch decides which optional layers stay
@@ -54,11 +56,15 @@ class LayerHooks:
         self.normalized: dict[str, torch.Tensor] = {}    # batch-statistics norm inputs (first batch)
         self.refused: dict[str, str] = {}                # {layer: why a call of it cannot be captured}
         self._computing = False     # a kind recomputing a module (torch.func) must not be recorded
+        self.batch: int | None = None   # samples in the model's last call (its input is batch first)
 
     def attach(self) -> "LayerHooks":
         for name, module in self.modules.items():
             self._handles.setdefault(name, []).append(
                 module.register_forward_hook(self._forward_hook(name), with_kwargs=True))
+        if self.root is not None:
+            self._handles.setdefault("\1root", []).append(
+                self.root.register_forward_pre_hook(self._batch_hook, with_kwargs=True))
         if self._first:
             for name, bn in self.batchnorms.items():
                 self._handles.setdefault("\0" + name, []).append(bn.register_forward_hook(self._norm_hook(name)))
@@ -75,20 +81,32 @@ class LayerHooks:
         def hook(module, inputs, kwargs, output):
             if self._computing or not torch.is_grad_enabled():
                 return
-            problem = self.kinds[name].call_problem(inputs, kwargs, output)
+            kind = self.kinds[name]
+            problem = kind.call_problem(inputs, kwargs, output)
             if problem:
                 self.refused[name] = problem
                 return
+            output, replacement = kind.call_output(output)
             if not (isinstance(output, torch.Tensor) and output.requires_grad):
                 return
+            saved, problem = kind.saved_call(module, inputs, kwargs)
+            if problem:
+                self.refused[name] = problem
+                return
             call = len(self.inputs[name])
-            self.inputs[name].append(inputs[0].detach())
+            self.inputs[name].append(saved)
             self.outputs[name].append(output)
 
             def keep_grad(grad, name=name, call=call):
                 self.grads[name][call] = grad.detach()
             output.register_hook(keep_grad)
+            return replacement
         return hook
+
+    def _batch_hook(self, module, args, kwargs):
+        if not self._computing:
+            first = next((t for t in _tensors((args, kwargs)) if t.dim()), None)
+            self.batch = None if first is None else first.shape[0]
 
     def _norm_hook(self, name: str):
         def hook(module, inputs, output):
@@ -100,6 +118,7 @@ class LayerHooks:
         """Per-layer per-sample factors of the last forward/backward; `scale` undoes a mean loss.
         Raises (before anything of the batch is stored) when a required layer got no gradient."""
         missing = {n: why for n in self.modules if (why := self._no_gradient(n))}
+        missing.update(self._broadcast())
         if self._first:
             self._first_batch(missing)
         for name, why in missing.items():
@@ -132,6 +151,17 @@ class LayerHooks:
                     f"output{'' if grads == 0 else ' of every call'}")
         return ""
 
+    def _broadcast(self) -> dict[str, str]:
+        """{layer: why} for layers called on fewer rows than the batch (GPT-2's position embedding
+        reads position ids of shape (1, T), broadcast over the samples): the gradient torch hands
+        back is the batch's sum, from which no sample's own gradient can be separated."""
+        sizes = {n: {self.kinds[n].call_batch(c) for c in calls} for n, calls in self.inputs.items() if calls}
+        batch = self.batch if self.batch is not None else _most_common(sizes.values())
+        return {n: (f"is called on inputs of leading dimension {sorted(s - {batch})[0]}, not the batch's {batch} "
+                    "(an input shared by every sample, such as position ids, or samples merged into rows): its "
+                    "gradient cannot be split into per-sample ones")
+                for n, s in sizes.items() if s != {batch} and n not in self.refused}
+
     def _first_batch(self, missing: dict[str, str]) -> None:
         """Drops optional layers no gradient reached, warns once about every skipped module, and
         warns about layers whose factors a batch-statistics norm couples across samples."""
@@ -157,17 +187,30 @@ class LayerHooks:
                 "mode) for exact factors", Warning, stacklevel=5)
         self.normalized = {}
 
-    def drop(self, name: str, why: str) -> None:
-        """Stops watching a layer a pattern picked, with one warning that says why."""
-        self._drop(name)
-        self.skipped[name] = why
-        warnings.warn(f"layers: skipped '{name}' ({why})", Warning, stacklevel=4)
-
     def _drop(self, name: str) -> None:
         for h in self._handles.pop(name, []):
             h.remove()
         for d in (self.modules, self.kinds, self.inputs, self.outputs, self.grads, self.refused):
             d.pop(name, None)
+
+
+def _most_common(sizes) -> int | None:
+    counts: dict[int, int] = {}
+    for s in sizes:
+        for b in s:
+            counts[b] = counts.get(b, 0) + 1
+    return max(counts, key=lambda b: (counts[b], b)) if counts else None
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
 
 
 def coupled_layers(normalized: dict[str, torch.Tensor], outputs: dict[str, list[torch.Tensor]]) -> dict[str, list[str]]:
@@ -219,7 +262,8 @@ def select_layers(model: nn.Module, layers: list[str] | str | None) -> Selection
         layers = [layers]
     if not layers:
         raise BinderException("layers= is empty; name layers, glob patterns ('encoder.*'), or '*' for all")
-    sel = Selection({}, batchnorms={n: m for n, m in named.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+    sel = Selection({}, batchnorms={n: m for n, m in named.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)},
+                    root=model)
     explicit = [n for n in layers if not (_GLOB & set(str(n)))]
     for pattern in [p for p in layers if _GLOB & set(str(p))]:
         _add_pattern(sel, named, pattern)
@@ -229,12 +273,59 @@ def select_layers(model: nn.Module, layers: list[str] | str | None) -> Selection
         sel.optional.discard(n)
         sel.skipped.pop(n, None)
         sel.modules[n] = named[n]
+    _drop_covered(sel, explicit, named)
+    _skip_covered(sel, named)
+    _warn_tied(sel.modules)
     if not sel.modules:
         raise BinderException("no layer of the model is of a kind MetaQL captures"
                               + (": " + _listed(f"'{n}' {why}" for n, why in sel.skipped.items()) if sel.skipped else ""))
     order = list(named)
     sel.modules = dict(sorted(sel.modules.items(), key=lambda kv: order.index(kv[0])))
     return sel
+
+
+def _warn_tied(modules: dict[str, nn.Module]) -> None:
+    """Layers sharing one parameter (GPT-2's lm_head and wte, tied) are captured each with its own
+    use of it: torch's gradient of the shared parameter is their sum, which per-layer scores lack."""
+    owners: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    tied = sorted({tuple(names) for names in owners.values() if len(names) > 1})
+    if tied:
+        warnings.warn("layers " + "; ".join(" and ".join(f"'{n}'" for n in t) for t in tied) + " share a parameter "
+                      "(tied weights): each is scored with its own use of it, not with the shared parameter's "
+                      "gradient (their sum); untie them (e.g. tie_word_embeddings=False) or select one of them "
+                      "for a parameter-level answer", Warning, stacklevel=4)
+
+
+def _skip_covered(sel: Selection, named: dict[str, nn.Module]) -> None:
+    """A skipped layer's covered children (out_proj of an attention no kind models) are skipped with it."""
+    for parent in list(sel.skipped):
+        kind = KINDS.get(type(named[parent]))
+        for child in kind.covers_children if kind is not None else ():
+            name = f"{parent}.{child}"
+            if name in sel.optional:
+                sel.modules.pop(name, None)
+                sel.optional.discard(name)
+                sel.skipped[name] = f"is part of '{parent}', which is skipped"
+
+
+def _drop_covered(sel: Selection, explicit: list[str], named: dict[str, nn.Module]) -> None:
+    """Children a selected layer's kind captures with it (nn.MultiheadAttention's out_proj) are not
+    layers of their own: a pattern's pick is dropped silently, a name is refused."""
+    for name in explicit:
+        parent, _, child = name.rpartition(".")
+        kind = KINDS.get(type(named.get(parent)))
+        if kind is not None and child in kind.covers_children:
+            raise BinderException(f"layer '{name}' is captured as part of layer '{parent}' (its kind {kind.kind} "
+                                  f"covers it; torch never calls it itself); name '{parent}' in layers= instead")
+    for parent, module in list(sel.modules.items()):
+        for child in find_kind(module)[0].covers_children:
+            name = f"{parent}.{child}"
+            sel.modules.pop(name, None)
+            sel.optional.discard(name)
+            sel.skipped.pop(name, None)
 
 
 def _add_pattern(sel: Selection, named: dict[str, nn.Module], pattern: str) -> None:

@@ -13,6 +13,7 @@ JSON data, never a route to another callable.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import re
 import types
@@ -25,9 +26,15 @@ from torch import nn
 from metaql.errors import BinderException, InvalidInputException, IOException
 from metaql.storage.tensorfile import fsync_path
 
+# Rebuilders of models a store describes as data: an nn.Sequential of torch.nn built-ins (their
+# classes and constructor arguments), and a Hugging Face model (its transformers class and config).
+# They build only torch.nn / transformers classes, so they are trusted like MetaQL's own models.
+SEQUENTIAL = "metaql.storage.models:sequential"
+HUGGINGFACE = "metaql.storage.models:huggingface"
+
 # MetaQL's own models, trusted without asking so `metaql demo` then `metaql STORE -c ...` works.
 # Exact strings only: a prefix ("metaql.*") would trust "metaql.demo:shutil.rmtree" style paths.
-DEFAULT_TRUSTED = frozenset({"metaql.demo:DigitsMLP"})
+DEFAULT_TRUSTED = frozenset({"metaql.demo:DigitsMLP", SEQUENTIAL, HUGGINGFACE})
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _FACTORY = re.compile(rf"^{_NAME}(\.{_NAME})*:{_NAME}(\.{_NAME})*$")
@@ -178,10 +185,149 @@ def factory_is_rebuildable(model: nn.Module, factory: str, kwargs: dict) -> bool
     return mine == {k: tuple(v.shape) for k, v in other.state_dict().items()}
 
 
+def recipe(model: nn.Module, factory: str | None, kwargs: dict | None) -> tuple[str, dict]:
+    """(factory, kwargs) to record for `model`: the user's, else a rebuild from data for an
+    nn.Sequential of torch.nn built-ins or a Hugging Face model, else the model's class."""
+    if factory is None and kwargs is None:
+        data = sequential_recipe(model) or huggingface_recipe(model)
+        if data is not None:
+            return data
+    return factory or factory_of(model), kwargs if kwargs is not None else init_kwargs(model)
+
+
+def sequential_recipe(model: nn.Module) -> tuple[str, dict] | None:
+    """(SEQUENTIAL, kwargs) for an nn.Sequential whose modules are torch.nn built-ins with
+    constructor arguments read back from their attributes; None when a rebuild would differ."""
+    if type(model) is not nn.Sequential:
+        return None
+    spec = _module_spec(model)
+    if spec is None:
+        return None
+    kwargs = {"layers": spec["layers"]}
+    try:
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            rebuilt = sequential(**json.loads(json.dumps(kwargs)))
+    except Exception:  # an argument read back wrongly: not rebuildable
+        return None
+    same = repr(rebuilt) == repr(model) and \
+        {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return (SEQUENTIAL, kwargs) if same else None
+
+
+def _module_spec(module: nn.Module) -> dict | None:
+    cls = type(module)
+    if getattr(nn, cls.__name__, None) is not cls:
+        return None           # not a torch.nn built-in: its constructor is not known
+    if cls is nn.Sequential:
+        layers = [[name, _module_spec(child)] for name, child in module.named_children()]
+        return None if any(spec is None for _, spec in layers) else {"class": "Sequential", "layers": layers}
+    if any(True for _ in module.children()) and not isinstance(module, nn.MultiheadAttention):
+        return None           # a built-in container of other modules (ModuleList, Transformer...)
+    args = {}
+    for p in _init_parameters(cls):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype", "mode") or p.name.startswith("_"):
+            continue
+        if not hasattr(module, p.name):
+            continue          # left to its default; the repr comparison catches a wrong one
+        value = getattr(module, p.name)
+        if p.name == "bias" and (value is None or isinstance(value, torch.Tensor)):
+            value = value is not None
+        value = list(value) if isinstance(value, tuple) else value
+        if not _plain_json(value):
+            return None
+        args[p.name] = value
+    return {"class": cls.__name__, "kwargs": args}
+
+
+def _init_parameters(cls: type) -> list:
+    """The constructor's named parameters; a class that forwards *args, **kwargs (nn.LSTM) has its
+    parent's (RNNBase's, whose `mode` the class fills in itself)."""
+    for c in cls.__mro__:
+        params = list(inspect.signature(c.__init__).parameters.values())[1:]
+        if any(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            return params
+    return []
+
+
+def _plain_json(value) -> bool:
+    if isinstance(value, list):
+        return all(_plain_json(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def sequential(layers: list) -> nn.Sequential:
+    """Builds the nn.Sequential a store records as data: torch.nn classes and their arguments only."""
+    from collections import OrderedDict
+    return nn.Sequential(OrderedDict((str(name), _build_spec(spec)) for name, spec in layers))
+
+
+def _build_spec(spec: dict) -> nn.Module:
+    if not isinstance(spec, dict) or not isinstance(spec.get("class"), str):
+        raise BinderException(f"the store's model layers are not a torch.nn spec: {_show(spec)}")
+    cls = getattr(nn, spec["class"], None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith("torch.nn.")):
+        raise BinderException(f"'{_show(spec['class'])}' is not a torch.nn module class; MetaQL rebuilds "
+                              "nn.Sequential models of torch.nn built-ins only")
+    if cls is nn.Sequential:
+        return sequential(spec.get("layers", []))
+    kwargs = spec.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise BinderException(f"the store's arguments of {cls.__name__} are not a JSON object")
+    return cls(**kwargs)
+
+
+def huggingface_recipe(model: nn.Module) -> tuple[str, dict] | None:
+    """(HUGGINGFACE, {cls, config}) for a model of a class transformers exports, else None."""
+    import sys
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return None
+    cls = type(model)
+    if getattr(transformers, cls.__name__, None) is not cls:
+        return None           # a user's subclass (or remote code): not rebuildable from the config alone
+    return HUGGINGFACE, {"cls": cls.__name__, "config": json.loads(model.config.to_json_string())}
+
+
+def huggingface(cls: str, config: dict) -> nn.Module:
+    """Builds a transformers model class (one transformers exports, never remote code) from the
+    config saved with the weights."""
+    try:
+        import transformers
+    except ImportError:
+        raise BinderException("this store's model is a Hugging Face model: install transformers to "
+                              "replay it") from None
+    target = getattr(transformers, cls, None) if isinstance(cls, str) and cls.isidentifier() else None
+    if not (isinstance(target, type) and issubclass(target, transformers.PreTrainedModel)):
+        raise BinderException(f"'{_show(cls)}' is not a model class of transformers; MetaQL rebuilds "
+                              "Hugging Face models of the library's own classes only")
+    if not isinstance(config, dict):
+        raise BinderException("the store's Hugging Face config is not a JSON object")
+    return target(target.config_class.from_dict(config))
+
+
 def init_kwargs(model: nn.Module) -> dict:
     """Constructor kwargs a model advertises in a `metaql_config` dict attribute, else none."""
     cfg = getattr(model, "metaql_config", None)
     return dict(cfg) if isinstance(cfg, dict) else {}
+
+
+def import_kind(path: str) -> None:
+    """Imports the module of a trusted layer-kind path ('package.module:Class'); importing it
+    registers the kind. The name must resolve to a LayerKind subclass."""
+    from metaql.storage.layers import LayerKind
+    module_name, _, attr = check_factory_name(path).partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            if not isinstance(obj, (types.ModuleType, type)):
+                raise AttributeError(f"'{part}' is reached through a {type(obj).__name__}")
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise BinderException(f"cannot load the layer kind '{path}' ({e}); install the package that defines "
+                              "it") from None
+    if not (isinstance(obj, type) and issubclass(obj, LayerKind)):
+        raise BinderException(f"'{path}' is a {type(obj).__name__}, not a metaql LayerKind class")
 
 
 def _resolve(factory: str):

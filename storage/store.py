@@ -474,8 +474,7 @@ class Store:
         # a store written before tasks recorded classification as 'cross_entropy'
         same_task = [task, LEGACY_CLASSIFICATION] if task == spec_text({"task": "classification"}) else [task]
         self.trusted_factories |= set(trusted_loss)     # the loss code the user named, like a factory
-        factory = factory or model_files.factory_of(model)
-        kwargs = kwargs if kwargs is not None else model_files.init_kwargs(model)
+        factory, kwargs = model_files.recipe(model, factory, kwargs)
         # the user typed this factory, or handed us a live instance of its class: trusted in this process
         self.trusted_factories.add(factory)
         row = self.db.execute("SELECT model_id FROM models WHERE factory = ? AND kwargs = ? AND loss IN "
@@ -484,9 +483,11 @@ class Store:
             return row[0]
         if not model_files.factory_is_rebuildable(model, factory, kwargs):
             import warnings
-            warnings.warn(f"MetaQL cannot rebuild this model from '{factory}' with {kwargs}: queries "
-                          "that replay samples will work only in this process (pass factory='pkg.mod:fn' "
-                          "and kwargs= to con.capture to fix)", stacklevel=4)
+            script = " (a class defined in the script, which another process cannot import: move it into a " \
+                "module)" if factory.startswith("__main__:") or "<locals>" in factory else ""
+            warnings.warn(f"MetaQL cannot rebuild this model from '{factory}' with {kwargs}{script}: queries "
+                          "that replay samples will work only in this process, or after con.attach_model(model) "
+                          "(pass factory='pkg.mod:fn' and kwargs= to con.capture to fix)", stacklevel=4)
         model_id = self.db.execute("SELECT coalesce(max(model_id), 0) + 1 FROM models").fetchone()[0]
         self.db.execute("INSERT INTO models (model_id, factory, kwargs, loss) VALUES (?, ?, ?, ?)",
                         [model_id, factory, json.dumps(kwargs, sort_keys=True), task])
@@ -548,7 +549,29 @@ class Store:
         row = self.db.execute("SELECT meta, storage FROM layers WHERE name = ?", [name]).fetchone()
         if row is None:
             require_name("layer", name, [l["name"] for l in self.layers()])
-        return LayerMeta(**json.loads(row[0])), row[1]
+        meta = LayerMeta(**json.loads(row[0]))
+        self._load_kind(meta)
+        return meta, row[1]
+
+    def _load_kind(self, meta: LayerMeta) -> None:
+        """Registers the layer's kind if this process lacks it: its recorded module is imported only
+        when trusted like a model factory (importing a module runs its code)."""
+        from metaql.storage.layers import kind_registered
+        if kind_registered(meta.kind):
+            return
+        path = meta.kind_class
+        if not path:
+            raise CatalogException(f"layer '{meta.name}' was captured with the layer kind '{meta.kind}', which "
+                                   "this process has not registered: import the module that defines it first")
+        if path not in self.trusted_factories:
+            raise model_files.UntrustedFactoryError(
+                f"layer '{meta.name}' was captured with the layer kind '{meta.kind}' defined by '{path}', code "
+                "this process has not trusted; if you trust it: metaql.connect(path, config={'trusted_factories': "
+                f"['{path}']}}), or in the shell `metaql STORE --model {path}`; or import its module before querying")
+        model_files.import_kind(path)
+        if not kind_registered(meta.kind):
+            raise CatalogException(f"importing '{path}' did not register the layer kind '{meta.kind}' of "
+                                   f"layer '{meta.name}'")
 
     def register_layer(self, meta: LayerMeta, positions: int, factored_numbers: int, can_factor: bool,
                        storage: str | None) -> str:
@@ -558,6 +581,8 @@ class Store:
         if row:
             return row[0]
         fac, full = factored_numbers, kind_named(meta.kind).full_numbers(meta)
+        from metaql.storage.layers import kind_class_of
+        meta.kind_class = meta.kind_class or kind_class_of(meta.kind)
         mode = storage or ("factored" if can_factor and fac <= full else "full")
         if mode not in ("factored", "full") or (mode == "factored" and not can_factor):
             raise InvalidInputException(f"storage mode for layer '{meta.name}' must be "

@@ -233,7 +233,9 @@ def test_the_default_trust_is_exact_metaql_module_classes():
     for factory in model_files.DEFAULT_TRUSTED:
         module, _, name = factory.partition(":")
         cls = model_files._resolve(factory)
-        assert module.startswith("metaql.") and isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+        # a MetaQL model class, or a MetaQL rebuilder of models recorded as data (nn.Sequential, HF)
+        assert module.startswith("metaql.") and (isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+                                                 or factory in (model_files.SEQUENTIAL, model_files.HUGGINGFACE))
         assert f"{cls.__module__}:{cls.__qualname__}" == factory
 
 

@@ -7,10 +7,11 @@ kind means adding one file here that subclasses `LayerKind` and decorates it wit
 """
 from __future__ import annotations
 
-from metaql.storage.layers.base import (KINDS, LayerKind, LayerMeta, find_kind, kind_for, kind_named, register,
-                                         register_fallback)
+from metaql.storage.layers.base import (KINDS, LayerKind, LayerMeta, find_kind, kind_class_of, kind_for, kind_named,
+                                         kind_registered, register, register_fallback)
 
 # Importing the modules registers their kinds.
-from metaql.storage.layers import conv, embedding, fallback, linear, norm  # noqa: F401,E402
+from metaql.storage.layers import conv, embedding, fallback, hf_conv1d, linear, mha, norm  # noqa: F401,E402
 
-__all__ = ["KINDS", "LayerKind", "LayerMeta", "find_kind", "kind_for", "kind_named", "register", "register_fallback"]
+__all__ = ["KINDS", "LayerKind", "LayerMeta", "find_kind", "kind_class_of", "kind_for", "kind_named", "kind_registered",
+           "register", "register_fallback"]

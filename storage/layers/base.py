@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from metaql.errors import BinderException
+from metaql.errors import BinderException, CatalogException
 
 
 @dataclass
@@ -27,6 +27,8 @@ class LayerMeta:
     bias: bool
     param_shapes: dict[str, list[int]] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    # 'package.module:Class' of the kind: another process imports it (if trusted) to read the layer
+    kind_class: str = ""
 
     @property
     def params(self) -> int:
@@ -42,6 +44,13 @@ class LayerKind:
     # what a module must compute exactly as the registered type does for the kind to apply (find_kind)
     modelled_methods: tuple[str, ...] = ("forward",)
     param_names: tuple[str, ...] = ("weight", "bias")      # the first is required
+    # children whose parameters this kind captures as part of the layer (nn.MultiheadAttention's
+    # out_proj): a pattern does not pick them separately, and naming them is refused
+    covers_children: tuple[str, ...] = ()
+
+    def unfit(self, module: nn.Module) -> str:
+        """'' when a module of the registered type is one this kind models, else why not."""
+        return ""
 
     # ---- capture ------------------------------------------------------------------------------
     def meta(self, name: str, module: nn.Module) -> LayerMeta:
@@ -55,6 +64,20 @@ class LayerKind:
     def call_problem(self, args: tuple, kwargs: dict, output) -> str:
         """'' when the hooks can capture this call of the module, else why not."""
         return ""
+
+    def saved_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[object, str]:
+        """(what `factors` needs of this call's inputs, '') or (None, why the call cannot be captured)."""
+        return args[0].detach(), ""
+
+    def call_batch(self, saved) -> int:
+        """The number of samples a call saved by `saved_call` ran on."""
+        return saved.shape[0] if saved.dim() else 1
+
+    def call_output(self, output) -> tuple[object, object]:
+        """(the output tensor whose gradient `factors` receives, a replacement for the module's
+        output or None): a kind may hand on an output rebuilt as views of that one tensor, so its
+        gradient gathers the gradients of every output (the fallback kind on an LSTM)."""
+        return output, None
 
     def suffix_name(self) -> str | None:
         """The factor that is the layer's input as-is (shared between layers reading one input)."""
@@ -177,6 +200,30 @@ def register(*module_types: type):
     return wrap
 
 
+_PENDING: list[tuple[str, str, LayerKind]] = []    # (module, class name, kind) of types not imported yet
+
+
+def register_lazy(module_name: str, class_name: str):
+    """Registers a kind for a class of a library MetaQL does not import itself (transformers): the
+    type is looked up once its module is imported, which any model of it has done."""
+    def wrap(cls: type[LayerKind]) -> type[LayerKind]:
+        handler = cls()
+        _PENDING.append((module_name, class_name, handler))
+        _BY_NAME[handler.kind] = handler
+        return cls
+    return wrap
+
+
+def _register_pending() -> None:
+    import sys
+    for entry in list(_PENDING):
+        module = sys.modules.get(entry[0])
+        if module is not None:
+            _PENDING.remove(entry)
+            if isinstance(getattr(module, entry[1], None), type):
+                KINDS[getattr(module, entry[1])] = entry[2]
+
+
 def kind_for(name: str, module: nn.Module) -> LayerKind:
     kind, why = find_kind(module)
     if kind is None:
@@ -198,11 +245,20 @@ def find_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
         unfit = _FALLBACK[0].applies(module)
         if not unfit:
             return _FALLBACK[0], ""
-        why = f"is a {type(module).__name__} that {unfit}"
+        if not _refused_by_own_kind(module):
+            why = f"is a {type(module).__name__} that {unfit}"
     return kind, why
 
 
+def _refused_by_own_kind(module: nn.Module) -> bool:
+    _register_pending()
+    """True when the kind registered for exactly this type refused it (its reason is the one to show)."""
+    kind = KINDS.get(type(module))
+    return kind is not None and bool(kind.unfit(module))
+
+
 def _specialised_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
+    _register_pending()
     mro = type(module).__mro__
     base = next((t for t in mro if t in KINDS), None)
     if base is None:
@@ -214,6 +270,9 @@ def _specialised_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
         return None, (f"is a {type(module).__name__}, a subclass of {base.__name__} whose own forward "
                       f"(in {overriding[0]}) MetaQL cannot model: capturing it as a plain {base.__name__} "
                       "would store wrong gradients")
+    unfit = kind.unfit(module)
+    if unfit:
+        return None, f"is a {type(module).__name__} that {unfit}"
     own = {n for n, _ in module.named_parameters(recurse=False)}
     if not own or not own <= set(kind.param_names) or kind.param_names[0] not in own:
         return None, (f"is a {type(module).__name__} whose parameters ({', '.join(sorted(own)) or 'none'}) "
@@ -223,4 +282,17 @@ def _specialised_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
 
 
 def kind_named(kind: str) -> LayerKind:
+    if kind not in _BY_NAME:
+        raise CatalogException(f"layer kind '{kind}' is not registered in this process: import the module "
+                               "that registers it (metaql.storage.layers.register) before querying")
     return _BY_NAME[kind]
+
+
+def kind_registered(kind: str) -> bool:
+    return kind in _BY_NAME
+
+
+def kind_class_of(kind: str) -> str:
+    """The importable 'package.module:Class' of a registered kind."""
+    cls = type(_BY_NAME[kind])
+    return f"{cls.__module__}:{cls.__qualname__}"

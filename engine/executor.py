@@ -18,9 +18,9 @@ from metaql.engine import operators as ops
 from metaql.engine.errors import InterruptException, InvalidInputException
 from metaql.engine.functions import FunctionRegistry
 from metaql.engine.plan import FunctionScan, InfluenceScan, Strategy, TopK
-from metaql.storage.hooks import watched_modules
+from metaql.storage.hooks import LayerHooks, watched_modules
 from metaql.storage.layers import kind_named
-from metaql.storage.replay import replay_factors
+from metaql.storage.replay import replay_batches, stored_batches, stored_replay_factors
 from metaql.storage.tasks import task_at
 
 CHUNK_NUMBERS = 32 * 2 ** 20      # bound on the largest intermediate of one chunk (numbers)
@@ -113,7 +113,7 @@ def query_sides(scan: InfluenceScan, store, ckpt: str, strategies: list[Strategy
     ids = scan.query.ids
     # the query side's loss is the checkpoint's task's, read as scan.loss says
     targets = task.stored_targets(store, ids, scan.loss)
-    factors = replay_factors(model, modules, store.inputs(ids), targets, scan.loss, task=task)
+    factors = stored_replay_factors(store, model, modules, ids, targets, scan.loss, task=task)
     out = {}
     for layer in scan.layers:
         meta, _ = store.layer_meta(layer)
@@ -165,10 +165,10 @@ def recomputed_batches(store, ckpt: str, layer: str, train: np.ndarray, batch: i
     """The re-compute baseline: factors of the training samples replayed now, not read."""
     model, task = store.model_at(ckpt), task_at(store, ckpt)
     modules = watched_modules(model, [layer])
-    for start in range(0, len(train), batch):
-        ids = train[start:start + batch]
-        targets = task.stored_targets(store, ids)
-        yield ids, replay_factors(model, modules, store.inputs(ids), targets, task=task)[layer]
+    # inputs streamed from the store a batch at a time, in the shards' order (callers place rows by id)
+    batches = stored_batches(store, train, task.stored_targets(store, train), batch)
+    for pos, factors in replay_batches(model, LayerHooks(modules), batches, task=task):
+        yield train[pos], factors[layer]
 
 
 def chunk_rows(tensors: dict, q, strategy: str, meta) -> int:

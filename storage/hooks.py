@@ -35,6 +35,7 @@ class Selection:
     optional: set[str] = field(default_factory=set)        # picked by a pattern, not by name
     skipped: dict[str, str] = field(default_factory=dict)  # {module: why it is not captured}
     batchnorms: dict[str, nn.Module] = field(default_factory=dict)
+    root: nn.Module | None = None      # the model: its calls give the batch size (see LayerHooks.batch)
 
 
 class LayerHooks:
@@ -42,6 +43,7 @@ class LayerHooks:
         sel = modules if isinstance(modules, Selection) else Selection(dict(modules))
         self.modules = dict(sel.modules)
         self.optional, self.skipped, self.batchnorms = set(sel.optional), dict(sel.skipped), sel.batchnorms
+        self.root, self.batch = sel.root, None
         self.kinds: dict[str, LayerKind] = {n: kind_for(n, m) for n, m in self.modules.items()}
         self._handles: dict[str, list] = {}
         self._first = True      # the first batch decides which optional layers stay
@@ -59,6 +61,9 @@ class LayerHooks:
         for name, module in self.modules.items():
             self._handles.setdefault(name, []).append(
                 module.register_forward_hook(self._forward_hook(name), with_kwargs=True))
+        if self.root is not None:
+            self._handles.setdefault("\1root", []).append(
+                self.root.register_forward_pre_hook(self._batch_hook, with_kwargs=True))
         if self._first:
             for name, bn in self.batchnorms.items():
                 self._handles.setdefault("\0" + name, []).append(bn.register_forward_hook(self._norm_hook(name)))
@@ -81,14 +86,31 @@ class LayerHooks:
                 return
             if not (isinstance(output, torch.Tensor) and output.requires_grad):
                 return
+            x = inputs[0]
+            if self._broadcast(x, output):
+                # a module run once for the whole batch (BERT's position embeddings: position ids of
+                # shape (1, L)) whose output the model broadcasts over the samples: each sample gets
+                # its own copy, so the gradient reaching row b is sample b's alone
+                x = x.expand(self.batch, *x.shape[1:])
+                output = output.expand(self.batch, *output.shape[1:])
             call = len(self.inputs[name])
-            self.inputs[name].append(inputs[0].detach())
+            self.inputs[name].append(x.detach())
             self.outputs[name].append(output)
 
             def keep_grad(grad, name=name, call=call):
                 self.grads[name][call] = grad.detach()
             output.register_hook(keep_grad)
+            return output
         return hook
+
+    def _batch_hook(self, module, args, kwargs):
+        from metaql.storage.inputs import first_tensor
+        first = first_tensor((args, kwargs))
+        self.batch = first.shape[0] if first is not None and first.dim() else None
+
+    def _broadcast(self, x, output) -> bool:
+        return (self.batch is not None and self.batch > 1 and isinstance(x, torch.Tensor) and x.dim() > 0
+                and x.shape[0] == 1 and output.dim() > 0 and output.shape[0] == 1)
 
     def _norm_hook(self, name: str):
         def hook(module, inputs, output):
@@ -213,7 +235,8 @@ def select_layers(model: nn.Module, layers: list[str] | str | None) -> Selection
         layers = [layers]
     if not layers:
         raise BinderException("layers= is empty; name layers, glob patterns ('encoder.*'), or '*' for all")
-    sel = Selection({}, batchnorms={n: m for n, m in named.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+    sel = Selection({}, batchnorms={n: m for n, m in named.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)},
+                    root=model)
     explicit = [n for n in layers if not (_GLOB & set(str(n)))]
     for pattern in [p for p in layers if _GLOB & set(str(p))]:
         _add_pattern(sel, named, pattern)

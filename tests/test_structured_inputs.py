@@ -146,13 +146,22 @@ def test_causal_lm_on_tokenizer_style_dicts_ignores_padding():
         con.checkpoint(model, "c0", lr=lr, task="causal_lm")
         con.replay("c0", "train", layers=["emb", "head"], batch_size=3)
         inf, self_inf = _scores(con, ["emb", "head"])
+        con.config["force_strategy"] = "recompute"     # training side replayed from the stored inputs
+        recomputed = con.execute("SELECT score FROM INFLUENCE(layers=[emb, head], query=batch(test)) "
+                                 "ORDER BY sample_id").fetchnumpy()["score"]
+        con.update_predictions()           # the dict batch reaches the model and the task alike
+        losses = con.execute("SELECT loss FROM samples ORDER BY sample_id").fetchnumpy()["loss"]
 
     def lm_loss(logits, s):
         return F.cross_entropy(logits[0, :-1], s[1:])
+    with torch.no_grad():
+        want = [float(lm_loss(model(s.unsqueeze(0), torch.ones(1, len(s), dtype=torch.long)), s)) for s in seqs]
     per = [_flat_grad(model, {"emb", "head"}, lambda out, s=s: lm_loss(out, s),
                       (s.unsqueeze(0), torch.ones(1, len(s), dtype=torch.long))) for s in seqs]
     exp_inf, exp_self = _expected(per, ntrain, lr)
     assert rel_err(inf, exp_inf) < 1e-5 and rel_err(self_inf, exp_self) < 1e-5
+    assert rel_err(torch.from_numpy(recomputed), exp_inf) < 1e-5
+    assert np.allclose(losses, want, rtol=1e-5)
 
 
 def test_structure_round_trips_after_reopening(store_dir):

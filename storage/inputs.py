@@ -140,8 +140,7 @@ def _sequences(items: list, name: str, n: int, leaves: dict, lengths: list) -> d
 
 def _number_list(v, name: str, i: int) -> torch.Tensor:
     """A plain list of numbers (a tokenizer's ids without return_tensors) as a tensor."""
-    if isinstance(v, (list, tuple)) and all(isinstance(e, (int, float, bool)) and not isinstance(e, str)
-                                            for e in v):
+    if isinstance(v, (list, tuple)) and all(isinstance(e, (int, float, bool)) for e in v):
         return torch.as_tensor(v)
     raise InvalidInputException(f"inputs '{name}' sample {i} is a {type(v).__name__}; a list of inputs holds one "
                                 "tensor (or list of numbers) per sample")
@@ -181,9 +180,11 @@ def legacy_spec(shard_meta: dict) -> dict:
 
 
 def described(spec: dict) -> str:
+    """The structure as a user reads it: (N, 3), {input_ids: [(N, L)]}; [ ] marks variable length."""
     def show(node):
         if "leaf" in node:
-            return f"{'[' if node['var'] else ''}({', '.join(['N'] + (['L'] if node['var'] else []) + [str(s) for s in node['shape']])}){']' if node['var'] else ''}"
+            dims = ", ".join(["N"] + (["L"] if node["var"] else []) + [str(d) for d in node["shape"]])
+            return f"[({dims})]" if node["var"] else f"({dims})"
         if "tuple" in node:
             return "(" + ", ".join(show(c) for c in node["tuple"]) + ")"
         return "{" + ", ".join(f"{k}: {show(c)}" for k, c in node["dict"].items()) + "}"
@@ -305,9 +306,6 @@ class InputReader:
             raise BinderException(f"{len(missing)} samples have no registered inputs "
                                   f"(e.g. {missing[:5].tolist()}); they cannot be replayed")
 
-    def __len__(self) -> int:
-        return -(-len(self.ids) // self.batch_size)
-
     def _locate(self) -> list[tuple[dict, np.ndarray, np.ndarray]]:
         """(shard row, rows of the shard, their positions in ids) for each shard holding some."""
         order = np.argsort(self.ids, kind="stable")
@@ -321,9 +319,6 @@ class InputReader:
             if len(idx):
                 plan.append((row, idx, order[np.searchsorted(wanted, shard_ids[idx])]))
         return plan
-
-    def spec(self) -> dict:
-        return self.store.input_spec(self._plan[0][0]) if self._plan else {}
 
     def __iter__(self):
         pieces, where, held = [], [], 0

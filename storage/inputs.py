@@ -242,6 +242,14 @@ def build(node: dict, leaves: dict[str, torch.Tensor]):
     return {k: build(c, leaves) for k, c in node["dict"].items()}
 
 
+def single_tensor(inputs, who: str, instead: str) -> torch.Tensor:
+    """Inputs a function reads as one (N, ...) feature tensor; a clear error for structured ones."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    raise InvalidInputException(f"{who} reads the registered inputs as one tensor, but this store's inputs are "
+                                f"a {type(inputs).__name__} of tensors; {instead}")
+
+
 def call_model(model, inputs):
     """The model's output on a batch: model(x), model(*xs) for a tuple, model(**d) for a dict."""
     if isinstance(inputs, tuple):

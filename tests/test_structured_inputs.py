@@ -319,3 +319,11 @@ def test_minilm_position_embeddings_in_a_batch_larger_than_one():
         meta, full = stored_full(con.store, "c0", layers[0], np.arange(3))
     # replay in batches > 1: test_minilm_tokenizer_output_registered_and_replayed
     assert rel_err(full, flat_layer(expected, layers[0], meta)) < 1e-5
+
+
+def test_functions_that_read_one_feature_tensor_refuse_structured_inputs():
+    with _connect() as con:
+        con.add_samples(np.arange(6), "train", np.arange(6) % 2, inputs=(torch.randn(6, 3), torch.randn(6, 2)))
+        con.add_samples([10, 11], "val", [0, 1], inputs=(torch.randn(2, 3), torch.randn(2, 2)))
+        with pytest.raises(metaql.InvalidInputException, match="ELITE reads the registered inputs as one tensor"):
+            con.execute("SELECT * FROM ELITE(data=train, labeled=val, epochs=1)")

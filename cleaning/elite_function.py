@@ -103,7 +103,9 @@ def _inputs(ctx, ids: np.ndarray, features: str) -> torch.Tensor:
     """Registered inputs, or the named ``samples`` columns stacked as (N, F) float32 features."""
     names = [f.strip() for f in features.split(",") if f.strip()]
     if not names:
-        return ctx.store.inputs(ids)
+        from metaql.storage.inputs import single_tensor
+        return single_tensor(ctx.store.inputs(ids), "ELITE", "name numeric samples columns as its features "
+                             "instead (features='col1,col2')")
     cols = ctx.store.sample_columns(ids, names)
     try:
         return torch.from_numpy(np.stack([np.asarray(cols[n], dtype=np.float32) for n in names], axis=1))

@@ -20,9 +20,9 @@ from metaql.engine.plan import FunctionScan, InfluenceScan, Strategy, TopK
 from metaql.engine.strategies import needs_of, strategy_named
 from metaql.errors import InterruptException, InvalidInputException
 from metaql.storage.catalog_snapshot import catalog_of
-from metaql.storage.hooks import watched_modules
+from metaql.storage.hooks import LayerHooks, watched_modules
 from metaql.storage.layers import kind_named
-from metaql.storage.replay import replay_factors
+from metaql.storage.replay import replay_batches, stored_batches, stored_replay_factors
 from metaql.storage.tasks import task_at
 
 CHUNK_NUMBERS = 32 * 2 ** 20      # bound on the largest intermediate of one chunk (numbers)
@@ -71,11 +71,10 @@ def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
     by_ckpt: dict[str, list[Strategy]] = {}
     for s in scan.strategies:
         by_ckpt.setdefault(s.checkpoint, []).append(s)
-    inputs = None if scan.query is None else store.inputs(scan.query.ids)   # the same at every checkpoint
     for ckpt, strategies in ctx.progress(list(by_ckpt.items()), desc="checkpoints"):
         lr = catalog.checkpoint(ckpt)["lr"]
         query = None if scan.query is None else query_sides(scan, store, ckpt, strategies, device_of(ctx),
-                                                            catalog, inputs)
+                                                            catalog)
         part, norms, qnorm = np.zeros(len(train)), np.zeros(len(train)), 0.0
         for strat in strategies:
             t0 = time.perf_counter()
@@ -111,7 +110,7 @@ def check_finite(scores: np.ndarray, layer: str, ckpt: str, lr: float | None = N
 
 
 def query_sides(scan: InfluenceScan, store, ckpt: str, strategies: list[Strategy],
-                device: str = "cpu", catalog=None, inputs=None) -> dict[str, dict]:
+                device: str = "cpu", catalog=None) -> dict[str, dict]:
     """Replays the query samples at the checkpoint; per layer what its chosen strategy needs."""
     catalog = catalog if catalog is not None else catalog_of(Context(store, FunctionRegistry()))
     model, task = store.model_at(ckpt), task_at(store, ckpt)
@@ -119,8 +118,7 @@ def query_sides(scan: InfluenceScan, store, ckpt: str, strategies: list[Strategy
     ids = scan.query.ids
     # the query side's loss is the checkpoint's task's, read as scan.loss says
     targets = task.stored_targets(store, ids, scan.loss)
-    inputs = inputs if inputs is not None else store.inputs(ids)
-    factors = replay_factors(model, modules, inputs, targets, scan.loss, task=task)
+    factors = stored_replay_factors(store, model, modules, ids, targets, scan.loss, task=task)
     out = {}
     for layer in scan.layers:
         meta, _ = catalog.layer_meta(layer)
@@ -173,10 +171,10 @@ def recomputed_batches(store, ckpt: str, layer: str, train: np.ndarray, batch: i
     """The re-compute baseline: factors of the training samples replayed now, not read."""
     model, task = store.model_at(ckpt), task_at(store, ckpt)
     modules = watched_modules(model, [layer])
-    for start in range(0, len(train), batch):
-        ids = train[start:start + batch]
-        targets = task.stored_targets(store, ids)
-        yield ids, replay_factors(model, modules, store.inputs(ids), targets, task=task)[layer]
+    # inputs streamed from the store a batch at a time, in the shards' order (callers place rows by id)
+    batches = stored_batches(store, train, task.stored_targets(store, train), batch)
+    for pos, factors in replay_batches(model, LayerHooks(modules), batches, task=task):
+        yield train[pos], factors[layer]
 
 
 def chunk_rows(tensors: dict, q, strategy: str, meta) -> int:

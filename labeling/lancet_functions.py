@@ -149,7 +149,9 @@ def _session(ctx: Any, pool: str, num_classes: int, oracle: str, steps: int, cfm
         raise InvalidInputException(
             f"the labels table holds label(s) {sorted(set(bad.tolist()))[:10]} for pool "
             f"'{pool}', outside [0, {k}); fix them or pass num_classes")
-    return session, ctx.store.inputs(ids)
+    from metaql.storage.inputs import single_tensor
+    return session, single_tensor(ctx.store.inputs(ids), "LANCET", "it trains an image embedding on them: "
+                                  "register the pool's inputs as one tensor in a store of their own")
 
 
 def lancet_config(steps: int, cfm: bool, alpha_t: float, seed: int,

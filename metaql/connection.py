@@ -378,7 +378,9 @@ class Connection:
     # ---- data in ----------------------------------------------------------------------------------
     @_catalog_errors
     def add_samples(self, ids, split: str, labels=None, inputs=None, columns=None) -> int:
-        """Registers samples (ids, split, labels; inputs for replay; extra catalog columns)."""
+        """Registers samples (ids, split, labels; inputs for replay; extra catalog columns). Inputs:
+        a tensor, a tuple or dict of them (a tokenizer's output), or lists of per-sample
+        variable-length tensors; replay calls model(x), model(*xs), model(**d) (storage/inputs.py)."""
         self._check_open()
         return self.store.add_samples(ids, split, labels, inputs, columns)
 

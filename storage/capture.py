@@ -401,8 +401,10 @@ def replay_into_store(store: Store, checkpoint: str, ids, layers=None, target: s
                       batch_size: int = 256, shard_size: int = 2048, dtype: str = "float32",
                       progress=None, storage: dict[str, str] | None = None) -> int:
     """Computes exact factors of registered samples at a saved checkpoint and stores them.
-    ``storage`` overrides the space formula per layer ({layer: 'factored' | 'full'}), as in capture."""
-    from metaql.storage.replay import iter_replay
+    ``storage`` overrides the space formula per layer ({layer: 'factored' | 'full'}), as in capture.
+    Inputs are read from the store a batch at a time and factors written a shard at a time, so
+    memory does not grow with the number of samples."""
+    from metaql.storage.replay import replay_batches, stored_batches
 
     ids = _as_ids(ids)
     from metaql.storage.tasks import task_at
@@ -410,11 +412,10 @@ def replay_into_store(store: Store, checkpoint: str, ids, layers=None, target: s
     labels = task.stored_targets(store, ids, target)
     hooks = LayerHooks(select_layers(model, replayed_layers(store, model, checkpoint, layers)))
     writer = ShardWriter(store, checkpoint, hooks, shard_size, dtype, storage)
-    inputs = store.inputs(ids)
-    batches = iter_replay(model, hooks, inputs, labels, target, batch_size, task)
-    for rows, factors in (progress(batches, total=-(-len(ids) // batch_size), desc=f"replay {checkpoint}")
-                          if progress else batches):
-        writer.add(ids[rows], factors)
+    batches = replay_batches(model, hooks, stored_batches(store, ids, labels, batch_size), target, task)
+    for pos, factors in (progress(batches, total=-(-len(ids) // batch_size), desc=f"replay {checkpoint}")
+                         if progress else batches):
+        writer.add(ids[pos], factors)
     writer.flush()
     return writer.rows_written
 

@@ -7,6 +7,7 @@ import torch
 
 from metaql.errors import BinderException
 from metaql.storage.catalog import register, transaction, unregister
+from metaql.storage.inputs import call_model
 from metaql.storage.tasks import task_at
 
 
@@ -18,18 +19,20 @@ def update_predictions(store, checkpoint: str | None = None, batch_size: int = 1
     checkpoint = checkpoint or names[-1]
     model, task = store.model_at(checkpoint).eval(), task_at(store, checkpoint)
     ids = store.sql("SELECT sample_id FROM samples ORDER BY sample_id").fetchnumpy()["sample_id"].astype(np.int64)
-    inputs = store.inputs(ids)
-    preds, losses = [], []
+    preds, losses, order = [], [], []
     with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            rows = ids[start:start + batch_size]
-            out = model(inputs[start:start + batch_size])
+        # inputs streamed from the store a batch at a time, in the shards' order
+        for pos, inputs in store.input_batches(ids, batch_size):
+            rows = ids[pos]
+            out = call_model(model, inputs)
             pred = task.predictions(out)
             preds.append(np.full(len(rows), None) if pred is None else pred.cpu().numpy().astype(np.int32))
-            losses.append(_losses(store, task, out, inputs[start:start + batch_size], rows))
+            losses.append(_losses(store, task, out, inputs, rows))
+            order.append(rows)
     # a task without classes (regression, causal_lm, custom) leaves pred NULL and fills loss only
     pred = np.concatenate(preds)
-    table = pa.table({"sample_id": ids, "pred": pa.array(pred.tolist() if pred.dtype == object else pred, pa.int32()),
+    table = pa.table({"sample_id": np.concatenate(order),
+                      "pred": pa.array(pred.tolist() if pred.dtype == object else pred, pa.int32()),
                       "loss": np.concatenate(losses)})
     with transaction(store.db):
         register(store.db, "_preds", table)

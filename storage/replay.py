@@ -7,39 +7,73 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
 from metaql.storage.hooks import LayerHooks
+from metaql.storage.inputs import batch_size as batch_size_of, call_model, take_rows
 
 
-def iter_replay(model: nn.Module, hooks: LayerHooks, inputs: torch.Tensor,
-                labels: torch.Tensor | None, target: str = "label", batch_size: int = 256, task=None
+def iter_replay(model: nn.Module, hooks: LayerHooks, inputs, labels: torch.Tensor | None,
+                target: str = "label", batch_size: int = 256, task=None
                 ) -> Iterator[tuple[slice, dict[str, dict[str, torch.Tensor]]]]:
     """Yields (rows, {layer: factors}) batch by batch, through the given (unattached) hooks.
-    `labels` are the task's stored targets (metaql.storage.tasks; default classification)."""
+    `inputs` are held in memory in any structure storage/inputs.py accepts (a tensor, a tuple, a
+    dict); `labels` are the task's stored targets (metaql.storage.tasks; default classification)."""
+    n = batch_size_of(inputs)
+    batches = ((rows, take_rows(inputs, rows), None if labels is None else labels[rows])
+               for rows in (slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)))
+    return replay_batches(model, hooks, batches, target, task)
+
+
+def replay_batches(model: nn.Module, hooks: LayerHooks, batches, target: str = "label", task=None):
+    """Yields (key, {layer: factors}) for each (key, inputs, labels) of `batches`, which may be read
+    lazily (Store.input_batches): one batch's inputs and factors are held at a time."""
     from metaql.storage.tasks import Classification
     task = task or Classification()
     task.check_target(target)
+    if hooks.root is None:
+        hooks.root = model      # the model's batch size, for layers that see a batch of one
     hooks.attach()
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
-            for start in range(0, inputs.shape[0], batch_size):
-                rows = slice(start, min(start + batch_size, inputs.shape[0]))
+            for key, x, y in batches:
                 hooks.clear()
-                loss = task.losses(model(inputs[rows]), inputs[rows], None if labels is None else labels[rows],
-                                   target)
+                loss = task.losses(call_model(model, x), x, y, target)
                 outputs = [o for outs in hooks.outputs.values() for o in outs]
                 # autograd.grad w.r.t. the outputs fires their hooks and leaves .grad of weights alone;
                 # an output the loss does not use is left to hooks.factors to report by its layer's name
                 if outputs:
                     torch.autograd.grad(loss.sum(), outputs, allow_unused=True)
-                yield rows, hooks.factors()
+                yield key, hooks.factors()
     finally:
         hooks.detach()
         model.train(was_training)
+
+
+def stored_batches(store, ids: np.ndarray, labels: torch.Tensor | None, batch_size: int = 256):
+    """(positions into ids, inputs, labels) of registered samples, read from the store batch by
+    batch; `labels` are aligned with ids."""
+    for pos, x in store.input_batches(ids, batch_size):
+        yield pos, x, None if labels is None else labels[torch.from_numpy(pos)]
+
+
+def stored_replay_factors(store, model, modules, ids, labels, target="label", batch_size=256, task=None):
+    """replay_factors of registered samples whose inputs are streamed from the store; the factors
+    come back in the order of `ids`."""
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {}
+    where = []
+    for pos, factors in replay_batches(model, LayerHooks(modules), stored_batches(store, ids, labels, batch_size),
+                                       target, task):
+        where.append(pos)
+        for layer, fs in factors.items():
+            for k, v in fs.items():
+                parts.setdefault(layer, {}).setdefault(k, []).append(v)
+    order = torch.from_numpy(np.argsort(np.concatenate(where))) if where else None
+    return {layer: {k: _cat_padded(v)[order] for k, v in fs.items()} for layer, fs in parts.items()}
 
 
 def replay_factors(model, modules, inputs, labels, target="label", batch_size=256, task=None):
@@ -54,7 +88,14 @@ def replay_factors(model, modules, inputs, labels, target="label", batch_size=25
 
 def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenates along the batch, zero-padding the row axis (zero rows add nothing)."""
-    if parts[0].dim() < 3 or all(p.shape[1:] == parts[0].shape[1:] for p in parts):
+    if parts[0].dim() < 2 or all(p.shape[1:] == parts[0].shape[1:] for p in parts):
         return torch.cat(parts)
+    # batches padded to different lengths: a factor whose axis 1 varies is indexed by position
+    # (an embedding's (N, L) ids among them), and zero rows, or id 0 against a zero row, add nothing
     rows = max(p.shape[1] for p in parts)
-    return torch.cat([torch.nn.functional.pad(p, (0, 0, 0, rows - p.shape[1])) for p in parts])
+    return torch.cat([_pad_axis1(p, rows) for p in parts])
+
+
+def _pad_axis1(t: torch.Tensor, rows: int) -> torch.Tensor:
+    pad = torch.zeros(t.shape[0], rows - t.shape[1], *t.shape[2:], dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad], dim=1)

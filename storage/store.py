@@ -34,6 +34,7 @@ from torch import nn
 from metaql.errors import (BinderException, CatalogException, InvalidInputException, IOException,
                                   ProgrammingError)
 from metaql.storage import durable, files
+from metaql.storage import inputs as structured_inputs
 from metaql.storage.artifacts import artifact_problems
 from metaql.storage import models as model_files
 from metaql.storage.catalog import (SHOWN, RoundTrips, counted, open_catalog, query_arrow, register, require_name, transaction,
@@ -223,9 +224,10 @@ class Store:
         return consts
 
     # ---- samples ------------------------------------------------------------------------------
-    def add_samples(self, ids, split: str, labels=None, inputs: torch.Tensor | np.ndarray | None = None,
+    def add_samples(self, ids, split: str, labels=None, inputs=None,
                     columns: dict[str, Iterable] | None = None, shard_size: int = 4096) -> int:
-        """Registers samples (and their inputs, for replay); all or nothing."""
+        """Registers samples (and their inputs, for replay); all or nothing. `inputs`: a tensor, a
+        tuple or dict of them, or lists of per-sample variable-length tensors (storage/inputs.py)."""
         self._writable()
         ids = _as_ids(ids)
         if len(ids) == 0:
@@ -237,11 +239,8 @@ class Store:
         if labels_arr is not None and len(labels_arr) != n:
             raise InvalidInputException(f"{n} ids but {len(labels_arr)} labels")
         if inputs is not None:
-            inputs = torch.as_tensor(inputs)
-            if inputs.shape[0] != n:
-                raise InvalidInputException(f"{n} ids but {inputs.shape[0]} inputs")
-            if inputs.is_floating_point() and not torch.isfinite(inputs).all():
-                raise InvalidInputException("inputs contain NaN or infinite values; clean them first")
+            inputs = structured_inputs.flatten(inputs, n)
+            self._check_input_layout(inputs.spec)
         columns = {k: np.asarray(list(v) if not hasattr(v, "__len__") else v) for k, v in (columns or {}).items()}
         for k, v in columns.items():
             if len(v) != n:
@@ -265,8 +264,8 @@ class Store:
                 if inputs is not None:
                     for start in range(0, n, shard_size):
                         sl = slice(start, start + shard_size)
-                        written.append(self.root / self._write_shard_row("inputs", None, None, ids[sl],
-                                                                         {"input": inputs[sl]}))
+                        written.append(self.root / self._write_shard_row(
+                            "inputs", None, None, ids[sl], inputs.shard_tensors(sl), extra={"inputs": inputs.spec}))
         except BaseException:
             self._discard(written)
             raise
@@ -316,28 +315,52 @@ class Store:
     def splits(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT split FROM samples ORDER BY 1").fetchall()]
 
-    def inputs(self, ids) -> torch.Tensor:
-        """Registered inputs of the given samples, in the order given."""
-        ids = _as_ids(ids)
-        parts, where = [], []
-        for row in self._shard_rows("inputs"):
-            shard = self.open_shard(row["file"], row["checksum"])
-            mask = np.isin(shard.ids, ids)
-            if mask.any():
-                idx = np.nonzero(mask)[0]
-                parts.append(shard.tensor("input")[torch.from_numpy(idx)])
-                where.append(shard.ids[idx])
-        if not parts:
-            raise BinderException("none of these samples has registered inputs; "
-                                  "pass inputs= to con.add_samples so they can be replayed")
-        got, stacked = np.concatenate(where), torch.cat(parts)
-        order = np.argsort(got, kind="stable")
-        pos = np.minimum(np.searchsorted(got[order], ids), len(got) - 1)
-        missing = ids[got[order][pos] != ids]
-        if len(missing):
-            raise BinderException(f"{len(missing)} samples have no registered inputs "
-                                  f"(e.g. {missing[:5].tolist()}); they cannot be replayed")
-        return stacked[torch.from_numpy(order[pos])]
+    def inputs(self, ids):
+        """Registered inputs of the given samples, in the order given, in the structure they were
+        registered in (a tensor, a tuple or a dict; storage/inputs.py). All at once: replay reads
+        them batch by batch instead (input_batches)."""
+        unique, inverse = np.unique(_as_ids(ids), return_inverse=True)
+        if len(unique) == 0:
+            raise BinderException("no samples given, so there are no inputs to read")
+        [(pos, batch)] = list(self.input_batches(unique, len(unique)))
+        return structured_inputs.take_rows(batch, torch.from_numpy(np.argsort(pos)[inverse]))
+
+    def input_batches(self, ids, batch_size: int = 256) -> "structured_inputs.InputReader":
+        """The registered inputs of the given (unique) ids, `batch_size` at a time, read shard by
+        shard: yields (positions into ids, batch). Memory stays bounded by one batch however many
+        ids there are."""
+        return structured_inputs.InputReader(self, ids, batch_size)
+
+    def input_shard(self, row: dict) -> Shard:
+        """An inputs shard, checksum-verified on first open and kept out of the shard cache: a replay
+        streams through every inputs shard once, and cached mappings would stay resident."""
+        path = self._inside(row["file"])
+        if not path.exists():
+            raise IOException(f"inputs shard file {path} is missing; register those samples' inputs in a new "
+                              "store (con.verify() lists every damaged file)")
+        if row["file"] not in self._verified:
+            if file_checksum(path) != row["checksum"]:
+                raise IOException(f"inputs shard file {path} is corrupt (checksum mismatch); register those "
+                                  "samples' inputs in a new store (con.verify() lists every damaged file)")
+            self._verified.add(row["file"])
+        return Shard(path)
+
+    def input_spec(self, row: dict, shard: Shard | None = None) -> dict:
+        """The structure an inputs shard records (one tensor 'input' for stores that predate it)."""
+        meta = (shard or self.input_shard(row)).meta
+        return meta["inputs"] if "inputs" in meta else structured_inputs.legacy_spec(meta)
+
+    def _check_input_layout(self, spec: dict) -> None:
+        """Refuses inputs whose structure differs from the inputs already registered: a batch
+        mixing both could not be handed to one model."""
+        rows = self._shard_rows("inputs")
+        if rows:
+            have = self.input_spec(rows[0])
+            if not structured_inputs.same_layout(have, spec):
+                raise InvalidInputException(
+                    f"these inputs are {structured_inputs.described(spec)} but the store's registered inputs are "
+                    f"{structured_inputs.described(have)} (N samples, L positions, [ ] variable length); "
+                    "register inputs of one structure per store")
 
     # ---- sets ---------------------------------------------------------------------------------
     def set_names(self) -> list[str]:
@@ -732,7 +755,8 @@ class Store:
                             and n in ("X", "I")})
         return shard.ids, tensors
 
-    def _write_shard_row(self, kind, checkpoint, layer, ids, tensors, storage=None, suffix_file=None) -> str:
+    def _write_shard_row(self, kind, checkpoint, layer, ids, tensors, storage=None, suffix_file=None,
+                         extra=None) -> str:
         """Writes one shard and inserts its row in the caller's transaction; the file is listed in
         pending_files first, so a kill before that transaction commits leaves nothing behind."""
         self._writable()
@@ -740,7 +764,7 @@ class Store:
         path = self._path_for_write(rel)
         self._record_pending([rel])
         try:
-            nbytes, checksum = write_shard(path, ids, tensors)
+            nbytes, checksum = write_shard(path, ids, tensors, extra)
             self._insert_shard_rows([_shard_row(seq, rel, kind, checkpoint, layer, ids, nbytes, checksum, storage,
                                                 suffix_file)])
         except BaseException:

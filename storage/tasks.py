@@ -24,6 +24,8 @@ model was captured with.
                              when this process trusts that exact string, like a model factory
 
 Model outputs: a tensor, a tuple or list (its first element), or a dict / ModelOutput with 'logits'.
+A task's `inputs` are the batch as the model got it (storage/inputs.py): a tensor, a tuple or a dict
+such as a tokenizer's output; causal_lm reads the token ids and the padding mask from it.
 """
 from __future__ import annotations
 
@@ -184,9 +186,10 @@ class CausalLM(Task):
         if logits.dim() != 3:
             raise InvalidInputException(f"a causal_lm model must return logits of shape (batch, tokens, vocab), "
                                         f"got {tuple(logits.shape)}")
-        labels = torch.as_tensor(inputs if targets is None else targets).long().clone()
+        token_ids, attention_mask = token_inputs(inputs, attention_mask)
+        labels = torch.as_tensor(token_ids if targets is None else targets).long().clone()
         if self.opts["pad_token_id"] is not None:
-            labels[torch.as_tensor(inputs) == self.opts["pad_token_id"]] = self.opts["ignore_index"]
+            labels[torch.as_tensor(token_ids) == self.opts["pad_token_id"]] = self.opts["ignore_index"]
         if attention_mask is not None:
             labels[torch.as_tensor(attention_mask) == 0] = self.opts["ignore_index"]
         logits, labels = logits[:, :-1], labels[:, 1:].to(logits.device)
@@ -201,6 +204,23 @@ class CausalLM(Task):
         total = (per_token * counted).sum(1)
         # a sample without a counted token has loss 0 (and no gradient), never NaN
         return total if self.opts["reduction"] == "sum" else total / counted.sum(1).clamp_min(1)
+
+
+def token_inputs(inputs, attention_mask=None):
+    """(token ids, padding mask) of a causal LM's inputs in any registered structure: a tensor of
+    ids, a dict with 'input_ids' (a tokenizer's output; its 'labels' win when present) and
+    'attention_mask', or a pair (ids, mask) such as a registered list of variable-length ids gives."""
+    from collections.abc import Mapping
+    if isinstance(inputs, Mapping):
+        key = "labels" if "labels" in inputs else "input_ids"
+        if key not in inputs:
+            raise InvalidInputException(f"a causal_lm task reads the token ids from inputs['input_ids'], but the "
+                                        f"inputs have keys {sorted(inputs)}; register the tokenizer's output")
+        return inputs[key], attention_mask if attention_mask is not None else inputs.get("attention_mask")
+    if isinstance(inputs, tuple):
+        mask = inputs[1] if len(inputs) == 2 and attention_mask is None else attention_mask
+        return inputs[0], mask
+    return inputs, attention_mask
 
 
 @register_task
@@ -234,7 +254,8 @@ class Custom(Task):
     def losses(self, output, inputs, targets, target="label", attention_mask=None):
         self.check_target(target)
         out = self.fn(output, targets)
-        n = len(targets if targets is not None else inputs)
+        from metaql.storage.inputs import batch_size
+        n = len(targets) if targets is not None else batch_size(inputs)
         if not isinstance(out, torch.Tensor) or out.dim() != 1 or out.shape[0] != n:
             raise InvalidInputException(f"the loss '{self.opts['loss']}' must return one loss per sample "
                                         f"(a tensor of shape ({n},)), got "

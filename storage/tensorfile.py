@@ -100,7 +100,9 @@ class Shard:
 
     def tensor(self, name: str) -> torch.Tensor:
         info = self.meta["tensors"][name]
-        col = self._table.column(name).combine_chunks()
+        col = self._table.column(name)
+        # one chunk (as write_shard writes) is viewed in place; combine_chunks would copy the column
+        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
         values = col.values.to_numpy(zero_copy_only=True) if self.rows else np.zeros(0, np.float32)
         with warnings.catch_warnings():
             # the mapping is read-only by design; operators never write into it

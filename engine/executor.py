@@ -118,7 +118,8 @@ def query_sides(scan: InfluenceScan, store, ckpt: str, strategies: list[Strategy
     ids = scan.query.ids
     # the query side's loss is the checkpoint's task's, read as scan.loss says
     targets = task.stored_targets(store, ids, scan.loss)
-    factors = stored_replay_factors(store, model, modules, ids, targets, scan.loss, task=task)
+    factors = stored_replay_factors(store, model, modules, ids, targets, scan.loss, task=task,
+                                    shard_rows=catalog.input_shards)
     out = {}
     for layer in scan.layers:
         meta, _ = catalog.layer_meta(layer)

@@ -170,6 +170,11 @@ class CatalogSnapshot:
 
     # ---- shards ---------------------------------------------------------------------------------
     @cached_property
+    def input_shards(self) -> list[dict]:
+        """The inputs shards' rows: every checkpoint's query-side replay streams from these."""
+        return self.store.input_shard_rows()
+
+    @cached_property
     def _factor_shards(self) -> dict[tuple[str, str], list[dict]]:
         """Every factor shard row, read in one round trip, by (checkpoint, layer) in shard order."""
         out: dict[tuple[str, str], list[dict]] = {}

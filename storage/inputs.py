@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from metaql.engine.errors import InvalidInputException
+from metaql.errors import InvalidInputException
 
 ROOT = "input"
 MASK_KEY = "attention_mask"
@@ -296,14 +296,14 @@ class InputReader:
     (`peak_rows` records the most rows held at once). Every id's inputs are found before the
     first batch is yielded: a missing one raises before any work is done."""
 
-    def __init__(self, store, ids, batch_size: int = 256):
-        from metaql.engine.errors import BinderException
+    def __init__(self, store, ids, batch_size: int = 256, shard_rows: list[dict] | None = None):
+        from metaql.errors import BinderException
         from metaql.storage.store import _as_ids
         self.store, self.ids, self.batch_size = store, _as_ids(ids), max(1, int(batch_size))
         if len(np.unique(self.ids)) != len(self.ids):
             raise InvalidInputException("the inputs of a sample are read once per pass: pass each id once")
         self.peak_rows = 0
-        self._plan = self._locate()
+        self._plan = self._locate(store._shard_rows("inputs") if shard_rows is None else shard_rows)
         found = sum(len(idx) for _, idx, _ in self._plan)
         if len(self.ids) and found == 0:
             raise BinderException("none of these samples has registered inputs; "
@@ -314,12 +314,12 @@ class InputReader:
             raise BinderException(f"{len(missing)} samples have no registered inputs "
                                   f"(e.g. {missing[:5].tolist()}); they cannot be replayed")
 
-    def _locate(self) -> list[tuple[dict, np.ndarray, np.ndarray]]:
+    def _locate(self, shard_rows: list[dict]) -> list[tuple[dict, np.ndarray, np.ndarray]]:
         """(shard row, rows of the shard, their positions in ids) for each shard holding some."""
         order = np.argsort(self.ids, kind="stable")
         wanted = self.ids[order]
         plan = []
-        for row in self.store._shard_rows("inputs"):
+        for row in shard_rows:
             if len(wanted) == 0 or row["max_id"] < wanted[0] or row["min_id"] > wanted[-1]:
                 continue
             shard_ids = self.store.input_shard(row).ids

@@ -54,19 +54,20 @@ def replay_batches(model: nn.Module, hooks: LayerHooks, batches, target: str = "
         model.train(was_training)
 
 
-def stored_batches(store, ids: np.ndarray, labels: torch.Tensor | None, batch_size: int = 256):
+def stored_batches(store, ids: np.ndarray, labels: torch.Tensor | None, batch_size: int = 256, shard_rows=None):
     """(positions into ids, inputs, labels) of registered samples, read from the store batch by
     batch; `labels` are aligned with ids."""
-    for pos, x in store.input_batches(ids, batch_size):
+    for pos, x in store.input_batches(ids, batch_size, shard_rows):
         yield pos, x, None if labels is None else labels[torch.from_numpy(pos)]
 
 
-def stored_replay_factors(store, model, modules, ids, labels, target="label", batch_size=256, task=None):
+def stored_replay_factors(store, model, modules, ids, labels, target="label", batch_size=256, task=None,
+                          shard_rows=None):
     """replay_factors of registered samples whose inputs are streamed from the store; the factors
     come back in the order of `ids`."""
     parts: dict[str, dict[str, list[torch.Tensor]]] = {}
     where = []
-    for pos, factors in replay_batches(model, LayerHooks(modules), stored_batches(store, ids, labels, batch_size),
+    for pos, factors in replay_batches(model, LayerHooks(modules), stored_batches(store, ids, labels, batch_size, shard_rows),
                                        target, task):
         where.append(pos)
         for layer, fs in factors.items():

@@ -325,11 +325,16 @@ class Store:
         [(pos, batch)] = list(self.input_batches(unique, len(unique)))
         return structured_inputs.take_rows(batch, torch.from_numpy(np.argsort(pos)[inverse]))
 
-    def input_batches(self, ids, batch_size: int = 256) -> "structured_inputs.InputReader":
+    def input_batches(self, ids, batch_size: int = 256, shard_rows: list[dict] | None = None
+                      ) -> "structured_inputs.InputReader":
         """The registered inputs of the given (unique) ids, `batch_size` at a time, read shard by
         shard: yields (positions into ids, batch). Memory stays bounded by one batch however many
-        ids there are."""
-        return structured_inputs.InputReader(self, ids, batch_size)
+        ids there are. `shard_rows`: the inputs shards' catalog rows, when the caller has read them
+        (a statement's catalog snapshot), else read here."""
+        return structured_inputs.InputReader(self, ids, batch_size, shard_rows)
+
+    def input_shard_rows(self) -> list[dict]:
+        return self._shard_rows("inputs")
 
     def input_shard(self, row: dict) -> Shard:
         """An inputs shard, checksum-verified on first open and kept out of the shard cache: a replay

@@ -19,7 +19,7 @@ import queue
 import threading
 from typing import Callable
 
-from metaql.engine.errors import Error, IOException
+from metaql.errors import Error, IOException
 
 MAX_PENDING = 0
 

@@ -25,7 +25,8 @@ def influence_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str
     for s in scan.strategies:
         ests = "  ".join(f"{name}{'*' if name == s.chosen else ''}={e['seconds']:.3g}s"
                          for name, e in sorted(s.estimates.items()))
-        line = f"{indent}  {s.checkpoint}/{s.layer}: {s.chosen}  [{ests}]"
+        kind = f" ({s.kind})" if s.kind else ""
+        line = f"{indent}  {s.checkpoint}/{s.layer}{kind}: {s.chosen}  [{ests}]"
         if analyze and s.measured_seconds is not None:
             line += f"  measured={s.measured_seconds:.3g}s"
         lines.append(line)

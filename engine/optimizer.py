@@ -92,7 +92,7 @@ def choose_strategies(scan: InfluenceScan, catalog, force: str | None = None) ->
                 chosen = force
             else:
                 chosen = min((k for k in ests if not STRATEGIES[k].baseline), key=lambda k: ests[k]["seconds"])
-            out.append(Strategy(ckpt, layer, chosen, ests))
+            out.append(Strategy(ckpt, layer, chosen, ests, kind=catalog.layer_meta(layer)[0].kind))
     return out
 
 

@@ -21,6 +21,7 @@ class Strategy:
     chosen: str
     estimates: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> {flops, bytes, seconds}
     measured_seconds: float | None = None
+    kind: str = ""          # the layer's kind (storage/layers), shown by EXPLAIN
 
 
 @dataclass

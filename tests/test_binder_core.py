@@ -165,3 +165,11 @@ def test_describe_shows_declared_output_columns(con):
     assert rows[0][0] == "query"
     elite = dict((a, t) for a, t, _ in con.execute("DESCRIBE ELITE").fetchall())
     assert elite["-> is_anomaly"] == "BOOLEAN" and elite["label_column"] == "ColumnName"
+
+
+def test_explain_names_each_layers_kind(con):
+    """Issue #17: the store and EXPLAIN say which kind each layer got (EXPLAIN did not)."""
+    kinds = {r[0]: r[1] for r in con.execute("SELECT name, kind FROM layers").fetchall()}
+    text = "\n".join(r[0] for r in con.execute("EXPLAIN SELECT * FROM INFLUENCE(query=batch(test))").fetchall())
+    for layer, kind in kinds.items():
+        assert f"c0/{layer} ({kind}): " in text and f"c1/{layer} ({kind}): " in text, (layer, kind, text)

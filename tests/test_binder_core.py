@@ -135,7 +135,7 @@ def test_a_registered_strategy_is_costed_explained_and_run(con):
         try:
             plan = [r[0] for r in forced.execute("EXPLAIN SELECT * FROM INFLUENCE(query=batch(test), "
                                                  "layers=[head], checkpoints=[c0])").fetchall()]
-            assert "c0/head: doubled_for_test" in plan[1] and "doubled_for_test*=" in plan[1]
+            assert "c0/head (linear): doubled_for_test" in plan[1] and "doubled_for_test*=" in plan[1]
             got = forced.execute("SELECT score FROM INFLUENCE(query=batch(test), layers=[head], "
                                  "checkpoints=[c0]) ORDER BY sample_id").fetchnumpy()["score"]
         finally:

@@ -89,8 +89,8 @@ def test_training_capture_equals_replay():
 
 
 def test_unsupported_layer_names_layer_and_kinds():
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.GRU(3, 3))
-    with metaql.connect(":memory:") as con, pytest.raises(metaql.BinderException, match=r"layer '1' is a GRU.*Linear"):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Bilinear(3, 3, 3))
+    with metaql.connect(":memory:") as con, pytest.raises(metaql.BinderException, match=r"layer '1' is a Bilinear.*Linear"):
         con.capture(model, layers=["1"])
 
 

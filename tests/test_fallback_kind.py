@@ -126,9 +126,9 @@ def test_call_the_fallback_cannot_replay():
 
 
 def test_modules_of_several_inputs_are_skipped_up_front():
-    model = nn.Sequential(nn.Linear(3, 3), nn.GRU(3, 3))
+    model = nn.Sequential(nn.Linear(3, 3), nn.Bilinear(3, 3, 3))
     with metaql.connect(":memory:") as con:
-        with pytest.raises(metaql.BinderException, match=r"layer '1' is a GRU that takes several inputs"):
+        with pytest.raises(metaql.BinderException, match=r"layer '1' is a Bilinear that takes several inputs"):
             con.capture(model, layers=["1"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -144,3 +144,33 @@ def test_pattern_leaves_out_huge_full_only_layers_but_a_name_takes_them():
     assert list(select_layers(model, ["0", "1"]).modules) == ["0", "1"]
     with pytest.raises(metaql.BinderException, match="layers= is empty"):
         select_layers(model, [])
+
+
+class RecurrentNet(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn, self.head = cell(4, 5, batch_first=True), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.RNN])
+def test_gru_and_rnn_are_captured_exactly_by_the_fallback(cell):
+    """nn.GRU and nn.RNN were refused ('takes several inputs'): torch.func cannot vmap their initial
+    state. The fallback now takes them one sample at a time where vmap fails: SELF_INFLUENCE equals
+    per-sample autograd."""
+    torch.manual_seed(0)
+    model, x, y = RecurrentNet(cell), torch.randn(5, 6, 4), torch.randint(0, 3, (5,))
+    with metaql.connect(":memory:", config={"progress": False}) as con, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        con.add_samples(np.arange(5), "train", y.numpy(), x)
+        with con.capture(model, layers="*", checkpoint="c0") as cap:
+            cap.backward(F.cross_entropy(model(x), y), np.arange(5))
+        kinds = dict(con.execute("SELECT name, kind FROM layers").fetchall())
+        got = dict(con.execute("SELECT sample_id, score FROM SELF_INFLUENCE(layers=[rnn])").fetchall())
+    assert kinds["rnn"] == "fallback"
+    for i in range(5):
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(model.rnn.parameters()))
+        want = sum(float((g.double() ** 2).sum()) for g in grads)
+        assert abs(got[i] - want) <= 1e-5 * want, (i, got[i], want)

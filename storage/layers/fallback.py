@@ -26,9 +26,8 @@ from torch.func import functional_call, vjp, vmap
 from metaql.errors import InvalidInputException
 from metaql.storage.layers.base import LayerKind, LayerMeta, register_fallback
 
-# one tensor in is what the per-sample recomputation needs; these are not (nn.RNN and nn.GRU build
-# their initial state in a way torch.func cannot batch: refused rather than failing mid-capture)
-NOT_ONE_TENSOR = (nn.RNN, nn.GRU, nn.MultiheadAttention, nn.Bilinear, nn.Transformer, nn.TransformerEncoderLayer,
+# one tensor in is what the per-sample recomputation needs; these are not
+NOT_ONE_TENSOR = (nn.MultiheadAttention, nn.Bilinear, nn.Transformer, nn.TransformerEncoderLayer,
                   nn.TransformerDecoderLayer, nn.EmbeddingBag)
 
 
@@ -83,7 +82,7 @@ class Fallback(LayerKind):
             return pull(g.unsqueeze(0).to(out.dtype))[0]
         try:
             packed = _packed(module, inputs[0])
-            grads = [_tuple_grads(module, params, x, g) if packed else vmap(one, in_dims=(None, 0, 0))(params, x, g)
+            grads = [_tuple_grads(module, params, x, g) if packed else per_sample(one, (None, 0, 0), (params, x, g))
                      for x, g in zip(inputs, grad_outputs)]
         except Exception as e:   # data-dependent control flow, .item(), randomness under vmap
             raise InvalidInputException(
@@ -151,7 +150,28 @@ def _tuple_grads(module, params, x, g):
     def one(p, xi, gs):
         out, pull = vjp(lambda q: tuple(_leaves(functional_call(module, q, (_one(module, xi),)))), p)
         return pull(tuple(gi.unsqueeze(d).to(o.dtype) for gi, d, o in zip(gs, dims, out)))[0]
-    return vmap(one, in_dims=(None, 0, dims))(params, x, cots)
+    return per_sample(one, (None, 0, dims), (params, x, cots))
+
+
+def per_sample(fn, in_dims: tuple, args: tuple) -> dict:
+    """vmap(fn) over the samples; where torch.func cannot batch the module (nn.RNN and nn.GRU build
+    their initial state with ops vmap has no rule for), the same function one sample at a time:
+    exact either way, the loop only slower."""
+    try:
+        return vmap(fn, in_dims=in_dims)(*args)
+    except (RuntimeError, NotImplementedError, ValueError):
+        pass
+    b = next(a.shape[d] if isinstance(a, torch.Tensor) else a[0].shape[d[0] if isinstance(d, tuple) else d]
+             for a, d in zip(args, in_dims) if d is not None)
+    rows = [fn(*(a if d is None else _row(a, d, i) for a, d in zip(args, in_dims))) for i in range(b)]
+    return {n: torch.stack([r[n] for r in rows]) for n in rows[0]}
+
+
+def _row(a, d, i):
+    """Sample i of a batched argument (a tensor, or a tuple of tensors with one batch dim each)."""
+    if isinstance(a, torch.Tensor):
+        return a.select(d, i)
+    return tuple(t.select(di, i) for t, di in zip(a, d))
 
 
 def _batch_dim(full: tuple, single: tuple, batch: int) -> int:

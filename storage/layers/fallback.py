@@ -159,8 +159,9 @@ def per_sample(fn, in_dims: tuple, args: tuple) -> dict:
     exact either way, the loop only slower."""
     try:
         return vmap(fn, in_dims=in_dims)(*args)
-    except (RuntimeError, NotImplementedError, ValueError):
-        pass
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        if "random" in str(e).lower():   # a recomputation draws new dropout masks: never exact, refused
+            raise
     b = next(a.shape[d] if isinstance(a, torch.Tensor) else a[0].shape[d[0] if isinstance(d, tuple) else d]
              for a, d in zip(args, in_dims) if d is not None)
     rows = [fn(*(a if d is None else _row(a, d, i) for a, d in zip(args, in_dims))) for i in range(b)]

@@ -316,13 +316,8 @@ def import_kind(path: str) -> None:
     """Imports the module of a trusted layer-kind path ('package.module:Class'); importing it
     registers the kind. The name must resolve to a LayerKind subclass."""
     from metaql.storage.layers import LayerKind
-    module_name, _, attr = check_factory_name(path).partition(":")
     try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            if not isinstance(obj, (types.ModuleType, type)):
-                raise AttributeError(f"'{part}' is reached through a {type(obj).__name__}")
-            obj = getattr(obj, part)
+        obj = _imported(check_factory_name(path))
     except (ImportError, AttributeError) as e:
         raise BinderException(f"cannot load the layer kind '{path}' ({e}); install the package that defines "
                               "it") from None
@@ -330,17 +325,24 @@ def import_kind(path: str) -> None:
         raise BinderException(f"'{path}' is a {type(obj).__name__}, not a metaql LayerKind class")
 
 
+def _imported(path: str):
+    """What 'package.module:Name.Inner' names, reached through modules and classes only (a getattr
+    on anything else could run a property)."""
+    module_name, _, attr = path.partition(":")
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        if not isinstance(obj, (types.ModuleType, type)):
+            raise AttributeError(f"'{part}' is reached through a {type(obj).__name__}")
+        obj = getattr(obj, part)
+    return obj
+
+
 def _resolve(factory: str):
     """The nn.Module class or plain function a factory names. The walk goes through modules and
     classes only (a getattr on anything else could run a property), and ends at nothing callable
     but those two (never a builtin like eval or os.system, a bound method or a partial)."""
-    module_name, _, attr = factory.partition(":")
     try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            if not isinstance(obj, (types.ModuleType, type)):
-                raise AttributeError(f"'{part}' is reached through a {type(obj).__name__}")
-            obj = getattr(obj, part)
+        obj = _imported(factory)
     except (ImportError, AttributeError) as e:
         raise BinderException(
             f"cannot rebuild the model: factory '{factory}' is not importable ({e}); "

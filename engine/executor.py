@@ -91,6 +91,8 @@ def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
             part = part / np.maximum(np.sqrt(norms) * (np.sqrt(qnorm) if query is not None else 1.0), 1e-30)
         total += lr * part
         check_finite(total, ", ".join(s.layer for s in strategies), ckpt, lr)
+    if scan.reduce == "sum" and scan.similarity == "dot" and scan.query is not None:
+        total = total * len(scan.query.ids)     # <g, sum_q g_q> = B <g, mean_q g_q>
     if scan.total:
         # sum_i <g_i, G_q> = <sum_i g_i, G_q>: the per-sample pass costs what summing first would
         return pa.table({"train_samples": pa.array([int(seen.sum())], pa.int64()),

@@ -18,25 +18,28 @@ from metaql.storage.catalog_snapshot import catalog_of
 from metaql.storage.losses import LOSS_TARGETS
 
 SIMILARITIES = ("dot", "cosine")
+REDUCTIONS = ("mean", "sum")
 COLUMNS = [("sample_id", "BIGINT"), ("score", "DOUBLE")]
 TOTAL_COLUMNS = [("train_samples", "BIGINT"), ("score", "DOUBLE")]     # INFLUENCE(..., total=true)
 
 
 def influence_plan(ctx, layers=("*",), query=None, train="train", checkpoints="all",
-                   similarity="dot", loss="label", total=False) -> InfluenceScan:
+                   similarity="dot", loss="label", total=False, reduce="mean") -> InfluenceScan:
     if query is None:
         raise BinderException("INFLUENCE needs query=point(id) or query=batch(set)")
     if similarity not in SIMILARITIES:
         raise BinderException(f"similarity must be one of {', '.join(SIMILARITIES)}, not '{similarity}'")
     if loss not in LOSS_TARGETS:
         raise BinderException(f"loss must be one of {', '.join(LOSS_TARGETS)}, not '{loss}'")
+    if reduce not in REDUCTIONS:
+        raise BinderException(f"reduce must be one of {', '.join(REDUCTIONS)}, not '{reduce}'")
     if total and similarity == "cosine":
         raise BinderException("total=true sums dot products; the cosine of a summed gradient is not a sum "
                               "of cosines: use similarity=dot")
     catalog = catalog_of(ctx)
     return InfluenceScan(train=resolve_side(catalog, train, "train"), query=resolve_side(catalog, query, "query"),
                          layers=resolve_layers(catalog, layers), checkpoints=resolve_checkpoints(catalog, checkpoints),
-                         similarity=similarity, loss=loss, total=bool(total))
+                         similarity=similarity, loss=loss, total=bool(total), reduce=reduce)
 
 
 def self_influence_plan(ctx, layers=("*",), train="train", checkpoints="all") -> InfluenceScan:
@@ -54,12 +57,15 @@ def _run(ctx, scan: InfluenceScan) -> pa.Table:
 @table_function("INFLUENCE", COLUMNS, logical=influence_plan, alternatives=[TOTAL_COLUMNS])
 def influence(ctx, *, query: SampleRef, layers: LayerList = ("*",), train: SampleRef = "train",
               checkpoints: CheckpointList = "all", similarity: Literal["dot", "cosine"] = "dot",
-              loss: Literal["label", "pred", "expected"] = "label", total: bool = False) -> pa.Table:
+              loss: Literal["label", "pred", "expected"] = "label", total: bool = False,
+              reduce: Literal["mean", "sum"] = "mean") -> pa.Table:
     """Influence of each training sample on a query sample or batch: the inner product (dot) or
     cosine of their loss gradients, summed over the layers and over checkpoints weighted by each
     checkpoint's learning rate. Negative: the training sample raises the query's loss.
+    A batch's gradient is its samples' mean (reduce=mean) or sum (reduce=sum: the sum of the
+    per-query scores, captum's and TRAK's convention; cosine is the same either way).
     total=true returns one row, the training side's summed influence (B2P/B2B)."""
-    return _run(ctx, influence_plan(ctx, layers, query, train, checkpoints, similarity, loss, total))
+    return _run(ctx, influence_plan(ctx, layers, query, train, checkpoints, similarity, loss, total, reduce))
 
 
 @table_function("SELF_INFLUENCE", COLUMNS, logical=self_influence_plan)

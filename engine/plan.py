@@ -34,6 +34,7 @@ class InfluenceScan:
     similarity: str = "dot"      # "dot" | "cosine"
     loss: str = "label"          # query-side loss target
     total: bool = False          # one row: the training side's summed influence (B2P, B2B)
+    reduce: str = "mean"         # a batch query's gradient: its samples' mean, or their sum
     strategies: list[Strategy] = field(default_factory=list)
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import metaql
@@ -141,3 +141,28 @@ def test_query_loss_targets_and_totals(store_dir, target):
     assert rel_err(torch.from_numpy(got["score"]), expected) < 1e-5
     one = _expected(model, states, lrs, x, y, 9, slice(10, 11), ["fc1", "fc2"])
     assert total[0][0] == 3 and abs(total[0][1] - float(one[[1, 4, 5]].sum())) < 1e-5 * abs(float(one[[1, 4, 5]].sum())) + 1e-9
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.integers(0, 2**16), st.integers(1, 4), st.sampled_from([None, "iterate", "batch_average", "reconstruct"]))
+def test_reduce_sum_is_the_sum_of_per_query_scores(seed, nq, strategy):
+    """Issue #19: a batch's influence as the sum over its samples (captum's and TRAK's convention),
+    not only their mean: equals sum_q <g_i, g_q> from explicitly built per-sample gradients."""
+    torch.manual_seed(seed)
+    ntrain = 6
+    model, x, y = MLP(), torch.randn(ntrain + nq, 6), torch.randint(0, 3, (ntrain + nq,))
+    lrs = [0.5, 0.25]
+    with metaql.connect(":memory:", config={"force_strategy": strategy} if strategy else None) as con:
+        states = _build(con, model, x, y, ntrain, 2, lrs, seed)
+        got = {r: con.execute(f"SELECT score FROM INFLUENCE(layers=[fc1, fc2], query=batch(test), reduce={r}) "
+                              "ORDER BY sample_id").fetchnumpy()["score"] for r in ("sum", "mean")}
+        with pytest.raises(metaql.BinderException, match="reduce= should be one of mean, sum"):
+            con.execute("SELECT * FROM INFLUENCE(query=batch(test), reduce=max)")
+    want = torch.zeros(ntrain, dtype=torch.float64)
+    for state, lr in zip(states, lrs):
+        model.load_state_dict(state)
+        g = _flat(per_sample_grads(model, x[:ntrain], y[:ntrain]), ["fc1", "fc2"]).double()
+        gq = _flat(per_sample_grads(model, x[ntrain:], y[ntrain:]), ["fc1", "fc2"]).double()
+        want += lr * (g @ gq.T).sum(1)
+    assert rel_err(torch.from_numpy(got["sum"]), want) < 1e-5
+    assert rel_err(torch.from_numpy(got["mean"]), want / nq) < 1e-5

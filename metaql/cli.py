@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _arg_parser()
     _refuse_glued_options(parser, argv)
     args = parser.parse_intermixed_args(argv)
-    from metaql.engine.errors import InterruptException
+    from metaql.errors import InterruptException
     from metaql.shell import ExitShell, Shell, error_text
     steps = list(getattr(args, "steps", None) or [])
     one_shot = bool(args.sql) or any(kind in ("command", "file") for kind, _ in steps)

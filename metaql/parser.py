@@ -22,7 +22,7 @@ from lark import Lark, Token, Transformer, UnexpectedCharacters, UnexpectedEOF, 
 from lark.exceptions import VisitError
 
 from metaql import ast
-from metaql.engine.errors import ParserException
+from metaql.errors import ParserException
 from metaql.sqlcalls import find_calls, parameters_of
 
 METAQL_STARTS = re.compile(r"^\s*(create\s+(or\s+replace\s+)?set\b|drop\s+set\b|show\b|select\s+topk\b)", re.I)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import duckdb
 
-from metaql.engine.errors import CatalogException, InvalidInputException
+from metaql.errors import CatalogException, InvalidInputException
 
 _MISSING = re.compile(r"Table with name ([^\s!]+) does not exist")
 _MAX_LOOKUPS = 16        # distinct missing names in one statement

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from metaql import ast
-from metaql.engine.errors import Error, InvalidInputException, ParserException, ProgrammingError
+from metaql.errors import Error, InvalidInputException, ParserException, ProgrammingError
 from metaql.result import Result, rows_of
 from metaql.sqlcalls import _skip, parameters_of
 
@@ -179,6 +179,18 @@ class Relation:
 
     def intersect(self, other_rel: "Relation") -> "Relation":
         return self._set_op("INTERSECT ALL", other_rel)
+
+    def query(self, virtual_table_name: str, sql_query: str) -> "Relation":
+        """As DuckDB's: a relation for `sql_query` (one query) that reads this relation under the
+        name `virtual_table_name`."""
+        body = _fragment(sql_query, "query")
+        first = body.lstrip().split(None, 1)[0].upper() if body.strip() else ""
+        if first not in ("SELECT", "WITH", "FROM", "VALUES", "TABLE", "("):
+            raise InvalidInputException(f"query() takes one query (SELECT, WITH, FROM, ...), not {first or 'nothing'}; "
+                                        "run other statements with con.execute")
+        name = _quoted(str(virtual_table_name))
+        return self._derive(lambda q: f"WITH {name} AS (\n{q}\n)\n{body}", alias=str(virtual_table_name),
+                            what=f"query({virtual_table_name!r}, {_clip(sql_query)!r})")
 
     def _set_op(self, keyword: str, other: "Relation") -> "Relation":
         other = _relation(other)

@@ -14,7 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
-from metaql.engine.errors import (BinderException, CatalogException, Error, InternalException,
+from metaql.errors import (BinderException, CatalogException, Error, InternalException,
                                   InterruptException, InvalidInputException, IOException, ParserException)
 from metaql.format import MODES, render
 from metaql.parser import is_complete, split_statements

@@ -328,3 +328,15 @@ def test_a_relation_of_a_closed_connection_refuses_to_run(tmp_path):
     c.close()
     with pytest.raises(metaql.ProgrammingError, match="closed"):
         rel.fetchall()
+
+
+def test_query_reads_the_relation_under_a_name_as_duckdb_does(con, duck):
+    sql = "SELECT sample_id % 2 AS parity, count(*) AS n, max(score) AS top FROM t GROUP BY ALL ORDER BY parity"
+    got = scores(con).filter("score > 0").query("t", sql)
+    want = duck.table("scores").filter("score > 0").query("t", sql)
+    assert got.columns == want.columns and got.fetchall() == want.fetchall()
+    with pytest.raises(metaql.InvalidInputException, match="takes one query"):
+        scores(con).query("t", "DELETE FROM samples")
+    with pytest.raises(metaql.ParserException, match="no ';'"):
+        scores(con).query("t", "SELECT * FROM t; DROP TABLE samples")
+    assert con.execute("SELECT count(*) FROM samples").fetchone()[0] > 0

@@ -37,7 +37,8 @@ def influence_plan(ctx, layers=("*",), query=None, train="train", checkpoints="a
         raise BinderException("total=true sums dot products; the cosine of a summed gradient is not a sum "
                               "of cosines: use similarity=dot")
     catalog = catalog_of(ctx)
-    return InfluenceScan(train=resolve_side(catalog, train, "train"), query=resolve_side(catalog, query, "query"),
+    query = query if isinstance(query, Side) else resolve_side(catalog, query, "query")
+    return InfluenceScan(train=resolve_side(catalog, train, "train"), query=query,
                          layers=resolve_layers(catalog, layers), checkpoints=resolve_checkpoints(catalog, checkpoints),
                          similarity=similarity, loss=loss, total=bool(total), reduce=reduce)
 

@@ -11,6 +11,8 @@ class Side:
     mode: str                    # "point" | "batch"
     ids: Any                     # np.ndarray of sample ids
     label: str                   # what the user wrote: point(4711), batch(test_wrong)
+    inputs: Any = None           # a query given as tensors (con.influence), not registered samples
+    targets: Any = None
 
 
 @dataclass

@@ -422,6 +422,27 @@ class Connection:
             self.store.committed()
 
     @_catalog_errors
+    def influence(self, query, layers="*", train: str = "train", checkpoints="all", similarity: str = "dot",
+                  loss: str = "label", reduce: str = "mean", total: bool = False) -> Result:
+        """INFLUENCE against query samples passed as tensors, not registered in the store:
+        `query=(inputs, labels)` (labels for loss='label'), or `inputs` alone with loss='pred' or
+        'expected'. The other arguments are INFLUENCE's; the result has its columns."""
+        from metaql.engine.functions import SampleRef
+        from metaql.engine.influence import COLUMNS, TOTAL_COLUMNS, influence_plan
+        from metaql.engine.optimizer import optimize
+        self._check_open()
+        self.store.refresh()
+        side = _tensor_side(query, loss)
+        layers = ("*",) if layers == "*" else ([layers] if isinstance(layers, str) else list(layers))
+        self._catalog = None
+        ctx = self._context()
+        plan = influence_plan(ctx, layers, side, SampleRef("batch", train), checkpoints, similarity, loss,
+                              total, reduce)
+        table = executor.execute(optimize(plan, ctx.catalog, self.config), ctx)
+        names = [c for c, _ in (TOTAL_COLUMNS if total else COLUMNS)]
+        return Result(table.select(names))
+
+    @_catalog_errors
     def update_predictions(self, checkpoint: str | None = None, batch_size: int = 1024) -> int:
         """Fills samples.pred and samples.loss from the model at a checkpoint (default: the last)."""
         from metaql.storage.predictions import update_predictions
@@ -768,3 +789,26 @@ def _sigint_to(event: threading.Event, interrupt_duckdb: Callable[[], None]):
         if event.is_set():
             event.clear()
             raise InterruptException("query cancelled; nothing was changed")
+
+
+def _tensor_side(query, loss: str):
+    """The query side of con.influence: (inputs, labels) or inputs, checked like add_samples."""
+    from metaql.engine.plan import Side
+    import torch
+
+    from metaql.storage.inputs import first_tensor
+    inputs, labels = (query if isinstance(query, tuple) and len(query) == 2 else (query, None))
+    first = first_tensor(inputs)
+    if first is None or first.dim() == 0 or first.shape[0] == 0:
+        raise InvalidInputException("query= takes (inputs, labels) or inputs: tensors with one row per query sample")
+    n = first.shape[0]
+    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and not torch.isfinite(inputs).all():
+        raise InvalidInputException("the query inputs contain NaN or infinite values")
+    if labels is not None:
+        labels = torch.as_tensor(np.asarray(labels))
+        if labels.shape[:1] != (n,):
+            raise InvalidInputException(f"{n} query inputs but {labels.shape[0] if labels.dim() else 1} labels")
+    elif loss == "label":
+        raise InvalidInputException("loss='label' needs the query's labels: pass query=(inputs, labels), or use "
+                                    "loss='pred' or 'expected'")
+    return Side("batch", np.arange(n), f"tensors({n} samples)", inputs=inputs, targets=labels)

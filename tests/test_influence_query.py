@@ -166,3 +166,32 @@ def test_reduce_sum_is_the_sum_of_per_query_scores(seed, nq, strategy):
         want += lr * (g @ gq.T).sum(1)
     assert rel_err(torch.from_numpy(got["sum"]), want) < 1e-5
     assert rel_err(torch.from_numpy(got["mean"]), want / nq) < 1e-5
+
+
+def test_query_given_as_tensors_equals_the_registered_query(store_dir):
+    """Issue #19: query samples passed by the caller (con.influence(query=(x, y))), not registered:
+    the same scores as INFLUENCE over the same samples registered as a set, and as brute force."""
+    torch.manual_seed(5)
+    model, x, y = MLP(), torch.randn(14, 6), torch.randint(0, 3, (14,))
+    lrs = [0.5, 0.1]
+    with metaql.connect(store_dir) as con:
+        states = _build(con, model, x, y, 10, 2, lrs, 5)
+        registered = con.execute("SELECT sample_id, score FROM INFLUENCE(layers=*, query=batch(test)) "
+                                 "ORDER BY sample_id").fetchall()
+        given = con.influence(query=(x[10:], y[10:])).fetchall()
+        summed = con.influence(query=(x[10:], y[10:]), layers=["fc2"], reduce="sum", checkpoints="last").fetchall()
+        by_pred = con.influence(query=x[10:], loss="pred").fetchall()
+        with pytest.raises(metaql.InvalidInputException, match="loss='label' needs the query's labels"):
+            con.influence(query=x[10:])
+        with pytest.raises(metaql.InvalidInputException, match="4 query inputs but 3 labels"):
+            con.influence(query=(x[10:], y[10:13]))
+        with pytest.raises(metaql.InvalidInputException, match="NaN"):
+            con.influence(query=(torch.full((2, 6), float("nan")), y[:2]))
+        assert con.execute("SELECT count(*) FROM samples").fetchone()[0] == 14     # nothing registered
+    assert [r[0] for r in given] == [r[0] for r in registered]
+    assert np.allclose([r[1] for r in given], [r[1] for r in registered], rtol=1e-6)
+    want = _expected(model, states, lrs, x, y, 10, slice(10, 14), ["fc1", "fc2"])
+    assert rel_err(torch.tensor([r[1] for r in given]), want) < 1e-5
+    last = _expected(model, states[1:], lrs[1:], x, y, 10, slice(10, 14), ["fc2"]) * 4
+    assert rel_err(torch.tensor([r[1] for r in summed]), last) < 1e-5
+    assert len(by_pred) == 10

@@ -28,7 +28,7 @@ from metaql.errors import (DUCKDB_NAMES, BinderException, CatalogException, Erro
 from metaql.engine.functions import REGISTRY
 from metaql.parser import parse, split_statements
 from metaql.planner import plan_call, plan_topk
-from metaql.relation import Relation
+from metaql.relation import ARROW_TYPES, Relation, renamed
 from metaql.result import Result
 from metaql.sqlcalls import bound_parameters, rewritten
 from metaql.storage.catalog import SHOWN, query_arrow, register, unregister
@@ -622,18 +622,7 @@ def _clipped(text: str, n: int = 80) -> str:
 
 def _renamed(e: BaseException, shown: dict[str, str]) -> BaseException:
     """`e` with every private relation name replaced by the user's call."""
-    msg = str(e)
-    if not isinstance(e, Error) or not _PRIVATE.search(msg):
-        return e
-    text = _PRIVATE.sub(lambda m: shown.get(m.group(0), "a table function's result"), msg)
-    try:
-        return type(e)(text)
-    except TypeError:
-        return ProgrammingError(text)
-
-
-_ARROW_TYPES = {"BIGINT": pa.int64(), "INTEGER": pa.int32(), "SMALLINT": pa.int16(), "DOUBLE": pa.float64(),
-                "FLOAT": pa.float32(), "REAL": pa.float32(), "BOOLEAN": pa.bool_(), "VARCHAR": pa.string()}
+    return renamed(e, shown, _PRIVATE, "a table function's result")
 
 
 def _conformed(fn, table) -> pa.Table:
@@ -652,9 +641,9 @@ def _conformed(fn, table) -> pa.Table:
     columns = next((cols for cols in shapes if table.column_names == [n for n, _ in cols]), None)
     if columns is None:
         raise wrong
-    if any(t.upper() not in _ARROW_TYPES for _, t in columns):
+    if any(t.upper() not in ARROW_TYPES for _, t in columns):
         return table     # a type this check does not know: the names are checked, the type is the function's
-    schema = pa.schema([(n, _ARROW_TYPES[t.upper()]) for n, t in columns])
+    schema = pa.schema([(n, ARROW_TYPES[t.upper()]) for n, t in columns])
     if table.schema.equals(schema):
         return table
     try:

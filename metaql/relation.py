@@ -681,20 +681,29 @@ def _clip(text: str, n: int = 80) -> str:
     return text if len(text) <= n else text[:n - 3] + "..."
 
 
+_SOURCES = re.compile(r"_metaql_(rel|dry)_\d+")
+
+
 def _renamed(e: Error, shown: dict[str, str]) -> Error:
     """`e` with every private source name replaced by the user's statement."""
+    return renamed(e, shown, _SOURCES, "a relation")
+
+
+def renamed(e: BaseException, shown: dict[str, str], private: re.Pattern, fallback: str) -> BaseException:
+    """A metaql.Error `e` with every private name `private` matches replaced by what the user wrote
+    (`shown`, else `fallback`); any other exception as it is."""
     msg = str(e)
-    if not re.search(r"_metaql_(rel|dry)_\d+", msg):
+    if not isinstance(e, Error) or not private.search(msg):
         return e
-    text = re.sub(r"_metaql_(rel|dry)_\d+", lambda m: shown.get(m.group(0), "a relation"), msg)
+    text = private.sub(lambda m: shown.get(m.group(0), fallback), msg)
     try:
         return type(e)(text)
     except TypeError:
         return ProgrammingError(text)
 
 
-_EMPTY_TYPES = {"BIGINT": pa.int64(), "INTEGER": pa.int32(), "SMALLINT": pa.int16(), "DOUBLE": pa.float64(),
-                "FLOAT": pa.float32(), "REAL": pa.float32(), "BOOLEAN": pa.bool_(), "VARCHAR": pa.string()}
+ARROW_TYPES = {"BIGINT": pa.int64(), "INTEGER": pa.int32(), "SMALLINT": pa.int16(), "DOUBLE": pa.float64(),
+               "FLOAT": pa.float32(), "REAL": pa.float32(), "BOOLEAN": pa.bool_(), "VARCHAR": pa.string()}
 
 
 def _empty_result(fn) -> pa.Table | None:
@@ -702,9 +711,9 @@ def _empty_result(fn) -> pa.Table | None:
     shapes, or a type this does not know (the call must run to know its columns)."""
     if not fn.columns or getattr(fn, "alternatives", None):
         return None
-    if any(t.upper() not in _EMPTY_TYPES for _, t in fn.columns):
+    if any(t.upper() not in ARROW_TYPES for _, t in fn.columns):
         return None
-    return pa.table({n: pa.array([], _EMPTY_TYPES[t.upper()]) for n, t in fn.columns})
+    return pa.table({n: pa.array([], ARROW_TYPES[t.upper()]) for n, t in fn.columns})
 
 
 def _duck_types(con, schema: pa.Schema) -> list:

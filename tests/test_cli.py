@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import metaql
 
 
@@ -10,6 +12,7 @@ def run(*args, stdin=None):
                           text=True, timeout=600)
 
 
+@pytest.mark.e2e
 def test_demo_builds_a_store_that_reopens_and_answers(tmp_path):
     store = str(tmp_path / "demo.mq")
     out = run("demo", store, "--epochs", "3")

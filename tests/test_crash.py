@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UNFINISHED = "its capture did not finish"
 
 
+@pytest.mark.e2e
 def test_kill_at_every_fault_point_and_at_random_times_then_resume_gives_identical_scores(tmp_path):
     specs = list(faults.POINTS) + ["t=?", "t=?"]         # and two random moments
     run = subprocess.run([sys.executable, "-m", "tests.crash_worker", str(tmp_path), "2", *specs],

@@ -78,6 +78,7 @@ def _bruteforce_steps(model, seen, x, y):
     return {k: torch.stack([v[i] for i in sorted(v)]) for k, v in out.items()}
 
 
+@pytest.mark.e2e
 def test_hf_trainer_gradient_accumulation_equals_one_batch_and_bruteforce(tmp_path):
     """Batches of 4 accumulated twice store the factors of batches of 8: each sample's own loss,
     whatever 1/B and 1/accumulation the Trainer scaled it by."""
@@ -219,6 +220,7 @@ MINILM_CHECKED = ["bert.embeddings.token_type_embeddings", "bert.embeddings.Laye
 MINILM_SCORED = MINILM_CHECKED + ["bert.embeddings.word_embeddings"]
 
 
+@pytest.mark.e2e
 def test_hf_trainer_minilm_all_layers_equals_bruteforce(tmp_path):
     """The pretrained MiniLM fine-tuned through the Trainer with layers='*' (on the old code there
     was no integration, and '*' died on the position embeddings, which the model broadcasts over the

@@ -27,6 +27,7 @@ def per_sample_loop_grads(model, ids, y):
     return {k: torch.stack(v) for k, v in out.items()}
 
 
+@pytest.mark.e2e
 def test_minilm_layers_rebuild_exactly():
     from tests.minilm import MiniLMClassifier, tokenize
     torch.manual_seed(0)

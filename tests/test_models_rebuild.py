@@ -55,6 +55,7 @@ def _sequential():
                          nn.Flatten(), nn.Dropout(0.2), nn.Sequential(nn.Linear(12, 5), nn.Tanh()), nn.Linear(5, 3))
 
 
+@pytest.mark.e2e
 def test_sequential_replays_in_a_fresh_process_and_the_shell(tmp_path):
     torch.manual_seed(0)
     model, x, y = _sequential(), torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))

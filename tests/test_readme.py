@@ -26,6 +26,7 @@ def missing_extras(block: str) -> list[str]:
     return [m for m in OPTIONAL if m in needs and importlib.util.find_spec(m) is None]
 
 
+@pytest.mark.e2e
 def test_readme_python_examples_run():
     assert blocks("python")
     for block in blocks("python"):
@@ -41,6 +42,7 @@ def demo_store(tmp_path_factory):
     return store
 
 
+@pytest.mark.e2e
 def test_readme_sql_examples_run(demo_store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)          # COPY ... TO writes where the user runs it
     statements = [s for b in blocks("sql") for s in split_statements(b)]

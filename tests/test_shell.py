@@ -101,6 +101,7 @@ def plain(terminal_text: str) -> str:
     return ESCAPE.sub("", terminal_text).replace("\r", "")
 
 
+@pytest.mark.e2e
 def test_interactive_session_in_a_terminal(terminals):
     child = terminals["shell"]
     child.expect(FRESH_PROMPT, timeout=START)

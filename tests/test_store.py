@@ -115,6 +115,7 @@ def test_second_writer_gets_a_clear_error(store_dir):
         holder.wait()
 
 
+@pytest.mark.e2e
 def test_killed_capture_leaves_only_complete_shards_and_resumes(store_dir):
     script = textwrap.dedent(f"""
         import numpy as np, torch, torch.nn.functional as F, metaql, sys

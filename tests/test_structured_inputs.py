@@ -270,6 +270,7 @@ MINILM_LAYERS = ["bert.embeddings.word_embeddings",
                  "bert.encoder.layer.5.output.dense", "head"]
 
 
+@pytest.mark.e2e
 def test_minilm_tokenizer_output_registered_and_replayed():
     """A BatchEncoding without padding (lists of ids of each sentence's length) is registered as
     is; replay pads each batch and the factors equal each sentence's own gradients."""

@@ -52,6 +52,7 @@ class ShardWriter:
         self.suffix_of: dict[str, str] = {}
         # one dict per batch: {layer: (ids kept, tensors, suffix is the owner's very tensor)}
         self.batches: list[dict[str, tuple[np.ndarray, dict[str, torch.Tensor], bool]]] = []
+        self.seen: list[int | None] = []           # per batch: the capture batch whose weights it saw
         self.stored: dict[str, set[int]] = {}      # per layer: ids committed for this checkpoint
         self.buffered: dict[str, set[int]] = {}    # per layer: ids waiting for the next flush
         self.rows_written = 0
@@ -65,8 +66,10 @@ class ShardWriter:
                 per_layer.setdefault(layer, []).append(ids)
         return max(per_layer.values(), key=lambda parts: sum(map(len, parts)), default=[])
 
-    def add(self, ids: np.ndarray, factors: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Buffers the batch's new rows of every layer; raises before buffering anything."""
+    def add(self, ids: np.ndarray, factors: dict[str, dict[str, torch.Tensor]], seen: int | None = None) -> None:
+        """Buffers the batch's new rows of every layer; raises before buffering anything. `seen`: the
+        number of the training batch (counted from the checkpoint's weights) whose weights computed
+        these factors; None when they are the checkpoint's own weights (replay)."""
         check_unique_ids(ids)
         self.check()
         for layer, fs in factors.items():
@@ -83,6 +86,7 @@ class ShardWriter:
         if not batch:
             return
         self.batches.append(batch)       # one step: an interrupt leaves the batch wholly in or out
+        self.seen.append(seen)
         self._resolve_full([t for _, t, _ in batch.values() if isinstance(t, _FullRows)])
         for layer, (kept, _, _) in batch.items():
             self.buffered.setdefault(layer, set()).update(kept.tolist())
@@ -189,18 +193,18 @@ class ShardWriter:
     def flush(self) -> None:
         """Writes every layer's buffered rows as one unit. The buffers are taken first, so a flush
         that fails or is interrupted is never written again (its ids are captured on resume)."""
-        batches, self.batches, self.buffered = self.batches, [], {}
+        batches, seen, self.batches, self.seen, self.buffered = self.batches, self.seen, [], [], {}
         if not batches:
             return
         if not self.background:
-            for layer, ids in self._write(self.store, batches).items():
+            for layer, ids in self._write(self.store, batches, seen).items():
                 self.stored[layer].update(ids.tolist())
             return
         self._start()
         # counted as stored at hand-over: a failed write stops the capture (BackgroundWriter.check)
         for layer in self._layers_in(batches):
             self.stored[layer].update(np.concatenate([b[layer][0] for b in batches if layer in b]).tolist())
-        self._worker.submit(lambda store: self._write(store, batches))
+        self._worker.submit(lambda store: self._write(store, batches, seen))
 
     def _resolve_full(self, fulls: list) -> None:
         """Full-stored layers' gradients of a batch, computed now (on the writer thread when there is
@@ -231,9 +235,9 @@ class ShardWriter:
         if thread is not None:
             thread.close(raise_error)
 
-    def _write(self, store: Store, batches) -> dict[str, np.ndarray]:
+    def _write(self, store: Store, batches, seen: list[int | None]) -> dict[str, np.ndarray]:
         """Writes the batches' rows of every layer as one unit; {layer: ids written}."""
-        entries = [self._entry(layer, batches) for layer in self._layers_in(batches)]
+        entries = [self._entry(layer, batches, seen) for layer in self._layers_in(batches)]
         store.write_factor_shards(self.checkpoint, entries)
         self.rows_written += len(np.unique(np.concatenate([e["ids"] for e in entries])))
         return {e["layer"]: e["ids"] for e in entries}
@@ -241,7 +245,7 @@ class ShardWriter:
     def _layers_in(self, batches) -> list[str]:
         return list(dict.fromkeys(layer for batch in batches for layer in batch))
 
-    def _entry(self, layer: str, batches) -> dict:
+    def _entry(self, layer: str, batches, seen: list[int | None]) -> dict:
         parts = [(i, t.tensors() if isinstance(t, _FullRows) else t, s)
                  for i, t, s in (batch[layer] for batch in batches if layer in batch)]
         ids = np.concatenate([p[0] for p in parts])
@@ -249,8 +253,10 @@ class ShardWriter:
         shares = owner is not None and all(p[2] for p in parts) and np.array_equal(
             ids, np.concatenate([batch[owner][0] for batch in batches if owner in batch]))
         names = [k for k in parts[0][1] if not (shares and k == suffix)]
+        steps = [n for n, batch in zip(seen, batches) if layer in batch and n is not None]
         return dict(layer=layer, ids=ids, tensors={k: _cat_rows([p[1][k] for p in parts]) for k in names},
-                    storage=self.modes[layer], suffix_of=owner if shares else None)
+                    storage=self.modes[layer], suffix_of=owner if shares else None,
+                    seen=(min(steps), max(steps)) if steps else None)
 
 
 class _FullRows:
@@ -303,6 +309,7 @@ class Capture:
         # background=False writes each flush in the training thread (the same shards, byte for byte)
         self.writer = ShardWriter(store, checkpoint, self.hooks, shard_size, dtype, storage, background)
         self.samples = 0
+        self.batches_seen = 0       # training batches so far: the weights moved after each one
 
     def __enter__(self) -> "Capture":
         self.store.begin_checkpoint(self.checkpoint, self.model, **self._ckpt_args)
@@ -372,8 +379,9 @@ class Capture:
             if rows != len(ids):
                 raise InvalidInputException(f"layer '{layer}' saw a batch of {rows} but {len(ids)} ids were given; "
                                             "nothing of this batch was stored (give one id per sample of the batch)")
-        self.writer.add(ids, factors)
+        self.writer.add(ids, factors, seen=self.batches_seen)
         self.samples += len(ids)
+        self.batches_seen += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
         complete = False

@@ -48,6 +48,10 @@ CREATE TABLE IF NOT EXISTS labels (
 -- transaction that names them in `shards`; a writable open deletes the listed files no row names
 CREATE TABLE IF NOT EXISTS pending_files (file VARCHAR PRIMARY KEY, created_at TIMESTAMP DEFAULT current_timestamp);
 ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS weights_checksum VARCHAR;
+-- the training batches (counted from the checkpoint's weights) whose weights computed a shard's
+-- factors, first and last; NULL: the checkpoint's own weights (replay, or a shard of inputs)
+ALTER TABLE shards ADD COLUMN IF NOT EXISTS seen_from_batch BIGINT;
+ALTER TABLE shards ADD COLUMN IF NOT EXISTS seen_to_batch BIGINT;
 """
 
 # Tables MetaQL keeps consistent with files on disk: plain SQL may read them, not write them.
@@ -57,10 +61,22 @@ INTERNAL_TABLES = ("meta", "models", "checkpoints", "layers", "shards", "sets", 
 SHOWN = {
     "layers": "SELECT name, kind, din, dout, bias, positions, storage, factored_numbers, full_numbers FROM layers "
               "ORDER BY name",
-    "checkpoints": "SELECT name, ordinal, epoch, step, lr, status, created_at FROM checkpoints ORDER BY ordinal",
+    # factors_from: which weights computed the checkpoint's factors (its own, or training batches'
+    # weights as they moved during a capture: TracIn's approximation of the checkpoint)
+    "checkpoints": "SELECT c.name, c.ordinal, c.epoch, c.step, c.lr, c.status, CASE "
+                   "WHEN f.n IS NULL THEN NULL WHEN f.trained = 0 THEN 'these weights (replay)' "
+                   "WHEN f.trained = f.n THEN 'training batches ' || f.lo || '-' || f.hi || ' after these weights' "
+                   "ELSE 'these weights and training batches ' || f.lo || '-' || f.hi END AS factors_from, "
+                   "c.created_at FROM checkpoints c LEFT JOIN (SELECT checkpoint, count(*) AS n, "
+                   "count(seen_from_batch) AS trained, min(seen_from_batch) AS lo, max(seen_to_batch) AS hi "
+                   "FROM shards WHERE kind = 'factors' GROUP BY checkpoint) f ON f.checkpoint = c.name "
+                   "ORDER BY c.ordinal",
     "sets": "SELECT name, size, definition, created_at FROM sets ORDER BY name",
     "tables": "SELECT table_name AS name FROM information_schema.tables ORDER BY 1",
 }
+
+# SHOW CHECKPOINTS of a store written before shards.seen_*_batch, opened read-only
+CHECKPOINTS_BEFORE_SEEN = "SELECT name, ordinal, epoch, step, lr, status, created_at FROM checkpoints ORDER BY ordinal"
 
 _LOCK_RE = re.compile(r"\(PID (\d+)\)")
 
@@ -145,7 +161,10 @@ def _check_tables(con: duckdb.DuckDBPyConnection, shown: str) -> None:
 def _added_later(table: str, column: str) -> bool:
     """Columns added after format 1 shipped: a store written before them (opened read-only, so
     SCHEMA has not added them) may lack them."""
-    return table == "pending_files" or (table, column) == ("checkpoints", "weights_checksum")
+    return table == "pending_files" or (table, column) in LATER_COLUMNS
+
+
+LATER_COLUMNS = {("checkpoints", "weights_checksum"), ("shards", "seen_from_batch"), ("shards", "seen_to_batch")}
 
 
 def _lock_message(path: str, err: str) -> str:

@@ -37,8 +37,8 @@ from metaql.storage import durable, files
 from metaql.storage import inputs as structured_inputs
 from metaql.storage.artifacts import artifact_problems
 from metaql.storage import models as model_files
-from metaql.storage.catalog import (SHOWN, RoundTrips, counted, open_catalog, query_arrow, register, require_name, transaction,
-                                    unregister)
+from metaql.storage.catalog import (CHECKPOINTS_BEFORE_SEEN, SHOWN, RoundTrips, counted, open_catalog, query_arrow,
+                                    register, require_name, transaction, unregister)
 from metaql.storage.faults import fault_point
 from metaql.storage.layers import LayerMeta, kind_named
 from metaql.storage.snapshot import Publisher, ReaderCopy
@@ -210,7 +210,13 @@ class Store:
 
     def listing(self, what: str) -> pa.Table:
         """SHOW LAYERS / CHECKPOINTS / SETS as an Arrow table."""
+        if what == "checkpoints" and not self._has_column("shards", "seen_from_batch"):
+            return query_arrow(self.db, CHECKPOINTS_BEFORE_SEEN)
         return query_arrow(self.db, SHOWN[what])
+
+    def _has_column(self, table: str, column: str) -> bool:
+        return self.db.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND "
+                               "column_name = ?", [table, column]).fetchone()[0] > 0
 
     def cost_constants(self, measure) -> dict[str, float]:
         """The cost model's constants from the catalog's meta table; on first use `measure()`d and
@@ -686,7 +692,7 @@ class Store:
                 nbytes, checksum = write_shard(path, e["ids"], e["tensors"])
                 suffix = rels[e["suffix_of"]] if e.get("suffix_of") else e.get("suffix_file")
                 rows.append(_shard_row(seq, rel, "factors", checkpoint, e["layer"], e["ids"], nbytes, checksum,
-                                       e["storage"], suffix))
+                                       e["storage"], suffix, e.get("seen")))
             with transaction(self.db):
                 self._insert_shard_rows(rows)
                 self.db.execute("DELETE FROM pending_files WHERE file IN (SELECT unnest(?))", [list(rels.values())])
@@ -722,7 +728,8 @@ class Store:
     def _insert_shard_rows(self, rows: list[list]) -> None:
         self.db.executemany(
             "INSERT INTO shards (shard_id, kind, checkpoint, layer, file, rows, min_id, max_id, bytes,"
-            " checksum, storage, suffix_file) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            " checksum, storage, suffix_file, seen_from_batch, seen_to_batch)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def _discard(self, written: list[Path]) -> None:
         """Best effort after a failed write; what is left is deleted on the next writable open (the
@@ -928,9 +935,12 @@ def _as_ids(ids) -> np.ndarray:
     return arr.astype(np.int64).reshape(-1)
 
 
-def _shard_row(seq, rel, kind, checkpoint, layer, ids, nbytes, checksum, storage, suffix_file) -> list:
+def _shard_row(seq, rel, kind, checkpoint, layer, ids, nbytes, checksum, storage, suffix_file,
+               seen: tuple[int, int] | None = None) -> list:
+    """A `shards` row; `seen`: the first and last training batch whose weights computed its factors
+    (None: the checkpoint's own weights)."""
     return [seq, kind, checkpoint, layer, rel, len(ids), int(ids.min()), int(ids.max()), nbytes, checksum,
-            storage, suffix_file]
+            storage, suffix_file, *(seen or (None, None))]
 
 
 def _dicts(rel) -> list[dict]:

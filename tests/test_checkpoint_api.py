@@ -73,3 +73,27 @@ def test_replay_is_idempotent_across_overlapping_layer_sets():
         got = con.execute("SELECT score FROM SELF_INFLUENCE() ORDER BY sample_id").fetchnumpy()["score"]
     g = _flat(per_sample_grads(model, x, y))
     assert rel_err(torch.from_numpy(got), (g * g).sum(1)) < 1e-5
+
+
+def test_shards_record_which_weights_computed_their_factors():
+    """Capture stores each sample's factors at the weights of the batch it came in (they move
+    after every step); replay at the checkpoint's own. Each shard records which (issue #17)."""
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(12, 6), torch.randint(0, 3, (12,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with metaql.connect(":memory:") as con:
+        con.add_samples(np.arange(12), "train", y.numpy(), x)
+        with con.capture(model, layers=["fc1"], checkpoint="live", lr=0.1, shard_size=4) as cap:
+            for b in range(3):
+                rows = slice(4 * b, 4 * b + 4)
+                cap.backward(F.cross_entropy(model(x[rows]), y[rows]), np.arange(12)[rows])
+                opt.step()
+                opt.zero_grad()
+        con.checkpoint(model, "after", lr=0.1)
+        con.replay("after", "train", layers=["fc1"])
+        seen = con.sql("SELECT checkpoint, min_id, seen_from_batch, seen_to_batch FROM shards "
+                       "WHERE kind = 'factors' ORDER BY checkpoint DESC, min_id").fetchall()
+        assert seen[:3] == [("live", 0, 0, 0), ("live", 4, 1, 1), ("live", 8, 2, 2)]
+        assert {(r[2], r[3]) for r in seen[3:]} == {(None, None)}
+        shown = con.execute("SHOW CHECKPOINTS").df().set_index("name")["factors_from"].to_dict()
+    assert shown == {"live": "training batches 0-2 after these weights", "after": "these weights (replay)"}

@@ -284,11 +284,14 @@ def test_a_store_written_before_these_tables_opens_read_only_and_writable(store_
     with metaql.connect(store_dir) as con:     # as the previous format left it
         con.store.db.execute("DROP TABLE pending_files")
         con.store.db.execute("ALTER TABLE checkpoints DROP COLUMN weights_checksum")
+        con.store.db.execute("ALTER TABLE shards DROP COLUMN seen_from_batch")
+        con.store.db.execute("ALTER TABLE shards DROP COLUMN seen_to_batch")
     for read_only in (True, False):
         with metaql.connect(store_dir, read_only=read_only) as con:
             con.attach_model(model)
             assert con.verify() == []
             assert con.execute("SELECT count(*) FROM INFLUENCE(query=batch(q))").fetchone() == (10,)
+            assert len(con.execute("SHOW CHECKPOINTS").fetchall()) == 2
 
 
 def test_a_ctrl_c_just_after_a_flush_commits_keeps_that_flush(store_dir, monkeypatch):

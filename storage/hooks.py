@@ -53,6 +53,7 @@ class LayerHooks:
         self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in self.modules}
         self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in self.modules}
         self.grads: dict[str, dict[int, torch.Tensor]] = {n: {} for n in self.modules}
+        self.recomputing: dict[str, list[bool]] = {n: [] for n in self.modules}   # per call: run by a backward
         self.normalized: dict[str, torch.Tensor] = {}    # batch-statistics norm inputs (first batch)
         self.refused: dict[str, str] = {}                # {layer: why a call of it cannot be captured}
         self._computing = False     # a kind recomputing a module (torch.func) must not be recorded
@@ -96,6 +97,8 @@ class LayerHooks:
             call = len(self.inputs[name])
             self.inputs[name].append(saved)
             self.outputs[name].append(output)
+            # gradient checkpointing reruns the forward inside the backward pass (see _recomputations)
+            self.recomputing[name].append(torch._C._current_graph_task_id() != -1)
 
             def keep_grad(grad, name=name, call=call):
                 self.grads[name][call] = grad.detach()
@@ -117,6 +120,7 @@ class LayerHooks:
     def factors(self, scale: float = 1.0) -> dict[str, dict[str, torch.Tensor]]:
         """Per-layer per-sample factors of the last forward/backward; `scale` undoes a mean loss.
         Raises (before anything of the batch is stored) when a required layer got no gradient."""
+        self._drop_recomputations()
         missing = {n: why for n in self.modules if (why := self._no_gradient(n))}
         missing.update(self._broadcast())
         if self._first:
@@ -139,6 +143,22 @@ class LayerHooks:
             finally:
                 self._computing = False
         return out
+
+    def _drop_recomputations(self) -> None:
+        """Forgets calls that a backward pass ran and no gradient reached: gradient checkpointing
+        (torch.utils.checkpoint, Hugging Face's gradient_checkpointing_enable) without reentry reruns
+        a block's forward to rebuild what it did not save, and the gradient reaches the first call's
+        output. (With reentry the first call runs without grad and is never recorded; the rerun's
+        outputs get the gradient and stay.)"""
+        for name, flags in self.recomputing.items():
+            reran = [i for i, flag in enumerate(flags) if flag and i not in self.grads[name]]
+            if not reran:
+                continue
+            kept = [i for i in range(len(flags)) if i not in reran]
+            self.inputs[name] = [self.inputs[name][i] for i in kept]
+            self.outputs[name] = [self.outputs[name][i] for i in kept]
+            self.grads[name] = {new: self.grads[name][old] for new, old in enumerate(kept) if old in self.grads[name]}
+            self.recomputing[name] = [flags[i] for i in kept]
 
     def _no_gradient(self, name: str) -> str:
         calls, grads = len(self.inputs[name]), len(self.grads[name])
@@ -190,7 +210,7 @@ class LayerHooks:
     def _drop(self, name: str) -> None:
         for h in self._handles.pop(name, []):
             h.remove()
-        for d in (self.modules, self.kinds, self.inputs, self.outputs, self.grads, self.refused):
+        for d in (self.modules, self.kinds, self.inputs, self.outputs, self.grads, self.refused, self.recomputing):
             d.pop(name, None)
 
 

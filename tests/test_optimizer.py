@@ -52,3 +52,25 @@ def test_explain_shows_every_estimate_and_analyze_measures(store_dir):
         assert all("measured=" in l for l in analyzed if "c0/" in l) and analyzed[-1].startswith("total:")
         consts = con.execute("SELECT value FROM meta WHERE key = 'cost_constants'").fetchone()
         assert consts is not None and "sec_per_flop" in consts[0]
+
+
+def test_a_read_only_store_measures_the_cost_constants_once_per_process(store_dir, monkeypatch):
+    """A read-only store cannot keep the constants: on the old code every statement measured them
+    again (about 0.2 s each, inside the user's query)."""
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(10, 6), torch.randint(0, 3, (10,))
+    with metaql.connect(store_dir) as con:
+        con.add_samples(np.arange(8), "train", y[:8].numpy(), x[:8])
+        con.add_samples(np.arange(8, 10), "test", y[8:].numpy(), x[8:])
+        with con.capture(model, checkpoint="c0", lr=0.1) as cap:
+            cap.backward(F.cross_entropy(model(x[:8]), y[:8]), np.arange(8))
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return dict(CONSTS)
+    monkeypatch.setattr(cost, "measure_constants", measure)
+    with metaql.connect(store_dir, read_only=True) as con:
+        for _ in range(3):
+            con.execute("SELECT count(*) FROM SELF_INFLUENCE()").fetchall()
+    assert len(calls) == 1

@@ -356,3 +356,51 @@ def test_wrong_number_of_ids_is_refused_not_skipped():
             with con.capture(model, layers="*", checkpoint="c0") as cap:
                 F.cross_entropy(model(x), y).backward()
                 cap.record(np.arange(2))
+
+
+@pytest.mark.e2e
+def test_hf_trainer_resumed_from_its_checkpoint_stores_what_an_uninterrupted_run_stores(tmp_path):
+    """A run killed mid-epoch 2 and resumed with resume_from_checkpoint (the Trainer's own saved
+    state at step 6): the checkpoints are named and completed as in one run, every sample is stored
+    once per checkpoint and layer, and the factors equal those of the run that was never stopped."""
+    _needs_trainer()
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 7:
+                raise RuntimeError("killed")
+
+    x, y = _digits(16)
+    stores = {}
+    for run in ("whole", "resumed"):
+        torch.manual_seed(0)
+        con = metaql.connect(str(tmp_path / f"{run}.mq"))
+        con.add_samples(np.arange(16), "train", y.numpy(), x)
+        out = tmp_path / run
+        kw = dict(save_strategy="steps", save_steps=2) if run == "resumed" else {}
+        trainer = _hf_trainer(con, TinyNet(), _digit_rows(x, y), 4, epochs=2, out=out,
+                              callbacks=[Kill()] if run == "resumed" else [])
+        trainer.args.save_strategy, trainer.args.save_steps = kw.get("save_strategy", "no"), kw.get("save_steps", 500)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if run == "resumed":
+                with pytest.raises(RuntimeError, match="killed"):
+                    trainer.train()
+                torch.manual_seed(0)
+                trainer = _hf_trainer(con, TinyNet(), _digit_rows(x, y), 4, epochs=2, out=out)
+                trainer.train(resume_from_checkpoint=str(out / "checkpoint-6"))
+            else:
+                trainer.train()
+        assert [(c["name"], c["status"]) for c in con.store.checkpoints()] == [("epoch1", "complete"),
+                                                                                ("epoch2", "complete")]
+        assert con.verify() == []
+        stores[run] = con
+    for ckpt in ("epoch1", "epoch2"):
+        for layer in ("fc1", "act", "fc2"):
+            assert sorted(stores["resumed"].store.stored_ids(ckpt, layer).tolist()) == list(range(16))
+            _, a = stored_full(stores["whole"].store, ckpt, layer, np.arange(16))
+            _, b = stored_full(stores["resumed"].store, ckpt, layer, np.arange(16))
+            assert rel_err(b, a) < 1e-5, (ckpt, layer)
+    for con in stores.values():
+        con.close()

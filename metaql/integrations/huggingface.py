@@ -20,6 +20,7 @@ and divided out, so gradient accumulation gives the same factors as one large ba
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -158,7 +159,9 @@ class _Boundaries(TrainerCallback):
         self.trainer = trainer
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.trainer._epoch = int(round(state.epoch or 0)) + 1
+        # a run resumed mid-epoch starts at a fractional state.epoch (1.5: half of epoch 2 done); a
+        # hair of slack keeps an epoch's float sum of step fractions from landing just under it
+        self.trainer._epoch = int(math.floor((state.epoch or 0) + 1e-6)) + 1
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.trainer.metaql_every == "epoch":

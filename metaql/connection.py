@@ -476,7 +476,8 @@ class Connection:
         self._check_open()
         if not isinstance(model, nn.Module):
             raise InvalidInputException(f"attach_model takes a torch.nn.Module, got {type(model).__name__}")
-        self.store.live_model = model
+        from metaql.storage.capture import unwrapped
+        self.store.live_model = unwrapped(model)
 
     def register_function(self, fn: Callable, name: str | None = None, replace: bool = False,
                           columns: list[tuple[str, str]] | None = None) -> None:

@@ -277,6 +277,21 @@ class _FullRows:
         return {"G": self.g}
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside nn.DataParallel: its layers' names and weights are the model's own (no
+    'module.' prefix), so replay rebuilds it. On several devices DataParallel runs replicas in
+    threads, each on a slice of the batch, and their calls would reach the hooks in any order:
+    refused rather than stored against the wrong ids."""
+    if not isinstance(model, nn.DataParallel):
+        return model
+    if len(model.device_ids or []) > 1:
+        raise InvalidInputException(
+            f"nn.DataParallel over {len(model.device_ids)} devices splits each batch among threads, whose "
+            "layer calls MetaQL cannot match to sample ids; capture with the model on one device (or wrapped "
+            "in DataParallel(device_ids=[0])), or train with DistributedDataParallel and capture on one rank")
+    return model.module
+
+
 def _copy(v: torch.Tensor) -> torch.Tensor:
     return v.detach().to("cpu", copy=True)
 
@@ -301,6 +316,7 @@ class Capture:
                  dtype: str = "float32", storage: dict[str, str] | None = None, task=None,
                  background: bool = True):
         from metaql.storage.tasks import make_task, task_spec
+        model = unwrapped(model)
         self.store, self.model, self.checkpoint = store, model, checkpoint
         spec, trusted_loss = task_spec(task)
         self.task = make_task(spec, trusted_loss)

@@ -24,6 +24,8 @@ def register_checkpoint(store: Store, model: nn.Module, name: str, lr: float, ep
     metaql.storage.tasks) is the loss every replay at this checkpoint uses."""
     if not isinstance(model, nn.Module):
         raise InvalidInputException(f"con.checkpoint takes a torch.nn.Module, got {type(model).__name__}")
+    from metaql.storage.capture import unwrapped
+    model = unwrapped(model)
     if name in {c["name"] for c in store.checkpoints()}:
         raise CatalogException(f"checkpoint '{name}' already exists with its own weights; register these "
                                "weights under a new name")

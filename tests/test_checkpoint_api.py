@@ -97,3 +97,31 @@ def test_shards_record_which_weights_computed_their_factors():
         assert {(r[2], r[3]) for r in seen[3:]} == {(None, None)}
         shown = con.execute("SHOW CHECKPOINTS").df().set_index("name")["factors_from"].to_dict()
     assert shown == {"live": "training batches 0-2 after these weights", "after": "these weights (replay)"}
+
+
+def test_a_model_in_data_parallel_is_captured_and_replayed_as_the_model_itself():
+    """nn.DataParallel on one device (or none) calls its module: on the old code its layers were
+    stored as 'module.fc1' with weights that no replay could load into the model's factory."""
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(10, 6), torch.randint(0, 3, (10,))
+    wrapped = torch.nn.DataParallel(model)
+    with metaql.connect(":memory:") as con:
+        con.add_samples(np.arange(8), "train", y[:8].numpy(), x[:8])
+        con.add_samples(np.arange(8, 10), "test", y[8:].numpy(), x[8:])
+        with con.capture(wrapped, checkpoint="c", lr=1.0, factory="tests.models:MLP", kwargs=model.metaql_config) as cap:
+            cap.backward(F.cross_entropy(wrapped(x[:8]), y[:8]), np.arange(8))
+        con.checkpoint(wrapped, "later", lr=1.0, factory="tests.models:MLP", kwargs=model.metaql_config)
+        con.replay("later", "train")
+        assert sorted(r[0] for r in con.execute("SELECT name FROM layers").fetchall()) == ["fc1", "fc2"]
+        got = con.execute("SELECT score FROM INFLUENCE(query=batch(test), checkpoints=[later]) "
+                          "ORDER BY sample_id").fetchnumpy()["score"]
+    g = _flat(per_sample_grads(model, x, y))
+    assert rel_err(torch.from_numpy(got), g[:8] @ g[8:].mean(0)) < 1e-5
+
+
+def test_data_parallel_over_several_devices_is_refused():
+    wrapped = torch.nn.DataParallel(MLP())
+    wrapped.device_ids = [0, 1]          # as on a two-GPU machine: replicas in threads
+    with metaql.connect(":memory:") as con:
+        with pytest.raises(metaql.InvalidInputException, match="DataParallel over 2 devices"):
+            con.capture(wrapped, checkpoint="c", lr=1.0)

@@ -68,6 +68,11 @@ def diagnosis_sample(latent: np.ndarray, labels: np.ndarray, preds: np.ndarray |
 def ratio_order(latent: np.ndarray, labels: np.ndarray, method: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(group, score) per row: the class or component each row is sorted within, and its (log)
     likelihood ratio or margin; low scores lie at the boundary."""
+    if not np.isfinite(latent).all():
+        raise InvalidInputException("the latent activations hold NaN or infinite values; a sample cannot be "
+                                    "drawn in that space (check the model at this checkpoint)")
+    if len(latent) < 2:
+        raise InvalidInputException(f"method='{method}' fits a model to the latent space and needs at least 2 samples")
     x = _standardised(latent)
     if method == "maxmargin":
         return _margins(x, labels, seed)
@@ -101,7 +106,7 @@ def _margins(x: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndarray, 
 def _gmm_ratios(x: np.ndarray, k: int, covariance: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from scipy.special import logsumexp
     from sklearn.mixture import GaussianMixture
-    gmm = GaussianMixture(n_components=max(k, 1), covariance_type=covariance, random_state=seed,
+    gmm = GaussianMixture(n_components=min(max(k, 1), len(x)), covariance_type=covariance, random_state=seed,
                           reg_covar=1e-4, max_iter=200).fit(x)
     logp = gmm._estimate_weighted_log_prob(x)       # log(pi_k N(x | mu_k, S_k)), (N, K)
     best = logp.argmax(axis=1)

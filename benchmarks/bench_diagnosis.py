@@ -223,6 +223,8 @@ def run(con, args, report: Report, times: dict) -> None:
                 for m in METHODS]
         report.add(f"Fig. 4: {title}, mean ± std over draws", table(["method"] + [f"{int(f * 100)}%" for f in FRACTIONS], rows))
     report.add("At 5%: do the latent-space samples beat random and stratified?", verdict(results))
+    if not args.quick and not args.no_write:
+        write_measured_errors(results, args)
     rows = []
     for m in METHODS:
         picks = [draw(m, latent, labels, preds, 0.05, 0.7, s, orders) for s in range(args.draws)]
@@ -248,6 +250,17 @@ def run(con, args, report: Report, times: dict) -> None:
         f"Capturing the latent layer's activations for all {len(ids)} samples took {times['latent_s']:.2f} s; "
         f"the other three layers {times['rest_s']:.2f} s (replay, eval mode, one torch thread)."))
     report.add("Storage: a sample's activations against all activations", storage(con, ids))
+
+
+def write_measured_errors(results, args) -> None:
+    """The mean errors per method and fraction, which ACTIVATIONS(..., using_sample=) quotes."""
+    import json
+    rows = [{"method": m, "fraction": f, "s1_precision": float(results[(m, f)][:, 0].mean()),
+             "s2_cosine": float(results[(m, f)][:, 1].mean()), "s3_js": float(results[(m, f)][:, 2].mean())}
+            for m in METHODS for f in FRACTIONS]
+    path = Path(__file__).resolve().parents[1] / "diagnosis" / "measured_errors.json"
+    path.write_text(json.dumps({"benchmark": f"bench_diagnosis.py (digits LeNet-BN, {args.size} samples, "
+                                f"{args.draws} draws)", "rows": rows}, indent=1) + "\n")
 
 
 def verdict(results) -> str:

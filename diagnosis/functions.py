@@ -30,7 +30,7 @@ _DRAWN = re.compile(r"\bDIAGNOSIS_SAMPLE\s*\(", re.I)
 
 @table_function(name="ACTIVATIONS", columns=ACT_COLUMNS)
 def activations(ctx, layer: str, samples: SetName, checkpoint: str = "last",
-                reduce: Literal["max", "mean"] = "max") -> pa.Table:
+                reduce: Literal["max", "mean"] = "max", using_sample: SetName = SetName("")) -> pa.Table:
     """Stored activations of one layer for a set's samples, long form: one row per (sample, neuron).
 
     layer: a module name of the model (quote names with dots: layer='features.0'). checkpoint: a
@@ -38,11 +38,18 @@ def activations(ctx, layer: str, samples: SetName, checkpoint: str = "last",
     with ('max' or 'mean'; ignored for a layer with one value per unit). Nothing is computed here:
     capture first (con.capture_activations or CAPTURE_ACTIVATIONS). Over a set drawn by
     DIAGNOSIS_SAMPLE, aggregates are estimates: a warning says so, and how the set was drawn.
+    using_sample: a set drawn by DIAGNOSIS_SAMPLE; the rows are those of its members within
+    `samples`, so an aggregate over `samples` is answered approximately from the sample's stored
+    activations alone; a warning gives the error bench_diagnosis measured for its method and
+    fraction.
     """
     store = ctx.store
     checkpoint = resolve_checkpoint(store, checkpoint)
     ids = _ids(ctx, samples)
-    _warn_if_sample(store, str(samples))
+    if using_sample:
+        ids = _answered_from(ctx, store, str(samples), ids, str(using_sample))
+    else:
+        _warn_if_sample(store, str(samples))
     got, values = read_activations(store, checkpoint, layer, ids, reduce)
     n, units = values.shape
     return pa.table({"sample_id": pa.array(np.repeat(got, units), pa.int64()),
@@ -161,3 +168,53 @@ def _warn_if_sample(store, name: str) -> None:
     if definition is not None:
         warnings.warn(f"set '{name}' is a diagnosis sample ({' '.join(definition.split())[:200]}): aggregates "
                       "over it estimate those of the data it was drawn from", MetaQLWarning, stacklevel=3)
+
+
+def _answered_from(ctx, store, name: str, ids: np.ndarray, sample: str) -> np.ndarray:
+    """The members of diagnosis sample `sample` within set `name`, with the estimate's warning."""
+    definition = sample_definition(store, sample)
+    if definition is None:
+        raise InvalidInputException(f"using_sample='{sample}' is not a set drawn by DIAGNOSIS_SAMPLE; create one: "
+                                    f"CREATE SET {sample} AS SELECT sample_id FROM DIAGNOSIS_SAMPLE(data={name}, ...)")
+    members = _ids(ctx, sample)
+    kept = ids[np.isin(ids, members)]
+    if len(kept) == 0:
+        raise InvalidInputException(f"no sample of diagnosis sample '{sample}' is in '{name}'; draw it from '{name}'")
+    method, fraction = drawn_with(definition)
+    warnings.warn(f"ACTIVATIONS over '{name}' answered from diagnosis sample '{sample}' ({len(kept)} of its "
+                  f"{len(ids)} samples; method {method}, fraction {fraction:g}): aggregates are estimates. "
+                  f"{measured_error(method, fraction)}", MetaQLWarning, stacklevel=3)
+    return kept
+
+
+_ARG = r"\b{}\s*=\s*'?([A-Za-z_0-9.]+)'?"
+
+
+def drawn_with(definition: str) -> tuple[str, float]:
+    """(method, fraction) of a DIAGNOSIS_SAMPLE call's text, with the function's defaults."""
+    method = re.search(_ARG.format("method"), definition)
+    fraction = re.search(_ARG.format("fraction"), definition)
+    try:
+        frac = float(fraction.group(1)) if fraction else 0.05
+    except ValueError:
+        frac = float("nan")
+    return (method.group(1) if method else "maxmargin"), frac
+
+
+def measured_error(method: str, fraction: float) -> str:
+    """The error bench_diagnosis measured for the method at the nearest fraction (its full run
+    writes diagnosis/measured_errors.json), or a sentence saying none was measured."""
+    import json
+    from pathlib import Path
+    path = Path(__file__).with_name("measured_errors.json")
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "No error was measured for it (run benchmarks/bench_diagnosis.py)."
+    rows = [r for r in table.get("rows", []) if r.get("method") == method]
+    if not rows or not np.isfinite(fraction):
+        return f"No error was measured for method {method}."
+    r = min(rows, key=lambda r: abs(r["fraction"] - fraction))
+    return (f"Measured by {table.get('benchmark', 'bench_diagnosis')} at fraction {r['fraction']:g} (mean over "
+            f"(layer, class, correctness)): S1 precision {r['s1_precision']:.3f}, S2 cosine distance "
+            f"{r['s2_cosine']:.4f}, S3 Jensen-Shannon distance {r['s3_js']:.3f}.")

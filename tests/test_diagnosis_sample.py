@@ -137,7 +137,20 @@ def test_create_set_from_sql_and_estimate_warning(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             con.execute("SELECT avg(value) FROM ACTIVATIONS(layer='0', samples=test, checkpoint=c0)")
+        # an aggregate over all of test answered from the sample's members only, flagged as an estimate
+        with pytest.warns(metaql.Warning, match="answered from diagnosis sample 'diag'.*maxmargin, fraction 0.1"):
+            got = con.execute("SELECT neuron, avg(value) AS m FROM ACTIVATIONS(layer='0', samples=test, checkpoint=c0, "
+                              "using_sample=diag) GROUP BY neuron ORDER BY neuron").fetchnumpy()["m"]
+        np.testing.assert_allclose(got, x[want].mean(0), rtol=1e-5)
+        with pytest.raises(metaql.InvalidInputException, match="not a set drawn by DIAGNOSIS_SAMPLE"):
+            con.execute("SELECT * FROM ACTIVATIONS(layer='0', samples=test, checkpoint=c0, using_sample=test)")
         with pytest.raises(metaql.Error, match="latent space"):
             con.execute("SELECT * FROM DIAGNOSIS_SAMPLE(data=test, method='gmm_full')")
         with pytest.raises(metaql.Error, match="fraction"):
             con.execute("SELECT * FROM DIAGNOSIS_SAMPLE(data=test, fraction=0, layer='0')")
+
+
+def test_drawn_with_reads_the_call_and_its_defaults():
+    from metaql.diagnosis.functions import drawn_with
+    assert drawn_with("SELECT sample_id FROM DIAGNOSIS_SAMPLE(data=t, method='gmm_full', fraction=0.2)") == ("gmm_full", 0.2)
+    assert drawn_with("SELECT sample_id FROM DIAGNOSIS_SAMPLE(data=t, layer=fc2)") == ("maxmargin", 0.05)

@@ -454,6 +454,20 @@ class Connection:
             self.store.committed()
 
     @_catalog_errors
+    def capture_activations(self, layers, samples: str = "test", checkpoint: str | None = None,
+                            reduce: str = "max", batch_size: int = 256, reuse: bool = True) -> Result:
+        """Stores the activations of `layers` (module names) for a set's samples at a checkpoint
+        (default the last), by replay in eval mode with forward hooks; a convolution's channel is
+        reduced over space by `reduce` ('max' or 'mean'). Returns per layer the rows written and
+        held (metaql.diagnosis.activations; the same as CAPTURE_ACTIVATIONS(...))."""
+        from metaql.diagnosis.functions import capture_table
+        self._check_open()
+        _positive("batch_size", batch_size)
+        names = [layers] if isinstance(layers, str) else list(layers)
+        return Result(capture_table(self.store, names, self.store.set_ids(samples), checkpoint, reduce,
+                                    batch_size, reuse, self.progress))
+
+    @_catalog_errors
     def label(self, ids, labels, by: str = "human", overwrite: bool = False) -> int:
         """Records human labels (with who and when) in the catalog's `labels` table; returns how
         many samples were newly labeled. A label that contradicts an earlier one raises, unless

@@ -715,6 +715,8 @@ class Store:
         """(shard id, path relative to the store) of a new shard."""
         seq = self.db.execute("SELECT nextval('shard_seq')").fetchone()[0]
         name = durable.shard_name(seq)
+        if kind == "activations":
+            return seq, f"activations/{checkpoint}/{layer}/{name}"
         return seq, f"tensors/{checkpoint}/{layer}/{name}" if kind == "factors" else f"inputs/{name}"
 
     def _record_pending(self, files: list[str]) -> None:
@@ -786,6 +788,34 @@ class Store:
             self._discard([path])
             raise
         return rel
+
+    # ---- activations (metaql.diagnosis): rows of kind 'activations' in `shards`, no new table ----------
+    def activation_shards(self, checkpoint: str | None = None, layer: str | None = None) -> list[dict]:
+        """Activation shard rows; `storage` holds the spatial reduction ('max', 'mean', or 'none'
+        for a layer whose output has one value per unit), `bytes` 0 where the row names a factor
+        shard whose stored layer input is this layer's output (reused, not written twice)."""
+        return self._shard_rows("activations", checkpoint, layer)
+
+    def write_activation_shard(self, checkpoint: str, layer: str, ids: np.ndarray, values: torch.Tensor,
+                               reduce: str) -> str:
+        """Writes one activation shard (tensor 'A', (rows, units)) and commits its row; crash-safe
+        like every shard (listed in pending_files before the file is written)."""
+        with transaction(self.db):
+            rel = self._write_shard_row("activations", checkpoint, layer, ids, {"A": values}, reduce,
+                                        extra={"reduce": reduce})
+            self.db.execute("DELETE FROM pending_files WHERE file = ?", [rel])
+        self.committed(force=False)
+        return rel
+
+    def reference_activation_shards(self, checkpoint: str, layer: str, rows: list[dict]) -> None:
+        """Records factor shards (`rows`: their catalog rows) as holding `layer`'s activations at
+        `checkpoint` (their tensor 'X'), writing no file: the bytes are already stored once."""
+        self._writable()
+        with transaction(self.db):
+            seqs = [self.db.execute("SELECT nextval('shard_seq')").fetchone()[0] for _ in rows]
+            self._insert_shard_rows([[seq, "activations", checkpoint, layer, r["file"], r["rows"], r["min_id"],
+                                      r["max_id"], 0, r["checksum"], "none", None] for seq, r in zip(seqs, rows)])
+        self.committed(force=False)
 
     def open_shard(self, rel: str, checksum: str) -> Shard:
         """A memory-mapped shard, checksum-verified on first open, kept in a small LRU cache."""

@@ -814,7 +814,8 @@ class Store:
         with transaction(self.db):
             seqs = [self.db.execute("SELECT nextval('shard_seq')").fetchone()[0] for _ in rows]
             self._insert_shard_rows([[seq, "activations", checkpoint, layer, r["file"], r["rows"], r["min_id"],
-                                      r["max_id"], 0, r["checksum"], "none", None] for seq, r in zip(seqs, rows)])
+                                      r["max_id"], 0, r["checksum"], "none", None, None, None]
+                                     for seq, r in zip(seqs, rows)])
         self.committed(force=False)
 
     def open_shard(self, rel: str, checksum: str) -> Shard:

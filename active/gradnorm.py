@@ -30,10 +30,10 @@ from metaql.engine.functions import CheckpointList, LayerList, SetName, table_fu
 from metaql.errors import BinderException, InvalidInputException
 from metaql.storage.catalog_snapshot import catalog_of
 from metaql.storage.hooks import LayerHooks, watched_modules
-from metaql.storage.inputs import call_model
 from metaql.storage.layers import kind_named
 from metaql.storage.replay import replay_batches, stored_batches
-from metaql.storage.tasks import model_output, task_at
+from metaql.storage.tasks import task_at
+from metaql.active.predict import probabilities
 
 COLUMNS = [("sample_id", "BIGINT"), ("score", "DOUBLE")]
 LOSSES = ("expected", "entropy")
@@ -79,7 +79,7 @@ def pool_norms(store, ckpt: str, ids: np.ndarray, layers: list[str], expectation
     if task.name not in CLASS_TASKS:
         raise BinderException(f"expectation=norm replays every class as a label, which a {task.name} model "
                               "does not have; use expectation=loss")
-    p = probabilities(store, model, ids, catalog)
+    p = probabilities(store, model, ids, catalog.input_shards)
     score = np.zeros(len(ids))
     for c in range(p.shape[1]):
         labels = torch.full((len(ids),), c, dtype=torch.long)
@@ -110,21 +110,3 @@ def layer_squared_norm(kind, meta, factors: dict[str, torch.Tensor]) -> np.ndarr
         g = kind.full(meta, factors).double()
         sq = (g * g).sum(1)
     return sq.double().cpu().numpy()
-
-
-def probabilities(store, model, ids: np.ndarray, catalog) -> np.ndarray:
-    """softmax of the model's outputs for `ids`, (N, C), in the order of ids."""
-    rows = []
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for pos, x in store.input_batches(ids, BATCH, catalog.input_shards):
-                logits = model_output(call_model(model, x))
-                rows.append((pos, torch.softmax(logits.reshape(logits.shape[0], -1).double(), 1).numpy()))
-    finally:
-        model.train(was)
-    out = np.zeros((len(ids), rows[0][1].shape[1]))
-    for pos, p in rows:
-        out[pos] = p
-    return out

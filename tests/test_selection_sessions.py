@@ -81,7 +81,7 @@ def test_cleaning_session_resumes_with_nothing_lost_or_counted_twice(tmp_path):
     s = _cleaning(budget=7, update_every=3)
     s.update_selector(scores(s))
     s.clean_one(_oracle(s))
-    s.annotate([13], [0], by="ana")            # mid-sample: 13 is in progress
+    s.annotate([13], [1], by="ana")            # mid-sample: {0: 1, 1: 1}, 13 is in progress
     s.save(tmp_path / "clean")
     t = LabelCleaningSession.load(tmp_path / "clean")
     assert t.annotations == s.annotations and t.spent == 3 and t.rounds == 1

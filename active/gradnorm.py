@@ -30,7 +30,6 @@ from metaql.engine.functions import CheckpointList, LayerList, SetName, table_fu
 from metaql.errors import BinderException, InvalidInputException
 from metaql.storage.catalog_snapshot import catalog_of
 from metaql.storage.hooks import LayerHooks, watched_modules
-from metaql.storage.layers import kind_named
 from metaql.storage.replay import replay_batches, stored_batches
 from metaql.storage.tasks import task_at
 from metaql.active.predict import probabilities
@@ -62,12 +61,18 @@ def gradnorm(ctx, pool: SetName, loss: Literal["expected", "entropy"] = "expecte
     ids = np.sort(catalog.set_ids(str(pool)))
     if len(ids) == 0:
         raise InvalidInputException(f"set '{pool}' is empty: GRADNORM has no samples to score")
-    names = catalog.layer_names(layers)
+    names = layer_spec(catalog, layers)
     ckpts = catalog.checkpoint_names(checkpoints)
     total = np.zeros(len(ids))
     for ckpt in ctx.progress(ckpts, desc="checkpoints"):
         total += pool_norms(ctx.store, ckpt, ids, names, expectation, catalog)
     return pa.table({"sample_id": pa.array(ids, pa.int64()), "score": pa.array(total / len(ckpts))})
+
+
+def layer_spec(catalog, layers):
+    """The store's captured layers that `layers` names (as INFLUENCE reads them); a store with none
+    captured (checkpoints registered by con.checkpoint only) resolves `layers` on the model itself."""
+    return catalog.layer_names(layers) if catalog.layers else list(layers)
 
 
 def pool_norms(store, ckpt: str, ids: np.ndarray, layers: list[str], expectation: str, catalog) -> np.ndarray:
@@ -90,13 +95,14 @@ def pool_norms(store, ckpt: str, ids: np.ndarray, layers: list[str], expectation
 def squared_norms(store, model, task, ids, labels, target: str, layers: list[str], catalog) -> np.ndarray:
     """sum over `layers` of each sample's squared gradient norm of the `target` loss, from the
     factors of one replay streamed batch by batch (one batch's factors held at a time)."""
-    modules = watched_modules(model, layers)
-    metas = {name: catalog.layer_meta(name)[0] for name in layers}
+    hooks = LayerHooks(watched_modules(model, layers))
+    metas = {name: hooks.kinds[name].meta(name, module) for name, module in hooks.modules.items()}
     out = np.zeros(len(ids))
     batches = stored_batches(store, ids, labels, BATCH, catalog.input_shards)
-    for pos, factors in replay_batches(model, LayerHooks(modules), batches, target, task):
-        for name, meta in metas.items():
-            out[pos] += layer_squared_norm(kind_named(meta.kind), meta, factors[name])
+    for pos, factors in replay_batches(model, hooks, batches, target, task):
+        # a layer the loss does not reach has no factors: its gradient is zero
+        for name, fs in factors.items():
+            out[pos] += layer_squared_norm(hooks.kinds[name], metas[name], fs)
     if not np.isfinite(out).all():
         raise InvalidInputException("some gradient norms are not finite (inf or NaN): the model's outputs or "
                                     "weights overflow; check them, or leave the offending layers out")

@@ -131,6 +131,7 @@ class LabelCleaningSession(SelectionSession):
         self.annotations: list[tuple[int, int, str, dt.datetime]] = []   # (id, label, by, at)
         self.scores = np.full(self.pool_ids.size, np.nan)     # the selector's Phi, by pool row
         self.spent_at_update = 0
+        self.selector = ""      # what the scores came from (the SQL functions: a checkpoint's name)
 
     def _check_budget(self) -> None:
         # a budget of annotations: a sample may take several, so it may exceed the pool's size
@@ -210,13 +211,14 @@ class LabelCleaningSession(SelectionSession):
         """True once `update_every` annotations were spent since the selector's last refresh."""
         return self.spent - self.spent_at_update >= self.update_every or bool(np.isnan(self.scores).all())
 
-    def update_selector(self, scores: np.ndarray) -> None:
+    def update_selector(self, scores: np.ndarray, selector: str = "") -> None:
         """The retrained selector's Phi for every pool sample (by pool row)."""
         scores = np.asarray(scores, dtype=np.float64)
         if scores.shape != self.pool_ids.shape:
             raise InvalidInputException(f"{scores.size} scores for a pool of {self.pool_ids.size} samples")
         self.scores = scores
         self.spent_at_update = self.spent
+        self.selector = selector
         self.rounds += 1
 
     def candidates(self, k: int = 1) -> np.ndarray:
@@ -264,7 +266,7 @@ class LabelCleaningSession(SelectionSession):
                        annotation_ids=torch.as_tensor([x[0] for x in a], dtype=torch.long),
                        annotation_labels=torch.as_tensor([x[1] for x in a], dtype=torch.long),
                        annotation_at_us=torch.as_tensor([micros(x[3]) for x in a], dtype=torch.long))
-        meta.update(update_every=self.update_every, spent_at_update=self.spent_at_update,
+        meta.update(update_every=self.update_every, spent_at_update=self.spent_at_update, selector=self.selector,
                     annotated_by=[x[2] for x in a])
         return tensors, meta
 
@@ -273,7 +275,7 @@ class LabelCleaningSession(SelectionSession):
         s = cls(t["pool_ids"].numpy(), meta["num_classes"], t["initial"].numpy(), meta["budget"],
                 meta["update_every"], t["oracle"].numpy() if "oracle" in t else None)
         s.scores = t["scores"].numpy().copy()
-        s.spent_at_update = int(meta["spent_at_update"])
+        s.spent_at_update, s.selector = int(meta["spent_at_update"]), str(meta.get("selector", ""))
         ats = [dt.datetime.fromtimestamp(us / 1e6, dt.timezone.utc) for us in t["annotation_at_us"].tolist()]
         s.annotations = list(zip(t["annotation_ids"].tolist(), t["annotation_labels"].tolist(),
                                  meta["annotated_by"], ats))

@@ -129,3 +129,89 @@ def test_active_learning_cycle_trains_scores_and_asks_the_oracle():
     chosen = s.cycle(train, lambda model, unlabeled: -np.abs(unlabeled - 9.5) + model)
     assert seen == [[0, 19]] and sorted(chosen.tolist()) == [8, 9, 10, 11]
     assert s.n_labeled == 6 and s.labels[10][:2] == (1, "oracle")
+
+
+# -- the sessions from SQL, across a restart ---------------------------------------------------------
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import metaql  # noqa: E402
+
+TRUST = {"trusted_factories": ["tests.test_selection_sessions:Tiny"]}
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.metaql_config = {}
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _tiny_store(path, noisy):
+    torch.manual_seed(0)
+    x, truth = torch.randn(12, 4), np.arange(12) % 3
+    con = metaql.connect(str(path), config=TRUST)
+    con.add_samples(np.arange(12), "train", noisy, x, columns={"truth": truth})
+    con.checkpoint(Tiny(), "c0", lr=1.0)
+    return con
+
+
+def _one(con, sql):
+    return dict(zip([d[0] for d in con.execute(sql).description], con.execute(sql).fetchone()))
+
+
+def test_active_learning_from_sql_resumes_after_a_restart(tmp_path):
+    with _tiny_store(tmp_path / "s", None) as con:
+        con.label([0, 1, 2], [0, 1, 2], by="ana")
+        norms = dict(con.execute("SELECT sample_id, score FROM GRADNORM(pool=train)").fetchall())
+        first = con.execute("SELECT sample_id, score, cycle FROM ACTIVE_LEARNING_CANDIDATES(pool=train, k=3)").fetchall()
+    top = sorted((i for i in norms if i > 2), key=lambda i: -norms[i])[:3]
+    assert [r[0] for r in first] == top and [r[2] for r in first] == [1] * 3
+    assert [r[1] for r in first] == pytest.approx([norms[i] for i in top], rel=1e-12)
+    with metaql.connect(str(tmp_path / "s"), config=TRUST) as con:      # a restart before labeling
+        again = con.execute("SELECT sample_id, score, cycle FROM ACTIVE_LEARNING_CANDIDATES(pool=train, k=3)").fetchall()
+        assert [(r[0], r[2]) for r in again] == [(i, 1) for i in top] and again[0][1] is None
+        con.label([top[0]], [top[0] % 3])
+        status = _one(con, "SELECT * FROM ACTIVE_LEARNING_STATUS(pool=train)")
+        assert (status["cycles"], status["n_labeled"], status["pending"], status["model_updated"]) == (1, 4, 2, False)
+        con.label(top[1:], [i % 3 for i in top[1:]])
+        con.checkpoint(Tiny(), "c1", lr=1.0)
+        assert _one(con, "SELECT * FROM ACTIVE_LEARNING_STATUS(pool=train)")["model_updated"]
+        second = con.execute("SELECT sample_id, cycle FROM ACTIVE_LEARNING_CANDIDATES(pool=train, k=2, "
+                             "oracle=truth)").fetchall()
+        assert [r[1] for r in second] == [2, 2] and not set(r[0] for r in second) & set(top + [0, 1, 2])
+        labels = dict(con.execute("SELECT sample_id, labeled_by FROM labels").fetchall())
+        assert all(labels[r[0]] == "oracle:truth" for r in second)
+        assert _one(con, "SELECT * FROM ACTIVE_LEARNING_STATUS(pool=train)")["cycles"] == 2
+
+
+def test_label_cleaning_from_sql_counts_across_a_restart(tmp_path):
+    noisy = np.arange(12) % 3
+    noisy[[4, 7]] = [0, 0]                     # two wrong labels
+    with _tiny_store(tmp_path / "s", noisy) as con:
+        with pytest.raises(metaql.Error, match="budget=..."):
+            con.execute("SELECT * FROM LABEL_CLEANING_STATUS(data=train)")
+        phi = dict(con.execute("SELECT sample_id, score FROM LABEL_CLEANING_SCORE(data=train)").fetchall())
+        got = con.execute("SELECT sample_id, score, annotations FROM LABEL_CLEANING_CANDIDATES(data=train, budget=6, "
+                          "update_every=4, k=2)").fetchall()
+        best = sorted(phi, key=lambda i: (-phi[i], i))[:2]
+        assert [r[0] for r in got] == best and [r[2] for r in got] == [0, 0]
+        assert [r[1] for r in got] == pytest.approx([phi[i] for i in best], rel=1e-12)
+        con.annotate([best[0]], [(best[0] + 1) % 3], by="ana")    # disagrees with its label: no majority
+    with metaql.connect(str(tmp_path / "s"), config=TRUST) as con:
+        status = _one(con, "SELECT * FROM LABEL_CLEANING_STATUS(data=train)")
+        assert (status["spent"], status["budget"], status["in_progress"], status["cleaned"]) == (1, 6, 1, 0)
+        assert (status["since_update"], status["update_due"]) == (1, False)
+        got = con.execute("SELECT sample_id, in_progress FROM LABEL_CLEANING_CANDIDATES(data=train, k=1, "
+                          "oracle=truth)").fetchall()
+        assert got == [(best[0], True)]                            # the unfinished sample first
+        status = _one(con, "SELECT * FROM LABEL_CLEANING_STATUS(data=train)")
+        assert status["cleaned"] == 1 and status["in_progress"] == 0 and status["spent"] >= 2
+        assert status["update_due"] == (status["spent"] >= 4)
+        con.checkpoint(Tiny(), "c1", lr=1.0)                       # the selector retrained
+        assert _one(con, "SELECT * FROM LABEL_CLEANING_STATUS(data=train)")["since_update"] == 0
+        n = con.execute("SELECT count(*) FROM annotations").fetchone()[0]
+        assert n == status["spent"]

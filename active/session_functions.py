@@ -75,6 +75,7 @@ def active_learning_candidates(ctx, pool: SetName, k: Count = 10, loss: Literal[
     if oracle:
         truth = _oracle_labels(ctx, chosen, oracle)
         add_labels(ctx.store, chosen, truth, by=f"oracle:{oracle}")
+        session.num_classes = max(session.num_classes, int(truth.max()) + 1)   # classes not labeled before
         session.label(chosen, truth, by=f"oracle:{oracle}")
     _save(ctx, session, slot, "the active-learning session")
     return pa.table({"sample_id": pa.array(chosen, pa.int64()),

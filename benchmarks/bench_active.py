@@ -8,7 +8,9 @@ expected-gradnorm with expectation=norm (sum_c p_c ||grad CE(c)||), both through
 ACTIVE_LEARNING_CANDIDATES (GRADNORM from replayed factors) with the oracle column; random,
 least-confidence, entropy sampling, core-set (k-center greedy on the penultimate features) and
 BADGE (k-means++ on last-layer gradient embeddings). Reported: test accuracy per cycle, its mean
-over cycles (the curve's area), and the train-test gap after the last cycle (the paper's Table 3).
+over cycles (the curve's area), the train-test gap after the last cycle (the paper's Table 3), and
+the paper's Table 1 count at this scale: the fraction of each cycle's picks that are among the K
+unlabeled samples of highest gradient norm of the loss on their true label (from replayed factors).
 
 Label cleaning (Bernhardt et al., Nat. Commun. 2022, Algorithm 1): a fraction of the pool's labels
 is corrupted; a simulated annotator pool answers correctly with a per-sample probability (drawn
@@ -41,8 +43,10 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import metaql
-from metaql.active.cleaning import phi
+from metaql.active.gradnorm import squared_norms
 from metaql.active.sessions import LabelCleaningSession
+from metaql.storage.catalog_snapshot import CatalogSnapshot
+from metaql.storage.tasks import Classification
 
 RESULTS = Path(__file__).parent / "results" / "active.md"
 CLASSES = 10
@@ -153,30 +157,40 @@ def active_run(method: str, seed: int, cycles: int, k: int, init: int, steps: in
     rng = np.random.default_rng(seed)
     labeled = np.zeros(len(x), bool)
     labeled[rng.choice(len(x), init, replace=False)] = True
-    accs, t0 = [], time.perf_counter()
-    con = None
-    if method in GRADNORM:
-        con = metaql.connect(":memory:")
-        con.add_samples(np.arange(len(x)), "train", None, torch.as_tensor(x), columns={"truth": y})
-        con.label(np.nonzero(labeled)[0], y[labeled], by="initial")
+    accs, hits, t0 = [], [], time.perf_counter()
+    con = metaql.connect(":memory:")
+    con.add_samples(np.arange(len(x)), "train", None, torch.as_tensor(x), columns={"truth": y})
+    con.label(np.nonzero(labeled)[0], y[labeled], by="initial")
     for cycle in range(cycles + 1):
         model = train(x[labeled], y[labeled], seed, steps)
         accs.append(accuracy(model, x_test, y_test))
         if cycle == cycles:
             break
-        if con is not None:
-            con.attach_model(model)
-            con.checkpoint(model, f"c{cycle}", lr=1.0)
+        con.attach_model(model)
+        con.checkpoint(model, f"c{cycle}", lr=1.0)
+        before = labeled.copy()
+        if method in GRADNORM:
             got = con.execute(f"SELECT sample_id FROM ACTIVE_LEARNING_CANDIDATES(pool=train, k={k}, "
                               f"expectation={GRADNORM[method]}, oracle=truth)").fetchnumpy()["sample_id"]
-            labeled[got] = True
-            assert labeled.sum() == con.execute("SELECT count(*) FROM labels").fetchone()[0]
         else:
-            labeled[BASELINES[method](model, x, labeled, k, rng)] = True
+            got = BASELINES[method](model, x, labeled, k, rng)
+            con.label(got, y[got], by="oracle")
+        labeled[got] = True
+        assert labeled.sum() == con.execute("SELECT count(*) FROM labels").fetchone()[0]
+        hits.append(top_norm_hits(con, f"c{cycle}", np.nonzero(~before)[0], y, got))
     gap = accuracy(model, x[labeled], y[labeled]) - accs[-1]
-    if con is not None:
-        con.close()
-    return {"acc": accs, "gap": gap, "seconds": time.perf_counter() - t0}
+    con.close()
+    return {"acc": accs, "gap": gap, "hits": hits, "seconds": time.perf_counter() - t0}
+
+
+def top_norm_hits(con, ckpt: str, unlabeled: np.ndarray, y: np.ndarray, chosen: np.ndarray) -> float:
+    """The paper's Table 1 count: the fraction of a cycle's picks among the K unlabeled samples of
+    highest gradient norm of the loss on their TRUE label (unknown to every method), from factors."""
+    store = con.store
+    sq = squared_norms(store, store.model_at(ckpt), Classification(), unlabeled,
+                       torch.as_tensor(y[unlabeled]), "label", ["*"], CatalogSnapshot(store))
+    top = unlabeled[np.argsort(-sq, kind="stable")[:len(chosen)]]
+    return float(np.isin(chosen, top).mean())
 
 
 # -- label cleaning ---------------------------------------------------------------------------------
@@ -257,12 +271,14 @@ def mse(values) -> str:
 
 
 def al_table(runs: dict, cycles: int, k: int, init: int) -> str:
-    head = "| method | " + " | ".join(f"{init + c * k}" for c in range(cycles + 1)) + " | mean (area) | train-test gap |"
-    lines = [head, "|" + "---|" * (cycles + 4)]
+    head = "| method | " + " | ".join(f"{init + c * k}" for c in range(cycles + 1)) + \
+        " | mean (area) | train-test gap | picks among top-K true-label gradnorm |"
+    lines = [head, "|" + "---|" * (cycles + 5)]
     for m, rs in runs.items():
         acc = np.asarray([r["acc"] for r in rs])
         cells = [mse(acc[:, c]) for c in range(cycles + 1)]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {mse(acc.mean(1))} | {mse([r['gap'] for r in rs])} |")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {mse(acc.mean(1))} | {mse([r['gap'] for r in rs])} | "
+                     f"{mse([np.mean(r['hits']) for r in rs])} |")
     return "\n".join(lines)
 
 

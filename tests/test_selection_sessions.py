@@ -186,6 +186,13 @@ def test_active_learning_from_sql_resumes_after_a_restart(tmp_path):
         labels = dict(con.execute("SELECT sample_id, labeled_by FROM labels").fetchall())
         assert all(labels[r[0]] == "oracle:truth" for r in second)
         assert _one(con, "SELECT * FROM ACTIVE_LEARNING_STATUS(pool=train)")["cycles"] == 2
+    files = sorted(p.relative_to(tmp_path) for p in (tmp_path / "s").rglob("*") if p.is_file())
+    with metaql.connect(str(tmp_path / "s"), read_only=True, config=TRUST) as con:   # writes nothing
+        with pytest.warns(metaql.Warning, match="not saved"):
+            con.execute("SELECT * FROM ACTIVE_LEARNING_CANDIDATES(pool=train, k=2)").fetchall()
+        with pytest.raises(IOException, match="read-only"):
+            con.execute("SELECT * FROM ACTIVE_LEARNING_CANDIDATES(pool=train, k=2, oracle=truth)")
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "s").rglob("*") if p.is_file()) == files
 
 
 def test_label_cleaning_from_sql_counts_across_a_restart(tmp_path):

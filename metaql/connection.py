@@ -481,6 +481,20 @@ class Connection:
         finally:
             self.store.committed()
 
+    @_catalog_errors
+    def annotate(self, ids, labels, by: str = "human") -> int:
+        """Appends annotations (with who and when) to the catalog's `annotations` table: a sample
+        may get any number, none is replaced (active label cleaning's label distribution). Returns
+        how many were added. `INSERT INTO annotations VALUES (id, label, 'who', now())` works too."""
+        from metaql.storage.labels import add_annotations
+        self._check_open()
+        if not isinstance(by, str):
+            raise InvalidInputException(f"by= names who annotated, as a string; got {type(by).__name__}")
+        try:
+            return add_annotations(self.store, ids, labels, by=by)
+        finally:
+            self.store.committed()
+
     def attach_model(self, model) -> None:
         """Uses this in-process model's architecture (a deep copy; the weights always come from the
         checkpoint's file) when the store's recorded factory is not trusted or not importable."""

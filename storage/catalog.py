@@ -44,6 +44,11 @@ CREATE TABLE IF NOT EXISTS set_members (set_name VARCHAR NOT NULL, sample_id BIG
 CREATE TABLE IF NOT EXISTS labels (
     sample_id BIGINT PRIMARY KEY, label INTEGER NOT NULL, labeled_by VARCHAR DEFAULT current_user,
     labeled_at TIMESTAMP DEFAULT current_timestamp);
+-- every annotation of a sample, appended and never replaced (active label cleaning collects several
+-- per sample); `labels` keeps at most one human label per sample
+CREATE TABLE IF NOT EXISTS annotations (
+    sample_id BIGINT NOT NULL, label INTEGER NOT NULL, annotated_by VARCHAR DEFAULT current_user,
+    annotated_at TIMESTAMP DEFAULT current_timestamp);
 -- files a writer is about to create: committed before the files are written, deleted in the
 -- transaction that names them in `shards`; a writable open deletes the listed files no row names
 CREATE TABLE IF NOT EXISTS pending_files (file VARCHAR PRIMARY KEY, created_at TIMESTAMP DEFAULT current_timestamp);
@@ -161,7 +166,7 @@ def _check_tables(con: duckdb.DuckDBPyConnection, shown: str) -> None:
 def _added_later(table: str, column: str) -> bool:
     """Columns added after format 1 shipped: a store written before them (opened read-only, so
     SCHEMA has not added them) may lack them."""
-    return table == "pending_files" or (table, column) in LATER_COLUMNS
+    return table in ("pending_files", "annotations") or (table, column) in LATER_COLUMNS
 
 
 LATER_COLUMNS = {("checkpoints", "weights_checksum"), ("shards", "seen_from_batch"), ("shards", "seen_to_batch")}

@@ -146,3 +146,71 @@ def _replace_rows(store: Any, ids: list[int], labels: list[int], by: list, when:
     except BaseException:
         store.sql("ROLLBACK")
         raise
+
+
+# ---- annotations: several labels per sample, appended, never replaced ---------------------------
+
+def add_annotations(store: Any, ids: Iterable[int], labels: Iterable[int], by: str | Sequence[str] = "human",
+                    at: dt.datetime | Sequence[dt.datetime | None] | None = None) -> int:
+    """Appends one annotation per (id, label) to the catalog table `annotations`, all or nothing;
+    returns how many were added. An id may repeat (two annotators at once); nothing is replaced."""
+    _require_writable(store)
+    ids_a, labels_a = whole_numbers(ids, "sample id"), whole_numbers(labels, "label")
+    if ids_a.shape != labels_a.shape:
+        raise InvalidInputException(f"{ids_a.size} id(s) but {labels_a.size} label(s)")
+    if ids_a.size == 0:
+        return 0
+    if (labels_a < 0).any():
+        raise InvalidInputException(f"a label is a class index (0 or more), got {int(labels_a.min())}")
+    by_a, at_a = _per_label(by, ids_a.size, "by"), _per_label(at, ids_a.size, "at")
+    _require_registered(store, np.unique(ids_a))
+    now = dt.datetime.now(dt.timezone.utc)
+    when = [_naive_utc(a or now) for a in at_a.tolist()]
+    who = [b if b is not None else "human" for b in by_a.tolist()]
+    store.sql("INSERT INTO annotations (sample_id, label, annotated_by, annotated_at) "
+              "SELECT unnest(?::BIGINT[]), unnest(?::INTEGER[]), unnest(?::VARCHAR[]), unnest(?::TIMESTAMP[])",
+              [ids_a.tolist(), labels_a.tolist(), who, when])
+    return int(ids_a.size)
+
+
+def has_annotations_table(store: Any) -> bool:
+    """False for a store written before annotations existed and opened read-only (no table yet)."""
+    return bool(store.sql("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' "
+                          "AND table_name = 'annotations'").fetchone()[0])
+
+
+def read_annotations(store: Any, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """sample_id, label, annotated_by, annotated_at of every annotation of `ids`, oldest first."""
+    if not has_annotations_table(store):
+        rows = []
+    else:
+        rows = store.sql("SELECT sample_id, label, annotated_by, annotated_at FROM annotations "
+                         "WHERE sample_id IN (SELECT unnest(?)) ORDER BY annotated_at, sample_id",
+                         [np.asarray(ids, dtype=np.int64).tolist()]).fetchall()
+    return {"sample_id": np.asarray([r[0] for r in rows], dtype=np.int64),
+            "label": np.asarray([r[1] for r in rows], dtype=np.int64),
+            "annotated_by": np.asarray([r[2] or "" for r in rows], dtype=object),
+            "annotated_at": np.asarray([r[3] for r in rows], dtype=object)}
+
+
+def label_counts(store: Any, ids: np.ndarray, classes: int, initial: np.ndarray | None = None,
+                 human_labels: bool = True) -> np.ndarray:
+    """(N, classes) counts of each sample's labels so far: its `initial` label (the dataset's noisy
+    one, -1 for none), its human label in `labels` (when human_labels) and every annotation.
+    A label outside [0, classes) is refused: the model cannot score it."""
+    ids = np.asarray(ids, dtype=np.int64)
+    counts = np.zeros((len(ids), classes), dtype=np.int64)
+    pos = {int(i): k for k, i in enumerate(ids.tolist())}
+    found = [] if initial is None else [(k, int(y)) for k, y in enumerate(initial) if y >= 0]
+    if human_labels:
+        lab = read_labels(store, ids)
+        found += [(pos[int(i)], int(y)) for i, y in zip(lab["sample_id"], lab["label"])]
+    ann = read_annotations(store, ids)
+    found += [(pos[int(i)], int(y)) for i, y in zip(ann["sample_id"], ann["label"])]
+    bad = [y for _, y in found if not 0 <= y < classes]
+    if bad:
+        raise InvalidInputException(f"label {bad[0]} is not a class of this {classes}-class model; fix that "
+                                    "sample's label or annotation")
+    for k, y in found:
+        counts[k, y] += 1
+    return counts

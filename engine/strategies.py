@@ -187,8 +187,10 @@ class EachReconstruct(ScanStrategy):
     name, each, needs = "each_reconstruct", True, frozenset({"flat"})
 
     def estimate(self, sh):
+        # the built gradients are written and read back once: N * P numbers of traffic
         return {"flops": sh.n * (sh.s + sh.b) * _params(sh) + _query_side(sh),
-                "bytes": _read(sh) + _accumulate(sh), "space": sh.b * _params(sh)}
+                "bytes": _read(sh) + sh.n * _params(sh) * BYTES_PER_NUMBER + _accumulate(sh),
+                "space": sh.b * _params(sh)}
 
     def extra_numbers(self, meta, tensors, q, per_sample):
         return per_sample + meta.params + (q["count"] if q else 1)

@@ -217,10 +217,11 @@ def test_explain_shows_the_matrix_strategy_and_space(store_dir):
     with metaql.connect(store_dir) as con:
         _mlp_store(con, 4)
         text = "\n".join(r[0] for r in con.execute(
-            "EXPLAIN SELECT * FROM INFLUENCE(query=each(test), topk=3, direction=both)").fetchall())
+            "EXPLAIN ANALYZE SELECT * FROM INFLUENCE(query=each(test), topk=3, direction=both)").fetchall())
     assert "query=each(test) (5 samples)" in text
     assert "MATRIX 11 train x 5 query samples, top-3 both per query sample: 30 rows" in text
     assert "each_iterate*=" in text and "each_gradient=" in text and "query side" in text
+    assert text.count("measured=") == 4         # 2 checkpoints x 2 layers
 
 
 def test_cost_model_picks_by_shape_and_space():

@@ -24,12 +24,41 @@ class Shapes:
     din: int        # X width (bias column included)
     dout: int
     stored: str     # "factored" | "full"
+    each: bool = False      # the train x query matrix: every query sample scored apart
+    kind: str = ""          # the layer's kind: a matrix strategy may not be exact for every kind
 
 
 def estimates(sh: Shapes) -> dict[str, dict[str, float]]:
     """{strategy: {flops, bytes}} for every registered strategy that reads a layer stored as `sh.stored`
-    (engine/strategies.py holds each strategy's formula)."""
-    return {s.name: s.estimate(sh) for s in applicable(sh.stored)}
+    (engine/strategies.py holds each strategy's formula); matrix strategies add `space`."""
+    kind = None
+    if sh.kind:
+        from metaql.storage.layers import kind_named
+        kind = kind_named(sh.kind)
+    return {s.name: s.estimate(sh) for s in applicable(sh.stored, sh.each, kind)}
+
+
+# ---- the train x query matrix's space -----------------------------------------------------------
+# A matrix strategy whose query side would hold more numbers than this is picked only when no
+# other fits (B per-sample gradients of a 4096 x 4096 layer at B = 1000 would be 64 GiB).
+SPACE_LIMIT = 2 ** 28
+# The block of training samples scored at once against all B query samples: its (M, B) float64
+# sums are what a query with top-k holds besides the k best per query sample.
+BLOCK_NUMBERS = 4 * 2 ** 20
+
+
+def block_rows(b: int) -> int:
+    """M, the training samples of one block: M * B sums stay under BLOCK_NUMBERS."""
+    return max(1, BLOCK_NUMBERS // max(b, 1))
+
+
+def matrix_space(n: int, b: int, topk: int | None, directions: int = 1) -> dict[str, int]:
+    """The result's rows and the numbers held for it: the whole N x B matrix, or with top-k only
+    the k best per query sample (per direction) and one block of sums."""
+    if not topk:
+        return {"rows": n * b, "held": n * b}
+    kept = min(topk, n) * b * directions
+    return {"rows": kept, "held": 2 * kept + min(n, block_rows(b)) * b}
 
 
 # Strategies shown by EXPLAIN and run when forced (benchmarks), never picked by cost: their

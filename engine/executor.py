@@ -44,6 +44,9 @@ class Context:
 
 
 def execute(plan, ctx: Context) -> pa.Table:
+    if getattr(plan, "pairwise", False):     # the train x query matrix, query=each(set)
+        from metaql.engine.matrix import execute_matrix
+        return execute_matrix(plan, ctx)
     if isinstance(plan, TopK):
         table = execute(plan.child, ctx)
         return top_k(table, plan.k, plan.ascending)

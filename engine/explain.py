@@ -22,8 +22,12 @@ def influence_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str
             + ("" if scan.query is None else f" query={scan.query.label} ({len(scan.query.ids)} samples)")
             + f" similarity={scan.similarity} checkpoints={len(scan.checkpoints)} layers={len(scan.layers)}")
     lines = [head]
+    if getattr(scan, "pairwise", False):
+        from metaql.engine.matrix import explain_lines as matrix_lines
+        lines += matrix_lines(scan, indent)
     for s in scan.strategies:
         ests = "  ".join(f"{name}{'*' if name == s.chosen else ''}={e['seconds']:.3g}s"
+                         + (f" (query side {e['space'] * 4 / 2 ** 20:.3g} MiB)" if "space" in e else "")
                          for name, e in sorted(s.estimates.items()))
         kind = f" ({s.kind})" if s.kind else ""
         line = f"{indent}  {s.checkpoint}/{s.layer}{kind}: {s.chosen}  [{ests}]"

@@ -6,13 +6,14 @@ up: mislabeled and harmful samples sort first in ASC order.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from metaql.errors import BinderException, InvalidInputException
-from metaql.engine.functions import CheckpointList, LayerList, SampleRef, table_function
+from metaql.engine.functions import CheckpointList, LayerList, Range, SampleRef, table_function
+from metaql.engine.matrix import DIRECTIONS, MATRIX_COLUMNS, TOPK_COLUMNS, InfluenceMatrix
 from metaql.engine.plan import InfluenceScan, Side
 from metaql.storage.catalog_snapshot import catalog_of
 from metaql.storage.losses import LOSS_TARGETS
@@ -23,10 +24,16 @@ COLUMNS = [("sample_id", "BIGINT"), ("score", "DOUBLE")]
 TOTAL_COLUMNS = [("train_samples", "BIGINT"), ("score", "DOUBLE")]     # INFLUENCE(..., total=true)
 
 
+TOPK_RANGE = Range(1, 2 ** 31)
+
+
 def influence_plan(ctx, layers=("*",), query=None, train="train", checkpoints="all",
-                   similarity="dot", loss="label", total=False, reduce="mean") -> InfluenceScan:
+                   similarity="dot", loss="label", total=False, reduce="mean", topk=None,
+                   direction="proponents") -> InfluenceScan:
     if query is None:
-        raise BinderException("INFLUENCE needs query=point(id) or query=batch(set)")
+        raise BinderException("INFLUENCE needs query=point(id), query=batch(set) or query=each(set)")
+    each = getattr(query, "mode", None) == "each"
+    check_matrix_arguments(each, total, topk, direction)
     if similarity not in SIMILARITIES:
         raise BinderException(f"similarity must be one of {', '.join(SIMILARITIES)}, not '{similarity}'")
     if loss not in LOSS_TARGETS:
@@ -38,9 +45,30 @@ def influence_plan(ctx, layers=("*",), query=None, train="train", checkpoints="a
                               "of cosines: use similarity=dot")
     catalog = catalog_of(ctx)
     query = query if isinstance(query, Side) else resolve_side(catalog, query, "query")
+    if each:
+        return InfluenceMatrix(train=resolve_side(catalog, train, "train"), query=query,
+                               layers=resolve_layers(catalog, layers),
+                               checkpoints=resolve_checkpoints(catalog, checkpoints), similarity=similarity,
+                               loss=loss, reduce=reduce, topk=topk, direction=direction)
     return InfluenceScan(train=resolve_side(catalog, train, "train"), query=query,
                          layers=resolve_layers(catalog, layers), checkpoints=resolve_checkpoints(catalog, checkpoints),
                          similarity=similarity, loss=loss, total=bool(total), reduce=reduce)
+
+
+def check_matrix_arguments(each: bool, total, topk, direction) -> None:
+    """What only the train x query matrix (query=each(set)) takes, and what it refuses."""
+    if not each:
+        if topk is not None:
+            raise BinderException("topk= keeps the k strongest training samples per query sample: use it with "
+                                  "query=each(set); for one ranking write SELECT TOPK(n) train FROM INFLUENCE(...)")
+        return
+    if total:
+        raise BinderException("total=true sums over the training side, one row; with query=each(set) write "
+                              "SELECT query_id, sum(score) FROM INFLUENCE(..., query=each(set)) GROUP BY query_id")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk not in TOPK_RANGE):
+        raise BinderException(f"topk= should be positive: a whole number in {TOPK_RANGE}, not {topk!r:.40}")
+    if direction not in DIRECTIONS:
+        raise BinderException(f"direction= should be one of {', '.join(DIRECTIONS)}, not {direction!r:.40}")
 
 
 def self_influence_plan(ctx, layers=("*",), train="train", checkpoints="all") -> InfluenceScan:
@@ -55,18 +83,24 @@ def _run(ctx, scan: InfluenceScan) -> pa.Table:
     return execute(optimize(scan, catalog_of(ctx), ctx.config), ctx)
 
 
-@table_function("INFLUENCE", COLUMNS, logical=influence_plan, alternatives=[TOTAL_COLUMNS])
+@table_function("INFLUENCE", COLUMNS, logical=influence_plan,
+                alternatives=[TOTAL_COLUMNS, MATRIX_COLUMNS, TOPK_COLUMNS])
 def influence(ctx, *, query: SampleRef, layers: LayerList = ("*",), train: SampleRef = "train",
               checkpoints: CheckpointList = "all", similarity: Literal["dot", "cosine"] = "dot",
               loss: Literal["label", "pred", "expected"] = "label", total: bool = False,
-              reduce: Literal["mean", "sum"] = "mean") -> pa.Table:
+              reduce: Literal["mean", "sum"] = "mean", topk: Annotated[int, TOPK_RANGE] = None,
+              direction: Literal["proponents", "opponents", "both"] = "proponents") -> pa.Table:
     """Influence of each training sample on a query sample or batch: the inner product (dot) or
     cosine of their loss gradients, summed over the layers and over checkpoints weighted by each
     checkpoint's learning rate. Negative: the training sample raises the query's loss.
     A batch's gradient is its samples' mean (reduce=mean) or sum (reduce=sum: the sum of the
     per-query scores, captum's and TRAK's convention; cosine is the same either way).
-    total=true returns one row, the training side's summed influence (B2P/B2B)."""
-    return _run(ctx, influence_plan(ctx, layers, query, train, checkpoints, similarity, loss, total, reduce))
+    total=true returns one row, the training side's summed influence (B2P/B2B).
+    query=each(set): the train x query matrix (query_id, sample_id, score), every query sample
+    scored apart in one scan; with topk=k only each query sample's k proponents (highest scores),
+    opponents (lowest) or both (direction=), ranked (rank, role), without the whole matrix."""
+    return _run(ctx, influence_plan(ctx, layers, query, train, checkpoints, similarity, loss, total, reduce,
+                                    topk, direction))
 
 
 @table_function("SELF_INFLUENCE", COLUMNS, logical=self_influence_plan)
@@ -88,12 +122,15 @@ def resolve_side(catalog, ref, role: str) -> Side:
             raise BinderException(f"point() takes a sample id, not '{ref.value}'") from None
         catalog.require_sample(sid)
         return Side("point", np.array([sid], dtype=np.int64), str(ref))
-    if ref.mode != "batch":
-        raise BinderException(f"the {role} side must be point(id) or batch(set), not {ref.mode}()")
+    if ref.mode == "each" and role != "query":
+        raise BinderException(f"each(set) scores every query sample apart; the {role} side is a set: "
+                              f"write {role}=batch({ref.value}) or {role}={ref.value}")
+    if ref.mode not in ("batch", "each"):
+        raise BinderException(f"the {role} side must be point(id), batch(set) or each(set), not {ref.mode}()")
     ids = catalog.set_ids(str(ref.value))
     if len(ids) == 0:
         raise InvalidInputException(f"set '{ref.value}' is empty: the {role} side has no samples")
-    return Side("batch", ids, str(ref))
+    return Side(ref.mode, ids, str(ref))
 
 
 def resolve_layers(catalog, layers) -> list[str]:

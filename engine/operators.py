@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from metaql.storage.layers import conv
+
 
 def iterate(kind, meta, chunk, q) -> torch.Tensor:
     """Mean over the query samples of <grad_n, grad_q>, from Gram products of rows only."""
@@ -58,3 +60,126 @@ def query_side(kind, meta, factors: dict[str, torch.Tensor], needs=None, norm: b
         x, d = kind.rows(meta, factors)
         side.update(x_rows=kind.flat_rows(meta, x), d_rows=kind.flat_rows(meta, d))
     return side
+
+
+# ---- the train x query matrix: (N, B) scores, one column per query sample ------------------------
+# Every function takes the query side of `pairwise_query_side`, possibly cut to a group of query
+# samples (`query_group`), and scores one chunk of training samples against all of them at once.
+
+def pairwise_iterate(kind, meta, chunk, q) -> torch.Tensor:
+    """<grad_n, grad_j> for every query sample j: iterate's Gram products of rows, summed over each
+    query sample's own rows instead of over all of them."""
+    gx = kind.gram_x_factors(meta, chunk, q["x_rows"])                 # (N, S, B*Sq)
+    gd = kind.gram_d(meta, kind.d_rows(meta, chunk), q["d_rows"])
+    return gx.mul_(gd).sum(dim=1).reshape(gx.shape[0], q["count"], -1).sum(dim=2)
+
+
+def pairwise_gradient(kind, meta, chunk, q) -> torch.Tensor:
+    """Lemma 7 against each query sample's own gradient G_j, all at once: one product of the
+    training rows with the B gradients side by side, <grad_n, G_j> = sum(D_n * (X_n G_j^T))."""
+    special = _special_pairwise_gradient(kind)
+    if special is not None:
+        return special(kind, meta, chunk, q)
+    x, d = kind.rows(meta, chunk)
+    return _dense_pairwise_gradient(meta, x, d, q["grads"])
+
+
+def _dense_pairwise_gradient(meta, x, d, grads) -> torch.Tensor:
+    n, s = x.shape[:2]
+    b, dout = grads.shape[:2]
+    weight = grads[:, :, :meta.din].reshape(b * dout, meta.din).T            # (din, B*dout)
+    rows = x.reshape(-1, meta.din)
+    y = torch.addmm(grads[:, :, meta.din].reshape(-1), rows, weight) if meta.bias else rows @ weight
+    return y.view(n, s, b, dout).mul_(d.unsqueeze(2)).sum(dim=(1, 3))
+
+
+def _conv_pairwise_gradient(kind, meta, chunk, q) -> torch.Tensor:
+    """One convolution of the stored input with all B query gradients as its filters (B*Cout
+    output channels), then <D_n, .> per query: no patches unfolded on the training side."""
+    inp, dout = chunk["I"].float(), chunk["DO"].float()
+    if not conv._plain(meta, inp):
+        x, d = kind.rows(meta, chunk)
+        return _dense_pairwise_gradient(meta, x, d, q["grads"])
+    grads = q["grads"]
+    b, cout = grads.shape[:2]
+    inp, padding = conv._conv_input(meta, inp)
+    weight = grads[:, :, :meta.din].reshape(b * cout, inp.shape[1], *meta.extra["kernel"])
+    y = conv._conv(meta, inp, weight, grads[:, :, meta.din].reshape(-1) if meta.bias else None, padding)
+    n = inp.shape[0]
+    return y.reshape(n, b, cout, -1).mul_(dout.reshape(n, 1, cout, -1)).sum(dim=(2, 3))
+
+
+def _embedding_pairwise_gradient(kind, meta, chunk, q) -> torch.Tensor:
+    """The one-hot rows are row gathers: <grad_n, G_j> = sum_s <x_ns, G_j[id_ns]>."""
+    x, ids = kind.rows(meta, chunk)
+    n, s, dim = x.shape
+    picked = q["grads"][:, ids.reshape(-1)]                                  # (B, N*S, dim)
+    return torch.einsum("bmd,md->bm", picked, x.reshape(-1, dim)).reshape(-1, n, s).sum(2).T
+
+
+def _special_pairwise_gradient(kind):
+    """The kind's own form of pairwise_gradient (exact type: a subclass may change the rows)."""
+    from metaql.storage.layers.embedding import Embedding
+    return {conv.Conv: _conv_pairwise_gradient, Embedding: _embedding_pairwise_gradient}.get(type(kind))
+
+
+def has_pairwise_gradient(kind) -> bool:
+    """True when `pairwise_gradient` is exact for the kind: MetaQL's conv and embedding kinds, or a
+    kind whose rows are dense (it keeps LayerKind's Lemma 7 and outer product)."""
+    from metaql.storage.layers.base import LayerKind
+    if _special_pairwise_gradient(kind) is not None:
+        return True
+    return kind.factored and all(getattr(type(kind), m) is getattr(LayerKind, m)
+                                 for m in ("apply_average", "average_scores", "outer", "average_of"))
+
+
+def pairwise_reconstruct(kind, meta, chunk, q) -> torch.Tensor:
+    """Builds each training gradient, then one product with every query gradient (the fallback for
+    a kind without a factored pairwise product)."""
+    x, d = kind.rows(meta, chunk)
+    return kind.outer(meta, x, d).reshape(x.shape[0], -1) @ q["flat"]
+
+
+def pairwise_full(g: torch.Tensor, q) -> torch.Tensor:
+    """Stored full gradients (N, params) against every query sample's gradient (params, B)."""
+    return g.float() @ q["flat"]
+
+
+def pairwise_query_side(kind, meta, factors: dict[str, torch.Tensor], needs: set, norms: bool) -> dict:
+    """What the matrix strategies in `needs` take of the B query samples of one layer, each sample
+    kept apart: "rows" (their X and D rows, sample by sample), "grads" (each one's gradient,
+    (B, dout, din [+1])), "flat" (the gradients as columns, (params, B)); with `norms`, each
+    sample's squared gradient norm (cosine)."""
+    count = next(iter(factors.values())).shape[0]
+    side: dict = {"count": count}
+    if not kind.factored:
+        g = kind.full(meta, factors)
+        side["flat"] = g.T.contiguous()
+        if norms:
+            side["norms"] = (g.double() ** 2).sum(1)
+        return side
+    x, d = kind.rows(meta, factors)
+    if "rows" in needs:
+        side.update(x_rows=kind.flat_rows(meta, x), d_rows=kind.flat_rows(meta, d), sq=x.shape[1])
+    if "grads" in needs or "flat" in needs:
+        grads = kind.outer(meta, x, d)
+        if "grads" in needs:
+            side["grads"] = grads
+        if "flat" in needs:
+            side["flat"] = grads.reshape(count, -1).T.contiguous()
+    if norms:
+        side["norms"] = squared_norm(kind, meta, factors).double()
+    return side
+
+
+def query_group(q: dict, lo: int, hi: int) -> dict:
+    """The query side of samples lo..hi-1 only (so one chunk's intermediates stay bounded)."""
+    out = {"count": hi - lo}
+    if "x_rows" in q:
+        sq = q["sq"]
+        out.update(x_rows=q["x_rows"][lo * sq:hi * sq], d_rows=q["d_rows"][lo * sq:hi * sq], sq=sq)
+    if "grads" in q:
+        out["grads"] = q["grads"][lo:hi]
+    if "flat" in q:
+        out["flat"] = q["flat"][:, lo:hi]
+    return out

@@ -91,9 +91,17 @@ def choose_strategies(scan: InfluenceScan, catalog, force: str | None = None) ->
             elif force and force in ests:
                 chosen = force
             else:
-                chosen = min((k for k in ests if not STRATEGIES[k].baseline), key=lambda k: ests[k]["seconds"])
+                chosen = min(candidates(ests), key=lambda k: ests[k]["seconds"])
             out.append(Strategy(ckpt, layer, chosen, ests, kind=catalog.layer_meta(layer)[0].kind))
     return out
+
+
+def candidates(ests: dict) -> list[str]:
+    """The strategies cost may pick: no baseline, and (for the matrix) none whose query side would
+    exceed cost.SPACE_LIMIT while another fits."""
+    picks = [k for k in ests if not STRATEGIES[k].baseline]
+    fitting = [k for k in picks if ests[k].get("space", 0) <= cost.SPACE_LIMIT]
+    return fitting or picks
 
 
 def layer_shapes(scan: InfluenceScan, catalog, ckpt: str, layer: str) -> cost.Shapes:
@@ -102,8 +110,9 @@ def layer_shapes(scan: InfluenceScan, catalog, ckpt: str, layer: str) -> cost.Sh
     positions = int(row["positions"] or 1)
     n = len(scan.train.ids)
     b = 0 if scan.query is None else len(scan.query.ids)
+    each = getattr(scan, "pairwise", False)
     return cost.Shapes(n=n, s=positions, b=b, sq=positions, din=meta.din + int(meta.bias),
-                       dout=meta.dout, stored=stored)
+                       dout=meta.dout, stored=stored, each=each, kind=meta.kind if each else "")
 
 
 def cost_constants(store) -> dict[str, float]:

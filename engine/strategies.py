@@ -22,6 +22,11 @@ class ScanStrategy:
     baseline = False      # shown by EXPLAIN and run when forced, never picked by cost
     replays = False       # reads factors replayed now, not the stored shards
     needs: frozenset = frozenset({"gbar"})    # of the query side: "gbar" (average gradient), "rows"
+    each = False          # scores every query sample apart (the train x query matrix, query=each(set))
+
+    def applies_to(self, kind) -> bool:
+        """False where the strategy is not exact for a layer kind (engine.operators says which)."""
+        return True
 
     def estimate(self, sh) -> dict[str, float]:
         """{flops, bytes} over N training samples for the shapes `sh` (engine.cost.Shapes)."""
@@ -130,6 +135,85 @@ class SelfNorm(ScanStrategy):
         raise NotImplementedError("self_norm is chosen for self-influence, never by cost")
 
 
+# ---- the train x query matrix (query=each(set)): scores (N, B), one column per query sample ------
+# Each estimate also gives `space`: the numbers the query side holds (every query sample's rows or
+# gradients, kept apart), which the optimizer weighs against engine.cost.SPACE_LIMIT.
+
+def _accumulate(sh) -> int:
+    """Bytes of adding a layer's (N, B) scores into the block's float64 sums."""
+    return sh.n * sh.b * 8
+
+
+class EachIterate(Iterate):
+    """Gram products of each training sample's rows with every query sample's rows, summed per
+    query sample: iterate kept apart per column; no gradient is built on either side."""
+    name, each = "each_iterate", True
+
+    def estimate(self, sh):
+        return {"flops": sh.n * sh.b * sh.s * sh.sq * (sh.din + sh.dout + 1), "bytes": _read(sh) + _accumulate(sh),
+                "space": sh.b * sh.sq * (sh.din + sh.dout)}
+
+    def scores(self, kind, meta, chunk, q):
+        return ops.pairwise_iterate(kind, meta, chunk, q)
+
+
+class EachGradient(ScanStrategy):
+    """Lemma 7 against each query sample's own gradient: one product of the training rows with the
+    B query gradients side by side (for a convolution, one convolution with B*Cout filters)."""
+    name, each, needs = "each_gradient", True, frozenset({"grads"})
+
+    def applies_to(self, kind):
+        return ops.has_pairwise_gradient(kind)
+
+    def estimate(self, sh):
+        return {"flops": sh.n * sh.s * sh.b * (_params(sh) + sh.dout) + _query_side(sh),
+                "bytes": _read(sh) + _accumulate(sh), "space": sh.b * _params(sh)}
+
+    def extra_numbers(self, meta, tensors, q, per_sample):
+        from metaql.storage.layers import kind_named
+        kind = kind_named(meta.kind)
+        rows = kind.positions(meta, {k: v[:1] for k, v in tensors.items()})
+        taps = int(np.prod(meta.extra.get("kernel", [1]))) if meta.extra else 1
+        width = meta.din if meta.kind == "embedding" else meta.dout     # an embedding gathers rows of dim
+        return per_sample * taps + rows * (q["count"] if q else 1) * width
+
+    def scores(self, kind, meta, chunk, q):
+        return ops.pairwise_gradient(kind, meta, chunk, q)
+
+
+class EachReconstruct(ScanStrategy):
+    """Builds each training gradient, then one product with every query gradient: the fallback for
+    a kind with no factored pairwise product."""
+    name, each, needs = "each_reconstruct", True, frozenset({"flat"})
+
+    def estimate(self, sh):
+        # the built gradients are written and read back once: N * P numbers of traffic
+        return {"flops": sh.n * (sh.s + sh.b) * _params(sh) + _query_side(sh),
+                "bytes": _read(sh) + sh.n * _params(sh) * BYTES_PER_NUMBER + _accumulate(sh),
+                "space": sh.b * _params(sh)}
+
+    def extra_numbers(self, meta, tensors, q, per_sample):
+        return per_sample + meta.params + (q["count"] if q else 1)
+
+    def scores(self, kind, meta, chunk, q):
+        return ops.pairwise_reconstruct(kind, meta, chunk, q)
+
+
+class EachFullDot(ScanStrategy):
+    """Stored full gradients against every query sample's gradient: one (N, P) x (P, B) product."""
+    name, stored, each, needs = "each_full_dot", ("full",), True, frozenset({"flat"})
+
+    def estimate(self, sh):
+        return {"flops": sh.n * sh.b * _params(sh) + _query_side(sh),
+                "bytes": sh.n * _params(sh) * BYTES_PER_NUMBER + _accumulate(sh), "space": sh.b * _params(sh)}
+
+    def extra_numbers(self, meta, tensors, q, per_sample):
+        return per_sample + (q["count"] if q else 1)
+
+    def scores(self, kind, meta, chunk, q):
+        return ops.pairwise_full(chunk["G"], q)
+
+
 STRATEGIES: dict[str, ScanStrategy] = {}
 
 
@@ -139,7 +223,8 @@ def register(strategy: ScanStrategy) -> ScanStrategy:
 
 
 # registration order is the order of the estimates (and so of ties in the optimizer's pick)
-for _cls in (FullDot, Iterate, BatchAverage, Reconstruct, Recompute, SelfNorm):
+for _cls in (FullDot, Iterate, BatchAverage, Reconstruct, Recompute, SelfNorm,
+             EachFullDot, EachIterate, EachGradient, EachReconstruct):
     register(_cls())
 
 
@@ -152,9 +237,12 @@ def strategy_named(name: str) -> ScanStrategy:
                                     f"{', '.join(n for n, s in STRATEGIES.items() if s.stored)}") from None
 
 
-def applicable(stored: str) -> list[ScanStrategy]:
-    """The strategies that read a layer stored `stored`, in registration order."""
-    return [s for s in STRATEGIES.values() if stored in s.stored]
+def applicable(stored: str, each: bool = False, kind=None) -> list[ScanStrategy]:
+    """The strategies that read a layer stored `stored`, in registration order: those that score
+    each query sample apart when `each`, else those that score the query side as one; with a
+    layer `kind`, only those exact for it."""
+    return [s for s in STRATEGIES.values()
+            if stored in s.stored and s.each == each and (kind is None or s.applies_to(kind))]
 
 
 def needs_of(names) -> set[str]:

@@ -88,7 +88,7 @@ def check_topk(k: int) -> int:
 
 
 def value_of(node, params) -> Any:
-    """AST value -> Python value: names are strings, calls become SampleRef(point|batch)."""
+    """AST value -> Python value: names are strings, calls become SampleRef(point|batch|each)."""
     if isinstance(node, ast.Name):
         return node.value
     if isinstance(node, ast.Star):
@@ -101,8 +101,9 @@ def value_of(node, params) -> Any:
         return [value_of(v, params) for v in node.items]
     if isinstance(node, ast.Call):
         name = node.name.lower()
-        if name not in ("point", "batch") or len(node.args) != 1:
-            raise BinderException(f"unknown value {node.name}(...); use point(id) or batch(set)")
+        if name not in ("point", "batch", "each") or len(node.args) != 1:
+            raise BinderException(f"unknown value {node.name}(...); use point(id), batch(set) or each(set) "
+                                  "(every sample of the set apart: the train x query matrix)")
         return SampleRef(name, value_of(node.args[0], params))
     return node
 
@@ -205,7 +206,7 @@ def _sample_ref(fn: str, name: str, value) -> SampleRef:
             _bad(fn, name, value, "point(id) with a whole sample id")
         return SampleRef("point", int(sid))
     if not isinstance(ref.value, str):
-        _bad(fn, name, value, "batch(set) or a set name")
+        _bad(fn, name, value, f"{'each' if ref.mode == 'each' else 'batch'}(set) or a set name")
     return ref
 
 

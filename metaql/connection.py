@@ -423,23 +423,28 @@ class Connection:
 
     @_catalog_errors
     def influence(self, query, layers="*", train: str = "train", checkpoints="all", similarity: str = "dot",
-                  loss: str = "label", reduce: str = "mean", total: bool = False) -> Result:
+                  loss: str = "label", reduce: str = "mean", total: bool = False, each: bool = False,
+                  topk: int | None = None, direction: str = "proponents") -> Result:
         """INFLUENCE against query samples passed as tensors, not registered in the store:
         `query=(inputs, labels)` (labels for loss='label'), or `inputs` alone with loss='pred' or
-        'expected'. The other arguments are INFLUENCE's; the result has its columns."""
+        'expected'. The other arguments are INFLUENCE's; the result has its columns. each=True:
+        the train x query matrix (query_id is the row of the query tensors), as query=each(set);
+        topk and direction as INFLUENCE's."""
         from metaql.engine.functions import SampleRef
         from metaql.engine.influence import COLUMNS, TOTAL_COLUMNS, influence_plan
         from metaql.engine.optimizer import optimize
         self._check_open()
         self.store.refresh()
         side = _tensor_side(query, loss)
+        if each:
+            side.mode, side.label = "each", f"each(tensors({len(side.ids)} samples))"
         layers = ("*",) if layers == "*" else ([layers] if isinstance(layers, str) else list(layers))
         self._catalog = None
         ctx = self._context()
         plan = influence_plan(ctx, layers, side, SampleRef("batch", train), checkpoints, similarity, loss,
-                              total, reduce)
+                              total, reduce, topk, direction)
         table = executor.execute(optimize(plan, ctx.catalog, self.config), ctx)
-        names = [c for c, _ in (TOTAL_COLUMNS if total else COLUMNS)]
+        names = [c for c, _ in (plan.columns if each else TOTAL_COLUMNS if total else COLUMNS)]
         return Result(table.select(names))
 
     @_catalog_errors

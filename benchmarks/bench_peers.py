@@ -116,7 +116,7 @@ def torch_func_all(ckpts, x, y, xt, yt):
 
 def opacus_all(ckpts, x, y, xt, yt):
     from opacus import GradSampleModule
-    model = GradSampleModule(PeerMLP())
+    model = GradSampleModule(PeerMLP(), loss_reduction="sum")    # its default "mean" rescales by the batch
 
     def grads_of(w, xs, ys):
         model._module.load_state_dict(w)
@@ -171,15 +171,27 @@ def metaql_store(ckpts, x, y, xt, yt, path):
 QUERIES = {
     "self": "SELECT sample_id, score FROM SELF_INFLUENCE() ORDER BY sample_id",
     "batch": "SELECT sample_id, score FROM INFLUENCE(query=batch(test)) ORDER BY sample_id",
+    "matrix": "SELECT query_id, sample_id, score FROM INFLUENCE(query=each(test))",
+    "topk": f"SELECT query_id, sample_id, rank FROM INFLUENCE(query=each(test), topk={TOPK}) ORDER BY query_id, rank",
 }
 
 
 def metaql_answer(con, what):
     rows = con.execute(QUERIES[what]).fetchnumpy()
+    if what == "matrix":
+        nt = int(rows["query_id"].max() - TEST0 + 1)
+        m = torch.zeros(int(rows["sample_id"].max()) + 1, nt, dtype=torch.float64)
+        m[torch.from_numpy(rows["sample_id"]), torch.from_numpy(rows["query_id"] - TEST0)] = torch.from_numpy(rows["score"])
+        return m
+    if what == "topk":
+        return torch.from_numpy(rows["sample_id"]).reshape(-1, TOPK)
     return torch.from_numpy(rows["score"])
 
 
 def rel(a, b) -> float:
+    """Relative error; for top-k id lists, the fraction of ids that differ."""
+    if not a.is_floating_point():
+        return float(sum(len(set(r.tolist()) ^ set(q.tolist())) for r, q in zip(a, b)) / (2 * b.numel()))
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
 
@@ -244,6 +256,7 @@ def main(argv=None) -> int:
             t_cap, cap = captum_all(ckpts, x, y, xt, yt, work)
             errors[("captum TracInCP", "self")] = rel(cap["self"], ref["self"])
             errors[("captum TracInCP", "matrix")] = rel(cap["matrix"], ref["matrix"])
+            errors[("captum TracInCP", "topk")] = rel(cap["topk"][0], ref["topk"])
             t_cap["batch"] = t_cap["matrix"]
             times["captum TracInCP"] = t_cap
         except ImportError:

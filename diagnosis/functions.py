@@ -28,7 +28,28 @@ Method = Literal["maxmargin", "gmm_full", "gmm_spherical", "stratified_cm", "lat
 _DRAWN = re.compile(r"\bDIAGNOSIS_SAMPLE\s*\(", re.I)
 
 
-@table_function(name="ACTIVATIONS", columns=ACT_COLUMNS)
+def explain_activations(ctx, layer: str, samples, checkpoint: str = "last", reduce: str = "max",
+                        using_sample=SetName("")) -> list[str]:
+    """EXPLAIN's account of an ACTIVATIONS call: exact, or an estimate from a diagnosis sample with
+    the error bench_diagnosis measured for its method and fraction."""
+    ids = _ids(ctx, samples)
+    if using_sample:
+        definition = sample_definition(ctx.store, str(using_sample))
+        if definition is None:
+            return [f"using_sample='{using_sample}' is not a set drawn by DIAGNOSIS_SAMPLE (the call will fail)"]
+        kept = int(np.isin(ids, _ids(ctx, using_sample)).sum())
+        method, fraction = drawn_with(definition)
+        return [f"ESTIMATE from diagnosis sample '{using_sample}': {kept} of the {len(ids)} samples of "
+                f"'{samples}' (method {method}, fraction {fraction:g})", measured_error(method, fraction)]
+    definition = sample_definition(ctx.store, str(samples))
+    if definition is not None:
+        method, fraction = drawn_with(definition)
+        return [f"ESTIMATE: '{samples}' is a diagnosis sample (method {method}, fraction {fraction:g}) of the "
+                "data it was drawn from", measured_error(method, fraction)]
+    return [f"EXACT: every one of the {len(ids)} samples of '{samples}'"]
+
+
+@table_function(name="ACTIVATIONS", columns=ACT_COLUMNS, explain=explain_activations)
 def activations(ctx, layer: str, samples: SetName, checkpoint: str = "last",
                 reduce: Literal["max", "mean"] = "max", using_sample: SetName = SetName("")) -> pa.Table:
     """Stored activations of one layer for a set's samples, long form: one row per (sample, neuron).

@@ -4,13 +4,17 @@ from __future__ import annotations
 from metaql.engine.plan import FunctionScan, InfluenceScan, TopK
 
 
-def explain_lines(plan, analyze: bool = False, indent: str = "") -> list[str]:
+def explain_lines(plan, analyze: bool = False, indent: str = "", ctx=None) -> list[str]:
     if isinstance(plan, TopK):
         order = "ASC" if plan.ascending else "DESC"
-        return [f"{indent}TOP_K k={plan.k} order={order}"] + explain_lines(plan.child, analyze, indent + "  ")
+        return [f"{indent}TOP_K k={plan.k} order={order}"] + explain_lines(plan.child, analyze, indent + "  ", ctx)
     if isinstance(plan, FunctionScan):
         args = ", ".join(f"{k}={v}" for k, v in plan.arguments.items())
-        return [f"{indent}TABLE_FUNCTION {plan.name}({args})"]
+        lines = [f"{indent}TABLE_FUNCTION {plan.name}({args})"]
+        fn = ctx.registry.get(plan.name) if ctx is not None and plan.name in ctx.registry else None
+        if fn is not None and fn.explain is not None:
+            lines += [f"{indent}  {line}" for line in fn.explain(ctx, **plan.arguments)]
+        return lines
     if isinstance(plan, InfluenceScan):
         return influence_lines(plan, analyze, indent)
     return [f"{indent}{plan!r}"]

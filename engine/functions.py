@@ -105,6 +105,8 @@ class TableFunction:
     logical: Callable[..., Any] | None = None
     # other results an argument selects (INFLUENCE's total=true): each a list like `columns`
     alternatives: list = field(default_factory=list)
+    # lines EXPLAIN shows under the call: explain(ctx, **arguments) -> list[str] (how it will answer)
+    explain: Callable[..., list[str]] | None = None
 
     def check_arguments(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Returns the call's keyword arguments with defaults filled in; raises on unknown/missing."""
@@ -186,10 +188,11 @@ REGISTRY = FunctionRegistry()
 
 
 def table_function(name: str | None = None, columns: list[tuple[str, str]] | None = None,
-                   logical: Callable[..., Any] | None = None, alternatives: list | None = None):
+                   logical: Callable[..., Any] | None = None, alternatives: list | None = None,
+                   explain: Callable[..., list[str]] | None = None):
     """Decorator: registers a built-in table function in the global registry."""
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         tf = REGISTRY.register(fn, name=name, columns=columns)
-        tf.logical, tf.alternatives = logical, list(alternatives or [])
+        tf.logical, tf.alternatives, tf.explain = logical, list(alternatives or []), explain
         return fn
     return wrap

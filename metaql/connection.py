@@ -297,7 +297,7 @@ class Connection:
             t0 = time.perf_counter()
             self._run_plan(stmt.statement, plan)
             total = time.perf_counter() - t0
-        lines = explain_lines(plan, analyze=stmt.analyze)
+        lines = explain_lines(plan, analyze=stmt.analyze, ctx=self._context())
         if stmt.analyze:
             lines.append(f"catalog round trips: {self.store.round_trips.count - trips}")
             lines.append(f"total: {total:.4f} s")
@@ -317,7 +317,7 @@ class Connection:
         for (span, _), plan in zip(stmt.calls, plans):
             if len(plans) > 1:
                 lines.append(_clipped(stmt.text[span.start:span.end]))
-            lines += explain_lines(plan, analyze=analyze, indent="  " if len(plans) > 1 else "")
+            lines += explain_lines(plan, analyze=analyze, indent="  " if len(plans) > 1 else "", ctx=self._context())
         if analyze:
             # every statement the whole EXPLAIN ANALYZE sent to the catalog: binding, planning, the
             # calls' scans and DuckDB's run of the statement around them

@@ -142,6 +142,13 @@ def test_create_set_from_sql_and_estimate_warning(tmp_path):
             got = con.execute("SELECT neuron, avg(value) AS m FROM ACTIVATIONS(layer='0', samples=test, checkpoint=c0, "
                               "using_sample=diag) GROUP BY neuron ORDER BY neuron").fetchnumpy()["m"]
         np.testing.assert_allclose(got, x[want].mean(0), rtol=1e-5)
+        plan = [r[0] for r in con.execute("EXPLAIN SELECT neuron, avg(value) FROM ACTIVATIONS(layer='0', samples=test, "
+                                          "checkpoint=c0, using_sample=diag) GROUP BY neuron").fetchall()]
+        assert any(f"ESTIMATE from diagnosis sample 'diag': {len(want)} of the 120 samples of 'test'" in l and
+                   "maxmargin, fraction 0.1" in l for l in plan)
+        assert any("S1 precision" in l or "No error was measured" in l for l in plan)
+        plan = [r[0] for r in con.execute("EXPLAIN SELECT * FROM ACTIVATIONS(layer='0', samples=test, checkpoint=c0)").fetchall()]
+        assert any("EXACT: every one of the 120 samples of 'test'" in l for l in plan)
         with pytest.raises(metaql.InvalidInputException, match="not a set drawn by DIAGNOSIS_SAMPLE"):
             con.execute("SELECT * FROM ACTIVATIONS(layer='0', samples=test, checkpoint=c0, using_sample=test)")
         with pytest.raises(metaql.Error, match="latent space"):

@@ -48,6 +48,10 @@ CREATE TABLE IF NOT EXISTS labels (
 -- transaction that names them in `shards`; a writable open deletes the listed files no row names
 CREATE TABLE IF NOT EXISTS pending_files (file VARCHAR PRIMARY KEY, created_at TIMESTAMP DEFAULT current_timestamp);
 ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS weights_checksum VARCHAR;
+-- per-sample weights learned by meta re-weighting (REWEIGHT), under the checkpoint it saved
+CREATE TABLE IF NOT EXISTS sample_weights (
+    sample_id BIGINT NOT NULL, checkpoint VARCHAR NOT NULL, weight DOUBLE NOT NULL,
+    PRIMARY KEY (sample_id, checkpoint));
 """
 
 # Tables MetaQL keeps consistent with files on disk: plain SQL may read them, not write them.
@@ -145,7 +149,7 @@ def _check_tables(con: duckdb.DuckDBPyConnection, shown: str) -> None:
 def _added_later(table: str, column: str) -> bool:
     """Columns added after format 1 shipped: a store written before them (opened read-only, so
     SCHEMA has not added them) may lack them."""
-    return table == "pending_files" or (table, column) == ("checkpoints", "weights_checksum")
+    return table in ("pending_files", "sample_weights") or (table, column) == ("checkpoints", "weights_checksum")
 
 
 def _lock_message(path: str, err: str) -> str:

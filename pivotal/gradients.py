@@ -22,6 +22,7 @@ import torch
 from metaql.engine import operators as ops
 
 CHUNK = 4096        # samples per product: bounds the (chunk, S, width) intermediates
+ROWS_CACHE = 2 ** 25    # canonical rows kept between K-means passes up to this many numbers per block
 
 
 @dataclass
@@ -48,6 +49,17 @@ class Block:
         for start in range(0, self.count, CHUNK):
             yield {k: v[start:start + CHUNK] for k, v in self.factors.items()}
 
+    def rows(self):
+        """(X, D) of each chunk. K-means reads them once per centroid per iteration, so they are
+        built once (a convolution's rows are its input patches) when they fit in ROWS_CACHE."""
+        cached = getattr(self, "_rows", None)
+        if cached is not None:
+            return cached
+        out = [self.kind.rows(self.meta, c) for c in self.chunks()]
+        if sum(t.numel() for xd in out for t in xd) <= ROWS_CACHE:
+            self._rows = out
+        return out
+
 
 class FactoredGradients:
     """The gradients of N samples as blocks of factors; see the module's docstring."""
@@ -67,8 +79,8 @@ class FactoredGradients:
         for b in self.blocks:
             if b.scale == 0:
                 continue
-            parts = [_full(b, c).pow(2).sum(1) if b.full else ops.squared_norm(b.kind, b.meta, c)
-                     for c in b.chunks()]
+            parts = [_full(b, c).pow(2).sum(1) for c in b.chunks()] if b.full else \
+                [(b.kind.self_gram_x(b.meta, x) * b.kind.self_gram_d(b.meta, d)).sum(dim=(1, 2)) for x, d in b.rows()]
             out += b.scale * torch.cat(parts).double()
         return out
 
@@ -81,7 +93,7 @@ class FactoredGradients:
                 out.append(None)
                 continue
             total = None
-            for start, c in zip(range(0, b.count, CHUNK), b.chunks()):
+            for start, c in zip(range(0, b.count, CHUNK), b.chunks() if b.full else b.rows()):
                 part = _weighted_sum(b, c, u[start:start + CHUNK])
                 total = part if total is None else total + part
             out.append(total)
@@ -94,8 +106,8 @@ class FactoredGradients:
         for b, c in zip(self.blocks, centroid):
             if c is None:
                 continue
-            parts = [(_full(b, ch) @ c.reshape(-1)) if b.full
-                     else b.kind.average_scores(b.meta, ch, c.float()) for ch in b.chunks()]
+            parts = [_full(b, ch) @ c.reshape(-1) for ch in b.chunks()] if b.full else \
+                [b.kind.apply_average(b.meta, x, d, c.float()) for x, d in b.rows()]
             out += b.scale * torch.cat(parts).double()
             norm += b.scale * float(c.double().pow(2).sum())
         return out, norm
@@ -110,11 +122,12 @@ def _full(b: Block, chunk: dict) -> torch.Tensor:
     return b.kind.full(b.meta, chunk).double()
 
 
-def _weighted_sum(b: Block, chunk: dict, u: torch.Tensor) -> torch.Tensor:
-    """sum_j u_j G_j over a chunk, in the block's gradient shape (dout, din [+1]) or flat (full)."""
+def _weighted_sum(b: Block, chunk, u: torch.Tensor) -> torch.Tensor:
+    """sum_j u_j G_j over a chunk (factors when stored full, else its rows (X, D)), in the block's
+    gradient shape (dout, din [+1]) or flat (full)."""
     if b.full:
         return u @ _full(b, chunk)
-    x, d = b.kind.rows(b.meta, chunk)
+    x, d = chunk
     # the gradient D^T X is linear in each side: scale whichever side holds numbers (an embedding's
     # D side holds token ids)
     w = u.to(x.dtype if x.is_floating_point() else d.dtype).reshape(-1, *([1] * (x.dim() - 1)))

@@ -34,7 +34,7 @@ def sample_weights(grads, weighted: bool) -> torch.Tensor:
 
 
 def distances(grads, sq: torch.Tensor, centroids: list) -> torch.Tensor:
-    """(N, k) squared distances of every sample to every centroid: one Lemma-7 scan per centroid."""
+    """(N, k) squared distances of every sample to every centroid: one Lemma-7 scan per centroid"""
     cols = []
     for c in centroids:
         dot, cc = grads.dots(c)
@@ -102,15 +102,15 @@ def _update(grads, assignment, u, k, dist) -> list:
     adds the most to the objective (so k clusters stay k)."""
     a = torch.from_numpy(assignment)
     cost = u * dist.gather(1, a.unsqueeze(1))[:, 0]
-    out = []
+    cols = []
     for i in range(k):
         members = (a == i).double() * u
         if members.sum() <= 0:
             far = int(cost.argmax())
             cost[far] = -1
             members = _onehot(len(u), far)
-        out.append(grads.centroid(members))
-    return out
+        cols.append(members)
+    return [grads.centroid(c) for c in cols]
 
 
 def _result(grads, assignment, dist, u, k, sq, iterations) -> Clustering:

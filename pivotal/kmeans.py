@@ -34,7 +34,7 @@ def sample_weights(grads, weighted: bool) -> torch.Tensor:
 
 
 def distances(grads, sq: torch.Tensor, centroids: list) -> torch.Tensor:
-    """(N, k) squared distances of every sample to every centroid: one Lemma-7 scan per centroid"""
+    """(N, k) squared distances of every sample to every centroid: one Lemma-7 scan per centroid."""
     cols = []
     for c in centroids:
         dot, cc = grads.dots(c)

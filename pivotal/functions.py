@@ -40,7 +40,8 @@ def pivotal_samples(ctx, data: SetName, k: Annotated[int, Range(1, 100_000)],
     ckpts = catalog.checkpoint_names(checkpoints)
     grads = gradients(ctx.store, catalog, ids, method, ckpts, layers, bool(label_free), draws, seed)
     ctx.check_interrupt()
-    result = weighted_kmeans(grads, k, weighted=method != "rbc_kmeans", seed=seed, max_iter=max_iter)
+    result = weighted_kmeans(grads, k, weighted=method != "rbc_kmeans", seed=seed, max_iter=max_iter,
+                             check=ctx.check_interrupt)
     order = np.argsort(-result.sizes, kind="stable")
     return pa.table({"sample_id": pa.array(ids[result.centers[order]], pa.int64()),
                      "cluster": pa.array(order, pa.int64()),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metaql.engine import operators as ops
+from metaql.storage.layers.base import LayerKind
 
 CHUNK = 4096        # samples per product: bounds the (chunk, S, width) intermediates
 ROWS_CACHE = 2 ** 25    # canonical rows kept between K-means passes up to this many numbers per block
@@ -135,4 +135,11 @@ def _weighted_sum(b: Block, chunk, u: torch.Tensor) -> torch.Tensor:
         d = d * w
     else:
         x = x * w
-    return b.kind.average(b.meta, x, d).double() * x.shape[0]
+    if type(b.kind).average is not LayerKind.average:
+        return b.kind.average(b.meta, x, d).double() * x.shape[0]
+    # the dense form's sum over samples and rows as one matrix product (einsum's batched path is
+    # several times slower for one row per sample)
+    g = d.reshape(-1, d.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    if b.meta.bias:
+        g = torch.cat([g, d.sum(dim=(0, 1)).unsqueeze(-1)], dim=-1)
+    return g.double()

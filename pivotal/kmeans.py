@@ -56,7 +56,10 @@ def objective(grads, assignment: np.ndarray, u: torch.Tensor, k: int, sq: torch.
     return total
 
 
-def weighted_kmeans(grads, k: int, weighted: bool = True, seed: int = 0, max_iter: int = 30) -> Clustering:
+def weighted_kmeans(grads, k: int, weighted: bool = True, seed: int = 0, max_iter: int = 30,
+                    check=lambda: None) -> Clustering:
+    """Lloyd's iterations from a k-means++ start until the assignment stops changing; `check` runs
+    between iterations (a query's Ctrl-C)."""
     n = grads.n
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of samples ({n})")
@@ -68,6 +71,7 @@ def weighted_kmeans(grads, k: int, weighted: bool = True, seed: int = 0, max_ite
     centroids = _plus_plus(grads, sq, u, k, gen)
     assignment, it = None, 0
     for it in range(1, max_iter + 1):
+        check()
         dist = distances(grads, sq, centroids)
         new = dist.argmin(1).numpy()
         if assignment is not None and np.array_equal(new, assignment):

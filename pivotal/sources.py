@@ -42,12 +42,17 @@ class LabelFreeTask(Classification):
         return torch.logsumexp(z.reshape(z.shape[0], -1), dim=1)
 
 
-def labels_of(store, ckpt: str, ids: np.ndarray) -> torch.Tensor:
+def classification_at(store, ckpt: str) -> Classification:
+    """The checkpoint's task, which must be softmax cross-entropy (the label-free part and Eq. 12 are its)."""
     task = task_at(store, ckpt)
     if not isinstance(task, Classification):
-        raise InvalidInputException(f"PIVOTAL_SAMPLES needs a classification model (softmax cross-entropy); "
-                                    f"checkpoint '{ckpt}' trains a {task.name} task")
-    return task.stored_targets(store, ids, "label").long()
+        raise InvalidInputException(f"pivotal samples and re-weighting need a classification model (softmax "
+                                    f"cross-entropy); checkpoint '{ckpt}' trains a {task.name} task")
+    return task
+
+
+def labels_of(store, ckpt: str, ids: np.ndarray) -> torch.Tensor:
+    return classification_at(store, ckpt).stored_targets(store, ids, "label").long()
 
 
 def last_linear(model: nn.Module, layers) -> tuple[str, nn.Linear]:
@@ -72,6 +77,7 @@ def last_linear(model: nn.Module, layers) -> tuple[str, nn.Linear]:
 
 def rbc_block(store, ckpt: str, ids: np.ndarray, layers, label_free: bool, batch: int = 256) -> Block:
     """The output layer's factors (X = h, D = p - onehot(y), or p) from forward passes only."""
+    classification_at(store, ckpt)
     model = store.model_at(ckpt).eval()
     name, layer = last_linear(model, layers)
     y = None if label_free else labels_of(store, ckpt, ids)
@@ -102,6 +108,7 @@ def rbc_block(store, ckpt: str, ids: np.ndarray, layers, label_free: bool, batch
 def gbc_blocks(store, catalog, ckpt: str, ids: np.ndarray, layers: list[str], label_free: bool) -> list[Block]:
     """Every listed layer's factors at a checkpoint: stored ones for the whole gradient, replayed
     with the label-free loss otherwise."""
+    classification_at(store, ckpt)
     if label_free:
         factors = _replayed(store, ckpt, ids, layers)
     else:

@@ -68,6 +68,8 @@ def digits(seed: int, noise: str, rate: float):
     order = rng.permutation(len(y))
     ntr = 2 * len(y) // 3
     tr, te = order[:ntr], order[ntr:]
+    if noise == "imbalance":
+        return _imbalanced(x[tr], y[tr], rate, rng) + (x[te], y[te])
     clean = y[tr].clone()
     flip = torch.from_numpy(rng.random(ntr) < rate)
     noisy = clean.clone()
@@ -76,6 +78,18 @@ def digits(seed: int, noise: str, rate: float):
     else:
         noisy[flip] = (clean[flip] + torch.from_numpy(rng.integers(1, 10, ntr))[flip]) % 10
     return x[tr], clean, noisy, x[te], y[te]
+
+
+def _imbalanced(x, y, factor: float, rng):
+    """Class c keeps n_max * factor^(-c/9) of its training samples (clean labels): the largest
+    class is `factor` times the smallest, as in the paper's long-tailed sets."""
+    n_max = int(torch.bincount(y).min())
+    keep = []
+    for c in range(10):
+        idx = np.nonzero((y == c).numpy())[0]
+        keep += rng.choice(idx, max(1, int(round(n_max * factor ** (-c / 9)))), replace=False).tolist()
+    keep = np.sort(np.asarray(keep))
+    return x[keep], y[keep].clone(), y[keep].clone()
 
 
 def accuracy(model, x, y) -> float:
@@ -122,7 +136,7 @@ def entropy(model, x) -> np.ndarray:
     return (-(p * p.clamp_min(1e-12).log()).sum(1)).numpy()
 
 
-def select(con, method: str, model, x, seed: int) -> tuple[np.ndarray, float]:
+def select(con, method: str, model, x, seed: int, label_free: bool = True) -> tuple[np.ndarray, float]:
     """(meta sample ids, seconds) for a selection method."""
     rng = np.random.default_rng(seed + 1)
     t0 = time.perf_counter()
@@ -133,7 +147,7 @@ def select(con, method: str, model, x, seed: int) -> tuple[np.ndarray, float]:
         ids = np.argsort(-h if method == "uncertain" else h, kind="stable")[:BUDGET]
     else:
         rows = con.execute(f"SELECT sample_id FROM PIVOTAL_SAMPLES(data=train, k={BUDGET}, method={method}, "
-                           f"seed={seed})").fetchnumpy()
+                           f"label_free={str(label_free).lower()}, seed={seed})").fetchnumpy()
         ids = np.unique(rows["sample_id"])
     return np.asarray(ids, dtype=np.int64), time.perf_counter() - t0
 
@@ -159,7 +173,7 @@ def run(seed: int, noise: str, rate: float, quick: bool) -> dict:
         model, ckpts = warm_up(con, xtr, noisy, seed, epochs=WARM_EPOCHS[quick], cached=3)
         out["acc"]["warm-up"] = accuracy(model, xte, yte)
         for method in METHODS:
-            ids, secs = select(con, method, model, xtr, seed)
+            ids, secs = select(con, method, model, xtr, seed, label_free=noise != "imbalance")
             out["time"][method] = secs
             if method == "finetune":
                 out["acc"][method] = accuracy(finetune(model, xtr[ids], clean[ids]), xte, yte)
@@ -171,13 +185,18 @@ def run(seed: int, noise: str, rate: float, quick: bool) -> dict:
                             f"checkpoint={ckpts[-1]}, save_as=rw_{method}, epochs={REWEIGHT_EPOCHS[quick]}, "
                             f"batch_size=100, lr=0.1, weight_lr=1.0, seed={seed}) ORDER BY sample_id").fetchnumpy()
             out["acc"][method] = accuracy(con.store.model_at(f"rw_{method}"), xte, yte)
-            out["auc"][method] = float(roc_auc_score((clean == noisy).numpy(), w["weight"]))
+            if bool((clean != noisy).any()):      # every label is clean under class imbalance: no AUC
+                out["auc"][method] = float(roc_auc_score((clean == noisy).numpy(), w["weight"]))
     return out
+
+
+def _rate(noise: str, rate: float) -> str:
+    return f"factor {rate:g}" if noise == "imbalance" else f"{int(100 * rate)}%"
 
 
 def table(runs: list[dict]) -> str:
     configs = sorted({(r["noise"], r["rate"]) for r in runs}, key=lambda c: (c[0] != "adversarial", c[1]))
-    head = "| method | " + " | ".join(f"{n} {int(100 * r)}%: acc | AUC" for n, r in configs) + " |"
+    head = "| method | " + " | ".join(f"{n} {_rate(n, r)}: acc | AUC" for n, r in configs) + " |"
     lines = [head, "|---|" + "---|---|" * len(configs)]
     for m in ["warm-up"] + METHODS:
         cells = []
@@ -194,12 +213,16 @@ def table(runs: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 seed, adversarial 60%%, short training; writes nothing")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds under adversarial noise")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds under adversarial noise (and with --imbalance)")
     ap.add_argument("--uniform-seeds", type=int, default=2, help="seeds at each uniform noise rate")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--imbalance", type=float, default=0,
+                    help="only the class-imbalanced variant with this imbalance factor (clean labels, label_free=false); "
+                         "writes results/pivotal_imbalance.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    configs = [("adversarial", 0.6, 1)] if args.quick else \
+    configs = [("imbalance", args.imbalance, 1 if args.quick else args.seeds)] if args.imbalance else \
+        [("adversarial", 0.6, 1)] if args.quick else \
         [("adversarial", 0.6, args.seeds), ("uniform", 0.4, args.uniform_seeds), ("uniform", 0.6, args.uniform_seeds)]
     t0 = time.perf_counter()
     runs = []
@@ -217,12 +240,14 @@ def main(argv=None) -> None:
         "# Pivotal meta samples and meta re-weighting on digits (papers/003 Tables 1, 3)",
         f"Command: `{command.strip()}`  \nCommit {commit}, {datetime.date.today()}, Python {platform.python_version()}, "
         f"torch {torch.__version__}, {args.threads} torch thread(s) on a 2-core machine shared with other work; "
-        f"wall time {wall:.0f} s; seeds: " + ", ".join(f"{n} {int(100 * r)}%: {k}" for n, r, k in configs) + ".",
-        f"Digits 8x8, {len(digits(0, 'uniform', 0)[1])} train / {len(digits(0, 'uniform', 0)[4])} test; LeNet-style "
+        f"wall time {wall:.0f} s; seeds: " + ", ".join(f"{n} {_rate(n, r)}: {k}" for n, r, k in configs) + ".",
+        f"Digits 8x8, {len(digits(0, *configs[0][:2])[1])} train / {len(digits(0, 'uniform', 0)[4])} test; LeNet-style "
         f"CNN warmed up on the noisy labels (SGD, momentum 0.9, lr 0.1, {WARM_EPOCHS[args.quick]} epochs, the last 3 captured as the cached "
         f"checkpoints); budget {BUDGET} meta samples, cleaned by an oracle (con.label); REWEIGHT (Eq. 2-4) from the "
         f"warm-up model, {REWEIGHT_EPOCHS[args.quick]} epochs, batch 100, lr 0.1, weight_lr 1.0, weights starting at 1. Adversarial noise: y -> y+1 mod 10 for the given "
-        "fraction of each class; uniform: a random other class. 'finetune' trains the warm-up model on the 20 "
+        "fraction of each class; uniform: a random other class. Class imbalance (--imbalance F): class c keeps n_max F^(-c/9) of its "
+        "training samples, labels clean, PIVOTAL_SAMPLES with label_free=false (GBC reads the stored factors). "
+        "'finetune' trains the warm-up model on the 20 "
         "clean random samples instead of re-weighting (no weights, no AUC).",
         "## Test accuracy (%, mean ± standard error over seeds) and AUC of the learned weights against label cleanness",
         table(runs),
@@ -231,8 +256,9 @@ def main(argv=None) -> None:
     ])
     print(report)
     if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(report + "\n")
+        out = RESULTS.with_name("pivotal_imbalance.md") if args.imbalance else RESULTS
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report + "\n")
 
 
 if __name__ == "__main__":

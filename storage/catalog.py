@@ -57,6 +57,10 @@ ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS weights_checksum VARCHAR;
 -- factors, first and last; NULL: the checkpoint's own weights (replay, or a shard of inputs)
 ALTER TABLE shards ADD COLUMN IF NOT EXISTS seen_from_batch BIGINT;
 ALTER TABLE shards ADD COLUMN IF NOT EXISTS seen_to_batch BIGINT;
+-- per-sample weights learned by meta re-weighting (REWEIGHT), under the checkpoint it saved
+CREATE TABLE IF NOT EXISTS sample_weights (
+    sample_id BIGINT NOT NULL, checkpoint VARCHAR NOT NULL, weight DOUBLE NOT NULL,
+    PRIMARY KEY (sample_id, checkpoint));
 """
 
 # Tables MetaQL keeps consistent with files on disk: plain SQL may read them, not write them.
@@ -166,7 +170,7 @@ def _check_tables(con: duckdb.DuckDBPyConnection, shown: str) -> None:
 def _added_later(table: str, column: str) -> bool:
     """Columns added after format 1 shipped: a store written before them (opened read-only, so
     SCHEMA has not added them) may lack them."""
-    return table in ("pending_files", "annotations") or (table, column) in LATER_COLUMNS
+    return table in ("pending_files", "annotations", "sample_weights") or (table, column) in LATER_COLUMNS
 
 
 LATER_COLUMNS = {("checkpoints", "weights_checksum"), ("shards", "seen_from_batch"), ("shards", "seen_to_batch")}

@@ -1,6 +1,8 @@
-"""Capture overhead in the training loop (issue #19): a plain training step against the same step
-with `cap.backward`, on the digits CNN, a VGG-shaped CNN, the digits MLP and MiniLM, each with the
-layers the space formula stores factored and with layers='*'. Target: <= 1.3x a plain step.
+"""Capture overhead in the training loop (issues #17, #19): a plain training step against the same
+step with `cap.backward`, on the digits CNN, a VGG-shaped CNN, the digits MLP, MiniLM and a small
+GPT-2 (causal-LM loss), each with the layers the space formula stores factored and with
+layers='*'. Target: <= 1.3x a plain step. Each row also gives the bytes stored per sample and the
+warm seconds of SELF_INFLUENCE and of INFLUENCE against 32 samples over the stored checkpoint.
 
     python benchmarks/bench_capture.py            # ~3-5 minutes on 2 cores; --quick: a smoke run
     python benchmarks/bench_capture.py --threads 1 --models digits_cnn,mlp
@@ -117,7 +119,37 @@ def subjects(quick: bool) -> dict:
     if minilm_available():
         tx, ty = token_sequences(16 if quick else 48, 16)
         out["minilm"] = (load_minilm, tx, ty, 8, MINILM_ALL)
+    try:
+        import transformers  # noqa: F401
+        gx = torch.randint(0, 1000, (32 if quick else 128, 32), generator=g)
+        out["gpt2"] = (tiny_gpt2, gx, None, 16, "*")
+    except ImportError:
+        pass
     return out
+
+
+def tiny_gpt2():
+    """A GPT-2 from a transformers config (2 blocks, width 128, 1,000 tokens; nothing downloaded),
+    trained on next-token prediction; untied head (tied weights are scored per use, see README)."""
+    import transformers
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=1000, n_positions=32, resid_pdrop=0,
+                                  embd_pdrop=0, attn_pdrop=0, tie_word_embeddings=False, bos_token_id=1,
+                                  eos_token_id=1)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def causal_lm_loss(model, xb, yb):
+    """Mean next-token cross-entropy over the batch (equal lengths: the mean of each sample's own)."""
+    logits = model(xb).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), xb[:, 1:].reshape(-1))
+
+
+def classification_loss(model, xb, yb):
+    return F.cross_entropy(model(xb), yb)
+
+
+# {model: (its training loss, the task capture records for every replay)}
+LOSSES = {"gpt2": (causal_lm_loss, {"task": "causal_lm"})}
 
 
 def metaql_demo():
@@ -125,27 +157,28 @@ def metaql_demo():
     return metaql.demo
 
 
-def plain_block(model, opt, x, y, batch) -> float:
+def plain_block(model, opt, x, y, batch, loss_fn=classification_loss) -> float:
     t0 = time.perf_counter()
     for s in range(0, len(x), batch):
-        loss = F.cross_entropy(model(x[s:s + batch]), y[s:s + batch])
+        loss = loss_fn(model, x[s:s + batch], None if y is None else y[s:s + batch])
         loss.backward()
         opt.step()
         opt.zero_grad()
     return time.perf_counter() - t0
 
 
-def capture_block(con, model, opt, x, y, batch, layers, checkpoint, shard_size) -> tuple[float, float]:
+def capture_block(con, model, opt, x, y, batch, layers, checkpoint, shard_size, loss_fn=classification_loss,
+                  task=None) -> tuple[float, float]:
     """(seconds of the captured steps, seconds of the capture's fixed costs: entering, which writes
     the weights, and exiting, which writes the last flush and marks the checkpoint complete)."""
     ids = np.arange(len(x))
     t0 = time.perf_counter()
-    cap = con.capture(model, layers=layers, checkpoint=checkpoint, lr=LR, shard_size=shard_size)
+    cap = con.capture(model, layers=layers, checkpoint=checkpoint, lr=LR, shard_size=shard_size, task=task)
     cap.__enter__()
     t1 = time.perf_counter()
     try:
         for s in range(0, len(x), batch):
-            loss = F.cross_entropy(model(x[s:s + batch]), y[s:s + batch])
+            loss = loss_fn(model, x[s:s + batch], None if y is None else y[s:s + batch])
             cap.backward(loss, ids[s:s + batch])
             opt.step()
             opt.zero_grad()
@@ -155,6 +188,23 @@ def capture_block(con, model, opt, x, y, batch, layers, checkpoint, shard_size) 
     t2 = time.perf_counter()
     cap.__exit__(None, None, None)
     return t2 - t1, (t1 - t0) + (time.perf_counter() - t2)
+
+
+def query_seconds(con, model) -> tuple[float, float]:
+    """Warm seconds of SELF_INFLUENCE and of INFLUENCE against 32 of the samples (their gradients
+    replayed at the checkpoint), over the first captured checkpoint's every layer: the cost of a
+    question once the factors are stored."""
+    con.attach_model(model)
+    con.execute("CREATE SET q AS SELECT sample_id FROM samples ORDER BY sample_id LIMIT 32")
+    out = []
+    for sql in ("SELECT count(*) FROM SELF_INFLUENCE(checkpoints=[r0])",
+                "SELECT count(*) FROM INFLUENCE(query=batch(q), checkpoints=[r0])"):
+        con.execute(sql).fetchall()
+        t0 = time.perf_counter()
+        con.execute(sql).fetchall()
+        out.append(time.perf_counter() - t0)
+    con.execute("DROP SET q")
+    return out[0], out[1]
 
 
 def factored_layers(con) -> list[str]:
@@ -169,35 +219,41 @@ def stored_bytes(con, checkpoint: str) -> int:
 def measure(name, factory, x, y, batch, all_layers, reps, threads, workdir, shard_size) -> list[dict]:
     """Rows for layers='*' and for the factored layers of the same model."""
     torch.set_num_threads(threads)
+    loss_fn, task = LOSSES.get(name, (classification_loss, None))
     model = factory()
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     steps = -(-len(x) // batch)
     rows, layer_sets = [], [("*", all_layers)]
-    plain_block(model, opt, x[:batch], y[:batch], batch)           # warm-up
+    ys = (lambda part: None if y is None else y[part])
+    plain_block(model, opt, x[:batch], ys(slice(batch)), batch, loss_fn)           # warm-up
     for label, layers in layer_sets:
         path = Path(workdir) / f"{name}-{threads}-{label.replace('*', 'all')}"
         shutil.rmtree(path, ignore_errors=True)
         con = metaql.connect(str(path))
+        con.add_samples(np.arange(len(x)), "train", None if y is None else y.numpy(), x)   # for the query columns
         try:
             import warnings
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")        # skipped-layer notices of layers='*'
-                capture_block(con, model, opt, x[:batch], y[:batch], batch, layers, "warmup", shard_size)
+                capture_block(con, model, opt, x[:batch], ys(slice(batch)), batch, layers, "warmup", shard_size,
+                              loss_fn, task)
             plain, captured, enter = [], [], []
             for r in range(reps):
-                plain.append(plain_block(model, opt, x, y, batch) / steps)
+                plain.append(plain_block(model, opt, x, y, batch, loss_fn) / steps)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    c, e = capture_block(con, model, opt, x, y, batch, layers, f"r{r}", shard_size)
+                    c, e = capture_block(con, model, opt, x, y, batch, layers, f"r{r}", shard_size, loss_fn, task)
                 captured.append(c / steps)
                 enter.append(e)
             watched = [r["name"] for r in con.store.layers()]
+            self_s, inf_s = query_seconds(con, model)
             p, c, e = statistics.median(plain), statistics.median(captured), statistics.median(enter)
             rows.append(dict(model=name, layers=label, n_layers=len(watched), threads=threads, batch=batch,
                              steps=steps, shard_size=shard_size, plain_ms=1e3 * p, capture_ms=1e3 * c, ratio=c / p,
                              fixed_ms=1e3 * e, epoch_ratio=(c * steps + e) / (p * steps),
                              bytes_per_sample=stored_bytes(con, "r0") / len(x),
+                             self_influence_s=self_s, influence_s=inf_s,
                              plain_all_ms=[1e3 * v for v in plain], capture_all_ms=[1e3 * v for v in captured],
                              fixed_all_ms=[1e3 * v for v in enter]))
             if label == "*":
@@ -226,13 +282,14 @@ def environment(threads: list[int]) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = ("| model | layers | threads | batch | plain ms/step | capture ms/step | ratio | <= 1.3x "
-            "| fixed ms per capture | epoch ratio | bytes/sample |")
+            "| fixed ms per capture | epoch ratio | bytes/sample | SELF_INFLUENCE s | INFLUENCE (32 queries) s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(f"| {r['model']} | {r['layers']} ({r['n_layers']}) | {r['threads']} | {r['batch']} | "
                      f"{r['plain_ms']:.2f} | {r['capture_ms']:.2f} | {r['ratio']:.2f}x | "
                      f"{'yes' if r['ratio'] <= TARGET else 'no'} | {r['fixed_ms']:.0f} | {r['epoch_ratio']:.2f}x | "
-                     f"{r['bytes_per_sample']:,.0f} |")
+                     f"{r['bytes_per_sample']:,.0f} | {r.get('self_influence_s', float('nan')):.3f} | "
+                     f"{r.get('influence_s', float('nan')):.3f} |")
     return "\n".join(lines)
 
 
@@ -241,7 +298,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small blocks, one repetition (a smoke run)")
     ap.add_argument("--reps", type=int, default=None, help="alternated repetitions (default 3; --quick 1)")
     ap.add_argument("--threads", default="1,0", help="comma-separated torch thread counts; 0 = all cores")
-    ap.add_argument("--models", default=None, help="comma-separated subset of digits_cnn,vgg_shaped,mlp,minilm")
+    ap.add_argument("--models", default=None, help="comma-separated subset of digits_cnn,vgg_shaped,mlp,minilm,gpt2")
     ap.add_argument("--shard-size", type=int, default=None,
                     help="samples per shard (default: half a block, so that each block flushes twice while it trains)")
     ap.add_argument("--out", default=str(HERE / "results" / "capture_overhead.json"))

@@ -25,6 +25,7 @@ class Shapes:
     dout: int
     stored: str     # "factored" | "full"
     each: bool = False      # the train x query matrix: every query sample scored apart
+    self_influence: bool = False    # SELF_INFLUENCE: each training sample against itself
     kind: str = ""          # the layer's kind: a matrix strategy may not be exact for every kind
 
 
@@ -35,7 +36,7 @@ def estimates(sh: Shapes) -> dict[str, dict[str, float]]:
     if sh.kind:
         from metaql.storage.layers import kind_named
         kind = kind_named(sh.kind)
-    return {s.name: s.estimate(sh) for s in applicable(sh.stored, sh.each, kind)}
+    return {s.name: s.estimate(sh) for s in applicable(sh.stored, sh.each, kind, sh.self_influence)}
 
 
 # ---- the train x query matrix's space -----------------------------------------------------------

@@ -206,7 +206,8 @@ def chunk_scores(kind, meta, stored: str, strategy: str, chunk, q, similarity: s
         score = norm if q is None else strat.scores(kind, meta, {"G": g}, q)
         return score.double().cpu().numpy(), norm.double().cpu().numpy()
     first = next(iter(chunk.values()))
-    norm = ops.squared_norm(kind, meta, chunk) if (similarity == "cosine" or q is None) \
+    form = strat.form if strat.self_influence else None
+    norm = ops.squared_norm(kind, meta, chunk, form) if (similarity == "cosine" or q is None) \
         else torch.zeros(first.shape[0], device=first.device)
     score = norm if q is None else strat.scores(kind, meta, chunk, q)
     return score.double().cpu().numpy(), norm.double().cpu().numpy()

@@ -35,10 +35,29 @@ def full_dot(g: torch.Tensor, q) -> torch.Tensor:
     return g.float() @ q["gbar_flat"]
 
 
-def squared_norm(kind, meta, chunk) -> torch.Tensor:
-    """||grad_n||^2 = sum((D_n D_n^T) * (X_n X_n^T)), cost S^2 (din + dout), no gradient built."""
+def squared_norm(kind, meta, chunk, form: str | None = None) -> torch.Tensor:
+    """||grad_n||^2 of each sample of the chunk. form 'gram': sum((D_n D_n^T) * (X_n X_n^T)), cost
+    S^2 (din + dout), no gradient built; 'full': each gradient D_n^T X_n built a few samples at a
+    time (as `kind.full` builds it), cost S din dout; None: the cheaper for these shapes."""
+    din = meta.din + int(bool(meta.bias))
+    params = din * meta.dout
+    if form is None:
+        s = kind.positions(meta, chunk)
+        form = "full" if s * params < s * s * (din + meta.dout) else "gram"
+    if form == "full":
+        norms = kind.full_squared_norms(meta, chunk)
+        if norms is not None:
+            return norms
     x, d = kind.rows(meta, chunk)
-    return (kind.self_gram_x(meta, x) * kind.self_gram_d(meta, d)).sum(dim=(1, 2))
+    if form == "gram":
+        return (kind.self_gram_x(meta, x) * kind.self_gram_d(meta, d)).sum(dim=(1, 2))
+    step = max(1, FULL_NORM_NUMBERS // max(1, params))
+    return torch.cat([kind.outer(meta, x[i:i + step], d[i:i + step]).reshape(len(x[i:i + step]), -1)
+                      .pow(2).sum(1) for i in range(0, len(x), step)])
+
+
+# the gradients the 'full' form of squared_norm builds at once: 64 MiB of float32
+FULL_NORM_NUMBERS = 1 << 24
 
 
 FACTORED = {"iterate": iterate, "batch_average": batch_average, "reconstruct": reconstruct}

@@ -67,8 +67,8 @@ def scans(plan):
 # ---- rules ------------------------------------------------------------------------------------------
 def choose_scan_strategies(plan, env: Env):
     """Per (checkpoint, layer) of each influence scan, every applicable strategy's estimate and the
-    cheapest one that is not a baseline (or the one the config forces, or self_norm for
-    self-influence)."""
+    cheapest one that is not a baseline (or the one the config forces); self-influence weighs
+    the self-norm forms (engine/strategies.py: self_gram, self_full, self_norm)."""
     for scan in scans(plan):
         scan.strategies = choose_strategies(scan, env.catalog, env.config.get(FORCE_KEY))
     return plan
@@ -86,9 +86,7 @@ def choose_strategies(scan: InfluenceScan, catalog, force: str | None = None) ->
             ests = cost.estimates(layer_shapes(scan, catalog, ckpt, layer))
             for e in ests.values():
                 e["seconds"] = cost.seconds(e, consts)
-            if scan.query is None:
-                chosen = STRATEGIES["self_norm"].name
-            elif force and force in ests:
+            if force and force in ests:
                 chosen = force
             else:
                 chosen = min(candidates(ests), key=lambda k: ests[k]["seconds"])
@@ -112,7 +110,8 @@ def layer_shapes(scan: InfluenceScan, catalog, ckpt: str, layer: str) -> cost.Sh
     b = 0 if scan.query is None else len(scan.query.ids)
     each = getattr(scan, "pairwise", False)
     return cost.Shapes(n=n, s=positions, b=b, sq=positions, din=meta.din + int(meta.bias),
-                       dout=meta.dout, stored=stored, each=each, kind=meta.kind if each else "")
+                       dout=meta.dout, stored=stored, each=each, kind=meta.kind if each else "",
+                       self_influence=scan.query is None)
 
 
 def cost_constants(store) -> dict[str, float]:

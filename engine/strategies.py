@@ -23,6 +23,7 @@ class ScanStrategy:
     replays = False       # reads factors replayed now, not the stored shards
     needs: frozenset = frozenset({"gbar"})    # of the query side: "gbar" (average gradient), "rows"
     each = False          # scores every query sample apart (the train x query matrix, query=each(set))
+    self_influence = False    # scores each training sample against itself (SELF_INFLUENCE: no query side)
 
     def applies_to(self, kind) -> bool:
         """False where the strategy is not exact for a layer kind (engine.operators says which)."""
@@ -128,11 +129,31 @@ class Recompute(ScanStrategy):
 
 
 class SelfNorm(ScanStrategy):
-    """Self-influence: each training sample's squared gradient norm (no query side)."""
-    name, stored, needs = "self_norm", (), frozenset()
+    """Self-influence of a layer stored full: each stored gradient's squared norm."""
+    name, stored, needs, self_influence = "self_norm", ("full",), frozenset(), True
+    form = None
 
     def estimate(self, sh):
-        raise NotImplementedError("self_norm is chosen for self-influence, never by cost")
+        return {"flops": 2 * sh.n * sh.s * _params(sh), "bytes": sh.n * sh.s * sh.din * BYTES_PER_NUMBER}
+
+
+class SelfGram(SelfNorm):
+    """||g_n||^2 = sum((X_n X_n^T) * (D_n D_n^T)) from the factors: S^2 (din + dout) per sample,
+    no gradient built; the cheap form when a sample has few rows (a linear layer: one)."""
+    name, stored, form = "self_gram", ("factored",), "gram"
+
+    def estimate(self, sh):
+        return {"flops": sh.n * sh.s * sh.s * (sh.din + sh.dout), "bytes": _read(sh)}
+
+
+class SelfFull(SelfNorm):
+    """Each sample's gradient D_n^T X_n built inside the chunk (never stored), then its squared
+    norm: S din dout per sample, the cheap form when S > din dout / (din + dout) (a small
+    convolution with many output pixels: digits conv2 at 8x8 has S = 64 against 36)."""
+    name, stored, form = "self_full", ("factored",), "full"
+
+    def estimate(self, sh):
+        return {"flops": sh.n * (sh.s + 1) * _params(sh), "bytes": _read(sh)}
 
 
 # ---- the train x query matrix (query=each(set)): scores (N, B), one column per query sample ------
@@ -223,7 +244,7 @@ def register(strategy: ScanStrategy) -> ScanStrategy:
 
 
 # registration order is the order of the estimates (and so of ties in the optimizer's pick)
-for _cls in (FullDot, Iterate, BatchAverage, Reconstruct, Recompute, SelfNorm,
+for _cls in (FullDot, Iterate, BatchAverage, Reconstruct, Recompute, SelfNorm, SelfGram, SelfFull,
              EachFullDot, EachIterate, EachGradient, EachReconstruct):
     register(_cls())
 
@@ -237,12 +258,14 @@ def strategy_named(name: str) -> ScanStrategy:
                                     f"{', '.join(n for n, s in STRATEGIES.items() if s.stored)}") from None
 
 
-def applicable(stored: str, each: bool = False, kind=None) -> list[ScanStrategy]:
+def applicable(stored: str, each: bool = False, kind=None, self_influence: bool = False) -> list[ScanStrategy]:
     """The strategies that read a layer stored `stored`, in registration order: those that score
-    each query sample apart when `each`, else those that score the query side as one; with a
-    layer `kind`, only those exact for it."""
+    each query sample apart when `each`, those that score each sample against itself when
+    `self_influence`, else those that score the query side as one; with a layer `kind`, only
+    those exact for it."""
     return [s for s in STRATEGIES.values()
-            if stored in s.stored and s.each == each and (kind is None or s.applies_to(kind))]
+            if stored in s.stored and s.each == each and s.self_influence == self_influence
+            and (kind is None or s.applies_to(kind))]
 
 
 def needs_of(names) -> set[str]:

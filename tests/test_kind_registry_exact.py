@@ -98,7 +98,8 @@ class Scaled(nn.Module):
         self.scale = nn.Parameter(torch.randn(n))
 
     def forward(self, x):
-        return torch.tanh(x * self.scale) * self.scale
+        scale = self.scale.reshape(-1, *[1] * (x.dim() - 2))     # per channel (dim 1), as the examples give
+        return torch.tanh(x * scale) * scale
 
 
 def fallback(draw):
@@ -162,9 +163,16 @@ def test_kind_is_exact(kind, data):
         meta, full = stored_full(con.store, "c0", "body", ids[:NTRAIN])
         inf = con.execute("SELECT score FROM INFLUENCE(layers=[body], query=batch(test)) ORDER BY sample_id").fetchnumpy()
         self_inf = con.execute("SELECT score FROM SELF_INFLUENCE(layers=[body]) ORDER BY sample_id").fetchnumpy()
+        forms = {}
+        for form in ("self_gram", "self_full"):      # both self-norm forms, whichever cost picks
+            con.config["force_strategy"] = form
+            forms[form] = con.execute("SELECT score FROM SELF_INFLUENCE(layers=[body]) ORDER BY sample_id"
+                                      ).fetchnumpy()["score"]
     flat = kind_named(kind).torch_grad_vector
     g = flat(meta, _per_sample(model, x[:NTRAIN], y[:NTRAIN])).double()
     gq = flat(meta, _per_sample(model, x[NTRAIN:], y[NTRAIN:])).double().mean(0)
     assert rel_err(full, g) < 1e-4
     assert rel_err(torch.from_numpy(inf["score"]), LR * g @ gq) < 1e-4
     assert rel_err(torch.from_numpy(self_inf["score"]), LR * (g * g).sum(1)) < 1e-4
+    for form, scores in forms.items():      # a layer stored full has one form: forcing another is a no-op
+        assert rel_err(torch.from_numpy(scores), LR * (g * g).sum(1)) < 1e-4, form

@@ -74,3 +74,30 @@ def test_a_read_only_store_measures_the_cost_constants_once_per_process(store_di
         for _ in range(3):
             con.execute("SELECT count(*) FROM SELF_INFLUENCE()").fetchall()
     assert len(calls) == 1
+
+
+def test_self_influence_weighs_its_norm_forms():
+    """SELF_INFLUENCE ran the Gram form whatever the shapes (S^2 (din + dout) per sample) and EXPLAIN
+    showed no estimate for it; the per-sample gradient form costs S din dout, less when a sample
+    has many rows against a small weight (digits conv2: S = 64, 145 x 32)."""
+    conv2 = cost.estimates(cost.Shapes(n=1000, s=64, b=0, sq=64, din=145, dout=32, stored="factored",
+                                       self_influence=True))
+    fc = cost.estimates(cost.Shapes(n=1000, s=1, b=0, sq=1, din=513, dout=10, stored="factored",
+                                    self_influence=True))
+    assert set(conv2) == set(fc) == {"self_gram", "self_full"}
+    assert min(conv2, key=lambda k: cost.seconds(conv2[k], CONSTS)) == "self_full"
+    assert min(fc, key=lambda k: cost.seconds(fc[k], CONSTS)) == "self_gram"
+    full = cost.estimates(cost.Shapes(n=10, s=1, b=0, sq=1, din=5, dout=3, stored="full", self_influence=True))
+    assert set(full) == {"self_norm"}
+
+
+def test_explain_self_influence_shows_the_norm_forms(store_dir):
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(10, 6), torch.randint(0, 3, (10,))
+    with metaql.connect(store_dir) as con:
+        con.add_samples(np.arange(10), "train", y.numpy(), x)
+        with con.capture(model, checkpoint="c0", lr=0.1) as cap:
+            cap.backward(F.cross_entropy(model(x), y), np.arange(10))
+        lines = [r[0] for r in con.execute("EXPLAIN SELECT * FROM SELF_INFLUENCE()").fetchall()]
+    fc1 = next(l for l in lines if "c0/fc1" in l)
+    assert "self_gram*=" in fc1 and "self_full=" in fc1 and "batch_average" not in fc1

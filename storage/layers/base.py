@@ -88,6 +88,12 @@ class LayerKind:
         """X (B, S, din) and D (B, S, dout): each sample's weight gradient is D^T X."""
         raise NotImplementedError
 
+    def full_squared_norms(self, meta: LayerMeta, factors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Each sample's squared gradient norm by a kind's own fast way of building its gradients
+        (a convolution's weight-gradient kernel), or None: engine.operators.squared_norm then
+        builds them from the rows."""
+        return None
+
     def positions(self, meta: LayerMeta, factors: dict[str, torch.Tensor]) -> int:
         """S, the number of rows each sample contributes (for the cost formulas)."""
         return self.rows(meta, {k: v[:1] for k, v in factors.items()})[0].shape[1]

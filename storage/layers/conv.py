@@ -24,6 +24,7 @@ from metaql.storage.layers.base import LayerKind, LayerMeta, register
 WEIGHT_GRAD_MIN_PIXELS = 16  # Gbar by the weight-gradient kernel: 2x faster at 8x8 outputs, 1.7x slower at 2x2
 TAPS_MAX_PIXELS = 8          # X Gram by kernel taps: 1.9x faster than the convolution at 2x2, 1.15x slower at 4x4
 TAPS_ONE_PRODUCT_BELOW = 16  # query rows: below, per-tap calls cost more than the products they save (3x at 4)
+FULL_NORM_GROUP = 1 << 24    # weight-gradient numbers built at once by full_squared_norms (64 MiB)
 
 
 @register(nn.Conv1d, nn.Conv2d)
@@ -89,6 +90,31 @@ class Conv(LayerKind):
         weight = gbar[:, :meta.din].reshape(dout.shape[1], inp.shape[1], *meta.extra["kernel"])
         y = _conv(meta, inp, weight, gbar[:, meta.din] if meta.bias else None, padding)
         return y.mul_(dout).flatten(1).sum(1)
+
+    def full_squared_norms(self, meta, factors):
+        """||grad_n||^2 through the weight-gradient kernel with the samples as groups (one call per
+        few samples, no unfolded patches: 5x faster than the Gram form on digits conv2, whose
+        unfold alone cost more than the products)."""
+        inp, dout = factors["I"].float(), factors["DO"].float()
+        if not _plain(meta, inp):
+            return None
+        inp, padding = _conv_input(meta, inp)
+        e = meta.extra
+        weight_grad = torch.nn.grad.conv1d_weight if e["dims"] == 1 else torch.nn.grad.conv2d_weight
+        cin, cout = inp.shape[1], dout.shape[1]
+        step = max(1, FULL_NORM_GROUP // max(1, cin * cout * math.prod(e["kernel"])))
+        out = []
+        for i in range(0, inp.shape[0], step):
+            x, d = inp[i:i + step], dout[i:i + step]
+            b = x.shape[0]
+            w = weight_grad(x.reshape(1, b * cin, *x.shape[2:]), (b * cout, cin, *e["kernel"]),
+                            d.reshape(1, b * cout, *d.shape[2:]), stride=e["stride"], padding=padding,
+                            dilation=e["dilation"], groups=b)
+            norms = w.reshape(b, -1).pow(2).sum(1)
+            if meta.bias:
+                norms += d.flatten(2).sum(2).pow(2).sum(1)
+            out.append(norms)
+        return torch.cat(out)
 
     def average_of(self, meta, factors):
         """Gbar by the convolution's own weight-gradient kernel when the output has many pixels;

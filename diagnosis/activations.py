@@ -153,8 +153,12 @@ def _reuse_factor_inputs(store, model, modules, checkpoint: str, layer: str, ids
     for consumer, rows in _factored_linear_shards(store, checkpoint).items():
         if consumer not in modules or consumer == layer:
             continue
-        held = _shards_with(store, rows, ids)
-        if not held or not _same_tensor_and_values(store, model, modules[layer], modules[consumer], held[0]):
+        # factors captured in training saw weights that moved after each batch: only those replayed
+        # at the checkpoint's weights (seen_from_batch NULL) can be its activations, and each shard
+        # is probed (a store written before seen_* was recorded says NULL for both)
+        held = [r for r in _shards_with(store, rows, ids) if r.get("seen_from_batch") is None
+                and _same_tensor_and_values(store, model, modules[layer], modules[consumer], r)]
+        if not held:
             continue
         store.reference_activation_shards(checkpoint, layer, [_x_owner(store, r) for r in held])
         covered = np.concatenate([store._shard_ids(r["file"]) for r in held])
@@ -181,19 +185,19 @@ def _x_owner(store, row: dict) -> dict:
     """The shard row whose file holds X: the row itself, or the layer whose shard it shares X with."""
     if not row.get("suffix_file"):
         return row
-    owner = store.db.execute("SELECT * FROM shards WHERE file = ?", [row["suffix_file"]]).fetchone()
+    owner = store.db.execute("SELECT * FROM shards WHERE file = ? AND kind = 'factors'", [row["suffix_file"]]).fetchone()
     cols = [d[0] for d in store.db.description]
     return dict(zip(cols, owner))
 
 
 def _same_tensor_and_values(store, model, producer: nn.Module, consumer: nn.Module, row: dict) -> bool:
-    """One probe batch (up to 64 of the shard's samples): the producer's output is the consumer's
-    input object, with one row per sample, and the stored X equals it."""
+    """One probe batch (up to 32 of the shard's first samples and 32 of its last): the producer's
+    output is the consumer's input object, with one row per sample, and the stored X equals it."""
     sids, tensors = store.shard_tensors(row)
     stored = tensors.get("X")
     if stored is None or stored.dim() != 3 or stored.shape[1] != 1:
         return False
-    take = np.arange(min(64, len(sids)))
+    take = np.unique(np.concatenate([np.arange(min(32, len(sids))), np.arange(max(0, len(sids) - 32), len(sids))]))
     seen: dict[str, object] = {}
     h1 = producer.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
     h2 = consumer.register_forward_hook(lambda m, i, o: seen.setdefault("in", i[0] if i else None))

@@ -2,6 +2,7 @@
 functions (``SELECT * FROM PIVOTAL_SAMPLES(data=train, k=20, method='gbc')``)."""
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import numpy as np
@@ -76,6 +77,8 @@ def reweight(ctx, data: SetName, meta: SetName, checkpoint: str = "last", save_a
     if not read_only and save_as in {c["name"] for c in catalog.checkpoints}:
         from metaql.errors import CatalogException
         raise CatalogException(f"checkpoint '{save_as}' already exists; name the re-weighted model with a new save_as=")
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_.\-]*$", save_as):     # checked before the epochs, not after
+        raise InvalidInputException(f"save_as='{save_as}' must be an identifier (letters, digits, _ . -)")
     ckpt = catalog.checkpoint_names(checkpoint)
     if len(ckpt) != 1:
         raise InvalidInputException("checkpoint= names the one checkpoint whose model is re-weighted (default last)")
@@ -134,21 +137,26 @@ def _meta_labels(store, ids: np.ndarray, column: str):
 
 
 def _save(store, source: str, name: str, model, lr: float, ids: np.ndarray, weights: np.ndarray) -> None:
-    """The re-weighted model as a checkpoint (factors of `ids` replayed into it) and its weights."""
+    """The re-weighted model as a checkpoint (factors of `ids` replayed into it) and its weights.
+    The checkpoint stays 'capturing' (never scored) until its factors are in; then its weights and
+    its completion commit as one transaction, so an interruption leaves nothing half-saved that a
+    query would use. It is marked derived from `source`: `all` and `last` leave it out."""
+    import json
+
     from metaql.storage.capture import replay_into_store
     from metaql.storage.catalog import transaction
-    from metaql.storage.checkpoints import register_checkpoint
     from metaql.storage.tasks import task_at
     c = store.checkpoint(source)
     factory, kwargs = store.db.execute("SELECT factory, kwargs FROM models WHERE model_id = ?",
                                        [c["model_id"]]).fetchone()
-    import json
-    register_checkpoint(store, model, name, lr, factory=factory, kwargs=json.loads(kwargs) if kwargs else None,
-                        task=task_at(store, source))
+    store.begin_checkpoint(name, model, lr, factory=factory, kwargs=json.loads(kwargs) if kwargs else None,
+                           task=task_at(store, source))
+    store.committed()
     if store.layers():
         replay_into_store(store, name, ids)
     with transaction(store.db):
         store.db.execute("DELETE FROM sample_weights WHERE checkpoint = ?", [name])
         store.db.executemany("INSERT INTO sample_weights VALUES (?, ?, ?)",
                              [[int(i), name, float(w)] for i, w in zip(ids, weights)])
+        store.db.execute("UPDATE checkpoints SET status = 'complete', derived_from = ? WHERE name = ?", [source, name])
     store.committed()

@@ -57,6 +57,9 @@ ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS weights_checksum VARCHAR;
 -- factors, first and last; NULL: the checkpoint's own weights (replay, or a shard of inputs)
 ALTER TABLE shards ADD COLUMN IF NOT EXISTS seen_from_batch BIGINT;
 ALTER TABLE shards ADD COLUMN IF NOT EXISTS seen_to_batch BIGINT;
+-- a checkpoint made from another (REWEIGHT's re-weighted model): not a point of the training run,
+-- so `all`, `first` and `last` leave it out; a query names it to use it
+ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS derived_from VARCHAR;
 -- per-sample weights learned by meta re-weighting (REWEIGHT), under the checkpoint it saved
 CREATE TABLE IF NOT EXISTS sample_weights (
     sample_id BIGINT NOT NULL, checkpoint VARCHAR NOT NULL, weight DOUBLE NOT NULL,
@@ -173,7 +176,8 @@ def _added_later(table: str, column: str) -> bool:
     return table in ("pending_files", "annotations", "sample_weights") or (table, column) in LATER_COLUMNS
 
 
-LATER_COLUMNS = {("checkpoints", "weights_checksum"), ("shards", "seen_from_batch"), ("shards", "seen_to_batch")}
+LATER_COLUMNS = {("checkpoints", "weights_checksum"), ("shards", "seen_from_batch"), ("shards", "seen_to_batch"),
+                 ("checkpoints", "derived_from")}
 
 
 def _lock_message(path: str, err: str) -> str:

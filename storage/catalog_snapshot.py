@@ -148,7 +148,9 @@ class CatalogSnapshot:
             raise CatalogException("the store has no checkpoints yet; capture one with con.capture(...)")
         unfinished = {c["name"]: c["status"] for c in self.checkpoints if c["status"] != "complete"}
         if spec in ("all", None, "last", "first"):
-            complete = [n for n in known if n not in unfinished]
+            # a derived checkpoint (REWEIGHT's model) is not on the training run: named, never implied
+            derived = {c["name"] for c in self.checkpoints if c.get("derived_from")}
+            complete = [n for n in known if n not in unfinished and n not in derived]
             if not complete:
                 raise InvalidInputException(f"no checkpoint is complete ({_unfinished_text(unfinished)}); "
                                             "finish or resume the capture (run it again) before querying")

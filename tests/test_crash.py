@@ -286,6 +286,7 @@ def test_a_store_written_before_these_tables_opens_read_only_and_writable(store_
         con.store.db.execute("ALTER TABLE checkpoints DROP COLUMN weights_checksum")
         con.store.db.execute("ALTER TABLE shards DROP COLUMN seen_from_batch")
         con.store.db.execute("ALTER TABLE shards DROP COLUMN seen_to_batch")
+        con.store.db.execute("ALTER TABLE checkpoints DROP COLUMN derived_from")
     for read_only in (True, False):
         with metaql.connect(store_dir, read_only=read_only) as con:
             con.attach_model(model)

@@ -89,8 +89,43 @@ def test_reweight_sql_stores_weights_and_checkpoint():
         assert np.allclose(stored["weight"], rows["weight"][np.argsort(rows["sample_id"])])
         names = [r[0] for r in con.execute("SHOW CHECKPOINTS").fetchall()]
         assert names == ["c0", "rw"]
+        # the re-weighted model is not a point of the training run: `all` and `last` leave it out
+        # (on the old code every default query silently added or switched to it); named, it is used
+        assert con.execute("SELECT derived_from FROM checkpoints WHERE name = 'rw'").fetchone() == ("c0",)
+        plain = con.execute("SELECT score FROM SELF_INFLUENCE() ORDER BY sample_id").fetchnumpy()["score"]
+        first = con.execute("SELECT score FROM SELF_INFLUENCE(checkpoints=[c0]) ORDER BY sample_id").fetchnumpy()["score"]
+        both = con.execute("SELECT score FROM SELF_INFLUENCE(checkpoints=[c0, rw]) ORDER BY sample_id").fetchnumpy()["score"]
+        assert np.allclose(plain, first) and not np.allclose(both, first)
         with pytest.raises(metaql.CatalogException, match="already exists"):
             con.execute("SELECT * FROM REWEIGHT(data=train, meta=meta, epochs=1, save_as=rw)")
         con.execute("CREATE SET unlabeled AS SELECT sample_id FROM samples WHERE sample_id BETWEEN 5 AND 7")
         with pytest.raises(metaql.InvalidInputException, match="label"):
             con.execute("SELECT * FROM REWEIGHT(data=train, meta=unlabeled, epochs=1, save_as=rw2)")
+
+
+def test_reweight_interrupted_while_saving_leaves_nothing_scored(monkeypatch):
+    """On the old code the checkpoint committed as complete before its factors were replayed: an
+    interruption left a 'complete' checkpoint with factors for part of the data and no weights."""
+    from metaql.storage import capture
+    torch.manual_seed(1)
+    x, y, noisy, _ = _blobs(30, 0.3, 1)
+    model = MLP()
+    with metaql.connect(":memory:") as con:
+        ids = np.arange(30)
+        con.add_samples(ids, "train", noisy.numpy(), x)
+        with con.capture(model, checkpoint="c0", lr=0.1, factory="tests.models:MLP", kwargs=model.metaql_config) as cap:
+            cap.backward(F.cross_entropy(model(x), noisy), ids)
+        con.execute("CREATE SET meta AS SELECT sample_id FROM samples WHERE sample_id < 5")
+        con.label(list(range(5)), y[:5].tolist())
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(capture, "replay_into_store", interrupted)
+        with pytest.raises(metaql.Error, match="cancelled"):      # the connection turns Ctrl-C into this
+            con.execute("SELECT * FROM REWEIGHT(data=train, meta=meta, epochs=1, batch_size=10, save_as=rw)")
+        assert con.execute("SELECT status FROM checkpoints WHERE name = 'rw'").fetchone() != ("complete",)
+        assert con.execute("SELECT count(*) FROM sample_weights").fetchone() == (0,)
+        with pytest.raises(metaql.Error, match="rw"):
+            con.execute("SELECT * FROM SELF_INFLUENCE(checkpoints=[rw])").fetchall()
+        with pytest.raises(metaql.InvalidInputException, match="identifier"):
+            con.execute("SELECT * FROM REWEIGHT(data=train, meta=meta, epochs=1, save_as='bad name')")

@@ -1,9 +1,9 @@
 """GRADNORM: each pool sample's gradient norm of an unsupervised loss (Wang et al., AAAI 2022).
 
 The pool is replayed at the checkpoint (storage/replay.py) with the unsupervised loss, and each
-layer's per-sample squared norm comes from the replayed factors through the layer kind's factored
-self-norm (engine/operators.squared_norm, what SELF_INFLUENCE uses): no per-sample gradient is built
-for a factored kind. The score is the norm over all chosen layers together, sqrt(sum_layers ||g||^2).
+layer's per-sample squared norm comes from the replayed factors through engine/operators.squared_norm
+(what SELF_INFLUENCE uses): the Gram form, or each gradient built inside a few-sample chunk when
+that is cheaper for the layer's shapes; no gradient is kept. The score is the norm over all chosen layers together, sqrt(sum_layers ||g||^2).
 
 Two readings of the paper's "expected" loss (Eq. 6), both offered:
 

@@ -83,7 +83,7 @@ def capture_activations(store, layers: Iterable[str] | str, ids, checkpoint: str
     written = {name: 0 for name in layers}
     if len(needed) == 0:
         return written
-    wanted = {name: set(todo[name].tolist()) for name in layers}
+    wanted = {name: np.asarray(todo[name]) for name in layers}
     buffers: dict[str, list] = {name: [] for name in layers}
     batches = store.input_batches(needed, batch_size)
     if progress is not None:
@@ -92,7 +92,7 @@ def capture_activations(store, layers: Iterable[str] | str, ids, checkpoint: str
         rows_ids = needed[np.asarray(pos)]
         for name, out in outputs.items():
             values, how = neuron_values(out, reduce)
-            keep = np.fromiter((int(i) in wanted[name] for i in rows_ids), bool, len(rows_ids))
+            keep = np.isin(rows_ids, wanted[name])
             if keep.any():
                 buffers[name].append((rows_ids[keep], values[torch.from_numpy(keep)], how))
             if sum(len(b[0]) for b in buffers[name]) >= shard_size:

@@ -352,6 +352,7 @@ class Capture:
             return self._backward(loss, ids, reduction)
         finally:
             self.hooks.clear()      # the forward pass's inputs: stale for the next batch either way
+            self.batches_seen += 1  # a refused batch too: the caller may still step the optimizer
 
     def _backward(self, loss: torch.Tensor, ids, reduction: str) -> torch.Tensor:
         ids = _as_ids(ids)
@@ -385,6 +386,7 @@ class Capture:
             self._keep_factors(ids, float(scale))
         finally:
             self.hooks.clear()
+            self.batches_seen += 1
 
     def _keep_factors(self, ids: np.ndarray, scale: float) -> None:
         # hooks.factors refuses (or, under a pattern, skips on the first batch) a layer called on
@@ -397,7 +399,6 @@ class Capture:
                                             "nothing of this batch was stored (give one id per sample of the batch)")
         self.writer.add(ids, factors, seen=self.batches_seen)
         self.samples += len(ids)
-        self.batches_seen += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
         complete = False

@@ -843,9 +843,14 @@ class Store:
         corrupt, checkpoints whose capture did not finish, weights that fail their checksum, per
         (checkpoint, layer) sample ids stored twice or missing against the checkpoint's other layers,
         and torn or corrupt artifacts (ELITE detectors, LANCET sessions)."""
-        problems, ids = [], {}
+        problems, ids, checked = [], {}, set()
+        # kind 'factors' first: an activation row may name a factor shard's file (stored once),
+        # which is hashed and reported once
         for row in _dicts(self.db.execute("SELECT kind, checkpoint, layer, file, checksum FROM shards "
-                                          "ORDER BY shard_id")):
+                                          "ORDER BY kind <> 'factors', shard_id")):
+            if row["file"] in checked:
+                continue
+            checked.add(row["file"])
             try:
                 path = self._inside(row["file"])
             except IOException as e:

@@ -404,3 +404,20 @@ def test_hf_trainer_resumed_from_its_checkpoint_stores_what_an_uninterrupted_run
             assert rel_err(b, a) < 1e-5, (ckpt, layer)
     for con in stores.values():
         con.close()
+
+
+def test_hf_trainer_on_several_gpus_is_refused(tmp_path, monkeypatch):
+    """With n_gpu > 1 the Trainer wraps the model in nn.DataParallel itself, whose replica threads
+    reach the hooks in any order: on the old code nothing refused it (no multi-GPU machine here, so
+    the Trainer is told it has two)."""
+    _needs_trainer()
+    x, y = _digits(8)
+    con = metaql.connect(":memory:")
+    con.add_samples(np.arange(8), "train", y.numpy(), x)
+    trainer = _hf_trainer(con, TinyNet(), _digit_rows(x, y), 4, out=tmp_path / "o")
+    monkeypatch.setattr(type(trainer.args), "n_gpu", property(lambda self: 2))
+    with pytest.raises(metaql.InvalidInputException, match="DataParallel over 2 GPUs"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer._open_capture()
+    assert con.store.checkpoints() == []
+    con.close()

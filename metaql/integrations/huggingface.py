@@ -128,6 +128,11 @@ class MetaQLTrainer(Trainer):
         return out
 
     def _open_capture(self) -> None:
+        if getattr(self.args, "n_gpu", 1) > 1:
+            raise InvalidInputException(
+                f"the Trainer wraps the model in nn.DataParallel over {self.args.n_gpu} GPUs, whose replicas reach "
+                "MetaQL's hooks from threads in any order, so no sample's factors could be matched to its id: "
+                "train on one GPU (CUDA_VISIBLE_DEVICES=0), or launch with torchrun (DDP) and capture on one rank")
         epoch, step = self._epoch, int(self.state.global_step)
         name = self.metaql_checkpoint.format(epoch=epoch, step=step, index=len(self.metaql_checkpoints))
         done = {c["name"]: c["status"] for c in self.metaql_con.store.checkpoints()}

@@ -25,7 +25,11 @@ CAPTURE_COLUMNS = [("layer", "VARCHAR"), ("checkpoint", "VARCHAR"), ("reduce", "
 SAMPLE_COLUMNS = [("sample_id", "BIGINT"), ("method", "VARCHAR"), ("fraction", "DOUBLE"), ("j", "DOUBLE"),
                   ("stratum", "BIGINT"), ("role", "VARCHAR"), ("score", "DOUBLE")]
 Method = Literal["maxmargin", "gmm_full", "gmm_spherical", "stratified_cm", "latent_grid", "random"]
-_DRAWN = re.compile(r"\bDIAGNOSIS_SAMPLE\s*\(", re.I)
+# a set drawn by DIAGNOSIS_SAMPLE is exactly `SELECT sample_id FROM DIAGNOSIS_SAMPLE(...)`: a set
+# that filters, complements or joins the draw (NOT IN, WHERE role = ...) is not the sample as drawn,
+# and the method's measured error does not describe it
+_DRAWN = re.compile(r"^\s*SELECT\s+(?:\w+\.)?sample_id\s+FROM\s+DIAGNOSIS_SAMPLE\s*\([^()]*\)"
+                    r"(?:\s+(?:AS\s+)?\w+)?\s*;?\s*$", re.I)
 
 
 def explain_activations(ctx, layer: str, samples, checkpoint: str = "last", reduce: str = "max",
@@ -181,7 +185,7 @@ def _ids(ctx, name) -> np.ndarray:
 def sample_definition(store, name: str) -> str | None:
     """The defining query of set `name` when it was drawn by DIAGNOSIS_SAMPLE, else None."""
     row = store.db.execute("SELECT definition FROM sets WHERE name = ?", [name]).fetchone()
-    return row[0] if row and row[0] and _DRAWN.search(row[0]) else None
+    return row[0] if row and row[0] and _DRAWN.match(row[0]) else None
 
 
 def _warn_if_sample(store, name: str) -> None:

@@ -151,6 +151,15 @@ def test_create_set_from_sql_and_estimate_warning(tmp_path):
         assert any("EXACT: every one of the 120 samples of 'test'" in l for l in plan)
         with pytest.raises(metaql.InvalidInputException, match="not a set drawn by DIAGNOSIS_SAMPLE"):
             con.execute("SELECT * FROM ACTIVATIONS(layer='0', samples=test, checkpoint=c0, using_sample=test)")
+        # the rest of test (the draw's complement) mentions DIAGNOSIS_SAMPLE but is not a sample: on
+        # the old code it was taken for one (an estimate, with the method's measured error)
+        con.execute("CREATE SET rest AS SELECT sample_id FROM samples WHERE split = 'test' AND sample_id NOT IN "
+                    "(SELECT sample_id FROM DIAGNOSIS_SAMPLE(data=test, fraction=0.1, layer='0'))")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            con.execute("SELECT avg(value) FROM ACTIVATIONS(layer='0', samples=rest, checkpoint=c0)")
+        with pytest.raises(metaql.InvalidInputException, match="not a set drawn by DIAGNOSIS_SAMPLE"):
+            con.execute("SELECT * FROM ACTIVATIONS(layer='0', samples=test, checkpoint=c0, using_sample=rest)")
         with pytest.raises(metaql.Error, match="latent space"):
             con.execute("SELECT * FROM DIAGNOSIS_SAMPLE(data=test, method='gmm_full')")
         with pytest.raises(metaql.Error, match="fraction"):

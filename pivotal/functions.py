@@ -2,7 +2,6 @@
 functions (``SELECT * FROM PIVOTAL_SAMPLES(data=train, k=20, method='gbc')``)."""
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 import numpy as np
@@ -77,7 +76,8 @@ def reweight(ctx, data: SetName, meta: SetName, checkpoint: str = "last", save_a
     if not read_only and save_as in {c["name"] for c in catalog.checkpoints}:
         from metaql.errors import CatalogException
         raise CatalogException(f"checkpoint '{save_as}' already exists; name the re-weighted model with a new save_as=")
-    if not re.match(r"^[A-Za-z_][A-Za-z0-9_.\-]*$", save_as):     # checked before the epochs, not after
+    from metaql.storage.store import is_checkpoint_name
+    if not is_checkpoint_name(save_as):     # checked before the epochs, not after them
         raise InvalidInputException(f"save_as='{save_as}' must be an identifier (letters, digits, _ . -)")
     ckpt = catalog.checkpoint_names(checkpoint)
     if len(ckpt) != 1:

@@ -464,7 +464,7 @@ class Store:
         """Records a checkpoint and its weights; an existing one of that name is resumed. `task`
         (see metaql.storage.tasks) is recorded with the model: every replay uses its loss."""
         self._writable()
-        if not _SAFE_NAME.match(name):
+        if not is_checkpoint_name(name):
             raise BinderException(f"checkpoint name '{name}' must be an identifier (letters, digits, _ . -)")
         if not (isinstance(lr, (int, float)) and np.isfinite(lr) and abs(lr) <= MAX_LR):
             raise InvalidInputException(f"lr must be a finite number of magnitude at most {MAX_LR:g} (scores are "
@@ -972,6 +972,11 @@ def _as_ids(ids) -> np.ndarray:
     if arr.dtype.kind not in "iu":
         raise InvalidInputException(f"sample ids must be integers, got {arr.dtype}")
     return arr.astype(np.int64).reshape(-1)
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """Whether `name` can name a checkpoint (it names its weights file and shard folder too)."""
+    return bool(_SAFE_NAME.match(name))
 
 
 # cost constants measured in this process, by measuring function: this machine's, whatever the store

@@ -14,7 +14,7 @@ from torch.func import functional_call, grad, vmap
 import metaql
 from metaql.errors import BinderException
 from tests.bruteforce import rel_err
-from tests.test_kind_registry_exact import CLASSES, EXAMPLES, NTRAIN, Net, _registered_kinds
+from tests.test_kind_registry_exact import NTRAIN, _registered_kinds, example_model
 
 
 def _entropy(logits):
@@ -62,13 +62,7 @@ def _scores(con, sql):
 @settings(max_examples=1, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_gradnorm_is_exact_for_every_kind(kind, data):
-    torch.manual_seed(data.draw(st.integers(0, 2 ** 16), label="seed"))
-    body, call, x = EXAMPLES[kind](data.draw)
-    model = Net(body, call, x).eval()
-    with torch.no_grad():
-        for p in body.parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    y = torch.randint(0, CLASSES, (len(x),))
+    model, x, y = example_model(kind, data.draw)
     with metaql.connect(":memory:") as con, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _store(con, model, x, y, ["body"])

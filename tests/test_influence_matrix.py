@@ -18,7 +18,7 @@ from metaql.storage.layers import kind_named
 from tests.bruteforce import per_sample_grads, rel_err
 from tests.models import MLP
 from tests.test_influence_query import _build, _flat
-from tests.test_kind_registry_exact import CLASSES, EXAMPLES, LR, NTRAIN, Net, _per_sample, _registered_kinds
+from tests.test_kind_registry_exact import LR, NTRAIN, _per_sample, _registered_kinds, example_model
 
 
 def _matrix(con, sql: str, ntrain: int, qids) -> np.ndarray:
@@ -44,13 +44,7 @@ def _strategies(kind: str) -> list[str]:
 def test_matrix_equals_per_sample_gradients_for_every_kind(kind, data):
     """Every matrix strategy that applies to the kind, forced in turn, gives LR * G_train G_query^T;
     each column equals the single-query INFLUENCE of that query sample (point(id))."""
-    torch.manual_seed(data.draw(st.integers(0, 2 ** 16), label="seed"))
-    body, call, x = EXAMPLES[kind](data.draw)
-    model = Net(body, call, x).eval()
-    with torch.no_grad():
-        for p in body.parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    y = torch.randint(0, CLASSES, (len(x),))
+    model, x, y = example_model(kind, data.draw)
     ids = np.arange(len(x))
     qids = ids[NTRAIN:]
     flat = kind_named(kind).torch_grad_vector

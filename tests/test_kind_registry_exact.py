@@ -140,18 +140,24 @@ def _per_sample(model, x, y) -> torch.Tensor:
     return {k[len("body."):]: v for k, v in g.items() if k.startswith("body.")}
 
 
+def example_model(kind: str, draw):
+    """A kind's example drawn by hypothesis: (the model around the layer `body`, inputs, labels),
+    the layer's weights moved away from identity inits so that every term of its gradient matters."""
+    torch.manual_seed(draw(st.integers(0, 2 ** 16), label="seed"))
+    body, call, x = EXAMPLES[kind](draw)
+    model = Net(body, call, x).eval()
+    with torch.no_grad():
+        for p in body.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    return model, x, torch.randint(0, CLASSES, (len(x),))
+
+
 @pytest.mark.parametrize("kind", _registered_kinds())
 @settings(max_examples=3, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_kind_is_exact(kind, data):
     assert kind in EXAMPLES, f"layer kind '{kind}' is registered without an exactness example in EXAMPLES"
-    torch.manual_seed(data.draw(st.integers(0, 2 ** 16), label="seed"))
-    body, call, x = EXAMPLES[kind](data.draw)
-    model = Net(body, call, x).eval()
-    with torch.no_grad():
-        for p in body.parameters():
-            p.add_(0.5 * torch.randn_like(p))     # away from identity inits: every term matters
-    y = torch.randint(0, CLASSES, (len(x),))
+    model, x, y = example_model(kind, data.draw)
     ids = np.arange(len(x))
     with metaql.connect(":memory:") as con, warnings.catch_warnings():
         warnings.simplefilter("ignore")

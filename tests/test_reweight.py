@@ -70,17 +70,23 @@ def test_reweighting_down_weights_flipped_labels():
     assert float(w[bad].mean()) < float(w[~bad].mean()) - 0.2
 
 
-def test_reweight_sql_stores_weights_and_checkpoint():
+def _noisy_store(con, n: int) -> None:
+    """n blob samples with 30% flipped labels captured at checkpoint c0, and a meta set of the
+    first 5 with their clean labels."""
     torch.manual_seed(1)
-    x, y, noisy, bad = _blobs(60, 0.3, 1)
+    x, y, noisy, _ = _blobs(n, 0.3, 1)
     model = MLP()
+    ids = np.arange(n)
+    con.add_samples(ids, "train", noisy.numpy(), x)
+    with con.capture(model, checkpoint="c0", lr=0.1, factory="tests.models:MLP", kwargs=model.metaql_config) as cap:
+        cap.backward(F.cross_entropy(model(x), noisy), ids)
+    con.execute("CREATE SET meta AS SELECT sample_id FROM samples WHERE sample_id < 5")
+    con.label(list(range(5)), y[:5].tolist())
+
+
+def test_reweight_sql_stores_weights_and_checkpoint():
     with metaql.connect(":memory:") as con:
-        ids = np.arange(60)
-        con.add_samples(ids, "train", noisy.numpy(), x)
-        with con.capture(model, checkpoint="c0", lr=0.1, factory="tests.models:MLP", kwargs=model.metaql_config) as cap:
-            cap.backward(F.cross_entropy(model(x), noisy), ids)
-        con.execute("CREATE SET meta AS SELECT sample_id FROM samples WHERE sample_id < 5")
-        con.label(list(range(5)), y[:5].tolist())
+        _noisy_store(con, 60)
         rows = con.execute("SELECT * FROM REWEIGHT(data=train, meta=meta, epochs=2, batch_size=20, "
                            "save_as=rw)").fetchnumpy()
         assert sorted(rows["sample_id"].tolist()) == list(range(60))
@@ -107,16 +113,8 @@ def test_reweight_interrupted_while_saving_leaves_nothing_scored(monkeypatch):
     """On the old code the checkpoint committed as complete before its factors were replayed: an
     interruption left a 'complete' checkpoint with factors for part of the data and no weights."""
     from metaql.storage import capture
-    torch.manual_seed(1)
-    x, y, noisy, _ = _blobs(30, 0.3, 1)
-    model = MLP()
     with metaql.connect(":memory:") as con:
-        ids = np.arange(30)
-        con.add_samples(ids, "train", noisy.numpy(), x)
-        with con.capture(model, checkpoint="c0", lr=0.1, factory="tests.models:MLP", kwargs=model.metaql_config) as cap:
-            cap.backward(F.cross_entropy(model(x), noisy), ids)
-        con.execute("CREATE SET meta AS SELECT sample_id FROM samples WHERE sample_id < 5")
-        con.label(list(range(5)), y[:5].tolist())
+        _noisy_store(con, 30)
 
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt

@@ -38,8 +38,14 @@ def distances(grads, sq: torch.Tensor, centroids: list) -> torch.Tensor:
     cols = []
     for c in centroids:
         dot, cc = grads.dots(c)
-        cols.append((sq - 2 * dot + cc).clamp_min(0))
+        cols.append(_squared_distance(sq, dot, cc))
     return torch.stack(cols, dim=1)
+
+
+def _squared_distance(sq: torch.Tensor, dot: torch.Tensor, cc: float) -> torch.Tensor:
+    """||G_j - C||^2 from its three products; rounding can take a near-zero one below zero (a
+    sample that is its cluster's centroid), and a squared distance is never negative."""
+    return (sq - 2 * dot + cc).clamp_min(0)
 
 
 def objective(grads, assignment: np.ndarray, u: torch.Tensor, k: int, sq: torch.Tensor | None = None) -> float:
@@ -52,7 +58,7 @@ def objective(grads, assignment: np.ndarray, u: torch.Tensor, k: int, sq: torch.
         if members.sum() <= 0:
             continue
         dot, cc = grads.dots(grads.centroid(members))
-        total += float((members * (sq - 2 * dot + cc)).sum())
+        total += float((members * _squared_distance(sq, dot, cc)).sum())
     return total
 
 

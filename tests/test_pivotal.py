@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import Phase, given, settings
+from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 from torch.func import functional_call, grad, vmap
 
@@ -106,6 +106,8 @@ case = st.fixed_dictionaries({"model": st.sampled_from(sorted(MODELS)), "n": st.
 
 @settings(max_examples=6, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(case)
+# every sample its own cluster: the objective is 0 up to rounding, which went below zero (found by CI)
+@example(p={"k": 4, "label_free": True, "ckpts": 2, "seed": 65536, "n": 4, "model": "seq", "method": "gbc"})
 def test_kmeans_on_factors_equals_bruteforce(p):
     torch.manual_seed(p["seed"])
     make_model, make_x, out_layer = MODELS[p["model"]]
@@ -134,7 +136,8 @@ def test_kmeans_on_factors_equals_bruteforce(p):
     assert np.array_equal(got.assignment, want.assignment)
     assert np.array_equal(got.centers, want.centers)
     direct = _direct_objective(dense, got.assignment, p["method"] != "rbc_kmeans", k)
-    assert np.isclose(got.objective, direct, rtol=1e-4, atol=1e-7)
+    # float32 rows cancel in ||G||^2 - 2<G, C> + ||C||^2: absolute error relative to the norms' scale
+    assert np.isclose(got.objective, direct, rtol=1e-4, atol=1e-6 * float(fact.sq_norms().sum()) + 1e-12)
     # the SQL face returns the clustering's centers and sizes
     assert sorted(rows["sample_id"].tolist()) == sorted(got.centers.tolist())
     assert rows["weight"].sum() == p["n"] and sorted(rows["weight"]) == sorted(got.sizes.astype(float))

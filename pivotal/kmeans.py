@@ -131,9 +131,11 @@ def _result(grads, assignment, dist, u, k, sq, iterations) -> Clustering:
         # an empty cluster (only when k exceeds the distinct gradients) keeps its nearest sample
         pool = members if len(members) else np.arange(len(assignment))
         # distances equal up to rounding (the two members of a plain K-means pair) go to the first
-        # sample, so the pick does not depend on float32 against float64 arithmetic
+        # sample, so the pick does not depend on float32 against float64 arithmetic; the rounding
+        # is relative to the norms that cancel in ||G||^2 - 2<G, C> + ||C||^2, not to the distance
         d = dist[pool, i]
-        centers[i] = pool[int(np.nonzero((d <= d.min() * (1 + 1e-5) + 1e-9).numpy())[0][0])]
+        slack = 1e-5 * (float(d.min()) + float(sq[pool].max())) + 1e-9
+        centers[i] = pool[int(np.nonzero((d <= d.min() + slack).numpy())[0][0])]
     return Clustering(assignment, centers, sizes, objective(grads, assignment, u, k, sq), iterations)
 
 

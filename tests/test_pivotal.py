@@ -108,6 +108,8 @@ case = st.fixed_dictionaries({"model": st.sampled_from(sorted(MODELS)), "n": st.
 @given(case)
 # every sample its own cluster: the objective is 0 up to rounding, which went below zero (found by CI)
 @example(p={"k": 4, "label_free": True, "ckpts": 2, "seed": 65536, "n": 4, "model": "seq", "method": "gbc"})
+# a plain K-means pair: both members equally near their midpoint, up to rounding (found by CI)
+@example(p={"k": 3, "label_free": False, "ckpts": 1, "seed": 10524, "n": 7, "model": "seq", "method": "rbc_kmeans"})
 def test_kmeans_on_factors_equals_bruteforce(p):
     torch.manual_seed(p["seed"])
     make_model, make_x, out_layer = MODELS[p["model"]]

@@ -219,6 +219,9 @@ def _lc_session(ctx, data: str, label_column: str, budget: int, update_every: in
     session.annotations = found
     if saved is not None and np.array_equal(saved.pool_ids, ids):
         session.rounds, session.spent_at_update, session.selector = saved.rounds, saved.spent_at_update, saved.selector
+        session.spent_before = min(saved.spent_before, len(found))
+    else:       # a new session: what was annotated before it is evidence, not spending
+        session.spent_before = len(found)
     return session, slot
 
 

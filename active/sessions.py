@@ -132,6 +132,8 @@ class LabelCleaningSession(SelectionSession):
         self.scores = np.full(self.pool_ids.size, np.nan)     # the selector's Phi, by pool row
         self.spent_at_update = 0
         self.selector = ""      # what the scores came from (the SQL functions: a checkpoint's name)
+        # annotations found when the session began: they count toward the majorities, not the budget
+        self.spent_before = 0
 
     def _check_budget(self) -> None:
         # a budget of annotations: a sample may take several, so it may exceed the pool's size
@@ -141,7 +143,7 @@ class LabelCleaningSession(SelectionSession):
     # -- counts -----------------------------------------------------------------------------------
     @property
     def spent(self) -> int:
-        return len(self.annotations)
+        return len(self.annotations) - self.spent_before
 
     @property
     def budget_left(self) -> int:
@@ -267,7 +269,7 @@ class LabelCleaningSession(SelectionSession):
                        annotation_labels=torch.as_tensor([x[1] for x in a], dtype=torch.long),
                        annotation_at_us=torch.as_tensor([micros(x[3]) for x in a], dtype=torch.long))
         meta.update(update_every=self.update_every, spent_at_update=self.spent_at_update, selector=self.selector,
-                    annotated_by=[x[2] for x in a])
+                    annotated_by=[x[2] for x in a], spent_before=self.spent_before)
         return tensors, meta
 
     @classmethod
@@ -276,6 +278,7 @@ class LabelCleaningSession(SelectionSession):
                 meta["update_every"], t["oracle"].numpy() if "oracle" in t else None)
         s.scores = t["scores"].numpy().copy()
         s.spent_at_update, s.selector = int(meta["spent_at_update"]), str(meta.get("selector", ""))
+        s.spent_before = int(meta.get("spent_before", 0))
         ats = [dt.datetime.fromtimestamp(us / 1e6, dt.timezone.utc) for us in t["annotation_at_us"].tolist()]
         s.annotations = list(zip(t["annotation_ids"].tolist(), t["annotation_labels"].tolist(),
                                  meta["annotated_by"], ats))

@@ -222,3 +222,17 @@ def test_label_cleaning_from_sql_counts_across_a_restart(tmp_path):
         assert _one(con, "SELECT * FROM LABEL_CLEANING_STATUS(data=train)")["since_update"] == 0
         n = con.execute("SELECT count(*) FROM annotations").fetchone()[0]
         assert n == status["spent"]
+
+
+def test_label_cleaning_budget_counts_only_annotations_made_in_the_session(tmp_path):
+    noisy = np.arange(12) % 3
+    with _tiny_store(tmp_path / "s", noisy) as con:
+        con.annotate([3, 5], [0, 2], by="earlier")               # before any session: evidence, not spending
+        con.label([6], [0], by="earlier")
+        con.execute("SELECT * FROM LABEL_CLEANING_CANDIDATES(data=train, budget=2, update_every=4, k=1)").fetchall()
+        status = _one(con, "SELECT * FROM LABEL_CLEANING_STATUS(data=train)")
+        assert (status["spent"], status["budget_left"]) == (0, 2)
+        con.annotate([1], [1], by="ana")
+    with metaql.connect(str(tmp_path / "s"), config=TRUST) as con:   # the baseline survives a restart
+        status = _one(con, "SELECT * FROM LABEL_CLEANING_STATUS(data=train)")
+        assert (status["spent"], status["budget_left"]) == (1, 1)

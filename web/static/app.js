@@ -175,7 +175,12 @@ function initSession() {
       if (s.state === "running") { setTimeout(poll, 300); return; }
       cancel.disabled = true;
       job = null;
-      if (s.state === "done") { location.reload(); return; }
+      if (s.state === "done") {           // the next page keeps this round's settings
+        const f = new FormData(form);
+        location.href = "/session?" + new URLSearchParams({pool: pool, budget: f.get("budget"), steps: f.get("steps"),
+                                                          num_classes: f.get("num_classes"), truth: f.get("truth")});
+        return;
+      }
       say(s.state === "failed" ? s.error : "the round was cancelled", s.state === "failed");
     } catch (err) { say(err.message, true); }
   }

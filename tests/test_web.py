@@ -15,6 +15,8 @@ pytest.importorskip("starlette")
 pytest.importorskip("matplotlib")
 from starlette.testclient import TestClient  # noqa: E402
 
+import metaql  # noqa: E402
+import metaql.errors  # noqa: E402
 from metaql.errors import InvalidInputException  # noqa: E402
 from metaql.web import create_app, serve  # noqa: E402
 from tests import webstore  # noqa: E402
@@ -300,3 +302,26 @@ def test_topk_grid_and_relation_plot(client):
     assert fig.axes[0].get_title().startswith(f"{ids[0]}:")
     hist = rel.plot()
     assert sum(p.get_height() for p in hist.axes[0].patches) == 6
+
+
+def test_withdraw_label_removes_only_ones_own_newest_decision(tmp_path):
+    from metaql.storage.labels import withdraw_label
+    path = str(tmp_path / "s.mq")
+    con = metaql.connect(path)
+    con.add_samples(np.arange(3), "train", np.zeros(3, dtype=np.int64))
+    con.label([0, 1], [2, 2], by="ana")
+    con.annotate([0, 0, 0], [2, 5, 2], by="ana")
+    con.annotate([0], [2], by="bob")
+    assert withdraw_label(con.store, 0, "ana")
+    assert con.execute("SELECT count(*) FROM labels WHERE sample_id = 0").fetchone()[0] == 0
+    # the newest of ana's two annotations with label 2 went; her 5 and bob's 2 stay
+    left = con.execute("SELECT label, annotated_by FROM annotations ORDER BY annotated_by, label").fetchall()
+    assert left == [(2, "ana"), (5, "ana"), (2, "bob")]
+    assert not withdraw_label(con.store, 2, "ana")
+    with pytest.raises(InvalidInputException, match="labeled by ana"):
+        withdraw_label(con.store, 1, "bob")
+    con.close()
+    ro = metaql.connect(path, read_only=True)
+    with pytest.raises(metaql.errors.IOException):
+        withdraw_label(ro.store, 1, "ana")
+    ro.close()

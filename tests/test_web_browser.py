@@ -129,6 +129,7 @@ def test_query_page(browser, server, shots):
 
 def test_review_by_keyboard_undo_and_reload(browser, server, store, shots):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     import metaql
     browser.get(server + "/review?k=12")
     cards = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#review-grid .card"), what="the grid")
@@ -150,6 +151,14 @@ def test_review_by_keyboard_undo_and_reload(browser, server, store, shots):
     decided = {int(c.get_attribute("data-sample")): c.get_attribute("data-decided") for c in cards}
     assert decided[ids[0]] == keys[0] and decided[ids[1]] == str(given[1]) and decided[ids[2]] == ""
     assert "1/2 = 0.500" in browser.find_element(By.ID, "precision").text
+    selected = lambda: [i for i, c in enumerate(cards) if "selected" in c.get_attribute("class")]  # noqa: E731
+    assert selected() == [2]                                     # the first undecided card
+    press(browser, Keys.ARROW_RIGHT)
+    assert selected() == [3]
+    per_row = browser.execute_script("const c = document.querySelectorAll('.card'); "
+                                     "return Array.from(c).filter(x => x.offsetTop === c[0].offsetTop).length")
+    press(browser, Keys.ARROW_DOWN)                              # one row further
+    assert selected() == [3 + per_row]
     wait(browser, lambda d: not d.find_elements(By.XPATH, "//*[contains(@class,'influential') and "
                                                           "contains(., '…')]"), what="influential samples")
     wait(browser, images_loaded, what="thumbnails")

@@ -45,7 +45,8 @@ Grid.prototype.select = function (i) {
   this.cards[this.at].scrollIntoView({block: "nearest"});
 };
 Grid.prototype.move = function (key) {
-  const perRow = Math.max(1, Math.round(this.cards[0].parentElement.clientWidth / this.cards[0].offsetWidth) - 0);
+  const top = this.cards[0].offsetTop;      // cards per row: those on the first row
+  const perRow = Math.max(1, this.cards.filter(c => c.offsetTop === top).length);
   const step = {ArrowRight: 1, ArrowLeft: -1, ArrowDown: perRow, ArrowUp: -perRow}[key];
   if (step === undefined) return false;
   this.select(this.at + step);

@@ -115,6 +115,12 @@ def test_values_are_escaped(client):
     bad = client.post("/query", data={"q": "SELECT '<img src=x onerror=alert(1)>' AS x FROM nope"})
     assert bad.status_code == 400 and "<img src=x" not in bad.text
     assert client.get("/review?train=<b>").status_code == 400
+    ids = [int(i) for i in re.findall(r'data-sample="(\d+)"', client.get("/review?k=12").text)]
+    evil = "<img src=x onerror=alert(1)>"
+    r = client.post("/api/review/decide", json={"sample_id": ids[11], "verdict": "correct", "who": evil})
+    assert r.status_code == 200 and r.json()["labeled_by"] == evil
+    page = client.get("/review?k=12").text
+    assert evil not in page and "by &lt;img src=x onerror=alert(1)&gt;" in page
     assert "<b>" not in client.get("/review?train=<b>").text.split("<main>")[1]
 
 

@@ -20,6 +20,7 @@ examples:
   metaql runs/digits.mq -csv < q.sql           statements (and dot commands) from standard input
   metaql runs/x.mq --model mypkg.nets:Net      trust the store's model factory mypkg.nets:Net to replay
   metaql demo [STORE] [--epochs N] [--force]   build a demo store from scikit-learn's digits, query it
+  metaql serve STORE [--port N] [--readonly]   the web page: query, review suspects, label (extra 'web')
 
 a statement:
   SELECT TOPK(50) train FROM INFLUENCE(layers=[fc1, fc2], query=batch(test_wrong)) ORDER BY ASC;
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "demo":
         from metaql.demo import main as demo_main
         return demo_main(argv[1:])
+    if argv and argv[0] == "serve":
+        return serve_main(argv[1:])
     parser = _arg_parser()
     _refuse_glued_options(parser, argv)
     args = parser.parse_intermixed_args(argv)
@@ -85,6 +88,34 @@ def main(argv: list[str] | None = None) -> int:
         except (KeyboardInterrupt, InterruptException):   # Ctrl-C in a script (the prompt handles its own)
             print("Interrupted", file=sys.stderr)
             return INTERRUPTED
+
+
+def serve_main(argv: list[str]) -> int:
+    """`metaql serve STORE [--port N] [--host H] [--readonly] [--token T]`: the local web page."""
+    p = argparse.ArgumentParser(prog="metaql serve", description="The local web page over a store: a MetaQL "
+                                "console, a review grid for suspected mislabels, a LANCET labeling session.")
+    p.add_argument("store", help="store directory (metaql demo builds one)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; any other needs --token)")
+    p.add_argument("--readonly", action="store_true", help="open the store read-only: every write is refused")
+    p.add_argument("--token", default=None, help="require this token on every request (open URL?token=T once)")
+    p.add_argument("--user", default=None, help="the default reviewer name written to labeled_by")
+    args = p.parse_args(argv)
+    try:
+        from metaql.web import serve
+    except ImportError as e:
+        print(f"Error: metaql serve needs the extra 'web' ({e.name} is missing): pip install 'metaql[web]'",
+              file=sys.stderr)
+        return 1
+    from metaql.errors import Error
+    try:
+        serve(args.store, host=args.host, port=args.port, readonly=args.readonly, token=args.token, user=args.user)
+    except Error as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return INTERRUPTED
+    return 0
 
 
 def _refuse_glued_options(parser: _Parser, argv: list[str]) -> None:

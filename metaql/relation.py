@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from metaql import ast
-from metaql.errors import Error, InvalidInputException, ParserException, ProgrammingError
+from metaql.errors import BinderException, Error, InvalidInputException, ParserException, ProgrammingError
 from metaql.result import Result, rows_of
 from metaql.sqlcalls import _skip, parameters_of
 
@@ -306,6 +306,15 @@ class Relation:
 
     def to_dicts(self) -> list[dict]:
         return self._rest().arrow().to_pylist()
+
+    def plot(self, column: str = "score", **kwargs):
+        """A histogram of one numeric column (default `score`) as a matplotlib Figure, for
+        notebooks: metaql.plot.score_histogram over this relation's rows (extra `plot`)."""
+        from metaql import plot
+        table = self.arrow()
+        if column not in table.column_names:
+            raise BinderException(f"no column {column!r} to plot; the columns are {table.column_names}")
+        return plot.score_histogram(table.column(column), xlabel=column, **kwargs)
 
     def __iter__(self) -> Iterator[tuple]:
         table = self._rest().arrow()

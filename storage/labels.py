@@ -214,3 +214,28 @@ def label_counts(store: Any, ids: np.ndarray, classes: int, initial: np.ndarray 
     for k, y in found:
         counts[k, y] += 1
     return counts
+
+
+def withdraw_label(store: Any, sample_id: int, by: str) -> bool:
+    """An explicit undo of one person's decision: deletes `by`'s label of `sample_id` and the newest
+    annotation `by` gave it with that label, in one transaction; returns whether there was one.
+    A label written by someone else is refused, never removed (the web page's undo key)."""
+    _require_writable(store)
+    row = store.sql("SELECT label, labeled_by FROM labels WHERE sample_id = ?", [int(sample_id)]).fetchone()
+    if row is None:
+        return False
+    if row[1] != by:
+        raise InvalidInputException(f"sample {sample_id} was labeled by {row[1]}, not {by}: only one's own "
+                                    "label is withdrawn")
+    store.sql("BEGIN TRANSACTION")
+    try:
+        if has_annotations_table(store):
+            store.sql("DELETE FROM annotations WHERE rowid = (SELECT rowid FROM annotations WHERE sample_id = ? "
+                      "AND label = ? AND annotated_by = ? ORDER BY annotated_at DESC LIMIT 1)",
+                      [int(sample_id), row[0], by])
+        store.sql("DELETE FROM labels WHERE sample_id = ? AND labeled_by = ?", [int(sample_id), by])
+        store.sql("COMMIT")
+    except BaseException:
+        store.sql("ROLLBACK")
+        raise
+    return True

@@ -1,0 +1,333 @@
+"""The web page's endpoints through Starlette's TestClient (no browser, no server process): status
+codes, what each write puts in `labels`/`annotations`, read-only refusals, escaping, the token,
+and metaql.plot. The browser tests are tests/test_web_browser.py (marker `browser`)."""
+from __future__ import annotations
+
+import re
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("matplotlib")
+from starlette.testclient import TestClient  # noqa: E402
+
+import metaql  # noqa: E402
+import metaql.errors  # noqa: E402
+from metaql.errors import InvalidInputException  # noqa: E402
+from metaql.web import create_app, serve  # noqa: E402
+from tests import webstore  # noqa: E402
+
+WHO = "ana"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("web") / "store.mq")
+    data = webstore.build(path)
+    return path, data
+
+
+@pytest.fixture(scope="module")
+def client(store):
+    with TestClient(create_app(store[0], user=WHO)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ro_client(store, client):
+    with TestClient(create_app(store[0], readonly=True)) as c:
+        yield c
+
+
+def labels(client) -> dict[int, dict]:
+    return {r["sample_id"]: r for r in client.get("/api/labels").json()["labels"]}
+
+
+def annotations(client, sample_id: int) -> list:
+    con = client.app.state.server.con
+    return con.execute("SELECT label, annotated_by FROM annotations WHERE sample_id = ?", [sample_id]).fetchall()
+
+
+def decode_png(body: bytes) -> np.ndarray:
+    """A grey 8-bit PNG as written by metaql.web.images (filter 0 on every row)."""
+    assert body[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(body):
+        n, kind = struct.unpack(">I4s", body[pos:pos + 8])
+        chunks.setdefault(kind, b"")
+        chunks[kind] += body[pos + 8:pos + 8 + n]
+        pos += 12 + n
+    w, h, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, colour) == (8, 0)
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, w + 1)
+    assert (raw[:, 0] == 0).all()
+    return raw[:, 1:]
+
+
+def test_pages_load(client):
+    assert client.get("/", follow_redirects=False).status_code == 303
+    for url in ("/query", "/review", "/session", "/static/app.js", "/static/app.css"):
+        assert client.get(url).status_code == 200, url
+    assert client.get("/nope").status_code == 404
+
+
+def test_thumbnail_is_the_stored_input(client, store):
+    x = store[1]["x"][7].reshape(8, 8)
+    img = decode_png(client.get("/thumb/7.png?scale=2").content)
+    assert img.shape == (16, 16)
+    expected = np.round((1 - (x - x.min()) / (x.max() - x.min())) * 255)
+    assert np.array_equal(img[::2, ::2], expected.astype(np.uint8))
+    assert client.get("/thumb/7.png?scale=99").status_code == 400
+    assert client.get("/thumb/123456.png").status_code == 404
+
+
+def test_query_console_runs_sorts_and_pages(client):
+    r = client.post("/query", data={"q": "SELECT sample_id, loss AS score FROM samples", "cols": "label,note"})
+    assert r.status_code == 200 and "page 1 of 4" in r.text         # 80 rows, 25 a page
+    rid = re.search(r"rid=(\d+)", str(r.url)).group(1)
+    page = client.get(f"/query?rid={rid}&sort=score&desc=1&cols=label")
+    con = client.app.state.server.con
+    top = con.execute("SELECT sample_id FROM samples ORDER BY loss DESC LIMIT 1").fetchone()[0]
+    first_row = re.search(r"<tbody>\s*<tr>(.*?)</tr>", page.text, re.S).group(1)
+    assert f'src="/thumb/{top}.png' in first_row
+    last = client.get(f"/query?rid={rid}&page=3")
+    assert last.status_code == 200 and last.text.count('class="thumb"') == 5
+    assert client.get(f"/query?rid={rid}&page=4").status_code == 400
+    assert client.get(f"/query?rid={rid}&sort=nope").status_code == 400
+    assert client.get("/query?rid=999999").status_code == 404
+    hist = client.get(f"/plot/hist.png?rid={rid}&page=0")
+    assert hist.status_code == 200 and hist.headers["content-type"] == "image/png"
+    assert client.post("/query", data={"q": "SELECT * FROM no_such_table"}).status_code == 400
+    plain = client.post("/query", data={"q": "SELECT 1 AS one"})
+    plain_rid = re.search(r"rid=(\d+)", str(plain.url)).group(1)
+    assert client.get(f"/plot/hist.png?rid={plain_rid}").status_code == 404
+
+
+def test_values_are_escaped(client):
+    r = client.post("/query", data={"q": "SELECT sample_id, note FROM samples WHERE sample_id = 3",
+                                    "cols": "note"})
+    assert webstore.INJECTION not in r.text
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in r.text
+    bad = client.post("/query", data={"q": "SELECT '<img src=x onerror=alert(1)>' AS x FROM nope"})
+    assert bad.status_code == 400 and "<img src=x" not in bad.text
+    assert client.get("/review?train=<b>").status_code == 400
+    ids = [int(i) for i in re.findall(r'data-sample="(\d+)"', client.get("/review?k=12").text)]
+    evil = "<img src=x onerror=alert(1)>"
+    r = client.post("/api/review/decide", json={"sample_id": ids[11], "verdict": "correct", "who": evil})
+    assert r.status_code == 200 and r.json()["labeled_by"] == evil
+    page = client.get("/review?k=12").text
+    assert evil not in page and "by &lt;img src=x onerror=alert(1)&gt;" in page
+    assert "<b>" not in client.get("/review?train=<b>").text.split("<main>")[1]
+
+
+def test_review_decide_undo_never_overwrites(client, store):
+    given = store[1]["given"]
+    page = client.get("/review?k=10")
+    assert page.status_code == 200 and "no decision yet" in page.text
+    ids = [int(i) for i in re.findall(r'data-sample="(\d+)"', page.text)]
+    ranking = client.app.state.server.con.execute(
+        "SELECT TOPK(10) train FROM SELF_INFLUENCE(layers=*) ORDER BY DESC").fetchall()
+    assert ids == [r[0] for r in ranking]
+    a, b, c = ids[:3]
+    wrong = (int(given[a]) + 3) % 10
+    r = client.post("/api/review/decide", json={"sample_id": a, "verdict": "mislabeled", "label": wrong, "who": WHO})
+    assert r.status_code == 200 and r.json()["label"] == wrong and r.json()["labeled_by"] == WHO
+    assert client.post("/api/review/decide", json={"sample_id": b, "verdict": "correct", "who": WHO}).json()["label"] == int(given[b])
+    # a second decision on a decided sample is refused, the first kept
+    again = client.post("/api/review/decide", json={"sample_id": a, "verdict": "correct", "who": WHO})
+    assert again.status_code == 409 and "undo" in again.json()["error"]
+    assert labels(client)[a]["label"] == wrong
+    assert annotations(client, a) == [(wrong, WHO)]
+    same = client.post("/api/review/decide", json={"sample_id": c, "verdict": "mislabeled", "label": int(given[c]), "who": WHO})
+    assert same.status_code == 400
+    page = client.get("/review?k=10")
+    assert "1/2 = 0.500" in page.text
+    # undo: only one's own decision, exactly the rows it wrote
+    assert client.post("/api/review/undo", json={"sample_id": a, "who": "bob"}).status_code == 403
+    r = client.post("/api/review/undo", json={"sample_id": a, "who": WHO})
+    assert r.status_code == 200, r.text
+    assert a not in labels(client) and annotations(client, a) == []
+    assert client.post("/api/review/undo", json={"sample_id": a, "who": WHO}).status_code == 404
+    assert b in labels(client)
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"sample_id": 1, "verdict": "maybe", "who": WHO}, 400),
+    ({"sample_id": "x", "verdict": "correct", "who": WHO}, 400),
+    ({"sample_id": 1, "verdict": "mislabeled", "label": 2.5, "who": WHO}, 400),
+    ({"sample_id": 1, "verdict": "correct", "who": ""}, 400),
+    ({"sample_id": 99999, "verdict": "correct", "who": WHO}, 404),
+])
+def test_decide_refuses_bad_input(client, body, status):
+    r = client.post("/api/review/decide", json=body)
+    assert r.status_code == status and r.json()["error"]
+
+
+def test_influential_samples_match_the_influence_query(client):
+    got = client.get("/api/influential/5?n=3").json()["influential"]
+    con = client.app.state.server.con
+    rows = con.execute("SELECT TOPK(4) train FROM INFLUENCE(layers=*, query=point(5)) ORDER BY DESC").fetchall()
+    expected = [r for r in rows if r[0] != 5][:3]
+    assert [r["sample_id"] for r in got] == [r[0] for r in expected]
+    assert np.allclose([r["score"] for r in got], [r[1] for r in expected])
+
+
+def test_writes_must_be_same_origin_json(client):
+    body = {"sample_id": 9, "verdict": "correct", "who": WHO}
+    assert client.post("/api/review/decide", json=body, headers={"origin": "http://evil.example"}).status_code == 403
+    assert client.post("/api/review/decide", data={"sample_id": "9"}).status_code == 415
+    assert client.post("/query", data={"q": "DROP SET x"}, headers={"origin": "http://evil.example"}).status_code == 403
+    assert 9 not in labels(client)
+
+
+def test_readonly_refuses_every_write(ro_client, client):
+    before = labels(client)
+    for url, body in [("/api/review/decide", {"sample_id": 9, "verdict": "correct", "who": WHO}),
+                      ("/api/review/undo", {"sample_id": 9, "who": WHO}),
+                      ("/api/label", {"sample_id": 9, "label": 1, "who": WHO}),
+                      ("/api/session/pool", {"name": "p_ro", "split": "train"}),
+                      ("/api/session/round", {"pool": "p_ro"}),
+                      ("/api/jobs/1/cancel", {})]:
+        r = ro_client.post(url, json=body)
+        assert r.status_code == 403 and "--readonly" in r.json()["error"], url
+    r = ro_client.post("/query", data={"q": "CREATE SET p_ro AS SELECT sample_id FROM samples"})
+    assert r.status_code == 400 and "read-only" in r.text
+    for url in ("/query", "/review", "/session"):
+        page = ro_client.get(url)
+        assert page.status_code == 200 and "read-only" in page.text
+    assert labels(client) == before
+    assert "p_ro" not in client.app.state.server.con.store.set_names()
+
+
+def test_labeling_session_round(client, store):
+    """A first round (no label yet: LANCET's random start, no training), labels by the number
+    keys' endpoint, then a trained round cancelled from its progress. A full trained round (stop
+    rule, accuracy, curve) runs in the browser test: its DMN alone takes seconds."""
+    true = store[1]["true"]
+    assert client.post("/api/session/pool", json={"name": "pool", "split": "test"}).json()["size"] == 20
+    assert client.post("/api/session/pool", json={"name": "pool", "split": "train"}).status_code == 409
+    assert client.post("/api/session/pool", json={"name": "x;DROP", "split": "train"}).status_code == 400
+    assert "No round run yet" in client.get("/session?pool=pool").text
+    job = client.post("/api/session/round", json={"pool": "pool", "budget": 4, "steps": 3, "num_classes": 10,
+                                                  "truth": "true_label"}).json()
+    state = _wait(client, job["id"])
+    assert state["state"] == "done" and "random" in " ".join(state["warnings"]), state
+    page = client.get("/session?pool=pool")
+    cards = [int(i) for i in re.findall(r'data-sample="(\d+)"', page.text)]
+    assert len(cards) == 4 and "random start" in page.text
+    for i in cards:
+        assert client.post("/api/label", json={"sample_id": i, "label": int(true[i]), "who": WHO}).status_code == 200
+    assert client.post("/api/label", json={"sample_id": cards[0], "label": (int(true[cards[0]]) + 1) % 10,
+                                           "who": WHO}).status_code == 409
+    assert client.get("/session?pool=pool").text.count(f"by {WHO}") == 4
+    assert client.get("/plot/lancet.png?pool=pool").status_code == 404       # no round with labels yet
+    assert client.get("/session?pool=nope").status_code == 404
+    assert client.post("/api/session/round", json={"pool": "pool", "truth": "nope"}).status_code == 400
+    assert client.get("/api/jobs/424242").status_code == 404
+
+
+def test_a_round_is_cancelled(client):
+    job = client.post("/api/session/round", json={"pool": "pool", "budget": 4, "steps": 20000,
+                                                  "num_classes": 10}).json()
+    assert client.post("/api/session/round", json={"pool": "pool"}).status_code == 409
+    deadline = time.time() + 60
+    while client.get(f"/api/jobs/{job['id']}").json()["done"] < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert client.post(f"/api/jobs/{job['id']}/cancel", json={}).status_code == 200
+    state = _wait(client, job["id"])
+    assert state["state"] == "cancelled" and state["done"] < 20000
+    assert len(client.app.state.server.rounds["pool"]) == 1        # the cancelled round left nothing
+
+
+def _wait(client, job_id: int, seconds: float = 120) -> dict:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        state = client.get(f"/api/jobs/{job_id}").json()
+        if state["state"] != "running":
+            return state
+        time.sleep(0.1)
+    raise AssertionError("the round did not finish")
+
+
+def test_token_is_required_when_set(store, client):
+    with TestClient(create_app(store[0], readonly=True, token="s3cret")) as c:
+        assert c.get("/query").status_code == 401
+        assert c.get("/query?token=wrong").status_code == 401
+        first = c.get("/query?token=s3cret")
+        assert first.status_code == 200 and "metaql_token" in first.headers["set-cookie"]
+        assert c.get("/review?k=2").status_code == 200                       # the cookie now
+        c.cookies.clear()
+        assert c.get("/query").status_code == 401
+        assert c.get("/query", headers={"authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_serve_refuses_a_public_address_without_token(store):
+    with pytest.raises(InvalidInputException, match="--token"):
+        serve(store[0], host="0.0.0.0")
+    with pytest.raises(InvalidInputException, match="no store"):
+        serve("/nonexistent/store.mq")
+
+
+def test_cli_serve_reports_errors(capsys):
+    from metaql.cli import main
+    assert main(["serve", "/nonexistent/store.mq"]) == 1
+    assert "no store" in capsys.readouterr().err
+
+
+def test_plots():
+    from metaql import plot
+    scores = np.arange(100.0)
+    fig = plot.score_histogram(scores, marked=[3.0, 50.0])
+    ax = fig.axes[0]
+    assert sum(p.get_height() for p in ax.patches) == 100 and len(ax.lines) == 2
+    curve = plot.lancet_curve([10, 20, 30], [0.5, 0.7, 0.8])
+    assert list(curve.axes[0].lines[0].get_ydata()) == [0.5, 0.7, 0.8]
+    history = [{"epoch": 0, "step": s, "val_loss": 1 / (s + 1), "train_loss": 2 / (s + 1), "anomalous": 0.1}
+               for s in range(5)]
+    assert len(plot.elite_curve(history).axes[0].lines) == 2
+    grid = plot.image_grid([np.eye(4)] * 5, titles=list("abcde"), ncols=2)
+    assert len(grid.axes) == 5
+    assert plot.png_bytes(grid)[:4] == b"\x89PNG"
+    with pytest.raises(InvalidInputException):
+        plot.lancet_curve([1, 2], [0.5])
+    with pytest.raises(InvalidInputException):
+        plot.elite_curve([])
+
+
+def test_topk_grid_and_relation_plot(client):
+    from metaql import plot
+    con = client.app.state.server.con
+    rel = con.sql("SELECT TOPK(6) train FROM SELF_INFLUENCE(layers=*) ORDER BY DESC")
+    fig = plot.topk_grid(con, rel, ncols=3)
+    assert len(fig.axes) == 6
+    ids = rel.arrow().column("sample_id").to_pylist()
+    assert fig.axes[0].get_title().startswith(f"{ids[0]}:")
+    hist = rel.plot()
+    assert sum(p.get_height() for p in hist.axes[0].patches) == 6
+
+
+def test_withdraw_label_removes_only_ones_own_newest_decision(tmp_path):
+    from metaql.storage.labels import withdraw_label
+    path = str(tmp_path / "s.mq")
+    con = metaql.connect(path)
+    con.add_samples(np.arange(3), "train", np.zeros(3, dtype=np.int64))
+    con.label([0, 1], [2, 2], by="ana")
+    con.annotate([0, 0, 0], [2, 5, 2], by="ana")
+    con.annotate([0], [2], by="bob")
+    assert withdraw_label(con.store, 0, "ana")
+    assert con.execute("SELECT count(*) FROM labels WHERE sample_id = 0").fetchone()[0] == 0
+    # the newest of ana's two annotations with label 2 went; her 5 and bob's 2 stay
+    left = con.execute("SELECT label, annotated_by FROM annotations ORDER BY annotated_by, label").fetchall()
+    assert left == [(2, "ana"), (5, "ana"), (2, "bob")]
+    assert not withdraw_label(con.store, 2, "ana")
+    with pytest.raises(InvalidInputException, match="labeled by ana"):
+        withdraw_label(con.store, 1, "bob")
+    con.close()
+    ro = metaql.connect(path, read_only=True)
+    with pytest.raises(metaql.errors.IOException):
+        withdraw_label(ro.store, 1, "ana")
+    ro.close()

@@ -45,7 +45,9 @@ def connect(database: str = ":memory:", read_only: bool = False, config: dict | 
 
     config keys: 'progress' (bool: progress bars, default on a terminal), 'trusted_factories' (model
     factories this process may run, see README), 'device' ('cpu' / 'cuda' for the scans),
-    'force_strategy' (pin one query strategy; benchmarks and tests). Other keys are refused."""
+    'force_strategy' (pin one query strategy; benchmarks and tests), 'engine' ('local', the default, or
+    'ray': scans as Ray tasks over the shards, pip install 'metaql[ray]') and 'address' (the Ray
+    cluster's, default: the one this process joined, else a local one). Other keys are refused."""
     return Connection(database, read_only, config)
 
 
@@ -62,7 +64,7 @@ def _catalog_errors(method: Callable) -> Callable:
 
 
 # connect(config=...) keys: what each one does is in connect()'s docstring
-CONFIG_KEYS = ("device", "force_strategy", "progress", "trusted_factories")
+CONFIG_KEYS = ("address", "device", "engine", "force_strategy", "progress", "trusted_factories")
 
 
 def _checked_config(config) -> dict:
@@ -79,6 +81,9 @@ def _checked_config(config) -> dict:
                                         + f" Known keys: {', '.join(CONFIG_KEYS)}")
     if "progress" in config and not isinstance(config["progress"], bool):
         raise InvalidInputException(f"config['progress'] must be true or false, got {config['progress']!r}")
+    if "engine" in config or "address" in config:
+        from metaql.distributed.ray_engine import check_engine_config
+        check_engine_config(config)
     return dict(config)
 
 

@@ -87,6 +87,15 @@ def _checked_config(config) -> dict:
     return dict(config)
 
 
+def _open_store(database, read_only: bool) -> Store:
+    """A store directory, or a store on object storage (s3://bucket/path, gs://, file://), which
+    opens read-only whatever `read_only` says: MetaQL writes only local stores."""
+    if isinstance(database, str) and "://" in database:
+        from metaql.distributed.objectstore import RemoteStore
+        return RemoteStore(database)
+    return Store(database, read_only=read_only)
+
+
 def _positive(name: str, value, high: int = 1 << 24) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= high:
         raise InvalidInputException(f"{name} must be a whole number in [1, {high:,}], got {value!r}")
@@ -100,7 +109,7 @@ class Connection:
         self.config = _checked_config(config)
         from metaql.storage.models import trusted_factories
         trusted = trusted_factories(self.config.get("trusted_factories"))   # checked before the store opens
-        self.store = Store(database, read_only=read_only)
+        self.store = _open_store(database, read_only)
         self.store.trusted_factories |= trusted
         self.registry = REGISTRY.copy()
         self._result: Result | None = None

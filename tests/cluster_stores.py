@@ -26,9 +26,18 @@ README_QUERIES = [
 ]
 
 
-def build_store(path: str, checkpoints: int = 2, shard_size: int = 128, n_train: int = N_TRAIN) -> dict:
+def random_digits(n_train: int):
+    """Digits-shaped random data (scikit-learn's digits take seconds to load; the fast suite's
+    tests need only the shapes)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(n_train + 120, 64, generator=g).numpy(), torch.randint(0, 10, (n_train + 120,), generator=g).numpy()
+    return x[:n_train], y[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def build_store(path: str, checkpoints: int = 2, shard_size: int = 128, n_train: int = N_TRAIN,
+                digits: bool = True) -> dict:
     torch.manual_seed(0)
-    xtr, ytr, ytrue, xte, yte = digits_with_flips(seed=0)
+    xtr, ytr, ytrue, xte, yte = digits_with_flips(seed=0) if digits else random_digits(n_train)
     xtr, ytr, ytrue = xtr[:n_train], ytr[:n_train], ytrue[:n_train]
     xte, yte = xte[:120], yte[:120]
     train_ids, test_ids = np.arange(len(xtr)), 10_000 + np.arange(len(xte))

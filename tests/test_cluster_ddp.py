@@ -1,0 +1,122 @@
+"""Capture under torch.distributed: two gloo ranks (torch.multiprocessing spawn) capture their own
+samples of each global batch into their own shards, rank 0 commits; the store equals a
+one-process capture of the same training (factors to 1e-6, the same sample ids)."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metaql
+from metaql.demo import DigitsMLP
+
+pytestmark = pytest.mark.cluster
+N, BATCH, STEPS = 96, 32, 3
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(N, 64, generator=g), torch.randint(0, 10, (N,), generator=g)
+
+
+def batches():
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(2))
+    return [order[i * BATCH:(i + 1) * BATCH] for i in range(STEPS)]
+
+
+def new_store(path: str) -> None:
+    x, y = data()
+    with metaql.connect(path) as con:
+        con.add_samples(np.arange(N), "train", y.numpy(), x)
+
+
+def _rank_main(rank: int, world: int, port: int, path: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from metaql.distributed.ddp import distributed_capture
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = DDP(DigitsMLP())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = data()
+        con = metaql.connect(path) if rank == 0 else None
+        with distributed_capture(con if rank == 0 else path, model, layers=["fc1", "fc2"], checkpoint="c0",
+                                 lr=0.1, shard_size=8) as cap:
+            for ids in batches():
+                mine = ids[rank::world]                   # this rank's share of the global batch
+                cap.backward(F.cross_entropy(model(x[mine]), y[mine]), mine.numpy())
+                opt.step()
+                opt.zero_grad()
+        if con is not None:
+            con.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def one_process(path: str) -> None:
+    new_store(path)
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+    with metaql.connect(path) as con:
+        with con.capture(model, layers=["fc1", "fc2"], checkpoint="c0", lr=0.1, shard_size=8) as cap:
+            for ids in batches():
+                # DDP averages the ranks' mean gradients: the mean over the global batch
+                cap.backward(F.cross_entropy(model(x[ids]), y[ids]), ids.numpy())
+                opt.step()
+                opt.zero_grad()
+
+
+def factors_by_id(path: str) -> dict:
+    out = {}
+    with metaql.connect(path, read_only=True) as con:
+        store = con.store
+        for row in store._shard_rows("factors", "c0"):
+            ids, tensors = store.shard_tensors(row)
+            for i, sid in enumerate(ids):
+                out[(row["layer"], int(sid))] = {n: t[i].clone() for n, t in tensors.items()}
+    return out
+
+
+def rank_of(ids: np.ndarray) -> int | None:
+    """The rank whose share of the batches holds all of `ids`, else None."""
+    for rank in (0, 1):
+        share = set(np.concatenate([b[rank::2].numpy() for b in batches()]).tolist())
+        if share.issuperset(ids.tolist()):
+            return rank
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_store_what_one_process_stores(tmp_path):
+    ddp, single = str(tmp_path / "ddp.mq"), str(tmp_path / "one.mq")
+    new_store(ddp)
+    torch.multiprocessing.spawn(_rank_main, args=(2, free_port(), ddp), nprocs=2, join=True)
+    one_process(single)
+    got, want = factors_by_id(ddp), factors_by_id(single)
+    assert sorted(got) == sorted(want) and len(want) == 2 * N       # the same sample ids, each once
+    for key, tensors in want.items():
+        for name, t in tensors.items():
+            torch.testing.assert_close(got[key][name], t, atol=1e-6, rtol=1e-5)
+    with metaql.connect(ddp, read_only=True) as con:
+        assert con.verify() == []
+        assert con.execute("SELECT status FROM checkpoints").fetchall() == [("complete",)]
+        owners = [rank_of(con.store.shard_tensors(row)[0]) for row in con.store._shard_rows("factors", "c0")]
+        mine = con.execute("SELECT * FROM SELF_INFLUENCE(layers=*) ORDER BY sample_id").fetchall()
+    with metaql.connect(single, read_only=True) as con:
+        theirs = con.execute("SELECT * FROM SELF_INFLUENCE(layers=*) ORDER BY sample_id").fetchall()
+    assert sorted(set(owners)) == [0, 1]     # each shard holds one rank's samples; both ranks wrote
+    np.testing.assert_allclose(np.array(mine), np.array(theirs), rtol=1e-5)
+    assert not Path(ddp + ".ranks", "c0").exists()      # the parts were adopted and removed

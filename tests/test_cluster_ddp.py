@@ -120,3 +120,47 @@ def test_two_gloo_ranks_store_what_one_process_stores(tmp_path):
     assert sorted(set(owners)) == [0, 1]     # each shard holds one rank's samples; both ranks wrote
     np.testing.assert_allclose(np.array(mine), np.array(theirs), rtol=1e-5)
     assert not Path(ddp + ".ranks", "c0").exists()      # the parts were adopted and removed
+
+
+def captured_parts(tmp_path):
+    """A store with rank 0's samples (even ids) and rank 1's part store (odd ids), as the ranks
+    leave them before rank 0 adopts the part."""
+    from metaql.distributed.ddp import part_dir
+    from metaql.storage.capture import Capture
+    from metaql.storage.store import Store
+    path = str(tmp_path / "s.mq")
+    new_store(path)
+    x, y = data()
+    con = metaql.connect(path)
+    part = Store(part_dir(Path(path).resolve(), "c0", 1))
+    for store, ids in ((con.store, np.arange(0, N, 2)), (part, np.arange(1, N, 2))):
+        torch.manual_seed(0)
+        model = DigitsMLP()
+        with Capture(store, model, ["fc1", "fc2"], "c0", 0.1, shard_size=16) as cap:
+            for chunk in np.array_split(ids, 3):
+                cap.backward(F.cross_entropy(model(x[chunk]), y[chunk]), chunk)
+    part.close()
+    return con
+
+
+def test_rank0_dying_before_it_removes_the_parts_adopts_nothing_twice(tmp_path, monkeypatch):
+    from metaql.distributed import ddp
+    con = captured_parts(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(ddp.shutil, "rmtree", lambda *a, **k: None)      # the crash: parts left behind
+        ddp.adopt_parts(con.store, "c0", 2, [None, "complete"])
+    ddp.adopt_parts(con.store, "c0", 2, [None, "complete"])          # the rerun
+    assert con.verify() == []
+    ids = con.execute("SELECT layer, count(*), sum(rows) FROM shards WHERE kind = 'factors' GROUP BY layer "
+                      "ORDER BY layer").fetchall()
+    assert [(layer, int(rows)) for layer, _, rows in ids] == [("fc1", N), ("fc2", N)]
+    con.close()
+
+
+def test_a_rank_that_did_not_finish_fails_the_capture_and_marks_it_partial(tmp_path):
+    from metaql.distributed import ddp
+    con = captured_parts(tmp_path)
+    with pytest.raises(metaql.OperationalError, match=r"ranks \[1\] did not finish"):
+        ddp.adopt_parts(con.store, "c0", 2, [None, "partial"])
+    assert con.execute("SELECT status FROM checkpoints").fetchall() == [("partial",)]
+    con.close()

@@ -25,6 +25,7 @@ from metaql.errors import InterruptException, InvalidInputException, Operational
 
 TASK_BYTES = 64 * 2 ** 20     # shard bytes per task: big enough to amortise a task's ~ms overhead
 MAX_RETRIES = 2               # re-runs of a task whose worker died, before the query fails
+TASK_CPUS = 1                 # Ray CPUs a task holds (the benchmark raises it to run fewer at once)
 POLL_SECONDS = 0.1            # how often the driver checks for an interrupt while tasks run
 ENGINES = ("local", "ray")
 
@@ -117,7 +118,7 @@ def layer_pass_ray(store, ckpt: str, strat, train: np.ndarray, q, scan, ctx):
     q_cpu = None if q is None else {k: v.cpu() if hasattr(v, "cpu") else v for k, v in q.items()}
     train_ref, q_ref = ray.put(train), ray.put(q_cpu)     # once per pass, read by every task
     fault = os.environ.get("METAQL_RAY_FAULT")
-    task = scan_remote(ray).options(max_retries=MAX_RETRIES, retry_exceptions=False)
+    task = scan_remote(ray).options(max_retries=MAX_RETRIES, retry_exceptions=False, num_cpus=TASK_CPUS)
     refs = [task.remote(store_location(store), g, train_ref, q_ref, kind_named(meta.kind), meta, stored,
                         strat.chosen, scan.similarity, fault) for g in groups]
     for pos, s, nrm in collect(ray, refs, ctx, f"{ckpt} {strat.layer}"):

@@ -625,7 +625,11 @@ class Connection:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<metaql.Connection {self.database!r}{' read-only' if self.store and self.store.read_only else ''}>"
+        database = self.database
+        if isinstance(database, str) and "://" in database:   # an object-storage URI: no credentials shown
+            from metaql.distributed.objectstore import public_uri
+            database = public_uri(database)
+        return f"<metaql.Connection {database!r}{' read-only' if self.store and self.store.read_only else ''}>"
 
 
 def _quiet_progress(it, total=None, desc=""):

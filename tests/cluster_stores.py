@@ -1,5 +1,5 @@
-"""A small multi-shard store for the cluster tests: the demo's digits MLP with flipped labels,
-two checkpoints, shards of 128 samples, a test_wrong set (the README's queries need it)."""
+"""A multi-shard store for the cluster tests: the demo's digits, split and MLP with flipped labels,
+two checkpoints, shards of 128 samples, and the sets the README's queries name."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,21 +9,20 @@ import torch.nn.functional as F
 import metaql
 from metaql.demo import DigitsMLP, digits_with_flips
 
-N_TRAIN = 600
+N_TRAIN = 1437         # the demo's split: the README's point(1500) is a test sample
 
-# the README's INFLUENCE / SELF_INFLUENCE / TOPK queries (section "The language")
-README_QUERIES = [
-    "SELECT TOPK(10) train FROM INFLUENCE(layers=[fc1, fc2], query=batch(test_wrong)) ORDER BY ASC",
-    "SELECT TOPK(10) train FROM INFLUENCE(layers=*, query=point({point}), checkpoints=all, similarity=cosine) "
-    "ORDER BY DESC",
-    "SELECT sample_id, score FROM INFLUENCE(layers=[fc2], train=batch(suspects), query=batch(test_wrong))",
-    "SELECT * FROM INFLUENCE(layers=[fc2], train=batch(suspects), query=batch(test_wrong), total=true)",
-    "SELECT TOPK(20) train FROM SELF_INFLUENCE(layers=[fc1, fc2]) ORDER BY DESC",
-    "SELECT s.sample_id, s.label, s.true_label, r.score FROM SELF_INFLUENCE(layers=*) AS r JOIN samples s "
-    "USING (sample_id) WHERE s.flipped ORDER BY r.score DESC LIMIT 5",
-    "SELECT * FROM INFLUENCE(layers=[fc2], query=batch(test), checkpoints=last)",
-    "SELECT sample_id, score FROM INFLUENCE(layers=*, query=batch(test_wrong), reduce=sum, similarity=dot)",
-]
+
+def readme_statements() -> list[str]:
+    from metaql.parser import split_statements
+    from tests.test_readme import blocks
+    return [" ".join(st.split()) for b in blocks("sql") for st in split_statements(b)]
+
+
+# The README's statements: the sets its queries name (plain SQL over the catalog), then every
+# SELECT that calls INFLUENCE or SELF_INFLUENCE (TOPK, joins, total, cosine, each(set), ...)
+README_SETS = [st for st in readme_statements() if st.upper().startswith("CREATE")
+               and "INFLUENCE" not in st.upper() and "(" not in st.split(" AS ", 1)[1].split("FROM", 1)[1]]
+README_QUERIES = [st for st in readme_statements() if st.upper().startswith("SELECT") and "INFLUENCE(" in st.upper()]
 
 
 def random_digits(n_train: int):
@@ -39,8 +38,7 @@ def build_store(path: str, checkpoints: int = 2, shard_size: int = 128, n_train:
     torch.manual_seed(0)
     xtr, ytr, ytrue, xte, yte = digits_with_flips(seed=0) if digits else random_digits(n_train)
     xtr, ytr, ytrue = xtr[:n_train], ytr[:n_train], ytrue[:n_train]
-    xte, yte = xte[:120], yte[:120]
-    train_ids, test_ids = np.arange(len(xtr)), 10_000 + np.arange(len(xte))
+    train_ids, test_ids = np.arange(len(xtr)), len(xtr) + np.arange(len(xte))
     with metaql.connect(path) as con:
         con.add_samples(train_ids, "train", ytr, xtr, columns={"true_label": ytrue, "flipped": ytr != ytrue})
         con.add_samples(test_ids, "test", yte, xte, columns={"true_label": yte, "flipped": np.zeros(len(yte), bool)})
@@ -56,11 +54,10 @@ def build_store(path: str, checkpoints: int = 2, shard_size: int = 128, n_train:
                     opt.step()
                     opt.zero_grad()
         con.update_predictions()
-        con.execute("CREATE OR REPLACE SET test_wrong AS "
-                    "SELECT sample_id FROM samples WHERE split = 'test' AND pred <> label")
-        con.execute("CREATE SET suspects AS SELECT sample_id FROM samples WHERE split = 'train' AND sample_id % 3 = 0")
-    return {"point": int(test_ids[0])}
+        for statement in README_SETS if digits else []:
+            con.execute(statement)
+    return {}
 
 
-def answers(con, point: int) -> list:
-    return [con.execute(q.format(point=point)).fetchall() for q in README_QUERIES]
+def answers(con) -> list:
+    return [con.execute(q).fetchall() for q in README_QUERIES]

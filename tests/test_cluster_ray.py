@@ -13,6 +13,9 @@ import pytest
 import metaql
 from tests.cluster_stores import README_QUERIES, answers, build_store
 
+INFL = README_QUERIES[0]
+SELF = next(q for q in README_QUERIES if q.startswith("SELECT TOPK") and "SELF_INFLUENCE" in q)
+
 pytestmark = pytest.mark.cluster
 ray = pytest.importorskip("ray")
 from metaql.distributed import ray_engine  # noqa: E402
@@ -31,7 +34,7 @@ def store(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ray") / "s.mq")
     info = build_store(path)
     with metaql.connect(path, read_only=True) as con:
-        info["local"] = answers(con, info["point"])
+        info["local"] = answers(con)
     return path, info
 
 
@@ -45,7 +48,7 @@ def tasks_run(store_path, info, folder, monkeypatch) -> list:
     folder.mkdir()
     monkeypatch.setenv("METAQL_RAY_FAULT", f"sleep:0:{folder}")
     with metaql.connect(store_path, read_only=True, config={"engine": "ray"}) as con:
-        got = answers(con, info["point"])
+        got = answers(con)
     assert len(os.listdir(folder)) >= len(README_QUERIES) * 4      # tasks ran, not the local loop
     return got
 
@@ -64,9 +67,12 @@ def test_shard_groups_by_bytes(cluster, store, monkeypatch):
         rows = con.execute("SELECT bytes FROM shards WHERE checkpoint = 'epoch0' AND layer = 'fc1' "
                            "ORDER BY shard_id").fetchall()
         monkeypatch.setattr(ray_engine, "TASK_BYTES", rows[0][0] + rows[1][0])
-        assert answers(con, info["point"]) == info["local"]
-    specs = [{"bytes": b} for (b,) in rows]
-    assert [len(g) for g in ray_engine.task_groups(specs, rows[0][0] + rows[1][0])] == [2, 2]
+        assert answers(con) == info["local"]
+    target = rows[0][0] + rows[1][0]
+    specs = [{"bytes": b, "i": i} for i, (b,) in enumerate(rows)]
+    groups = ray_engine.task_groups(specs, target)
+    assert [s for g in groups for s in g] == specs and len(groups) < len(specs)
+    assert all(len(g) == 1 or sum(s["bytes"] for s in g) <= target for g in groups)
 
 
 def test_killed_worker_is_retried(cluster, store, small_tasks, tmp_path, monkeypatch):
@@ -75,7 +81,7 @@ def test_killed_worker_is_retried(cluster, store, small_tasks, tmp_path, monkeyp
     claim.touch()
     monkeypatch.setenv("METAQL_RAY_FAULT", f"kill-once:{claim}")
     with metaql.connect(path, read_only=True, config={"engine": "ray"}) as con:
-        got = con.execute(README_QUERIES[0]).fetchall()
+        got = con.execute(INFL).fetchall()
     assert not claim.exists()          # a worker was killed mid-query ...
     assert got == info["local"][0]     # ... and its task re-run: the whole answer
 
@@ -86,9 +92,9 @@ def test_worker_dying_every_time_fails_the_query(cluster, store, monkeypatch):
     monkeypatch.setenv("METAQL_RAY_FAULT", "kill")
     with metaql.connect(path, read_only=True, config={"engine": "ray"}) as con:
         with pytest.raises(metaql.OperationalError, match="worker died.*returned nothing"):
-            con.execute(README_QUERIES[4]).fetchall()
+            con.execute(SELF).fetchall()
         monkeypatch.delenv("METAQL_RAY_FAULT")       # the connection stays usable
-        assert con.execute(README_QUERIES[4]).fetchall() == info["local"][4]
+        assert con.execute(SELF).fetchall() == info["local"][README_QUERIES.index(SELF)]
 
 
 def test_interrupt_cancels_every_task(cluster, store, small_tasks, tmp_path, monkeypatch):
@@ -101,7 +107,7 @@ def test_interrupt_cancels_every_task(cluster, store, small_tasks, tmp_path, mon
         timer.start()
         t0 = time.monotonic()
         with pytest.raises(metaql.InterruptException):
-            con.execute(README_QUERIES[4])
+            con.execute(SELF)
         assert time.monotonic() - t0 < 4.0      # it did not wait for the tasks
         time.sleep(5.0)
         assert os.listdir(done) == []           # no task ran to its end: every one was cancelled
@@ -120,4 +126,4 @@ def test_a_corrupt_shard_fails_with_the_workers_error(cluster, store, tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     with metaql.connect(str(copy), read_only=True, config={"engine": "ray"}) as con:
         with pytest.raises(metaql.IOException, match="corrupt"):
-            con.execute(README_QUERIES[4])
+            con.execute(SELF)

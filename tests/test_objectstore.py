@@ -46,3 +46,9 @@ def test_credentials_never_reach_messages(store):
         metaql.connect(f"file://{store[0]}/absent")
     assert public_uri("s3://KEY:SECRET@bucket/p?endpoint_override=h:1") == "s3://bucket/p"
     assert "SECRET" not in str(e.value)
+
+
+def test_a_connection_to_a_uri_shows_no_credentials():
+    con = metaql.Connection.__new__(metaql.Connection)      # repr only: no server to open
+    con.database, con.store = f"s3://KEY:SECRET@bucket/p?endpoint_override=h:1", None
+    assert repr(con) == "<metaql.Connection 's3://bucket/p'>"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import os
 import platform
 import subprocess
 import sys
@@ -96,8 +95,7 @@ def overhead(repeats: int) -> list:
     build_store(path)
     rows = []
     ray_engine.TASK_BYTES = 64 * 2 ** 20
-    for q in (INFL, SELF):
-        q = q.format(point=info["point"])
+    for q in (README_QUERIES[0], next(q for q in README_QUERIES if "TOPK" in q and "SELF_INFLUENCE" in q)):
         times = {}
         for engine in ("local", "ray"):
             with metaql.connect(path, read_only=True, config={"progress": False, "engine": engine}) as con:
@@ -116,7 +114,6 @@ def measured_costs(path: str) -> dict:
     from metaql.storage.catalog_snapshot import catalog_of
     from metaql.storage.layers import kind_named
     from metaql.engine.functions import REGISTRY
-    from metaql.engine.plan import Side
     with metaql.connect(path, read_only=True, config={"progress": False}) as con:
         ctx = Context(con.store, REGISTRY, {})
         cat = catalog_of(ctx)
@@ -208,7 +205,7 @@ def main(argv=None) -> None:
     sim = simulate(m, task_overhead, (16, 256, 4096, 65536), (1, 8, 64, 512), shard)
     ray.shutdown()
 
-    lines = [f"# The Ray engine (issue #24)\n", header(argv), "",
+    lines = ["# The Ray engine (issue #24)\n", header(argv), "",
              f"Store: {n} training samples, 64 query samples, 1 checkpoint, fc1 64x{HIDDEN} and fc2 {HIDDEN}x10 "
              f"(factored), shards of {shard} samples ({n // shard} per layer); one task per shard; best of {repeats}.", "",
              "## Scan throughput against Ray workers", "",

@@ -50,5 +50,5 @@ def test_credentials_never_reach_messages(store):
 
 def test_a_connection_to_a_uri_shows_no_credentials():
     con = metaql.Connection.__new__(metaql.Connection)      # repr only: no server to open
-    con.database, con.store = f"s3://KEY:SECRET@bucket/p?endpoint_override=h:1", None
+    con.database, con.store = "s3://KEY:SECRET@bucket/p?endpoint_override=h:1", None
     assert repr(con) == "<metaql.Connection 's3://bucket/p'>"

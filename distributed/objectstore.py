@@ -78,7 +78,11 @@ class RemoteStore(Store):
 
     def __init__(self, uri: str):
         fs, base = filesystem(uri)
-        if fs.get_file_info(f"{base}/{files.CATALOG}").type != pafs.FileType.File:
+        try:
+            found = fs.get_file_info(f"{base}/{files.CATALOG}").type == pafs.FileType.File
+        except OSError as e:       # unreachable, refused, no permission
+            raise IOException(f"cannot open {public_uri(uri)}: {e}") from None
+        if not found:
             raise IOException(f"no MetaQL store at {public_uri(uri)} ({files.CATALOG} is missing); publish "
                               "one with metaql.distributed.objectstore.upload_store(path, uri)")
         local = Path(tempfile.mkdtemp(prefix="metaql-remote-"))
@@ -115,11 +119,15 @@ def upload_store(path: str | os.PathLike, uri: str) -> dict:
         with tempfile.TemporaryDirectory(prefix="metaql-upload-") as tmp:
             catalog = Path(tmp) / files.CATALOG
             export_catalog(src, catalog)      # before the listing: every file it names is on disk
-            fs.create_dir(base, recursive=True)
             counts = {"files": 0, "skipped": 0, "bytes": 0}
-            for rel in store_files(src.root):
-                put(fs, src.root / rel, f"{base}/{rel}", counts)
-            put(fs, catalog, f"{base}/{files.CATALOG}", counts, force=True)
+            try:
+                fs.create_dir(base, recursive=True)
+                for rel in store_files(src.root):
+                    put(fs, src.root / rel, f"{base}/{rel}", counts)
+                put(fs, catalog, f"{base}/{files.CATALOG}", counts, force=True)
+            except OSError as e:
+                raise IOException(f"uploading to {public_uri(uri)} failed: {e}; the catalog there is the previous "
+                                  "one (it goes last), so readers are unaffected: run upload_store again") from None
     finally:
         src.close()
     return counts

@@ -62,7 +62,7 @@ def ensure_ray(address: str | None):
     if not ray.is_initialized():
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        except (ConnectionError, ValueError, RuntimeError) as e:
+        except Exception as e:      # Ray raises ConnectionError, ValueError, RuntimeError, its own errors
             raise OperationalError(f"cannot connect to the Ray cluster at {address!r}: {e}; start it "
                                    "(ray start --head) or fix config['address']") from None
     return ray

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,14 @@ def test_a_connection_to_a_uri_shows_no_credentials():
     con = metaql.Connection.__new__(metaql.Connection)      # repr only: no server to open
     con.database, con.store = "s3://KEY:SECRET@bucket/p?endpoint_override=h:1", None
     assert repr(con) == "<metaql.Connection 's3://bucket/p'>"
+
+
+def test_an_unreachable_object_store_is_an_io_error():
+    # a closed port on this machine: refused at once
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = (f"s3://k:s@bucket/store?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+           "&connect_timeout=1&request_timeout=1")
+    with pytest.raises(metaql.IOException, match="cannot open s3://bucket/store"):
+        metaql.connect(uri)

@@ -164,3 +164,42 @@ def test_a_rank_that_did_not_finish_fails_the_capture_and_marks_it_partial(tmp_p
         ddp.adopt_parts(con.store, "c0", 2, [None, "partial"])
     assert con.execute("SELECT status FROM checkpoints").fetchall() == [("partial",)]
     con.close()
+
+
+def test_a_rank_killed_mid_capture_and_restarted_leaves_each_sample_once(tmp_path):
+    from metaql.distributed import ddp
+    from metaql.distributed.ddp import part_dir
+    from metaql.storage.capture import Capture
+    from metaql.storage.store import Store
+    path = str(tmp_path / "s.mq")
+    new_store(path)
+    x, y = data()
+    con = metaql.connect(path)
+
+    def capture(store, ids, fail_after=None):
+        torch.manual_seed(0)
+        model = DigitsMLP()
+        with Capture(store, model, ["fc1", "fc2"], "c0", 0.1, shard_size=16) as cap:
+            for n, chunk in enumerate(np.array_split(ids, 3)):
+                if n == fail_after:
+                    raise RuntimeError("rank died")
+                cap.backward(F.cross_entropy(model(x[chunk]), y[chunk]), chunk)
+
+    capture(con.store, np.arange(0, N, 2))
+    part = Store(part_dir(Path(path).resolve(), "c0", 1))
+    with pytest.raises(RuntimeError):
+        capture(part, np.arange(1, N, 2), fail_after=2)       # rank 1 dies after two batches
+    status = part.checkpoint("c0")["status"]
+    part.close()
+    with pytest.raises(metaql.OperationalError):
+        ddp.adopt_parts(con.store, "c0", 2, [None, status])
+    part = Store(part_dir(Path(path).resolve(), "c0", 1))    # the restarted rank resumes its part
+    capture(part, np.arange(1, N, 2))
+    status = part.checkpoint("c0")["status"]
+    part.close()
+    ddp.adopt_parts(con.store, "c0", 2, [None, status])
+    assert con.verify() == []
+    rows = con.execute("SELECT layer, sum(rows) FROM shards WHERE kind = 'factors' GROUP BY layer ORDER BY layer")
+    assert [(layer, int(n)) for layer, n in rows.fetchall()] == [("fc1", N), ("fc2", N)]
+    assert con.execute("SELECT status FROM checkpoints").fetchall() == [("complete",)]
+    con.close()

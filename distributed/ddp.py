@@ -43,25 +43,17 @@ def distributed_capture(target, model, layers=None, checkpoint: str = "ckpt0", l
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     from metaql.storage.capture import Capture
-    from metaql.storage.store import Store
     if not dist.is_initialized():
         raise InvalidInputException("distributed_capture needs torch.distributed initialised "
                                     "(dist.init_process_group); use con.capture in a single process")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if rank == 0:
-        if not hasattr(target, "store"):
-            raise InvalidInputException("on rank 0 pass the store's metaql.Connection (it commits the catalog)")
-        store, own = target.store, False
-    else:
-        if hasattr(target, "store"):
-            raise InvalidInputException(f"rank {rank} must not open the store (one writer: rank 0); pass its path")
-        store, own = Store(part_dir(Path(target).resolve(), checkpoint, rank)), True
-    # DDP runs its module in this process: hooks on the inner layers see every call, named as the
-    # model's own (no 'module.' prefix), so replay rebuilds it
-    inner = model.module if isinstance(model, DistributedDataParallel) else model
-    cap = Capture(store, inner, layers, checkpoint, lr, **kwargs)
-    failed = None
+    store, own, failed = None, False, None
     try:
+        store, own = rank_store(target, rank, checkpoint)
+        # DDP runs its module in this process: hooks on the inner layers see every call, named as
+        # the model's own (no 'module.' prefix), so replay rebuilds it
+        inner = model.module if isinstance(model, DistributedDataParallel) else model
+        cap = Capture(store, inner, layers, checkpoint, lr, **kwargs)
         with _finish_deferred(store) if rank == 0 else nullcontext():
             cap.__enter__()
             try:
@@ -71,15 +63,30 @@ def distributed_capture(target, model, layers=None, checkpoint: str = "ckpt0", l
                 raise
             finally:
                 cap.__exit__(*((type(failed), failed, None) if failed else (None, None, None)))
+    except BaseException as e:
+        failed = failed or e
+        raise
     finally:
-        status = store.checkpoint(checkpoint)["status"] if rank > 0 else None
-        if own:
+        if own and store is not None:
             store.close()
-        # every rank reaches the barrier, a failed one too, so that rank 0 never waits forever
+        # every rank reaches this exchange, a failed one too (even before its capture began), so
+        # that rank 0 never waits forever
         done = [None] * world
-        dist.all_gather_object(done, status if rank > 0 else (None if failed is None else "failed"))
+        dist.all_gather_object(done, "complete" if failed is None else f"failed ({type(failed).__name__})")
     if rank == 0:
         adopt_parts(store, checkpoint, world, done)
+
+
+def rank_store(target, rank: int, checkpoint: str):
+    """(the store this rank captures into, whether it opened it)."""
+    from metaql.storage.store import Store
+    if rank == 0:
+        if not hasattr(target, "store"):
+            raise InvalidInputException("on rank 0 pass the store's metaql.Connection (it commits the catalog)")
+        return target.store, False
+    if hasattr(target, "store"):
+        raise InvalidInputException(f"rank {rank} must not open the store (one writer: rank 0); pass its path")
+    return Store(part_dir(Path(target).resolve(), checkpoint, rank)), True
 
 
 @contextmanager

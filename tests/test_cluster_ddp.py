@@ -203,3 +203,40 @@ def test_a_rank_killed_mid_capture_and_restarted_leaves_each_sample_once(tmp_pat
     assert [(layer, int(n)) for layer, n in rows.fetchall()] == [("fc1", N), ("fc2", N)]
     assert con.execute("SELECT status FROM checkpoints").fetchall() == [("complete",)]
     con.close()
+
+
+def _rank_failing(rank: int, world: int, port: int, path: str, out: str) -> None:
+    import torch.distributed as dist
+    from metaql.distributed.ddp import distributed_capture
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    x, y = data()
+    model = DigitsMLP()
+    con = metaql.connect(path) if rank == 0 else None
+    try:
+        # rank 1 names a layer the model lacks: it fails before its capture begins
+        with distributed_capture(con if rank == 0 else path, model, layers=["fc1"] if rank == 0 else ["nope"],
+                                 checkpoint="c0", lr=0.1) as cap:
+            ids = np.arange(rank, 16, world)
+            cap.backward(F.cross_entropy(model(x[ids]), y[ids]), ids)
+        outcome = "ok"
+    except metaql.Error as e:
+        outcome = f"{type(e).__name__}: {e}"
+    finally:
+        if con is not None:
+            con.close()
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}").write_text(outcome)
+
+
+def test_a_rank_failing_before_its_capture_begins_fails_rank0_without_a_hang(tmp_path):
+    path = str(tmp_path / "s.mq")
+    new_store(path)
+    ctx = torch.multiprocessing.spawn(_rank_failing, args=(2, free_port(), path, str(tmp_path)), nprocs=2, join=False)
+    deadline = 120
+    while not ctx.join(timeout=5):
+        deadline -= 5
+        assert deadline > 0, "a rank hangs"
+    assert Path(tmp_path, "rank1").read_text().startswith("CatalogException: unknown layer 'nope'")
+    assert "ranks [1] did not finish" in Path(tmp_path, "rank0").read_text()
+    with metaql.connect(path, read_only=True) as con:
+        assert con.execute("SELECT status FROM checkpoints").fetchall() == [("partial",)]

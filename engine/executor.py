@@ -143,6 +143,10 @@ def device_of(ctx: Context) -> str:
 
 
 def layer_pass(store, ckpt: str, strat: Strategy, train: np.ndarray, q, scan: InfluenceScan, ctx: Context):
+    if ctx.config.get("engine") == "ray":     # the same pass as Ray tasks over the shards (optional extra)
+        from metaql.distributed import ray_engine
+        if ray_engine.uses_ray(ctx, strat.chosen):
+            return ray_engine.layer_pass_ray(store, ckpt, strat, train, q, scan, ctx)
     catalog = catalog_of(ctx)
     meta, stored = catalog.layer_meta(strat.layer)
     kind = kind_named(meta.kind)

@@ -45,7 +45,9 @@ def connect(database: str = ":memory:", read_only: bool = False, config: dict | 
 
     config keys: 'progress' (bool: progress bars, default on a terminal), 'trusted_factories' (model
     factories this process may run, see README), 'device' ('cpu' / 'cuda' for the scans),
-    'force_strategy' (pin one query strategy; benchmarks and tests). Other keys are refused."""
+    'force_strategy' (pin one query strategy; benchmarks and tests), 'engine' ('local', the default, or
+    'ray': scans as Ray tasks over the shards, pip install 'metaql[ray]') and 'address' (the Ray
+    cluster's, default: the one this process joined, else a local one). Other keys are refused."""
     return Connection(database, read_only, config)
 
 
@@ -62,7 +64,7 @@ def _catalog_errors(method: Callable) -> Callable:
 
 
 # connect(config=...) keys: what each one does is in connect()'s docstring
-CONFIG_KEYS = ("device", "force_strategy", "progress", "trusted_factories")
+CONFIG_KEYS = ("address", "device", "engine", "force_strategy", "progress", "trusted_factories")
 
 
 def _checked_config(config) -> dict:
@@ -79,7 +81,19 @@ def _checked_config(config) -> dict:
                                         + f" Known keys: {', '.join(CONFIG_KEYS)}")
     if "progress" in config and not isinstance(config["progress"], bool):
         raise InvalidInputException(f"config['progress'] must be true or false, got {config['progress']!r}")
+    if "engine" in config or "address" in config:
+        from metaql.distributed.ray_engine import check_engine_config
+        check_engine_config(config)
     return dict(config)
+
+
+def _open_store(database, read_only: bool) -> Store:
+    """A store directory, or a store on object storage (s3://bucket/path, gs://, file://), which
+    opens read-only whatever `read_only` says: MetaQL writes only local stores."""
+    if isinstance(database, str) and "://" in database:
+        from metaql.distributed.objectstore import RemoteStore
+        return RemoteStore(database)
+    return Store(database, read_only=read_only)
 
 
 def _positive(name: str, value, high: int = 1 << 24) -> None:
@@ -95,7 +109,7 @@ class Connection:
         self.config = _checked_config(config)
         from metaql.storage.models import trusted_factories
         trusted = trusted_factories(self.config.get("trusted_factories"))   # checked before the store opens
-        self.store = Store(database, read_only=read_only)
+        self.store = _open_store(database, read_only)
         self.store.trusted_factories |= trusted
         self.registry = REGISTRY.copy()
         self._result: Result | None = None
@@ -611,7 +625,11 @@ class Connection:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<metaql.Connection {self.database!r}{' read-only' if self.store and self.store.read_only else ''}>"
+        database = self.database
+        if isinstance(database, str) and "://" in database:   # an object-storage URI: no credentials shown
+            from metaql.distributed.objectstore import public_uri
+            database = public_uri(database)
+        return f"<metaql.Connection {database!r}{' read-only' if self.store and self.store.read_only else ''}>"
 
 
 def _quiet_progress(it, total=None, desc=""):

@@ -1,0 +1,170 @@
+"""Stores on object storage through pyarrow.fs: S3 and S3-compatible servers, GCS, local paths.
+
+A store's shard, input and weight files are immutable once named by the catalog (each write makes
+a new file name), so they live on object storage as they are. The catalog stays a DuckDB file:
+object storage has no atomic rename or locking for DuckDB to write through, so a store is written
+locally (capture, replay) and published with `upload_store(path, uri)`: every file first, the
+catalog (a consistent copy of its last commit) last, so a reader of the URI never sees a catalog
+that names a file not yet there.
+
+`metaql.connect('s3://bucket/store')` opens such a store read-only (RemoteStore): the catalog is
+copied to a temporary folder, every other file is downloaded there on first use, checksummed as
+usual, and nothing is ever written to the bucket. Under config={'engine': 'ray'} workers read the
+shard files from the URI themselves (distributed/shards.py), not through the driver.
+
+URIs are pyarrow's: s3://[KEY:SECRET@]bucket/path?endpoint_override=host:port&scheme=http&region=...
+(credentials otherwise from the usual AWS environment variables or files); gs://bucket/path;
+file:///abs/path.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from metaql.errors import IOException
+from metaql.storage import files
+from metaql.storage.store import Store
+
+_filesystems: dict[str, tuple] = {}
+
+
+def public_uri(uri: str) -> str:
+    """The URI without credentials and options, for messages."""
+    return re.sub(r"//[^/@]*@", "//", uri).split("?", 1)[0]
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow FileSystem, base path) of a store URI, made once per process."""
+    if uri not in _filesystems:
+        try:
+            _filesystems[uri] = pafs.FileSystem.from_uri(uri)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
+            raise IOException(f"cannot open {public_uri(uri)}: {e}; a store URI looks like "
+                              "s3://bucket/path?endpoint_override=host:port&scheme=http") from None
+    fs, base = _filesystems[uri]
+    return fs, base.rstrip("/")
+
+
+def read_bytes(uri: str, rel: str) -> pa.Buffer:
+    """The whole file `rel` of the store at `uri`."""
+    fs, base = filesystem(uri)
+    try:
+        with fs.open_input_file(f"{base}/{rel}") as f:
+            return f.read_buffer()
+    except FileNotFoundError:
+        raise IOException(f"{public_uri(uri)}/{rel} is missing; upload the store again "
+                          "(metaql.distributed.objectstore.upload_store)") from None
+    except OSError as e:
+        raise IOException(f"cannot read {public_uri(uri)}/{rel}: {e}") from None
+
+
+def download(uri: str, rel: str, target: Path) -> None:
+    """`rel` copied to `target` through a temporary name, so a half-copied file is never used."""
+    data = read_bytes(uri, rel)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    with open(part, "wb") as f:
+        f.write(memoryview(data))
+    os.replace(part, target)
+
+
+class RemoteStore(Store):
+    """A read-only store on object storage: the catalog copied locally, files fetched on first use."""
+
+    def __init__(self, uri: str):
+        fs, base = filesystem(uri)
+        try:
+            found = fs.get_file_info(f"{base}/{files.CATALOG}").type == pafs.FileType.File
+        except OSError as e:       # unreachable, refused, no permission
+            raise IOException(f"cannot open {public_uri(uri)}: {e}") from None
+        if not found:
+            raise IOException(f"no MetaQL store at {public_uri(uri)} ({files.CATALOG} is missing); publish "
+                              "one with metaql.distributed.objectstore.upload_store(path, uri)")
+        local = Path(tempfile.mkdtemp(prefix="metaql-remote-"))
+        try:
+            download(uri, files.CATALOG, local / files.CATALOG)
+            super().__init__(local, read_only=True)
+        except BaseException:
+            import shutil
+            shutil.rmtree(local, ignore_errors=True)
+            raise
+        self._tmpdir = str(local)     # removed on close, like an in-memory store's folder
+        self.uri = uri
+
+    def _inside(self, rel: str) -> Path:
+        path = files.inside(self.root, rel)
+        if not path.exists():
+            download(self.uri, rel, path)
+        return path
+
+    def cursor(self) -> "RemoteStore":
+        child = super().cursor()
+        child.__class__ = RemoteStore
+        child.uri = self.uri
+        return child
+
+
+def upload_store(path: str | os.PathLike, uri: str) -> dict:
+    """Publishes the store at `path` (which may be open for writing elsewhere) to `uri`: its
+    files, then its last committed catalog. Files already there with the same size are skipped
+    (a named file never changes). Returns {'files': uploaded, 'skipped': n, 'bytes': uploaded}."""
+    fs, base = filesystem(uri)
+    src = Store(path, read_only=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="metaql-upload-") as tmp:
+            catalog = Path(tmp) / files.CATALOG
+            export_catalog(src, catalog)      # before the listing: every file it names is on disk
+            counts = {"files": 0, "skipped": 0, "bytes": 0}
+            try:
+                fs.create_dir(base, recursive=True)
+                for rel in store_files(src.root):
+                    put(fs, src.root / rel, f"{base}/{rel}", counts)
+                put(fs, catalog, f"{base}/{files.CATALOG}", counts, force=True)
+            except OSError as e:
+                raise IOException(f"uploading to {public_uri(uri)} failed: {e}; the catalog there is the previous "
+                                  "one (it goes last), so readers are unaffected: run upload_store again") from None
+    finally:
+        src.close()
+    return counts
+
+
+def export_catalog(store: Store, target: Path) -> None:
+    """A consistent copy of the store's last committed catalog (a reader's snapshot), as one file."""
+    name = store.db.execute("SELECT current_database()").fetchone()[0]
+    store.db.execute(f"ATTACH '{target}' AS metaql_upload (READ_WRITE)")
+    try:
+        store.db.execute(f'COPY FROM DATABASE "{name}" TO metaql_upload')
+    finally:
+        store.db.execute("DETACH metaql_upload")
+
+
+def store_files(root: Path) -> list[str]:
+    """The store's data files (relative paths), without temporaries; symlinks were refused on open."""
+    out = []
+    for folder in files.FOLDERS:
+        for dirpath, _, names in os.walk(root / folder, followlinks=False):
+            for n in sorted(names):
+                if not n.endswith((".tmp", ".part")):
+                    out.append(Path(dirpath, n).relative_to(root).as_posix())
+    return sorted(out)
+
+
+def put(fs, source: Path, dest: str, counts: dict, force: bool = False) -> None:
+    size = source.stat().st_size
+    if not force:
+        info = fs.get_file_info(dest)
+        if info.type == pafs.FileType.File and info.size == size:
+            counts["skipped"] += 1
+            return
+    if isinstance(fs, pafs.LocalFileSystem):      # object stores have no folders to make
+        fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+    with open(source, "rb") as fin, fs.open_output_stream(dest) as out:
+        while chunk := fin.read(8 << 20):
+            out.write(chunk)
+    counts["files"] += 1
+    counts["bytes"] += size

@@ -1,0 +1,211 @@
+"""The Ray engine against the local one on a local Ray cluster started once for the module
+(ray.init(num_cpus=2)): the README's queries give identical answers; a killed worker is retried or
+fails the query with a metaql.Error; con.interrupt() cancels the tasks. Stores on S3-compatible
+object storage: moto's server on 127.0.0.1 started by the module; the same store uploaded and
+queried from the bucket, locally and by Ray workers. One module, so that the store is built and
+Ray started once."""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+
+import pytest
+
+import metaql
+from pathlib import Path
+
+from tests.cluster_stores import README_QUERIES, answers, build_store
+
+INFL = README_QUERIES[0]
+SELF = next(q for q in README_QUERIES if q.startswith("SELECT TOPK") and "SELF_INFLUENCE" in q)
+
+pytestmark = pytest.mark.cluster
+ray = pytest.importorskip("ray")
+moto_server = pytest.importorskip("moto.server")
+pafs = pytest.importorskip("pyarrow.fs")
+from metaql.distributed import ray_engine  # noqa: E402
+from metaql.distributed.objectstore import upload_store  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ray") / "s.mq")
+    info = build_store(path)
+    with metaql.connect(path, read_only=True) as con:
+        info["local"] = answers(con)
+    return path, info
+
+
+@pytest.fixture
+def small_tasks(monkeypatch):
+    monkeypatch.setattr(ray_engine, "TASK_BYTES", 1)     # one task per shard: 4 per layer pass
+
+
+def tasks_run(store_path, info, folder, monkeypatch) -> list:
+    """The README's answers under the Ray engine, and checks that Ray tasks computed them."""
+    folder.mkdir()
+    monkeypatch.setenv("METAQL_RAY_FAULT", f"sleep:0:{folder}")
+    with metaql.connect(store_path, read_only=True, config={"engine": "ray"}) as con:
+        got = answers(con)
+    assert len(os.listdir(folder)) >= len(README_QUERIES) * 4      # tasks ran, not the local loop
+    return got
+
+
+def test_readme_queries_identical_to_local(cluster, store, small_tasks, tmp_path, monkeypatch):
+    path, info = store
+    got = tasks_run(path, info, tmp_path / "done", monkeypatch)
+    for query, local, remote in zip(README_QUERIES, info["local"], got):
+        assert remote == local, query     # exact: the same chunks, the same float operations
+    assert all(len(a) > 0 for a in got)
+
+
+def test_shard_groups_by_bytes(cluster, store, monkeypatch):
+    path, info = store
+    with metaql.connect(path, read_only=True, config={"engine": "ray"}) as con:
+        rows = con.execute("SELECT bytes FROM shards WHERE checkpoint = 'epoch0' AND layer = 'fc1' "
+                           "ORDER BY shard_id").fetchall()
+        monkeypatch.setattr(ray_engine, "TASK_BYTES", rows[0][0] + rows[1][0])
+        assert answers(con) == info["local"]
+    target = rows[0][0] + rows[1][0]
+    specs = [{"bytes": b, "i": i} for i, (b,) in enumerate(rows)]
+    groups = ray_engine.task_groups(specs, target)
+    assert [s for g in groups for s in g] == specs and len(groups) < len(specs)
+    assert all(len(g) == 1 or sum(s["bytes"] for s in g) <= target for g in groups)
+
+
+def test_killed_worker_is_retried(cluster, store, small_tasks, tmp_path, monkeypatch):
+    path, info = store
+    claim = tmp_path / "kill-me"
+    claim.touch()
+    monkeypatch.setenv("METAQL_RAY_FAULT", f"kill-once:{claim}")
+    with metaql.connect(path, read_only=True, config={"engine": "ray"}) as con:
+        got = con.execute(INFL).fetchall()
+    assert not claim.exists()          # a worker was killed mid-query ...
+    assert got == info["local"][0]     # ... and its task re-run: the whole answer
+
+
+def test_worker_dying_every_time_fails_the_query(cluster, store, monkeypatch):
+    path, info = store
+    monkeypatch.setattr(ray_engine, "MAX_RETRIES", 1)
+    monkeypatch.setenv("METAQL_RAY_FAULT", "kill")
+    with metaql.connect(path, read_only=True, config={"engine": "ray"}) as con:
+        with pytest.raises(metaql.OperationalError, match="worker died.*returned nothing"):
+            con.execute(SELF).fetchall()
+        monkeypatch.delenv("METAQL_RAY_FAULT")       # the connection stays usable
+        assert con.execute(SELF).fetchall() == info["local"][README_QUERIES.index(SELF)]
+
+
+def test_interrupt_cancels_every_task(cluster, store, small_tasks, tmp_path, monkeypatch):
+    path, info = store
+    done = tmp_path / "done"
+    done.mkdir()
+    monkeypatch.setenv("METAQL_RAY_FAULT", f"sleep:4:{done}")
+    with metaql.connect(path, read_only=True, config={"engine": "ray"}) as con:
+        timer = threading.Timer(1.0, con.interrupt)
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(metaql.InterruptException):
+            con.execute(SELF)
+        assert time.monotonic() - t0 < 4.0      # it did not wait for the tasks
+        time.sleep(5.0)
+        assert os.listdir(done) == []           # no task ran to its end: every one was cancelled
+
+
+def test_a_corrupt_shard_fails_with_the_workers_error(cluster, store, tmp_path):
+    path, info = store
+    copy = tmp_path / "copy.mq"
+    shutil.copytree(path, copy)
+    with metaql.connect(str(copy), read_only=True) as con:
+        rel = con.execute("SELECT file FROM shards WHERE layer = 'fc2' ORDER BY shard_id LIMIT 1").fetchone()[0]
+    with open(copy / rel, "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with metaql.connect(str(copy), read_only=True, config={"engine": "ray"}) as con:
+        with pytest.raises(metaql.IOException, match="corrupt"):
+            con.execute(SELF)
+
+
+# ---- stores on S3 (moto's server) ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def s3():
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    yield f"testing:testing@metaql/{{}}?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1" \
+          "&allow_bucket_creation=true"
+    server.stop()
+
+
+def uri(s3, name: str) -> str:
+    return "s3://" + s3.format(name)
+
+
+def objects(s3, name: str) -> dict:
+    fs, base = pafs.FileSystem.from_uri(uri(s3, name))
+    return {i.path: (i.size, i.mtime) for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))}
+
+
+@pytest.fixture(scope="module")
+def published(s3, store):
+    path, info = store
+    return path, info, upload_store(path, uri(s3, "store"))
+
+
+def test_a_store_read_from_s3_answers_as_the_local_one(s3, published):
+    path, info, counts = published
+    assert counts["files"] > 16 and counts["skipped"] == 0
+    before = objects(s3, "store")
+    with metaql.connect(uri(s3, "store")) as con:
+        assert con.store.read_only
+        assert answers(con) == info["local"]
+        assert con.verify() == []
+        with pytest.raises(metaql.Error):
+            con.execute("CREATE SET odd AS SELECT sample_id FROM samples WHERE sample_id % 2 = 1")
+    assert objects(s3, "store") == before          # reading wrote nothing to the bucket
+
+
+def test_uploading_again_skips_the_files_already_there(s3, published):
+    path, info, counts = published
+    again = upload_store(path, uri(s3, "store"))
+    assert again["files"] == 1 and again["skipped"] == counts["files"] - 1      # the catalog only
+
+
+def test_a_missing_store_and_a_corrupt_object_are_refused(s3, published):
+    path, info, _ = published
+    with pytest.raises(metaql.IOException, match="no MetaQL store"):
+        metaql.connect(uri(s3, "nothing-here"))
+    upload_store(path, uri(s3, "broken"))
+    with metaql.connect(path, read_only=True) as con:
+        rel = con.execute("SELECT file FROM shards WHERE layer = 'fc1' ORDER BY shard_id LIMIT 1").fetchone()[0]
+    fs, base = pafs.FileSystem.from_uri(uri(s3, "broken"))
+    data = bytearray(fs.open_input_file(f"{base}/{rel}").read())
+    data[300] ^= 0xFF
+    with fs.open_output_stream(f"{base}/{rel}") as f:
+        f.write(bytes(data))
+    with metaql.connect(uri(s3, "broken")) as con:
+        with pytest.raises(metaql.IOException, match="corrupt"):
+            con.execute(SELF)
+
+
+def test_ray_workers_read_the_shards_from_s3(cluster, s3, published):
+    path, info, _ = published
+    with metaql.connect(uri(s3, "store"), config={"engine": "ray"}) as con:
+        assert answers(con) == info["local"]
+    with metaql.connect(uri(s3, "store"), config={"engine": "ray"}) as con:
+        for query in README_QUERIES:
+            if "each(" not in query:       # the train x query matrix runs on the driver
+                con.execute(query)
+        # the driver fetched only what replaying the query side needs; workers read the shards
+        assert not (Path(con.store.root) / "tensors").exists()

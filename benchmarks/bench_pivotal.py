@@ -11,7 +11,7 @@ meta samples get their clean labels (con.label, an oracle), REWEIGHT re-weights 
 model, and we report the test accuracy of the re-weighted model, the AUC between the learned
 weights and label cleanness, and the selection time of RBC and GBC.
 
-    python benchmarks/bench_pivotal.py            # adversarial 60% (6 seeds), uniform 40% and 60% (2 seeds each)
+    python benchmarks/bench_pivotal.py            # adversarial 60% (10 seeds), uniform 40% and 60% (3 seeds each)
     python benchmarks/bench_pivotal.py --quick    # 1 seed, adversarial 60%, shorter training; writes nothing
 """
 from __future__ import annotations
@@ -241,8 +241,8 @@ def paired(runs: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 seed, adversarial 60%%, short training; writes nothing")
-    ap.add_argument("--seeds", type=int, default=6, help="seeds under adversarial noise (and with --imbalance)")
-    ap.add_argument("--uniform-seeds", type=int, default=2, help="seeds at each uniform noise rate")
+    ap.add_argument("--seeds", type=int, default=10, help="seeds under adversarial noise (and with --imbalance)")
+    ap.add_argument("--uniform-seeds", type=int, default=3, help="seeds at each uniform noise rate")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cached-from", choices=["history", "end"], default="history",
                     help="capture 3 warm-up epochs spread over the run (history) or the last 3 (end)")

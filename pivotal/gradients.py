@@ -13,7 +13,8 @@ kinds' primitives, never from a built gradient matrix:
 The k centroids of a partition are built in one pass over the rows (each sample read for its own
 cluster only), and <G_j, C_c> for all j and c is one more pass: X (rows, din) times the k centroids
 side by side (din, k*dout), then D. So a Lloyd iteration reads the rows twice whatever k is. A layer
-stored full (norm layers, small layers) is a matrix per sample already; its products are plain
+the store keeps full (norm layers, layers whose gradient is smaller than their factors; replayed
+ones are held the same way, sources.py) is a matrix per sample already; its products are plain
 matrix products.
 """
 from __future__ import annotations

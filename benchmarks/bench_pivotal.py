@@ -4,12 +4,14 @@ clean by hand so that meta re-weighting repairs a model trained on noisy labels.
 Digits (sklearn, 8x8), 2/3 train / 1/3 test, labels corrupted either adversarially (a fraction of
 every class relabelled as the next class, y -> y+1 mod 10: a systematic flip the warm-up model
 learns) or uniformly (a random other class). A LeNet-style CNN is warmed up on the noisy labels
-with MetaQL capturing the last epochs (the cached checkpoints). Then for each selection method, 20
+with MetaQL capturing 3 epochs spread evenly over the run, the last included (the cached
+checkpoints: the paper samples its time steps uniformly from the training history; --cached-from
+end captures the last 3 epochs instead). Then for each selection method, 20
 meta samples get their clean labels (con.label, an oracle), REWEIGHT re-weights from the warm-up
 model, and we report the test accuracy of the re-weighted model, the AUC between the learned
 weights and label cleanness, and the selection time of RBC and GBC.
 
-    python benchmarks/bench_pivotal.py            # adversarial 60% (3 seeds), uniform 40% and 60% (2 seeds each)
+    python benchmarks/bench_pivotal.py            # adversarial 60% (10 seeds), uniform 40% and 60% (3 seeds each)
     python benchmarks/bench_pivotal.py --quick    # 1 seed, adversarial 60%, shorter training; writes nothing
 """
 from __future__ import annotations
@@ -97,8 +99,16 @@ def accuracy(model, x, y) -> float:
         return float((model.eval()(x).argmax(1) == y).float().mean())
 
 
-def warm_up(con, x, noisy, seed: int, epochs: int, cached: int, lr: float = 0.1) -> tuple[nn.Module, list[str]]:
-    """Trains on the noisy labels; the last `cached` epochs are captured (the checkpoints PIVOTAL_SAMPLES averages)."""
+def cached_epochs(epochs: int, cached: int, spread: bool) -> set[int]:
+    """The epochs captured (the checkpoints PIVOTAL_SAMPLES averages): `cached` of them spread evenly
+    over the run and ending with the last (the paper's uniform sample of the history), or the last ones."""
+    if not spread:
+        return set(range(epochs - cached, epochs))
+    return {int(round(e)) for e in np.linspace(epochs / cached - 1, epochs - 1, cached)}
+
+
+def warm_up(con, x, noisy, seed: int, epochs: int, captured: set[int], lr: float = 0.1) -> tuple[nn.Module, list[str]]:
+    """Trains on the noisy labels, capturing the epochs in `captured` (from their start)."""
     torch.manual_seed(seed)
     model = LeNet()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -106,7 +116,7 @@ def warm_up(con, x, noisy, seed: int, epochs: int, cached: int, lr: float = 0.1)
     names = []
     for e in range(epochs):
         perm = torch.randperm(len(noisy))
-        capture = e >= epochs - cached
+        capture = e in captured
         if capture:
             names.append(f"warm{e}")
             ctx = con.capture(model, checkpoint=names[-1], lr=lr, factory="__main__:LeNet", kwargs=model.metaql_config)
@@ -163,14 +173,14 @@ def finetune(model, x, y, steps: int = 40, lr: float = 0.05) -> nn.Module:
     return model
 
 
-def run(seed: int, noise: str, rate: float, quick: bool) -> dict:
+def run(seed: int, noise: str, rate: float, quick: bool, spread: bool = True) -> dict:
     from sklearn.metrics import roc_auc_score
     xtr, clean, noisy, xte, yte = digits(seed, noise, rate)
     out = {"noise": noise, "rate": rate, "seed": seed, "acc": {}, "auc": {}, "time": {}}
     with warnings.catch_warnings(), metaql.connect(":memory:") as con:
         warnings.simplefilter("ignore")
         con.add_samples(np.arange(len(noisy)), "train", noisy.numpy(), xtr)
-        model, ckpts = warm_up(con, xtr, noisy, seed, epochs=WARM_EPOCHS[quick], cached=3)
+        model, ckpts = warm_up(con, xtr, noisy, seed, WARM_EPOCHS[quick], cached_epochs(WARM_EPOCHS[quick], 3, spread))
         out["acc"]["warm-up"] = accuracy(model, xte, yte)
         for method in METHODS:
             ids, secs = select(con, method, model, xtr, seed, label_free=noise != "imbalance")
@@ -210,12 +220,32 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PAIRS = [("rbc", "rbc_kmeans"), ("gbc", "rbc_kmeans"), ("rbc", "random"), ("gbc", "random"), ("gbc", "rbc")]
+
+
+def paired(runs: list[dict]) -> str:
+    """Per configuration, method a minus method b over the seeds (the seeds' spread is mostly the
+    warm-up model's, which both share), and how many seeds a is ahead."""
+    configs = sorted({(r["noise"], r["rate"]) for r in runs}, key=lambda c: (c[0] != "adversarial", c[1]))
+    lines = ["| a - b | " + " | ".join(f"{n} {_rate(n, r)}" for n, r in configs) + " |", "|---|" + "---|" * len(configs)]
+    for a, b in PAIRS:
+        cells = []
+        for c in configs:
+            d = np.array([100 * (r["acc"][a] - r["acc"][b]) for r in runs if (r["noise"], r["rate"]) == c])
+            se = d.std() / np.sqrt(len(d)) if len(d) > 1 else 0.0
+            cells.append(f"{d.mean():+.1f} ± {se:.1f} ({int((d > 0).sum())}/{len(d)})")
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 seed, adversarial 60%%, short training; writes nothing")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds under adversarial noise (and with --imbalance)")
-    ap.add_argument("--uniform-seeds", type=int, default=2, help="seeds at each uniform noise rate")
+    ap.add_argument("--seeds", type=int, default=10, help="seeds under adversarial noise (and with --imbalance)")
+    ap.add_argument("--uniform-seeds", type=int, default=3, help="seeds at each uniform noise rate")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cached-from", choices=["history", "end"], default="history",
+                    help="capture 3 warm-up epochs spread over the run (history) or the last 3 (end)")
     ap.add_argument("--imbalance", type=float, default=0,
                     help="only the class-imbalanced variant with this imbalance factor (clean labels, label_free=false); "
                          "writes results/pivotal_imbalance.md")
@@ -226,9 +256,11 @@ def main(argv=None) -> None:
         [("adversarial", 0.6, args.seeds), ("uniform", 0.4, args.uniform_seeds), ("uniform", 0.6, args.uniform_seeds)]
     t0 = time.perf_counter()
     runs = []
+    configs = [c for c in configs if c[2] > 0]
+    spread = args.cached_from == "history"
     for noise, rate, seeds in configs:
         for seed in range(seeds):
-            runs.append(run(seed, noise, rate, args.quick))
+            runs.append(run(seed, noise, rate, args.quick, spread))
             print(f"{noise} {rate} seed {seed}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in runs[-1]["acc"].items()),
                   flush=True)
     wall = time.perf_counter() - t0
@@ -242,8 +274,8 @@ def main(argv=None) -> None:
         f"torch {torch.__version__}, {args.threads} torch thread(s) on a 2-core machine shared with other work; "
         f"wall time {wall:.0f} s; seeds: " + ", ".join(f"{n} {_rate(n, r)}: {k}" for n, r, k in configs) + ".",
         f"Digits 8x8, {len(digits(0, *configs[0][:2])[1])} train / {len(digits(0, 'uniform', 0)[4])} test; LeNet-style "
-        f"CNN warmed up on the noisy labels (SGD, momentum 0.9, lr 0.1, {WARM_EPOCHS[args.quick]} epochs, the last 3 captured as the cached "
-        f"checkpoints); budget {BUDGET} meta samples, cleaned by an oracle (con.label); REWEIGHT (Eq. 2-4) from the "
+        f"CNN warmed up on the noisy labels (SGD, momentum 0.9, lr 0.1, {WARM_EPOCHS[args.quick]} epochs; epochs "
+        f"{sorted(cached_epochs(WARM_EPOCHS[args.quick], 3, spread))} (from 0, at their start) captured as the cached checkpoints); budget {BUDGET} meta samples, cleaned by an oracle (con.label); REWEIGHT (Eq. 2-4) from the "
         f"warm-up model, {REWEIGHT_EPOCHS[args.quick]} epochs, batch 100, lr 0.1, weight_lr 1.0, weights starting at 1. Adversarial noise: y -> y+1 mod 10 for the given "
         "fraction of each class; uniform: a random other class. Class imbalance (--imbalance F): class c keeps n_max F^(-c/9) of its "
         "training samples, labels clean, PIVOTAL_SAMPLES with label_free=false (GBC reads the stored factors). "
@@ -251,6 +283,8 @@ def main(argv=None) -> None:
         "clean random samples instead of re-weighting (no weights, no AUC).",
         "## Test accuracy (%, mean ± standard error over seeds) and AUC of the learned weights against label cleanness",
         table(runs),
+        "## Paired differences (same seed, same warm-up model): test accuracy points, mean ± standard error, wins\n\n"
+        + paired(runs),
         f"## Selection time (s, mean over all runs): RBC {np.mean(rbc):.2f}, GBC {np.mean(gbc):.2f} "
         f"(GBC/RBC = {np.mean(gbc) / max(np.mean(rbc), 1e-9):.1f}x), RBC-k {np.mean([r['time']['rbc_kmeans'] for r in runs]):.2f}",
     ])

@@ -1,8 +1,9 @@
 """Weighted K-means on gradients that are never built (MCO, Eq. 9-10 of papers/003).
 
-Works on any object with `sq_norms()`, `centroid(u)` (the u-weighted average of the gradients)
-and `dots(centroid)` ((<G_j, C>, ||C||^2)): FactoredGradients computes them from stored factors;
-the tests pass explicitly built gradient matrices through the same algorithm.
+Works on any object with `sq_norms()`, `centroids(U)` (the k averages of the gradients weighted
+by the columns of U (N, k)) and `scores(C)` (((N, k) <G_j, C_c>, (k,) ||C_c||^2)):
+FactoredGradients computes them from stored factors, each a single pass whatever k is; the tests
+pass explicitly built gradient matrices through the same algorithm.
 
 Distances are ||G_j - C_i||^2 = ||G_j||^2 - 2<G_j, C_i> + ||C_i||^2. The weighted objective is
     sum_j u_j ||G_j - C_a(j)||^2,   u_j = ||G_j||   (C_i the u-weighted mean of its members),
@@ -28,49 +29,46 @@ class Clustering:
     iterations: int
 
 
-def sample_weights(grads, weighted: bool) -> torch.Tensor:
-    sq = grads.sq_norms()
+def sample_weights(grads, weighted: bool, sq: torch.Tensor | None = None) -> torch.Tensor:
+    sq = grads.sq_norms() if sq is None else sq
     return sq.clamp_min(0).sqrt() if weighted else torch.ones_like(sq)
 
 
 def distances(grads, sq: torch.Tensor, centroids: list) -> torch.Tensor:
-    """(N, k) squared distances of every sample to every centroid: one Lemma-7 scan per centroid."""
-    cols = []
-    for c in centroids:
-        dot, cc = grads.dots(c)
-        cols.append(_squared_distance(sq, dot, cc))
-    return torch.stack(cols, dim=1)
+    """(N, k) squared distances of every sample to k centroids made by `grads.centroids`: one
+    scan for all k. Rounding can take a near-zero one below zero (a sample that is its cluster's
+    centroid), and a squared distance is never negative."""
+    dots, norms = grads.scores(centroids)
+    return (sq.unsqueeze(1) - 2 * dots + norms.unsqueeze(0)).clamp_min(0)
 
 
-def _squared_distance(sq: torch.Tensor, dot: torch.Tensor, cc: float) -> torch.Tensor:
-    """||G_j - C||^2 from its three products; rounding can take a near-zero one below zero (a
-    sample that is its cluster's centroid), and a squared distance is never negative."""
-    return (sq - 2 * dot + cc).clamp_min(0)
+def memberships(assignment: np.ndarray, u: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, k) U_jc = u_j if sample j is in cluster c, else 0: the weights of the k centroids."""
+    a = torch.from_numpy(np.asarray(assignment)).long()
+    return torch.zeros(len(u), k, dtype=torch.float64).index_put_((torch.arange(len(u)), a), u.double())
 
 
 def objective(grads, assignment: np.ndarray, u: torch.Tensor, k: int, sq: torch.Tensor | None = None) -> float:
     """sum_j u_j ||G_j - C_a(j)||^2 for a fixed assignment, C_i the u-weighted mean of cluster i."""
     sq = grads.sq_norms() if sq is None else sq
-    a = torch.from_numpy(np.asarray(assignment))
-    total = 0.0
-    for i in range(k):
-        members = (a == i).double() * u
-        if members.sum() <= 0:
-            continue
-        dot, cc = grads.dots(grads.centroid(members))
-        total += float((members * _squared_distance(sq, dot, cc)).sum())
-    return total
+    m = memberships(assignment, u, k)
+    live = torch.nonzero(m.sum(0) > 0).flatten()
+    if len(live) == 0:
+        return 0.0
+    m = m[:, live]
+    dist = distances(grads, sq, grads.centroids(m))
+    return float((m * dist).sum())
 
 
 def weighted_kmeans(grads, k: int, weighted: bool = True, seed: int = 0, max_iter: int = 30,
                     check=lambda: None) -> Clustering:
     """Lloyd's iterations from a k-means++ start until the assignment stops changing; `check` runs
-    between iterations (a query's Ctrl-C)."""
+    between iterations (a query's Ctrl-C). `grads` has sq_norms(), centroids(U) and scores(C)."""
     n = grads.n
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of samples ({n})")
     sq = grads.sq_norms()
-    u = sample_weights(grads, weighted)
+    u = sample_weights(grads, weighted, sq)
     if float(u.sum()) <= 0:       # every gradient is zero: nothing pulls; fall back to counting
         u = torch.ones_like(u)
     gen = np.random.default_rng(seed)
@@ -91,20 +89,18 @@ def weighted_kmeans(grads, k: int, weighted: bool = True, seed: int = 0, max_ite
 
 def _plus_plus(grads, sq, u, k, gen) -> list:
     """k-means++ seeding, sampling in proportion to u_j * D_j^2; a centroid of one sample is the
-    batch average of a batch of one."""
+    batch average of a batch of one (built from that sample's rows only)."""
     first = int(gen.choice(len(u), p=(u / u.sum()).numpy()))
     chosen = [first]
-    centroids = [grads.centroid(_onehot(len(u), first))]
-    best = distances(grads, sq, centroids)[:, 0]
+    best = distances(grads, sq, grads.centroids(_columns(len(u), [first])))[:, 0]
     while len(chosen) < k:
         p = (u * best).numpy()
         p[chosen] = 0
         nxt = int(gen.choice(len(u), p=p / p.sum())) if p.sum() > 0 else \
             int(gen.choice(np.setdiff1d(np.arange(len(u)), chosen)))
         chosen.append(nxt)
-        centroids.append(grads.centroid(_onehot(len(u), nxt)))
-        best = torch.minimum(best, distances(grads, sq, centroids[-1:])[:, 0])
-    return centroids
+        best = torch.minimum(best, distances(grads, sq, grads.centroids(_columns(len(u), [nxt])))[:, 0])
+    return grads.centroids(_columns(len(u), chosen))
 
 
 def _update(grads, assignment, u, k, dist) -> list:
@@ -112,15 +108,13 @@ def _update(grads, assignment, u, k, dist) -> list:
     adds the most to the objective (so k clusters stay k)."""
     a = torch.from_numpy(assignment)
     cost = u * dist.gather(1, a.unsqueeze(1))[:, 0]
-    cols = []
+    m = memberships(assignment, u, k)
     for i in range(k):
-        members = (a == i).double() * u
-        if members.sum() <= 0:
+        if m[:, i].sum() <= 0:
             far = int(cost.argmax())
             cost[far] = -1
-            members = _onehot(len(u), far)
-        cols.append(members)
-    return [grads.centroid(c) for c in cols]
+            m[far, i] = 1.0
+    return grads.centroids(m)
 
 
 def _result(grads, assignment, dist, u, k, sq, iterations) -> Clustering:
@@ -139,7 +133,9 @@ def _result(grads, assignment, dist, u, k, sq, iterations) -> Clustering:
     return Clustering(assignment, centers, sizes, objective(grads, assignment, u, k, sq), iterations)
 
 
-def _onehot(n: int, i: int) -> torch.Tensor:
-    v = torch.zeros(n, dtype=torch.float64)
-    v[i] = 1.0
-    return v
+def _columns(n: int, chosen: list[int]) -> torch.Tensor:
+    """(n, k): column c the weights of the centroid that is sample chosen[c] alone."""
+    m = torch.zeros(n, len(chosen), dtype=torch.float64)
+    m[torch.tensor(chosen), torch.arange(len(chosen))] = 1.0
+    return m
+

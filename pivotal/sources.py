@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from metaql.errors import BinderException, InvalidInputException
-from metaql.pivotal.gradients import Block, FactoredGradients
+from metaql.pivotal.gradients import CHUNK, Block, FactoredGradients
 from metaql.storage.hooks import LayerHooks, watched_modules
 from metaql.storage.inputs import call_model
 from metaql.storage.layers import kind_named
@@ -115,11 +115,23 @@ def gbc_blocks(store, catalog, ckpt: str, ids: np.ndarray, layers: list[str], la
         factors = {layer: _stored(catalog, ckpt, layer, ids) for layer in layers}
     blocks = []
     for layer in layers:
-        meta, _ = catalog.layer_meta(layer)
+        meta, storage = catalog.layer_meta(layer)
         if layer not in factors:
             raise InvalidInputException(f"layer '{layer}' got no gradient at checkpoint '{ckpt}'; leave it out of layers=")
-        blocks.append(Block(f"{ckpt}/{layer}", kind_named(meta.kind), meta, factors[layer]))
+        kind = kind_named(meta.kind)
+        blocks.append(Block(f"{ckpt}/{layer}", kind, meta, _in_storage_form(kind, meta, storage, factors[layer])))
     return blocks
+
+
+def _in_storage_form(kind, meta, storage: str, factors: dict) -> dict:
+    """Replayed factors in the form the store keeps the layer in: a layer whose full gradient has
+    fewer numbers than its factors (capture's rule; digits' first convolution: 60 against 448) is
+    held full, so the K-means products read 60 numbers per sample, not 64 rows of patches."""
+    if storage != "full" or "G" in factors:
+        return factors
+    n = next(iter(factors.values())).shape[0]
+    return {"G": torch.cat([kind.full(meta, {k: v[i:i + CHUNK] for k, v in factors.items()})
+                            for i in range(0, n, CHUNK)])}
 
 
 def _replayed(store, ckpt, ids, layers) -> dict:

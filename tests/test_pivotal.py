@@ -40,6 +40,13 @@ class DenseGradients:
     def dots(self, c):
         return self.g @ c, float(c @ c)
 
+    def centroids(self, m):
+        m = m.double()
+        return (m / m.sum(0, keepdim=True)).T @ self.g
+
+    def scores(self, c):
+        return self.g @ c.T, (c * c).sum(1)
+
 
 def _build(con, model, x, y, ckpts):
     ids = np.arange(len(x))
@@ -198,3 +205,29 @@ def test_sql_errors_say_what_to_do():
             con.execute("SELECT * FROM PIVOTAL_SAMPLES(data=train, k=2, layers=[fc1, fc2])")
         with pytest.raises(metaql.Error):
             con.execute("SELECT * FROM PIVOTAL_SAMPLES(data=train, k=0)")
+
+
+def test_lloyd_iteration_reads_the_factors_twice_whatever_k(monkeypatch):
+    """A Lloyd iteration scores every sample against all k centroids in one pass over each block's
+    rows and builds the k centroids in one more; the old path read the rows twice per centroid.
+    Counted: reads of each block's rows (Block.parts) in a whole run, k-means++ seeding included
+    (one centroid per read there: it is sequential)."""
+    from metaql.pivotal.gradients import Block
+    torch.manual_seed(3)
+    model, x, y = MLP(), torch.randn(40, 6), torch.randint(0, 3, (40,))
+    with metaql.connect(":memory:") as con:
+        _build(con, model, x, y, 1)
+        catalog = CatalogSnapshot(con.store)
+        fact = FactoredGradients(sources.gbc_blocks(con.store, catalog, "c0", np.arange(40),
+                                                    catalog.layer_names("*"), label_free=False))
+    reads = []
+    parts = Block.parts
+    monkeypatch.setattr(Block, "parts", lambda self: reads.append(self.name) or parts(self))
+    k = 6
+    res = weighted_kmeans(fact, k, seed=0, max_iter=5)
+    assert res.iterations >= 2            # else the per-iteration count below says little
+    per_block = len(reads) / len(fact.blocks)
+    # seeding: k scans and k one-sample centroids, then the k centroids; per iteration one scan and
+    # one centroid pass; the final scan; sq norms and the objective's centroids and scan
+    assert per_block <= 2 * k + 1 + 2 * res.iterations + 4
+    assert per_block < 2 * k * res.iterations        # what k scans per iteration would take

@@ -42,6 +42,11 @@ class ProjectionRequest:
     def mode(self, layer: str) -> str | None:
         return self.storage if isinstance(self.storage, str) else (self.storage or {}).get(layer)
 
+    def exact_mode(self, layer: str) -> str | None:
+        """The exact mode asked for the layer ('factored', 'full'), else None (the space formula)."""
+        mode = self.mode(layer)
+        return mode if mode in EXACT_MODES else None
+
     def error(self, layer: str) -> float | None:
         return self.max_error.get(layer) if isinstance(self.max_error, dict) else self.max_error
 

@@ -45,7 +45,6 @@ class ShardWriter:
         self.projection = projection if projection is not None else ProjectionRequest(storage)
         self.store, self.checkpoint, self.hooks = store, checkpoint, hooks
         self.shard_size, self.dtype, self.storage = shard_size, STORAGE_DTYPES[dtype], self.projection.exact
-        store.check_storage_override(self.storage)    # before any training step depends on it
         self.background = background      # flushes written by a BackgroundWriter thread (storage/writer.py)
         self._worker = None
         self._metas: dict = {}
@@ -61,6 +60,7 @@ class ShardWriter:
         self.rows_written = 0
         self.projected: dict = {}      # per layer: its CaptureProjection (metaql.approx), or None: exact
         self.projection.check(self._registered())
+        store.check_storage_override(self.storage)    # before any training step depends on it
 
     @property
     def ids(self) -> list[np.ndarray]:
@@ -199,7 +199,7 @@ class ShardWriter:
                 # the shared input is stored once, by the layer it is shared with
                 numbers -= int(np.prod(fs[kind.suffix_name()].shape[1:]))
             mode = self.store.register_layer(meta, kind.positions(meta, fs), numbers, kind.factored,
-                                             self.storage.get(layer))
+                                             self.projection.exact_mode(layer))
             self.modes[layer] = mode
             stored_meta, _ = self.store.layer_meta(layer)
             if mode == "factored" and stored_meta.extra.get("suffix_of"):

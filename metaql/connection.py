@@ -375,6 +375,11 @@ class Connection:
     def description(self):
         return None if self._result is None else self._result.description
 
+    @property
+    def approximation(self) -> dict | None:
+        """The last result's bound and certificate when it was approximate (error=), else None."""
+        return self._last().approximation
+
     # ---- data in ----------------------------------------------------------------------------------
     @_catalog_errors
     def add_samples(self, ids, split: str, labels=None, inputs=None, columns=None) -> int:

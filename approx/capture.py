@@ -72,13 +72,13 @@ class ProjectionRequest:
         mode = self.mode(layer)
         if mode in (None, "factored", "full"):
             return None
-        why = projectable(kind)
+        base = kind.meta(layer, module)
+        why = projectable(kind, base, factors)
         if why:
-            if mode == "auto":
+            if mode == "auto" or isinstance(self.storage, str):   # a request for every layer skips it
                 return None
             raise InvalidInputException(f"layer '{layer}' cannot be stored projected: {why}; store it "
                                         "'factored' or 'full', or leave it out of storage=")
-        base = kind.meta(layer, module)
         din, dout = base.din + int(base.bias), base.dout
         dims = self._dims(layer, din, dout, mode)
         if dims is None:

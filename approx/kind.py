@@ -40,12 +40,13 @@ def is_projected(meta: LayerMeta) -> bool:
     return meta.kind == KIND
 
 
-def projectable(kind: LayerKind) -> str:
-    """'' when a kind's canonical rows are dense (what a projection multiplies), else why not."""
+def projectable(kind: LayerKind, meta: LayerMeta, factors: dict[str, torch.Tensor]) -> str:
+    """'' when a kind's canonical rows are dense numbers (what a projection multiplies), else why not."""
     if not kind.factored:
         return f"its kind '{kind.kind}' is stored full only (no factors to project)"
-    if type(kind).gram_d is not LayerKind.gram_d:
-        return f"its kind '{kind.kind}' has structured (not dense) rows, which are not projected"
+    x, d = kind.rows(meta, {k: v[:1] for k, v in factors.items()})
+    if not (x.is_floating_point() and d.is_floating_point()):
+        return f"its kind '{kind.kind}' has index rows (one-hot, not dense), which are not projected"
     return ""
 
 

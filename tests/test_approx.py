@@ -165,7 +165,7 @@ def test_refusals():
         t = torch.randint(0, 50, (3, 2))
         con.add_samples(np.arange(3), "train", np.zeros(3, int), t)
         with pytest.raises(InvalidInputException, match="cannot be stored projected"):
-            with con.capture(emb, layers=["0"], storage="projected", proj_dim=2) as cap:
+            with con.capture(emb, layers=["0"], storage={"0": "projected"}, proj_dim=2) as cap:
                 cap.backward(F.cross_entropy(emb(t), torch.zeros(3, dtype=torch.long)), np.arange(3))
 
 

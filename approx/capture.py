@@ -21,21 +21,25 @@ MODES = EXACT_MODES + ("projected", "auto")
 
 
 class ProjectionRequest:
-    def __init__(self, storage=None, max_error=None, proj_dim: int | None = None, proj_seed: int = 0):
+    def __init__(self, storage=None, max_error=None, proj_dim: int | None = None, proj_seed: int = 0,
+                 sketch_dim: int | None = None):
         if storage is not None and not isinstance(storage, (str, dict)):
             raise InvalidInputException("storage= takes a mode ('factored', 'full', 'projected', 'auto') or "
                                         f"{{layer: mode}}, not {type(storage).__name__}")
         for mode in ([storage] if isinstance(storage, str) else (storage or {}).values()):
             if mode not in MODES:
                 raise InvalidInputException(f"storage mode must be one of {', '.join(MODES)}, not {mode!r:.40}")
-        if proj_dim is not None and (isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim < 1):
-            raise InvalidInputException(f"proj_dim must be a positive whole number, not {proj_dim!r:.40}")
+        for name, v in (("proj_dim", proj_dim), ("sketch_dim", sketch_dim)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise InvalidInputException(f"{name} must be a positive whole number, not {v!r:.40}")
         for e in (max_error.values() if isinstance(max_error, dict) else [max_error]):
             if e is not None:
                 dims_for_error(2, 2, e)       # validates the number
         if isinstance(proj_seed, bool) or not isinstance(proj_seed, int):
             raise InvalidInputException(f"proj_seed must be a whole number, not {proj_seed!r:.40}")
         self.storage, self.max_error, self.proj_dim, self.proj_seed = storage, max_error, proj_dim, proj_seed
+        self.sketch_dim = sketch_dim
+        self.sketched: set[str] = set()     # layers whose projected gradient is sketched: stored full
         self.exact = {layer: m for layer, m in (storage.items() if isinstance(storage, dict) else ())
                       if m in EXACT_MODES}      # the plain overrides the store has always taken
 
@@ -44,6 +48,8 @@ class ProjectionRequest:
 
     def exact_mode(self, layer: str) -> str | None:
         """The exact mode asked for the layer ('factored', 'full'), else None (the space formula)."""
+        if layer in self.sketched:
+            return "full"
         mode = self.mode(layer)
         return mode if mode in EXACT_MODES else None
 
@@ -84,12 +90,15 @@ class ProjectionRequest:
         if dims is None:
             return None
         k_in, k_out = dims
-        if k_in is None and k_out is None:        # the bound allows no reduction: exact is as small
+        sketch = self.sketch_dim if self.sketch_dim and self.sketch_dim < (k_in or din) * (k_out or dout) else None
+        if k_in is None and k_out is None and sketch is None:    # the bound allows no reduction
             return None
-        spec = {"seed": layer_seed(self.proj_seed, layer), "k_in": k_in, "k_out": k_out, "dist": "gaussian",
-                "error": relative_error(k_in, k_out)}
-        if mode == "auto" and not smaller(kind, base, factors, k_in or din, k_out or dout):
+        spec = {"seed": layer_seed(self.proj_seed, layer), "k_in": k_in, "k_out": k_out, "sketch": sketch,
+                "dist": "gaussian", "error": relative_error(k_in, k_out, sketch)}
+        if mode == "auto" and not smaller(kind, base, factors, k_in or din, k_out or dout, sketch):
             return None
+        if sketch:
+            self.sketched.add(layer)
         return CaptureProjection(kind, spec)
 
     def _dims(self, layer: str, din: int, dout: int, mode: str):
@@ -106,10 +115,10 @@ class ProjectionRequest:
         return dims_for_error(din, dout, err)
 
 
-def smaller(kind, base: LayerMeta, factors, k_in: int, k_out: int) -> bool:
+def smaller(kind, base: LayerMeta, factors, k_in: int, k_out: int, sketch: int | None = None) -> bool:
     """Whether the projected form (factors or the projected gradient, the smaller) stores fewer
     numbers per sample than the exact form the space formula would pick."""
     one = {k: v[:1] for k, v in factors.items()}
     s = kind.positions(base, one)
     exact = min(kind.stored_numbers(base, one), kind.full_numbers(base))
-    return min(s * (k_in + k_out), k_in * k_out) < exact
+    return (sketch or min(s * (k_in + k_out), k_in * k_out)) < exact

@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 
 from metaql.approx.kind import base_meta, is_projected
-from metaql.approx.projection import variance_factor
+from metaql.approx.projection import spec_variance
 from metaql.engine.plan import InfluenceScan, TopK
 from metaql.errors import Error
 from metaql.storage.catalog_snapshot import catalog_of
@@ -94,7 +94,7 @@ def phase_one(scan: InfluenceScan, ctx, projected: dict):
             if strat.layer in projected:
                 spec = projected[strat.layer].extra["projection"]
                 qn2 = float((q["gbar_flat"].double() ** 2).sum())
-                var += variance_factor(spec["k_in"], spec["k_out"]) * n2 * qn2
+                var += spec_variance(spec) * n2 * qn2
                 ppart += s
         total += lr * part
         sigma += abs(lr) * np.sqrt(var)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from metaql.approx.projection import project_rows
+from metaql.approx.projection import project_rows, sketch_matrix
 from metaql.storage.layers.base import LayerKind, LayerMeta, kind_named, register
 
 KIND = "projected"
@@ -29,6 +29,21 @@ class Projected(LayerKind):
         base = base_meta(meta)
         x, d = kind_named(base.kind).rows(base, factors)
         return project_rows(x, d, base.bias, meta.extra["projection"])
+
+
+    def full(self, meta: LayerMeta, factors):
+        """The projected gradient flattened (k_out x k_in), or its dense sketch (m numbers)."""
+        if "G" in factors:
+            return factors["G"].float()
+        x, d = self.rows(meta, factors)
+        g = torch.einsum("nso,nsi->noi", d, x).reshape(x.shape[0], -1)
+        spec = meta.extra["projection"]
+        return g @ sketch_matrix(spec["seed"], spec["sketch"], g.shape[1]).T if spec.get("sketch") else g
+
+    def average_of(self, meta: LayerMeta, factors):
+        if not meta.extra["projection"].get("sketch"):
+            return super().average_of(meta, factors)
+        return self.full(meta, factors).mean(0, keepdim=True)     # (1, m): the sketched layer's meta
 
 
 def base_meta(meta: LayerMeta) -> LayerMeta:
@@ -60,7 +75,10 @@ class CaptureProjection(Projected):
         if self._meta is None:
             base = self.base_kind.meta(name, module)
             din, dout = base.din + int(base.bias), base.dout
-            self._meta = LayerMeta(name, KIND, self.spec["k_in"] or din, self.spec["k_out"] or dout, False, {},
+            # a sketched layer reads as a (1 x m) layer stored full: its gradient is the sketch
+            width, height = (self.spec["sketch"], 1) if self.spec.get("sketch") else \
+                (self.spec["k_in"] or din, self.spec["k_out"] or dout)
+            self._meta = LayerMeta(name, KIND, width, height, False, {},
                                    {"projection": dict(self.spec), "base": base.to_dict()})
         return self._meta
 

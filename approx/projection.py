@@ -36,14 +36,22 @@ def variance_factor(k_in: int | None, k_out: int | None) -> float:
     return v
 
 
-def relative_error(k_in: int | None, k_out: int | None) -> float:
+def spec_variance(spec: dict) -> float:
+    """v of a layer's recorded projection, its dense sketch included: a sketch R (m rows, N(0, 1/m))
+    of the projected gradient adds (2/m) E[||G~_a||^2 ||G~_b||^2] <= (2/m)(1 + v) ||G_a||^2 ||G_b||^2."""
+    v = variance_factor(spec["k_in"], spec["k_out"])
+    m = spec.get("sketch")
+    return v + 2.0 / m * (1.0 + v) if m else v
+
+
+def relative_error(k_in: int | None, k_out: int | None, sketch: int | None = None) -> float:
     """sqrt(v): the bound on the relative error's standard deviation."""
-    return math.sqrt(variance_factor(k_in, k_out))
+    return math.sqrt(spec_variance({"k_in": k_in, "k_out": k_out, "sketch": sketch}))
 
 
-def chebyshev_radius(k_in: int | None, k_out: int | None, delta: float) -> float:
+def chebyshev_radius(k_in: int | None, k_out: int | None, delta: float, sketch: int | None = None) -> float:
     """eps such that P(|err| > eps ||G_a|| ||G_b||) <= delta (Chebyshev)."""
-    return math.sqrt(variance_factor(k_in, k_out) / delta)
+    return math.sqrt(spec_variance({"k_in": k_in, "k_out": k_out, "sketch": sketch}) / delta)
 
 
 def dims_for_error(din: int, dout: int, max_error: float) -> tuple[int | None, int | None]:
@@ -87,3 +95,17 @@ def project_rows(x: torch.Tensor, d: torch.Tensor, bias: bool, spec: dict) -> tu
     if p_out is not None:
         d = d @ p_out.to(d.device)
     return x, d
+
+
+SKETCH_NUMBERS = 2 ** 25      # the largest dense sketch matrix (m x k_in k_out) built: 128 MiB
+
+
+@functools.lru_cache(maxsize=8)
+def sketch_matrix(seed: int, m: int, width: int) -> torch.Tensor:
+    """R (m x width), N(0, 1/m) entries from a stream of its own (the layer's seed + 1)."""
+    if m * width > SKETCH_NUMBERS:
+        raise InvalidInputException(
+            f"a sketch of {m} numbers of a {width}-number projected gradient needs a {m} x {width} matrix, above "
+            f"{SKETCH_NUMBERS:,} numbers: lower proj_dim (k per side) or sketch_dim")
+    g = torch.Generator().manual_seed((int(seed) + 1) % (2 ** 31 - 1))
+    return torch.randn(m, width, generator=g) / math.sqrt(m)

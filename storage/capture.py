@@ -334,7 +334,8 @@ class Capture:
                  lr: float = 1.0, epoch: int | None = None, step: int | None = None,
                  factory: str | None = None, kwargs: dict | None = None, shard_size: int = 2048,
                  dtype: str = "float32", storage: dict[str, str] | str | None = None, task=None,
-                 background: bool = True, max_error=None, proj_dim: int | None = None, proj_seed: int = 0):
+                 background: bool = True, max_error=None, proj_dim: int | None = None, proj_seed: int = 0,
+                 sketch_dim: int | None = None):
         from metaql.storage.tasks import make_task, task_spec
         model = unwrapped(model)
         self.store, self.model, self.checkpoint = store, model, checkpoint
@@ -346,7 +347,7 @@ class Capture:
         # storage='projected' | 'auto' with max_error= or proj_dim=: projected layers (metaql.approx)
         from metaql.approx.capture import ProjectionRequest
         self.writer = ShardWriter(store, checkpoint, self.hooks, shard_size, dtype, storage, background,
-                                  ProjectionRequest(storage, max_error, proj_dim, proj_seed))
+                                  ProjectionRequest(storage, max_error, proj_dim, proj_seed, sketch_dim))
         self.samples = 0
         self.batches_seen = 0       # training batches so far: the weights moved after each one
 

@@ -8,7 +8,8 @@ from torch import nn
 
 import metaql
 from metaql.approx.kind import Projected
-from metaql.approx.projection import chebyshev_radius, dims_for_error, matrices, variance_factor
+from metaql.approx.projection import (chebyshev_radius, dims_for_error, matrices, sketch_matrix, spec_variance,
+                                      variance_factor)
 from metaql.errors import InvalidInputException
 from metaql.storage.hooks import watched_modules
 from metaql.storage.layers import kind_named
@@ -38,10 +39,12 @@ def _seq_data(n=12, t=5, seed=0):
     return model, torch.randn(n, t, 6), torch.randint(0, 3, (n,))
 
 
-def test_projected_scores_unbiased_and_within_bound_over_seeds():
-    """For one layer of 5-token sequences: over 300 seeds, each training sample's projected score
-    against a query batch has mean within 4 standard errors of the exact one, variance within the
-    bound v ||g_i||^2 ||g_q||^2 (up to sampling slack), and Chebyshev's tail at delta holds."""
+@pytest.mark.parametrize("k_in,k_out,sketch", [(4, 3, None), (None, 5, 12)])
+def test_projected_scores_unbiased_and_within_bound_over_seeds(k_in, k_out, sketch):
+    """For one layer of 5-token sequences: over 800 seeds, each training sample's projected (and
+    sketched) score against a query batch has mean within 4 standard errors of the exact one,
+    variance within the bound v ||g_i||^2 ||g_q||^2 (up to sampling slack), and Chebyshev's tail
+    at delta holds."""
     model, x, y = _seq_data()
     layer, ntrain = "proj", 9
     modules = watched_modules(model, [layer])
@@ -50,25 +53,30 @@ def test_projected_scores_unbiased_and_within_bound_over_seeds():
     exact = (G[:ntrain] * G[ntrain:].mean(0)).sum((1, 2))
     scale = G[:ntrain].flatten(1).norm(dim=1) * G[ntrain:].mean(0).norm()
     base = kind_named("linear").meta(layer, modules[layer])
-    k_in, k_out, seeds, delta = 4, 3, 300, 0.2
+    seeds, delta = 800, 0.2
     kind = Projected()
     errs = []
     for seed in range(seeds):
-        spec = {"seed": seed, "k_in": k_in, "k_out": k_out}
-        meta = LayerMeta(layer, "projected", k_in, k_out, False, {}, {"projection": spec, "base": base.to_dict()})
-        train = {k: v[:ntrain] for k, v in raw.items()}
-        query = kind.average_of(meta, {k: v[ntrain:] for k, v in raw.items()})
-        got = kind.average_scores(meta, train, query).double()
-        if seed < 20:    # the factored path equals the explicit projection of the full gradients
-            explicit = (_projected(G[:ntrain], spec) * _projected(G[ntrain:], spec).mean(0)).sum((1, 2))
-            assert torch.allclose(got, explicit, rtol=1e-4, atol=1e-5 * float(scale.max()))
-        errs.append(got - exact)
+        spec = {"seed": seed, "k_in": k_in, "k_out": k_out, "sketch": sketch}
+        a, b = _projected(G[:ntrain], spec), _projected(G[ntrain:], spec).mean(0)
+        if sketch:
+            r = sketch_matrix(seed, sketch, a[0].numel()).double()
+            a, b = a.flatten(1) @ r.T, r @ b.flatten()
+        explicit = a @ b if sketch else (a * b).sum((1, 2))
+        if seed < 10:    # the stored-factor path (train rows projected, query side replayed) is the explicit one
+            meta = LayerMeta(layer, "projected", sketch or k_in or 10, 1 if sketch else k_out or 9, False, {},
+                             {"projection": spec, "base": base.to_dict()})
+            train = {k: v[:ntrain] for k, v in raw.items()}
+            query = kind.average_of(meta, {k: v[ntrain:] for k, v in raw.items()})
+            got = kind.full(meta, train) @ query.reshape(-1) if sketch else kind.average_scores(meta, train, query)
+            assert torch.allclose(got.double(), explicit, rtol=1e-4, atol=1e-5 * float(scale.max()))
+        errs.append(explicit - exact)
     errs = torch.stack(errs)                                     # (seeds, ntrain)
     sd = errs.std(0)
     assert (errs.mean(0).abs() <= 4 * sd / seeds ** 0.5 + 1e-9).all(), "projected scores are biased"
-    v = variance_factor(k_in, k_out)
-    assert (errs.var(0) <= 1.3 * v * scale ** 2).all(), "variance above the stated bound"
-    eps = chebyshev_radius(k_in, k_out, delta)
+    v = spec_variance({"k_in": k_in, "k_out": k_out, "sketch": sketch})
+    assert (errs.var(0) <= 1.4 * v * scale ** 2).all(), "variance above the stated bound"   # heavy tails: slack
+    eps = chebyshev_radius(k_in, k_out, delta, sketch)
     assert float((errs.abs() > eps * scale).double().mean()) <= delta
     assert float(sd.min()) > 0        # the projection does perturb: the test can fail
 
@@ -122,6 +130,26 @@ def test_capture_projected_scores_equal_explicit_projection_of_bruteforce():
                     G = _projected(G, spec)
                 expected += 0.5 * (G[:10] * G[10:].mean(0)).sum((1, 2)).numpy()
         np.testing.assert_allclose(got["score"], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+def test_sketched_layer_scores_equal_explicit_sketch():
+    """sketch_dim=m stores R vec(P_out^T G P_in) (m numbers, the layer stored full); INFLUENCE over
+    it equals that product built from torch.func gradients."""
+    model, x, y = _seq_data(n=12)
+    ids = np.arange(12)
+    with metaql.connect(":memory:") as con:
+        con.add_samples(ids[:9], "train", y[:9].numpy(), x[:9])
+        con.add_samples(ids[9:], "test", y[9:].numpy(), x[9:])
+        _capture(con, model, x, y, ids[:9], storage={"proj": "projected"}, proj_dim=6, sketch_dim=20)
+        assert con.execute("SELECT kind, din, dout, storage FROM layers WHERE name = 'proj'").fetchall() == \
+            [("projected", 20, 1, "full")]
+        got = con.execute("SELECT score FROM INFLUENCE(layers=[proj], query=batch(test), error=1) ORDER BY sample_id")\
+            .fetchnumpy()["score"]
+        spec = con.store.layer_meta("proj")[0].extra["projection"]
+        G = _projected(_canonical(per_sample_grads(model, x, y), "proj"), spec).flatten(1)
+        s = G @ sketch_matrix(spec["seed"], 20, G.shape[1]).double().T
+        expected = 0.5 * (s[:9] @ s[9:].mean(0)).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 
 
 def test_auto_projects_only_when_smaller_and_allowed():

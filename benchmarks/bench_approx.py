@@ -2,7 +2,7 @@
 
 Workloads: the pretrained MiniLM (random word-piece sequences of 32 and 128 tokens; all attention
 (query, key, value, attention.output.dense) and MLP (intermediate.dense, output.dense) layers of its
-6 blocks, 36 linear layers), a VGG-shaped CNN (CIFAR-shaped random inputs; conv layers and the
+6 blocks, 36 linear layers, and the classifier head), a VGG-shaped CNN (CIFAR-shaped random inputs; conv layers and the
 classifier) and the digits CNN (scikit-learn's digits). One checkpoint each (weights at capture,
 lr = 1), a query batch of test samples, scores of every training sample.
 
@@ -41,8 +41,14 @@ from metastore_common import ROOT, Report, add_threads_option, clock, load_minil
 
 import metaql  # noqa: E402
 
-FULL = dict(minilm=[(32, 160, 8), (128, 48, 4)], vgg=(400, 8), digits=(1000, 16), dims=(16, 64), topk=100)
-QUICK = dict(minilm=[(32, 24, 2)], vgg=(48, 4), digits=(200, 8), dims=(16,), topk=10)
+SKETCHED = {"proj_dim": 256, "sketch_dim": 64}
+FULL = dict(minilm=[(32, 160, 8), (128, 48, 4)], vgg=(400, 8), digits=(1000, 16), topk=100,
+            configs=[{"proj_dim": 16}, {"proj_dim": 64}, SKETCHED])
+QUICK = dict(minilm=[(32, 24, 2)], vgg=(48, 4), digits=(200, 8), topk=10, configs=[{"proj_dim": 16}, SKETCHED])
+
+
+def label(config: dict) -> str:
+    return f"k={config['proj_dim']}" + (f", sketch m={config['sketch_dim']}" if "sketch_dim" in config else "")
 
 
 class VGGShaped(nn.Module):
@@ -86,7 +92,7 @@ def digits(n: int, nq: int):
 def minilm_layers() -> list[str]:
     parts = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
              "intermediate.dense", "output.dense"]
-    return [f"bert.encoder.layer.{b}.{p}" for b in range(6) for p in parts]
+    return [f"bert.encoder.layer.{b}.{p}" for b in range(6) for p in parts] + ["head"]
 
 
 def build(path: str, model, x, y, n: int, layers, batch: int, **storage):
@@ -143,17 +149,17 @@ def workload(report_rows, topk_rows, peer_rows, name, make, x, y, n, layers, bat
     ex_bytes = stored_bytes(exact) / n
     report_rows.append([name, "exact", ex_bytes / 1024, cap_s, ex_q, 1.0, 1.0, 0.0])
     exact_top, exact_top_s, _ = topk_run(exact, k, None)
-    for dim in cfg["dims"]:
-        path = f"{tmp}/{name}-p{dim}.mq"
-        con, cap_s = build(path, model, x, y, n, layers, batch, storage="projected", proj_dim=dim)
+    for i, config in enumerate(cfg["configs"]):
+        path = f"{tmp}/{name}-p{i}.mq"
+        con, cap_s = build(path, model, x, y, n, layers, batch, storage="projected", **config)
         bound = max(m["error"] for m in [json_meta(con, l) for l in layer_names(con)] if m)
         err = float(f"{min(1.0, bound + 5e-4):.3f}")
         sc, q_s = scores_of(con, err)
-        report_rows.append([name, f"projected k={dim}", stored_bytes(con) / n / 1024, cap_s, q_s,
+        report_rows.append([name, f"projected {label(config)}", stored_bytes(con) / n / 1024, cap_s, q_s,
                             spearman(sc, ex_scores), overlap(sc, ex_scores, k), bound])
         got, top_s, info = topk_run(con, k, err)
         cert = info["certificate"]
-        topk_rows.append([name, f"k={dim}", k, err, exact_top_s, top_s, len(set(got) & set(exact_top)) / k,
+        topk_rows.append([name, label(config), k, err, exact_top_s, top_s, len(set(got) & set(exact_top)) / k,
                           cert["candidates"], cert["expected_missed"], cert["recall_bound"]])
         if peers:
             peer_rows.extend(trak_row(name, exact, layers, n, stored_bytes(con) / n, ex_scores, k))
@@ -234,8 +240,7 @@ def captum_row(name, model, x, y, n, exact, layers, k):
         from captum.influence import TracInCPFastRandProj
     except ImportError as e:
         return [[name, "captum TracInCPFastRandProj", "-", "-", "-", f"not installed ({e.name})"]]
-    last = [l for l in layer_names(exact)][-1] if name != "digits CNN" else "fc"
-    last = layers[-1] if isinstance(layers, list) else last
+    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]    # the layer before the loss
     try:
         from torch.utils.data import TensorDataset
         with tempfile.TemporaryDirectory() as d:
@@ -247,6 +252,9 @@ def captum_row(name, model, x, y, n, exact, layers, k):
                                           loss_fn=nn.CrossEntropyLoss(reduction="sum"), projection_dim=16)
             s = tracin.influence((x[n:], y[n:]), k=None).double().mean(0).numpy()
             secs = clock() - t0
+        if last not in layer_names(exact):
+            return [[name, f"captum TracInCPFastRandProj ({last} only)", "-", secs, "-",
+                     f"not compared: {last} is not among the captured layers"]]
         ex, _ = scores_of(exact, None, f"[{last}]")
         return [[name, f"captum TracInCPFastRandProj ({last} only, proj 16)", "-", secs, spearman(s, ex),
                  overlap(s, ex, k)]]

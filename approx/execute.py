@@ -44,25 +44,30 @@ def execute_approximate(plan, ctx) -> pa.Table:
     catalog = catalog_of(ctx)
     projected = {layer: catalog.layer_meta(layer)[0] for layer in scan.layers}
     projected = {layer: meta for layer, meta in projected.items() if is_projected(meta)}
+    bound = max((m.extra["projection"]["error"] for m in projected.values()), default=0.0)
     info = {"error": scan.error, "projected_layers": {l: m.extra["projection"] for l, m in projected.items()},
-            "bound": max((m.extra["projection"]["error"] for m in projected.values()), default=0.0),
-            "statement": "relative error of each score: root mean square <= bound, "
-                         "as a fraction of ||g_train|| ||g_query||"}
-    two_phase = isinstance(plan, TopK) and scan.query is not None and scan.similarity == "dot" \
-        and not scan.total and projected
-    if not two_phase:     # cosine, totals, self-influence, no projected layer: scores as the executor gives them
+            "bound": bound, "statement": "relative error of each score (a fraction of ||g_train|| ||g_query||): "
+            "random part's standard deviation <= bound (projected layers), deterministic part <= sketch_tolerance "
+            "(low-rank query sketch of exact layers); their sum <= error"}
+    if scan.query is None or scan.similarity != "dot" or scan.total:
+        # cosine, totals, self-influence: projected layers' estimates as the executor scores them
         table = executor.influence(scan, ctx)
         if isinstance(plan, TopK):
             table = executor.top_k(table, plan.k, plan.ascending)
         return with_metadata(table, info)
-    ids, scores, sigma, proj_part = phase_one(scan, ctx, projected)
+    tolerance = max(0.0, float(scan.error) - bound)
+    one = phase_one(scan, ctx, projected, tolerance)
+    info.update(sketch_tolerance=tolerance, sketched_layers=one.sketched)
+    if not isinstance(plan, TopK):
+        return with_metadata(pa.table({"sample_id": pa.array(one.ids), "score": pa.array(one.scores)}), info)
     sign = 1.0 if not plan.ascending else -1.0
-    cand = candidates(sign * scores, sigma, plan.k)
-    exact, rescored, why = rescore(scan, ctx, projected, ids[cand])
-    final = scores[cand] - proj_part[cand] + exact if rescored else scores[cand]
+    cand = candidates(sign * one.scores, SIGMAS * one.sigma + one.slack, plan.k)
+    exact, rescored, why = rescore(scan, ctx, projected, one, cand)
+    final = one.scores[cand] - one.approx_part[cand] + exact if rescored else one.scores[cand]
     order = np.argsort(-sign * final, kind="stable")[:plan.k]
-    info["certificate"] = certificate(sign * scores, sigma, cand, sign * final[order], plan.k, rescored, why)
-    table = pa.table({"sample_id": pa.array(ids[cand][order]), "score": pa.array(final[order])})
+    info["certificate"] = certificate(sign * one.scores, one.sigma, one.slack, cand, sign * final[order], plan.k,
+                                      rescored, why)
+    table = pa.table({"sample_id": pa.array(one.ids[cand][order]), "score": pa.array(final[order])})
     return with_metadata(table, info)
 
 
@@ -70,81 +75,170 @@ def with_metadata(table: pa.Table, info: dict) -> pa.Table:
     return table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: json.dumps(info)})
 
 
-def phase_one(scan: InfluenceScan, ctx, projected: dict):
-    """(training ids, approximate scores, sigma, the projected layers' part of the scores)."""
+@dataclasses.dataclass
+class PhaseOne:
+    ids: np.ndarray            # the training samples scored
+    scores: np.ndarray         # approximate scores
+    sigma: np.ndarray          # bound on each score's standard deviation (projected layers)
+    slack: np.ndarray          # bound on each score's deterministic error (low-rank query sketch)
+    approx_part: np.ndarray    # the approximate layers' part of the scores (rescoring replaces it)
+    positions: np.ndarray      # where ids sit in the sorted training side
+    queries: dict              # per checkpoint: the query sides (reused by the rescoring)
+    sketched: dict             # {checkpoint/layer: rank kept}
+
+
+def phase_one(scan: InfluenceScan, ctx, projected: dict, tolerance: float) -> PhaseOne:
+    """Every training sample's approximate score with its error bounds; exact layers whose query
+    side truncates to a rank cheaper than their exact strategy are scored by the sketch."""
     from metaql.engine.executor import check_finite, device_of, layer_pass, query_sides
     store, catalog = ctx.store, catalog_of(ctx)
     train = np.sort(scan.train.ids)
     # similarity=cosine in the passes only makes them return each sample's squared norm too
     normed = dataclasses.replace(scan, similarity="cosine")
-    total, sigma, proj = np.zeros(len(train)), np.zeros(len(train)), np.zeros(len(train))
+    total, sigma, slack, approx = (np.zeros(len(train)) for _ in range(4))
     seen = np.zeros(len(train), bool)
+    queries, sketched = {}, {}
     for ckpt in scan.checkpoints:
         strategies = [s for s in scan.strategies if s.checkpoint == ckpt]
         lr = catalog.checkpoint(ckpt)["lr"]
-        query = query_sides(normed, store, ckpt, strategies, device_of(ctx), catalog)
-        part, var, ppart = np.zeros(len(train)), np.zeros(len(train)), np.zeros(len(train))
+        query = queries[ckpt] = query_sides(normed, store, ckpt, strategies, device_of(ctx), catalog)
+        part, var, apart, bias = (np.zeros(len(train)) for _ in range(4))
         for strat in strategies:
             q = query[strat.layer]
-            s, n2, layer_seen = layer_pass(store, ckpt, strat, train, q, scan, ctx) if strat.layer not in projected \
-                else layer_pass(store, ckpt, strat, train, q, normed, ctx)
+            if strat.layer in projected:
+                s, n2, layer_seen = layer_pass(store, ckpt, strat, train, q, normed, ctx)
+                spec = projected[strat.layer].extra["projection"]
+                var += spec_variance(spec) * n2 * float((q["gbar_flat"].double() ** 2).sum())
+                apart += s
+            elif sketch_pays(catalog, strat, q, tolerance):
+                s, norms, layer_seen = lowrank_pass(store, catalog, ckpt, strat.layer, train, q, ctx)
+                bias += norms * q["residual"]
+                apart += s
+                sketched[f"{ckpt}/{strat.layer}"] = q["rank"]
+            else:
+                s, _, layer_seen = layer_pass(store, ckpt, strat, train, q, scan, ctx)
             check_finite(s, strat.layer, ckpt)
             part += s
             seen |= layer_seen
-            if strat.layer in projected:
-                spec = projected[strat.layer].extra["projection"]
-                qn2 = float((q["gbar_flat"].double() ** 2).sum())
-                var += spec_variance(spec) * n2 * qn2
-                ppart += s
         total += lr * part
         sigma += abs(lr) * np.sqrt(var)
-        proj += lr * ppart
+        slack += abs(lr) * bias
+        approx += lr * apart
     scale = len(scan.query.ids) if scan.reduce == "sum" else 1.0      # <g, sum_q g_q> = B <g, mean_q g_q>
-    return train[seen], total[seen] * scale, sigma[seen] * scale, proj[seen] * scale
+    return PhaseOne(train[seen], total[seen] * scale, sigma[seen] * scale, slack[seen] * scale,
+                    approx[seen] * scale, np.nonzero(seen)[0], queries, sketched)
 
 
-def candidates(scores: np.ndarray, sigma: np.ndarray, k: int) -> np.ndarray:
-    """Indices whose interval reaches the k-th largest lower end (at least k of them)."""
+def sketch_pays(catalog, strat, q, tolerance: float) -> bool:
+    """Whether the layer is scored by the low-rank query sketch: stored factored, of a dense kind,
+    a tolerance left by the projected layers, and a kept rank cheaper than the exact strategy."""
+    from metaql.approx.lowrank import STRATEGY, truncated
+    meta, stored = catalog.layer_meta(strat.layer)
+    if tolerance <= 0 or stored != "factored" or not STRATEGY.applies_to(kind_named(meta.kind)) or "gbar" not in q:
+        return False
+    q["tolerance"] = tolerance
+    truncated(q, meta)
+    est = strat.estimates.get(strat.chosen, {})
+    row = meta.din + int(meta.bias) + meta.dout
+    ratio = q["rank"] * row / max((meta.din + int(meta.bias)) * meta.dout, 1)      # against batch_average
+    flops = est.get("flops", 0.0)
+    batch_average = strat.estimates.get("batch_average", {}).get("flops", flops)
+    return ratio * batch_average < 0.5 * flops       # a clear win only: the estimates are rough
+
+
+def lowrank_pass(store, catalog, ckpt: str, layer: str, train: np.ndarray, q, ctx):
+    """(scores, bounds on ||g_i||, seen) of the training side by the low-rank query sketch."""
+    from metaql.approx.lowrank import STRATEGY, row_norm_bound
+    from metaql.engine.executor import chunk_rows, device_of, rows_of
+    meta, _ = catalog.layer_meta(layer)
+    kind = kind_named(meta.kind)
+    scores, norms, seen = np.zeros(len(train)), np.zeros(len(train)), np.zeros(len(train), bool)
+    for row in catalog.factor_shards(ckpt, layer):
+        ctx.check_interrupt()
+        ids, tensors = catalog.shard_tensors(row)
+        keep = np.isin(ids, train)
+        if not keep.any():
+            continue
+        rows = np.nonzero(keep)[0]
+        pos = np.searchsorted(train, ids[rows])
+        step = chunk_rows(tensors, q, STRATEGY.name, meta)
+        for start in range(0, len(rows), step):
+            chunk = {n: rows_of(t, rows[start:start + step]).to(device_of(ctx)) for n, t in tensors.items()}
+            p = pos[start:start + step]
+            with torch.no_grad():
+                scores[p] += STRATEGY.scores(kind, meta, chunk, q).double().cpu().numpy()
+                norms[p] += row_norm_bound(kind, meta, chunk).double().cpu().numpy()
+            seen[p] = True
+    return scores, norms, seen
+
+
+def candidates(scores: np.ndarray, half: np.ndarray, k: int) -> np.ndarray:
+    """Indices whose interval (scores +- half) reaches the k-th largest lower end (at least k of them)."""
     k = min(k, len(scores))
-    lower, upper = scores - SIGMAS * sigma, scores + SIGMAS * sigma
+    lower, upper = scores - half, scores + half
     tau = np.partition(lower, len(lower) - k)[len(lower) - k]
     return np.nonzero(upper >= tau)[0]
 
 
-def rescore(scan: InfluenceScan, ctx, projected: dict, ids: np.ndarray):
-    """(exact scores of the projected layers for `ids`, True, '') from factors replayed at each
-    checkpoint; (None, False, why) when the store cannot replay them (no inputs, no model)."""
+def rescore(scan: InfluenceScan, ctx, projected: dict, one: PhaseOne, cand: np.ndarray):
+    """(exact scores of the approximate layers' part for the candidates, True, ''): projected
+    layers from factors replayed now at each checkpoint, sketched layers from their stored exact
+    factors against the full query side; (None, False, why) when the store cannot replay them."""
+    out = np.zeros(len(cand))
+    ids = one.ids[cand]
+    if projected:
+        try:
+            out += replayed_scores(scan, ctx, projected, ids)
+        except Error as e:
+            return None, False, f"{type(e).__name__}: {e}"
+    out += sketched_exact(scan, ctx, one, ids)
+    return out, True, ""
+
+
+def sketched_exact(scan: InfluenceScan, ctx, one: PhaseOne, ids: np.ndarray) -> np.ndarray:
+    """The exact scores of the sketched layers for `ids` (their chosen exact strategy, same query side)."""
+    from metaql.engine.executor import layer_pass
+    catalog = catalog_of(ctx)
+    order = np.argsort(ids)
+    train = ids[order]
+    out = np.zeros(len(ids))
+    for strat in scan.strategies:
+        if f"{strat.checkpoint}/{strat.layer}" in one.sketched:
+            s, _, _ = layer_pass(ctx.store, strat.checkpoint, strat, train, one.queries[strat.checkpoint][strat.layer],
+                                 scan, ctx)
+            out[order] += catalog.checkpoint(strat.checkpoint)["lr"] * s
+    return out * (len(scan.query.ids) if scan.reduce == "sum" else 1.0)
+
+
+def replayed_scores(scan: InfluenceScan, ctx, projected: dict, ids: np.ndarray) -> np.ndarray:
+    """Exact scores of the projected layers for `ids`, from factors replayed at each checkpoint."""
     from metaql.storage.hooks import watched_modules
     from metaql.storage.replay import replay_factors, stored_replay_factors
     from metaql.storage.tasks import task_at
     store, catalog = ctx.store, catalog_of(ctx)
     out = np.zeros(len(ids))
-    try:
-        for ckpt in scan.checkpoints:
-            model, task = store.model_at(ckpt), task_at(store, ckpt)
-            modules = watched_modules(model, list(projected))
-            train = stored_replay_factors(store, model, modules, ids, task.stored_targets(store, ids), task=task)
-            if scan.query.inputs is not None:
-                query = replay_factors(model, modules, scan.query.inputs, scan.query.targets, scan.loss, task=task)
-            else:
-                qids = scan.query.ids
-                query = stored_replay_factors(store, model, modules, qids, task.stored_targets(store, qids, scan.loss),
-                                              scan.loss, task=task)
-            part = np.zeros(len(ids))
-            for layer, meta in projected.items():
-                base = base_meta(meta)
-                kind = kind_named(base.kind)
-                with torch.no_grad():
-                    gbar = kind.average_of(base, query[layer])
-                    part += kind.average_scores(base, train[layer], gbar).double().numpy()
-            out += catalog.checkpoint(ckpt)["lr"] * part
-    except Error as e:
-        return None, False, f"{type(e).__name__}: {e}"
-    scale = len(scan.query.ids) if scan.reduce == "sum" else 1.0
-    return out * scale, True, ""
+    for ckpt in scan.checkpoints:
+        model, task = store.model_at(ckpt), task_at(store, ckpt)
+        modules = watched_modules(model, list(projected))
+        train = stored_replay_factors(store, model, modules, ids, task.stored_targets(store, ids), task=task)
+        if scan.query.inputs is not None:
+            query = replay_factors(model, modules, scan.query.inputs, scan.query.targets, scan.loss, task=task)
+        else:
+            qids = scan.query.ids
+            query = stored_replay_factors(store, model, modules, qids, task.stored_targets(store, qids, scan.loss),
+                                          scan.loss, task=task)
+        part = np.zeros(len(ids))
+        for layer, meta in projected.items():
+            base = base_meta(meta)
+            kind = kind_named(base.kind)
+            with torch.no_grad():
+                gbar = kind.average_of(base, query[layer])
+                part += kind.average_scores(base, train[layer], gbar).double().numpy()
+        out += catalog.checkpoint(ckpt)["lr"] * part
+    return out * (len(scan.query.ids) if scan.reduce == "sum" else 1.0)
 
 
-def certificate(scores, sigma, cand, top: np.ndarray, k: int, rescored: bool, why: str) -> dict:
+def certificate(scores, sigma, slack, cand, top: np.ndarray, k: int, rescored: bool, why: str) -> dict:
     """What the two phases guarantee (module docstring); scores and top are signed so that larger
     is better."""
     cert = {"k": int(min(k, len(scores))), "candidates": int(len(cand)), "scanned": int(len(scores)),
@@ -156,7 +250,7 @@ def certificate(scores, sigma, cand, top: np.ndarray, k: int, rescored: bool, wh
     out = np.ones(len(scores), bool)
     out[cand] = False
     t = float(top[-1]) if len(top) else float("inf")
-    gap, s2 = t - scores[out], sigma[out] ** 2
+    gap, s2 = t - scores[out] - slack[out], sigma[out] ** 2     # the deterministic error moves the score at most slack
     p = np.where(gap > 0, s2 / np.maximum(s2 + gap ** 2, 1e-300), 1.0)
     missed = float(p.sum())
     cert.update(expected_missed=missed, recall_bound=max(0.0, 1.0 - missed / max(cert["k"], 1)))

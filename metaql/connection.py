@@ -207,7 +207,8 @@ class Connection:
         run the statement around the calls (the SQL guard judges that final statement)."""
         _check_forgotten_topk(stmt)
         with self._call_relations(stmt, params, plans) as text:
-            return self._plain_sql(*bound_parameters(text, params))
+            result = self._plain_sql(*bound_parameters(text, params))
+        return _with_approximations(result, self._approximations)
 
     def _call_plans(self, stmt: ast.SQLWithCalls, params) -> list:
         """Every call bound and planned before any runs: a wrong name in the second call fails
@@ -225,9 +226,12 @@ class Connection:
         private = [f"_metaql_call_{next(_CALL_IDS)}" for _ in stmt.calls]
         shown = {name: _clipped(stmt.text[span.start:span.end]) for name, (span, _) in zip(private, stmt.calls)}
         registered = []
+        self._approximations = []      # what approximate calls (error=) guarantee, for the result
         try:
             for name, plan, (_, call) in zip(private, plans, stmt.calls):
                 table = executor.execute(plan, self._context())
+                if table.schema.metadata and APPROX_KEY in table.schema.metadata:
+                    self._approximations.append(table.schema.metadata[APPROX_KEY])
                 register(self.store.db, name, _conformed(self.registry.get(call.name), table))
                 registered.append(name)
             yield rewritten(stmt.text, stmt.lo, stmt.hi, [span for span, _ in stmt.calls], private)
@@ -662,6 +666,20 @@ def _clipped(text: str, n: int = 80) -> str:
 def _renamed(e: BaseException, shown: dict[str, str]) -> BaseException:
     """`e` with every private relation name replaced by the user's call."""
     return renamed(e, shown, _PRIVATE, "a table function's result")
+
+
+APPROX_KEY = b"metaql.approx"       # metaql.approx.execute.METADATA_KEY
+
+
+def _with_approximations(result: Result, found: list[bytes]) -> Result:
+    """The result of SQL around approximate calls, carrying their bounds and certificates (one
+    call's as is; several as {"calls": [...]}) where it has a table."""
+    if not found or result.arrow() is None:
+        return result
+    import json
+    value = found[0] if len(found) == 1 else json.dumps({"calls": [json.loads(f) for f in found]}).encode()
+    table = result.arrow()
+    return Result(table.replace_schema_metadata({**(table.schema.metadata or {}), APPROX_KEY: value}))
 
 
 def _conformed(fn, table) -> pa.Table:

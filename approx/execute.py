@@ -7,13 +7,17 @@ sample it also keeps sigma_i, the bound on its score's standard deviation:
 (projected squared norms are unbiased estimates of the exact ones; checkpoints share a layer's
 projection, so their errors may correlate and their deviations are added, not their variances).
 
-Phase 2 (TOPK): with L_i = s_i - c sigma_i and U_i = s_i + c sigma_i (c = SIGMAS), tau is the k-th
+Layers stored exactly may be scored by the low-rank query sketch (metaql.approx.lowrank) with
+the tolerance the projected layers leave (error= minus their largest bound): each score then moves
+by at most slack_i = sum_c lr_c sum_l ||X_il|| ||D_il|| ||R_l||, deterministically.
+
+Phase 2 (TOPK): with L_i = s_i - c sigma_i - slack_i and U_i = s_i + c sigma_i + slack_i (c = SIGMAS), tau is the k-th
 largest L_i and the candidates are the samples with U_i >= tau: a sample left out is below the
 k-th exact score unless its own or another's interval failed. The candidates' projected layers are
 rescored exactly (their factors replayed now at each checkpoint, as the re-compute baseline does;
 the exact layers' scores are exact already), and the answer is the top k of the candidates. The
 certificate bounds what was missed: with t the answer's k-th exact score, a left-out sample is
-truly above t with probability at most sigma_i^2 / (sigma_i^2 + (t - s_i)^2) (Cantelli), so
+truly above t with probability at most sigma_i^2 / (sigma_i^2 + (t - s_i - slack_i)^2) (Cantelli), so
     expected_missed <= sum over left-out i of that,   expected recall >= 1 - expected_missed / k.
 """
 from __future__ import annotations
@@ -33,6 +37,7 @@ from metaql.storage.catalog_snapshot import catalog_of
 from metaql.storage.layers import kind_named
 
 SIGMAS = 3.0            # the candidates' interval half-width, in standard deviations
+EIGH_PAYS = 50          # the sketch is tried only on scans costing this many times its eigenproblem
 METADATA_KEY = b"metaql.approx"
 
 
@@ -136,19 +141,20 @@ def sketch_pays(catalog, strat, q, tolerance: float) -> bool:
     meta, stored = catalog.layer_meta(strat.layer)
     if tolerance <= 0 or stored != "factored" or not STRATEGY.applies_to(kind_named(meta.kind)) or "gbar" not in q:
         return False
+    flops = strat.estimates.get(strat.chosen, {}).get("flops", 0.0)
+    if flops < EIGH_PAYS * min(meta.din + int(meta.bias), meta.dout) ** 3:
+        return False      # the truncation's eigenproblem would cost more than it saves
     q["tolerance"] = tolerance
     truncated(q, meta)
-    est = strat.estimates.get(strat.chosen, {})
     row = meta.din + int(meta.bias) + meta.dout
     ratio = q["rank"] * row / max((meta.din + int(meta.bias)) * meta.dout, 1)      # against batch_average
-    flops = est.get("flops", 0.0)
     batch_average = strat.estimates.get("batch_average", {}).get("flops", flops)
     return ratio * batch_average < 0.5 * flops       # a clear win only: the estimates are rough
 
 
 def lowrank_pass(store, catalog, ckpt: str, layer: str, train: np.ndarray, q, ctx):
     """(scores, bounds on ||g_i||, seen) of the training side by the low-rank query sketch."""
-    from metaql.approx.lowrank import STRATEGY, row_norm_bound
+    from metaql.approx.lowrank import STRATEGY
     from metaql.engine.executor import chunk_rows, device_of, rows_of
     meta, _ = catalog.layer_meta(layer)
     kind = kind_named(meta.kind)
@@ -166,8 +172,9 @@ def lowrank_pass(store, catalog, ckpt: str, layer: str, train: np.ndarray, q, ct
             chunk = {n: rows_of(t, rows[start:start + step]).to(device_of(ctx)) for n, t in tensors.items()}
             p = pos[start:start + step]
             with torch.no_grad():
-                scores[p] += STRATEGY.scores(kind, meta, chunk, q).double().cpu().numpy()
-                norms[p] += row_norm_bound(kind, meta, chunk).double().cpu().numpy()
+                s, nrm = STRATEGY.scores_and_norms(kind, meta, chunk, q)
+            scores[p] += s.double().cpu().numpy()
+            norms[p] += nrm.double().cpu().numpy()
             seen[p] = True
     return scores, norms, seen
 

@@ -27,39 +27,37 @@ class LowRankQuery(ScanStrategy):
         return per_sample * 2
 
     def scores(self, kind, meta, chunk, q):
+        return self.scores_and_norms(kind, meta, chunk, q)[0]
+
+    def scores_and_norms(self, kind, meta, chunk, q) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, ||X_i||_F ||D_i||_F: a bound on each ||g_i||_F, the bias column counted in X)."""
         left, right = truncated(q, meta)
         x, d = kind.rows(meta, chunk)
         xr = x @ right[:meta.din]
         if meta.bias:
             xr += right[meta.din]
-        return (d @ left).mul_(xr).sum(dim=(1, 2))
+        xs = x.pow(2).sum(dim=(1, 2)) + (x.shape[1] if meta.bias else 0)
+        return (d @ left).mul_(xr).sum(dim=(1, 2)), (xs * d.pow(2).sum(dim=(1, 2))).sqrt()
 
 
 def truncated(q: dict, meta) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U_r S_r, V_r) of the query side's Gbar at its tolerance, computed once per query side."""
+    """(left, right) with Gbar_r = left right^T at the query side's tolerance, computed once per
+    query side, by the eigenvectors of the smaller Gram matrix of Gbar (a symmetric eigenproblem
+    of min(din, dout)^2, far cheaper than the SVD of Gbar)."""
     if "lowrank" not in q:
         gbar = q["gbar"].double()
-        u, s, vh = torch.linalg.svd(gbar, full_matrices=False)
-        tail = torch.cumsum((s ** 2).flip(0), 0).flip(0)         # tail[j] = sum_{l >= j} s_l^2
-        allowed = (q["tolerance"] * s.norm()) ** 2
-        r = int((tail > allowed).sum())                           # the residual of rank r is tail[r]
-        r = max(r, 1)
-        q["lowrank"] = ((u[:, :r] * s[:r]).float(), vh[:r].T.float().contiguous())
-        q["residual"] = float(tail[r].sqrt()) if r < len(s) else 0.0
+        tall = gbar.shape[0] >= gbar.shape[1]                    # dout >= din': V from Gbar^T Gbar
+        evals, vecs = torch.linalg.eigh(gbar.T @ gbar if tall else gbar @ gbar.T)
+        evals, vecs = evals.flip(0).clamp_min(0), vecs.flip(1)   # descending: s_l^2 and their vectors
+        tail = torch.cumsum(evals.flip(0), 0).flip(0)            # tail[j] = sum_{l >= j} s_l^2
+        allowed = (q["tolerance"] ** 2) * float(evals.sum())
+        r = max(int((tail > allowed).sum()), 1)                  # the residual of rank r is tail[r]
+        v = vecs[:, :r]
+        left, right = (gbar @ v, v) if tall else (v, gbar.T @ v)
+        q["lowrank"] = (left.float().contiguous(), right.float().contiguous())
+        q["residual"] = float(tail[r].sqrt()) if r < len(evals) else 0.0
         q["rank"] = r
     return q["lowrank"]
-
-
-def rank_pays(meta, rank: int) -> bool:
-    """Whether rank r costs less than Lemma 7 per row: r (din + dout) < din dout."""
-    return rank * (meta.din + int(meta.bias) + meta.dout) < (meta.din + int(meta.bias)) * meta.dout
-
-
-def row_norm_bound(kind, meta, chunk) -> torch.Tensor:
-    """||X_i||_F ||D_i||_F per sample (bias column included): a bound on ||g_i||_F."""
-    x, d = kind.rows(meta, chunk)
-    xs = x.pow(2).sum(dim=(1, 2)) + (x.shape[1] if meta.bias else 0)
-    return (xs * d.pow(2).sum(dim=(1, 2))).sqrt()
 
 
 STRATEGY = register(LowRankQuery())

@@ -41,7 +41,7 @@ def _seq_data(n=12, t=5, seed=0):
 
 @pytest.mark.parametrize("k_in,k_out,sketch", [(4, 3, None), (None, 5, 12)])
 def test_projected_scores_unbiased_and_within_bound_over_seeds(k_in, k_out, sketch):
-    """For one layer of 5-token sequences: over 800 seeds, each training sample's projected (and
+    """For one layer of 5-token sequences: over 500 seeds, each training sample's projected (and
     sketched) score against a query batch has mean within 4 standard errors of the exact one,
     variance within the bound v ||g_i||^2 ||g_q||^2 (up to sampling slack), and Chebyshev's tail
     at delta holds."""
@@ -53,7 +53,7 @@ def test_projected_scores_unbiased_and_within_bound_over_seeds(k_in, k_out, sket
     exact = (G[:ntrain] * G[ntrain:].mean(0)).sum((1, 2))
     scale = G[:ntrain].flatten(1).norm(dim=1) * G[ntrain:].mean(0).norm()
     base = kind_named("linear").meta(layer, modules[layer])
-    seeds, delta = 800, 0.2
+    seeds, delta = 500, 0.2
     kind = Projected()
     errs = []
     for seed in range(seeds):
@@ -218,7 +218,7 @@ def _twin_stores(seed, n=160, nq=6, proj_dim=24, register_inputs=True):
     return cons
 
 
-@pytest.mark.parametrize("seed,order", [(0, "DESC"), (1, "ASC"), (2, "DESC")])
+@pytest.mark.parametrize("seed,order", [(0, "DESC"), (1, "ASC")])
 def test_two_phase_topk_meets_its_certificate(seed, order):
     """The two-phase top-k's scores are the exact ones (candidates rescored from replayed factors),
     and its recall against the exact store's top-k is at least the certificate's bound."""
@@ -272,10 +272,11 @@ class Wide(nn.Module):
 
 
 @pytest.mark.parametrize("error", [0.1, 0.4])
-def test_lowrank_query_sketch_within_its_deterministic_bound(error):
+def test_lowrank_query_sketch_within_its_deterministic_bound(error, monkeypatch):
     """error= on a layer stored exactly: the query side's Gbar truncated to rank r scores each
     sample within error * ||g_i|| ||Gbar|| of the exact score (torch.func gradients), and the
     two-phase TOPK returns the exact scores of the exact top k."""
+    monkeypatch.setattr("metaql.approx.execute.EIGH_PAYS", 0)     # a scan this small would stay exact
     torch.manual_seed(5)
     model, n = Wide(), 120
     x, y = torch.randn(n + 6, 6, 48), torch.randint(0, 3, (n + 6,))

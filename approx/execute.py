@@ -59,12 +59,12 @@ def execute_approximate(plan, ctx) -> pa.Table:
         table = executor.influence(scan, ctx)
         if isinstance(plan, TopK):
             table = executor.top_k(table, plan.k, plan.ascending)
-        return with_metadata(table, info)
+        return with_metadata(table, info, scan)
     tolerance = max(0.0, float(scan.error) - bound)
     one = phase_one(scan, ctx, projected, tolerance)
     info.update(sketch_tolerance=tolerance, sketched_layers=one.sketched)
     if not isinstance(plan, TopK):
-        return with_metadata(pa.table({"sample_id": pa.array(one.ids), "score": pa.array(one.scores)}), info)
+        return with_metadata(pa.table({"sample_id": pa.array(one.ids), "score": pa.array(one.scores)}), info, scan)
     sign = 1.0 if not plan.ascending else -1.0
     cand = candidates(sign * one.scores, SIGMAS * one.sigma + one.slack, plan.k)
     exact, rescored, why = rescore(scan, ctx, projected, one, cand)
@@ -73,10 +73,34 @@ def execute_approximate(plan, ctx) -> pa.Table:
     info["certificate"] = certificate(sign * one.scores, one.sigma, one.slack, cand, sign * final[order], plan.k,
                                       rescored, why)
     table = pa.table({"sample_id": pa.array(one.ids[cand][order]), "score": pa.array(final[order])})
-    return with_metadata(table, info)
+    return with_metadata(table, info, scan)
 
 
-def with_metadata(table: pa.Table, info: dict) -> pa.Table:
+def explain_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str]:
+    """EXPLAIN's lines of an approximate scan: what error= admits; after ANALYZE, what the run
+    sketched and the two-phase certificate."""
+    lines = [f"{indent}  approximate: error={scan.error:g} (relative error, a fraction of ||g_train|| ||g_query||); "
+             "projected layers' bound and a low-rank query sketch of exact layers within it"]
+    info = getattr(scan, "approximation", None)
+    if analyze and info is not None:
+        if info.get("sketched_layers"):
+            ranks = ", ".join(f"{k} rank {r}" for k, r in info["sketched_layers"].items())
+            lines.append(f"{indent}  sketched (tolerance {info['sketch_tolerance']:.3g}): {ranks}")
+        cert = info.get("certificate")
+        if cert is not None:
+            lines.append(f"{indent}  two-phase TOPK: {cert['candidates']} candidates of {cert['scanned']} "
+                         f"(+-{cert['sigmas']:g} sigma), rescored exactly: {cert['rescored']}, expected missed "
+                         f"{_fmt(cert['expected_missed'])}, recall bound {_fmt(cert['recall_bound'])}")
+    return lines
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def with_metadata(table: pa.Table, info: dict, scan: InfluenceScan | None = None) -> pa.Table:
+    if scan is not None:
+        scan.approximation = info          # for EXPLAIN ANALYZE, which runs this very plan
     return table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: json.dumps(info)})
 
 

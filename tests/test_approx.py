@@ -233,6 +233,8 @@ def test_two_phase_topk_meets_its_certificate(seed, order):
     np.testing.assert_allclose([s for _, s in got], [every[i] for i, _ in got], rtol=1e-4, atol=1e-7)
     recall = len({i for i, _ in got} & {i for i, _ in exact}) / k
     assert recall >= cert["recall_bound"]
+    plan = "\n".join(r[0] for r in proj_con.execute("EXPLAIN ANALYZE " + stmt.format(", error=0.9")).fetchall())
+    assert "approximate: error=0.9" in plan and f"{cert['candidates']} candidates of 160" in plan
     # the approximate scan alone (phase one) differs from the exact scores: the test can fail
     approx = dict(proj_con.execute("SELECT sample_id, score FROM INFLUENCE(layers=*, query=batch(test), error=0.9)")
                   .fetchall())

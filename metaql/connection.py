@@ -433,14 +433,14 @@ class Connection:
     @_catalog_errors
     def influence(self, query, layers="*", train: str = "train", checkpoints="all", similarity: str = "dot",
                   loss: str = "label", reduce: str = "mean", total: bool = False, each: bool = False,
-                  topk: int | None = None, direction: str = "proponents") -> Result:
+                  topk: int | None = None, direction: str = "proponents", error: float | None = None) -> Result:
         """INFLUENCE against query samples passed as tensors, not registered in the store:
         `query=(inputs, labels)` (labels for loss='label'), or `inputs` alone with loss='pred' or
         'expected'. The other arguments are INFLUENCE's; the result has its columns. each=True:
         the train x query matrix (query_id is the row of the query tensors), as query=each(set);
-        topk and direction as INFLUENCE's."""
+        topk and direction as INFLUENCE's; error= as INFLUENCE's (README "Approximation")."""
         from metaql.engine.functions import SampleRef
-        from metaql.engine.influence import COLUMNS, TOTAL_COLUMNS, influence_plan
+        from metaql.engine.influence import COLUMNS, ERROR_RANGE, TOTAL_COLUMNS, influence_plan
         from metaql.engine.optimizer import optimize
         self._check_open()
         self.store.refresh()
@@ -450,8 +450,11 @@ class Connection:
         layers = ("*",) if layers == "*" else ([layers] if isinstance(layers, str) else list(layers))
         self._catalog = None
         ctx = self._context()
+        if error is not None and (isinstance(error, bool) or not isinstance(error, (int, float))
+                                  or error not in ERROR_RANGE):
+            raise InvalidInputException(f"error= should be a number in {ERROR_RANGE}, not {error!r:.40}")
         plan = influence_plan(ctx, layers, side, SampleRef("batch", train), checkpoints, similarity, loss,
-                              total, reduce, topk, direction)
+                              total, reduce, topk, direction, error)
         table = executor.execute(optimize(plan, ctx.catalog, self.config), ctx)
         names = [c for c, _ in (plan.columns if each else TOTAL_COLUMNS if total else COLUMNS)]
         return Result(table.select(names))

@@ -304,3 +304,16 @@ def test_lowrank_query_sketch_within_its_deterministic_bound(error, monkeypatch)
         assert [i for i, _ in top] == list(np.argsort(-exact, kind="stable")[:10])
         np.testing.assert_allclose([sc for _, sc in top], np.sort(exact)[::-1][:10], rtol=1e-4)
         assert con.approximation["certificate"]["recall_bound"] == 1.0
+
+
+def test_python_influence_with_error():
+    """con.influence (query tensors, not registered) takes error= as INFLUENCE does."""
+    _, proj_con = _twin_stores(6, n=30)
+    torch.manual_seed(0)
+    xq, yq = torch.randn(3, 30), torch.randint(0, 3, (3,))
+    with pytest.raises(metaql.BinderException, match="stored projected"):
+        proj_con.influence((xq, yq))
+    with pytest.raises(metaql.InvalidInputException, match="error="):
+        proj_con.influence((xq, yq), error=2)
+    res = proj_con.influence((xq, yq), error=0.9)
+    assert len(res.fetchall()) == 30 and res.approximation["bound"] <= 0.9

@@ -44,6 +44,9 @@ class Context:
 
 
 def execute(plan, ctx: Context) -> pa.Table:
+    if getattr(plan, "error", None) is not None or getattr(getattr(plan, "child", None), "error", None) is not None:
+        from metaql.approx.execute import execute_approximate      # INFLUENCE(..., error=e): metaql.approx
+        return execute_approximate(plan, ctx)
     if getattr(plan, "pairwise", False):     # the train x query matrix, query=each(set)
         from metaql.engine.matrix import execute_matrix
         return execute_matrix(plan, ctx)

@@ -38,4 +38,7 @@ def influence_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str
         if analyze and s.measured_seconds is not None:
             line += f"  measured={s.measured_seconds:.3g}s"
         lines.append(line)
+    if getattr(scan, "error", None) is not None:      # INFLUENCE(..., error=e): metaql.approx
+        from metaql.approx.execute import explain_lines as approx_lines
+        lines += approx_lines(scan, analyze, indent)
     return lines

@@ -25,11 +25,17 @@ TOTAL_COLUMNS = [("train_samples", "BIGINT"), ("score", "DOUBLE")]     # INFLUEN
 
 
 TOPK_RANGE = Range(1, 2 ** 31)
+ERROR_RANGE = Range(0, 1, open_low=True)      # the relative error's RMS an approximation may reach
+
+
+def check_error(catalog, layers, error) -> None:
+    from metaql.approx.bound import check_error as check
+    check(catalog, layers, error)
 
 
 def influence_plan(ctx, layers=("*",), query=None, train="train", checkpoints="all",
                    similarity="dot", loss="label", total=False, reduce="mean", topk=None,
-                   direction="proponents") -> InfluenceScan:
+                   direction="proponents", error=None) -> InfluenceScan:
     if query is None:
         raise BinderException("INFLUENCE needs query=point(id), query=batch(set) or query=each(set)")
     each = getattr(query, "mode", None) == "each"
@@ -45,14 +51,16 @@ def influence_plan(ctx, layers=("*",), query=None, train="train", checkpoints="a
                               "of cosines: use similarity=dot")
     catalog = catalog_of(ctx)
     query = query if isinstance(query, Side) else resolve_side(catalog, query, "query")
+    layers = resolve_layers(catalog, layers)
+    check_error(catalog, layers, error)
     if each:
         return InfluenceMatrix(train=resolve_side(catalog, train, "train"), query=query,
-                               layers=resolve_layers(catalog, layers),
+                               layers=layers,
                                checkpoints=resolve_checkpoints(catalog, checkpoints), similarity=similarity,
                                loss=loss, reduce=reduce, topk=topk, direction=direction)
     return InfluenceScan(train=resolve_side(catalog, train, "train"), query=query,
-                         layers=resolve_layers(catalog, layers), checkpoints=resolve_checkpoints(catalog, checkpoints),
-                         similarity=similarity, loss=loss, total=bool(total), reduce=reduce)
+                         layers=layers, checkpoints=resolve_checkpoints(catalog, checkpoints),
+                         similarity=similarity, loss=loss, total=bool(total), reduce=reduce, error=error)
 
 
 def check_matrix_arguments(each: bool, total, topk, direction) -> None:
@@ -71,10 +79,12 @@ def check_matrix_arguments(each: bool, total, topk, direction) -> None:
         raise BinderException(f"direction= should be one of {', '.join(DIRECTIONS)}, not {direction!r:.40}")
 
 
-def self_influence_plan(ctx, layers=("*",), train="train", checkpoints="all") -> InfluenceScan:
+def self_influence_plan(ctx, layers=("*",), train="train", checkpoints="all", error=None) -> InfluenceScan:
     catalog = catalog_of(ctx)
+    layers = resolve_layers(catalog, layers)
+    check_error(catalog, layers, error)
     return InfluenceScan(train=resolve_side(catalog, train, "train"), query=None,
-                         layers=resolve_layers(catalog, layers), checkpoints=resolve_checkpoints(catalog, checkpoints))
+                         layers=layers, checkpoints=resolve_checkpoints(catalog, checkpoints), error=error)
 
 
 def _run(ctx, scan: InfluenceScan) -> pa.Table:
@@ -89,7 +99,8 @@ def influence(ctx, *, query: SampleRef, layers: LayerList = ("*",), train: Sampl
               checkpoints: CheckpointList = "all", similarity: Literal["dot", "cosine"] = "dot",
               loss: Literal["label", "pred", "expected"] = "label", total: bool = False,
               reduce: Literal["mean", "sum"] = "mean", topk: Annotated[int, TOPK_RANGE] = None,
-              direction: Literal["proponents", "opponents", "both"] = "proponents") -> pa.Table:
+              direction: Literal["proponents", "opponents", "both"] = "proponents",
+              error: Annotated[float, ERROR_RANGE] = None) -> pa.Table:
     """Influence of each training sample on a query sample or batch: the inner product (dot) or
     cosine of their loss gradients, summed over the layers and over checkpoints weighted by each
     checkpoint's learning rate. Negative: the training sample raises the query's loss.
@@ -98,17 +109,21 @@ def influence(ctx, *, query: SampleRef, layers: LayerList = ("*",), train: Sampl
     total=true returns one row, the training side's summed influence (B2P/B2B).
     query=each(set): the train x query matrix (query_id, sample_id, score), every query sample
     scored apart in one scan; with topk=k only each query sample's k proponents (highest scores),
-    opponents (lowest) or both (direction=), ranked (rank, role), without the whole matrix."""
+    opponents (lowest) or both (direction=), ranked (rank, role), without the whole matrix.
+    error=e allows approximation (layers stored projected, a low-rank sketch of the query side)
+    whose relative error's root mean square stays within e (README "Approximation"); without it
+    every score is exact and a layer stored projected is refused."""
     return _run(ctx, influence_plan(ctx, layers, query, train, checkpoints, similarity, loss, total, reduce,
-                                    topk, direction))
+                                    topk, direction, error))
 
 
 @table_function("SELF_INFLUENCE", COLUMNS, logical=self_influence_plan)
 def self_influence(ctx, layers: LayerList = ("*",), train: SampleRef = "train",
-                   checkpoints: CheckpointList = "all") -> pa.Table:
+                   checkpoints: CheckpointList = "all", error: Annotated[float, ERROR_RANGE] = None) -> pa.Table:
     """Squared gradient norm of each training sample (summed over layers, lr-weighted over
-    checkpoints), from the factors only. High: the sample is hard, rare or mislabeled."""
-    return _run(ctx, self_influence_plan(ctx, layers, train, checkpoints))
+    checkpoints), from the factors only. High: the sample is hard, rare or mislabeled. error=e
+    admits layers stored projected (their squared norms are unbiased estimates), as INFLUENCE."""
+    return _run(ctx, self_influence_plan(ctx, layers, train, checkpoints, error))
 
 
 def resolve_side(catalog, ref, role: str) -> Side:

@@ -38,6 +38,7 @@ class InfluenceScan:
     total: bool = False          # one row: the training side's summed influence (B2P, B2B)
     reduce: str = "mean"         # a batch query's gradient: its samples' mean, or their sum
     strategies: list[Strategy] = field(default_factory=list)
+    error: float | None = None   # INFLUENCE(..., error=e): approximation allowed (metaql.approx)
 
 
 @dataclass

@@ -221,7 +221,8 @@ class Connection:
         run the statement around the calls (the SQL guard judges that final statement)."""
         _check_forgotten_topk(stmt)
         with self._call_relations(stmt, params, plans) as text:
-            return self._plain_sql(*bound_parameters(text, params))
+            result = self._plain_sql(*bound_parameters(text, params))
+        return _with_approximations(result, self._approximations)
 
     def _call_plans(self, stmt: ast.SQLWithCalls, params) -> list:
         """Every call bound and planned before any runs: a wrong name in the second call fails
@@ -239,9 +240,12 @@ class Connection:
         private = [f"_metaql_call_{next(_CALL_IDS)}" for _ in stmt.calls]
         shown = {name: _clipped(stmt.text[span.start:span.end]) for name, (span, _) in zip(private, stmt.calls)}
         registered = []
+        self._approximations = []      # what approximate calls (error=) guarantee, for the result
         try:
             for name, plan, (_, call) in zip(private, plans, stmt.calls):
                 table = executor.execute(plan, self._context())
+                if table.schema.metadata and APPROX_KEY in table.schema.metadata:
+                    self._approximations.append(table.schema.metadata[APPROX_KEY])
                 register(self.store.db, name, _conformed(self.registry.get(call.name), table))
                 registered.append(name)
             yield rewritten(stmt.text, stmt.lo, stmt.hi, [span for span, _ in stmt.calls], private)
@@ -389,6 +393,11 @@ class Connection:
     def description(self):
         return None if self._result is None else self._result.description
 
+    @property
+    def approximation(self) -> dict | None:
+        """The last result's bound and certificate when it was approximate (error=), else None."""
+        return self._last().approximation
+
     # ---- data in ----------------------------------------------------------------------------------
     @_catalog_errors
     def add_samples(self, ids, split: str, labels=None, inputs=None, columns=None) -> int:
@@ -438,14 +447,14 @@ class Connection:
     @_catalog_errors
     def influence(self, query, layers="*", train: str = "train", checkpoints="all", similarity: str = "dot",
                   loss: str = "label", reduce: str = "mean", total: bool = False, each: bool = False,
-                  topk: int | None = None, direction: str = "proponents") -> Result:
+                  topk: int | None = None, direction: str = "proponents", error: float | None = None) -> Result:
         """INFLUENCE against query samples passed as tensors, not registered in the store:
         `query=(inputs, labels)` (labels for loss='label'), or `inputs` alone with loss='pred' or
         'expected'. The other arguments are INFLUENCE's; the result has its columns. each=True:
         the train x query matrix (query_id is the row of the query tensors), as query=each(set);
-        topk and direction as INFLUENCE's."""
+        topk and direction as INFLUENCE's; error= as INFLUENCE's (README "Approximation")."""
         from metaql.engine.functions import SampleRef
-        from metaql.engine.influence import COLUMNS, TOTAL_COLUMNS, influence_plan
+        from metaql.engine.influence import COLUMNS, ERROR_RANGE, TOTAL_COLUMNS, influence_plan
         from metaql.engine.optimizer import optimize
         self._check_open()
         self.store.refresh()
@@ -455,8 +464,11 @@ class Connection:
         layers = ("*",) if layers == "*" else ([layers] if isinstance(layers, str) else list(layers))
         self._catalog = None
         ctx = self._context()
+        if error is not None and (isinstance(error, bool) or not isinstance(error, (int, float))
+                                  or error not in ERROR_RANGE):
+            raise InvalidInputException(f"error= should be a number in {ERROR_RANGE}, not {error!r:.40}")
         plan = influence_plan(ctx, layers, side, SampleRef("batch", train), checkpoints, similarity, loss,
-                              total, reduce, topk, direction)
+                              total, reduce, topk, direction, error)
         table = executor.execute(optimize(plan, ctx.catalog, self.config), ctx)
         names = [c for c, _ in (plan.columns if each else TOTAL_COLUMNS if total else COLUMNS)]
         return Result(table.select(names))
@@ -675,6 +687,20 @@ def _clipped(text: str, n: int = 80) -> str:
 def _renamed(e: BaseException, shown: dict[str, str]) -> BaseException:
     """`e` with every private relation name replaced by the user's call."""
     return renamed(e, shown, _PRIVATE, "a table function's result")
+
+
+APPROX_KEY = b"metaql.approx"       # metaql.approx.execute.METADATA_KEY
+
+
+def _with_approximations(result: Result, found: list[bytes]) -> Result:
+    """The result of SQL around approximate calls, carrying their bounds and certificates (one
+    call's as is; several as {"calls": [...]}) where it has a table."""
+    if not found or result.arrow() is None:
+        return result
+    import json
+    value = found[0] if len(found) == 1 else json.dumps({"calls": [json.loads(f) for f in found]}).encode()
+    table = result.arrow()
+    return Result(table.replace_schema_metadata({**(table.schema.metadata or {}), APPROX_KEY: value}))
 
 
 def _conformed(fn, table) -> pa.Table:

@@ -46,6 +46,14 @@ class Result:
     def arrow(self) -> pa.Table:
         return self._table
 
+    @property
+    def approximation(self) -> dict | None:
+        """What an approximate answer (INFLUENCE(..., error=e)) guarantees: its bound and, for a
+        TOPK, the two-phase certificate (metaql.approx.execute); None for an exact answer."""
+        import json
+        raw = (self._table.schema.metadata or {}).get(b"metaql.approx")
+        return None if raw is None else json.loads(raw)
+
     def df(self):
         return self._table.to_pandas()
 

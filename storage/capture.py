@@ -37,12 +37,14 @@ class ShardWriter:
     buffered the same ids, and stores the suffix itself otherwise."""
 
     def __init__(self, store: Store, checkpoint: str, hooks: LayerHooks, shard_size: int = 2048,
-                 dtype: str = "float32", storage: dict[str, str] | None = None, background: bool = False):
+                 dtype: str = "float32", storage: dict[str, str] | None = None, background: bool = False,
+                 projection=None):
         if dtype not in STORAGE_DTYPES:
             raise InvalidInputException(f"dtype must be one of {', '.join(STORAGE_DTYPES)}")
+        from metaql.approx.capture import ProjectionRequest
+        self.projection = projection if projection is not None else ProjectionRequest(storage)
         self.store, self.checkpoint, self.hooks = store, checkpoint, hooks
-        self.shard_size, self.dtype, self.storage = shard_size, STORAGE_DTYPES[dtype], storage or {}
-        store.check_storage_override(self.storage)    # before any training step depends on it
+        self.shard_size, self.dtype, self.storage = shard_size, STORAGE_DTYPES[dtype], self.projection.exact
         self.background = background      # flushes written by a BackgroundWriter thread (storage/writer.py)
         self._worker = None
         self._metas: dict = {}
@@ -56,6 +58,9 @@ class ShardWriter:
         self.stored: dict[str, set[int]] = {}      # per layer: ids committed for this checkpoint
         self.buffered: dict[str, set[int]] = {}    # per layer: ids waiting for the next flush
         self.rows_written = 0
+        self.projected: dict = {}      # per layer: its CaptureProjection (metaql.approx), or None: exact
+        self.projection.check(self._registered())
+        store.check_storage_override(self.storage)    # before any training step depends on it
 
     @property
     def ids(self) -> list[np.ndarray]:
@@ -72,6 +77,7 @@ class ShardWriter:
         these factors; None when they are the checkpoint's own weights (replay)."""
         check_unique_ids(ids)
         self.check()
+        factors = self._project(factors)
         for layer, fs in factors.items():
             if not all(_finite(v) for v in fs.values() if v.is_floating_point()):
                 raise InvalidInputException(f"layer '{layer}' has NaN or infinite activations or gradients in "
@@ -93,8 +99,22 @@ class ShardWriter:
         if max(len(b) for b in self.buffered.values()) >= self.shard_size:
             self.flush()
 
+    def _kind(self, layer: str):
+        """The kind the layer is stored as: its own, or 'projected' (metaql.approx)."""
+        return self.projected.get(layer) or self.hooks.kinds[layer]
+
+    def _project(self, factors: dict) -> dict:
+        """The batch's factors with those of projected layers projected (decided on a layer's first
+        batch: its stored form if the store holds it, else the capture's storage= request)."""
+        for layer, fs in factors.items():
+            if layer not in self.projected:
+                self.projected[layer] = self.projection.decide(layer, self.hooks.kinds[layer],
+                                                               self.hooks.modules[layer], fs, self._registered())
+        return {layer: self.projected[layer].project(layer, self.hooks.modules[layer], fs)
+                if self.projected[layer] is not None else fs for layer, fs in factors.items()}
+
     def _layer_rows(self, layer, fs, mode, ids, keeps, batch) -> tuple[np.ndarray, dict[str, torch.Tensor], bool]:
-        kind, keep = self.hooks.kinds[layer], keeps[layer]
+        kind, keep = self._kind(layer), keeps[layer]
         rows = None if keep.all() else torch.from_numpy(np.nonzero(keep)[0])
         if mode == "full":
             # the per-sample gradients are computed where the flush is written (the writer thread)
@@ -110,7 +130,7 @@ class ShardWriter:
 
     def _meta(self, layer: str):
         if layer not in self._metas:
-            self._metas[layer] = self.hooks.kinds[layer].meta(layer, self.hooks.modules[layer])
+            self._metas[layer] = self._kind(layer).meta(layer, self.hooks.modules[layer])
         return self._metas[layer]
 
     def _rows(self, v: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -138,7 +158,7 @@ class ShardWriter:
         """{layer: earlier layer} for layers whose stored input is the very same tensor."""
         seen, shared = {}, {}
         for layer, fs in factors.items():
-            name = self.hooks.kinds[layer].suffix_name()
+            name = self._kind(layer).suffix_name()
             if name is None or name not in fs or len(self.hooks.inputs[layer]) != 1:
                 continue
             t = self.hooks.inputs[layer][0]   # the input as the module saw it (factors may be copies)
@@ -171,7 +191,7 @@ class ShardWriter:
             if mode == "factored" and stored_meta.extra.get("suffix_of"):
                 self.suffix_of[layer] = stored_meta.extra["suffix_of"]
         if layer not in self.modes:
-            kind, module = self.hooks.kinds[layer], self.hooks.modules[layer]
+            kind, module = self._kind(layer), self.hooks.modules[layer]
             meta = kind.meta(layer, module)
             numbers = kind.stored_numbers(meta, {k: v[:1] for k, v in fs.items()})
             if shares_with and self.modes.get(shares_with) == "factored":
@@ -179,7 +199,7 @@ class ShardWriter:
                 # the shared input is stored once, by the layer it is shared with
                 numbers -= int(np.prod(fs[kind.suffix_name()].shape[1:]))
             mode = self.store.register_layer(meta, kind.positions(meta, fs), numbers, kind.factored,
-                                             self.storage.get(layer))
+                                             self.projection.exact_mode(layer))
             self.modes[layer] = mode
             stored_meta, _ = self.store.layer_meta(layer)
             if mode == "factored" and stored_meta.extra.get("suffix_of"):
@@ -249,7 +269,7 @@ class ShardWriter:
         parts = [(i, t.tensors() if isinstance(t, _FullRows) else t, s)
                  for i, t, s in (batch[layer] for batch in batches if layer in batch)]
         ids = np.concatenate([p[0] for p in parts])
-        owner, suffix = self.suffix_of.get(layer), self.hooks.kinds[layer].suffix_name()
+        owner, suffix = self.suffix_of.get(layer), self._kind(layer).suffix_name()
         shares = owner is not None and all(p[2] for p in parts) and np.array_equal(
             ids, np.concatenate([batch[owner][0] for batch in batches if owner in batch]))
         names = [k for k in parts[0][1] if not (shares and k == suffix)]
@@ -313,8 +333,9 @@ class Capture:
     def __init__(self, store: Store, model: nn.Module, layers=None, checkpoint: str = "ckpt0",
                  lr: float = 1.0, epoch: int | None = None, step: int | None = None,
                  factory: str | None = None, kwargs: dict | None = None, shard_size: int = 2048,
-                 dtype: str = "float32", storage: dict[str, str] | None = None, task=None,
-                 background: bool = True):
+                 dtype: str = "float32", storage: dict[str, str] | str | None = None, task=None,
+                 background: bool = True, max_error=None, proj_dim: int | None = None, proj_seed: int = 0,
+                 sketch_dim: int | None = None):
         from metaql.storage.tasks import make_task, task_spec
         model = unwrapped(model)
         self.store, self.model, self.checkpoint = store, model, checkpoint
@@ -323,7 +344,10 @@ class Capture:
         self.hooks = LayerHooks(select_layers(model, layers))
         self._ckpt_args = dict(lr=lr, epoch=epoch, step=step, factory=factory, kwargs=kwargs, task=task)
         # background=False writes each flush in the training thread (the same shards, byte for byte)
-        self.writer = ShardWriter(store, checkpoint, self.hooks, shard_size, dtype, storage, background)
+        # storage='projected' | 'auto' with max_error= or proj_dim=: projected layers (metaql.approx)
+        from metaql.approx.capture import ProjectionRequest
+        self.writer = ShardWriter(store, checkpoint, self.hooks, shard_size, dtype, storage, background,
+                                  ProjectionRequest(storage, max_error, proj_dim, proj_seed, sketch_dim))
         self.samples = 0
         self.batches_seen = 0       # training batches so far: the weights moved after each one
 

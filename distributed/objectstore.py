@@ -67,10 +67,16 @@ def download(uri: str, rel: str, target: Path) -> None:
     """`rel` copied to `target` through a temporary name, so a half-copied file is never used."""
     data = read_bytes(uri, rel)
     target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    with open(part, "wb") as f:
-        f.write(memoryview(data))
-    os.replace(part, target)
+    # a temporary of its own: two cursors may fetch the same file at once
+    fd, part = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))
+        os.replace(part, target)
+    except BaseException:
+        if os.path.lexists(part):
+            os.unlink(part)
+        raise
 
 
 class RemoteStore(Store):

@@ -59,6 +59,10 @@ def ensure_ray(address: str | None):
     """Ray, connected: to `address` when given, else to a running cluster the process already
     joined (ray.init), else a local one started now."""
     import ray
+    if ray.is_initialized() and address not in (None, "auto") and not _same_cluster(ray, address):
+        raise OperationalError(f"this process is already connected to another Ray cluster than {address!r}; "
+                               "one process joins one cluster: open this store from another process, "
+                               "or leave config['address'] out to use the joined one")
     if not ray.is_initialized():
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
@@ -66,6 +70,14 @@ def ensure_ray(address: str | None):
             raise OperationalError(f"cannot connect to the Ray cluster at {address!r}: {e}; start it "
                                    "(ray start --head) or fix config['address']") from None
     return ray
+
+
+def _same_cluster(ray, address: str) -> bool:
+    """Whether `address` (host:port of a GCS, optionally ray://) names the cluster this process joined."""
+    joined = ray.get_runtime_context().gcs_address or ""
+    given = address.split("://", 1)[-1]
+    return given == joined or given.split(":")[0] in ("127.0.0.1", "localhost") and \
+        given.split(":")[-1] == joined.split(":")[-1]
 
 
 def scan_remote(ray):

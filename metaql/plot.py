@@ -20,8 +20,7 @@ from metaql.errors import InvalidInputException
 
 def _pyplot():
     try:
-        import matplotlib
-        matplotlib.use("Agg", force=False)    # no display needed; a notebook's inline backend stays
+        # Figure without pyplot draws off-screen and leaves the user's backend (a notebook's) alone
         from matplotlib.figure import Figure
     except ImportError:
         raise InvalidInputException("metaql.plot needs matplotlib: pip install 'metaql[plot]'") from None
@@ -31,7 +30,10 @@ def _pyplot():
 def _values(x: Any, what: str) -> np.ndarray:
     if hasattr(x, "to_numpy"):
         x = x.to_numpy()
-    a = np.asarray(x, dtype=np.float64).reshape(-1)
+    try:
+        a = np.asarray(x, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise InvalidInputException(f"{what} must be numbers; pick a numeric column to plot") from None
     if a.size and not np.isfinite(a).any():
         raise InvalidInputException(f"{what} has no finite value to plot")
     return a[np.isfinite(a)]

@@ -18,6 +18,7 @@ leaves at worst listed files no row names, which the next writable open deletes 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -51,6 +52,8 @@ MAX_LR = 1e6     # a checkpoint's weight in every score: beyond this, sums of pr
 
 
 class Store:
+    _confined = False       # confine_files() was called: DuckDB touches no file outside the store
+
     def __init__(self, path: str | Path = ":memory:", read_only: bool = False):
         self._tmpdir = None
         if str(path) == ":memory:":
@@ -116,6 +119,8 @@ class Store:
             child.db = child._reader.db
         else:
             child.db = self._owner.db.cursor()
+        if self._confined:
+            child.confine_files()
         self._owner._children.add(child)
         return child
 
@@ -135,7 +140,16 @@ class Store:
         changed = self._reader.refresh()
         if changed:
             self.db = self._reader.db
+            if self._confined:
+                confine_files(self.db, self.root)
         return changed
+
+    def confine_files(self) -> None:
+        """From now on this handle's SQL reads and writes no file outside the store (DuckDB's
+        read_*(), COPY, ATTACH): for SQL that comes from elsewhere, e.g. the web console. There is
+        no way back, as DuckDB cannot re-enable external access on a running database."""
+        self._confined = True
+        confine_files(self.db, self.root)
 
     def close(self) -> None:
         if self._closed:
@@ -301,6 +315,7 @@ class Store:
         """Columns of `samples` for the given ids, in their order; every name is checked against the
         table's columns (a user's name never reaches the SQL text unchecked) and quoted."""
         ids = _as_ids(ids)
+        names = list(dict.fromkeys(names))     # a name asked for twice is read once
         known = {c.lower(): c for c in self.sample_column_names()}
         for n in names:
             if not isinstance(n, str) or n.lower() not in known:
@@ -994,3 +1009,12 @@ def _shard_row(seq, rel, kind, checkpoint, layer, ids, nbytes, checksum, storage
 def _dicts(rel) -> list[dict]:
     cols = [d[0] for d in rel.description]
     return [dict(zip(cols, r)) for r in rel.fetchall()]
+
+
+def confine_files(db, root: Path) -> None:
+    """DuckDB on `db` may touch files only under `root` (the store's own snapshot goes there)."""
+    if not db.execute("SELECT current_setting('enable_external_access')").fetchone()[0]:
+        return      # a cursor on a database already confined (the setting is the database's)
+    allowed = str(Path(root).resolve()).replace("'", "''") + os.sep
+    db.execute(f"SET allowed_directories = ['{allowed}']")
+    db.execute("SET enable_external_access = false")

@@ -22,6 +22,7 @@ from metaql.web import create_app, serve  # noqa: E402
 from tests import webstore  # noqa: E402
 
 WHO = "ana"
+LOCAL = "http://127.0.0.1:8765"      # the Host a browser sends to `metaql serve`
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +34,13 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(store):
-    with TestClient(create_app(store[0], user=WHO)) as c:
+    with TestClient(create_app(store[0], user=WHO), base_url=LOCAL) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def ro_client(store, client):
-    with TestClient(create_app(store[0], readonly=True)) as c:
+    with TestClient(create_app(store[0], readonly=True), base_url=LOCAL) as c:
         yield c
 
 
@@ -254,7 +255,7 @@ def _wait(client, job_id: int, seconds: float = 120) -> dict:
 
 
 def test_token_is_required_when_set(store, client):
-    with TestClient(create_app(store[0], readonly=True, token="s3cret")) as c:
+    with TestClient(create_app(store[0], readonly=True, token="s3cret"), base_url=LOCAL) as c:
         assert c.get("/query").status_code == 401
         assert c.get("/query?token=wrong").status_code == 401
         first = c.get("/query?token=s3cret")
@@ -263,6 +264,37 @@ def test_token_is_required_when_set(store, client):
         c.cookies.clear()
         assert c.get("/query").status_code == 401
         assert c.get("/query", headers={"authorization": "Bearer s3cret"}).status_code == 200
+    with TestClient(create_app(store[0], readonly=True, token="n3w"), base_url=LOCAL) as c:
+        c.cookies.set("metaql_token", "s3cret")                  # left by the server's previous run
+        fresh = c.get("/query?token=n3w")
+        assert fresh.status_code == 200 and "metaql_token=n3w" in fresh.headers["set-cookie"]
+
+
+def test_requests_for_another_host_name_are_refused(store):
+    """DNS rebinding: a page on evil.example re-points its name at 127.0.0.1; its requests carry
+    its own name as Host and a matching Origin, and must reach nothing."""
+    with TestClient(create_app(store[0], readonly=True), base_url="http://evil.example:8765") as c:
+        origin = {"origin": "http://evil.example:8765"}
+        assert c.get("/query").status_code == 400
+        assert c.post("/api/label", json={"sample_id": 1, "label": 3}, headers=origin).status_code == 400
+        assert c.post("/query", data={"q": "SELECT 1"}, headers=origin).status_code == 400
+    with TestClient(create_app(store[0], readonly=True, host="10.1.2.3", token="t"),
+                    base_url="http://10.1.2.3:8765") as c:
+        assert c.get("/query?token=t").status_code == 200         # the address it was bound to
+
+
+@pytest.mark.parametrize("sql", ["SELECT * FROM read_text('{outside}/secret.txt')",
+                                 "COPY (SELECT 42 AS x) TO '{outside}/written.csv'",
+                                 "SELECT * FROM read_csv('{outside}/secret.txt')"])
+def test_console_sql_touches_no_file_outside_the_store(ro_client, client, tmp_path, sql):
+    (tmp_path / "secret.txt").write_text("top secret")
+    for c in (ro_client, client):
+        page = c.post("/query", data={"q": sql.format(outside=tmp_path)})
+        assert page.status_code == 400 and "top secret" not in page.text
+        assert "disabled" in page.text or "Permission" in page.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.txt"]
+    assert client.post("/query", data={"q": "SELECT count(*) AS n FROM samples"},
+                       follow_redirects=False).status_code == 303
 
 
 def test_serve_refuses_a_public_address_without_token(store):
@@ -296,6 +328,27 @@ def test_plots():
         plot.lancet_curve([1, 2], [0.5])
     with pytest.raises(InvalidInputException):
         plot.elite_curve([])
+    with pytest.raises(InvalidInputException, match="numbers"):
+        plot.score_histogram(["a", "b"])
+
+
+def test_plots_leave_the_users_matplotlib_backend_alone():
+    import matplotlib
+    from metaql import plot
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")          # e.g. a notebook's own choice
+    try:
+        assert plot.png_bytes(plot.score_histogram([1.0, 2.0, 3.0]))[:4] == b"\x89PNG"
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+
+
+def test_a_column_asked_for_twice_is_shown(client):
+    r = client.post("/query", data={"q": "SELECT sample_id, loss AS score FROM samples", "cols": "label"},
+                    follow_redirects=False)
+    rid = re.search(r"rid=(\d+)", r.headers["location"]).group(1)
+    assert client.get(f"/query?rid={rid}&cols=note,note,label").status_code == 200
 
 
 def test_topk_grid_and_relation_plot(client):

@@ -56,6 +56,8 @@ class Server:
 
     def __init__(self, store: str, readonly: bool = False, token: str | None = None, user: str | None = None):
         self.con = metaql.connect(store, read_only=readonly, config={"progress": False})
+        # the console's SQL comes over the network: DuckDB must not read or write the host's files
+        self.con.store.confine_files()
         self.readonly, self.token = readonly, token or None
         self.user = user or _default_user()
         self.lock = threading.RLock()
@@ -95,8 +97,11 @@ def _default_user() -> str:
 
 
 # -- the request plumbing -------------------------------------------------------------------------------
-def create_app(store: str, readonly: bool = False, token: str | None = None, user: str | None = None):
-    """The Starlette application over `store` (a directory; opened read-only with readonly)."""
+def create_app(store: str, readonly: bool = False, token: str | None = None, user: str | None = None,
+               host: str = "127.0.0.1"):
+    """The Starlette application over `store` (a directory; opened read-only with readonly). Requests
+    must name `host` or a loopback name in their Host header: a page elsewhere whose name was
+    re-pointed at 127.0.0.1 (DNS rebinding) sends its own name and is refused."""
     from jinja2 import Environment, FileSystemLoader
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
@@ -121,7 +126,9 @@ def create_app(store: str, readonly: bool = False, token: str | None = None, use
               Route("/api/jobs/{job_id:int}", pages.job),
               Route("/api/jobs/{job_id:int}/cancel", pages.cancel, methods=["POST"]),
               Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")]
-    app = Starlette(routes=routes, middleware=[Middleware(Guard, server=server)], lifespan=_closing(server))
+    hosts = {h.strip("[]").lower() for h in (*LOOPBACK, host)}
+    app = Starlette(routes=routes, middleware=[Middleware(Guard, server=server, hosts=hosts)],
+                    lifespan=_closing(server))
     app.state.server = server
     return app
 
@@ -139,8 +146,8 @@ def _closing(server: Server):
 class Guard:
     """Token, same-origin writes and JSON bodies, checked before any endpoint runs."""
 
-    def __init__(self, app, server: Server):
-        self.app, self.server = app, server
+    def __init__(self, app, server: Server, hosts: set[str]):
+        self.app, self.server, self.hosts = app, server, hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -163,14 +170,19 @@ class Guard:
 
     def _refusal(self, request) -> tuple[Any, bool]:
         from starlette.responses import JSONResponse, PlainTextResponse
+        name = (urlsplit("//" + request.headers.get("host", "")).hostname or "").lower()
+        if name not in self.hosts and not name.startswith("127."):
+            return PlainTextResponse(f"this server answers requests for {', '.join(sorted(self.hosts))}, not "
+                                     f"'{name}': open the address `metaql serve` printed", status_code=400), False
         token, from_query = self.server.token, False
         if token:
-            given = request.cookies.get("metaql_token") or ""
+            # a token in the address wins over an older cookie (a restarted server has a new token)
+            given = request.query_params.get("token", "")
+            from_query = bool(given)
             auth = request.headers.get("authorization", "")
-            if auth.lower().startswith("bearer "):
+            if not given and auth.lower().startswith("bearer "):
                 given = auth[7:]
-            if not given and "token" in request.query_params:
-                given, from_query = request.query_params["token"], True
+            given = given or request.cookies.get("metaql_token") or ""
             if not hmac.compare_digest(given.encode(), token.encode()):
                 return PlainTextResponse("this server needs its token: open the address `metaql serve` "
                                          "printed (it ends in ?token=...)", status_code=401), False
@@ -645,7 +657,7 @@ def serve(store: str, host: str = "127.0.0.1", port: int = 8765, readonly: bool 
     if not Path(store).is_dir():
         raise InvalidInputException(f"no store at {store}: name a store directory (metaql demo builds one)")
     import uvicorn
-    app = create_app(store, readonly=readonly, token=token, user=user)
+    app = create_app(store, readonly=readonly, token=token, user=user, host=host)
     address = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     print(f"MetaQL on {address}{'?token=' + token if token else ''}  (Ctrl-C stops it)", flush=True)
     try:

@@ -7,7 +7,10 @@ from metaql.engine.plan import FunctionScan, InfluenceScan, TopK
 def explain_lines(plan, analyze: bool = False, indent: str = "", ctx=None) -> list[str]:
     if isinstance(plan, TopK):
         order = "ASC" if plan.ascending else "DESC"
-        return [f"{indent}TOP_K k={plan.k} order={order}"] + explain_lines(plan.child, analyze, indent + "  ", ctx)
+        pruning = getattr(plan, "pruning", None) if analyze else None
+        return [f"{indent}TOP_K k={plan.k} order={order}"] \
+            + ([f"{indent}  {line}" for line in pruning.lines()] if pruning is not None else []) \
+            + explain_lines(plan.child, analyze, indent + "  ", ctx)
     if isinstance(plan, FunctionScan):
         args = ", ".join(f"{k}={v}" for k, v in plan.arguments.items())
         lines = [f"{indent}TABLE_FUNCTION {plan.name}({args})"]

@@ -39,6 +39,9 @@ def influence_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str
         kind = f" ({s.kind})" if s.kind else ""
         line = f"{indent}  {s.checkpoint}/{s.layer}{kind}: {s.chosen}  [{ests}]"
         if analyze and s.measured_seconds is not None:
+            est = s.estimates.get(s.chosen, {}).get("seconds")
             line += f"  measured={s.measured_seconds:.3g}s"
+            if est:
+                line += f" (estimate {est:.3g}s, measured/estimate {s.measured_seconds / est:.3g})"
         lines.append(line)
     return lines

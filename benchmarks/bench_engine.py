@@ -466,6 +466,12 @@ def main(argv=None) -> None:
     report = Report("engine_quick" if args.quick else "engine",
                     "MetaStore query strategies (Figures 24-27, §17-18)",
                     sys.argv if argv is None else ["benchmarks/bench_engine.py", *argv])
+    # the cost model's per-strategy weights, measured as PRAGMA metaql_calibrate measures them (at this
+    # run's thread count); every store of the run estimates with them (its first query reads them)
+    from metaql.engine import cost
+    from metaql.storage import store as store_module
+    log("calibrating the cost model")
+    store_module._MEASURED[cost.measure_constants] = cost.calibrated_constants()
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory(prefix="bench-engine-")
     wls, build_s = [], {}

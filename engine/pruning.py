@@ -65,10 +65,10 @@ class Pruning:
         return out
 
 
-def why_not(plan: TopK, config: dict) -> str:
+def why_not(plan: TopK, ctx) -> str:
     """'' when the TOPK can be pruned, else why not."""
     scan = plan.child
-    if config.get(CONFIG_KEY, True) is False:
+    if ctx.config.get(CONFIG_KEY, True) is False:
         return f"config {CONFIG_KEY}=false"
     if not isinstance(scan, InfluenceScan) or getattr(scan, "pairwise", False):
         return "not a TOPK over INFLUENCE"
@@ -80,15 +80,19 @@ def why_not(plan: TopK, config: dict) -> str:
         return "cosine similarity (its per-checkpoint normalisation is not bounded here)"
     if any(strategy_named(s.chosen).replays for s in scan.strategies):
         return "a re-compute strategy reads no stored factors"
+    modes = {catalog_of(ctx).layer_meta(layer)[1] for layer in scan.layers} - set(stored_norms.EXACT_MODES)
+    if modes:
+        return f"a layer stored {sorted(modes)[0]} (norms are kept for exact storage only)"
     return ""
 
 
 def pruned_top_k(plan: TopK, ctx) -> pa.Table | None:
     """The TOPK's answer by a pruned scan, or None (the caller runs the full scan); the statistics
     go on the plan (`plan.pruning`) for EXPLAIN ANALYZE."""
-    reason = why_not(plan, ctx.config)
+    reason = why_not(plan, ctx)
     if reason:
-        plan.pruning = Pruning(reason=reason)
+        if isinstance(plan.child, InfluenceScan) and plan.child.query is not None:   # EXPLAIN says why
+            plan.pruning = Pruning(reason=reason)
         return None
     run = PrunedScan(plan, ctx)
     table = run.table()

@@ -18,6 +18,7 @@ TABLE = "sample_norms"
 CHUNK_NUMBERS = 32 * 2 ** 20     # bound on one chunk's intermediates (numbers), as the executor's
 
 
+EXACT_MODES = ("factored", "full")     # storage modes whose stored gradient is the exact one
 NUCLEAR_KINDS = ("linear", "hf_conv1d")     # rows X, D dense and canonical: g = sum_s d_s x_s^T
 
 
@@ -85,6 +86,8 @@ def entry_rows(store, checkpoint: str, entries: list[dict], rels: dict[str, str]
             meta, stored = store.layer_meta(e["layer"])
             kind = kind_named(meta.kind)
         except CatalogException:
+            continue
+        if (e.get("storage") or stored) not in EXACT_MODES:
             continue
         tensors = dict(e["tensors"])
         if e.get("suffix_of") or e.get("suffix_file"):

@@ -150,6 +150,10 @@ def build(name, path, model, x, y, n_train, batch, units, bp, storage=None) -> W
             cap.backward(loss, train[sl])
             opt.step()
             opt.zero_grad()
+    # the cost model's constants as a user gets them (at this run's thread count): base, per-family
+    # weights and each layer's own fit; the estimates and the optimizer's picks below use them
+    log(f"{name}: PRAGMA metaql_calibrate")
+    con.execute("PRAGMA metaql_calibrate")
     wl = Workload(name, con, path, units, n_train, n_test, bp)
     log(f"{name}: replaying {n_test} test samples")
     wl.replay_queries()
@@ -294,7 +298,7 @@ def ratio_text(measured: dict[str, float], estimate: dict[str, float], names) ->
     return " / ".join("-" if r is None else f"{r:.2g}" for r in ratios)
 
 
-EXPLAIN_LINE = re.compile(r"^\s*([^/\s]+)/(\S+): (\w+)\s+\[(.*)\]")
+EXPLAIN_LINE = re.compile(r"^\s*([^/\s]+)/(\S+)(?: \([^)]*\))?: (\w+)\s+\[(.*)\]")   # (kind) optional
 
 
 def explain_picks(con, layers, query) -> tuple[list[str], dict[str, str]]:
@@ -466,12 +470,6 @@ def main(argv=None) -> None:
     report = Report("engine_quick" if args.quick else "engine",
                     "MetaStore query strategies (Figures 24-27, §17-18)",
                     sys.argv if argv is None else ["benchmarks/bench_engine.py", *argv])
-    # the cost model's per-strategy weights, measured as PRAGMA metaql_calibrate measures them (at this
-    # run's thread count); every store of the run estimates with them (its first query reads them)
-    from metaql.engine import cost
-    from metaql.storage import store as store_module
-    log("calibrating the cost model")
-    store_module._MEASURED[cost.measure_constants] = cost.calibrated_constants()
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory(prefix="bench-engine-")
     wls, build_s = [], {}

@@ -142,7 +142,10 @@ def calibrate_store(store) -> pa.Table:
     from metaql.engine import cost
     from metaql.storage import store as store_module
     consts = cost.calibrated_constants()
-    store_module._MEASURED[cost.measure_constants] = consts     # what a read-only store uses from now on
+    layers = layer_weights(store)
+    # a read-only store cannot keep them: they hold for this process (its layers' factors with them)
+    store_module._MEASURED[cost.measure_constants] = {**consts, "layers": layers} if store.read_only else dict(consts)
+    consts["layers"] = layers
     if not store.read_only:
         store.db.execute("INSERT OR REPLACE INTO meta VALUES ('cost_constants', ?)", [json.dumps(consts)])
         store.committed()
@@ -150,5 +153,64 @@ def calibrate_store(store) -> pa.Table:
     for family, weights in consts["weights"].items():
         for name, w in weights.items():
             rows += [("flops_weight", family, name, w["flops"]), ("bytes_weight", family, name, w["bytes"])]
+    for layer, weights in consts["layers"].items():
+        for name, w in weights.items():
+            rows += [("layer_factor", layer, name, w["factor"]), ("layer_fixed_seconds", layer, name, w["fixed"])]
     return pa.table({"constant": [r[0] for r in rows], "family": [r[1] for r in rows],
                      "strategy": [r[2] for r in rows], "value": pa.array([float(r[3]) for r in rows], pa.float64())})
+
+
+# ---- per layer: each strategy timed on the store's own factors ----------------------------------------
+# A kind family's two synthetic layers cannot stand for every shape (a convolution of 512 channels
+# on 2x2 pixels runs at a fraction of the efficiency of one of 32 channels on 4x4), so the PRAGMA
+# also times every strategy on stored samples of each layer (two sizes, SAMPLE_ROWS, as far as the
+# first shard holds them), against QUERY_ROWS others as the query side, and fits per layer
+# seconds = fixed + factor * (the base estimate): the fixed part is the per-scan overhead that a
+# small layer's scan never amortises.
+SAMPLE_ROWS, QUERY_ROWS = (32, 256), 8
+
+
+def layer_weights(store) -> dict[str, dict[str, dict[str, float]]]:
+    """{layer: {strategy: {"fixed": seconds, "factor": x}}} for every layer with stored factors."""
+    from metaql.engine.strategies import applicable
+    from metaql.storage.layers import kind_named
+    base = None
+    out: dict[str, dict] = {}
+    for row in store.layers():
+        shards = store.factor_shards(None, row["name"])
+        if not shards:
+            continue
+        meta, stored = store.layer_meta(row["name"])
+        kind = kind_named(meta.kind)
+        _, tensors = store.shard_tensors(shards[0])
+        n_all = next(iter(tensors.values())).shape[0]
+        b = min(QUERY_ROWS, max(1, n_all // 4))
+        sizes = sorted({max(1, min(s, n_all - b)) for s in SAMPLE_ROWS})
+        query = {k: v[n_all - b:] for k, v in tensors.items()}
+        q = ops.query_side(kind, meta, query, None, norm=True) if stored != "full" else \
+            {"count": b, "gbar_flat": kind.full(meta, query).mean(0)}
+        base = base or _base_of(store)
+        names = [s.name for s in applicable(stored, False, kind, False) + applicable(stored, False, kind, True)
+                 if not s.baseline]
+        out[row["name"]] = {name: _layer_fit(name, kind, meta, stored, tensors, q, sizes, b, base) for name in names}
+    return out
+
+
+def _base_of(store) -> dict[str, float]:
+    from metaql.engine import cost
+    return cost.measure_base()
+
+
+def _layer_fit(name, kind, meta, stored, tensors, q, sizes, b, base) -> dict[str, float]:
+    from metaql.engine import cost
+    points = []
+    for n in sizes:
+        train = {k: v[:n].contiguous() for k, v in tensors.items()}
+        est = STRATEGIES[name].estimate(shapes_of(kind, meta, train, n, b, stored))
+        t = _timed(lambda: _run(name if name != "self_norm" else "full_dot", kind, meta, train, q))
+        points.append((cost.seconds(est, base), t))
+    (e0, t0), (e1, t1) = points[0], points[-1]
+    if len(points) == 1 or e1 <= e0 or t1 <= t0:      # one size, or timings too noisy to split
+        return {"fixed": 0.0, "factor": t1 / max(e1, 1e-30)}
+    factor = (t1 - t0) / (e1 - e0)
+    return {"fixed": max(t0 - factor * e0, 0.0), "factor": factor}

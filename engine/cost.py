@@ -70,11 +70,16 @@ BASELINES = tuple(n for n, s in STRATEGIES.items() if s.baseline)
 MODEL_VERSION = 2     # constants with per-strategy weights (engine/calibrate.py); 1: the two base ones
 
 
-def seconds(est: dict[str, float], consts: dict, strategy: str | None = None, kind: str = "") -> float:
-    """The estimate in seconds: flops and bytes priced by the base constants, each weighted by the
-    strategy's fitted weight for the kind's family (1 where none was measured: constants a store
-    kept before the weights existed, until PRAGMA metaql_calibrate measures them)."""
+def seconds(est: dict[str, float], consts: dict, strategy: str | None = None, kind: str = "",
+            layer: str | None = None) -> float:
+    """The estimate in seconds: flops and bytes priced by the base constants; after PRAGMA
+    metaql_calibrate, the layer's own fit (fixed seconds + factor x that, timed on its stored
+    factors) or else the strategy's weights for the kind's family (1 where none was measured)."""
     from metaql.engine.calibrate import family_of
+    plain = est["flops"] * consts["sec_per_flop"] + est["bytes"] * consts["sec_per_byte"]
+    fit = consts.get("layers", {}).get(layer or "", {}).get(strategy or "")
+    if fit is not None:
+        return fit["fixed"] + fit["factor"] * plain
     w = consts.get("weights", {}).get(family_of(kind), {}).get(strategy or "", {"flops": 1.0, "bytes": 1.0})
     return est["flops"] * consts["sec_per_flop"] * w["flops"] + est["bytes"] * consts["sec_per_byte"] * w["bytes"]
 

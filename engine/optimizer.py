@@ -86,7 +86,7 @@ def choose_strategies(scan: InfluenceScan, catalog, force: str | None = None) ->
             ests = cost.estimates(layer_shapes(scan, catalog, ckpt, layer))
             kind = catalog.layer_meta(layer)[0].kind
             for name, e in ests.items():
-                e["seconds"] = cost.seconds(e, consts, name, kind)
+                e["seconds"] = cost.seconds(e, consts, name, kind, layer)
             if force and force in ests:
                 chosen = force
             else:

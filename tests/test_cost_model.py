@@ -2,6 +2,7 @@
 engine's operators, kept in the catalog's meta table, re-measured by PRAGMA metaql_calibrate, and
 shown against the measured time by EXPLAIN ANALYZE."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -69,7 +70,8 @@ def test_pragma_calibrate_keeps_every_strategys_weights(tmp_path, monkeypatch):
     for family in calibrate.FAMILIES:
         assert set(kept["weights"][family]) == set(STRATEGIES) - {"recompute"}
         assert kept["weights"][family]["iterate"] == pytest.approx({"flops": 2.0, "bytes": 0.5})
-    assert len(out) == 2 + 2 * len(calibrate.FAMILIES) * (len(STRATEGIES) - 1)
+    per_layer = 2 * sum(len(v) for v in kept["layers"].values())
+    assert len(out) == 2 + 2 * len(calibrate.FAMILIES) * (len(STRATEGIES) - 1) + per_layer
 
 
 def test_pragma_calibrate_on_a_read_only_store_writes_nothing(tmp_path, monkeypatch):
@@ -85,8 +87,7 @@ def test_pragma_calibrate_on_a_read_only_store_writes_nothing(tmp_path, monkeypa
 
 
 def test_explain_analyze_shows_estimate_against_measured(tmp_path, monkeypatch):
-    """After PRAGMA metaql_calibrate, the estimates use the fitted weights, and EXPLAIN ANALYZE
-    prints each pick's estimate next to its measured time."""
+    """EXPLAIN ANALYZE prints each pick's estimate next to its measured time, and their ratio."""
     monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
     monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
     monkeypatch.setattr(store_module, "_MEASURED", {})
@@ -96,8 +97,28 @@ def test_explain_analyze_shows_estimate_against_measured(tmp_path, monkeypatch):
         con.execute("PRAGMA metaql_calibrate")
         line = next(s for s in con.execute(sql).arrow().column("plan").to_pylist() if "c0/0" in s)
     assert "measured=" in line and "estimate " in line and "measured/estimate" in line, line
-    pick = line.split(": ")[1].split()[0]
-    shown = float(line.split(f"{pick}*=")[1].split("s")[0])
-    est = cost.estimates(cost.Shapes(n=10, s=1, b=2, sq=1, din=5, dout=3, stored="factored"))[pick]
-    assert shown == pytest.approx(2 * est["flops"] * BASE["sec_per_flop"] + 0.5 * est["bytes"] * BASE["sec_per_byte"],
-                                  rel=1e-2), line
+    measured = float(re.search(r"measured=([0-9.e+-]+)s", line).group(1))
+    estimate = float(re.search(r"\(estimate ([0-9.e+-]+)s", line).group(1))
+    ratio = float(re.search(r"measured/estimate ([0-9.e+-]+)\)", line).group(1))
+    assert ratio == pytest.approx(measured / estimate, rel=1e-2)
+
+
+def test_pragma_calibrate_fits_each_layer_on_its_own_factors(tmp_path, monkeypatch):
+    """Every stored layer gets a fit per strategy (fixed seconds, factor), and the optimizer's
+    estimate for that layer is fixed + factor x the base formula."""
+    monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
+    monkeypatch.setattr(store_module, "_MEASURED", {})
+    _store(tmp_path / "s.mq")
+    with metaql.connect(tmp_path / "s.mq") as con:
+        con.execute("PRAGMA metaql_calibrate")
+        kept = _kept(con)
+        line = next(s for s in con.execute("EXPLAIN SELECT * FROM INFLUENCE(layers=*, query=batch(test))").arrow()
+                    .column("plan").to_pylist() if "c0/0" in s)
+    fits = kept["layers"]["0"]
+    assert {"iterate", "batch_average", "reconstruct", "self_gram", "self_full"} <= set(fits)
+    assert all(f["fixed"] >= 0 and f["factor"] > 0 for f in fits.values())
+    est = cost.estimates(cost.Shapes(n=10, s=1, b=2, sq=1, din=5, dout=3, stored="factored"))["iterate"]
+    plain = est["flops"] * kept["sec_per_flop"] + est["bytes"] * kept["sec_per_byte"]
+    want = fits["iterate"]["fixed"] + fits["iterate"]["factor"] * plain
+    shown = re.search(r"\biterate\*?=([0-9.e+-]+)s", line)
+    assert shown and float(shown.group(1)) == pytest.approx(want, rel=1e-2), line

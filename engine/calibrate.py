@@ -10,7 +10,6 @@ reproduces both timings. Nothing is tuned to a machine: `PRAGMA metaql_calibrate
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 
@@ -147,8 +146,7 @@ def calibrate_store(store) -> pa.Table:
     store_module._MEASURED[cost.measure_constants] = {**consts, "layers": layers} if store.read_only else dict(consts)
     consts["layers"] = layers
     if not store.read_only:
-        store.db.execute("INSERT OR REPLACE INTO meta VALUES ('cost_constants', ?)", [json.dumps(consts)])
-        store.committed()
+        store.keep_cost_constants(consts)
     rows = [("sec_per_flop", "", "", consts["sec_per_flop"]), ("sec_per_byte", "", "", consts["sec_per_byte"])]
     for family, weights in consts["weights"].items():
         for name, w in weights.items():

@@ -111,20 +111,17 @@ def insert(db, rows: list[tuple]) -> None:
                     [None] * len(ids) if nuc is None else nuc.tolist()])
 
 
-def has_table(db) -> bool:
-    return db.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
-                      [TABLE]).fetchone()[0] > 0
-
-
 def stored_norms(store, checkpoints: list[str], layers: list[str]) -> dict[str, dict[str, np.ndarray]]:
     """{shard file: {"ids", "sq"}} of every factor shard of the given checkpoints and layers that
     has norms (one round trip); a shard missing here has none."""
-    if not has_table(store.db):
+    import duckdb
+    try:
+        rel = store.db.execute(
+            f"SELECT n.file, n.sample_id, n.sq_norm, n.nuc_bound FROM {TABLE} n JOIN shards s ON s.file = n.file "
+            "WHERE s.kind = 'factors' AND s.checkpoint IN (SELECT unnest(?)) AND s.layer IN (SELECT unnest(?)) "
+            "ORDER BY n.file, n.sample_id", [list(checkpoints), list(layers)])
+    except duckdb.CatalogException:      # a store written before the table, opened read-only
         return {}
-    rel = store.db.execute(
-        f"SELECT n.file, n.sample_id, n.sq_norm, n.nuc_bound FROM {TABLE} n JOIN shards s ON s.file = n.file "
-        "WHERE s.kind = 'factors' AND s.checkpoint IN (SELECT unnest(?)) AND s.layer IN (SELECT unnest(?)) "
-        "ORDER BY n.file, n.sample_id", [list(checkpoints), list(layers)])
     cols = rel.fetchnumpy()
     files, ids, sq = cols["file"], cols["sample_id"], cols["sq_norm"]
     nuc = np.ma.filled(np.ma.asarray(cols["nuc_bound"], dtype=np.float64), np.nan)   # NULL: no nuclear bound

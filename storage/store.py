@@ -233,6 +233,12 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('cost_constants', ?)", [json.dumps(consts)])
         return consts
 
+    def keep_cost_constants(self, consts: dict) -> None:
+        """Replaces the cost model's constants in the meta table (PRAGMA metaql_calibrate)."""
+        self._writable()
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('cost_constants', ?)", [json.dumps(consts)])
+        self.committed()
+
     # ---- samples ------------------------------------------------------------------------------
     def add_samples(self, ids, split: str, labels=None, inputs=None,
                     columns: dict[str, Iterable] | None = None, shard_size: int = 4096) -> int:

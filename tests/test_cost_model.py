@@ -41,6 +41,18 @@ def _fake_measurements(family):
             for name in calibrate.TIMED}
 
 
+def _fast_timing(monkeypatch):
+    """The micro-benchmarks' timer replaced by one run of the operator (the fit is checked above;
+    here only what the PRAGMA keeps and how the optimizer uses it)."""
+    import time
+
+    def once(fn, runs=1, budget=0.0):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    monkeypatch.setattr(calibrate, "_timed", once)
+
+
 def _store(path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3))
@@ -62,6 +74,7 @@ def test_pragma_calibrate_keeps_every_strategys_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
     monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
     monkeypatch.setattr(store_module, "_MEASURED", {})     # the fake constants stay in this test
+    _fast_timing(monkeypatch)
     _store(tmp_path / "s.mq")
     with metaql.connect(tmp_path / "s.mq") as con:
         out = con.execute("PRAGMA metaql_calibrate").arrow()
@@ -78,6 +91,7 @@ def test_pragma_calibrate_on_a_read_only_store_writes_nothing(tmp_path, monkeypa
     monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
     monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
     monkeypatch.setattr(store_module, "_MEASURED", {})     # the fake constants stay in this test
+    _fast_timing(monkeypatch)
     _store(tmp_path / "s.mq")
     with metaql.connect(tmp_path / "s.mq") as con:
         before = _kept(con)
@@ -91,6 +105,7 @@ def test_explain_analyze_shows_estimate_against_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
     monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
     monkeypatch.setattr(store_module, "_MEASURED", {})
+    _fast_timing(monkeypatch)
     _store(tmp_path / "s.mq")
     sql = "EXPLAIN ANALYZE SELECT * FROM INFLUENCE(layers=*, query=batch(test))"
     with metaql.connect(tmp_path / "s.mq") as con:
@@ -107,7 +122,9 @@ def test_pragma_calibrate_fits_each_layer_on_its_own_factors(tmp_path, monkeypat
     """Every stored layer gets a fit per strategy (fixed seconds, factor), and the optimizer's
     estimate for that layer is fixed + factor x the base formula."""
     monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
+    monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
     monkeypatch.setattr(store_module, "_MEASURED", {})
+    _fast_timing(monkeypatch)
     _store(tmp_path / "s.mq")
     with metaql.connect(tmp_path / "s.mq") as con:
         con.execute("PRAGMA metaql_calibrate")

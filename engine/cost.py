@@ -67,11 +67,41 @@ def matrix_space(n: int, b: int, topk: int | None, directions: int = 1) -> dict[
 BASELINES = tuple(n for n, s in STRATEGIES.items() if s.baseline)
 
 
-def seconds(est: dict[str, float], consts: dict[str, float]) -> float:
-    return est["flops"] * consts["sec_per_flop"] + est["bytes"] * consts["sec_per_byte"]
+MODEL_VERSION = 2     # constants with per-strategy weights (engine/calibrate.py); 1: the two base ones
+
+
+def seconds(est: dict[str, float], consts: dict, strategy: str | None = None, kind: str = "",
+            layer: str | None = None) -> float:
+    """The estimate in seconds: flops and bytes priced by the base constants; after PRAGMA
+    metaql_calibrate, the layer's own fit (fixed seconds + factor x that, timed on its stored
+    factors) or else the strategy's weights for the kind's family (1 where none was measured)."""
+    from metaql.engine.calibrate import family_of
+    plain = est["flops"] * consts["sec_per_flop"] + est["bytes"] * consts["sec_per_byte"]
+    fit = consts.get("layers", {}).get(layer or "", {}).get(strategy or "")
+    if fit is not None:
+        return fit["fixed"] + fit["factor"] * plain
+    w = consts.get("weights", {}).get(family_of(kind), {}).get(strategy or "", {"flops": 1.0, "bytes": 1.0})
+    return est["flops"] * consts["sec_per_flop"] * w["flops"] + est["bytes"] * consts["sec_per_byte"] * w["bytes"]
+
+
+
+
+def calibrated_constants() -> dict:
+    """The base constants and every strategy's fitted weights (engine/calibrate.py): what PRAGMA
+    metaql_calibrate measures and keeps. Not measured on first use: the micro-benchmarks take
+    seconds, and on a machine shared with other jobs their timings (and so the picks they drive)
+    are only as steady as the machine; run the PRAGMA when it is quiet."""
+    from metaql.engine.calibrate import strategy_weights
+    base = measure_base()
+    return {**base, "weights": strategy_weights(base), "version": MODEL_VERSION}
 
 
 def measure_constants() -> dict[str, float]:
+    """The base constants, measured on a store's first query (no per-strategy weights yet)."""
+    return measure_base()
+
+
+def measure_base() -> dict[str, float]:
     """Times a matrix product (flops) and a large sum (bytes read) on this machine."""
     a = torch.randn(512, 512)
     _ = a @ a

@@ -51,6 +51,10 @@ def execute(plan, ctx: Context) -> pa.Table:
         from metaql.engine.matrix import execute_matrix
         return execute_matrix(plan, ctx)
     if isinstance(plan, TopK):
+        from metaql.engine.pruning import pruned_top_k
+        pruned = pruned_top_k(plan, ctx)     # None: not prunable here (engine/pruning.py says why)
+        if pruned is not None:
+            return pruned
         table = execute(plan.child, ctx)
         return top_k(table, plan.k, plan.ascending)
     if isinstance(plan, InfluenceScan):
@@ -63,10 +67,12 @@ def execute(plan, ctx: Context) -> pa.Table:
 
 
 def top_k(table: pa.Table, k: int, ascending: bool) -> pa.Table:
-    scores = torch.from_numpy(table.column("score").to_numpy())
-    k = min(k, len(scores))
-    idx = torch.topk(scores, k, largest=not ascending, sorted=True).indices.numpy()
-    return table.take(pa.array(idx))
+    """The k best rows by score; equal scores keep the table's row order (an influence scan's rows
+    are in sample_id order), so a pruned scan that keeps every row that can tie gives the same rows
+    (torch.topk's order among ties depends on the input's length)."""
+    scores = table.column("score").to_numpy()
+    order = np.argsort(scores if ascending else -scores, kind="stable")
+    return table.take(pa.array(order[:min(k, len(scores))]))
 
 
 def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
@@ -118,8 +124,9 @@ def check_finite(scores: np.ndarray, layer: str, ckpt: str, lr: float | None = N
 
 
 def query_sides(scan: InfluenceScan, store, ckpt: str, strategies: list[Strategy],
-                device: str = "cpu", catalog=None) -> dict[str, dict]:
-    """Replays the query samples at the checkpoint; per layer what its chosen strategy needs."""
+                device: str = "cpu", catalog=None, with_gbar: bool = False) -> dict[str, dict]:
+    """Replays the query samples at the checkpoint; per layer what its chosen strategy needs (and
+    the average gradient when `with_gbar`: pruning bounds scores by its norm)."""
     catalog = catalog if catalog is not None else catalog_of(Context(store, FunctionRegistry()))
     model, task = store.model_at(ckpt), task_at(store, ckpt)
     modules = watched_modules(model, scan.layers)
@@ -135,7 +142,7 @@ def query_sides(scan: InfluenceScan, store, ckpt: str, strategies: list[Strategy
     for layer in scan.layers:
         meta, _ = catalog.layer_meta(layer)
         needs = needs_of({s.chosen for s in strategies if s.layer == layer})
-        side = ops.query_side(kind_named(meta.kind), meta, factors[layer], needs, norm=scan.similarity == "cosine")
+        side = ops.query_side(kind_named(meta.kind), meta, factors[layer], needs, norm=scan.similarity == "cosine" or with_gbar)
         out[layer] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in side.items()}
     return out
 
@@ -156,7 +163,8 @@ def layer_pass(store, ckpt: str, strat: Strategy, train: np.ndarray, q, scan: In
     scores, norms, seen = np.zeros(len(train)), np.zeros(len(train)), np.zeros(len(train), bool)
     device = device_of(ctx)
     batches = recomputed_batches(store, ckpt, strat.layer, train) if strategy_named(strat.chosen).replays \
-        else (catalog.shard_tensors(row) for row in catalog.factor_shards(ckpt, strat.layer))
+        else (catalog.shard_tensors(row) for row in catalog.factor_shards(ckpt, strat.layer)
+              if overlaps(row, train))
     for ids, tensors in batches:
         ctx.check_interrupt()
         keep = np.isin(ids, train)
@@ -173,6 +181,14 @@ def layer_pass(store, ckpt: str, strat: Strategy, train: np.ndarray, q, scan: In
             norms[p] += nrm
             seen[p] = True
     return scores, norms, seen
+
+
+def overlaps(row: dict, train: np.ndarray) -> bool:
+    """False when no id of `train` (sorted) lies in the shard's id range: the shard is not opened."""
+    if row.get("min_id") is None or row.get("max_id") is None:
+        return True
+    lo = np.searchsorted(train, row["min_id"])
+    return lo < len(train) and train[lo] <= row["max_id"]
 
 
 def rows_of(t: torch.Tensor, rows: np.ndarray) -> torch.Tensor:

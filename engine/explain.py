@@ -7,7 +7,10 @@ from metaql.engine.plan import FunctionScan, InfluenceScan, TopK
 def explain_lines(plan, analyze: bool = False, indent: str = "", ctx=None) -> list[str]:
     if isinstance(plan, TopK):
         order = "ASC" if plan.ascending else "DESC"
-        return [f"{indent}TOP_K k={plan.k} order={order}"] + explain_lines(plan.child, analyze, indent + "  ", ctx)
+        pruning = getattr(plan, "pruning", None) if analyze else None
+        return [f"{indent}TOP_K k={plan.k} order={order}"] \
+            + ([f"{indent}  {line}" for line in pruning.lines()] if pruning is not None else []) \
+            + explain_lines(plan.child, analyze, indent + "  ", ctx)
     if isinstance(plan, FunctionScan):
         args = ", ".join(f"{k}={v}" for k, v in plan.arguments.items())
         lines = [f"{indent}TABLE_FUNCTION {plan.name}({args})"]
@@ -36,7 +39,10 @@ def influence_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str
         kind = f" ({s.kind})" if s.kind else ""
         line = f"{indent}  {s.checkpoint}/{s.layer}{kind}: {s.chosen}  [{ests}]"
         if analyze and s.measured_seconds is not None:
+            est = s.estimates.get(s.chosen, {}).get("seconds")
             line += f"  measured={s.measured_seconds:.3g}s"
+            if est:
+                line += f" (estimate {est:.3g}s, measured/estimate {s.measured_seconds / est:.3g})"
         lines.append(line)
     if getattr(scan, "error", None) is not None:      # INFLUENCE(..., error=e): metaql.approx
         from metaql.approx.execute import explain_lines as approx_lines

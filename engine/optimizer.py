@@ -84,8 +84,9 @@ def choose_strategies(scan: InfluenceScan, catalog, force: str | None = None) ->
     for ckpt in scan.checkpoints:
         for layer in scan.layers:
             ests = cost.estimates(layer_shapes(scan, catalog, ckpt, layer))
-            for e in ests.values():
-                e["seconds"] = cost.seconds(e, consts)
+            kind = catalog.layer_meta(layer)[0].kind
+            for name, e in ests.items():
+                e["seconds"] = cost.seconds(e, consts, name, kind, layer)
             if force and force in ests:
                 chosen = force
             else:

@@ -73,7 +73,9 @@ class Iterate(ScanStrategy):
     name, needs = "iterate", frozenset({"rows"})
 
     def estimate(self, sh):
-        return {"flops": sh.n * sh.b * sh.s * sh.sq * (sh.din + sh.dout), "bytes": _read(sh)}
+        # the two (S, B*Sq) Gram products per sample are written and read back
+        return {"flops": sh.n * sh.b * sh.s * sh.sq * (sh.din + sh.dout),
+                "bytes": _read(sh) + 3 * sh.n * sh.s * sh.b * sh.sq * BYTES_PER_NUMBER}
 
     def extra_numbers(self, meta, tensors, q, per_sample):
         if q is None or "x_rows" not in q:
@@ -93,7 +95,9 @@ class BatchAverage(ScanStrategy):
     name = "batch_average"
 
     def estimate(self, sh):
-        return {"flops": sh.n * sh.s * _params(sh) + _query_side(sh), "bytes": _read(sh)}
+        # the (S, dout) product per sample is written, multiplied in place and read back
+        return {"flops": sh.n * sh.s * _params(sh) + _query_side(sh),
+                "bytes": _read(sh) + 3 * sh.n * sh.s * sh.dout * BYTES_PER_NUMBER}
 
     def scores(self, kind, meta, chunk, q):
         return ops.batch_average(kind, meta, chunk, q)
@@ -104,7 +108,9 @@ class Reconstruct(ScanStrategy):
     name = "reconstruct"
 
     def estimate(self, sh):
-        return {"flops": sh.n * (sh.s * _params(sh) + _params(sh)) + _query_side(sh), "bytes": _read(sh)}
+        # each built gradient is written, multiplied by Gbar into a second one, and both read back
+        return {"flops": sh.n * (sh.s * _params(sh) + _params(sh)) + _query_side(sh),
+                "bytes": _read(sh) + 4 * sh.n * _params(sh) * BYTES_PER_NUMBER}
 
     def extra_numbers(self, meta, tensors, q, per_sample):
         return per_sample + meta.params

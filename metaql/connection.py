@@ -174,6 +174,9 @@ class Connection:
             raise translated from _cause(e)
 
     def _dispatch(self, stmt, params) -> Result:
+        from metaql.engine.calibrate import calibrate_store, is_calibrate
+        if isinstance(stmt, ast.PlainSQL) and is_calibrate(stmt.text):     # the cost model's constants
+            return Result(calibrate_store(self.store))
         if isinstance(stmt, ast.PlainSQL):
             return self._plain_sql(stmt.text, params)
         if isinstance(stmt, ast.SQLWithCalls):

@@ -64,10 +64,17 @@ ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS derived_from VARCHAR;
 CREATE TABLE IF NOT EXISTS sample_weights (
     sample_id BIGINT NOT NULL, checkpoint VARCHAR NOT NULL, weight DOUBLE NOT NULL,
     PRIMARY KEY (sample_id, checkpoint));
+-- each stored sample's squared gradient norm per factor shard (storage/norms.py), written with the
+-- shard's row; TOPK over INFLUENCE bounds scores with them (engine/pruning.py). nuc_bound: for a
+-- layer of dense rows, sum_s ||d_s|| ||x_s|| >= the gradient's nuclear norm (NULL for other kinds)
+CREATE TABLE IF NOT EXISTS sample_norms (
+    checkpoint VARCHAR NOT NULL, layer VARCHAR NOT NULL, file VARCHAR NOT NULL, sample_id BIGINT NOT NULL,
+    sq_norm DOUBLE NOT NULL, nuc_bound DOUBLE);
 """
 
 # Tables MetaQL keeps consistent with files on disk: plain SQL may read them, not write them.
-INTERNAL_TABLES = ("meta", "models", "checkpoints", "layers", "shards", "sets", "set_members", "pending_files")
+INTERNAL_TABLES = ("meta", "models", "checkpoints", "layers", "shards", "sets", "set_members", "pending_files",
+                   "sample_norms")
 
 # SHOW LAYERS / CHECKPOINTS / SETS: the catalog's listing of each (Store.listing)
 SHOWN = {
@@ -173,7 +180,7 @@ def _check_tables(con: duckdb.DuckDBPyConnection, shown: str) -> None:
 def _added_later(table: str, column: str) -> bool:
     """Columns added after format 1 shipped: a store written before them (opened read-only, so
     SCHEMA has not added them) may lack them."""
-    return table in ("pending_files", "annotations", "sample_weights") or (table, column) in LATER_COLUMNS
+    return table in ("pending_files", "annotations", "sample_weights", "sample_norms") or (table, column) in LATER_COLUMNS
 
 
 LATER_COLUMNS = {("checkpoints", "weights_checksum"), ("shards", "seen_from_batch"), ("shards", "seen_to_batch"),

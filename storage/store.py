@@ -40,6 +40,7 @@ from metaql.storage.artifacts import artifact_problems
 from metaql.storage import models as model_files
 from metaql.storage.catalog import (CHECKPOINTS_BEFORE_SEEN, SHOWN, RoundTrips, counted, open_catalog, query_arrow,
                                     register, require_name, transaction, unregister)
+from metaql.storage import norms
 from metaql.storage.faults import fault_point
 from metaql.storage.layers import LayerMeta, kind_named
 from metaql.storage.snapshot import Publisher, ReaderCopy
@@ -245,6 +246,12 @@ class Store:
         if not self.read_only:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('cost_constants', ?)", [json.dumps(consts)])
         return consts
+
+    def keep_cost_constants(self, consts: dict) -> None:
+        """Replaces the cost model's constants in the meta table (PRAGMA metaql_calibrate)."""
+        self._writable()
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('cost_constants', ?)", [json.dumps(consts)])
+        self.committed()
 
     # ---- samples ------------------------------------------------------------------------------
     def add_samples(self, ids, split: str, labels=None, inputs=None,
@@ -711,8 +718,10 @@ class Store:
                 suffix = rels[e["suffix_of"]] if e.get("suffix_of") else e.get("suffix_file")
                 rows.append(_shard_row(seq, rel, "factors", checkpoint, e["layer"], e["ids"], nbytes, checksum,
                                        e["storage"], suffix, e.get("seen")))
+            norm_rows = norms.entry_rows(self, checkpoint, entries, rels)    # TOPK's bounds (engine/pruning.py)
             with transaction(self.db):
                 self._insert_shard_rows(rows)
+                norms.insert(self.db, norm_rows)
                 self.db.execute("DELETE FROM pending_files WHERE file IN (SELECT unnest(?))", [list(rels.values())])
                 fault_point("commit.shards.before")
             fault_point("commit.shards.after")

@@ -1,0 +1,276 @@
+"""Exact TOPK over INFLUENCE that skips the training rows that cannot enter the top k.
+
+Each training sample's score is a sum over (checkpoint, layer) units of w_c <g_i, G>, w_c the
+checkpoint's lr (times B for reduce=sum). Cauchy-Schwarz bounds every term by |w_c| ||g_i|| ||G||;
+the per-sample norms are kept in the catalog at capture (storage/norms.py) and ||G|| comes from the
+query side. The scan runs in two phases:
+
+1. the k samples with the largest bound are scored exactly on every unit: the k-th best of their
+   scores is a threshold t that the final k-th best score cannot fall below;
+2. unit by unit (largest bound mass first) only the samples still alive are scored; a sample's
+   score then lies in [known - rest, known + rest] (rest: its bounds on the units not yet scored)
+   and it is dropped as soon as known + rest < t, t raised to the k-th best lower bound.
+
+A dropped sample is strictly below k others, so the survivors hold the whole top k and every
+sample tied with its k-th score. They are scored by the same operators, and summed in the same
+order, as the full scan (engine/executor.py), and ranked by the same `top_k`, so the answer is the
+full scan's, ties included.
+
+Each bound is widened by MARGIN (relative) to cover the float32 rounding of the scan's own scores;
+norms are computed in float64. Not pruned (the full scan runs, EXPLAIN ANALYZE says why): cosine
+similarity, total=true, the train x query matrix, a forced re-compute, fewer candidates than k, and
+a read-only store captured before norms were kept (a writable one computes them on first use).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from metaql.engine.plan import InfluenceScan, TopK
+from metaql.engine.strategies import strategy_named
+from metaql.storage import norms as stored_norms
+from metaql.storage.catalog_snapshot import catalog_of
+
+CONFIG_KEY = "topk_pruning"     # connection config: False runs every TOPK as a full scan
+MARGIN = 1e-3      # relative widening of every Cauchy-Schwarz bound
+FIRST_SHARE = 0.25  # phase 1 scores at most this share of the samples in full
+SLACK = 1e-5       # relative: scores closer than this to the k-th best are never dropped
+
+
+@dataclass
+class Pruning:
+    """What EXPLAIN ANALYZE prints of a TOPK's pruning."""
+    reason: str = ""            # why the scan was not pruned ('' when it was)
+    scores: int = 0             # (sample, unit) scores a full scan computes
+    scored: int = 0             # of which this scan computed
+    shards: int = 0             # factor shards a full scan opens
+    shards_read: int = 0
+    backfilled: int = 0         # norms computed on first use (a store captured before them)
+    passes: list = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 - self.scored / self.scores if self.scores else 0.0
+
+    def lines(self) -> list[str]:
+        if self.reason:
+            return [f"pruning: off ({self.reason})"]
+        out = [f"pruning: {self.fraction:.1%} of the scan skipped ({self.scored:,} of {self.scores:,} "
+               f"sample-layer scores computed; {self.shards_read:,} of {self.shards:,} shards opened)"]
+        if self.backfilled:
+            out.append(f"pruning: {self.backfilled:,} norms computed on first use and kept")
+        return out
+
+
+def why_not(plan: TopK, ctx) -> str:
+    """'' when the TOPK can be pruned, else why not."""
+    scan = plan.child
+    if ctx.config.get(CONFIG_KEY, True) is False:
+        return f"config {CONFIG_KEY}=false"
+    if not isinstance(scan, InfluenceScan) or getattr(scan, "pairwise", False):
+        return "not a TOPK over INFLUENCE"
+    if scan.query is None:
+        return "self-influence"
+    if scan.total:
+        return "total=true"
+    if scan.similarity != "dot":
+        return "cosine similarity (its per-checkpoint normalisation is not bounded here)"
+    if any(strategy_named(s.chosen).replays for s in scan.strategies):
+        return "a re-compute strategy reads no stored factors"
+    modes = {catalog_of(ctx).layer_meta(layer)[1] for layer in scan.layers} - set(stored_norms.EXACT_MODES)
+    if modes:
+        return f"a layer stored {sorted(modes)[0]} (norms are kept for exact storage only)"
+    return ""
+
+
+def pruned_top_k(plan: TopK, ctx) -> pa.Table | None:
+    """The TOPK's answer by a pruned scan, or None (the caller runs the full scan); the statistics
+    go on the plan (`plan.pruning`) for EXPLAIN ANALYZE."""
+    reason = why_not(plan, ctx)
+    if reason:
+        if isinstance(plan.child, InfluenceScan) and plan.child.query is not None:   # EXPLAIN says why
+            plan.pruning = Pruning(reason=reason)
+        return None
+    run = PrunedScan(plan, ctx)
+    table = run.table()
+    plan.pruning = run.stats
+    return table
+
+
+class PrunedScan:
+    def __init__(self, plan: TopK, ctx):
+        self.plan, self.ctx, self.scan = plan, ctx, plan.child
+        self.catalog = catalog_of(ctx)
+        self.train = np.sort(self.scan.train.ids)
+        self.units = [(s.checkpoint, s) for s in self.scan.strategies]
+        self.stats = Pruning()
+        self.opened: set[str] = set()
+
+    # ---- bounds ------------------------------------------------------------------------------------
+    def unit_norms(self) -> tuple[list[np.ndarray], np.ndarray] | None:
+        """(per unit, each training sample's gradient norm, 0 where it has no factors; which samples
+        have factors in some unit), or None when some shard has no stored norms and the store
+        cannot keep them."""
+        ckpts = sorted({c for c, _ in self.units})
+        layers = sorted({s.layer for _, s in self.units})
+        rows = {(c, s.layer): self.catalog.factor_shards(c, s.layer) for c, s in self.units}
+        kept = stored_norms.stored_norms(self.ctx.store, ckpts, layers)
+        missing = [r for rs in rows.values() for r in rs if r["file"] not in kept]
+        if missing:
+            if self.ctx.store.read_only:
+                return None
+            self.stats.backfilled = stored_norms.backfill(self.ctx.store, missing, self.catalog.shard_checksum)
+            kept = stored_norms.stored_norms(self.ctx.store, ckpts, layers)
+        out, seen = [], np.zeros(len(self.train), bool)
+        for c, s in self.units:
+            norm, nuc = np.zeros(len(self.train)), np.zeros(len(self.train))
+            for r in rows[(c, s.layer)]:
+                ids, sq, nb = kept[r["file"]]["ids"], kept[r["file"]]["sq"], kept[r["file"]]["nuc"]
+                inside = np.isin(ids, self.train)
+                pos = np.searchsorted(self.train, ids[inside])
+                # a sample stored twice in a unit sums both gradients: ||a + b|| <= ||a|| + ||b||
+                np.add.at(norm, pos, np.sqrt(np.maximum(sq[inside], 0.0)))
+                np.add.at(nuc, pos, np.where(np.isnan(nb[inside]), np.inf, nb[inside]))
+                seen[pos] = True
+                self.stats.scores += len(pos)
+            out.append((norm, nuc))
+        self.stats.shards = sum(len(rs) for rs in rows.values())
+        return out, seen
+
+    def weights(self) -> list[float]:
+        """Each unit's weight in the summed score: its checkpoint's lr (times B for reduce=sum)."""
+        scale = len(self.scan.query.ids) if self.scan.reduce == "sum" else 1
+        return [self.catalog.checkpoint(c)["lr"] * scale for c, _ in self.units]
+
+    # ---- the scan ----------------------------------------------------------------------------------
+    def table(self) -> pa.Table | None:
+        from metaql.engine.executor import device_of, query_sides
+        found = self.unit_norms()
+        if found is None:
+            self.stats = Pruning(reason="no stored gradient norms in this read-only store (captured before "
+                                        "they were kept); open it writable once to compute them")
+            return None
+        norms, seen = found
+        k = self.plan.k
+        if seen.sum() <= k:
+            self.stats = Pruning(reason=f"no more than k={k} samples")
+            return None
+        queries = {}
+        for c in dict.fromkeys(c for c, _ in self.units):
+            strategies = [s for cc, s in self.units if cc == c]
+            queries[c] = query_sides(self.scan, self.ctx.store, c, strategies, device_of(self.ctx), self.catalog,
+                                     with_gbar=True)
+        w = self.weights()
+        bounds = [abs(wu) * unit_bound(queries[c][s.layer], *nn) * (1 + MARGIN)
+                  for wu, (c, s), nn in zip(w, self.units, norms)]
+        if not all(np.isfinite(b).all() for b in bounds):
+            self.stats = Pruning(reason="non-finite gradient norms")
+            return None
+        return self._run(queries, w, bounds, seen, k)
+
+    def _run(self, queries, w, bounds, seen, k) -> pa.Table:
+        self.sign = -1.0 if self.plan.ascending else 1.0
+        n = len(self.train)
+        self.parts: list[list[tuple]] = [[] for _ in self.units]   # per unit: (positions, scores, present)
+        self.known = np.zeros(n)        # sign * the weighted scores of the units scored
+        self.rest = np.sum(bounds, axis=0)
+        self.done = [np.zeros(n, bool) for _ in self.units]
+        alive = seen.copy()
+        # phase 1: the largest bounds first, scored on every unit, in batches of k, 2k, 4k, ... while
+        # samples that could still enter remain and at most FIRST_SHARE of the samples are scored
+        by_bound = np.flatnonzero(seen)[np.argsort(-self.rest[seen], kind="stable")]
+        start, size = 0, k
+        while start < len(by_bound) and start < FIRST_SHARE * len(by_bound):
+            batch = by_bound[start:start + size]
+            batch = np.sort(batch[alive[batch]])
+            start, size = start + size, 2 * size
+            for u in range(len(self.units)):
+                if len(batch):
+                    self._score(u, batch, queries, w, bounds)
+            self._prune(alive, k)
+        # phase 2: the others, unit by unit, largest bound mass first
+        order = sorted(range(len(self.units)), key=lambda u: -float(bounds[u][alive].sum()))
+        for u in order:
+            todo = np.flatnonzero(alive & ~self.done[u])
+            if len(todo):
+                self._score(u, todo, queries, w, bounds)
+                self._prune(alive, k)
+        return self._answer(np.flatnonzero(alive), w)
+
+    def _score(self, u, positions, queries, w, bounds) -> None:
+        from metaql.engine.executor import check_finite, layer_pass
+        ckpt, strat = self.units[u]
+        ids = self.train[positions]
+        t0 = time.perf_counter()
+        scores, _, present = layer_pass(self.ctx.store, ckpt, strat, ids, queries[ckpt][strat.layer],
+                                        self.scan, self.ctx)
+        strat.measured_seconds = (strat.measured_seconds or 0.0) + time.perf_counter() - t0   # the rows scored
+        check_finite(scores, strat.layer, ckpt)
+        self.stats.scored += int(present.sum())
+        self.opened.update(r["file"] for r in self.catalog.factor_shards(ckpt, strat.layer) if _overlaps(r, ids))
+        self.stats.shards_read = len(self.opened)
+        self.parts[u].append((positions, scores, present))
+        self.known[positions] += self.sign * w[u] * scores
+        self.rest[positions] -= bounds[u][positions]
+        self.done[u][positions] = True
+
+    def _prune(self, alive: np.ndarray, k: int) -> None:
+        """Drops the alive samples whose upper bound is below the k-th best lower bound, less a
+        slack of SLACK x the largest score so far: the scan's float32 operators may round a
+        sample's score differently in another batch (by about 1e-7 of it), and a sample that
+        might tie the k-th score after such rounding is kept."""
+        rest = np.maximum(self.rest, 0.0)
+        lower = (self.known - rest)[alive]
+        threshold = np.partition(lower, len(lower) - k)[len(lower) - k]
+        slack = SLACK * (abs(threshold) + float(np.abs(self.known).max()))
+        alive &= ~(self.known + rest < threshold - slack)
+
+    def _answer(self, positions: np.ndarray, w) -> pa.Table:
+        """The survivors' scores summed exactly as the full scan sums them (per checkpoint the layers
+        in plan order, then weighted by lr), ranked by its top_k."""
+        from metaql.engine.executor import top_k
+        total, present = np.zeros(len(positions)), np.zeros(len(positions), bool)
+        by_ckpt: dict[str, list[int]] = {}
+        for u, (c, _) in enumerate(self.units):
+            by_ckpt.setdefault(c, []).append(u)
+        for c, units in by_ckpt.items():
+            part = np.zeros(len(positions))
+            for u in units:
+                vals = np.zeros(len(positions))
+                for pos, scores, here in self.parts[u]:
+                    idx = np.minimum(np.searchsorted(positions, pos), len(positions) - 1)
+                    hit = (positions[idx] == pos) & here
+                    vals[idx[hit]] = scores[hit]
+                    present[idx[hit]] = True
+                part += vals
+            total += self.catalog.checkpoint(c)["lr"] * part
+        if self.scan.reduce == "sum":
+            total = total * len(self.scan.query.ids)
+        ids = self.train[positions]
+        table = pa.table({"sample_id": pa.array(ids[present]), "score": pa.array(total[present])})
+        return top_k(table, self.plan.k, self.plan.ascending)
+
+
+SPECTRAL_MAX_SIDE = 2048    # the query gradient's spectral norm is computed when its smaller side is at most this
+
+
+def unit_bound(q: dict, norm: np.ndarray, nuc: np.ndarray) -> np.ndarray:
+    """Per training sample, a bound on |<g_i, G>| for one unit: the smaller of Cauchy-Schwarz,
+    ||g_i||_F ||G||_F, and Hoelder's ||g_i||_* ||G||_2 where the store keeps a nuclear bound
+    (inf elsewhere)."""
+    g = q["gbar_flat"].double()
+    bound = norm * float(g.norm())
+    gbar = q.get("gbar")
+    if gbar is not None and gbar.dim() == 2 and min(gbar.shape) <= SPECTRAL_MAX_SIDE and np.isfinite(nuc).any():
+        import torch
+        spectral = float(torch.linalg.matrix_norm(gbar.double().cpu(), ord=2))
+        bound = np.minimum(bound, np.where(np.isfinite(nuc), nuc * spectral, np.inf))
+    return bound
+
+
+def _overlaps(row: dict, ids: np.ndarray) -> bool:
+    from metaql.engine.executor import overlaps
+    return overlaps(row, ids)

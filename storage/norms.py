@@ -1,0 +1,155 @@
+"""Per-sample squared gradient norms of every factor shard, kept in the catalog's `sample_norms`.
+
+They are written with the shard's row (Store.write_factor_shards), in the same transaction, at the
+cost of one factored self-product per sample (engine.operators.squared_norm, the operator
+SELF_INFLUENCE uses). A TOPK over INFLUENCE bounds each training sample's score with them
+(engine/pruning.py: |<g_i, G>| <= ||g_i|| ||G||) and skips the rows that cannot enter the top k.
+
+Norms are computed as the scan computes scores (float32 operators); the pruning bounds carry a
+margin far above their rounding. A store captured before this table existed has no
+norms: a writable store computes them on first use (`backfill`), a read-only one is scanned in full.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+TABLE = "sample_norms"
+CHUNK_NUMBERS = 32 * 2 ** 20     # bound on one chunk's intermediates (numbers), as the executor's
+
+
+EXACT_MODES = ("factored", "full")     # storage modes whose stored gradient is the exact one
+NUCLEAR_KINDS = ("linear", "hf_conv1d")     # rows X, D dense and canonical: g = sum_s d_s x_s^T
+
+
+def shard_norms(kind, meta, stored: str, tensors: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(||g_n||^2, a bound on the nuclear norm ||g_n||_* or None) of every sample of one shard,
+    in float64, chunked so intermediates stay bounded."""
+    sq = squared_norms(kind, meta, stored, tensors)
+    if stored != "factored" or meta.kind not in NUCLEAR_KINDS:
+        return sq, None
+    return sq, nuclear_bounds(kind, meta, tensors)
+
+
+def nuclear_bounds(kind, meta, tensors) -> np.ndarray:
+    """sum_s ||d_s|| ||[x_s, 1]|| >= ||sum_s d_s [x_s, 1]^T||_* (the triangle inequality on rank-one
+    terms); equal to the Frobenius norm when a sample has one row. With the spectral norm of the
+    query's gradient it bounds a score more tightly than Cauchy-Schwarz (Hoelder's inequality)."""
+    n = next(iter(tensors.values())).shape[0]
+    out = np.zeros(n)
+    step = max(1, CHUNK_NUMBERS // max(1, sum(int(np.prod(t.shape[1:])) for t in tensors.values())))
+    for lo in range(0, n, step):
+        x, d = kind.rows(meta, {k: v[lo:lo + step] for k, v in tensors.items()})
+        xs = (x.double() ** 2).sum(-1) + (1.0 if meta.bias else 0.0)
+        out[lo:lo + step] = (xs.sqrt() * d.double().norm(dim=-1)).sum(-1).numpy()
+    return out
+
+
+def squared_norms(kind, meta, stored: str, tensors: dict[str, torch.Tensor]) -> np.ndarray:
+    """||g_n||^2 of every sample of one shard (float64), chunked so intermediates stay bounded."""
+    from metaql.engine import operators as ops
+    n = next(iter(tensors.values())).shape[0]
+    per_sample = max(1, sum(int(np.prod(t.shape[1:])) for t in tensors.values()))
+    params = meta.params
+    step = max(1, CHUNK_NUMBERS // max(per_sample, params if stored == "factored" else 1))
+    out = np.zeros(n)
+    for lo in range(0, n, step):
+        chunk = {k: v[lo:lo + step] for k, v in tensors.items()}
+        if stored == "full" or not kind.factored:
+            g = kind.full(meta, chunk).double()
+            out[lo:lo + step] = (g * g).sum(1).numpy()
+        else:
+            out[lo:lo + step] = _factored_norms(kind, meta, chunk, ops)
+    return out
+
+
+def _factored_norms(kind, meta, chunk, ops) -> np.ndarray:
+    """The squared norms by the operator SELF_INFLUENCE uses (float32, the scan's precision: its
+    relative error, about 1e-6, is far inside the bounds' 1e-3 margin, engine/pruning.py)."""
+    return ops.squared_norm(kind, meta, chunk).double().cpu().numpy()
+
+
+def entry_rows(store, checkpoint: str, entries: list[dict], rels: dict[str, str]) -> list[tuple]:
+    """(checkpoint, layer, file, sample ids, squared norms) of each shard a flush writes; a layer
+    whose input another entry (or an existing shard) holds gets that input from there. A layer
+    whose kind is not registered in this process gets no rows (its shards are scanned in full)."""
+    from metaql.errors import CatalogException
+    from metaql.storage.layers import kind_named
+    by_layer = {e["layer"]: e for e in entries}
+    rows: list[tuple] = []
+    for e in entries:
+        try:
+            meta, stored = store.layer_meta(e["layer"])
+            kind = kind_named(meta.kind)
+        except CatalogException:
+            continue
+        if (e.get("storage") or stored) not in EXACT_MODES:
+            continue
+        tensors = dict(e["tensors"])
+        if e.get("suffix_of") or e.get("suffix_file"):
+            tensors.update(_suffix(store, kind, e, by_layer))
+        sq, nuc = shard_norms(kind, meta, e.get("storage") or stored, tensors)
+        rows.append((checkpoint, e["layer"], rels[e["layer"]], np.asarray(e["ids"], np.int64), sq, nuc))
+    return rows
+
+
+def _suffix(store, kind, entry: dict, by_layer: dict) -> dict[str, torch.Tensor]:
+    name = kind.suffix_name()
+    if entry.get("suffix_of"):
+        return {name: by_layer[entry["suffix_of"]]["tensors"][name]}
+    row = store.db.execute("SELECT checksum FROM shards WHERE file = ?", [entry["suffix_file"]]).fetchone()
+    shard = store.open_shard(entry["suffix_file"], row[0])
+    return {name: shard.tensor(name)}
+
+
+def insert(db, rows: list[tuple]) -> None:
+    """One statement per shard: the ids and norms go in as two lists (a row per sample through
+    executemany would cost a round trip each)."""
+    for checkpoint, layer, file, ids, sq, nuc in rows:
+        db.execute(f"INSERT INTO {TABLE} SELECT ?, ?, ?, unnest(?), unnest(?), unnest(?)",
+                   [checkpoint, layer, file, ids.tolist(), sq.tolist(),
+                    [None] * len(ids) if nuc is None else nuc.tolist()])
+
+
+def stored_norms(store, checkpoints: list[str], layers: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """{shard file: {"ids", "sq"}} of every factor shard of the given checkpoints and layers that
+    has norms (one round trip); a shard missing here has none."""
+    import duckdb
+    try:
+        rel = store.db.execute(
+            f"SELECT n.file, n.sample_id, n.sq_norm, n.nuc_bound FROM {TABLE} n JOIN shards s ON s.file = n.file "
+            "WHERE s.kind = 'factors' AND s.checkpoint IN (SELECT unnest(?)) AND s.layer IN (SELECT unnest(?)) "
+            "ORDER BY n.file, n.sample_id", [list(checkpoints), list(layers)])
+    except duckdb.CatalogException:      # a store written before the table, opened read-only
+        return {}
+    cols = rel.fetchnumpy()
+    files, ids, sq = cols["file"], cols["sample_id"], cols["sq_norm"]
+    nuc = np.ma.filled(np.ma.asarray(cols["nuc_bound"], dtype=np.float64), np.nan)   # NULL: no nuclear bound
+    out: dict[str, dict[str, np.ndarray]] = {}
+    if len(files) == 0:
+        return out
+    files = np.asarray(files, dtype=object)
+    edges = np.flatnonzero(files[1:] != files[:-1]) + 1
+    for lo, hi in zip(np.r_[0, edges], np.r_[edges, len(files)]):
+        out[str(files[lo])] = {"ids": np.asarray(ids[lo:hi], np.int64), "sq": np.asarray(sq[lo:hi], np.float64),
+                               "nuc": nuc[lo:hi]}
+    return out
+
+
+def backfill(store, shard_rows: list[dict], checksum_of=None) -> int:
+    """Computes and keeps the norms of the given factor shards (a store captured before norms were
+    kept); returns the rows written. Each shard's rows commit together."""
+    from metaql.storage.catalog import transaction
+    from metaql.storage.layers import kind_named
+    written = 0
+    for row in shard_rows:
+        meta, stored = store.layer_meta(row["layer"])
+        ids, tensors = store.shard_tensors(row, checksum_of=checksum_of)
+        sq, nuc = shard_norms(kind_named(meta.kind), meta, row.get("storage") or stored, tensors)
+        with transaction(store.db):
+            store.db.execute(f"DELETE FROM {TABLE} WHERE file = ?", [row["file"]])
+            insert(store.db, [(row["checkpoint"], row["layer"], row["file"], np.asarray(ids, np.int64), sq, nuc)])
+        written += len(ids)
+    if written:
+        store.committed(force=False)
+    return written

@@ -1,0 +1,141 @@
+"""The cost model's per-strategy weights (engine/calibrate.py): fitted from micro-benchmarks of the
+engine's operators, kept in the catalog's meta table, re-measured by PRAGMA metaql_calibrate, and
+shown against the measured time by EXPLAIN ANALYZE."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metaql
+from metaql.engine import calibrate, cost
+from metaql.engine.strategies import STRATEGIES
+from metaql.storage import store as store_module
+
+BASE = {"sec_per_flop": 1e-10, "sec_per_byte": 1e-9}
+
+
+def test_fit_recovers_the_weights_that_made_the_timings():
+    a, b = 3.0, 0.25
+    points = [({"flops": f, "bytes": by}, a * f * BASE["sec_per_flop"] + b * by * BASE["sec_per_byte"])
+              for f, by in ((1e9, 1e6), (1e6, 1e9), (5e8, 5e8))]
+    w = calibrate.fit(points, BASE)
+    assert w["flops"] == pytest.approx(a, rel=1e-6) and w["bytes"] == pytest.approx(b, rel=1e-6)
+
+
+def test_seconds_weighs_flops_and_bytes_per_strategy_and_family():
+    est = {"flops": 1e9, "bytes": 1e6}
+    consts = {**BASE, "weights": {"conv": {"iterate": {"flops": 2.0, "bytes": 10.0}}}}
+    assert cost.seconds(est, consts, "iterate", "conv") == pytest.approx(2 * 0.1 + 10 * 1e-3)
+    # a kind of the linear family, and constants kept before the weights: the plain formula
+    assert cost.seconds(est, consts, "iterate", "linear") == pytest.approx(0.1 + 1e-3)
+    assert cost.seconds(est, BASE, "iterate", "conv") == pytest.approx(0.1 + 1e-3)
+
+
+def _fake_measurements(family):
+    """Timings of weights (2, 0.5) for every timed strategy: PRAGMA's test need not wait for the
+    real micro-benchmarks (their fit is checked above, their use below)."""
+    return {name: [({"flops": f, "bytes": by}, 2 * f * BASE["sec_per_flop"] + 0.5 * by * BASE["sec_per_byte"]) for f, by in ((1e9, 1e6), (1e6, 1e9))]
+            for name in calibrate.TIMED}
+
+
+def _fast_timing(monkeypatch):
+    """The micro-benchmarks' timer replaced by one run of the operator (the fit is checked above;
+    here only what the PRAGMA keeps and how the optimizer uses it)."""
+    import time
+
+    def once(fn, runs=1, budget=0.0):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    monkeypatch.setattr(calibrate, "_timed", once)
+
+
+def _store(path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    model.metaql_config = {}
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    with metaql.connect(path) as con:
+        con.add_samples(np.arange(10), "train", y[:10].numpy(), x[:10])
+        con.add_samples(10 + np.arange(2), "test", y[10:].numpy(), x[10:])
+        with con.capture(model, layers=["0"], checkpoint="c0", lr=0.1) as cap:
+            cap.backward(F.cross_entropy(model(x[:10]), y[:10]), np.arange(10))
+
+
+def _kept(con):
+    row = con.execute("SELECT value FROM meta WHERE key = 'cost_constants'").fetchone()
+    return None if row is None else json.loads(row[0])
+
+
+def test_pragma_calibrate_keeps_every_strategys_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
+    monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
+    monkeypatch.setattr(store_module, "_MEASURED", {})     # the fake constants stay in this test
+    _fast_timing(monkeypatch)
+    _store(tmp_path / "s.mq")
+    with metaql.connect(tmp_path / "s.mq") as con:
+        out = con.execute("PRAGMA metaql_calibrate").arrow()
+        kept = _kept(con)
+    assert kept["version"] == cost.MODEL_VERSION
+    for family in calibrate.FAMILIES:
+        assert set(kept["weights"][family]) == set(STRATEGIES) - {"recompute"}
+        assert kept["weights"][family]["iterate"] == pytest.approx({"flops": 2.0, "bytes": 0.5})
+    per_layer = 2 * sum(len(v) for v in kept["layers"].values())
+    assert len(out) == 2 + 2 * len(calibrate.FAMILIES) * (len(STRATEGIES) - 1) + per_layer
+
+
+def test_pragma_calibrate_on_a_read_only_store_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
+    monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
+    monkeypatch.setattr(store_module, "_MEASURED", {})     # the fake constants stay in this test
+    _fast_timing(monkeypatch)
+    _store(tmp_path / "s.mq")
+    with metaql.connect(tmp_path / "s.mq") as con:
+        before = _kept(con)
+    with metaql.connect(tmp_path / "s.mq", read_only=True) as con:
+        con.execute("PRAGMA metaql_calibrate")
+        assert _kept(con) == before
+
+
+def test_explain_analyze_shows_estimate_against_measured(tmp_path, monkeypatch):
+    """EXPLAIN ANALYZE prints each pick's estimate next to its measured time, and their ratio."""
+    monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
+    monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
+    monkeypatch.setattr(store_module, "_MEASURED", {})
+    _fast_timing(monkeypatch)
+    _store(tmp_path / "s.mq")
+    sql = "EXPLAIN ANALYZE SELECT * FROM INFLUENCE(layers=*, query=batch(test))"
+    with metaql.connect(tmp_path / "s.mq") as con:
+        con.execute("PRAGMA metaql_calibrate")
+        line = next(s for s in con.execute(sql).arrow().column("plan").to_pylist() if "c0/0" in s)
+    assert "measured=" in line and "estimate " in line and "measured/estimate" in line, line
+    measured = float(re.search(r"measured=([0-9.e+-]+)s", line).group(1))
+    estimate = float(re.search(r"\(estimate ([0-9.e+-]+)s", line).group(1))
+    ratio = float(re.search(r"measured/estimate ([0-9.e+-]+)\)", line).group(1))
+    assert ratio == pytest.approx(measured / estimate, rel=1e-2)
+
+
+def test_pragma_calibrate_fits_each_layer_on_its_own_factors(tmp_path, monkeypatch):
+    """Every stored layer gets a fit per strategy (fixed seconds, factor), and the optimizer's
+    estimate for that layer is fixed + factor x the base formula."""
+    monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
+    monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
+    monkeypatch.setattr(store_module, "_MEASURED", {})
+    _fast_timing(monkeypatch)
+    _store(tmp_path / "s.mq")
+    with metaql.connect(tmp_path / "s.mq") as con:
+        con.execute("PRAGMA metaql_calibrate")
+        kept = _kept(con)
+        line = next(s for s in con.execute("EXPLAIN SELECT * FROM INFLUENCE(layers=*, query=batch(test))").arrow()
+                    .column("plan").to_pylist() if "c0/0" in s)
+    fits = kept["layers"]["0"]
+    assert {"iterate", "batch_average", "reconstruct", "self_gram", "self_full"} <= set(fits)
+    assert all(f["fixed"] >= 0 and f["factor"] > 0 for f in fits.values())
+    est = cost.estimates(cost.Shapes(n=10, s=1, b=2, sq=1, din=5, dout=3, stored="factored"))["iterate"]
+    plain = est["flops"] * kept["sec_per_flop"] + est["bytes"] * kept["sec_per_byte"]
+    want = fits["iterate"]["fixed"] + fits["iterate"]["factor"] * plain
+    shown = re.search(r"\biterate\*?=([0-9.e+-]+)s", line)
+    assert shown and float(shown.group(1)) == pytest.approx(want, rel=1e-2), line

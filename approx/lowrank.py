@@ -19,6 +19,7 @@ DENSE_KINDS = ("linear", "hf_conv1d")     # rows that are the layer's own tensor
 
 class LowRankQuery(ScanStrategy):
     name, stored, baseline, needs = "lowrank_query", (), True, frozenset({"gbar"})
+    approximate = True
 
     def applies_to(self, kind) -> bool:
         return kind.kind in DENSE_KINDS

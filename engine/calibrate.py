@@ -116,7 +116,7 @@ def fit(points: list[tuple[dict, float]], base: dict[str, float]) -> dict[str, f
 
 
 def strategy_weights(base: dict[str, float]) -> dict[str, dict[str, dict[str, float]]]:
-    """{family: {strategy: {flops, bytes}}} for every registered strategy."""
+    """{family: {strategy: {flops, bytes}}} for every exact strategy (metaql.approx prices its own)."""
     out = {}
     for family in FAMILIES:
         fitted = {name: fit(points, base) for name, points in measurements(family).items()}

@@ -20,6 +20,7 @@ class ScanStrategy:
     name = ""
     stored: tuple[str, ...] = ("factored",)    # storage modes it reads
     baseline = False      # shown by EXPLAIN and run when forced, never picked by cost
+    approximate = False   # an estimate of the score (metaql.approx prices and picks it, not the cost model)
     replays = False       # reads factors replayed now, not the stored shards
     needs: frozenset = frozenset({"gbar"})    # of the query side: "gbar" (average gradient), "rows"
     each = False          # scores every query sample apart (the train x query matrix, query=each(set))

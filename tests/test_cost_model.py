@@ -80,11 +80,12 @@ def test_pragma_calibrate_keeps_every_strategys_weights(tmp_path, monkeypatch):
         out = con.execute("PRAGMA metaql_calibrate").arrow()
         kept = _kept(con)
     assert kept["version"] == cost.MODEL_VERSION
+    exact = {name for name, s in STRATEGIES.items() if not s.approximate} - {"recompute"}
     for family in calibrate.FAMILIES:
-        assert set(kept["weights"][family]) == set(STRATEGIES) - {"recompute"}
+        assert set(kept["weights"][family]) == exact
         assert kept["weights"][family]["iterate"] == pytest.approx({"flops": 2.0, "bytes": 0.5})
     per_layer = 2 * sum(len(v) for v in kept["layers"].values())
-    assert len(out) == 2 + 2 * len(calibrate.FAMILIES) * (len(STRATEGIES) - 1) + per_layer
+    assert len(out) == 2 + 2 * len(calibrate.FAMILIES) * len(exact) + per_layer
 
 
 def test_pragma_calibrate_on_a_read_only_store_writes_nothing(tmp_path, monkeypatch):

@@ -179,27 +179,17 @@ def sketch_pays(catalog, strat, q, tolerance: float) -> bool:
 def lowrank_pass(store, catalog, ckpt: str, layer: str, train: np.ndarray, q, ctx):
     """(scores, bounds on ||g_i||, seen) of the training side by the low-rank query sketch."""
     from metaql.approx.lowrank import STRATEGY
-    from metaql.engine.executor import chunk_rows, device_of, rows_of
+    from metaql.engine.executor import overlaps, train_chunks
     meta, _ = catalog.layer_meta(layer)
     kind = kind_named(meta.kind)
     scores, norms, seen = np.zeros(len(train)), np.zeros(len(train)), np.zeros(len(train), bool)
-    for row in catalog.factor_shards(ckpt, layer):
-        ctx.check_interrupt()
-        ids, tensors = catalog.shard_tensors(row)
-        keep = np.isin(ids, train)
-        if not keep.any():
-            continue
-        rows = np.nonzero(keep)[0]
-        pos = np.searchsorted(train, ids[rows])
-        step = chunk_rows(tensors, q, STRATEGY.name, meta)
-        for start in range(0, len(rows), step):
-            chunk = {n: rows_of(t, rows[start:start + step]).to(device_of(ctx)) for n, t in tensors.items()}
-            p = pos[start:start + step]
-            with torch.no_grad():
-                s, nrm = STRATEGY.scores_and_norms(kind, meta, chunk, q)
-            scores[p] += s.double().cpu().numpy()
-            norms[p] += nrm.double().cpu().numpy()
-            seen[p] = True
+    batches = (catalog.shard_tensors(row) for row in catalog.factor_shards(ckpt, layer) if overlaps(row, train))
+    for p, chunk in train_chunks(batches, train, q, STRATEGY.name, meta, ctx):
+        with torch.no_grad():
+            s, nrm = STRATEGY.scores_and_norms(kind, meta, chunk, q)
+        scores[p] += s.double().cpu().numpy()
+        norms[p] += nrm.double().cpu().numpy()
+        seen[p] = True
     return scores, norms, seen
 
 

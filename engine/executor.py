@@ -161,10 +161,21 @@ def layer_pass(store, ckpt: str, strat: Strategy, train: np.ndarray, q, scan: In
     meta, stored = catalog.layer_meta(strat.layer)
     kind = kind_named(meta.kind)
     scores, norms, seen = np.zeros(len(train)), np.zeros(len(train)), np.zeros(len(train), bool)
-    device = device_of(ctx)
     batches = recomputed_batches(store, ckpt, strat.layer, train) if strategy_named(strat.chosen).replays \
         else (catalog.shard_tensors(row) for row in catalog.factor_shards(ckpt, strat.layer)
               if overlaps(row, train))
+    for p, chunk in train_chunks(batches, train, q, strat.chosen, meta, ctx):
+        s, nrm = chunk_scores(kind, meta, stored, strat.chosen, chunk, q, scan.similarity)
+        scores[p] += s
+        norms[p] += nrm
+        seen[p] = True
+    return scores, norms, seen
+
+
+def train_chunks(batches, train: np.ndarray, q, strategy: str, meta, ctx: Context):
+    """(positions in `train`, tensors on the device) of the requested samples in `batches` of
+    (ids, tensors), cut so that one chunk's intermediates stay under CHUNK_NUMBERS."""
+    device = device_of(ctx)
     for ids, tensors in batches:
         ctx.check_interrupt()
         keep = np.isin(ids, train)
@@ -172,15 +183,10 @@ def layer_pass(store, ckpt: str, strat: Strategy, train: np.ndarray, q, scan: In
             continue
         rows = np.nonzero(keep)[0]
         pos = np.searchsorted(train, ids[rows])
-        step = chunk_rows(tensors, q, strat.chosen, meta)
+        step = chunk_rows(tensors, q, strategy, meta)
         for start in range(0, len(rows), step):
-            chunk = {n: rows_of(t, rows[start:start + step]).to(device) for n, t in tensors.items()}
-            s, nrm = chunk_scores(kind, meta, stored, strat.chosen, chunk, q, scan.similarity)
-            p = pos[start:start + step]
-            scores[p] += s
-            norms[p] += nrm
-            seen[p] = True
-    return scores, norms, seen
+            yield pos[start:start + step], {n: rows_of(t, rows[start:start + step]).to(device)
+                                            for n, t in tensors.items()}
 
 
 def overlaps(row: dict, train: np.ndarray) -> bool:

@@ -60,4 +60,7 @@ def build_store(path: str, checkpoints: int = 2, shard_size: int = 128, n_train:
 
 
 def answers(con) -> list:
-    return [con.execute(q).fetchall() for q in README_QUERIES]
+    """Each README query's rows; without an ORDER BY their order is DuckDB's to choose (GROUP BY
+    runs in parallel), so those are compared as sorted lists."""
+    return [rows if "ORDER BY" in q.upper() else sorted(rows, key=repr)
+            for q in README_QUERIES for rows in [con.execute(q).fetchall()]]

@@ -192,7 +192,9 @@ def test_readonly_refuses_every_write(ro_client, client):
                       ("/api/label", {"sample_id": 9, "label": 1, "who": WHO}),
                       ("/api/session/pool", {"name": "p_ro", "split": "train"}),
                       ("/api/session/round", {"pool": "p_ro"}),
-                      ("/api/jobs/1/cancel", {})]:
+                      ("/api/jobs/1/cancel", {}),
+                      ("/api/session/candidates", {"method": "active", "pool": "train"}),
+                      ("/api/annotate", {"sample_id": 9, "label": 1, "who": WHO})]:
         r = ro_client.post(url, json=body)
         assert r.status_code == 403 and "--readonly" in r.json()["error"], url
     r = ro_client.post("/query", data={"q": "CREATE SET p_ro AS SELECT sample_id FROM samples"})
@@ -384,3 +386,48 @@ def test_withdraw_label_removes_only_ones_own_newest_decision(tmp_path):
     with pytest.raises(metaql.errors.IOException):
         withdraw_label(ro.store, 1, "ana")
     ro.close()
+
+
+def test_active_learning_session(client):
+    """Candidates from ACTIVE_LEARNING_CANDIDATES, one labeled by the number keys' endpoint, the
+    status row counting it (the same proposal, one fewer pending)."""
+    assert client.post("/api/session/pool", json={"name": "al_pool", "split": "test"}).status_code == 200
+    assert "ACTIVE_LEARNING_CANDIDATES" in client.get("/session?pool=al_pool&method=active").text
+    r = client.post("/api/session/candidates", json={"method": "active", "pool": "al_pool", "k": 3})
+    assert r.status_code == 200, r.text
+    ids = [c["sample_id"] for c in r.json()["candidates"]]
+    assert len(ids) == 3 and all(60 <= i < 80 for i in ids)
+    first = r.json()["status"]              # the LANCET test above labeled some of this split already
+    assert first["pending"] == 3 and first["cycles"] == 1 and first["n_labeled"] + first["n_unlabeled"] == 20
+    assert client.post("/api/label", json={"sample_id": ids[0], "label": 4, "who": WHO}).status_code == 200
+    assert labels(client)[ids[0]]["label"] == 4 and labels(client)[ids[0]]["labeled_by"] == WHO
+    status = client.get("/api/session/status?method=active&pool=al_pool").json()["status"]
+    assert (status["n_labeled"], status["n_unlabeled"], status["pending"], status["cycles"]) == \
+        (first["n_labeled"] + 1, first["n_unlabeled"] - 1, 2, 1)
+    page = client.get("/session?pool=al_pool&method=active").text
+    assert re.findall(r'data-sample="(\d+)"', page) == [str(i) for i in ids] and f"label 4 by {WHO}" in page
+    again = client.post("/api/session/candidates", json={"method": "active", "pool": "al_pool", "k": 3}).json()
+    assert [c["sample_id"] for c in again["candidates"]] == ids[1:] and again["status"]["cycles"] == 1
+
+
+def test_label_cleaning_session(client):
+    """Candidates from LABEL_CLEANING_CANDIDATES, one annotated (appended, never replacing), the
+    status row counting it; the annotation's label is bounded by the classes."""
+    assert client.post("/api/session/pool", json={"name": "lc_data", "split": "train"}).status_code == 200
+    page = client.get("/session?pool=lc_data&method=cleaning")
+    assert page.status_code == 200 and "no label-cleaning session" in page.text
+    r = client.post("/api/session/candidates", json={"method": "cleaning", "pool": "lc_data", "k": 2,
+                                                     "budget": 5, "update_every": 2})
+    assert r.status_code == 200, r.text
+    ids = [c["sample_id"] for c in r.json()["candidates"]]
+    assert len(ids) == 2 and r.json()["status"]["budget_left"] == 5
+    before = annotations(client, ids[0])
+    for _ in range(2):
+        assert client.post("/api/annotate", json={"sample_id": ids[0], "label": 3, "who": WHO}).status_code == 200
+    assert annotations(client, ids[0]) == before + [(3, WHO), (3, WHO)]
+    assert client.post("/api/annotate", json={"sample_id": ids[0], "label": 10, "who": WHO}).status_code == 400
+    status = client.get("/api/session/status?method=cleaning&pool=lc_data").json()["status"]
+    assert (status["spent"], status["budget_left"], status["since_update"], status["update_due"]) == (2, 3, 2, True)
+    assert "update_due" in client.get("/session?pool=lc_data&method=cleaning").text
+    assert client.post("/api/session/candidates", json={"method": "nope", "pool": "lc_data"}).status_code == 400
+    assert client.get("/session?pool=lc_data&method=nope").status_code == 400

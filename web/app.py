@@ -3,7 +3,9 @@
 Pages: Query (a MetaQL console; results with thumbnails, sorting, paging and a score histogram),
 Review (the mislabel ranking as a grid; one key per decision, written to `labels` and
 `annotations` with who and when), Labeling (a LANCET session: candidates, number keys, the stop
-rule, the accuracy-vs-labels curve, rounds run in the background with progress and cancel).
+rule, the accuracy-vs-labels curve, rounds run in the background with progress and cancel; or an
+active-learning / label-cleaning session: their candidates, number keys writing labels or
+annotations, their status row).
 
 Safety: every value reaches the page through Jinja's autoescaping or the DOM's textContent;
 writes are POSTs with a JSON body (a cross-site form cannot send one) or, for the console, a form
@@ -41,6 +43,11 @@ RESULTS_KEPT = 16
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MISLABEL_QUERY = "SELECT TOPK({k}) {train} FROM SELF_INFLUENCE(layers=*) ORDER BY DESC"
+METHODS = {"lancet": "LANCET", "active": "active learning", "cleaning": "label cleaning"}
+# what each session's table functions are called with: the set's argument name, the candidates' and
+# the status' functions (metaql.active.session_functions)
+METHOD_SQL = {"active": ("pool", "ACTIVE_LEARNING_CANDIDATES", "ACTIVE_LEARNING_STATUS"),
+              "cleaning": ("data", "LABEL_CLEANING_CANDIDATES", "LABEL_CLEANING_STATUS")}
 HARMFUL_QUERY = "SELECT TOPK({k}) {train} FROM INFLUENCE(layers=*, query=batch({set})) ORDER BY ASC"
 
 
@@ -63,6 +70,7 @@ class Server:
         self.lock = threading.RLock()
         self.results: OrderedDict[int, tuple[str, pa.Table]] = OrderedDict()
         self.rounds: dict[str, list[dict]] = {}
+        self.proposals: dict[tuple[str, str], list[dict]] = {}     # (method, set) -> the last candidates
         self.jobs: dict[int, dict] = {}
         self._ids = itertools.count(1)
         self.closed = False
@@ -123,6 +131,9 @@ def create_app(store: str, readonly: bool = False, token: str | None = None, use
               Route("/api/label", pages.label, methods=["POST"]),
               Route("/api/session/pool", pages.create_pool, methods=["POST"]),
               Route("/api/session/round", pages.start_round, methods=["POST"]),
+              Route("/api/session/candidates", pages.method_candidates, methods=["POST"]),
+              Route("/api/session/status", pages.method_status),
+              Route("/api/annotate", pages.annotate, methods=["POST"]),
               Route("/api/jobs/{job_id:int}", pages.job),
               Route("/api/jobs/{job_id:int}/cancel", pages.cancel, methods=["POST"]),
               Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")]
@@ -473,7 +484,8 @@ class Pages:
         try:
             values = await run_in_threadpool(self._session_view, request.query_params)
         except HTTPError as e:
-            return self._html("session.html", e.status, error=e.message, pool=None, sets=[], splits=[])
+            return self._html("session.html", e.status, error=e.message, pool=None, sets=[], splits=[],
+                              method="lancet", methods=METHODS)
         return self._html("session.html", error=None, **values)
 
     def _session_view(self, params) -> dict:
@@ -482,12 +494,16 @@ class Pages:
             columns = self.s.con.store.sample_column_names()
             classes = self.s.con.execute("SELECT coalesce(max(label) + 1, 0) FROM samples").fetchone()[0]
         pool = params.get("pool")
-        values = {"sets": sets, "splits": splits, "pool": None, "columns": columns}
+        method = _method(params.get("method", "lancet"))
+        values = {"sets": sets, "splits": splits, "pool": None, "columns": columns, "method": method,
+                  "methods": METHODS}
         if pool is None:
             return values
         pool = _name(pool, "pool")
         if pool not in sets:
             raise HTTPError(404, f"no sample set '{pool}': create it on this page first")
+        if method != "lancet":
+            return dict(values, **self._method_view(method, pool, params, classes))
         rounds = self.s.rounds.get(pool, [])
         last = rounds[-1] if rounds else None
         cards = []
@@ -505,6 +521,82 @@ class Pages:
                     job=running[0]["id"] if running else None,
                     form={"budget": params.get("budget", "10"), "steps": params.get("steps", "300"),
                           "num_classes": params.get("num_classes", str(classes)), "truth": truth})
+
+    # ---- Active learning and label cleaning: candidates from their table functions --------------------
+    def _method_view(self, method: str, pool: str, params, classes: int) -> dict:
+        status, note = self._status_row(method, pool)
+        cards = []
+        proposal = self.s.proposals.get((method, pool), [])
+        if proposal:
+            ids = [c["sample_id"] for c in proposal]
+            facts = {r["sample_id"]: r for r in self.s.sql(
+                "SELECT s.sample_id, s.label AS given, l.label AS labeled, l.labeled_by, "
+                "(SELECT count(*) FROM annotations a WHERE a.sample_id = s.sample_id) AS n_annotations "
+                "FROM samples s LEFT JOIN labels l USING (sample_id) WHERE s.sample_id IN (SELECT unnest(?))",
+                [ids]).to_pylist()}
+            cards = [dict(c, **facts[c["sample_id"]]) for c in proposal]
+        form = {"k": params.get("k", "8"), "budget": params.get("budget", "0" if method == "active" else "40"),
+                "update_every": params.get("update_every", "10")}
+        return {"pool": pool, "status_row": status, "status_note": note, "cards": cards, "form": form,
+                "classes": classes, "proposed": bool(proposal)}
+
+    def _status_row(self, method: str, pool: str) -> tuple[dict | None, str | None]:
+        """The session's STATUS row, or why there is none (a label-cleaning session not begun)."""
+        arg, _, status_fn = METHOD_SQL[method]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rows = self.s.sql(f"SELECT * FROM {status_fn}({arg}={pool})").to_pylist()
+        except Error as e:
+            return None, f"{type(e).__name__}: {e}"
+        return rows[0], None
+
+    @_json_endpoint
+    def method_candidates(self, request, body) -> dict:
+        method = _method(body.get("method"))
+        if method == "lancet":
+            raise HTTPError(400, "LANCET's rounds run through /api/session/round")
+        pool = _name(body.get("pool"), "pool")
+        arg, candidates_fn, _ = METHOD_SQL[method]
+        args = {"k": _int(body.get("k", 8), "k", 1, MAX_K),
+                "budget": _int(body.get("budget", 0), "budget", 0, 1_000_000)}
+        if method == "cleaning":
+            args["update_every"] = _int(body.get("update_every", 0), "update_every", 0, 1_000_000)
+        call = ", ".join(f"{k}={v}" for k, v in args.items())
+        with self.s.lock:
+            if pool not in self.s.con.store.set_names():
+                raise HTTPError(404, f"no sample set '{pool}'")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                rows = self.s.sql(f"SELECT * FROM {candidates_fn}({arg}={pool}, {call})").to_pylist()
+            self.s.proposals[(method, pool)] = rows
+            status, note = self._status_row(method, pool)
+        return {"method": method, "pool": pool, "candidates": rows, "status": status, "note": note,
+                "warnings": [str(w.message) for w in caught]}
+
+    @_json_endpoint
+    def method_status(self, request, body) -> dict:
+        method, pool = _method(request.query_params.get("method")), _name(request.query_params.get("pool"), "pool")
+        if method == "lancet":
+            raise HTTPError(400, "LANCET's status is shown with its rounds")
+        status, note = self._status_row(method, pool)
+        return {"method": method, "pool": pool, "status": status, "note": note}
+
+    @_json_endpoint
+    def annotate(self, request, body) -> dict:
+        """Appends one annotation (label cleaning's several labels per sample): nothing is replaced."""
+        sample_id = _int(body.get("sample_id"), "sample_id", 0, 2 ** 63 - 1)
+        who = _who(body.get("who"))
+        with self.s.lock:
+            classes = self.s.con.execute("SELECT coalesce(max(label) + 1, 0) FROM samples").fetchone()[0]
+            # an annotation cannot be withdrawn here, and one outside the model's classes stops the session
+            label = _int(body.get("label"), "label", 0, max(0, classes - 1))
+            self._given_label(sample_id)
+            self.s.con.annotate([sample_id], [label], by=who)
+            rows = self.s.con.execute("SELECT label, annotated_by, annotated_at::VARCHAR FROM annotations "
+                                      "WHERE sample_id = ? ORDER BY annotated_at", [sample_id]).fetchall()
+        return {"sample_id": sample_id, "label": label, "annotated_by": who,
+                "annotations": [{"label": y, "annotated_by": b, "annotated_at": a} for y, b, a in rows]}
 
     @_json_endpoint
     def create_pool(self, request, body) -> dict:
@@ -617,6 +709,12 @@ class Pages:
         fig = plot.lancet_curve([r["n_labeled"] for r in points], values,
                                 ylabel="accuracy of propagated labels" if use_accuracy else "mean confidence")
         return Response(await run_in_threadpool(plot.png_bytes, fig), media_type="image/png")
+
+
+def _method(value: Any) -> str:
+    if value not in METHODS:
+        raise HTTPError(400, f"method must be one of {', '.join(METHODS)}, got {value!r}")
+    return value
 
 
 def _public(job: dict) -> dict:

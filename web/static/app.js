@@ -135,11 +135,13 @@ function initSession() {
     try {
       const name = document.getElementById("pool-name").value.trim();
       await post("/api/session/pool", {name: name, split: document.getElementById("pool-split").value});
-      location.href = "/session?pool=" + encodeURIComponent(name);
+      const method = document.getElementById("pool-method").value;
+      location.href = "/session?pool=" + encodeURIComponent(name) + (method === "lancet" ? "" : "&method=" + method);
     } catch (err) { say(err.message, true); }
   });
   const poolEl = document.getElementById("pool");
   if (!poolEl) return;
+  if (poolEl.dataset.method) { initMethodSession(poolEl.dataset.pool, poolEl.dataset.method); return; }
   const pool = poolEl.dataset.pool;
   const root = document.getElementById("session-grid");
   if (root) {
@@ -200,6 +202,55 @@ function initSession() {
     try { await post("/api/jobs/" + job + "/cancel", {}); } catch (err) { say(err.message, true); }
   });
   poll();
+}
+
+// ---- Active learning / label cleaning: candidates from their table functions -----------------------
+function showStatus(status) {
+  if (!status) return;
+  Object.entries(status).forEach(([key, value]) => {
+    const cell = document.querySelector('#status-row td[data-key="' + key + '"]');
+    if (cell) cell.textContent = value === null ? "NULL" : String(value);
+  });
+}
+
+function initMethodSession(pool, method) {
+  const form = document.getElementById("method-form");
+  document.getElementById("get-candidates").addEventListener("click", async () => {
+    const f = new FormData(form);
+    const body = {pool: pool, method: method, k: Number(f.get("k")), budget: Number(f.get("budget"))};
+    if (method === "cleaning") body.update_every = Number(f.get("update_every"));
+    try {
+      await post("/api/session/candidates", body);
+      const keep = {pool: pool, method: method};
+      for (const [k, v] of f.entries()) keep[k] = v;     // the next page keeps these settings
+      location.href = "/session?" + new URLSearchParams(keep);
+    } catch (err) { say(err.message, true); }
+  });
+  const root = document.getElementById("method-grid");
+  if (!root) return;
+  const grid = new Grid(root);
+  document.addEventListener("keydown", async e => {
+    if (typing(e) || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (grid.move(e.key)) { e.preventDefault(); return; }
+    if (!/^[0-9]$/.test(e.key) || !grid.current()) return;
+    const card = grid.current();
+    const body = {sample_id: Number(card.dataset.sample), label: Number(e.key), who: who()};
+    try {
+      if (method === "active") {
+        const row = await post("/api/label", body);
+        showDecision(card, row.label, row.labeled_by);
+        say("sample " + row.sample_id + " labeled " + row.label);
+      } else {
+        const r = await post("/api/annotate", body);
+        card.querySelector(".n-annotations").textContent = String(r.annotations.length);
+        card.querySelector(".decision").textContent = "annotated: " + r.label + " by " + r.annotated_by;
+        say("sample " + r.sample_id + " annotated " + r.label);
+      }
+      grid.next();
+      const s = await (await fetch("/api/session/status?" + new URLSearchParams({pool: pool, method: method}))).json();
+      showStatus(s.status);
+    } catch (err) { say(err.message, true); }
+  });
 }
 
 function initQuery() {

@@ -1,0 +1,128 @@
+"""The training integrations under DDP: two gloo ranks (torch.multiprocessing spawn, the launcher's
+environment set by hand, no torchrun) train through Lightning's strategy='ddp' with MetaQLCallback;
+each rank captures its own samples, rank 0 adopts them; the store equals a one-process capture of the
+same training (the same ids, factors to 1e-5), every checkpoint complete."""
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metaql
+
+pytestmark = pytest.mark.cluster
+L = pytest.importorskip("lightning.pytorch")
+N, PER_RANK, EPOCHS = 32, 4, 2
+
+
+class LitNet(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(64, 16), nn.PReLU(), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(N, 64, generator=g), torch.randint(0, 10, (N,), generator=g)
+
+
+def new_store(path: str) -> None:
+    x, y = data()
+    with metaql.connect(path) as con:
+        con.add_samples(np.arange(N), "train", y.numpy(), x)
+
+
+def fit(target, devices: int, batch: int, root: str):
+    """Trains LitNet from seed 0 with MetaQLCallback on `target`; the callback."""
+    from metaql.integrations.lightning import MetaQLCallback
+    x, y = data()
+    torch.manual_seed(0)
+    module = LitNet()
+    rows = torch.utils.data.TensorDataset(x, y, torch.arange(N))
+    # unshuffled (Lightning's own sampler would shuffle): rank r gets the samples r, r + 2, ... so each
+    # global batch is the one-process batch
+    sampler = torch.utils.data.DistributedSampler(rows, devices, int(os.environ["RANK"]), shuffle=False) \
+        if devices > 1 else None
+    loader = torch.utils.data.DataLoader(rows, batch_size=batch, sampler=sampler)
+    cb = MetaQLCallback(target, layers="*", capture_kwargs={"shard_size": 8})
+    kw = dict(strategy="ddp", devices=devices, num_nodes=1, use_distributed_sampler=False) if devices > 1 else \
+        dict(devices=1)
+    trainer = L.Trainer(max_epochs=EPOCHS, callbacks=[cb], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        default_root_dir=root, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, loader)
+    return cb
+
+
+def _rank_main(rank: int, world: int, port: int, path: str, root: str) -> None:
+    # what torchrun or Lightning's own launcher would set: Lightning then joins these processes
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
+                      LOCAL_RANK=str(rank), RANK=str(rank), PL_DISABLE_FORK="1")
+    torch.set_num_threads(1)
+    con = metaql.connect(path) if rank == 0 else None
+    try:
+        cb = fit(con if rank == 0 else path, world, PER_RANK, root)
+        assert cb.checkpoints == ["epoch1", "epoch2"]
+    finally:
+        if con is not None:
+            con.close()
+
+
+def factors_by_id(path: str, checkpoint: str) -> dict:
+    out = {}
+    with metaql.connect(path, read_only=True) as con:
+        store = con.store
+        for row in store._shard_rows("factors", checkpoint):
+            ids, tensors = store.shard_tensors(row)
+            for i, sid in enumerate(ids):
+                out[(row["layer"], int(sid))] = {n: t[i].clone() for n, t in tensors.items()}
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_lightning_ddp_two_ranks_store_what_one_process_stores(tmp_path):
+    ddp, single = str(tmp_path / "ddp.mq"), str(tmp_path / "one.mq")
+    new_store(ddp)
+    torch.multiprocessing.spawn(_rank_main, args=(2, free_port(), ddp, str(tmp_path)), nprocs=2, join=True)
+    new_store(single)
+    with metaql.connect(single) as con:
+        fit(con, 1, 2 * PER_RANK, str(tmp_path))        # one process, the global batches
+    for checkpoint in ("epoch1", "epoch2"):
+        got, want = factors_by_id(ddp, checkpoint), factors_by_id(single, checkpoint)
+        assert sorted(got) == sorted(want) and len(want) == 3 * N       # fc1, act, fc2: each id once
+        for key, tensors in want.items():
+            for name, t in tensors.items():
+                torch.testing.assert_close(got[key][name], t, atol=1e-5, rtol=1e-5)
+    with metaql.connect(ddp, read_only=True) as con:
+        assert con.verify() == []
+        assert con.execute("SELECT name, status, step FROM checkpoints ORDER BY name").fetchall() == [
+            ("epoch1", "complete", 0), ("epoch2", "complete", N // (2 * PER_RANK))]
+        mine = con.execute("SELECT * FROM SELF_INFLUENCE(layers=*) ORDER BY sample_id").fetchall()
+    with metaql.connect(single, read_only=True) as con:
+        theirs = con.execute("SELECT * FROM SELF_INFLUENCE(layers=*) ORDER BY sample_id").fetchall()
+    np.testing.assert_allclose(np.array(mine), np.array(theirs), rtol=1e-5)
+    assert not any(Path(ddp + ".ranks").glob("*/rank-*"))       # the parts were adopted and removed

@@ -111,6 +111,10 @@ def test_lightning_ddp_two_ranks_store_what_one_process_stores(tmp_path):
     new_store(single)
     with metaql.connect(single) as con:
         fit(con, 1, 2 * PER_RANK, str(tmp_path))        # one process, the global batches
+    assert_same_stores(ddp, single)
+
+
+def assert_same_stores(ddp: str, single: str) -> None:
     for checkpoint in ("epoch1", "epoch2"):
         got, want = factors_by_id(ddp, checkpoint), factors_by_id(single, checkpoint)
         assert sorted(got) == sorted(want) and len(want) == 3 * N       # fc1, act, fc2: each id once
@@ -126,3 +130,57 @@ def test_lightning_ddp_two_ranks_store_what_one_process_stores(tmp_path):
         theirs = con.execute("SELECT * FROM SELF_INFLUENCE(layers=*) ORDER BY sample_id").fetchall()
     np.testing.assert_allclose(np.array(mine), np.array(theirs), rtol=1e-5)
     assert not any(Path(ddp + ".ranks").glob("*/rank-*"))       # the parts were adopted and removed
+
+
+def hf_train(target, root: str):
+    """Trains TinyNet from seed 0 through MetaQLTrainer on per-device batches of PER_RANK."""
+    from transformers import TrainingArguments
+
+    from metaql.integrations.huggingface import MetaQLTrainer
+    from tests.test_integrations import TinyNet
+
+    class Sequential(MetaQLTrainer):
+        # unshuffled: accelerate gives rank r the per-device batches r, r + 2, ..., so each global
+        # batch is the one-process batch of 2 * PER_RANK
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    x, y = data()
+    rows = [{"x": x[i], "labels": int(y[i]), "sample_id": i} for i in range(N)]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    args = TrainingArguments(output_dir=root, per_device_train_batch_size=PER_RANK * (2 // world),
+                             num_train_epochs=EPOCHS, learning_rate=0.1, optim="sgd", lr_scheduler_type="constant",
+                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
+                             disable_tqdm=True, ddp_backend="gloo" if world > 1 else None)
+    torch.manual_seed(0)
+    trainer = Sequential(model=TinyNet(), args=args, train_dataset=rows, con=target, layers="*",
+                         capture_kwargs={"shard_size": 8})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    return trainer
+
+
+def _hf_rank_main(rank: int, world: int, port: int, path: str, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    con = metaql.connect(path) if rank == 0 else None
+    try:
+        trainer = hf_train(con if rank == 0 else path, root)
+        assert trainer.metaql_checkpoints == ["epoch1", "epoch2"]
+    finally:
+        if con is not None:
+            con.close()
+
+
+def test_hf_trainer_ddp_two_ranks_store_what_one_process_stores(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    ddp, single = str(tmp_path / "ddp.mq"), str(tmp_path / "one.mq")
+    new_store(ddp)
+    torch.multiprocessing.spawn(_hf_rank_main, args=(2, free_port(), ddp, str(tmp_path / "o")), nprocs=2, join=True)
+    new_store(single)
+    with metaql.connect(single) as con:
+        hf_train(con, str(tmp_path / "o"))
+    assert_same_stores(ddp, single)

@@ -116,10 +116,11 @@ class MetaQLCallback(pl.Callback):
     def _open(self, trainer, pl_module) -> None:
         epoch, step = int(trainer.current_epoch) + 1, int(trainer.global_step)
         name = self.checkpoint.format(epoch=epoch, step=step, index=len(self.checkpoints))
-        world = _world_size()
-        refusal = _done_refusal(self.con, name) if world == 1 or _rank() == 0 else None
+        from metaql.integrations._ranks import agreed, done_refusal, is_path, rank, world_size
+        world = world_size()
+        refusal = done_refusal(self.con, name) if world == 1 or rank() == 0 else None
         if world > 1:
-            refusal = _agreed(refusal)      # every rank raises, or none waits for it at the checkpoint's end
+            refusal = agreed(refusal)      # every rank raises, or none waits for it at the checkpoint's end
         if refusal:
             raise CatalogException(refusal)
         lr = self._learning_rate(trainer)
@@ -130,7 +131,7 @@ class MetaQLCallback(pl.Callback):
             cap = context.__enter__()      # a failure here has already met the other ranks (ddp.py)
             self._distributed = context
         else:
-            if isinstance(self.con, (str, bytes)) or hasattr(self.con, "__fspath__"):
+            if is_path(self.con):
                 raise InvalidInputException("MetaQLCallback got a store path outside torch.distributed; pass "
                                             "the metaql connection (only ranks other than 0 of DDP take a path)")
             cap = self.con.capture(pl_module, layers=self.layers, checkpoint=name, lr=lr,
@@ -164,32 +165,6 @@ class MetaQLCallback(pl.Callback):
             distributed.__exit__(exc_type, exc, tb)
         elif cap is not None:
             cap.__exit__(exc_type, exc, tb)
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-    return dist.get_rank()
-
-
-def _done_refusal(con, name: str) -> str | None:
-    done = {c["name"]: c["status"] for c in con.store.checkpoints()}
-    if done.get(name) == "complete":
-        return (f"checkpoint '{name}' already exists and is complete; name this run's checkpoints apart, "
-                "e.g. checkpoint='run2_epoch{epoch}'")
-    return None
-
-
-def _agreed(refusal: str | None) -> str | None:
-    """Rank 0's refusal, on every rank."""
-    import torch.distributed as dist
-    box = [refusal]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _ids_of(batch, where) -> np.ndarray:

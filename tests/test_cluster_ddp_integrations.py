@@ -184,3 +184,38 @@ def test_hf_trainer_ddp_two_ranks_store_what_one_process_stores(tmp_path):
     with metaql.connect(single) as con:
         hf_train(con, str(tmp_path / "o"))
     assert_same_stores(ddp, single)
+
+
+def test_ray_train_example_two_workers_store_what_one_process_stores(tmp_path):
+    """examples/ray_train_capture.py with 2 CPU workers equals the one-process capture of
+    tests/test_cluster_ddp.py (the same data, batches and seed)."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.train")
+    import importlib.util
+
+    from tests import test_cluster_ddp as one
+    spec = importlib.util.spec_from_file_location("ray_train_capture",
+                                                  Path(__file__).parents[1] / "examples" / "ray_train_capture.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    ddp, single = str(tmp_path / "ray.mq"), str(tmp_path / "one.mq")
+    one.new_store(ddp)
+    x, y = one.data()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        example.capture_with_ray_train(ddp, x, y, one.batches(), num_workers=2, lr=0.1, shard_size=8,
+                                       storage_path=str(tmp_path / "ray_results"))
+    finally:
+        if started:
+            ray.shutdown()
+    one.one_process(single)
+    got, want = one.factors_by_id(ddp), one.factors_by_id(single)
+    assert sorted(got) == sorted(want) and len(want) == 2 * one.N
+    for key, tensors in want.items():
+        for name, t in tensors.items():
+            torch.testing.assert_close(got[key][name], t, atol=1e-5, rtol=1e-5)
+    with metaql.connect(ddp, read_only=True) as con:
+        assert con.verify() == []
+        assert con.execute("SELECT status FROM checkpoints").fetchall() == [("complete",)]

@@ -75,6 +75,7 @@ class MetaQLTrainer(Trainer):
         self.metaql_capture_kwargs = dict(capture_kwargs or {})
         self.metaql_checkpoints: list[str] = []      # the names this trainer has captured, in order
         self._capture = None
+        self._distributed = None     # under DDP, the distributed_capture context the capture runs in
         self._epoch = 1
         self._pending = None        # (ids, d backpropagated loss / d per-sample losses) of this step
         # the loss is a per-batch mean, so the Trainer itself divides it by the accumulation steps
@@ -143,6 +144,9 @@ class MetaQLTrainer(Trainer):
         epoch, step = self._epoch, int(self.state.global_step)
         name = self.metaql_checkpoint.format(epoch=epoch, step=step, index=len(self.metaql_checkpoints))
         world = world_size()
+        if world == 1 and is_path(self.metaql_con):
+            raise InvalidInputException("MetaQLTrainer got a store path outside torch.distributed; pass the "
+                                        "metaql connection (only ranks other than 0 of DDP take a path)")
         refusal = done_refusal(self.metaql_con, name) if world == 1 or rank() == 0 else None
         if world > 1:
             refusal = agreed(refusal)      # every rank raises, or none waits for it at the checkpoint's end
@@ -156,9 +160,6 @@ class MetaQLTrainer(Trainer):
             cap = context.__enter__()      # a failure here has already met the other ranks (ddp.py)
             self._distributed = context
         else:
-            if is_path(self.metaql_con):
-                raise InvalidInputException("MetaQLTrainer got a store path outside torch.distributed; pass the "
-                                            "metaql connection (only ranks other than 0 of DDP take a path)")
             cap = self.metaql_con.capture(self.model, **kwargs)
             cap.__enter__()
         self._capture = cap
@@ -171,7 +172,7 @@ class MetaQLTrainer(Trainer):
 
     def _close_capture(self, exc_type, exc, tb) -> None:
         cap, self._capture = self._capture, None
-        distributed, self._distributed = getattr(self, "_distributed", None), None
+        distributed, self._distributed = self._distributed, None
         if distributed is not None:
             # closes the capture, waits for every rank and, on rank 0, adopts their shards
             distributed.__exit__(exc_type, exc, tb)

@@ -118,6 +118,9 @@ class MetaQLCallback(pl.Callback):
         name = self.checkpoint.format(epoch=epoch, step=step, index=len(self.checkpoints))
         from metaql.integrations._ranks import agreed, done_refusal, is_path, rank, world_size
         world = world_size()
+        if world == 1 and is_path(self.con):
+            raise InvalidInputException("MetaQLCallback got a store path outside torch.distributed; pass the "
+                                        "metaql connection (only ranks other than 0 of DDP take a path)")
         refusal = done_refusal(self.con, name) if world == 1 or rank() == 0 else None
         if world > 1:
             refusal = agreed(refusal)      # every rank raises, or none waits for it at the checkpoint's end
@@ -131,9 +134,6 @@ class MetaQLCallback(pl.Callback):
             cap = context.__enter__()      # a failure here has already met the other ranks (ddp.py)
             self._distributed = context
         else:
-            if is_path(self.con):
-                raise InvalidInputException("MetaQLCallback got a store path outside torch.distributed; pass "
-                                            "the metaql connection (only ranks other than 0 of DDP take a path)")
             cap = self.con.capture(pl_module, layers=self.layers, checkpoint=name, lr=lr,
                                    epoch=epoch, step=step, task=self.task, **self.capture_kwargs)
             cap.__enter__()

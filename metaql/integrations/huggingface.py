@@ -17,6 +17,12 @@ Loss scale: each sample's stored factors are those of its own loss, unscaled. Wh
 multiplies that loss by before backpropagating (1/batch size for the mean, 1/gradient accumulation
 steps, a mixed-precision loss scale), the factor is read from autograd on the per-sample loss vector
 and divided out, so gradient accumulation gives the same factors as one large batch.
+
+Under DDP (torchrun or any launcher setting RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): each rank
+captures its own samples into its own shards and rank 0 commits them with the checkpoint
+(metaql.distributed.ddp); pass con= the connection on rank 0 and the store's path on every other
+rank (they must not open it). The factors are those of each sample's own loss, as in one process:
+the scale is read from the rank's own backward pass, which DDP leaves unscaled.
 """
 from __future__ import annotations
 
@@ -69,6 +75,7 @@ class MetaQLTrainer(Trainer):
         self.metaql_capture_kwargs = dict(capture_kwargs or {})
         self.metaql_checkpoints: list[str] = []      # the names this trainer has captured, in order
         self._capture = None
+        self._distributed = None     # under DDP, the distributed_capture context the capture runs in
         self._epoch = 1
         self._pending = None        # (ids, d backpropagated loss / d per-sample losses) of this step
         # the loss is a per-batch mean, so the Trainer itself divides it by the accumulation steps
@@ -133,16 +140,28 @@ class MetaQLTrainer(Trainer):
                 f"the Trainer wraps the model in nn.DataParallel over {self.args.n_gpu} GPUs, whose replicas reach "
                 "MetaQL's hooks from threads in any order, so no sample's factors could be matched to its id: "
                 "train on one GPU (CUDA_VISIBLE_DEVICES=0), or launch with torchrun (DDP) and capture on one rank")
+        from metaql.integrations._ranks import agreed, done_refusal, is_path, rank, world_size
         epoch, step = self._epoch, int(self.state.global_step)
         name = self.metaql_checkpoint.format(epoch=epoch, step=step, index=len(self.metaql_checkpoints))
-        done = {c["name"]: c["status"] for c in self.metaql_con.store.checkpoints()}
-        if done.get(name) == "complete":
-            raise CatalogException(f"checkpoint '{name}' already exists and is complete; name this run's "
-                                   "checkpoints apart, e.g. checkpoint='run2_epoch{epoch}'")
-        cap = self.metaql_con.capture(self.model, layers=self.metaql_layers, checkpoint=name,
-                                      lr=self._learning_rate(), epoch=epoch, step=step,
-                                      task=self.metaql_task_arg, **self.metaql_capture_kwargs)
-        cap.__enter__()
+        world = world_size()
+        if world == 1 and is_path(self.metaql_con):
+            raise InvalidInputException("MetaQLTrainer got a store path outside torch.distributed; pass the "
+                                        "metaql connection (only ranks other than 0 of DDP take a path)")
+        refusal = done_refusal(self.metaql_con, name) if world == 1 or rank() == 0 else None
+        if world > 1:
+            refusal = agreed(refusal)      # every rank raises, or none waits for it at the checkpoint's end
+        if refusal:
+            raise CatalogException(refusal)
+        kwargs = dict(layers=self.metaql_layers, checkpoint=name, lr=self._learning_rate(), epoch=epoch, step=step,
+                      task=self.metaql_task_arg, **self.metaql_capture_kwargs)
+        if world > 1:
+            from metaql.distributed.ddp import distributed_capture
+            context = distributed_capture(self.metaql_con, self.model, **kwargs)
+            cap = context.__enter__()      # a failure here has already met the other ranks (ddp.py)
+            self._distributed = context
+        else:
+            cap = self.metaql_con.capture(self.model, **kwargs)
+            cap.__enter__()
         self._capture = cap
         self.metaql_checkpoints.append(name)
 
@@ -153,7 +172,11 @@ class MetaQLTrainer(Trainer):
 
     def _close_capture(self, exc_type, exc, tb) -> None:
         cap, self._capture = self._capture, None
-        if cap is not None:
+        distributed, self._distributed = self._distributed, None
+        if distributed is not None:
+            # closes the capture, waits for every rank and, on rank 0, adopts their shards
+            distributed.__exit__(exc_type, exc, tb)
+        elif cap is not None:
             cap.__exit__(exc_type, exc, tb)
 
 

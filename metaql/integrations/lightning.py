@@ -21,6 +21,19 @@ batch. A checkpoint is opened at its first training batch (saving the weights an
 learning rate then) and closed at the end of its epoch, or every `every` optimizer steps, and at the
 end of training; an exception closes it unfinished: it is never scored, and verify() names it.
 
+Under DDP (strategy='ddp', any backend): each rank captures its own samples into its own shards and
+rank 0 commits them with the checkpoint (metaql.distributed.ddp), so give rank 0 the connection and
+every other rank the store's path (they must not open it: a store has one writer):
+
+    con = metaql.connect(path) if trainer.global_rank == 0 else path   # or os.environ["RANK"]
+    trainer = L.Trainer(strategy="ddp", devices=2, callbacks=[MetaQLCallback(con)])
+
+The stored factors are those of each sample's own loss, as in one process: DDP averages the ranks'
+parameter gradients, but the gradients at a layer's output that the capture reads are those of the
+rank's own batch mean, so dividing out the rank's batch size is exact. Every sample must be on one
+rank once per checkpoint: a DistributedSampler pads the last batch with repeated samples unless the
+training set divides into whole global batches (or drop_last=True), and a repeated id is refused.
+
 `lightning` (import lightning.pytorch) is used when installed, else `pytorch_lightning`.
 """
 from __future__ import annotations
@@ -68,6 +81,7 @@ class MetaQLCallback(pl.Callback):
         self.capture_kwargs = dict(capture_kwargs or {})
         self.checkpoints: list[str] = []      # the names this callback has captured, in order
         self._capture = None
+        self._distributed = None     # under DDP, the distributed_capture context the capture runs in
         self._opened_at = 0
         self._batch_ids = None
 
@@ -102,13 +116,27 @@ class MetaQLCallback(pl.Callback):
     def _open(self, trainer, pl_module) -> None:
         epoch, step = int(trainer.current_epoch) + 1, int(trainer.global_step)
         name = self.checkpoint.format(epoch=epoch, step=step, index=len(self.checkpoints))
-        done = {c["name"]: c["status"] for c in self.con.store.checkpoints()}
-        if done.get(name) == "complete":
-            raise CatalogException(f"checkpoint '{name}' already exists and is complete; name this run's "
-                                   "checkpoints apart, e.g. checkpoint='run2_epoch{epoch}'")
-        cap = self.con.capture(pl_module, layers=self.layers, checkpoint=name, lr=self._learning_rate(trainer),
-                               epoch=epoch, step=step, task=self.task, **self.capture_kwargs)
-        cap.__enter__()
+        from metaql.integrations._ranks import agreed, done_refusal, is_path, rank, world_size
+        world = world_size()
+        if world == 1 and is_path(self.con):
+            raise InvalidInputException("MetaQLCallback got a store path outside torch.distributed; pass the "
+                                        "metaql connection (only ranks other than 0 of DDP take a path)")
+        refusal = done_refusal(self.con, name) if world == 1 or rank() == 0 else None
+        if world > 1:
+            refusal = agreed(refusal)      # every rank raises, or none waits for it at the checkpoint's end
+        if refusal:
+            raise CatalogException(refusal)
+        lr = self._learning_rate(trainer)
+        if world > 1:
+            from metaql.distributed.ddp import distributed_capture
+            context = distributed_capture(self.con, pl_module, layers=self.layers, checkpoint=name, lr=lr,
+                                          epoch=epoch, step=step, task=self.task, **self.capture_kwargs)
+            cap = context.__enter__()      # a failure here has already met the other ranks (ddp.py)
+            self._distributed = context
+        else:
+            cap = self.con.capture(pl_module, layers=self.layers, checkpoint=name, lr=lr,
+                                   epoch=epoch, step=step, task=self.task, **self.capture_kwargs)
+            cap.__enter__()
         self._capture, self._opened_at = cap, step
         self.checkpoints.append(name)
 
@@ -131,7 +159,11 @@ class MetaQLCallback(pl.Callback):
 
     def _close(self, exc_type, exc, tb) -> None:
         cap, self._capture, self._batch_ids = self._capture, None, None
-        if cap is not None:
+        distributed, self._distributed = self._distributed, None
+        if distributed is not None:
+            # closes the capture, waits for every rank and, on rank 0, adopts their shards
+            distributed.__exit__(exc_type, exc, tb)
+        elif cap is not None:
             cap.__exit__(exc_type, exc, tb)
 
 

@@ -15,6 +15,8 @@ store itself, waits for every rank (a barrier), then adopts the parts' shard fil
 new names in pending_files, links (or copies) them in, and names them all in `shards` with the
 checkpoint marked complete in one transaction; then it deletes the parts. The checkpoint stays
 'capturing' until that commit, so no reader ever scores a checkpoint with a rank's samples missing.
+Every rank learns the outcome: when any rank failed, or rank 0's commit did not hold, the capture
+raises on every rank, and the ranks leave it together.
 
 Exactly once: a rank that dies and is restarted resumes its part store (each layer stores exactly
 the samples it lacks, as any resumed capture); a rank 0 that dies after the commit but before the
@@ -73,8 +75,33 @@ def distributed_capture(target, model, layers=None, checkpoint: str = "ckpt0", l
         # that rank 0 never waits forever
         done = [None] * world
         dist.all_gather_object(done, "complete" if failed is None else f"failed ({type(failed).__name__})")
+    failed_ranks = [r for r, status in enumerate(done) if status != "complete"]
+    if failed_ranks:
+        if rank == 0:
+            adopt_parts(store, checkpoint, world, done)       # marks the checkpoint partial and raises
+        raise OperationalError(f"ranks {failed_ranks} did not finish capturing checkpoint '{checkpoint}'; run "
+                               "the capture again on every rank: each stores only the samples it lacks")
+    _commit_on_rank0(store, checkpoint, rank, world, done)
+
+
+def _commit_on_rank0(store, checkpoint: str, rank: int, world: int, done: list) -> None:
+    """Rank 0 adopts the parts and every rank learns whether that commit held: no rank reports a
+    capture the store lacks, and the ranks leave together (a rank tearing its process group down
+    while rank 0 still commits has aborted gloo's threads at exit)."""
+    import torch.distributed as dist
+    error = None
     if rank == 0:
-        adopt_parts(store, checkpoint, world, done)
+        try:
+            adopt_parts(store, checkpoint, world, done)
+        except BaseException as e:
+            error = e
+    verdict = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(verdict, src=0)
+    if error is not None:
+        raise error
+    if verdict[0] is not None:
+        raise OperationalError(f"rank 0 could not commit checkpoint '{checkpoint}' ({verdict[0]}); the capture "
+                               "is not in the store: run it again on every rank")
 
 
 def rank_store(target, rank: int, checkpoint: str):

@@ -3,7 +3,6 @@ samples of each global batch into their own shards, rank 0 commits; the store eq
 one-process capture of the same training (factors to 1e-6, the same sample ids)."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 
 import metaql
 from metaql.demo import DigitsMLP
+from tests.ddp_helpers import factors_by_id, free_port
 
 pytestmark = pytest.mark.cluster
 N, BATCH, STEPS = 96, 32, 3
@@ -74,17 +74,6 @@ def one_process(path: str) -> None:
                 opt.zero_grad()
 
 
-def factors_by_id(path: str) -> dict:
-    out = {}
-    with metaql.connect(path, read_only=True) as con:
-        store = con.store
-        for row in store._shard_rows("factors", "c0"):
-            ids, tensors = store.shard_tensors(row)
-            for i, sid in enumerate(ids):
-                out[(row["layer"], int(sid))] = {n: t[i].clone() for n, t in tensors.items()}
-    return out
-
-
 def rank_of(ids: np.ndarray) -> int | None:
     """The rank whose share of the batches holds all of `ids`, else None."""
     for rank in (0, 1):
@@ -94,18 +83,12 @@ def rank_of(ids: np.ndarray) -> int | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_store_what_one_process_stores(tmp_path):
     ddp, single = str(tmp_path / "ddp.mq"), str(tmp_path / "one.mq")
     new_store(ddp)
     torch.multiprocessing.spawn(_rank_main, args=(2, free_port(), ddp), nprocs=2, join=True)
     one_process(single)
-    got, want = factors_by_id(ddp), factors_by_id(single)
+    got, want = factors_by_id(ddp, "c0"), factors_by_id(single, "c0")
     assert sorted(got) == sorted(want) and len(want) == 2 * N       # the same sample ids, each once
     for key, tensors in want.items():
         for name, t in tensors.items():
@@ -240,3 +223,39 @@ def test_a_rank_failing_before_its_capture_begins_fails_rank0_without_a_hang(tmp
     assert "ranks [1] did not finish" in Path(tmp_path, "rank0").read_text()
     with metaql.connect(path, read_only=True) as con:
         assert con.execute("SELECT status FROM checkpoints").fetchall() == [("partial",)]
+
+
+def _rank_commit_failing(rank: int, world: int, port: int, path: str, out: str) -> None:
+    import torch.distributed as dist
+    from metaql.distributed import ddp
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    x, y = data()
+    model = DigitsMLP()
+    con = metaql.connect(path) if rank == 0 else None
+    if rank == 0:
+        def adopt_fails(*args, **kwargs):
+            raise metaql.IOException("disk full")
+        ddp.adopt_parts = adopt_fails       # the commit of the parts fails on rank 0 only
+    try:
+        with ddp.distributed_capture(con if rank == 0 else path, model, layers=["fc1"], checkpoint="c0",
+                                     lr=0.1) as cap:
+            ids = np.arange(rank, 16, world)
+            cap.backward(F.cross_entropy(model(x[ids]), y[ids]), ids)
+        outcome = "ok"
+    except metaql.Error as e:
+        outcome = f"{type(e).__name__}: {e}"
+    finally:
+        if con is not None:
+            con.close()
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}").write_text(outcome)
+
+
+def test_rank0s_failed_commit_fails_every_rank(tmp_path):
+    """Rank 1 does not report a capture the store lacks (it returned normally before)."""
+    path = str(tmp_path / "s.mq")
+    new_store(path)
+    torch.multiprocessing.spawn(_rank_commit_failing, args=(2, free_port(), path, str(tmp_path)), nprocs=2)
+    assert Path(tmp_path, "rank0").read_text() == "IOException: disk full"
+    assert Path(tmp_path, "rank1").read_text().startswith(
+        "OperationalError: rank 0 could not commit checkpoint 'c0' (IOException: disk full)")

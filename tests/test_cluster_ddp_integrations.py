@@ -5,37 +5,21 @@ same training (the same ids, factors to 1e-5), every checkpoint complete."""
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import metaql
+from tests.ddp_helpers import factors_by_id, free_port
+from tests.test_integrations import _lit_module
 
 pytestmark = pytest.mark.cluster
 L = pytest.importorskip("lightning.pytorch")
+LitNet = _lit_module()[1]
 N, PER_RANK, EPOCHS = 32, 4, 2
-
-
-class LitNet(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(64, 16), nn.PReLU(), nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-    def training_step(self, batch, batch_idx):
-        x, y, _ = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def data():
@@ -85,23 +69,6 @@ def _rank_main(rank: int, world: int, port: int, path: str, root: str) -> None:
     finally:
         if con is not None:
             con.close()
-
-
-def factors_by_id(path: str, checkpoint: str) -> dict:
-    out = {}
-    with metaql.connect(path, read_only=True) as con:
-        store = con.store
-        for row in store._shard_rows("factors", checkpoint):
-            ids, tensors = store.shard_tensors(row)
-            for i, sid in enumerate(ids):
-                out[(row["layer"], int(sid))] = {n: t[i].clone() for n, t in tensors.items()}
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_lightning_ddp_two_ranks_store_what_one_process_stores(tmp_path):
@@ -211,7 +178,7 @@ def test_ray_train_example_two_workers_store_what_one_process_stores(tmp_path):
         if started:
             ray.shutdown()
     one.one_process(single)
-    got, want = one.factors_by_id(ddp), one.factors_by_id(single)
+    got, want = factors_by_id(ddp, "c0"), factors_by_id(single, "c0")
     assert sorted(got) == sorted(want) and len(want) == 2 * one.N
     for key, tensors in want.items():
         for name, t in tensors.items():

@@ -32,7 +32,7 @@ import sys
 import numpy as np
 import torch
 
-from metaql.engine.errors import CatalogException, InvalidInputException
+from metaql.engine.errors import InvalidInputException
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -75,7 +75,7 @@ class MetaQLTrainer(Trainer):
         self.metaql_capture_kwargs = dict(capture_kwargs or {})
         self.metaql_checkpoints: list[str] = []      # the names this trainer has captured, in order
         self._capture = None
-        self._distributed = None     # under DDP, the distributed_capture context the capture runs in
+        self._closer = None     # what closes the capture: itself, or under DDP its distributed_capture
         self._epoch = 1
         self._pending = None        # (ids, d backpropagated loss / d per-sample losses) of this step
         # the loss is a per-batch mean, so the Trainer itself divides it by the accumulation steps
@@ -140,29 +140,13 @@ class MetaQLTrainer(Trainer):
                 f"the Trainer wraps the model in nn.DataParallel over {self.args.n_gpu} GPUs, whose replicas reach "
                 "MetaQL's hooks from threads in any order, so no sample's factors could be matched to its id: "
                 "train on one GPU (CUDA_VISIBLE_DEVICES=0), or launch with torchrun (DDP) and capture on one rank")
-        from metaql.integrations._ranks import agreed, done_refusal, is_path, rank, world_size
+        from metaql.integrations._ranks import open_capture
         epoch, step = self._epoch, int(self.state.global_step)
         name = self.metaql_checkpoint.format(epoch=epoch, step=step, index=len(self.metaql_checkpoints))
-        world = world_size()
-        if world == 1 and is_path(self.metaql_con):
-            raise InvalidInputException("MetaQLTrainer got a store path outside torch.distributed; pass the "
-                                        "metaql connection (only ranks other than 0 of DDP take a path)")
-        refusal = done_refusal(self.metaql_con, name) if world == 1 or rank() == 0 else None
-        if world > 1:
-            refusal = agreed(refusal)      # every rank raises, or none waits for it at the checkpoint's end
-        if refusal:
-            raise CatalogException(refusal)
-        kwargs = dict(layers=self.metaql_layers, checkpoint=name, lr=self._learning_rate(), epoch=epoch, step=step,
-                      task=self.metaql_task_arg, **self.metaql_capture_kwargs)
-        if world > 1:
-            from metaql.distributed.ddp import distributed_capture
-            context = distributed_capture(self.metaql_con, self.model, **kwargs)
-            cap = context.__enter__()      # a failure here has already met the other ranks (ddp.py)
-            self._distributed = context
-        else:
-            cap = self.metaql_con.capture(self.model, **kwargs)
-            cap.__enter__()
-        self._capture = cap
+        self._capture, self._closer = open_capture(
+            "MetaQLTrainer", self.metaql_con, self.model, layers=self.metaql_layers, checkpoint=name,
+            lr=self._learning_rate(), epoch=epoch, step=step, task=self.metaql_task_arg,
+            **self.metaql_capture_kwargs)
         self.metaql_checkpoints.append(name)
 
     def _learning_rate(self) -> float:
@@ -171,13 +155,9 @@ class MetaQLTrainer(Trainer):
         return float(self.metaql_lr(self) if callable(self.metaql_lr) else self.metaql_lr)
 
     def _close_capture(self, exc_type, exc, tb) -> None:
-        cap, self._capture = self._capture, None
-        distributed, self._distributed = self._distributed, None
-        if distributed is not None:
-            # closes the capture, waits for every rank and, on rank 0, adopts their shards
-            distributed.__exit__(exc_type, exc, tb)
-        elif cap is not None:
-            cap.__exit__(exc_type, exc, tb)
+        closer, self._capture, self._closer = self._closer, None, None
+        if closer is not None:
+            closer.__exit__(exc_type, exc, tb)
 
 
 class _Boundaries(TrainerCallback):

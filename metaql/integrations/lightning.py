@@ -41,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from metaql.engine.errors import CatalogException, InvalidInputException
+from metaql.engine.errors import InvalidInputException
 
 try:
     import lightning.pytorch as pl
@@ -81,7 +81,7 @@ class MetaQLCallback(pl.Callback):
         self.capture_kwargs = dict(capture_kwargs or {})
         self.checkpoints: list[str] = []      # the names this callback has captured, in order
         self._capture = None
-        self._distributed = None     # under DDP, the distributed_capture context the capture runs in
+        self._closer = None     # what closes the capture: itself, or under DDP its distributed_capture
         self._opened_at = 0
         self._batch_ids = None
 
@@ -116,28 +116,11 @@ class MetaQLCallback(pl.Callback):
     def _open(self, trainer, pl_module) -> None:
         epoch, step = int(trainer.current_epoch) + 1, int(trainer.global_step)
         name = self.checkpoint.format(epoch=epoch, step=step, index=len(self.checkpoints))
-        from metaql.integrations._ranks import agreed, done_refusal, is_path, rank, world_size
-        world = world_size()
-        if world == 1 and is_path(self.con):
-            raise InvalidInputException("MetaQLCallback got a store path outside torch.distributed; pass the "
-                                        "metaql connection (only ranks other than 0 of DDP take a path)")
-        refusal = done_refusal(self.con, name) if world == 1 or rank() == 0 else None
-        if world > 1:
-            refusal = agreed(refusal)      # every rank raises, or none waits for it at the checkpoint's end
-        if refusal:
-            raise CatalogException(refusal)
-        lr = self._learning_rate(trainer)
-        if world > 1:
-            from metaql.distributed.ddp import distributed_capture
-            context = distributed_capture(self.con, pl_module, layers=self.layers, checkpoint=name, lr=lr,
-                                          epoch=epoch, step=step, task=self.task, **self.capture_kwargs)
-            cap = context.__enter__()      # a failure here has already met the other ranks (ddp.py)
-            self._distributed = context
-        else:
-            cap = self.con.capture(pl_module, layers=self.layers, checkpoint=name, lr=lr,
-                                   epoch=epoch, step=step, task=self.task, **self.capture_kwargs)
-            cap.__enter__()
-        self._capture, self._opened_at = cap, step
+        from metaql.integrations._ranks import open_capture
+        self._capture, self._closer = open_capture(
+            "MetaQLCallback", self.con, pl_module, layers=self.layers, checkpoint=name,
+            lr=self._learning_rate(trainer), epoch=epoch, step=step, task=self.task, **self.capture_kwargs)
+        self._opened_at = step
         self.checkpoints.append(name)
 
     def _learning_rate(self, trainer) -> float:
@@ -158,13 +141,9 @@ class MetaQLCallback(pl.Callback):
         return scale
 
     def _close(self, exc_type, exc, tb) -> None:
-        cap, self._capture, self._batch_ids = self._capture, None, None
-        distributed, self._distributed = self._distributed, None
-        if distributed is not None:
-            # closes the capture, waits for every rank and, on rank 0, adopts their shards
-            distributed.__exit__(exc_type, exc, tb)
-        elif cap is not None:
-            cap.__exit__(exc_type, exc, tb)
+        closer, self._capture, self._closer, self._batch_ids = self._closer, None, None, None
+        if closer is not None:
+            closer.__exit__(exc_type, exc, tb)
 
 
 def _ids_of(batch, where) -> np.ndarray:

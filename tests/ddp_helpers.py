@@ -1,0 +1,25 @@
+"""What the torch.distributed tests share: a free TCP port for the gloo rendezvous, a store's factors
+keyed by (layer, sample id) to compare a DDP capture with a one-process one, and the ranks' end."""
+from __future__ import annotations
+
+import socket
+
+import metaql
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def factors_by_id(path: str, checkpoint: str) -> dict:
+    """{(layer, sample id): {factor name: tensor}} of `checkpoint` in the store at `path`."""
+    out = {}
+    with metaql.connect(path, read_only=True) as con:
+        store = con.store
+        for row in store._shard_rows("factors", checkpoint):
+            ids, tensors = store.shard_tensors(row)
+            for i, sid in enumerate(ids):
+                out[(row["layer"], int(sid))] = {n: t[i].clone() for n, t in tensors.items()}
+    return out

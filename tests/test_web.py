@@ -504,3 +504,31 @@ def test_rounds_are_kept_in_the_store(client, ro_client):
         ro.close()
     # the random start recorded by test_labeling_session_round: no label, so no point of the curve
     assert recorded_rounds(server.con, "pool")[0]["n_labeled"] == 0
+
+
+def test_review_ranks_with_any_topk_statement(client):
+    """A TOPK statement posted to the review page runs once; its cards are its rows in order (the
+    same statement run on a connection); other statements and rankings are refused with a reason."""
+    q = "SELECT TOPK(5) train FROM INFLUENCE(layers=*, query=point(65)) ORDER BY ASC"
+    r = client.post("/review", data={"q": q}, follow_redirects=False)
+    assert r.status_code == 303 and "rid=" in r.headers["location"]
+    page = client.get(r.headers["location"]).text
+    expected = client.app.state.server.con.execute(q).fetchall()
+    assert [int(i) for i in re.findall(r'data-sample="(\d+)"', page)] == [i for i, _ in expected]
+    assert "5 sample(s) ranked by" in page and "point(65)" in page
+    for bad, why in (("SELECT * FROM samples", "one TOPK statement"),
+                     (q + "; " + q, "one TOPK statement"),
+                     ("", "write a TOPK statement"),
+                     (q.replace("TOPK(5)", "TOPK(501)"), "at most 500"),
+                     ("SELECT TOPK(3) FROM LANCET_CANDIDATES(pool=pool) ORDER BY DESC", "score")):
+        r = client.post("/review", data={"q": bad})
+        assert r.status_code == 400 and why in r.text, (bad, r.text[-400:])
+    assert client.post("/review", data={"q": q}, headers={"origin": "http://evil.example"}).status_code == 403
+    # a console result: reviewable when it is a TOPK ranking, refused by rid otherwise
+    rid = client.post("/query", data={"q": q}, follow_redirects=False).headers["location"]
+    assert 'id="review-these"' in client.get(rid).text
+    other = client.post("/query", data={"q": "SELECT sample_id, loss AS score FROM samples LIMIT 3"},
+                        follow_redirects=False).headers["location"]
+    assert 'id="review-these"' not in client.get(other).text
+    r = client.get("/review?rid=" + re.search(r"rid=(\d+)", other).group(1))
+    assert r.status_code == 400 and "one TOPK statement" in r.text

@@ -119,7 +119,7 @@ def create_app(store: str, readonly: bool = False, token: str | None = None, use
     env.globals.update(readonly=readonly, user=server.user, urlencode=urlencode)
     pages = Pages(server, env)
     routes = [Route("/", pages.home), Route("/query", pages.query, methods=["GET", "POST"]),
-              Route("/review", pages.review), Route("/session", pages.session),
+              Route("/review", pages.review, methods=["GET", "POST"]), Route("/session", pages.session),
               Route("/thumb/{sample_id:int}.png", pages.thumb),
               Route("/plot/hist.png", pages.hist_png), Route("/plot/lancet.png", pages.lancet_png),
               Route("/api/labels", pages.labels_json),
@@ -313,7 +313,16 @@ class Pages:
         state = {"rid": rid, "sort": sort, "desc": "1" if desc else "0", "cols": params.get("cols", "label,pred")}
         return {"query": query, "rid": rid, "columns": columns, "extra": extra, "rows": rows, "ids": ids,
                 "page": page, "pages": pages, "total": table.num_rows, "sort": sort, "desc": desc, "state": state,
-                "has_score": "score" in table.column_names}
+                "has_score": "score" in table.column_names, "reviewable": self._reviewable(query, table)}
+
+    def _reviewable(self, query: str, table: pa.Table) -> bool:
+        """Whether the review page can rank by this result (a link to it is offered)."""
+        try:
+            _check_topk_statement(query, self.s.con.registry.names())
+            _check_ranking(table)
+        except (HTTPError, Error):
+            return False
+        return True
 
     def _with_sample_columns(self, shown: pa.Table, rows: list, extra: list[str]) -> list:
         ids = shown.column("sample_id").to_pylist()
@@ -373,16 +382,39 @@ class Pages:
 
     # ---- Review ----------------------------------------------------------------------------------------
     async def review(self, request):
+        """GET: the ranking of a kept result (?rid=N, a TOPK statement's) or of a built-in query;
+        POST: runs a TOPK statement (form field q) once, keeps its result, shows it by its rid."""
         from starlette.concurrency import run_in_threadpool
+        from starlette.responses import RedirectResponse
+        q = ""
         try:
+            if request.method == "POST":
+                q = str((await request.form()).get("q", "")).strip()
+                rid = await run_in_threadpool(self._run_ranking, q)
+                return RedirectResponse("/review?" + urlencode({"rid": rid}), status_code=303)
             cards, info = await run_in_threadpool(self._review_cards, request.query_params)
         except HTTPError as e:
-            return self._html("review.html", e.status, cards=[], info=None, error=e.message)
+            return self._html("review.html", e.status, cards=[], info=None, error=e.message, q=q)
         except Error as e:
-            return self._html("review.html", 400, cards=[], info=None, error=f"{type(e).__name__}: {e}")
-        return self._html("review.html", cards=cards, info=info, error=None)
+            return self._html("review.html", 400, cards=[], info=None, error=f"{type(e).__name__}: {e}", q=q)
+        return self._html("review.html", cards=cards, info=info, error=None, q=info["query"])
 
-    def _review_cards(self, params) -> tuple[list[dict], dict]:
+    def _run_ranking(self, text: str) -> int:
+        _check_topk_statement(text, self.s.con.registry.names())
+        table = self.s.sql(text)
+        _check_ranking(table)
+        return self.s.keep_result(text, table)
+
+    def _ranking(self, params) -> tuple[str, pa.Table]:
+        """The statement and result to review: a kept TOPK result, or a built-in query run now."""
+        if "rid" in params:
+            rid = _int(params["rid"], "rid", 0, 2 ** 62)
+            if rid not in self.s.results:
+                raise HTTPError(404, "that result is no longer kept: run the statement again")
+            query, table = self.s.results[rid]
+            _check_topk_statement(query, self.s.con.registry.names())
+            _check_ranking(table)
+            return query, table
         k = _int(params.get("k", 24), "k", 1, MAX_K)
         train = _name(params.get("train", "train"), "train")
         source = params.get("source", "self_influence")
@@ -392,17 +424,24 @@ class Pages:
             query = HARMFUL_QUERY.format(k=k, train=train, set=_name(params.get("set", ""), "set"))
         else:
             raise HTTPError(400, f"source must be self_influence or influence, got {source!r}")
-        ranking = self.s.sql(query)
+        return query, self.s.sql(query)
+
+    def _review_cards(self, params) -> tuple[list[dict], dict]:
+        query, ranking = self._ranking(params)
         ids = ranking.column("sample_id").to_pylist()
         facts = self.s.sql("SELECT s.sample_id, s.label, s.pred, l.label AS decided, l.labeled_by, "
                            "l.labeled_at FROM samples s LEFT JOIN labels l USING (sample_id) "
                            "WHERE s.sample_id IN (SELECT unnest(?))", [ids]).to_pylist()
         by_id = {r["sample_id"]: r for r in facts}
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            raise HTTPError(400, f"the ranking names samples that are not registered ({unknown[:5]}): "
+                                 "rank samples of the store")
         cards = [dict(by_id[i], rank=n + 1, score=s) for n, (i, s) in
                  enumerate(zip(ids, ranking.column("score").to_pylist()))]
         reviewed = [c for c in cards if c["decided"] is not None]
         wrong = sum(c["decided"] != c["label"] for c in reviewed)
-        return cards, {"query": query, "k": k, "reviewed": len(reviewed), "mislabeled": wrong,
+        return cards, {"query": query, "k": len(cards), "reviewed": len(reviewed), "mislabeled": wrong,
                        "precision": wrong / len(reviewed) if reviewed else None}
 
     @_json_endpoint
@@ -689,6 +728,36 @@ def _lancet_round(cur, pool: str, args: dict, truth: str, who: str) -> dict:
             round_["accuracy"] = float(np.mean(labels.column("label").to_numpy() == true))
     number = record_round(cur.store, pool, round_, args, who)
     return {"round": number, "n_labeled": round_["n_labeled"], "accuracy": round_["accuracy"]}
+
+
+def _check_topk_statement(text: str, function_names) -> None:
+    """The review ranks with one TOPK statement (SELECT TOPK(k) ... FROM FUNCTION(...) ORDER BY
+    ...), of at most MAX_K rows."""
+    from metaql import ast
+    from metaql.parser import parse
+    if not text:
+        raise HTTPError(400, "write a TOPK statement to rank by, e.g. " + MISLABEL_QUERY.format(k=24, train="train"))
+    statements = parse(text, function_names)
+    if len(statements) != 1 or not isinstance(statements[0], ast.TopKSelect):
+        raise HTTPError(400, "the review ranks with one TOPK statement (SELECT TOPK(k) [set] FROM FUNCTION(...) "
+                             "ORDER BY DESC|ASC); run other statements on the Query page")
+    k = statements[0].k
+    if isinstance(k, int) and not 1 <= k <= MAX_K:
+        raise HTTPError(400, f"the review shows at most {MAX_K} samples: ask for TOPK(1) to TOPK({MAX_K})")
+
+
+def _check_ranking(table: pa.Table) -> None:
+    missing = [c for c in ("sample_id", "score") if c not in table.column_names]
+    if missing:
+        raise HTTPError(400, f"the ranking has no {' and no '.join(missing)} column: rank with a function whose "
+                             f"result has sample_id and score (columns here: {', '.join(table.column_names)})")
+    if table.num_rows > MAX_K:
+        raise HTTPError(400, f"the ranking has {table.num_rows} rows; the review shows at most {MAX_K}")
+    ids = table.column("sample_id")
+    if ids.null_count:
+        raise HTTPError(400, "the ranking has rows without a sample_id: rank samples of the store")
+    if len(set(ids.to_pylist())) != table.num_rows:
+        raise HTTPError(400, "the ranking lists a sample more than once: rank with one row per sample")
 
 
 def _status_row(con, method: str, pool: str) -> tuple[dict | None, str | None]:

@@ -271,10 +271,12 @@ function initMethodSession(pool, method) {
   });
 }
 
-function initQuery() {
-  const q = document.getElementById("q");
-  if (q) q.addEventListener("keydown", e => {
-    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); document.getElementById("console").submit(); }
+function initQuery() {      // Ctrl-Enter runs the console's statement, or ranks the review page's
+  [["q", "console"], ["review-q", "rank-form"]].forEach(([box, form]) => {
+    const q = document.getElementById(box);
+    if (q) q.addEventListener("keydown", e => {
+      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); document.getElementById(form).submit(); }
+    });
   });
 }
 

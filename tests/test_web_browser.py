@@ -283,6 +283,48 @@ def test_active_learning_page(browser, server, store, shots):
     assert row == (7, WHO)
 
 
+def test_label_cleaning_page(browser, server, store, shots):
+    """A label-cleaning session from the page: Next candidates begins it (a job: its progress bar
+    counts the forward passes' batches), a number key appends an annotation, the status row
+    counts it as spent."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    import metaql
+    browser.get(server + "/session")
+    browser.find_element(By.ID, "pool-name").clear()
+    browser.find_element(By.ID, "pool-name").send_keys("lc_pool")
+    Select(browser.find_element(By.ID, "pool-split")).select_by_visible_text("test")
+    Select(browser.find_element(By.ID, "pool-method")).select_by_value("cleaning")
+    browser.find_element(By.ID, "make-pool").click()
+    wait(browser, lambda d: d.find_elements(By.ID, "status-note"), what="the label-cleaning page")
+    for name, value in (("k", "4"), ("budget", "20"), ("update_every", "5")):
+        field = browser.find_element(By.NAME, name)
+        field.clear()
+        field.send_keys(value)
+    browser.execute_script(WATCH_PROGRESS)
+    browser.find_element(By.ID, "get-candidates").click()
+    cards = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#method-grid .card"), what="candidates")
+    assert len(cards) == 4 and browser.execute_script("return sessionStorage.getItem('shown')") == "1"
+    texts = browser.execute_script("return JSON.parse(sessionStorage.getItem('texts'))")
+    assert any(t.startswith("done: predictions") for t in texts), texts
+    cell = lambda key: int(browser.find_element(By.CSS_SELECTOR, f'#status-row td[data-key="{key}"]').text)  # noqa: E731
+    assert (cell("spent"), cell("budget_left")) == (0, 20)
+    card = cards[0]
+    count = int(card.find_element(By.CLASS_NAME, "n-annotations").text)
+    press(browser, "3")
+    wait(browser, lambda d: int(card.find_element(By.CLASS_NAME, "n-annotations").text) == count + 1,
+         what="the annotation")
+    wait(browser, lambda d: cell("spent") == 1, what="the status row")
+    assert cell("budget_left") == 19
+    assert console_errors(browser) == []
+    browser.save_screenshot(str(shots / "cleaning.png"))
+    con = metaql.connect(store, read_only=True)
+    rows = con.execute("SELECT label, annotated_by FROM annotations WHERE sample_id = ?",
+                       [int(card.get_attribute("data-sample"))]).fetchall()
+    con.close()
+    assert rows[-1] == (3, WHO) and len(rows) == count + 1
+
+
 def test_every_page_loads_without_console_errors(browser, server, shots):
     for name in ("query", "review", "session"):
         browser.get(f"{server}/{name}")

@@ -65,7 +65,7 @@ def gradnorm(ctx, pool: SetName, loss: Literal["expected", "entropy"] = "expecte
     ckpts = catalog.checkpoint_names(checkpoints)
     total = np.zeros(len(ids))
     for ckpt in ctx.progress(ckpts, desc="checkpoints"):
-        total += pool_norms(ctx.store, ckpt, ids, names, expectation, catalog)
+        total += pool_norms(ctx.store, ckpt, ids, names, expectation, catalog, ctx.progress)
     return pa.table({"sample_id": pa.array(ids, pa.int64()), "score": pa.array(total / len(ckpts))})
 
 
@@ -75,30 +75,35 @@ def layer_spec(catalog, layers):
     return catalog.layer_names(layers) if catalog.layers else list(layers)
 
 
-def pool_norms(store, ckpt: str, ids: np.ndarray, layers: list[str], expectation: str, catalog) -> np.ndarray:
-    """Each pool sample's score at one checkpoint."""
+def pool_norms(store, ckpt: str, ids: np.ndarray, layers: list[str], expectation: str, catalog,
+               progress=None) -> np.ndarray:
+    """Each pool sample's score at one checkpoint. progress: the statement's progress wrapper,
+    given every replay's batches (it also stops a cancelled statement between batches)."""
     model, task = store.model_at(ckpt), task_at(store, ckpt)
     if expectation == "loss":
         task.check_target("expected")      # a task without a predictive distribution is refused here
-        return np.sqrt(squared_norms(store, model, task, ids, None, "expected", layers, catalog))
+        return np.sqrt(squared_norms(store, model, task, ids, None, "expected", layers, catalog, progress))
     if task.name not in CLASS_TASKS:
         raise BinderException(f"expectation=norm replays every class as a label, which a {task.name} model "
                               "does not have; use expectation=loss")
-    p = probabilities(store, model, ids, catalog.input_shards)
+    p = probabilities(store, model, ids, catalog.input_shards, progress)
     score = np.zeros(len(ids))
     for c in range(p.shape[1]):
         labels = torch.full((len(ids),), c, dtype=torch.long)
-        score += p[:, c] * np.sqrt(squared_norms(store, model, task, ids, labels, "label", layers, catalog))
+        score += p[:, c] * np.sqrt(squared_norms(store, model, task, ids, labels, "label", layers, catalog, progress))
     return score
 
 
-def squared_norms(store, model, task, ids, labels, target: str, layers: list[str], catalog) -> np.ndarray:
+def squared_norms(store, model, task, ids, labels, target: str, layers: list[str], catalog,
+                  progress=None) -> np.ndarray:
     """sum over `layers` of each sample's squared gradient norm of the `target` loss, from the
     factors of one replay streamed batch by batch (one batch's factors held at a time)."""
     hooks = LayerHooks(watched_modules(model, layers))
     metas = {name: hooks.kinds[name].meta(name, module) for name, module in hooks.modules.items()}
     out = np.zeros(len(ids))
     batches = stored_batches(store, ids, labels, BATCH, catalog.input_shards)
+    if progress is not None:
+        batches = progress(batches, total=-(-len(ids) // BATCH), desc="gradient norms")
     for pos, factors in replay_batches(model, hooks, batches, target, task):
         # a layer the loss does not reach has no factors: its gradient is zero
         for name, fs in factors.items():

@@ -69,7 +69,8 @@ def active_learning_candidates(ctx, pool: SetName, k: Count = 10, loss: Literal[
         unlabeled = session.unlabeled_ids
         if unlabeled.size == 0:
             raise InvalidInputException(f"every sample of '{pool}' is labeled: there is nothing to propose")
-        norms = pool_norms(ctx.store, ckpt, unlabeled, layer_spec(catalog, layers), expectation, catalog)
+        norms = pool_norms(ctx.store, ckpt, unlabeled, layer_spec(catalog, layers), expectation, catalog,
+                           ctx.progress)
         chosen = session.propose(unlabeled, norms, ckpt)
         scores = norms[np.searchsorted(unlabeled, chosen)]
     if oracle:
@@ -144,7 +145,7 @@ def label_cleaning_candidates(ctx, data: SetName, label_column: ColumnName = "la
     catalog = catalog_of(ctx)
     ckpt = catalog.checkpoint_names(checkpoint)[-1]
     logp = log_probabilities(ctx.store, ctx.store.model_at(ckpt), np.sort(catalog.set_ids(str(data))),
-                             catalog.input_shards)
+                             catalog.input_shards, ctx.progress)
     session, slot = _lc_session(ctx, data, label_column, budget, update_every, logp.shape[1])
     counts = session.counts()
     scores = np.full(session.pool_ids.size, -np.inf)

@@ -127,9 +127,21 @@ def elite_curve(detector: Any):
     return fig
 
 
-def lancet_curve(n_labels: Sequence[int], accuracy: Sequence[float], ylabel: str = "accuracy"):
+def lancet_curve(n_labels: Any, accuracy: Any = None, ylabel: str = "accuracy"):
     """LANCET's curve: the propagated labels' accuracy (or another quality) after each round
-    against the number of human labels it had."""
+    against the number of human labels it had. lancet_curve(con, "pool") draws the rounds the web
+    page ran on that set, as recorded in the store (table lancet_rounds): their accuracy against
+    the column named on the page, or their mean confidence unless every round measured one."""
+    if hasattr(n_labels, "execute"):
+        if not isinstance(accuracy, str):
+            raise InvalidInputException("lancet_curve(con, set_name): name the sample set whose rounds to draw")
+        from metaql.web.rounds import curve_points, recorded_rounds
+        n_labels, accuracy, ylabel = curve_points(recorded_rounds(n_labels, accuracy))
+        if not n_labels:
+            raise InvalidInputException("no LANCET round with human labels is recorded for that set: run "
+                                        "rounds from the web page's Labeling tab (metaql serve STORE)")
+    elif accuracy is None:
+        raise InvalidInputException("lancet_curve takes (n_labels, accuracy) or (con, set_name)")
     Figure = _pyplot()
     n, acc = np.asarray(n_labels, dtype=np.float64), np.asarray(accuracy, dtype=np.float64)
     if n.shape != acc.shape:

@@ -19,6 +19,7 @@ import metaql  # noqa: E402
 import metaql.errors  # noqa: E402
 from metaql.errors import InvalidInputException  # noqa: E402
 from metaql.web import create_app, serve  # noqa: E402
+from metaql.web.rounds import record_round, recorded_rounds  # noqa: E402
 from tests import webstore  # noqa: E402
 
 WHO = "ana"
@@ -214,7 +215,7 @@ def test_labeling_session_round(client, store):
     assert client.post("/api/session/pool", json={"name": "pool", "split": "test"}).json()["size"] == 20
     assert client.post("/api/session/pool", json={"name": "pool", "split": "train"}).status_code == 409
     assert client.post("/api/session/pool", json={"name": "x;DROP", "split": "train"}).status_code == 400
-    assert "No round run yet" in client.get("/session?pool=pool").text
+    assert "No round recorded" in client.get("/session?pool=pool").text
     job = client.post("/api/session/round", json={"pool": "pool", "budget": 4, "steps": 3, "num_classes": 10,
                                                   "truth": "true_label"}).json()
     state = _wait(client, job["id"])
@@ -226,7 +227,7 @@ def test_labeling_session_round(client, store):
         assert client.post("/api/label", json={"sample_id": i, "label": int(true[i]), "who": WHO}).status_code == 200
     assert client.post("/api/label", json={"sample_id": cards[0], "label": (int(true[cards[0]]) + 1) % 10,
                                            "who": WHO}).status_code == 409
-    assert client.get("/session?pool=pool").text.count(f"by {WHO}") == 4
+    assert len(re.findall(rf"label \d by {WHO}<", client.get("/session?pool=pool").text)) == 4
     assert client.get("/plot/lancet.png?pool=pool").status_code == 404       # no round with labels yet
     assert client.get("/session?pool=nope").status_code == 404
     assert client.post("/api/session/round", json={"pool": "pool", "truth": "nope"}).status_code == 400
@@ -243,7 +244,7 @@ def test_a_round_is_cancelled(client):
     assert client.post(f"/api/jobs/{job['id']}/cancel", json={}).status_code == 200
     state = _wait(client, job["id"])
     assert state["state"] == "cancelled" and state["done"] < 20000
-    assert len(client.app.state.server.rounds["pool"]) == 1        # the cancelled round left nothing
+    assert len(recorded_rounds(client.app.state.server.con, "pool")) == 1   # the cancelled round left nothing
 
 
 def _wait(client, job_id: int, seconds: float = 120) -> dict:
@@ -393,11 +394,10 @@ def test_active_learning_session(client):
     status row counting it (the same proposal, one fewer pending)."""
     assert client.post("/api/session/pool", json={"name": "al_pool", "split": "test"}).status_code == 200
     assert "ACTIVE_LEARNING_CANDIDATES" in client.get("/session?pool=al_pool&method=active").text
-    r = client.post("/api/session/candidates", json={"method": "active", "pool": "al_pool", "k": 3})
-    assert r.status_code == 200, r.text
-    ids = [c["sample_id"] for c in r.json()["candidates"]]
+    r = _candidates(client, {"method": "active", "pool": "al_pool", "k": 3})
+    ids = [c["sample_id"] for c in r["candidates"]]
     assert len(ids) == 3 and all(60 <= i < 80 for i in ids)
-    first = r.json()["status"]              # the LANCET test above labeled some of this split already
+    first = r["status"]              # the LANCET test above labeled some of this split already
     assert first["pending"] == 3 and first["cycles"] == 1 and first["n_labeled"] + first["n_unlabeled"] == 20
     assert client.post("/api/label", json={"sample_id": ids[0], "label": 4, "who": WHO}).status_code == 200
     assert labels(client)[ids[0]]["label"] == 4 and labels(client)[ids[0]]["labeled_by"] == WHO
@@ -406,7 +406,7 @@ def test_active_learning_session(client):
         (first["n_labeled"] + 1, first["n_unlabeled"] - 1, 2, 1)
     page = client.get("/session?pool=al_pool&method=active").text
     assert re.findall(r'data-sample="(\d+)"', page) == [str(i) for i in ids] and f"label 4 by {WHO}" in page
-    again = client.post("/api/session/candidates", json={"method": "active", "pool": "al_pool", "k": 3}).json()
+    again = _candidates(client, {"method": "active", "pool": "al_pool", "k": 3}, replayed=False)
     assert [c["sample_id"] for c in again["candidates"]] == ids[1:] and again["status"]["cycles"] == 1
 
 
@@ -416,11 +416,9 @@ def test_label_cleaning_session(client):
     assert client.post("/api/session/pool", json={"name": "lc_data", "split": "train"}).status_code == 200
     page = client.get("/session?pool=lc_data&method=cleaning")
     assert page.status_code == 200 and "no label-cleaning session" in page.text
-    r = client.post("/api/session/candidates", json={"method": "cleaning", "pool": "lc_data", "k": 2,
-                                                     "budget": 5, "update_every": 2})
-    assert r.status_code == 200, r.text
-    ids = [c["sample_id"] for c in r.json()["candidates"]]
-    assert len(ids) == 2 and r.json()["status"]["budget_left"] == 5
+    r = _candidates(client, {"method": "cleaning", "pool": "lc_data", "k": 2, "budget": 5, "update_every": 2})
+    ids = [c["sample_id"] for c in r["candidates"]]
+    assert len(ids) == 2 and r["status"]["budget_left"] == 5
     before = annotations(client, ids[0])
     for _ in range(2):
         assert client.post("/api/annotate", json={"sample_id": ids[0], "label": 3, "who": WHO}).status_code == 200
@@ -431,3 +429,106 @@ def test_label_cleaning_session(client):
     assert "update_due" in client.get("/session?pool=lc_data&method=cleaning").text
     assert client.post("/api/session/candidates", json={"method": "nope", "pool": "lc_data"}).status_code == 400
     assert client.get("/session?pool=lc_data&method=nope").status_code == 400
+
+
+def _candidates(client, body: dict, replayed: bool = True) -> dict:
+    """The next candidates, asked for as the page does: a job, polled until done; its result.
+    replayed: the candidates were scored (not a pending proposal given again)."""
+    r = client.post("/api/session/candidates", json=body)
+    assert r.status_code == 200, r.text
+    state = _wait(client, r.json()["id"])
+    assert state["state"] == "done", state
+    if replayed:             # the scoring's batches were counted
+        assert state["total"] and state["done"] == state["total"], state
+    return state["result"]
+
+
+@pytest.mark.parametrize("method, pool, split, args", [
+    ("active", "al_cancel", "test", "k=3"),
+    ("cleaning", "lc_cancel", "test", "k=2, budget=5, update_every=2")])
+def test_next_candidates_are_cancelled(client, method, pool, split, args):
+    """A cancel reaches the candidates' statement even when it comes before the statement began (the
+    cursor's own interrupt is cleared then): it stops at the scoring's first batch, and the session
+    counts no cycle (active learning) or is not begun (label cleaning)."""
+    import threading
+    from metaql.web.app import METHOD_SQL
+    assert client.post("/api/session/pool", json={"name": pool, "split": split}).status_code == 200
+    server, go = client.app.state.server, threading.Event()
+    arg, candidates_fn, _ = METHOD_SQL[method]
+
+    def work(cur):
+        go.wait(30)
+        return cur.execute(f"SELECT * FROM {candidates_fn}({arg}={pool}, {args})").fetchall()
+    job = server.jobs.start(method, pool, work)
+    assert client.post("/api/session/candidates", json={"method": method, "pool": pool}).status_code == 409
+    assert client.post(f"/api/jobs/{job['id']}/cancel", json={}).json()["state"] == "running"
+    go.set()
+    state = _wait(client, job["id"])
+    assert state["state"] == "cancelled" and state["done"] == 0, state
+    status = client.get(f"/api/session/status?method={method}&pool={pool}").json()
+    if method == "active":
+        assert (status["status"]["cycles"], status["status"]["pending"]) == (0, 0)
+    else:
+        assert status["status"] is None and "no label-cleaning session" in status["note"]
+    assert (method, pool) not in server.proposals
+
+
+def test_rounds_are_kept_in_the_store(client, ro_client):
+    """A round is a row of lancet_rounds: another server on the store (here a read-only one, as
+    after a restart) shows the last round's candidates and the curve, and metaql.plot draws it."""
+    from metaql import plot
+    from metaql.labeling.lancet_functions import STATUS_COLUMNS
+    server = client.app.state.server
+    status = dict({name: None for name, _ in STATUS_COLUMNS}, should_stop=False, reason="go on")
+    assert client.post("/api/session/pool", json={"name": "kept", "split": "test"}).status_code == 200
+    for n, accuracy, confidence in ((4, 0.5, 0.6), (8, 0.75, 0.7)):
+        rows = [{"sample_id": 60 + n + j, "weight": 0.1 * j, "confidence": 0.5} for j in range(3)]
+        round_ = {"candidates": rows, "n_labeled": n, "accuracy": accuracy, "confidence": confidence,
+                  "truth": "true_label", "status": status}
+        record_round(server.con.store, "kept", round_, {"budget": 3, "steps": 5, "num_classes": 10}, WHO)
+    rounds = recorded_rounds(ro_client.app.state.server.con, "kept")
+    assert [(r["round"], r["n_labeled"], r["accuracy"], r["run_by"]) for r in rounds] == \
+        [(1, 4, 0.5, WHO), (2, 8, 0.75, WHO)]
+    page = ro_client.get("/session?pool=kept").text
+    assert re.findall(r'data-sample="(\d+)"', page) == ["68", "69", "70"] and "round 2" in page
+    assert "go on" in page and 'id="curve"' in page
+    png = ro_client.get("/plot/lancet.png?pool=kept")
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    ro = metaql.connect(client.app.state.server.con.store.root, read_only=True)
+    try:
+        line = plot.lancet_curve(ro, "kept").axes[0].lines[0]
+        assert line.get_xdata().tolist() == [4, 8] and line.get_ydata().tolist() == [0.5, 0.75]
+        with pytest.raises(InvalidInputException, match="no LANCET round"):
+            plot.lancet_curve(ro, "nope")
+    finally:
+        ro.close()
+    # the random start recorded by test_labeling_session_round: no label, so no point of the curve
+    assert recorded_rounds(server.con, "pool")[0]["n_labeled"] == 0
+
+
+def test_review_ranks_with_any_topk_statement(client):
+    """A TOPK statement posted to the review page runs once; its cards are its rows in order (the
+    same statement run on a connection); other statements and rankings are refused with a reason."""
+    q = "SELECT TOPK(5) train FROM INFLUENCE(layers=*, query=point(65)) ORDER BY ASC"
+    r = client.post("/review", data={"q": q}, follow_redirects=False)
+    assert r.status_code == 303 and "rid=" in r.headers["location"]
+    page = client.get(r.headers["location"]).text
+    expected = client.app.state.server.con.execute(q).fetchall()
+    assert [int(i) for i in re.findall(r'data-sample="(\d+)"', page)] == [i for i, _ in expected]
+    assert "5 sample(s) ranked by" in page and "point(65)" in page
+    for bad, why in (("SELECT * FROM samples", "one TOPK statement"),
+                     (q + "; " + q, "one TOPK statement"),
+                     ("", "write a TOPK statement"),
+                     (q.replace("TOPK(5)", "TOPK(501)"), "at most 500"),
+                     ("SELECT TOPK(3) FROM LANCET_CANDIDATES(pool=pool) ORDER BY DESC", "score")):
+        r = client.post("/review", data={"q": bad})
+        assert r.status_code == 400 and why in r.text, (bad, r.text[-400:])
+    assert client.post("/review", data={"q": q}, headers={"origin": "http://evil.example"}).status_code == 403
+    # a console result: reviewable when it is a TOPK ranking, refused by rid otherwise
+    rid = client.post("/query", data={"q": q}, follow_redirects=False).headers["location"]
+    assert 'id="review-these"' in client.get(rid).text
+    other = client.post("/query", data={"q": "SELECT sample_id, loss AS score FROM samples LIMIT 3"},
+                        follow_redirects=False).headers["location"]
+    assert 'id="review-these"' not in client.get(other).text
+    r = client.get("/review?rid=" + re.search(r"rid=(\d+)", other).group(1))
+    assert r.status_code == 400 and "one TOPK statement" in r.text

@@ -213,6 +213,116 @@ def test_lancet_round_from_the_page(browser, server, store, shots):
                     "(SELECT sample_id FROM set_members WHERE set_name = 'to_label')", [WHO]).fetchone()[0]
     con.close()
     assert n == len(cards)
+    # the round is kept in the store: its curve's point is the page's accuracy
+    from metaql import plot
+    con = metaql.connect(store, read_only=True)
+    line = plot.lancet_curve(con, "to_label").axes[0].lines[0]
+    con.close()
+    assert line.get_ydata().tolist() == pytest.approx([accuracy], abs=5e-4)
+    assert line.get_xdata().tolist() == [n]
+
+
+# Records, across the page's reload, that the progress bar was shown and what it said (the
+# candidates of a small pool may come before a poll of the test would see the bar).
+WATCH_PROGRESS = """
+const bar = document.getElementById("progress"), text = document.getElementById("progress-text");
+sessionStorage.setItem("shown", "0"); sessionStorage.setItem("texts", "[]");
+new MutationObserver(() => { if (!bar.hidden) sessionStorage.setItem("shown", "1"); })
+  .observe(bar, {attributes: true});
+new MutationObserver(() => {
+  const seen = JSON.parse(sessionStorage.getItem("texts"));
+  seen.push(text.textContent);
+  sessionStorage.setItem("texts", JSON.stringify(seen));
+}).observe(text, {childList: true, characterData: true, subtree: true});
+"""
+
+
+def test_active_learning_page(browser, server, store, shots):
+    """An active-learning session from the page: Next candidates runs as a job (its progress bar
+    shown, counting the scoring's batches), a number key labels the selected candidate, and the
+    status row counts it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    import metaql
+    browser.get(server + "/session")
+    browser.find_element(By.ID, "pool-name").clear()
+    browser.find_element(By.ID, "pool-name").send_keys("al_pool")
+    Select(browser.find_element(By.ID, "pool-split")).select_by_visible_text("test")
+    Select(browser.find_element(By.ID, "pool-method")).select_by_value("active")
+    browser.find_element(By.ID, "make-pool").click()
+    wait(browser, lambda d: d.find_elements(By.ID, "get-candidates"), what="the active-learning page")
+    k = browser.find_element(By.NAME, "k")
+    k.clear()
+    k.send_keys("6")
+    browser.execute_script(WATCH_PROGRESS)
+    browser.find_element(By.ID, "get-candidates").click()
+    cards = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#method-grid .card"), what="candidates")
+    assert len(cards) == 6
+    assert browser.execute_script("return sessionStorage.getItem('shown')") == "1"
+    texts = browser.execute_script("return JSON.parse(sessionStorage.getItem('texts'))")
+    assert any(t.startswith("done: gradient norms") for t in texts), texts
+    cell = lambda key: browser.find_element(By.CSS_SELECTOR, f'#status-row td[data-key="{key}"]').text  # noqa: E731
+    before = {key: int(cell(key)) for key in ("cycles", "n_labeled", "pending")}
+    assert before["cycles"] >= 1 and before["pending"] == 6
+    card = cards[0]
+    assert "selected" in card.get_attribute("class")
+    press(browser, "7")
+    wait(browser, lambda d: card.get_attribute("data-decided") == "7", what="the label")
+    wait(browser, lambda d: int(cell("pending")) == 5, what="the status row")
+    assert int(cell("n_labeled")) == before["n_labeled"] + 1 and int(cell("cycles")) == before["cycles"]
+    assert "labeled 7" in browser.find_element(By.ID, "status").text
+    wait(browser, images_loaded, what="thumbnails")
+    browser.save_screenshot(str(shots / "active.png"))
+    if os.environ.get("METAQL_SCREENSHOT_DOCS"):
+        browser.save_screenshot(str(DOCS / "web-active.png"))
+    assert console_errors(browser) == []
+    con = metaql.connect(store, read_only=True)
+    row = con.execute("SELECT label, labeled_by FROM labels WHERE sample_id = ?",
+                      [int(card.get_attribute("data-sample"))]).fetchone()
+    con.close()
+    assert row == (7, WHO)
+
+
+def test_label_cleaning_page(browser, server, store, shots):
+    """A label-cleaning session from the page: Next candidates begins it (a job: its progress bar
+    counts the forward passes' batches), a number key appends an annotation, the status row
+    counts it as spent."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    import metaql
+    browser.get(server + "/session")
+    browser.find_element(By.ID, "pool-name").clear()
+    browser.find_element(By.ID, "pool-name").send_keys("lc_pool")
+    Select(browser.find_element(By.ID, "pool-split")).select_by_visible_text("test")
+    Select(browser.find_element(By.ID, "pool-method")).select_by_value("cleaning")
+    browser.find_element(By.ID, "make-pool").click()
+    wait(browser, lambda d: d.find_elements(By.ID, "status-note"), what="the label-cleaning page")
+    for name, value in (("k", "4"), ("budget", "20"), ("update_every", "5")):
+        field = browser.find_element(By.NAME, name)
+        field.clear()
+        field.send_keys(value)
+    browser.execute_script(WATCH_PROGRESS)
+    browser.find_element(By.ID, "get-candidates").click()
+    cards = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#method-grid .card"), what="candidates")
+    assert len(cards) == 4 and browser.execute_script("return sessionStorage.getItem('shown')") == "1"
+    texts = browser.execute_script("return JSON.parse(sessionStorage.getItem('texts'))")
+    assert any(t.startswith("done: predictions") for t in texts), texts
+    cell = lambda key: int(browser.find_element(By.CSS_SELECTOR, f'#status-row td[data-key="{key}"]').text)  # noqa: E731
+    assert (cell("spent"), cell("budget_left")) == (0, 20)
+    card = cards[0]
+    count = int(card.find_element(By.CLASS_NAME, "n-annotations").text)
+    press(browser, "3")
+    wait(browser, lambda d: int(card.find_element(By.CLASS_NAME, "n-annotations").text) == count + 1,
+         what="the annotation")
+    wait(browser, lambda d: cell("spent") == 1, what="the status row")
+    assert cell("budget_left") == 19
+    assert console_errors(browser) == []
+    browser.save_screenshot(str(shots / "cleaning.png"))
+    con = metaql.connect(store, read_only=True)
+    rows = con.execute("SELECT label, annotated_by FROM annotations WHERE sample_id = ?",
+                       [int(card.get_attribute("data-sample"))]).fetchall()
+    con.close()
+    assert rows[-1] == (3, WHO) and len(rows) == count + 1
 
 
 def test_every_page_loads_without_console_errors(browser, server, shots):

@@ -30,9 +30,11 @@ import numpy as np
 import pyarrow as pa
 
 import metaql
-from metaql.errors import Error, InterruptException, InvalidInputException
+from metaql.errors import Error, InvalidInputException
 from metaql.storage.labels import withdraw_label
 from metaql.web.images import image_of, png
+from metaql.web.jobs import Busy, Jobs, public
+from metaql.web.rounds import curve_points, record_round, recorded_rounds
 
 HERE = Path(__file__).parent
 PAGE_ROWS = 25
@@ -69,9 +71,8 @@ class Server:
         self.user = user or _default_user()
         self.lock = threading.RLock()
         self.results: OrderedDict[int, tuple[str, pa.Table]] = OrderedDict()
-        self.rounds: dict[str, list[dict]] = {}
         self.proposals: dict[tuple[str, str], list[dict]] = {}     # (method, set) -> the last candidates
-        self.jobs: dict[int, dict] = {}
+        self.jobs = Jobs(self.con)
         self._ids = itertools.count(1)
         self.closed = False
 
@@ -90,10 +91,7 @@ class Server:
         if self.closed:
             return
         self.closed = True
-        for job in list(self.jobs.values()):
-            if job["state"] == "running":
-                job["cursor"].interrupt()
-                job["thread"].join(timeout=30)
+        self.jobs.close()
         self.con.close()
 
 
@@ -121,7 +119,7 @@ def create_app(store: str, readonly: bool = False, token: str | None = None, use
     env.globals.update(readonly=readonly, user=server.user, urlencode=urlencode)
     pages = Pages(server, env)
     routes = [Route("/", pages.home), Route("/query", pages.query, methods=["GET", "POST"]),
-              Route("/review", pages.review), Route("/session", pages.session),
+              Route("/review", pages.review, methods=["GET", "POST"]), Route("/session", pages.session),
               Route("/thumb/{sample_id:int}.png", pages.thumb),
               Route("/plot/hist.png", pages.hist_png), Route("/plot/lancet.png", pages.lancet_png),
               Route("/api/labels", pages.labels_json),
@@ -315,7 +313,16 @@ class Pages:
         state = {"rid": rid, "sort": sort, "desc": "1" if desc else "0", "cols": params.get("cols", "label,pred")}
         return {"query": query, "rid": rid, "columns": columns, "extra": extra, "rows": rows, "ids": ids,
                 "page": page, "pages": pages, "total": table.num_rows, "sort": sort, "desc": desc, "state": state,
-                "has_score": "score" in table.column_names}
+                "has_score": "score" in table.column_names, "reviewable": self._reviewable(query, table)}
+
+    def _reviewable(self, query: str, table: pa.Table) -> bool:
+        """Whether the review page can rank by this result (a link to it is offered)."""
+        try:
+            _check_topk_statement(query, self.s.con.registry.names())
+            _check_ranking(table)
+        except (HTTPError, Error):
+            return False
+        return True
 
     def _with_sample_columns(self, shown: pa.Table, rows: list, extra: list[str]) -> list:
         ids = shown.column("sample_id").to_pylist()
@@ -375,16 +382,39 @@ class Pages:
 
     # ---- Review ----------------------------------------------------------------------------------------
     async def review(self, request):
+        """GET: the ranking of a kept result (?rid=N, a TOPK statement's) or of a built-in query;
+        POST: runs a TOPK statement (form field q) once, keeps its result, shows it by its rid."""
         from starlette.concurrency import run_in_threadpool
+        from starlette.responses import RedirectResponse
+        q = ""
         try:
+            if request.method == "POST":
+                q = str((await request.form()).get("q", "")).strip()
+                rid = await run_in_threadpool(self._run_ranking, q)
+                return RedirectResponse("/review?" + urlencode({"rid": rid}), status_code=303)
             cards, info = await run_in_threadpool(self._review_cards, request.query_params)
         except HTTPError as e:
-            return self._html("review.html", e.status, cards=[], info=None, error=e.message)
+            return self._html("review.html", e.status, cards=[], info=None, error=e.message, q=q)
         except Error as e:
-            return self._html("review.html", 400, cards=[], info=None, error=f"{type(e).__name__}: {e}")
-        return self._html("review.html", cards=cards, info=info, error=None)
+            return self._html("review.html", 400, cards=[], info=None, error=f"{type(e).__name__}: {e}", q=q)
+        return self._html("review.html", cards=cards, info=info, error=None, q=info["query"])
 
-    def _review_cards(self, params) -> tuple[list[dict], dict]:
+    def _run_ranking(self, text: str) -> int:
+        _check_topk_statement(text, self.s.con.registry.names())
+        table = self.s.sql(text)
+        _check_ranking(table)
+        return self.s.keep_result(text, table)
+
+    def _ranking(self, params) -> tuple[str, pa.Table]:
+        """The statement and result to review: a kept TOPK result, or a built-in query run now."""
+        if "rid" in params:
+            rid = _int(params["rid"], "rid", 0, 2 ** 62)
+            if rid not in self.s.results:
+                raise HTTPError(404, "that result is no longer kept: run the statement again")
+            query, table = self.s.results[rid]
+            _check_topk_statement(query, self.s.con.registry.names())
+            _check_ranking(table)
+            return query, table
         k = _int(params.get("k", 24), "k", 1, MAX_K)
         train = _name(params.get("train", "train"), "train")
         source = params.get("source", "self_influence")
@@ -394,17 +424,24 @@ class Pages:
             query = HARMFUL_QUERY.format(k=k, train=train, set=_name(params.get("set", ""), "set"))
         else:
             raise HTTPError(400, f"source must be self_influence or influence, got {source!r}")
-        ranking = self.s.sql(query)
+        return query, self.s.sql(query)
+
+    def _review_cards(self, params) -> tuple[list[dict], dict]:
+        query, ranking = self._ranking(params)
         ids = ranking.column("sample_id").to_pylist()
         facts = self.s.sql("SELECT s.sample_id, s.label, s.pred, l.label AS decided, l.labeled_by, "
                            "l.labeled_at FROM samples s LEFT JOIN labels l USING (sample_id) "
                            "WHERE s.sample_id IN (SELECT unnest(?))", [ids]).to_pylist()
         by_id = {r["sample_id"]: r for r in facts}
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            raise HTTPError(400, f"the ranking names samples that are not registered ({unknown[:5]}): "
+                                 "rank samples of the store")
         cards = [dict(by_id[i], rank=n + 1, score=s) for n, (i, s) in
                  enumerate(zip(ids, ranking.column("score").to_pylist()))]
         reviewed = [c for c in cards if c["decided"] is not None]
         wrong = sum(c["decided"] != c["label"] for c in reviewed)
-        return cards, {"query": query, "k": k, "reviewed": len(reviewed), "mislabeled": wrong,
+        return cards, {"query": query, "k": len(cards), "reviewed": len(reviewed), "mislabeled": wrong,
                        "precision": wrong / len(reviewed) if reviewed else None}
 
     @_json_endpoint
@@ -504,7 +541,7 @@ class Pages:
             raise HTTPError(404, f"no sample set '{pool}': create it on this page first")
         if method != "lancet":
             return dict(values, **self._method_view(method, pool, params, classes))
-        rounds = self.s.rounds.get(pool, [])
+        rounds = self._rounds(pool)
         last = rounds[-1] if rounds else None
         cards = []
         if last:
@@ -515,7 +552,7 @@ class Pages:
             cards = [dict(c, **facts[c["sample_id"]]) for c in last["candidates"]]
         n_labeled = self.s.sql("SELECT count(*) AS n FROM labels WHERE sample_id IN "
                                "(SELECT sample_id FROM set_members WHERE set_name = ?)", [pool]).column("n")[0].as_py()
-        running = [j for j in self.s.jobs.values() if j["pool"] == pool and j["state"] == "running"]
+        running = self.s.jobs.running(pool, "lancet")
         truth = params.get("truth", "true_label" if "true_label" in columns else "")
         return dict(values, pool=pool, rounds=rounds, last=last, cards=cards, n_labeled=n_labeled,
                     job=running[0]["id"] if running else None,
@@ -537,22 +574,18 @@ class Pages:
             cards = [dict(c, **facts[c["sample_id"]]) for c in proposal]
         form = {"k": params.get("k", "8"), "budget": params.get("budget", "0" if method == "active" else "40"),
                 "update_every": params.get("update_every", "10")}
+        running = self.s.jobs.running(pool, method)
         return {"pool": pool, "status_row": status, "status_note": note, "cards": cards, "form": form,
-                "classes": classes, "proposed": bool(proposal)}
+                "classes": classes, "proposed": bool(proposal), "job": running[0]["id"] if running else None}
 
     def _status_row(self, method: str, pool: str) -> tuple[dict | None, str | None]:
-        """The session's STATUS row, or why there is none (a label-cleaning session not begun)."""
-        arg, _, status_fn = METHOD_SQL[method]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                rows = self.s.sql(f"SELECT * FROM {status_fn}({arg}={pool})").to_pylist()
-        except Error as e:
-            return None, f"{type(e).__name__}: {e}"
-        return rows[0], None
+        with self.s.lock:
+            return _status_row(self.s.con, method, pool)
 
     @_json_endpoint
     def method_candidates(self, request, body) -> dict:
+        """Starts the session's next candidates as a job (its replay batches are the progress; the
+        result: candidates, the STATUS row, warnings)."""
         method = _method(body.get("method"))
         if method == "lancet":
             raise HTTPError(400, "LANCET's rounds run through /api/session/round")
@@ -566,13 +599,13 @@ class Pages:
         with self.s.lock:
             if pool not in self.s.con.store.set_names():
                 raise HTTPError(404, f"no sample set '{pool}'")
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                rows = self.s.sql(f"SELECT * FROM {candidates_fn}({arg}={pool}, {call})").to_pylist()
+
+        def work(cur) -> dict:
+            rows = cur.execute(f"SELECT * FROM {candidates_fn}({arg}={pool}, {call})").arrow().to_pylist()
             self.s.proposals[(method, pool)] = rows
-            status, note = self._status_row(method, pool)
-        return {"method": method, "pool": pool, "candidates": rows, "status": status, "note": note,
-                "warnings": [str(w.message) for w in caught]}
+            status, note = _status_row(cur, method, pool)
+            return {"method": method, "candidates": rows, "status": status, "note": note}
+        return self._start(method, pool, work)
 
     @_json_endpoint
     def method_status(self, request, body) -> dict:
@@ -627,71 +660,33 @@ class Pages:
                 "steps": _int(body.get("steps", 300), "steps", 1, MAX_STEPS),
                 "num_classes": _int(body.get("num_classes", 0), "num_classes", 0, 100_000)}
         truth = body.get("truth") or ""
+        who = _who(body.get("who", self.s.user))
         with self.s.lock:
             if pool not in self.s.con.store.set_names():
                 raise HTTPError(404, f"no sample set '{pool}'")
             if truth and truth not in self.s.con.store.sample_column_names():
                 raise HTTPError(400, f"no samples column {truth!r} to measure accuracy against")
-            if any(j["state"] == "running" for j in self.s.jobs.values()):
-                raise HTTPError(409, "a round is running already: wait for it or cancel it")
-            job = {"id": next(self.s._ids), "pool": pool, "state": "running", "done": 0, "total": None,
-                   "desc": "starting", "error": None, "warnings": [], "cursor": self.s.con.cursor()}
-            self.s.jobs[job["id"]] = job
-        job["thread"] = threading.Thread(target=self._run_round, args=(job, pool, args, truth), daemon=True)
-        job["thread"].start()
-        return _public(job)
+        return self._start("lancet", pool, lambda cur: _lancet_round(cur, pool, args, truth, who))
 
-    def _run_round(self, job: dict, pool: str, args: dict, truth: str) -> None:
-        cur = job["cursor"]
-
-        def progress(it, total=None, desc=""):
-            job["total"], job["desc"], job["done"] = total, desc, 0
-            for item in it:
-                job["done"] += 1
-                yield item
-        cur.progress = progress
-        call = ", ".join(f"{k}={v}" for k, v in args.items())
+    def _start(self, kind: str, pool: str, work: Callable) -> dict:
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                candidates = cur.execute(f"SELECT * FROM LANCET_CANDIDATES(pool={pool}, {call})").arrow()
-                round_ = {"candidates": candidates.to_pylist(), "status": None, "accuracy": None,
-                          "confidence": None}
-                round_["n_labeled"] = cur.execute(
-                    "SELECT count(*) FROM labels WHERE sample_id IN (SELECT sample_id FROM set_members "
-                    "WHERE set_name = ?)", [pool]).fetchone()[0]
-                if round_["n_labeled"]:
-                    status_call = ", ".join(f"{k}={v}" for k, v in args.items() if k != "budget")
-                    round_["status"] = cur.execute(f"SELECT * FROM LANCET_STATUS(pool={pool}, {status_call})").arrow().to_pylist()[0]
-                    labels = cur.execute(f"SELECT * FROM LANCET(pool={pool}, {status_call})").arrow()
-                    round_["confidence"] = float(np.mean(labels.column("confidence").to_numpy()))
-                    if truth:
-                        ids = labels.column("sample_id").to_numpy()
-                        true = cur.store.sample_columns(ids, [truth])[truth]
-                        round_["accuracy"] = float(np.mean(labels.column("label").to_numpy() == true))
-            job["warnings"] = [str(w.message) for w in caught]
-            self.s.rounds.setdefault(pool, []).append(round_)
-            job["state"] = "done"
-        except InterruptException:
-            job["state"] = "cancelled"
-        except Exception as e:       # shown on the page; the server keeps running
-            job["state"], job["error"] = "failed", f"{type(e).__name__}: {e}"
-        finally:
-            cur.close()
+            return public(self.s.jobs.start(kind, pool, work))
+        except Busy:
+            raise HTTPError(409, "a round or a candidate search is running already: wait for it or "
+                                 "cancel it") from None
 
     @_json_endpoint
     def job(self, request, body) -> dict:
-        return _public(self._job(request))
+        return public(self._job(request))
 
     @_json_endpoint
     def cancel(self, request, body) -> dict:
         job = self._job(request)
-        if job["state"] == "running":
-            job["cursor"].interrupt()
-        return _public(job)
+        self.s.jobs.cancel(job)
+        return public(job)
 
     def _job(self, request) -> dict:
-        job = self.s.jobs.get(request.path_params["job_id"])
+        job = self.s.jobs.jobs.get(request.path_params["job_id"])
         if job is None:
             raise HTTPError(404, "no such job")
         return job
@@ -701,24 +696,86 @@ class Pages:
         from starlette.responses import PlainTextResponse, Response
         from metaql import plot
         pool = request.query_params.get("pool", "")
-        points = [r for r in self.s.rounds.get(pool, []) if r["n_labeled"]]
-        if not points:
+        n, values, ylabel = curve_points(self._rounds(pool))
+        if not n:
             return PlainTextResponse("no round with labels yet", status_code=404)
-        use_accuracy = all(r["accuracy"] is not None for r in points)
-        values = [r["accuracy"] if use_accuracy else r["confidence"] for r in points]
-        fig = plot.lancet_curve([r["n_labeled"] for r in points], values,
-                                ylabel="accuracy of propagated labels" if use_accuracy else "mean confidence")
+        fig = plot.lancet_curve(n, values, ylabel=ylabel)
         return Response(await run_in_threadpool(plot.png_bytes, fig), media_type="image/png")
+
+    def _rounds(self, pool: str) -> list[dict]:
+        with self.s.lock:
+            return recorded_rounds(self.s.con, pool)
+
+
+def _lancet_round(cur, pool: str, args: dict, truth: str, who: str) -> dict:
+    """One LANCET round on the job's cursor: the candidates, and with labels the stop rule and the
+    propagated labels' accuracy (against `truth`) and confidence; recorded in the store."""
+    call = ", ".join(f"{k}={v}" for k, v in args.items())
+    candidates = cur.execute(f"SELECT * FROM LANCET_CANDIDATES(pool={pool}, {call})").arrow()
+    round_ = {"candidates": candidates.to_pylist(), "status": None, "accuracy": None, "confidence": None,
+              "truth": truth}
+    round_["n_labeled"] = cur.execute(
+        "SELECT count(*) FROM labels WHERE sample_id IN (SELECT sample_id FROM set_members "
+        "WHERE set_name = ?)", [pool]).fetchone()[0]
+    if round_["n_labeled"]:
+        status_call = ", ".join(f"{k}={v}" for k, v in args.items() if k != "budget")
+        round_["status"] = cur.execute(f"SELECT * FROM LANCET_STATUS(pool={pool}, {status_call})").arrow().to_pylist()[0]
+        labels = cur.execute(f"SELECT * FROM LANCET(pool={pool}, {status_call})").arrow()
+        round_["confidence"] = float(np.mean(labels.column("confidence").to_numpy()))
+        if truth:
+            ids = labels.column("sample_id").to_numpy()
+            true = cur.store.sample_columns(ids, [truth])[truth]
+            round_["accuracy"] = float(np.mean(labels.column("label").to_numpy() == true))
+    number = record_round(cur.store, pool, round_, args, who)
+    return {"round": number, "n_labeled": round_["n_labeled"], "accuracy": round_["accuracy"]}
+
+
+def _check_topk_statement(text: str, function_names) -> None:
+    """The review ranks with one TOPK statement (SELECT TOPK(k) ... FROM FUNCTION(...) ORDER BY
+    ...), of at most MAX_K rows."""
+    from metaql import ast
+    from metaql.parser import parse
+    if not text:
+        raise HTTPError(400, "write a TOPK statement to rank by, e.g. " + MISLABEL_QUERY.format(k=24, train="train"))
+    statements = parse(text, function_names)
+    if len(statements) != 1 or not isinstance(statements[0], ast.TopKSelect):
+        raise HTTPError(400, "the review ranks with one TOPK statement (SELECT TOPK(k) [set] FROM FUNCTION(...) "
+                             "ORDER BY DESC|ASC); run other statements on the Query page")
+    k = statements[0].k
+    if isinstance(k, int) and not 1 <= k <= MAX_K:
+        raise HTTPError(400, f"the review shows at most {MAX_K} samples: ask for TOPK(1) to TOPK({MAX_K})")
+
+
+def _check_ranking(table: pa.Table) -> None:
+    missing = [c for c in ("sample_id", "score") if c not in table.column_names]
+    if missing:
+        raise HTTPError(400, f"the ranking has no {' and no '.join(missing)} column: rank with a function whose "
+                             f"result has sample_id and score (columns here: {', '.join(table.column_names)})")
+    if table.num_rows > MAX_K:
+        raise HTTPError(400, f"the ranking has {table.num_rows} rows; the review shows at most {MAX_K}")
+    ids = table.column("sample_id")
+    if ids.null_count:
+        raise HTTPError(400, "the ranking has rows without a sample_id: rank samples of the store")
+    if len(set(ids.to_pylist())) != table.num_rows:
+        raise HTTPError(400, "the ranking lists a sample more than once: rank with one row per sample")
+
+
+def _status_row(con, method: str, pool: str) -> tuple[dict | None, str | None]:
+    """The session's STATUS row, or why there is none (a label-cleaning session not begun)."""
+    arg, _, status_fn = METHOD_SQL[method]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows = con.execute(f"SELECT * FROM {status_fn}({arg}={pool})").arrow().to_pylist()
+    except Error as e:
+        return None, f"{type(e).__name__}: {e}"
+    return rows[0], None
 
 
 def _method(value: Any) -> str:
     if value not in METHODS:
         raise HTTPError(400, f"method must be one of {', '.join(METHODS)}, got {value!r}")
     return value
-
-
-def _public(job: dict) -> dict:
-    return {k: job[k] for k in ("id", "pool", "state", "done", "total", "desc", "error", "warnings")}
 
 
 def _sorted(table: pa.Table, sort: str, desc: bool) -> tuple[pa.Table, str, bool]:

@@ -160,9 +160,25 @@ function initSession() {
     });
   }
   const form = document.getElementById("round-form");
+  const job = watchJob(() => {             // the next page keeps this round's settings
+    const f = new FormData(form);
+    location.href = "/session?" + new URLSearchParams({pool: pool, budget: f.get("budget"), steps: f.get("steps"),
+                                                      num_classes: f.get("num_classes"), truth: f.get("truth")});
+  });
+  document.getElementById("run-round").addEventListener("click", () => {
+    const f = new FormData(form);
+    job.start("/api/session/round", {pool: pool, budget: Number(f.get("budget")), steps: Number(f.get("steps")),
+                                     num_classes: Number(f.get("num_classes")), truth: f.get("truth"), who: who()});
+  });
+}
+
+// ---- a background job (a LANCET round, the next candidates): progress bar and Cancel ---------------
+// The page's #progress, #progress-text (data-job: a job running when the page was drawn) and
+// #cancel-job; onDone(state) runs when the job finished without error or cancel.
+function watchJob(onDone) {
   const text = document.getElementById("progress-text");
   const bar = document.getElementById("progress");
-  const cancel = document.getElementById("cancel-round");
+  const cancel = document.getElementById("cancel-job");
   let job = text.dataset.job ? Number(text.dataset.job) : null;
 
   async function poll() {
@@ -172,36 +188,38 @@ function initSession() {
       const s = await r.json();
       if (!r.ok) throw new Error(s.error);
       bar.hidden = false;
-      bar.max = s.total || 1;
-      bar.value = Math.min(s.done, s.total || 1);
+      if (s.total) { bar.max = s.total; bar.value = Math.min(s.done, s.total); }
+      else bar.removeAttribute("value");           // no count yet: an indeterminate bar
       text.textContent = s.state + (s.total ? ": " + s.desc + " " + s.done + "/" + s.total : "");
       if (s.state === "running") { setTimeout(poll, 300); return; }
       cancel.disabled = true;
       job = null;
-      if (s.state === "done") {           // the next page keeps this round's settings
-        const f = new FormData(form);
-        location.href = "/session?" + new URLSearchParams({pool: pool, budget: f.get("budget"), steps: f.get("steps"),
-                                                          num_classes: f.get("num_classes"), truth: f.get("truth")});
-        return;
-      }
-      say(s.state === "failed" ? s.error : "the round was cancelled", s.state === "failed");
+      if (s.state === "done") { onDone(s); return; }
+      say(s.state === "failed" ? s.error : "cancelled", s.state === "failed");
     } catch (err) { say(err.message, true); }
   }
-  document.getElementById("run-round").addEventListener("click", async () => {
-    const f = new FormData(form);
-    try {
-      const s = await post("/api/session/round", {pool: pool, budget: Number(f.get("budget")), steps: Number(f.get("steps")),
-                                                  num_classes: Number(f.get("num_classes")), truth: f.get("truth")});
-      job = s.id;
-      cancel.disabled = false;
-      poll();
-    } catch (err) { say(err.message, true); }
-  });
   cancel.addEventListener("click", async () => {
     if (job === null) return;
     try { await post("/api/jobs/" + job + "/cancel", {}); } catch (err) { say(err.message, true); }
   });
   poll();
+  return {
+    start: async (url, body) => {
+      bar.hidden = false;                          // at once: the first count comes with the first poll
+      bar.removeAttribute("value");
+      text.textContent = "starting";
+      try {
+        const s = await post(url, body);
+        job = s.id;
+        cancel.disabled = false;
+        poll();
+      } catch (err) {
+        bar.hidden = true;
+        text.textContent = "";
+        say(err.message, true);
+      }
+    },
+  };
 }
 
 // ---- Active learning / label cleaning: candidates from their table functions -----------------------
@@ -215,16 +233,16 @@ function showStatus(status) {
 
 function initMethodSession(pool, method) {
   const form = document.getElementById("method-form");
-  document.getElementById("get-candidates").addEventListener("click", async () => {
+  const job = watchJob(() => {
+    const keep = {pool: pool, method: method};
+    for (const [k, v] of new FormData(form).entries()) keep[k] = v;     // the next page keeps these settings
+    location.href = "/session?" + new URLSearchParams(keep);
+  });
+  document.getElementById("get-candidates").addEventListener("click", () => {
     const f = new FormData(form);
     const body = {pool: pool, method: method, k: Number(f.get("k")), budget: Number(f.get("budget"))};
     if (method === "cleaning") body.update_every = Number(f.get("update_every"));
-    try {
-      await post("/api/session/candidates", body);
-      const keep = {pool: pool, method: method};
-      for (const [k, v] of f.entries()) keep[k] = v;     // the next page keeps these settings
-      location.href = "/session?" + new URLSearchParams(keep);
-    } catch (err) { say(err.message, true); }
+    job.start("/api/session/candidates", body);
   });
   const root = document.getElementById("method-grid");
   if (!root) return;
@@ -253,10 +271,12 @@ function initMethodSession(pool, method) {
   });
 }
 
-function initQuery() {
-  const q = document.getElementById("q");
-  if (q) q.addEventListener("keydown", e => {
-    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); document.getElementById("console").submit(); }
+function initQuery() {      // Ctrl-Enter runs the console's statement, or ranks the review page's
+  [["q", "console"], ["review-q", "rank-form"]].forEach(([box, form]) => {
+    const q = document.getElementById(box);
+    if (q) q.addEventListener("keydown", e => {
+      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); document.getElementById(form).submit(); }
+    });
   });
 }
 

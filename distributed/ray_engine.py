@@ -133,16 +133,17 @@ def layer_pass_ray(store, ckpt: str, strat, train: np.ndarray, q, scan, ctx):
     task = scan_remote(ray).options(max_retries=MAX_RETRIES, retry_exceptions=False, num_cpus=TASK_CPUS)
     refs = [task.remote(store_location(store), g, train_ref, q_ref, kind_named(meta.kind), meta, stored,
                         strat.chosen, scan.similarity, fault) for g in groups]
-    for pos, s, nrm in collect(ray, refs, ctx, f"{ckpt} {strat.layer}"):
-        scores[pos] += s
-        norms[pos] += nrm
-        seen[pos] = True
+    for parts in collect(ray, refs, ctx, f"{ckpt} {strat.layer}"):
+        for pos, s, nrm in parts:
+            scores[pos] += s
+            norms[pos] += nrm
+            seen[pos] = True
     return scores, norms, seen
 
 
 def collect(ray, refs: list, ctx, where: str):
-    """Each task's (positions, scores, norms) as it finishes; on an interrupt or a failure every
-    task still running is cancelled and nothing is returned."""
+    """Each task's result as it finishes; on an interrupt, a failure, or the caller closing the
+    generator, every task still running is cancelled and nothing more is returned."""
     pending = list(refs)
     try:
         for _ in ctx.progress(range(len(refs)), total=len(refs), desc=f"ray tasks {where}"):
@@ -150,7 +151,7 @@ def collect(ray, refs: list, ctx, where: str):
             while not done:
                 ctx.check_interrupt()
                 done, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS)
-            yield from ray.get(done[0])
+            yield ray.get(done[0])
     except BaseException as e:
         for ref in pending:
             ray.cancel(ref, force=False)

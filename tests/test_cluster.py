@@ -25,7 +25,7 @@ pytestmark = pytest.mark.cluster
 ray = pytest.importorskip("ray")
 moto_server = pytest.importorskip("moto.server")
 pafs = pytest.importorskip("pyarrow.fs")
-from metaql.distributed import ray_engine  # noqa: E402
+from metaql.distributed import ray_engine, ray_units  # noqa: E402
 from metaql.distributed.objectstore import upload_store  # noqa: E402
 
 
@@ -43,7 +43,22 @@ def store(tmp_path_factory):
     info = build_store(path)
     with metaql.connect(path, read_only=True) as con:
         info["local"] = answers(con)
+    info["full"] = full_scan_answers(path)
     return path, info
+
+
+def full_scan_answers(path) -> list:
+    """The local engine's answers without TOPK pruning: pruning re-scores its survivors in other
+    chunks than a full scan, whose float32 matmuls round the last bits differently; the Ray engine's
+    tasks score every sample in the full scan's chunks."""
+    import metaql.engine.pruning as pruning
+    real = pruning.why_not
+    pruning.why_not = lambda plan, ctx: "off"
+    try:
+        with metaql.connect(path, read_only=True) as con:
+            return answers(con)
+    finally:
+        pruning.why_not = real
 
 
 @pytest.fixture
@@ -64,9 +79,40 @@ def tasks_run(store_path, info, folder, monkeypatch) -> list:
 def test_readme_queries_identical_to_local(cluster, store, small_tasks, tmp_path, monkeypatch):
     path, info = store
     got = tasks_run(path, info, tmp_path / "done", monkeypatch)
-    for query, local, remote in zip(README_QUERIES, info["local"], got):
-        assert remote == local, query     # exact: the same chunks, the same float operations
+    for query, full, local, remote in zip(README_QUERIES, info["full"], info["local"], got):
+        assert remote == full, query      # exact: the same chunks, the same float operations
+        # the local engine's pruned TOPK (INFLUENCE, dot): the same samples in the same order,
+        # scores equal to float32 rounding of the rows it re-scored
+        assert close_rows(remote, local), query
     assert all(len(a) > 0 for a in got)
+
+
+def close_rows(a: list, b: list, rtol: float = 1e-6) -> bool:
+    """The same rows in the same order, floats within rtol."""
+    def same(u, v):
+        return u == v or isinstance(u, float) and isinstance(v, float) and abs(u - v) <= rtol * abs(v)
+    return len(a) == len(b) and all(len(x) == len(y) and all(map(same, x, y)) for x, y in zip(a, b))
+
+
+def test_tasks_cover_every_pass_of_their_samples(cluster, store, small_tasks, tmp_path, monkeypatch):
+    """A TOPK's tasks score all layers and checkpoints of their shards (a task per flush here) and
+    return k rows each; with units off, a task per shard per pass, as before: the same answer."""
+    path, info = store
+    query = "SELECT TOPK(10) train FROM SELF_INFLUENCE(layers=[fc1, fc2], checkpoints=all) ORDER BY DESC"
+    counts, rows = {}, {}
+    with metaql.connect(path, read_only=True) as con:
+        flushes = con.execute("SELECT count(*) FROM shards WHERE checkpoint = 'epoch0' AND layer = 'fc1'").fetchone()[0]
+        want = con.execute(query).fetchall()
+    for by_units in (True, False):
+        monkeypatch.setattr(ray_units, "BY_UNITS", by_units)
+        folder = tmp_path / f"units-{by_units}"
+        folder.mkdir()
+        monkeypatch.setenv("METAQL_RAY_FAULT", f"sleep:0:{folder}")
+        with metaql.connect(path, read_only=True, config={"engine": "ray"}) as con:
+            rows[by_units] = con.execute(query).fetchall()
+        counts[by_units] = len(os.listdir(folder))
+    assert rows[True] == rows[False] == want
+    assert counts == {True: flushes, False: 4 * flushes}      # 2 checkpoints x 2 layers
 
 
 def test_shard_groups_by_bytes(cluster, store, monkeypatch):
@@ -75,7 +121,7 @@ def test_shard_groups_by_bytes(cluster, store, monkeypatch):
         rows = con.execute("SELECT bytes FROM shards WHERE checkpoint = 'epoch0' AND layer = 'fc1' "
                            "ORDER BY shard_id").fetchall()
         monkeypatch.setattr(ray_engine, "TASK_BYTES", rows[0][0] + rows[1][0])
-        assert answers(con) == info["local"]
+        assert answers(con) == info["full"]
     target = rows[0][0] + rows[1][0]
     specs = [{"bytes": b, "i": i} for i, (b,) in enumerate(rows)]
     groups = ray_engine.task_groups(specs, target)
@@ -91,7 +137,7 @@ def test_killed_worker_is_retried(cluster, store, small_tasks, tmp_path, monkeyp
     with metaql.connect(path, read_only=True, config={"engine": "ray"}) as con:
         got = con.execute(INFL).fetchall()
     assert not claim.exists()          # a worker was killed mid-query ...
-    assert got == info["local"][0]     # ... and its task re-run: the whole answer
+    assert got == info["full"][0]      # ... and its task re-run: the whole answer
 
 
 def test_worker_dying_every_time_fails_the_query(cluster, store, monkeypatch):
@@ -102,7 +148,7 @@ def test_worker_dying_every_time_fails_the_query(cluster, store, monkeypatch):
         with pytest.raises(metaql.OperationalError, match="worker died.*returned nothing"):
             con.execute(SELF).fetchall()
         monkeypatch.delenv("METAQL_RAY_FAULT")       # the connection stays usable
-        assert con.execute(SELF).fetchall() == info["local"][README_QUERIES.index(SELF)]
+        assert con.execute(SELF).fetchall() == info["full"][README_QUERIES.index(SELF)]
 
 
 def test_interrupt_cancels_every_task(cluster, store, small_tasks, tmp_path, monkeypatch):
@@ -202,7 +248,7 @@ def test_a_missing_store_and_a_corrupt_object_are_refused(s3, published):
 def test_ray_workers_read_the_shards_from_s3(cluster, s3, published):
     path, info, _ = published
     with metaql.connect(uri(s3, "store"), config={"engine": "ray"}) as con:
-        assert answers(con) == info["local"]
+        assert answers(con) == info["full"]
     with metaql.connect(uri(s3, "store"), config={"engine": "ray"}) as con:
         for query in README_QUERIES:
             if "each(" not in query:       # the train x query matrix runs on the driver

@@ -144,8 +144,10 @@ def best_k(pos: np.ndarray, score: np.ndarray, k: int, ascending: bool) -> tuple
 
 
 class BestK:
-    """The driver's merge of the tasks' k best: candidates are buffered and cut back to k when
-    more than MERGE_ROWS wait, so merging T tasks costs O(T k log) and not one sort of T k rows."""
+    """The driver's merge of the tasks' k best. Once k rows are held, a task's rows that do not
+    come before the k-th held row in the order (score, then position) are dropped on arrival: they
+    cannot enter the answer, since only rows before them can replace the held ones. The others
+    are buffered and cut back to k when more than MERGE_ROWS wait."""
     MERGE_ROWS = 1 << 15
 
     def __init__(self, k: int, ascending: bool):
@@ -153,8 +155,19 @@ class BestK:
         self.pos: list[np.ndarray] = []
         self.score: list[np.ndarray] = []
         self.rows = 0
+        self.kth: tuple[float, int] | None = None      # (key, position) of the k-th held row
 
     def add(self, pos: np.ndarray, score: np.ndarray) -> None:
+        """A task's rows, as best_k returns them (its best first)."""
+        if self.kth is not None and len(pos):
+            first = float(score[0]) if self.ascending else -float(score[0])
+            if first > self.kth[0] or first == self.kth[0] and pos[0] > self.kth[1]:
+                return          # the task's best comes after the k-th held row: so do all its rows
+            key = score if self.ascending else -score
+            before = (key < self.kth[0]) | ((key == self.kth[0]) & (pos < self.kth[1]))
+            if not before.any():
+                return
+            pos, score = pos[before], score[before]
         self.pos.append(pos)
         self.score.append(score)
         self.rows += len(pos)
@@ -165,6 +178,8 @@ class BestK:
         pos, score = best_k(np.concatenate(self.pos or [np.zeros(0, np.int64)]),
                             np.concatenate(self.score or [np.zeros(0)]), self.k, self.ascending)
         self.pos, self.score, self.rows = [pos], [score], len(pos)
+        if len(pos) == self.k and self.k > 0:
+            self.kth = (score[-1] if self.ascending else -score[-1], pos[-1])
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         self._cut()

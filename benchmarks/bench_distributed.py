@@ -147,31 +147,26 @@ def measured_costs(path: str) -> dict:
             q = query_sides(scan, con.store, "c0", scan.strategies, "cpu", cat)
             replay = min(replay, time.perf_counter() - t0)
         train = np.sort(scan.train.ids)
-        shard_s, merge_s, self_s = [], [], []
+        shard_s, merge_s = [], []
         for strat in scan.strategies:
             meta, stored = cat.layer_meta(strat.layer)
             for spec in ray_engine.shard_specs(cat, "c0", strat.layer):
                 args = (str(con.store.root), [spec], train, q[strat.layer], kind_named(meta.kind), meta, stored,
                         strat.chosen, "dot")
                 ray_engine.scan_shards(*args)          # mapped and verified once, as a warm worker has it
-                best, best_self = float("inf"), float("inf")
-                self_args = args[:3] + (None,) + args[4:7] + ("self_gram" if stored == "factored" else "self_norm", "dot")
+                best = float("inf")
                 for _ in range(3):
                     t0 = time.perf_counter()
                     parts = ray_engine.scan_shards(*args)
                     best = min(best, time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                    ray_engine.scan_shards(*self_args)
-                    best_self = min(best_self, time.perf_counter() - t0)
                 shard_s.append(best)
-                self_s.append(best_self)
                 scores = np.zeros(len(train))
                 t0 = time.perf_counter()
                 for pos, s, _ in parts:
                     scores[pos] += s
                 merge_s.append(time.perf_counter() - t0)
-    return {"shard": np.array(shard_s), "shard_self": np.array(self_s), "replay": replay,
-            "merge": float(np.mean(merge_s)), "layers": len(scan.strategies)}
+    return {"shard": np.array(shard_s), "replay": replay, "merge": float(np.mean(merge_s)),
+            "layers": len(scan.strategies)}
 
 
 def driver_merge(shards: int, rows: int, layers: int, k: int, repeats: int = 3) -> dict:
@@ -212,6 +207,19 @@ def driver_merge(shards: int, rows: int, layers: int, k: int, repeats: int = 3) 
         merged.result()
         out["after"] = min(out["after"], time.perf_counter() - t0)
     return out
+
+
+def ray_task_overhead(ray, tasks: int = 32) -> float:
+    """Seconds per task of Ray's round trip, measured directly: tasks that do nothing, one at a
+    time on the cluster (each holds both CPUs), submitted together as the engine submits them."""
+    noop = ray.remote(lambda: None).options(num_cpus=2)
+    ray.get([noop.remote() for _ in range(4)])        # a warm worker
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ray.get([noop.remote() for _ in range(tasks)])
+        best = min(best, (time.perf_counter() - t0) / tasks)
+    return best
 
 
 def makespan(costs: np.ndarray, workers: int) -> float:
@@ -272,11 +280,9 @@ def main(argv=None) -> None:
     scan_rows, _ = throughput(path, n, repeats)
     over = overhead(repeats)
     m = measured_costs(path)
+    task_overhead = ray_task_overhead(ray)
     ray.shutdown()
-    # the per-pass path's SELF_INFLUENCE: one task per shard per pass (INFLUENCE's TOPK runs pruned there)
-    ray1 = next(r[3] for r in scan_rows if r[1] == "ray, per pass" and r[2] == 1 and r[0] == "SELF_INFLUENCE")
     tasks = len(m["shard"])
-    task_overhead = max(0.0, (ray1 - m["shard_self"].sum() - tasks * m["merge"]) / tasks)
     shard_counts = (16, 256, 4096, 65536)
     merges = {c: driver_merge(c, shard, m["layers"], 100) for c in shard_counts}
     sim = simulate(m, task_overhead, merges, shard_counts, (1, 8, 64, 512), shard)

@@ -255,3 +255,80 @@ def test_ray_workers_read_the_shards_from_s3(cluster, s3, published):
                 con.execute(query)
         # the driver fetched only what replaying the query side needs; workers read the shards
         assert not (Path(con.store.root) / "tensors").exists()
+
+
+def test_a_store_published_while_it_is_captured(s3, tmp_path):
+    """A Publisher uploads round after round while the store is captured; a reader polling the
+    bucket all along only ever opens catalogs whose every file is there (verify() clean), sees the
+    store grow, and after the last round gets the local store's answers."""
+    from metaql.distributed.objectstore import Publisher
+    path, target = str(tmp_path / "live.mq"), uri(s3, "live")
+    metaql.connect(path).close()
+    seen, problems, capturing, stop = set(), [], [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                with metaql.connect(target) as con:
+                    seen.add(con.execute("SELECT count(*) FROM shards").fetchone()[0])
+                    for problem in con.verify():        # a checkpoint still capturing is no damage
+                        (capturing if "is capturing" in problem else problems).append(problem)
+            except metaql.IOException as e:
+                if "no MetaQL store" not in str(e):    # before the first round
+                    problems.append(str(e))
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        with Publisher(path, target, every=0.2) as pub:
+            build_store(path, checkpoints=2, shard_size=32, n_train=192, digits=False)
+    finally:
+        stop.set()
+        thread.join()
+    assert problems == [] and pub.rounds > 2
+    assert len(seen) > 2 and capturing      # snapshots in between: the reader saw the capture progress
+    query = "SELECT sample_id, score FROM INFLUENCE(layers=*, query=batch(test), checkpoints=all)"
+    with metaql.connect(path, read_only=True) as local, metaql.connect(target) as remote:
+        assert remote.execute(query).fetchall() == local.execute(query).fetchall()
+
+
+def test_a_round_that_fails_midway_leaves_the_previous_catalog(s3, tmp_path, monkeypatch):
+    """Files go first and the catalog last: a round that fails after some of a new checkpoint's
+    files leaves the bucket's previous catalog, which names only files already there and answers
+    as before; the next round completes the new one."""
+    import torch
+    import torch.nn.functional as F
+    from metaql.demo import DigitsMLP
+    from metaql.distributed import objectstore
+    from tests.cluster_stores import random_digits
+    path, target = str(tmp_path / "grow.mq"), uri(s3, "grow")
+    build_store(path, checkpoints=1, shard_size=32, n_train=96, digits=False)
+    pub = objectstore.Publisher(path, target)
+    pub.publish()
+    query = "SELECT sample_id, score FROM SELF_INFLUENCE(layers=*, checkpoints=all)"
+    with metaql.connect(target) as con:
+        before = con.execute(query).fetchall()
+    x, y = (torch.from_numpy(a) for a in random_digits(96)[:2])
+    model = DigitsMLP()
+    with metaql.connect(path) as con:
+        with con.capture(model, layers=["fc1", "fc2"], checkpoint="later", lr=0.1, shard_size=32) as cap:
+            for start in range(0, 96, 32):
+                idx = torch.arange(start, start + 32)
+                cap.backward(F.cross_entropy(model(x[idx]), y[idx]), idx.numpy())
+    real, calls = objectstore.put, []
+
+    def failing(fs, source, dest, counts, force=False):
+        calls.append(dest)
+        if len(calls) > 2:
+            raise OSError("connection reset (test)")
+        return real(fs, source, dest, counts, force)
+    monkeypatch.setattr(objectstore, "put", failing)
+    with pytest.raises(metaql.IOException, match="catalog there is the previous one"):
+        pub.publish()
+    assert len(calls) == 3 and not any(c.endswith("catalog.duckdb") for c in calls)
+    with metaql.connect(target) as con:
+        assert con.verify() == [] and con.execute(query).fetchall() == before
+    monkeypatch.setattr(objectstore, "put", real)
+    pub.publish()
+    with metaql.connect(target) as con, metaql.connect(path, read_only=True) as local:
+        after = con.execute(query).fetchall()
+        assert con.verify() == [] and after == local.execute(query).fetchall() and after != before

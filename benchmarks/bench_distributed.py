@@ -309,8 +309,8 @@ def main(argv=None) -> None:
     lines += ["", "## A simulated cluster (a top-k query, measured costs)", "",
               f"Measured here: query-side replay {m['replay'] * 1e3:.1f} ms, scan per shard "
               f"{np.mean(m['shard']) * 1e3:.1f} ms (INFLUENCE, mean of {tasks}), Ray overhead per task "
-              f"{task_overhead * 1e3:.1f} ms (the 1-worker per-pass SELF_INFLUENCE run minus its measured compute and "
-              "merge), the driver's merge from the table above. Seconds by shards "
+              f"{task_overhead * 1e3:.1f} ms (empty tasks one at a time, best of 3 x 32), the driver's merge from "
+              "the table above. Seconds by shards "
               f"({shard} samples each) and workers, before (a task per shard per pass, {m['layers']} passes with a "
               "barrier each) / after (a task per flush over every pass, k rows back):", "",
               "| shards | training samples | " + " | ".join(f"{w} workers" for w in (1, 8, 64, 512)) + " |",

@@ -1,4 +1,7 @@
-"""The Ray query engine: one layer's scan at one checkpoint runs as Ray tasks over its shards.
+"""The Ray query engine, pass by pass: one layer's scan at one checkpoint runs as Ray tasks over
+its shards. A query whose shards line up by samples runs by units instead, each task over every
+pass of its samples (distributed/ray_units.py); this path is the fallback, and the place of the
+engine's shared pieces (connecting, task sizes, collecting results, faults).
 
 The driver replays the query side once (executor.query_sides, unchanged), puts it and the training
 ids in Ray's object store once per layer pass, and submits one task per group of shards (groups

@@ -147,14 +147,18 @@ def layer_pass_ray(store, ckpt: str, strat, train: np.ndarray, q, scan, ctx):
 def collect(ray, refs: list, ctx, where: str):
     """Each task's result as it finishes; on an interrupt, a failure, or the caller closing the
     generator, every task still running is cancelled and nothing more is returned."""
-    pending = list(refs)
+    pending, ready = list(refs), []
     try:
         for _ in ctx.progress(range(len(refs)), total=len(refs), desc=f"ray tasks {where}"):
-            done = []
-            while not done:
+            while not ready:
                 ctx.check_interrupt()
-                done, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS)
-            yield ray.get(done[0])
+                ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS)
+                if ready and pending:
+                    # every task already finished in one wait: a wait costs time in the tasks
+                    # pending, so one per task would cost the driver quadratic time in the tasks
+                    more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+                    ready += more
+            yield ray.get(ready.pop())
     except BaseException as e:
         for ref in pending:
             ray.cancel(ref, force=False)

@@ -5,7 +5,8 @@ a new file name), so they live on object storage as they are. The catalog stays 
 object storage has no atomic rename or locking for DuckDB to write through, so a store is written
 locally (capture, replay) and published with `upload_store(path, uri)`: every file first, the
 catalog (a consistent copy of its last commit) last, so a reader of the URI never sees a catalog
-that names a file not yet there.
+that names a file not yet there. `Publisher(path, uri)` does the same round after round while the
+store is written (a capture in progress), sending only the files new since its last round.
 
 `metaql.connect('s3://bucket/store')` opens such a store read-only (RemoteStore): the catalog is
 copied to a temporary folder, every other file is downloaded there on first use, checksummed as
@@ -119,24 +120,77 @@ def upload_store(path: str | os.PathLike, uri: str) -> dict:
     """Publishes the store at `path` (which may be open for writing elsewhere) to `uri`: its
     files, then its last committed catalog. Files already there with the same size are skipped
     (a named file never changes). Returns {'files': uploaded, 'skipped': n, 'bytes': uploaded}."""
-    fs, base = filesystem(uri)
-    src = Store(path, read_only=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix="metaql-upload-") as tmp:
-            catalog = Path(tmp) / files.CATALOG
-            export_catalog(src, catalog)      # before the listing: every file it names is on disk
-            counts = {"files": 0, "skipped": 0, "bytes": 0}
+    return Publisher(path, uri).publish()
+
+
+class Publisher:
+    """Publishes a store to `uri` as it is written, round after round: each round takes the
+    store's last committed catalog (the snapshot a reader gets), uploads the files that are new
+    since the last round, then the catalog, last. A reader of the URI sees one committed catalog
+    after another, each naming only files already uploaded; a round that fails leaves the previous
+    catalog in place, and the next round sends what is missing.
+
+        with Publisher("runs/digits.mq", "s3://bucket/digits", every=30) as pub:   # a background thread
+            with con.capture(model, ...) as cap:
+                ...
+        # leaving the `with` publishes once more: the finished checkpoint
+
+    `publish()` runs one round in the caller's thread."""
+
+    def __init__(self, path: str | os.PathLike, uri: str, every: float = 30.0):
+        self.path, self.uri, self.every = path, uri, float(every)
+        self.sent: dict[str, int] = {}        # files uploaded (or found there) by size
+        self.catalog_sent: bytes | None = None
+        self.rounds, self.error = 0, None
+        self._thread = None
+        import threading
+        self._stop = threading.Event()
+
+    def publish(self) -> dict:
+        fs, base = filesystem(self.uri)
+        src = Store(self.path, read_only=True)
+        try:
+            with tempfile.TemporaryDirectory(prefix="metaql-upload-") as tmp:
+                catalog = Path(tmp) / files.CATALOG
+                export_catalog(src, catalog)      # before the listing: every file it names is on disk
+                counts = {"files": 0, "skipped": 0, "bytes": 0}
+                try:
+                    fs.create_dir(base, recursive=True)
+                    for rel in store_files(src.root):
+                        size = (src.root / rel).stat().st_size
+                        if self.sent.get(rel) != size:
+                            put(fs, src.root / rel, f"{base}/{rel}", counts)
+                            self.sent[rel] = size
+                    content = catalog.read_bytes()
+                    if content != self.catalog_sent:
+                        put(fs, catalog, f"{base}/{files.CATALOG}", counts, force=True)
+                        self.catalog_sent = content
+                except OSError as e:
+                    raise IOException(f"uploading to {public_uri(self.uri)} failed: {e}; the catalog there is the "
+                                      "previous one (it goes last), so readers are unaffected: publish again") from None
+        finally:
+            src.close()
+        self.rounds += 1
+        return counts
+
+    def __enter__(self) -> "Publisher":
+        import threading
+        self._thread = threading.Thread(target=self._run, name="metaql-publisher", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
             try:
-                fs.create_dir(base, recursive=True)
-                for rel in store_files(src.root):
-                    put(fs, src.root / rel, f"{base}/{rel}", counts)
-                put(fs, catalog, f"{base}/{files.CATALOG}", counts, force=True)
-            except OSError as e:
-                raise IOException(f"uploading to {public_uri(uri)} failed: {e}; the catalog there is the previous "
-                                  "one (it goes last), so readers are unaffected: run upload_store again") from None
-    finally:
-        src.close()
-    return counts
+                self.publish()
+                self.error = None
+            except Exception as e:      # kept for close(): the next round retries
+                self.error = e
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.publish()         # the last committed state, in the caller's thread: its error is raised
 
 
 def export_catalog(store: Store, target: Path) -> None:
@@ -167,10 +221,15 @@ def put(fs, source: Path, dest: str, counts: dict, force: bool = False) -> None:
         if info.type == pafs.FileType.File and info.size == size:
             counts["skipped"] += 1
             return
-    if isinstance(fs, pafs.LocalFileSystem):      # object stores have no folders to make
+    local = isinstance(fs, pafs.LocalFileSystem)
+    if local:      # object stores have no folders to make
         fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
-    with open(source, "rb") as fin, fs.open_output_stream(dest) as out:
+    # an object appears whole when its upload completes; a local file through a temporary name
+    target = dest + ".part" if local else dest
+    with open(source, "rb") as fin, fs.open_output_stream(target) as out:
         while chunk := fin.read(8 << 20):
             out.write(chunk)
+    if local:
+        fs.move(target, dest)
     counts["files"] += 1
     counts["bytes"] += size

@@ -1,4 +1,7 @@
-"""The Ray query engine: one layer's scan at one checkpoint runs as Ray tasks over its shards.
+"""The Ray query engine, pass by pass: one layer's scan at one checkpoint runs as Ray tasks over
+its shards. A query whose shards line up by samples runs by units instead, each task over every
+pass of its samples (distributed/ray_units.py); this path is the fallback, and the place of the
+engine's shared pieces (connecting, task sizes, collecting results, faults).
 
 The driver replays the query side once (executor.query_sides, unchanged), puts it and the training
 ids in Ray's object store once per layer pass, and submits one task per group of shards (groups
@@ -133,24 +136,29 @@ def layer_pass_ray(store, ckpt: str, strat, train: np.ndarray, q, scan, ctx):
     task = scan_remote(ray).options(max_retries=MAX_RETRIES, retry_exceptions=False, num_cpus=TASK_CPUS)
     refs = [task.remote(store_location(store), g, train_ref, q_ref, kind_named(meta.kind), meta, stored,
                         strat.chosen, scan.similarity, fault) for g in groups]
-    for pos, s, nrm in collect(ray, refs, ctx, f"{ckpt} {strat.layer}"):
-        scores[pos] += s
-        norms[pos] += nrm
-        seen[pos] = True
+    for parts in collect(ray, refs, ctx, f"{ckpt} {strat.layer}"):
+        for pos, s, nrm in parts:
+            scores[pos] += s
+            norms[pos] += nrm
+            seen[pos] = True
     return scores, norms, seen
 
 
 def collect(ray, refs: list, ctx, where: str):
-    """Each task's (positions, scores, norms) as it finishes; on an interrupt or a failure every
-    task still running is cancelled and nothing is returned."""
-    pending = list(refs)
+    """Each task's result as it finishes; on an interrupt, a failure, or the caller closing the
+    generator, every task still running is cancelled and nothing more is returned."""
+    pending, ready = list(refs), []
     try:
         for _ in ctx.progress(range(len(refs)), total=len(refs), desc=f"ray tasks {where}"):
-            done = []
-            while not done:
+            while not ready:
                 ctx.check_interrupt()
-                done, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS)
-            yield from ray.get(done[0])
+                ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS)
+                if ready and pending:
+                    # every task already finished in one wait: a wait costs time in the tasks
+                    # pending, so one per task would cost the driver quadratic time in the tasks
+                    more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+                    ready += more
+            yield ray.get(ready.pop())
     except BaseException as e:
         for ref in pending:
             ray.cancel(ref, force=False)

@@ -51,6 +51,11 @@ def execute(plan, ctx: Context) -> pa.Table:
         from metaql.engine.matrix import execute_matrix
         return execute_matrix(plan, ctx)
     if isinstance(plan, TopK):
+        if ctx.config.get("engine") == "ray":     # each Ray task ranks its own k (distributed/ray_units.py)
+            from metaql.distributed.ray_units import top_k_by_units
+            ranked = top_k_by_units(plan, ctx)     # None: the shards do not line up; run it as below
+            if ranked is not None:
+                return ranked
         from metaql.engine.pruning import pruned_top_k
         pruned = pruned_top_k(plan, ctx)     # None: not prunable here (engine/pruning.py says why)
         if pruned is not None:
@@ -76,6 +81,11 @@ def top_k(table: pa.Table, k: int, ascending: bool) -> pa.Table:
 
 
 def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
+    if ctx.config.get("engine") == "ray":     # tasks over all passes of a group of samples at once
+        from metaql.distributed.ray_units import influence_by_units
+        table = influence_by_units(scan, ctx)     # None: the shards do not line up; pass by pass below
+        if table is not None:
+            return table
     store, catalog = ctx.store, catalog_of(ctx)
     train = np.sort(scan.train.ids)
     total = np.zeros(len(train))

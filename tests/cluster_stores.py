@@ -34,7 +34,9 @@ def random_digits(n_train: int):
 
 
 def build_store(path: str, checkpoints: int = 2, shard_size: int = 128, n_train: int = N_TRAIN,
-                digits: bool = True) -> dict:
+                digits: bool = True, shuffle: bool = False) -> dict:
+    """`shuffle`: each checkpoint's capture visits the samples in its own random order (shards
+    whose id ranges overlap)."""
     torch.manual_seed(0)
     xtr, ytr, ytrue, xte, yte = digits_with_flips(seed=0) if digits else random_digits(n_train)
     xtr, ytr, ytrue = xtr[:n_train], ytr[:n_train], ytrue[:n_train]
@@ -46,10 +48,12 @@ def build_store(path: str, checkpoints: int = 2, shard_size: int = 128, n_train:
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x, y = torch.from_numpy(xtr), torch.from_numpy(ytr)
         for epoch in range(checkpoints):
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch)) if shuffle \
+                else torch.arange(len(x))
+            batches = [order[s:s + 50] for s in range(0, len(x), 50)]
             with con.capture(model, layers=["fc1", "fc2"], checkpoint=f"epoch{epoch}", lr=0.1,
                              shard_size=shard_size) as cap:
-                for start in range(0, len(x), 50):
-                    idx = torch.arange(start, min(start + 50, len(x)))
+                for idx in batches:
                     cap.backward(F.cross_entropy(model(x[idx]), y[idx]), idx.numpy())
                     opt.step()
                     opt.zero_grad()

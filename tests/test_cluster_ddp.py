@@ -188,56 +188,23 @@ def test_a_rank_killed_mid_capture_and_restarted_leaves_each_sample_once(tmp_pat
     con.close()
 
 
-def _rank_failing(rank: int, world: int, port: int, path: str, out: str) -> None:
-    import torch.distributed as dist
-    from metaql.distributed.ddp import distributed_capture
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    x, y = data()
-    model = DigitsMLP()
-    con = metaql.connect(path) if rank == 0 else None
-    try:
-        # rank 1 names a layer the model lacks: it fails before its capture begins
-        with distributed_capture(con if rank == 0 else path, model, layers=["fc1"] if rank == 0 else ["nope"],
-                                 checkpoint="c0", lr=0.1) as cap:
-            ids = np.arange(rank, 16, world)
-            cap.backward(F.cross_entropy(model(x[ids]), y[ids]), ids)
-        outcome = "ok"
-    except metaql.Error as e:
-        outcome = f"{type(e).__name__}: {e}"
-    finally:
-        if con is not None:
-            con.close()
-        dist.destroy_process_group()
-    Path(out, f"rank{rank}").write_text(outcome)
-
-
-def test_a_rank_failing_before_its_capture_begins_fails_rank0_without_a_hang(tmp_path):
-    path = str(tmp_path / "s.mq")
-    new_store(path)
-    ctx = torch.multiprocessing.spawn(_rank_failing, args=(2, free_port(), path, str(tmp_path)), nprocs=2, join=False)
-    deadline = 120
-    while not ctx.join(timeout=5):
-        deadline -= 5
-        assert deadline > 0, "a rank hangs"
-    assert Path(tmp_path, "rank1").read_text().startswith("CatalogException: unknown layer 'nope'")
-    assert "ranks [1] did not finish" in Path(tmp_path, "rank0").read_text()
-    with metaql.connect(path, read_only=True) as con:
-        assert con.execute("SELECT status FROM checkpoints").fetchall() == [("partial",)]
-
-
-def _rank_commit_failing(rank: int, world: int, port: int, path: str, out: str) -> None:
+def _rank_failing(rank: int, world: int, port: int, path: str, out: str, fault: str) -> None:
+    """A two-rank capture with a fault: 'layer', rank 1 names a layer the model lacks (it fails
+    before its capture begins); 'commit', rank 0's adoption of the parts fails. Each rank writes
+    its outcome to out/rank<r>."""
     import torch.distributed as dist
     from metaql.distributed import ddp
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     x, y = data()
     model = DigitsMLP()
     con = metaql.connect(path) if rank == 0 else None
-    if rank == 0:
+    if fault == "commit" and rank == 0:
         def adopt_fails(*args, **kwargs):
             raise metaql.IOException("disk full")
-        ddp.adopt_parts = adopt_fails       # the commit of the parts fails on rank 0 only
+        ddp.adopt_parts = adopt_fails
+    layers = ["nope"] if fault == "layer" and rank == 1 else ["fc1"]
     try:
-        with ddp.distributed_capture(con if rank == 0 else path, model, layers=["fc1"], checkpoint="c0",
+        with ddp.distributed_capture(con if rank == 0 else path, model, layers=layers, checkpoint="c0",
                                      lr=0.1) as cap:
             ids = np.arange(rank, 16, world)
             cap.backward(F.cross_entropy(model(x[ids]), y[ids]), ids)
@@ -251,11 +218,30 @@ def _rank_commit_failing(rank: int, world: int, port: int, path: str, out: str) 
     Path(out, f"rank{rank}").write_text(outcome)
 
 
-def test_rank0s_failed_commit_fails_every_rank(tmp_path):
-    """Rank 1 does not report a capture the store lacks (it returned normally before)."""
+def run_ranks_with(fault: str, tmp_path) -> str:
+    """Runs _rank_failing on 2 ranks (failing the test if a rank hangs); the store's path."""
     path = str(tmp_path / "s.mq")
     new_store(path)
-    torch.multiprocessing.spawn(_rank_commit_failing, args=(2, free_port(), path, str(tmp_path)), nprocs=2)
+    ctx = torch.multiprocessing.spawn(_rank_failing, args=(2, free_port(), path, str(tmp_path), fault), nprocs=2,
+                                      join=False)
+    deadline = 120
+    while not ctx.join(timeout=5):
+        deadline -= 5
+        assert deadline > 0, "a rank hangs"
+    return path
+
+
+def test_a_rank_failing_before_its_capture_begins_fails_rank0_without_a_hang(tmp_path):
+    path = run_ranks_with("layer", tmp_path)
+    assert Path(tmp_path, "rank1").read_text().startswith("CatalogException: unknown layer 'nope'")
+    assert "ranks [1] did not finish" in Path(tmp_path, "rank0").read_text()
+    with metaql.connect(path, read_only=True) as con:
+        assert con.execute("SELECT status FROM checkpoints").fetchall() == [("partial",)]
+
+
+def test_rank0s_failed_commit_fails_every_rank(tmp_path):
+    """Rank 1 does not report a capture the store lacks (it returned normally before)."""
+    run_ranks_with("commit", tmp_path)
     assert Path(tmp_path, "rank0").read_text() == "IOException: disk full"
     assert Path(tmp_path, "rank1").read_text().startswith(
         "OperationalError: rank 0 could not commit checkpoint 'c0' (IOException: disk full)")

@@ -39,6 +39,9 @@ import metaql  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "pivotal.md"
 METHODS = ["random", "uncertain", "certain", "finetune", "rbc_kmeans", "rbc", "gbc"]
+# GBC's variance reductions (--methods): more layer draws, and no sampling at all (every layer at
+# scale 1, the exact sum the draws estimate: if it trails RBC too, the gap is not sampling noise)
+VARIANTS = {"gbc_d50": ("gbc", "draws=50"), "gbc_all": ("gbc", "draws=0")}
 BUDGET = 20
 WARM_EPOCHS = {True: 10, False: 15}         # by --quick
 REWEIGHT_EPOCHS = {True: 5, False: 10}
@@ -156,8 +159,9 @@ def select(con, method: str, model, x, seed: int, label_free: bool = True) -> tu
         h = entropy(model, x)
         ids = np.argsort(-h if method == "uncertain" else h, kind="stable")[:BUDGET]
     else:
-        rows = con.execute(f"SELECT sample_id FROM PIVOTAL_SAMPLES(data=train, k={BUDGET}, method={method}, "
-                           f"label_free={str(label_free).lower()}, seed={seed})").fetchnumpy()
+        base, extra = VARIANTS.get(method, (method, ""))
+        rows = con.execute(f"SELECT sample_id FROM PIVOTAL_SAMPLES(data=train, k={BUDGET}, method={base}, "
+                           f"label_free={str(label_free).lower()}, seed={seed}{', ' + extra if extra else ''})").fetchnumpy()
         ids = np.unique(rows["sample_id"])
     return np.asarray(ids, dtype=np.int64), time.perf_counter() - t0
 
@@ -173,7 +177,7 @@ def finetune(model, x, y, steps: int = 40, lr: float = 0.05) -> nn.Module:
     return model
 
 
-def run(seed: int, noise: str, rate: float, quick: bool, spread: bool = True) -> dict:
+def run(seed: int, noise: str, rate: float, quick: bool, spread: bool = True, methods=METHODS) -> dict:
     from sklearn.metrics import roc_auc_score
     xtr, clean, noisy, xte, yte = digits(seed, noise, rate)
     out = {"noise": noise, "rate": rate, "seed": seed, "acc": {}, "auc": {}, "time": {}}
@@ -182,7 +186,7 @@ def run(seed: int, noise: str, rate: float, quick: bool, spread: bool = True) ->
         con.add_samples(np.arange(len(noisy)), "train", noisy.numpy(), xtr)
         model, ckpts = warm_up(con, xtr, noisy, seed, WARM_EPOCHS[quick], cached_epochs(WARM_EPOCHS[quick], 3, spread))
         out["acc"]["warm-up"] = accuracy(model, xte, yte)
-        for method in METHODS:
+        for method in methods:
             ids, secs = select(con, method, model, xtr, seed, label_free=noise != "imbalance")
             out["time"][method] = secs
             if method == "finetune":
@@ -208,7 +212,7 @@ def table(runs: list[dict]) -> str:
     configs = sorted({(r["noise"], r["rate"]) for r in runs}, key=lambda c: (c[0] != "adversarial", c[1]))
     head = "| method | " + " | ".join(f"{n} {_rate(n, r)}: acc | AUC" for n, r in configs) + " |"
     lines = [head, "|---|" + "---|---|" * len(configs)]
-    for m in ["warm-up"] + METHODS:
+    for m in ["warm-up"] + [m for m in METHODS + list(VARIANTS) if m in runs[0]["acc"]]:
         cells = []
         for c in configs:
             rs = [r for r in runs if (r["noise"], r["rate"]) == c]
@@ -220,7 +224,8 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-PAIRS = [("rbc", "rbc_kmeans"), ("gbc", "rbc_kmeans"), ("rbc", "random"), ("gbc", "random"), ("gbc", "rbc")]
+PAIRS = [("rbc", "rbc_kmeans"), ("gbc", "rbc_kmeans"), ("rbc", "random"), ("gbc", "random"), ("gbc", "rbc"),
+         ("gbc_d50", "rbc"), ("gbc_all", "rbc"), ("gbc_all", "gbc"), ("gbc_all", "random")]
 
 
 def paired(runs: list[dict]) -> str:
@@ -228,7 +233,7 @@ def paired(runs: list[dict]) -> str:
     warm-up model's, which both share), and how many seeds a is ahead."""
     configs = sorted({(r["noise"], r["rate"]) for r in runs}, key=lambda c: (c[0] != "adversarial", c[1]))
     lines = ["| a - b | " + " | ".join(f"{n} {_rate(n, r)}" for n, r in configs) + " |", "|---|" + "---|" * len(configs)]
-    for a, b in PAIRS:
+    for a, b in [(a, b) for a, b in PAIRS if a in runs[0]["acc"] and b in runs[0]["acc"]]:
         cells = []
         for c in configs:
             d = np.array([100 * (r["acc"][a] - r["acc"][b]) for r in runs if (r["noise"], r["rate"]) == c])
@@ -244,6 +249,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, default=10, help="seeds under adversarial noise (and with --imbalance)")
     ap.add_argument("--uniform-seeds", type=int, default=3, help="seeds at each uniform noise rate")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated selection methods; also " + ", ".join(VARIANTS) + " (GBC with 50 draws / no sampling)")
+    ap.add_argument("--noise", choices=["all", "adversarial"], default="all", help="adversarial: only the adversarial 60%% runs")
     ap.add_argument("--cached-from", choices=["history", "end"], default="history",
                     help="capture 3 warm-up epochs spread over the run (history) or the last 3 (end)")
     ap.add_argument("--imbalance", type=float, default=0,
@@ -256,11 +264,15 @@ def main(argv=None) -> None:
         [("adversarial", 0.6, args.seeds), ("uniform", 0.4, args.uniform_seeds), ("uniform", 0.6, args.uniform_seeds)]
     t0 = time.perf_counter()
     runs = []
-    configs = [c for c in configs if c[2] > 0]
+    configs = [c for c in configs if c[2] > 0 and (args.noise == "all" or c[0] == args.noise)]
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(METHODS) - set(VARIANTS)
+    if unknown or not {"rbc", "gbc", "rbc_kmeans"} <= set(methods):
+        ap.error(f"unknown methods {sorted(unknown)}, or one of rbc, gbc, rbc_kmeans left out (the times need them)")
     spread = args.cached_from == "history"
     for noise, rate, seeds in configs:
         for seed in range(seeds):
-            runs.append(run(seed, noise, rate, args.quick, spread))
+            runs.append(run(seed, noise, rate, args.quick, spread, methods))
             print(f"{noise} {rate} seed {seed}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in runs[-1]["acc"].items()),
                   flush=True)
     wall = time.perf_counter() - t0
@@ -290,7 +302,9 @@ def main(argv=None) -> None:
     ])
     print(report)
     if not args.quick:
-        out = RESULTS.with_name("pivotal_imbalance.md") if args.imbalance else RESULTS
+        # a run of other methods or noise (the GBC study) does not overwrite the main table
+        out = RESULTS.with_name("pivotal_imbalance.md") if args.imbalance else \
+            RESULTS if (methods == METHODS and args.noise == "all") else RESULTS.with_name("pivotal_gbc.md")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report + "\n")
 

@@ -149,8 +149,9 @@ def entropy(model, x) -> np.ndarray:
     return (-(p * p.clamp_min(1e-12).log()).sum(1)).numpy()
 
 
-def select(con, method: str, model, x, seed: int, label_free: bool = True) -> tuple[np.ndarray, float]:
-    """(meta sample ids, seconds) for a selection method."""
+def select(con, method: str, model, x, seed: int, label_free: bool = True, pick_seed: int | None = None) -> tuple[np.ndarray, float]:
+    """(meta sample ids, seconds) for a selection method; pick_seed: PIVOTAL_SAMPLES's seed (K-means
+    seeding, GBC's draws), by default the run's."""
     rng = np.random.default_rng(seed + 1)
     t0 = time.perf_counter()
     if method in ("random", "finetune"):
@@ -161,7 +162,7 @@ def select(con, method: str, model, x, seed: int, label_free: bool = True) -> tu
     else:
         base, extra = VARIANTS.get(method, (method, ""))
         rows = con.execute(f"SELECT sample_id FROM PIVOTAL_SAMPLES(data=train, k={BUDGET}, method={base}, "
-                           f"label_free={str(label_free).lower()}, seed={seed}{', ' + extra if extra else ''})").fetchnumpy()
+                           f"label_free={str(label_free).lower()}, seed={seed if pick_seed is None else pick_seed}{', ' + extra if extra else ''})").fetchnumpy()
         ids = np.unique(rows["sample_id"])
     return np.asarray(ids, dtype=np.int64), time.perf_counter() - t0
 
@@ -202,6 +203,43 @@ def run(seed: int, noise: str, rate: float, quick: bool, spread: bool = True, me
             if bool((clean != noisy).any()):      # every label is clean under class imbalance: no AUC
                 out["auc"][method] = float(roc_auc_score((clean == noisy).numpy(), w["weight"]))
     return out
+
+
+def reweighted_accuracy(con, ids, clean, xte, yte, ckpt: str, name: str, seed: int, quick: bool) -> float:
+    con.execute(f"CREATE SET meta_{name} AS SELECT sample_id FROM samples WHERE sample_id IN ({', '.join(map(str, ids))})")
+    con.label(ids.tolist(), clean[ids].tolist(), overwrite=True)
+    con.execute(f"SELECT count(*) FROM REWEIGHT(data=train, meta=meta_{name}, checkpoint={ckpt}, save_as=rw_{name}, "
+                f"epochs={REWEIGHT_EPOCHS[quick]}, batch_size=100, lr=0.1, weight_lr=1.0, seed={seed})").fetchall()
+    return accuracy(con.store.model_at(f"rw_{name}"), xte, yte)
+
+
+def selection_spread(seeds: int, picks: int, methods: list[str], quick: bool) -> str:
+    """The accuracy's spread over selections of one method on one warm-up model: each selection
+    repeated with `picks` PIVOTAL_SAMPLES seeds (K-means seeding and GBC's draws; the first is the
+    main run's), the re-weighting itself unchanged. Adversarial 60%."""
+    acc = {m: np.zeros((seeds, picks)) for m in methods}
+    for seed in range(seeds):
+        xtr, clean, noisy, xte, yte = digits(seed, "adversarial", 0.6)
+        with warnings.catch_warnings(), metaql.connect(":memory:") as con:
+            warnings.simplefilter("ignore")
+            con.add_samples(np.arange(len(noisy)), "train", noisy.numpy(), xtr)
+            model, ckpts = warm_up(con, xtr, noisy, seed, WARM_EPOCHS[quick], cached_epochs(WARM_EPOCHS[quick], 3, True))
+            for m in methods:
+                for r in range(picks):
+                    ids, _ = select(con, m, model, xtr, seed, pick_seed=seed + 1000 * r)
+                    acc[m][seed, r] = 100 * reweighted_accuracy(con, ids, clean, xte, yte, ckpts[-1], f"{m}_{r}", seed, quick)
+        print(f"seed {seed}: " + "; ".join(f"{m} {np.round(acc[m][seed], 1).tolist()}" for m in methods), flush=True)
+    lines = ["| method | mean over seeds and picks | within-model SD over picks (mean over seeds) | seed-mean SE |",
+             "|---|---|---|---|"]
+    for m in methods:
+        a = acc[m]
+        lines.append(f"| {m} | {a.mean():.1f} | {a.std(1, ddof=1).mean():.1f} | {a.mean(1).std() / np.sqrt(seeds):.1f} |")
+    for a, b in [(a, b) for a, b in PAIRS if a in methods and b in methods]:
+        d = (acc[a] - acc[b]).mean(1)
+        lines.append(f"\n{a} - {b}, paired per seed on the mean over picks: {d.mean():+.1f} ± {d.std() / np.sqrt(seeds):.1f} "
+                     f"({int((d > 0).sum())}/{seeds}); on the first pick only: "
+                     f"{(acc[a][:, 0] - acc[b][:, 0]).mean():+.1f}")
+    return "\n".join(lines)
 
 
 def _rate(noise: str, rate: float) -> str:
@@ -257,8 +295,23 @@ def main(argv=None) -> None:
     ap.add_argument("--imbalance", type=float, default=0,
                     help="only the class-imbalanced variant with this imbalance factor (clean labels, label_free=false); "
                          "writes results/pivotal_imbalance.md")
+    ap.add_argument("--picks", type=int, default=0,
+                    help="instead: each of --methods' selections repeated with this many PIVOTAL_SAMPLES seeds on "
+                         "--seeds adversarial warm-up models (the spread over selections); writes results/pivotal_spread.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.picks:
+        t0 = time.perf_counter()
+        body = selection_spread(args.seeds, args.picks, args.methods.split(","), args.quick)
+        command = "python benchmarks/bench_pivotal.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        report = (f"# Pivotal samples: accuracy spread over selections (adversarial 60%)\n\nCommand: `{command.strip()}`  \n"
+                  f"Commit {commit}, {datetime.date.today()}, torch {torch.__version__}, {args.threads} torch thread(s), "
+                  f"wall time {time.perf_counter() - t0:.0f} s\n\n" + body)
+        print(report)
+        if not args.quick:
+            RESULTS.with_name("pivotal_spread.md").write_text(report + "\n")
+        return
     configs = [("imbalance", args.imbalance, 1 if args.quick else args.seeds)] if args.imbalance else \
         [("adversarial", 0.6, 1)] if args.quick else \
         [("adversarial", 0.6, args.seeds), ("uniform", 0.4, args.uniform_seeds), ("uniform", 0.6, args.uniform_seeds)]

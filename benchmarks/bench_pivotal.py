@@ -39,6 +39,9 @@ import metaql  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "pivotal.md"
 METHODS = ["random", "uncertain", "certain", "finetune", "rbc_kmeans", "rbc", "gbc"]
+# GBC's variance reductions (--methods): more layer draws, and no sampling at all (every layer at
+# scale 1, the exact sum the draws estimate: if it trails RBC too, the gap is not sampling noise)
+VARIANTS = {"gbc_d50": ("gbc", "draws=50"), "gbc_all": ("gbc", "draws=0")}
 BUDGET = 20
 WARM_EPOCHS = {True: 10, False: 15}         # by --quick
 REWEIGHT_EPOCHS = {True: 5, False: 10}
@@ -146,8 +149,9 @@ def entropy(model, x) -> np.ndarray:
     return (-(p * p.clamp_min(1e-12).log()).sum(1)).numpy()
 
 
-def select(con, method: str, model, x, seed: int, label_free: bool = True) -> tuple[np.ndarray, float]:
-    """(meta sample ids, seconds) for a selection method."""
+def select(con, method: str, model, x, seed: int, label_free: bool = True, pick_seed: int | None = None) -> tuple[np.ndarray, float]:
+    """(meta sample ids, seconds) for a selection method; pick_seed: PIVOTAL_SAMPLES's seed (K-means
+    seeding, GBC's draws), by default the run's."""
     rng = np.random.default_rng(seed + 1)
     t0 = time.perf_counter()
     if method in ("random", "finetune"):
@@ -156,8 +160,9 @@ def select(con, method: str, model, x, seed: int, label_free: bool = True) -> tu
         h = entropy(model, x)
         ids = np.argsort(-h if method == "uncertain" else h, kind="stable")[:BUDGET]
     else:
-        rows = con.execute(f"SELECT sample_id FROM PIVOTAL_SAMPLES(data=train, k={BUDGET}, method={method}, "
-                           f"label_free={str(label_free).lower()}, seed={seed})").fetchnumpy()
+        base, extra = VARIANTS.get(method, (method, ""))
+        rows = con.execute(f"SELECT sample_id FROM PIVOTAL_SAMPLES(data=train, k={BUDGET}, method={base}, "
+                           f"label_free={str(label_free).lower()}, seed={seed if pick_seed is None else pick_seed}{', ' + extra if extra else ''})").fetchnumpy()
         ids = np.unique(rows["sample_id"])
     return np.asarray(ids, dtype=np.int64), time.perf_counter() - t0
 
@@ -173,7 +178,7 @@ def finetune(model, x, y, steps: int = 40, lr: float = 0.05) -> nn.Module:
     return model
 
 
-def run(seed: int, noise: str, rate: float, quick: bool, spread: bool = True) -> dict:
+def run(seed: int, noise: str, rate: float, quick: bool, spread: bool = True, methods=METHODS) -> dict:
     from sklearn.metrics import roc_auc_score
     xtr, clean, noisy, xte, yte = digits(seed, noise, rate)
     out = {"noise": noise, "rate": rate, "seed": seed, "acc": {}, "auc": {}, "time": {}}
@@ -182,7 +187,7 @@ def run(seed: int, noise: str, rate: float, quick: bool, spread: bool = True) ->
         con.add_samples(np.arange(len(noisy)), "train", noisy.numpy(), xtr)
         model, ckpts = warm_up(con, xtr, noisy, seed, WARM_EPOCHS[quick], cached_epochs(WARM_EPOCHS[quick], 3, spread))
         out["acc"]["warm-up"] = accuracy(model, xte, yte)
-        for method in METHODS:
+        for method in methods:
             ids, secs = select(con, method, model, xtr, seed, label_free=noise != "imbalance")
             out["time"][method] = secs
             if method == "finetune":
@@ -200,6 +205,43 @@ def run(seed: int, noise: str, rate: float, quick: bool, spread: bool = True) ->
     return out
 
 
+def reweighted_accuracy(con, ids, clean, xte, yte, ckpt: str, name: str, seed: int, quick: bool) -> float:
+    con.execute(f"CREATE SET meta_{name} AS SELECT sample_id FROM samples WHERE sample_id IN ({', '.join(map(str, ids))})")
+    con.label(ids.tolist(), clean[ids].tolist(), overwrite=True)
+    con.execute(f"SELECT count(*) FROM REWEIGHT(data=train, meta=meta_{name}, checkpoint={ckpt}, save_as=rw_{name}, "
+                f"epochs={REWEIGHT_EPOCHS[quick]}, batch_size=100, lr=0.1, weight_lr=1.0, seed={seed})").fetchall()
+    return accuracy(con.store.model_at(f"rw_{name}"), xte, yte)
+
+
+def selection_spread(seeds: int, picks: int, methods: list[str], quick: bool) -> str:
+    """The accuracy's spread over selections of one method on one warm-up model: each selection
+    repeated with `picks` PIVOTAL_SAMPLES seeds (K-means seeding and GBC's draws; the first is the
+    main run's), the re-weighting itself unchanged. Adversarial 60%."""
+    acc = {m: np.zeros((seeds, picks)) for m in methods}
+    for seed in range(seeds):
+        xtr, clean, noisy, xte, yte = digits(seed, "adversarial", 0.6)
+        with warnings.catch_warnings(), metaql.connect(":memory:") as con:
+            warnings.simplefilter("ignore")
+            con.add_samples(np.arange(len(noisy)), "train", noisy.numpy(), xtr)
+            model, ckpts = warm_up(con, xtr, noisy, seed, WARM_EPOCHS[quick], cached_epochs(WARM_EPOCHS[quick], 3, True))
+            for m in methods:
+                for r in range(picks):
+                    ids, _ = select(con, m, model, xtr, seed, pick_seed=seed + 1000 * r)
+                    acc[m][seed, r] = 100 * reweighted_accuracy(con, ids, clean, xte, yte, ckpts[-1], f"{m}_{r}", seed, quick)
+        print(f"seed {seed}: " + "; ".join(f"{m} {np.round(acc[m][seed], 1).tolist()}" for m in methods), flush=True)
+    lines = ["| method | mean over seeds and picks | within-model SD over picks (mean over seeds) | seed-mean SE |",
+             "|---|---|---|---|"]
+    for m in methods:
+        a = acc[m]
+        lines.append(f"| {m} | {a.mean():.1f} | {a.std(1, ddof=1).mean():.1f} | {a.mean(1).std() / np.sqrt(seeds):.1f} |")
+    for a, b in [(a, b) for a, b in PAIRS if a in methods and b in methods]:
+        d = (acc[a] - acc[b]).mean(1)
+        lines.append(f"\n{a} - {b}, paired per seed on the mean over picks: {d.mean():+.1f} ± {d.std() / np.sqrt(seeds):.1f} "
+                     f"({int((d > 0).sum())}/{seeds}); on the first pick only: "
+                     f"{(acc[a][:, 0] - acc[b][:, 0]).mean():+.1f}")
+    return "\n".join(lines)
+
+
 def _rate(noise: str, rate: float) -> str:
     return f"factor {rate:g}" if noise == "imbalance" else f"{int(100 * rate)}%"
 
@@ -208,7 +250,7 @@ def table(runs: list[dict]) -> str:
     configs = sorted({(r["noise"], r["rate"]) for r in runs}, key=lambda c: (c[0] != "adversarial", c[1]))
     head = "| method | " + " | ".join(f"{n} {_rate(n, r)}: acc | AUC" for n, r in configs) + " |"
     lines = [head, "|---|" + "---|---|" * len(configs)]
-    for m in ["warm-up"] + METHODS:
+    for m in ["warm-up"] + [m for m in METHODS + list(VARIANTS) if m in runs[0]["acc"]]:
         cells = []
         for c in configs:
             rs = [r for r in runs if (r["noise"], r["rate"]) == c]
@@ -220,7 +262,8 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-PAIRS = [("rbc", "rbc_kmeans"), ("gbc", "rbc_kmeans"), ("rbc", "random"), ("gbc", "random"), ("gbc", "rbc")]
+PAIRS = [("rbc", "rbc_kmeans"), ("gbc", "rbc_kmeans"), ("rbc", "random"), ("gbc", "random"), ("gbc", "rbc"),
+         ("gbc_d50", "rbc"), ("gbc_all", "rbc"), ("gbc_all", "gbc"), ("gbc_all", "random")]
 
 
 def paired(runs: list[dict]) -> str:
@@ -228,7 +271,7 @@ def paired(runs: list[dict]) -> str:
     warm-up model's, which both share), and how many seeds a is ahead."""
     configs = sorted({(r["noise"], r["rate"]) for r in runs}, key=lambda c: (c[0] != "adversarial", c[1]))
     lines = ["| a - b | " + " | ".join(f"{n} {_rate(n, r)}" for n, r in configs) + " |", "|---|" + "---|" * len(configs)]
-    for a, b in PAIRS:
+    for a, b in [(a, b) for a, b in PAIRS if a in runs[0]["acc"] and b in runs[0]["acc"]]:
         cells = []
         for c in configs:
             d = np.array([100 * (r["acc"][a] - r["acc"][b]) for r in runs if (r["noise"], r["rate"]) == c])
@@ -244,23 +287,45 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, default=10, help="seeds under adversarial noise (and with --imbalance)")
     ap.add_argument("--uniform-seeds", type=int, default=3, help="seeds at each uniform noise rate")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated selection methods; also " + ", ".join(VARIANTS) + " (GBC with 50 draws / no sampling)")
+    ap.add_argument("--noise", choices=["all", "adversarial"], default="all", help="adversarial: only the adversarial 60%% runs")
     ap.add_argument("--cached-from", choices=["history", "end"], default="history",
                     help="capture 3 warm-up epochs spread over the run (history) or the last 3 (end)")
     ap.add_argument("--imbalance", type=float, default=0,
                     help="only the class-imbalanced variant with this imbalance factor (clean labels, label_free=false); "
                          "writes results/pivotal_imbalance.md")
+    ap.add_argument("--picks", type=int, default=0,
+                    help="instead: each of --methods' selections repeated with this many PIVOTAL_SAMPLES seeds on "
+                         "--seeds adversarial warm-up models (the spread over selections); writes results/pivotal_spread.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.picks:
+        t0 = time.perf_counter()
+        body = selection_spread(args.seeds, args.picks, args.methods.split(","), args.quick)
+        command = "python benchmarks/bench_pivotal.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        report = (f"# Pivotal samples: accuracy spread over selections (adversarial 60%)\n\nCommand: `{command.strip()}`  \n"
+                  f"Commit {commit}, {datetime.date.today()}, torch {torch.__version__}, {args.threads} torch thread(s), "
+                  f"wall time {time.perf_counter() - t0:.0f} s\n\n" + body)
+        print(report)
+        if not args.quick:
+            RESULTS.with_name("pivotal_spread.md").write_text(report + "\n")
+        return
     configs = [("imbalance", args.imbalance, 1 if args.quick else args.seeds)] if args.imbalance else \
         [("adversarial", 0.6, 1)] if args.quick else \
         [("adversarial", 0.6, args.seeds), ("uniform", 0.4, args.uniform_seeds), ("uniform", 0.6, args.uniform_seeds)]
     t0 = time.perf_counter()
     runs = []
-    configs = [c for c in configs if c[2] > 0]
+    configs = [c for c in configs if c[2] > 0 and (args.noise == "all" or c[0] == args.noise)]
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(METHODS) - set(VARIANTS)
+    if unknown or not {"rbc", "gbc", "rbc_kmeans"} <= set(methods):
+        ap.error(f"unknown methods {sorted(unknown)}, or one of rbc, gbc, rbc_kmeans left out (the times need them)")
     spread = args.cached_from == "history"
     for noise, rate, seeds in configs:
         for seed in range(seeds):
-            runs.append(run(seed, noise, rate, args.quick, spread))
+            runs.append(run(seed, noise, rate, args.quick, spread, methods))
             print(f"{noise} {rate} seed {seed}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in runs[-1]["acc"].items()),
                   flush=True)
     wall = time.perf_counter() - t0
@@ -290,7 +355,9 @@ def main(argv=None) -> None:
     ])
     print(report)
     if not args.quick:
-        out = RESULTS.with_name("pivotal_imbalance.md") if args.imbalance else RESULTS
+        # a run of other methods or noise (the GBC study) does not overwrite the main table
+        out = RESULTS.with_name("pivotal_imbalance.md") if args.imbalance else \
+            RESULTS if (methods == METHODS and args.noise == "all") else RESULTS.with_name("pivotal_gbc.md")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report + "\n")
 

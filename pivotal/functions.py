@@ -20,14 +20,15 @@ PIVOTAL_COLUMNS = [("sample_id", "BIGINT"), ("cluster", "BIGINT"), ("weight", "D
 def pivotal_samples(ctx, data: SetName, k: Annotated[int, Range(1, 100_000)],
                     method: Literal["rbc", "gbc", "rbc_kmeans"] = "rbc",
                     checkpoints: CheckpointList = "all", layers: LayerList = ("*",), label_free: bool = True,
-                    draws: Annotated[int, Range(1, 10_000)] = 5,
+                    draws: Annotated[int, Range(0, 10_000)] = 5,
                     max_iter: Annotated[int, Range(1, 1_000)] = 30,
                     seed: Annotated[int, Range(0, 2 ** 32 - 1)] = 0) -> pa.Table:
     """The k samples of `data` worth cleaning by hand for meta re-weighting (Wu et al., AAAI 2023):
     weighted K-means (MCO, Eq. 10) on the samples' gradients, averaged over the cached checkpoints;
     one row per cluster: the sample closest to its centroid, the cluster's number and its size
     (weight). method: 'rbc' the output layer's gradient from forward passes (Eq. 11-12), 'gbc'
-    `draws` layers importance-sampled with probability A(l)/A from the captured layers (Eq. 14),
+    `draws` layers importance-sampled with probability A(l)/A from the captured layers (Eq. 14;
+    draws=0: every layer, unsampled),
     'rbc_kmeans' RBC with plain K-means (RBC-k). label_free: cluster the label-free part of the
     gradient (noisy labels; true) or the whole gradient (clean but imbalanced labels; false: GBC
     then reads the stored factors). layers: the output layer for RBC, the layers to sample for GBC."""

@@ -177,8 +177,12 @@ def _stored(catalog, ckpt: str, layer: str, ids: np.ndarray) -> dict:
 def importance_scales(energy: list[float], draws: int, gen: np.random.Generator) -> list[float]:
     """GBC's layer sampling (Eq. 14): `draws` layers drawn with replacement with probability
     A(l)/A; a layer drawn c times gets scale c * A / (draws * A(l)), so the sampled inner product
-    is an unbiased estimate of the sum over all layers. Layers with A(l) = 0 are never drawn."""
+    is an unbiased estimate of the sum over all layers. Layers with A(l) = 0 are never drawn.
+    draws=0: no sampling, every layer at scale 1 (the exact sum the draws estimate; the upper bound
+    on what more draws can give)."""
     a = np.asarray(energy, dtype=np.float64)
+    if draws == 0:
+        return [1.0] * len(a)
     total = a.sum()
     if total <= 0:
         return [1.0] * len(a)         # every batch average is zero: nothing to sample by

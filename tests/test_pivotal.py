@@ -231,3 +231,33 @@ def test_lloyd_iteration_reads_the_factors_twice_whatever_k(monkeypatch):
     # one centroid pass; the final scan; sq norms and the objective's centroids and scan
     assert per_block <= 2 * k + 1 + 2 * res.iterations + 4
     assert per_block < 2 * k * res.iterations        # what k scans per iteration would take
+
+
+def test_gbc_unsampled_and_on_the_output_layer_alone_equal_bruteforce():
+    """draws=0 clusters every layer at scale 1: the plain concatenated per-sample gradient (built
+    here without importance_scales); GBC on the output layer alone is RBC's gradient (Eq. 11-12),
+    so both pick the same samples (label-free). The unsampled sum: label-free and whole gradient."""
+    torch.manual_seed(11)
+    model, x, y = ConvNet(2, 2, 4, 3, padding=1, size=5), torch.randn(12, 2, 5, 5), torch.randint(0, 3, (12,))
+    with metaql.connect(":memory:") as con:
+        states = _build(con, model, x, y, 2)
+        catalog = CatalogSnapshot(con.store)
+        ckpts, names, ids = catalog.checkpoint_names("all"), catalog.layer_names("*"), np.arange(12)
+        for label_free in (True, False):
+            every = sources.gradients(con.store, catalog, ids, "gbc", ckpts, names, label_free, 0, 0)
+            dense = []
+            for state in states:
+                model.load_state_dict(state)
+                g = _per_sample(model, x, y, label_free)
+                dense += [_layer(g, name) / np.sqrt(len(states)) for name in names]
+            dense = DenseGradients(torch.cat(dense, 1))
+            assert len(every.blocks) == len(names) * len(states)
+            assert torch.allclose(every.sq_norms(), dense.sq_norms(), rtol=1e-4, atol=1e-7)
+            u = torch.rand(12, dtype=torch.float64)
+            d1, c1 = every.dots(every.centroid(u))
+            d2, c2 = dense.dots(dense.centroid(u))
+            assert torch.allclose(d1, d2, rtol=1e-4, atol=1e-7) and np.isclose(c1, c2, rtol=1e-4)
+        rbc = sources.gradients(con.store, catalog, ids, "rbc", ckpts, "fc", True, 5, 0)
+        out = sources.gradients(con.store, catalog, ids, "gbc", ckpts, ["fc"], True, 5, 0)
+        assert torch.allclose(rbc.sq_norms(), out.sq_norms(), rtol=1e-4, atol=1e-7)
+        assert np.array_equal(weighted_kmeans(rbc, 4, seed=1).centers, weighted_kmeans(out, 4, seed=1).centers)

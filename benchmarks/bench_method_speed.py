@@ -217,6 +217,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="repetitions of the component timings")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS), help="the report (and its .json of raw results)")
     args = ap.parse_args()
     if args.worker:
         job = json.loads(args.worker)
@@ -284,9 +285,10 @@ def main() -> None:
                      elite_table(elite)]
     report = "\n\n".join(parts_md) + "\n"
     print(report)
-    raw = RESULTS.with_suffix(".json")
+    out = Path(args.out)
+    raw = out.with_suffix(".json")
     if not args.quick and not args.no_write:
-        RESULTS.write_text(report + notes(RESULTS))
+        out.write_text(report + notes(out))
         raw.write_text(json.dumps(results, indent=1) + "\n")
 
 

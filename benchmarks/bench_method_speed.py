@@ -38,12 +38,11 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "method_speed.md"
-BUDGETS = [20, 40, 60]
 FAST_RETRAIN_STEPS = 2000
 
 
 # -- workers (run under either side's python) ------------------------------------------------------
-def lancet_worker(seed: int, variant: str, quick: bool) -> dict:
+def lancet_worker(seed: int, variant: str, quick: bool, budgets: list[int]) -> dict:
     import torch
     sys.path.insert(0, str(HERE))
     import bench_lancet as bl
@@ -56,10 +55,10 @@ def lancet_worker(seed: int, variant: str, quick: bool) -> dict:
         cfg.retrain_steps = 50 if quick else FAST_RETRAIN_STEPS
     ids = np.arange(pool.y.size, dtype=np.int64)
     session = LabelingSession(ids, num_classes=10, oracle=pool.y, config=cfg)
-    session.ask_oracle(np.random.default_rng(seed).choice(pool.y.size, BUDGETS[0], replace=False))
+    session.ask_oracle(np.random.default_rng(seed).choice(pool.y.size, budgets[0], replace=False))
     x = torch.from_numpy(pool.x).reshape(-1, 8, 8)
     rounds = []
-    for budget in BUDGETS:
+    for budget in budgets:
         c0, w0 = time.process_time(), time.perf_counter()
         out = session.propagated(x)                    # the fit: training, propagation, OWA
         c1 = time.process_time()
@@ -69,7 +68,7 @@ def lancet_worker(seed: int, variant: str, quick: bool) -> dict:
         acc = float((out["label"][rest] == pool.y[rest]).mean())
         rounds.append({"budget": budget, "fit_cpu": c1 - c0, "candidates_cpu": c2 - c1,
                        "cpu": c2 - c0, "wall": w2 - w0, "acc": acc})
-        if budget != BUDGETS[-1]:
+        if budget != budgets[-1]:
             session.ask_oracle(chosen)
     return {"rounds": rounds}
 
@@ -149,11 +148,11 @@ def git(args: list[str], cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True).stdout.strip()
 
 
-def lancet_table(results: list[dict], arms: list[str], seeds: list[int]) -> str:
+def lancet_table(results: list[dict], arms: list[str], budgets: list[int]) -> str:
     lines = ["| labels | " + " | ".join(f"{a}: CPU s (fit + candidates)" for a in arms)
              + " | " + " | ".join(f"{a}: accuracy" for a in arms) + " | speed-up |",
              "|---:|" + "---:|" * (2 * len(arms) + 1)]
-    for i, b in enumerate(BUDGETS):
+    for i, b in enumerate(budgets):
         cpu = {a: [r["rounds"][i]["cpu"] for r in results if r["arm"] == a] for a in arms}
         acc = {a: [r["rounds"][i]["acc"] for r in results if r["arm"] == a] for a in arms}
         cells = [f"{np.mean(cpu[a]):.1f} ({len(cpu[a])} seeds)" for a in arms]
@@ -165,7 +164,9 @@ def lancet_table(results: list[dict], arms: list[str], seeds: list[int]) -> str:
 
 def paired_lancet(results: list[dict], base: str, arm: str) -> str:
     """Per seed and round: base CPU / arm CPU, on the seeds both ran."""
-    rows = []
+    rows: list[str] = []
+    if not any(r["arm"] == arm for r in results):
+        return ""
     for seed in sorted({r["seed"] for r in results if r["arm"] == arm}):
         a = next((r for r in results if r["arm"] == base and r["seed"] == seed), None)
         b = next(r for r in results if r["arm"] == arm and r["seed"] == seed)
@@ -173,8 +174,8 @@ def paired_lancet(results: list[dict], base: str, arm: str) -> str:
             continue
         ratios = [f"{ra['cpu'] / rb['cpu']:.2f}x" for ra, rb in zip(a["rounds"], b["rounds"])]
         session = sum(r["cpu"] for r in a["rounds"]) / sum(r["cpu"] for r in b["rounds"])
-        rows.append(f"- seed {seed}, {arm} against {base}: rounds 20 / 40 / 60 "
-                    f"{' / '.join(ratios)}; the three rounds together {session:.2f}x")
+        rows.append(f"- seed {seed}, {arm} against {base}: per round {' / '.join(ratios)}; "
+                    f"the rounds together {session:.2f}x")
     return "\n".join(rows)
 
 
@@ -211,7 +212,9 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--before-python", default="/work/main/.venv/bin/python")
     ap.add_argument("--seeds", type=int, default=1, help="LANCET seeds for before and after-fast")
-    ap.add_argument("--default-seeds", type=int, default=0, help="LANCET seeds of the after-defaults arm")
+    ap.add_argument("--default-seeds", type=int, default=1, help="LANCET seeds of the after-defaults arm")
+    ap.add_argument("--budgets", default="20,40,60", help="LANCET's rounds (labels)")
+    ap.add_argument("--fast", action="store_true", help="also the after arm with retrain_steps=2000")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--parts", default="lancet,components,elite")
     ap.add_argument("--repeats", type=int, default=3, help="repetitions of the component timings")
@@ -221,23 +224,26 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         job = json.loads(args.worker)
-        out = (lancet_worker(job["seed"], job["variant"], job["quick"]) if job["kind"] == "lancet"
+        out = (lancet_worker(job["seed"], job["variant"], job["quick"], job["budgets"]) if job["kind"] == "lancet"
                else component_worker(job["quick"]) if job["kind"] == "components"
                else elite_worker([tuple(t) for t in job["tasks"]], job["quick"], job["with_sad"]))
         print(json.dumps(out))
         return
     after_python, parts = sys.executable, args.parts.split(",")
+    budgets = [int(b) for b in args.budgets.split(",")]
     before_tree = Path(args.before_python).absolute().parents[2]
     jobs: list[tuple[str, dict]] = []
     if "lancet" in parts:
         for seed in range(1 if args.quick else args.seeds):
             jobs.append((args.before_python, {"kind": "lancet", "arm": "before", "seed": seed,
-                                              "variant": "default", "quick": args.quick}))
-            jobs.append((after_python, {"kind": "lancet", "arm": "after, retrain_steps=2000",
-                                        "seed": seed, "variant": "fast", "quick": args.quick}))
+                                              "variant": "default", "quick": args.quick, "budgets": budgets}))
+            if args.fast:
+                jobs.append((after_python, {"kind": "lancet", "arm": "after, retrain_steps=2000",
+                                            "seed": seed, "variant": "fast", "quick": args.quick,
+                                            "budgets": budgets}))
         for seed in range(1 if args.quick else args.default_seeds):
             jobs.append((after_python, {"kind": "lancet", "arm": "after", "seed": seed,
-                                        "variant": "default", "quick": args.quick}))
+                                        "variant": "default", "quick": args.quick, "budgets": budgets}))
     if "components" in parts:
         for rep in range(args.repeats):
             for arm, python in (("before", args.before_python), ("after", after_python)):
@@ -275,7 +281,7 @@ def main() -> None:
     if lancet:
         arms = [a for a in ("before", "after", "after, retrain_steps=2000") if any(r["arm"] == a for r in lancet)]
         parts_md += ["## LANCET: CPU seconds per round and propagated-label accuracy (mean, then per seed)",
-                     lancet_table(lancet, arms, []),
+                     lancet_table(lancet, arms, budgets),
                      "Paired by seed (CPU before / CPU after; the same split and start):",
                      paired_lancet(lancet, "before", "after") + "\n" +
                      paired_lancet(lancet, "before", "after, retrain_steps=2000")]

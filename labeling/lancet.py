@@ -42,9 +42,11 @@ class LancetConfig:
     # first solution: on 4 development splits, going from 20 to 40 labels, 800 more steps gave
     # 0.919 propagated accuracy, 3000 more 0.927, a fresh model 0.944
     retrain_growth: float = 1.5
-    # Steps of such a fresh round after the first (None: config.train.steps). The first round
-    # starts from ~2 labels per class and needs its 6000 steps; a retrain at 4+ labels per class
-    # may need fewer (benchmarks/bench_method_speed.py measures 2000 against 6000)
+    # Steps of such a fresh round after the first (None: config.train.steps, as before). Opt-in:
+    # a retrain at 4+ labels per class may need fewer steps than the 2-labels-per-class start,
+    # which would make those rounds several times faster, but its accuracy has not been measured
+    # yet (`python benchmarks/bench_method_speed.py --parts lancet --fast --seeds 3` compares
+    # 2000 steps with the defaults)
     retrain_steps: int | None = None
     alpha_t: float = 0.1          # §10.4
     loss_tolerance: float = 0.05  # how near log 4 the DMN loss must be to call the sides matched

@@ -51,7 +51,8 @@ class LabelingSession(SelectionSession):
 
         With warm=True a new round continues training the previous round's model (fewer steps)
         unless the labeled set has grown by `config.retrain_growth` since; warm=False always
-        trains from scratch.
+        trains from scratch. A fresh model after an earlier round trains `config.retrain_steps`
+        steps when that is set.
         """
         key = self.key()
         if self.result is not None and self.result_key == key:

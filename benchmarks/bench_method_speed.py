@@ -9,17 +9,23 @@ the load of this shared machine falls on both alike. Times are process CPU secon
 disturbed by other work on the machine than wall time; wall time is recorded beside them).
 
 LANCET: the session of benchmarks/bench_lancet.py (digits, 20 random oracle labels, 20 per
-round) for 20, 40 and 60 labels. A round is what a user waits for: the fit for the current
-labels (training, propagation, OWA) plus the 20 candidates of the next round. Arms: before
-(defaults), after (defaults) and after with `LancetConfig(retrain_steps=2000)` (fresh rounds
-after the first train 2000 steps instead of 6000). Accuracy: the propagated labels' accuracy on
-the pool rows no human labeled.
+round) for the rounds of `--budgets` (default 20, 40, 60 labels). A round is what a user waits
+for: the fit for the current labels (training, propagation, OWA) plus the 20 candidates of the
+next round. Arms: before and after at the defaults; with `--fast` also after with
+`LancetConfig(retrain_steps=2000)` (fresh rounds after the first train 2000 steps instead of
+6000). Accuracy: the propagated labels' accuracy on the pool rows no human labeled.
+Components: CPU time of 300 SemiGAN steps, of OWA (400 iterations) and of the 20 candidates on
+fixed inputs, before and after alternating (`--repeats`).
 
 ELITE: `EliteDetector` at bench_elite.py's settings (100 epochs, batches of 128, lr 1e-3) on
 polluted digits, normal classes 0-9 x pollution 0.1 / 0.3 / 0.5, seed 0; the fit's CPU time and
 the test ROC-AUC; Deep SAD (lr 1e-4) timed on the same tasks by the after side.
 
-    python benchmarks/bench_method_speed.py                 # the reported run (~15 min on 2 cores)
+The reported runs (benchmarks/results/method_speed*.md; 1,092 s and 1,380 s of wall time on 2
+cores at load 8-14):
+
+    python benchmarks/bench_method_speed.py --parts lancet --budgets 20 --out benchmarks/results/method_speed_lancet.md
+    python benchmarks/bench_method_speed.py --parts components,elite --out benchmarks/results/method_speed_elite.md
     python benchmarks/bench_method_speed.py --quick         # a smoke run (writes nothing)
 """
 from __future__ import annotations

@@ -51,7 +51,14 @@ class MetaStep:
 
 def meta_gradients_factored(score: nn.Module, x: torch.Tensor, x_val: torch.Tensor,
                             val_loss: ValLoss, lr: float) -> MetaStep:
-    """Meta-gradients from factored inner products captured with forward hooks (see module doc)."""
+    """Meta-gradients from factored inner products captured with forward hooks (see module doc).
+
+    One forward over the batch and the validation samples together and one backward to the layer
+    outputs serve both sides: no layer mixes samples, so the rows of d(sum_i Omega_i + L^v)/d out
+    are D_i for a batch sample and d L^v / d out for a validation one, and the validation
+    gradient of a layer is then sum_v D_v^T X_v (the same products autograd would form). This
+    halves the passes of computing L^v's gradient apart from the batch's.
+    """
     layers = _weight_layers(score)
     captured: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
 
@@ -60,19 +67,19 @@ def meta_gradients_factored(score: nn.Module, x: torch.Tensor, x_val: torch.Tens
 
     handles = [m.register_forward_hook(keep) for m in layers]
     try:
-        scores = score(x)
+        both = score(torch.cat([x, x_val]))
     finally:
         for h in handles:
             h.remove()
-    lv = val_loss(score(x_val))
-    params = [p for m in layers for p in _own_params(m)]
-    g_val = dict(zip(map(id, params), torch.autograd.grad(lv, params, allow_unused=True)))
-    d_out = torch.autograd.grad(scores.sum(), [out for _, _, out in captured])
-    factors = [(module, inp, d) for (module, inp, _), d in zip(captured, d_out)]
-    dots = torch.zeros(x.shape[0], dtype=scores.dtype, device=scores.device)
+    n = x.shape[0]
+    scores, lv = both[:n], val_loss(both[n:])
+    d_out = torch.autograd.grad(scores.sum() + lv, [out for _, _, out in captured])
+    factors = [(module, inp[:n], d[:n]) for (module, inp, _), d in zip(captured, d_out)]
+    dots = torch.zeros(n, dtype=scores.dtype, device=scores.device)
     with torch.no_grad():
-        for module, inp, d in factors:
-            dots += _layer_dots(module, inp, d, g_val)
+        for (module, inp, _), d in zip(captured, d_out):
+            g_val = dict(zip(map(id, _own_params(module)), _layer_grads(module, inp[n:], d[n:])))
+            dots += _layer_dots(module, inp[:n], d[:n], g_val)
 
     def backward(coeffs: torch.Tensor) -> None:
         # the gradient of sum_i c_i Omega_i w.r.t. a layer's output is c_i D_i: no second backward pass
@@ -80,7 +87,7 @@ def meta_gradients_factored(score: nn.Module, x: torch.Tensor, x_val: torch.Tens
             for module, inp, d in factors:
                 _accumulate_layer_grads(module, inp, coeffs.reshape(-1, *[1] * (d.dim() - 1)) * d)
 
-    return MetaStep(-lr / x.shape[0] * dots, scores.detach(), float(lv.detach()), backward)
+    return MetaStep(-lr / n * dots, scores.detach(), float(lv.detach()), backward)
 
 
 def meta_gradients_virtual(score: nn.Module, x: torch.Tensor, x_val: torch.Tensor,
@@ -139,8 +146,9 @@ def _layer_dots(module: nn.Module, inp: torch.Tensor, d: torch.Tensor,
     return dots
 
 
-def _accumulate_layer_grads(module: nn.Module, inp: torch.Tensor, g_out: torch.Tensor) -> None:
-    """Adds the weight (and bias) gradient of a layer with input ``inp`` and output gradient ``g_out``."""
+def _layer_grads(module: nn.Module, inp: torch.Tensor, g_out: torch.Tensor) -> list[torch.Tensor]:
+    """The gradients of the layer's trainable parameters (weight, then bias) for input ``inp`` and
+    output gradient ``g_out``, summed over the samples."""
     if isinstance(module, nn.Linear):
         rows_out, rows_in = g_out.reshape(-1, g_out.shape[-1]), inp.reshape(-1, inp.shape[-1])
         g_w, g_b = rows_out.T @ rows_in, rows_out.sum(0)
@@ -148,9 +156,13 @@ def _accumulate_layer_grads(module: nn.Module, inp: torch.Tensor, g_out: torch.T
         g_w = torch.nn.grad.conv2d_weight(inp, module.weight.shape, g_out, module.stride, module.padding,
                                           module.dilation, module.groups)
         g_b = g_out.sum(dim=(0, 2, 3))
-    for p, g in ((module.weight, g_w), (module.bias, g_b)):
-        if p is not None and p.requires_grad:
-            p.grad = g if p.grad is None else p.grad + g
+    return [g for p, g in ((module.weight, g_w), (module.bias, g_b)) if p is not None and p.requires_grad]
+
+
+def _accumulate_layer_grads(module: nn.Module, inp: torch.Tensor, g_out: torch.Tensor) -> None:
+    """Adds the weight (and bias) gradient of a layer with input ``inp`` and output gradient ``g_out``."""
+    for p, g in zip(_own_params(module), _layer_grads(module, inp, g_out)):
+        p.grad = g if p.grad is None else p.grad + g
 
 
 def _apply_weight(module: nn.Module, inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

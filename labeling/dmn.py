@@ -79,8 +79,8 @@ def online_weight_approximation(z_l: Tensor, z_u: Tensor, config: OWAConfig | No
         with torch.random.fork_rng(devices=[]):   # seeded weights, the caller's RNG untouched
             torch.manual_seed(config.seed)
             dmn = distribution_matching_network(z_l.shape[1], config.hidden)
-    opt = torch.optim.Adam(dmn.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                           fused=True)
+    net = FlatDMN(dmn)
+    opt = FlatAdam(net.flat, config.lr, config.weight_decay)
     weights = torch.ones(z_u.shape[0])
     n = config.batch_size
     steps = range(config.iterations if iterations is None else iterations)
@@ -88,20 +88,96 @@ def online_weight_approximation(z_l: Tensor, z_u: Tensor, config: OWAConfig | No
         li = torch.randint(z_l.shape[0], (n,), generator=gen)   # with replacement: N_l may be < n
         ui = torch.randperm(z_u.shape[0], generator=gen)[:n]
         noisy_l = z_l[li] + config.input_noise * torch.randn(n, z_l.shape[1], generator=gen)
-        noisy_u = z_u[ui] + config.input_noise * torch.randn(ui.numel(), z_u.shape[1], generator=gen)
-        loss_l, loss_u = _side_losses(dmn, noisy_l, noisy_u)
-        loss = (loss_l.sum() + (weights[ui] * loss_u).sum()) / (loss_l.numel() + loss_u.numel())
-        opt.zero_grad()
-        loss.backward()                                          # Eq. 43
-        opt.step()
-        with torch.no_grad():
-            weights[ui] = _normalized(_side_losses(dmn, z_l[:0], z_u[ui])[1])   # Eq. 45-46
+        batch_u = z_u[ui]
+        noisy_u = batch_u + config.input_noise * torch.randn(ui.numel(), z_u.shape[1], generator=gen)
+        opt.step(net.gradient(torch.cat([noisy_l, noisy_u]), n, weights[ui]))         # Eq. 43
+        weights[ui] = _normalized(net.unlabeled_loss(batch_u))                         # Eq. 45-46
+    net.write_back()
     with torch.no_grad():
         loss_l, loss_u = _side_losses(dmn, z_l, z_u)
     # the final weights use the final DMN for every sample, not a mix of iterations
     final = _normalized(loss_u)
     dmn_loss = float(loss_l.mean() + (final * loss_u).mean())
     return OWAResult(final, loss_u, loss_l, dmn_loss, dmn)
+
+
+class FlatDMN:
+    """The DMN's parameters in one flat tensor, with its forward and its batch-loss gradient
+    written out by hand.
+
+    An OWA iteration is tiny (a 128 x 128 batch through a 64-64-2 MLP): module calls, the
+    autograd graph and one Adam kernel per tensor cost several times its arithmetic. Here one
+    iteration is ~15 tensor operations and one fused Adam kernel; the gradient equals autograd's
+    to float rounding (tests/test_lancet_speed.py). `write_back` copies the trained values into
+    the module, which stays the DMN of record (continued by `select_candidates`).
+    """
+
+    def __init__(self, dmn: nn.Module) -> None:
+        linears = [m for m in dmn.modules() if isinstance(m, nn.Linear)]
+        acts = [m for m in dmn.modules() if not isinstance(m, (nn.Linear, nn.Sequential))]
+        if len(linears) != 3 or any(not isinstance(a, nn.ReLU) for a in acts) or \
+                linears[-1].out_features != 2:
+            raise ValueError("OWA trains the DMN of distribution_matching_network "
+                             "(Linear-ReLU-Linear-ReLU-Linear to 2 outputs)")
+        self.module_params = [p for m in linears for p in (m.weight, m.bias)]
+        self.flat = torch.cat([p.detach().reshape(-1) for p in self.module_params])
+        self.views, at = [], 0
+        for p in self.module_params:
+            self.views.append(self.flat[at:at + p.numel()].view_as(p))
+            at += p.numel()
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(h1, h2, s): the hidden activations and s = logit(labeled) - logit(unlabeled)."""
+        w1, b1, w2, b2, w3, b3 = self.views
+        h1 = torch.addmm(b1, x, w1.T).relu_()
+        h2 = torch.addmm(b2, h1, w2.T).relu_()
+        return h1, h2, torch.addmm(b3, h2, w3.T).diff(dim=1).squeeze(1)
+
+    def unlabeled_loss(self, z_u: Tensor) -> Tensor:
+        """Per-sample cross-entropy of "unlabeled" (-log softmax(out)[0] = softplus(s))."""
+        return nn.functional.softplus(self._forward(z_u)[2])
+
+    def gradient(self, x: Tensor, n_l: int, w_u: Tensor) -> Tensor:
+        """The flat gradient of (sum of labeled losses + sum of w_u * unlabeled losses) / rows,
+        for rows x = [n_l labeled; unlabeled] (Eq. 43's batch loss)."""
+        _, _, w2, _, w3, _ = self.views
+        h1, h2, s = self._forward(x)
+        # d loss / d s: labeled rows -sigmoid(-s), unlabeled rows w sigmoid(s), over the rows
+        ds = torch.sigmoid(s)
+        ds[:n_l] -= 1.0
+        ds[n_l:] *= w_u
+        ds /= x.shape[0]
+        g3 = ds @ h2                                   # d/dw3 is [-g3; g3]
+        da2 = torch.ops.aten.threshold_backward(torch.outer(ds, w3[1] - w3[0]), h2, 0)   # ReLU'
+        da1 = torch.ops.aten.threshold_backward(da2 @ w2, h1, 0)
+        total = ds.sum()
+        return torch.cat([(da1.T @ x).reshape(-1), da1.sum(0), (da2.T @ h1).reshape(-1),
+                          da2.sum(0), torch.stack([-g3, g3]).reshape(-1), torch.stack([-total, total])])
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        for p, v in zip(self.module_params, self.views):
+            p.copy_(v)
+
+
+class FlatAdam:
+    """torch.optim.Adam (L2 weight decay added to the gradient, as Adam's weight_decay) on one
+    flat tensor, in six in-place operations: the optimizer's per-call bookkeeping costs more
+    than this update at the DMN's size."""
+
+    def __init__(self, param: Tensor, lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.param, self.lr, self.weight_decay, self.betas, self.eps = param, lr, weight_decay, betas, eps
+        self.m, self.v, self.t = torch.zeros_like(param), torch.zeros_like(param), 0
+
+    def step(self, grad: Tensor) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        grad = grad.add_(self.param, alpha=self.weight_decay)
+        self.m.lerp_(grad, 1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.v.sqrt() / math.sqrt(1 - b2 ** self.t)).add_(self.eps)
+        self.param.addcdiv_(self.m, denom, value=-self.lr / (1 - b1 ** self.t))
 
 
 def select_candidates(z_l: Tensor, z_u: Tensor, budget: int, config: OWAConfig | None = None,

@@ -42,6 +42,11 @@ class LancetConfig:
     # first solution: on 4 development splits, going from 20 to 40 labels, 800 more steps gave
     # 0.919 propagated accuracy, 3000 more 0.927, a fresh model 0.944
     retrain_growth: float = 1.5
+    # Steps of such a fresh round after the first (None: config.train.steps, as before). Opt-in:
+    # fewer steps trade accuracy for time; a fresh round on 40 random digits labels with 2000
+    # steps was 2.7x faster and 0.039 less accurate than with 6000 (mean of 3 seeds, 0.883 vs
+    # 0.922; benchmarks/results/method_speed.md)
+    retrain_steps: int | None = None
     alpha_t: float = 0.1          # §10.4
     loss_tolerance: float = 0.05  # how near log 4 the DMN loss must be to call the sides matched
     # Candidates in a round where the stop rule holds, for users who label past it: 'dmn' keeps
@@ -175,11 +180,13 @@ def check_labels(labels: Tensor, num_classes: int) -> None:
 def run_lancet(x: Tensor, labeled: Tensor, labels: Tensor, num_classes: int,
                config: LancetConfig | None = None, model: nn.Module | None = None,
                make_model: ModelFactory | None = None,
-               progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> LancetResult:
+               progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+               retrain: bool = False) -> LancetResult:
     """One LANCET round over pool inputs x (N x ...) with human labels `labels` at rows `labeled`.
 
     A `model` passed in is trained further for `config.warm_steps` (the cached state of the
-    previous round); otherwise `make_model` (default: SemiGAN) builds a fresh one.
+    previous round); otherwise `make_model` (default: SemiGAN) builds a fresh one, trained for
+    `config.retrain_steps` when `retrain` (a fresh model after an earlier round) and that is set.
     """
     config = config or LancetConfig()
     labeled, labels = labeled.long(), labels.long()
@@ -190,6 +197,8 @@ def run_lancet(x: Tensor, labeled: Tensor, labels: Tensor, num_classes: int,
     train = config.train
     if model is None:
         model = (make_model or default_model(config))(x.shape[1], num_classes, train.seed)
+        if retrain and config.retrain_steps is not None:
+            train = TrainConfig(**{**train.__dict__, "steps": config.retrain_steps})
     else:
         train = TrainConfig(**{**train.__dict__, "steps": config.warm_steps})
     if not isinstance(model, EmbeddingModel):

@@ -11,8 +11,9 @@ Inputs are flat float vectors (N x in_dim); reshape images before handing them i
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -101,7 +102,8 @@ class SemiGAN(nn.Module):
         """One discriminator step (Eq. 35) then one generator step (Eq. 32)."""
         opt_d, opt_g = self._optimizers()
         k, n_l, n_u = self.num_classes, x_l.shape[0], x_u.shape[0]
-        fake = self.generator(torch.randn(n_u, self.config.noise_dim)).detach()
+        with torch.no_grad():   # D's step needs G's samples, not their graph
+            fake = self.generator(torch.randn(n_u, self.config.noise_dim))
         # one pass over the three batches: the same noise layers, a third of the overhead
         z = self.body(torch.cat([x_l, x_u, fake]))
         out = self.head(z)
@@ -119,9 +121,10 @@ class SemiGAN(nn.Module):
 
         # Eq. 32; the real side reuses this step's features (taken before D's update)
         fake = self.generator(torch.randn(n_u, self.config.noise_dim))
-        loss_g = (z_u.detach().mean(0) - self.body(fake).mean(0)).square().sum()
-        opt_g.zero_grad()
-        loss_g.backward()
+        with _frozen(self.body):   # G's loss needs no gradient of D's weights (opt_d drops it)
+            loss_g = (z_u.detach().mean(0) - self.body(fake).mean(0)).square().sum()
+            opt_g.zero_grad()
+            loss_g.backward()
         opt_g.step()
         return {"loss_l": loss_l.item(), "loss_u": loss_u.item(),
                 "loss_cfm": float(loss_cfm.detach()), "loss_g": loss_g.item()}
@@ -135,8 +138,7 @@ class SemiGAN(nn.Module):
         # the usual warm-up (TensorFlow's ExponentialMovingAverage): early on, follow the weights
         decay = min(self.config.ema_decay, (1 + n) / (10 + n))
         live = [*self.body.parameters(), *self.head.parameters()]
-        for avg, p in zip(self.average.parameters(), live):
-            avg.lerp_(p, 1.0 - decay)
+        torch._foreach_lerp_(list(self.average.parameters()), live, 1.0 - decay)   # one call
 
     def set_lr_scale(self, scale: float) -> None:
         """Sets both optimisers' learning rate to scale * config.lr (the trainer's decay)."""
@@ -164,6 +166,20 @@ class SemiGAN(nn.Module):
         fields = {k: v for k, v in description.items() if k != "kind"}
         fields.setdefault("ema_decay", 0.0)   # saved before averaging existed: no average weights
         return cls(SemiGANConfig(**fields))
+
+
+@contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """`module`'s parameters without requires_grad inside the block (gradients still flow
+    through it to its inputs), restored afterwards."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _discriminator_body(c: SemiGANConfig) -> nn.Sequential:

@@ -51,7 +51,8 @@ class LabelingSession(SelectionSession):
 
         With warm=True a new round continues training the previous round's model (fewer steps)
         unless the labeled set has grown by `config.retrain_growth` since; warm=False always
-        trains from scratch.
+        trains from scratch. A fresh model after an earlier round trains `config.retrain_steps`
+        steps when that is set.
         """
         key = self.key()
         if self.result is not None and self.result_key == key:
@@ -64,7 +65,7 @@ class LabelingSession(SelectionSession):
         previous = warm_start(self.result, len(ids), self.config) if warm else None
         self.result = run_lancet(x, torch.as_tensor(self.rows(ids)), labels, self.num_classes,
                                  self.config, model=previous, make_model=self.make_model,
-                                 progress=progress)
+                                 progress=progress, retrain=self.result is not None)
         self.result_key = key
         return self.result
 
@@ -125,7 +126,8 @@ def config_to_json(c: LancetConfig) -> dict[str, Any]:
     picks from a trained round) what its cache entries are keyed by."""
     return {"train": c.train.__dict__, "owa": c.owa.__dict__, "semigan": c.semigan,
             "warm_steps": c.warm_steps, "alpha_t": c.alpha_t, "loss_tolerance": c.loss_tolerance,
-            "retrain_growth": c.retrain_growth, "after_stop": c.after_stop}
+            "retrain_growth": c.retrain_growth, "retrain_steps": c.retrain_steps,
+            "after_stop": c.after_stop}
 
 
 def _config_from_json(j: dict[str, Any]) -> LancetConfig:
@@ -135,6 +137,7 @@ def _config_from_json(j: dict[str, Any]) -> LancetConfig:
                         alpha_t=j["alpha_t"], loss_tolerance=j["loss_tolerance"],
                         # sessions saved before these knobs existed get the defaults
                         retrain_growth=j.get("retrain_growth", LancetConfig.retrain_growth),
+                        retrain_steps=j.get("retrain_steps", LancetConfig.retrain_steps),
                         after_stop=j.get("after_stop", LancetConfig.after_stop))
 
 

@@ -124,10 +124,12 @@ class LabelingSession(SelectionSession):
 def config_to_json(c: LancetConfig) -> dict[str, Any]:
     """Every knob of a round as JSON: what a session saves, and (less after_stop, which only
     picks from a trained round) what its cache entries are keyed by."""
-    return {"train": c.train.__dict__, "owa": c.owa.__dict__, "semigan": c.semigan,
-            "warm_steps": c.warm_steps, "alpha_t": c.alpha_t, "loss_tolerance": c.loss_tolerance,
-            "retrain_growth": c.retrain_growth, "retrain_steps": c.retrain_steps,
-            "after_stop": c.after_stop}
+    out = {"train": c.train.__dict__, "owa": c.owa.__dict__, "semigan": c.semigan,
+           "warm_steps": c.warm_steps, "alpha_t": c.alpha_t, "loss_tolerance": c.loss_tolerance,
+           "retrain_growth": c.retrain_growth, "after_stop": c.after_stop}
+    if c.retrain_steps is not None:
+        out["retrain_steps"] = c.retrain_steps     # only when set: the cache keys of earlier rounds hold
+    return out
 
 
 def _config_from_json(j: dict[str, Any]) -> LancetConfig:

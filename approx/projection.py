@@ -109,4 +109,3 @@ def sketch_matrix(seed: int, m: int, width: int) -> torch.Tensor:
             f"{SKETCH_NUMBERS:,} numbers: lower proj_dim (k per side) or sketch_dim")
     g = torch.Generator().manual_seed((int(seed) + 1) % (2 ** 31 - 1))
     return torch.randn(m, width, generator=g) / math.sqrt(m)
-

@@ -93,7 +93,7 @@ def explain_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str]:
             lines.append(f"{indent}  sketched (tolerance {info['sketch_tolerance']:.3g}): {ranks}")
         index = info.get("index")
         if index:
-            lines.append(f"{indent}  projected index (k={index['proj_dim']}): phase 1 scanned {index['indexed']} "
+            lines.append(f"{indent}  projected index (k={', '.join(map(str, index['proj_dim']))}): phase 1 scanned {index['indexed']} "
                          f"checkpoint-layers from it, the rest exactly; rescored in {index['rounds']} round(s) "
                          f"until the recall bound reached {index['target_recall']:.3g}")
         cert = info.get("certificate")

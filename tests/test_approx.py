@@ -370,13 +370,14 @@ def test_index_error_bounds_hold_over_seeds():
     Gq = (torch.outer(torch.randn(d, generator=gen), torch.randn(d, generator=gen)) +
           0.3 * torch.randn(d, d, generator=gen)).double()
     exact = float((Ga * Gq).sum())
+    ga, gq = Ga.numpy(), Gq.numpy()
     errs, bounds = [], []
     for seed in range(250):
         spec = {"seed": seed, "k_in": 5, "k_out": 5, "din": d, "dout": d}
-        p_in, p_out = (p.double() for p in matrices(seed, d, 5, d, 5))
-        errs.append(float(((p_out.T @ Ga @ p_in) * (p_out.T @ Gq @ p_in)).sum()) - exact)
+        p_in, p_out = (p.double().numpy() for p in matrices(seed, d, 5, d, 5))
+        errs.append(float(((p_out.T @ ga @ p_in) * (p_out.T @ gq @ p_in)).sum()) - exact)
         acc = {n: np.zeros(1) for n in ("F_in", "L_in", "F_out", "L_out")}
-        norms = {"sq": np.array([float((Ga ** 2).sum())]), "sqin": np.array([float(((Ga @ p_in) ** 2).sum())])}
+        norms = {"sq": np.array([float((ga ** 2).sum())]), "sqin": np.array([float(((ga @ p_in) ** 2).sum())])}
         var = add_layer_bounds(acc, spec, norms, query_norms(spec, Gq.reshape(-1)))
         bounds.append({"sigma": np.sqrt(var), **{n: (np.sqrt(v) if n[0] == "F" else v) for n, v in acc.items()}})
     errs = np.array(errs)

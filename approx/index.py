@@ -207,5 +207,11 @@ def query_norms(spec: dict, gbar_flat: torch.Tensor) -> dict:
     gq = gbar_flat.detach().double().cpu().reshape(spec["dout"], spec["din"])
     p_in, _ = matrices(spec["seed"], spec["din"], spec["k_in"], spec["dout"], spec["k_out"])
     gin = gq @ p_in.double() if p_in is not None else gq
-    return {"spec": float(torch.linalg.matrix_norm(gq, ord=2)), "fro": float(gq.norm()),
-            "spec_in": float(torch.linalg.matrix_norm(gin, ord=2))}
+    return {"spec": spectral_norm(gq), "fro": float(gq.norm()), "spec_in": spectral_norm(gin)}
+
+
+def spectral_norm(m: torch.Tensor) -> float:
+    """||m||_2 from the largest eigenvalue of the smaller Gram matrix (float64): several times
+    cheaper than an SVD of the whole 1536 x 385 query gradient."""
+    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
+    return float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0).sqrt())

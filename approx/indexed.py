@@ -185,8 +185,11 @@ def certificate(signed: np.ndarray, one: dict, cand: np.ndarray, top: np.ndarray
 
 def exact_part(scan, ctx, entries: dict, one: dict, todo: np.ndarray) -> np.ndarray:
     """The indexed layers' exact part of the scores of samples `todo` (positions, sorted), from the
-    stored factors by each layer's chosen strategy against the same query side."""
+    stored factors by each layer's chosen strategy against the same query side. The candidates'
+    rows are gathered from every shard into one batch per layer first: scoring them shard by shard
+    (a few rows each) costs several times the full scan's per-sample time."""
     from metaql.engine.executor import layer_pass
+    from metaql.engine.strategies import strategy_named
     catalog = catalog_of(ctx)
     out = np.zeros(len(todo))
     if len(todo) == 0:
@@ -194,7 +197,42 @@ def exact_part(scan, ctx, entries: dict, one: dict, todo: np.ndarray) -> np.ndar
     ids = one["ids"][todo]
     for strat in scan.strategies:
         if (strat.checkpoint, strat.layer) in entries:
-            s, _, _ = layer_pass(ctx.store, strat.checkpoint, strat, ids, one["queries"][strat.checkpoint][strat.layer],
-                                 scan, ctx)
+            q = one["queries"][strat.checkpoint][strat.layer]
+            if strategy_named(strat.chosen).replays:      # a forced re-compute replays, reads no factors
+                s = layer_pass(ctx.store, strat.checkpoint, strat, ids, q, scan, ctx)[0]
+            else:
+                s = gathered_scores(ctx, strat, ids, q, scan)
             out += catalog.checkpoint(strat.checkpoint)["lr"] * s
     return out * (len(scan.query.ids) if scan.reduce == "sum" else 1.0)
+
+
+def gathered_scores(ctx, strat, ids: np.ndarray, q, scan) -> np.ndarray:
+    """Scores of the sorted `ids` for one layer: their rows of every overlapping shard, concatenated,
+    scored in chunks of the executor's size."""
+    import torch
+    from metaql.engine.executor import chunk_rows, chunk_scores, device_of, overlaps, rows_of
+    from metaql.storage.layers import kind_named
+    catalog = catalog_of(ctx)
+    meta, stored = catalog.layer_meta(strat.layer)
+    parts, where = {}, []
+    for row in catalog.factor_shards(strat.checkpoint, strat.layer):
+        if not overlaps(row, ids):
+            continue
+        shard_ids, tensors = catalog.shard_tensors(row)
+        keep = np.nonzero(np.isin(shard_ids, ids))[0]
+        if len(keep):
+            where.append(np.searchsorted(ids, shard_ids[keep]))
+            for name, t in tensors.items():
+                parts.setdefault(name, []).append(rows_of(t, keep))
+    scores = np.zeros(len(ids))
+    if not where:
+        return scores
+    pos = np.concatenate(where)
+    batch = {name: torch.cat(ts) for name, ts in parts.items()}
+    step = chunk_rows(batch, q, strat.chosen, meta)
+    for lo in range(0, len(pos), step):
+        ctx.check_interrupt()
+        chunk = {name: t[lo:lo + step].to(device_of(ctx)) for name, t in batch.items()}
+        s, _ = chunk_scores(kind_named(meta.kind), meta, stored, strat.chosen, chunk, q, scan.similarity)
+        scores[pos[lo:lo + step]] += s
+    return scores

@@ -60,6 +60,11 @@ def execute_approximate(plan, ctx) -> pa.Table:
         if isinstance(plan, TopK):
             table = executor.top_k(table, plan.k, plan.ascending)
         return with_metadata(table, info, scan)
+    if isinstance(plan, TopK) and not projected:
+        from metaql.approx.indexed import indexed_topk
+        table = indexed_topk(plan, scan, ctx, info)       # None: no usable projected index
+        if table is not None:
+            return with_metadata(table, info, scan)
     tolerance = max(0.0, float(scan.error) - bound)
     one = phase_one(scan, ctx, projected, tolerance)
     info.update(sketch_tolerance=tolerance, sketched_layers=one.sketched)
@@ -86,6 +91,11 @@ def explain_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str]:
         if info.get("sketched_layers"):
             ranks = ", ".join(f"{k} rank {r}" for k, r in info["sketched_layers"].items())
             lines.append(f"{indent}  sketched (tolerance {info['sketch_tolerance']:.3g}): {ranks}")
+        index = info.get("index")
+        if index:
+            lines.append(f"{indent}  projected index (k={', '.join(map(str, index['proj_dim']))}): phase 1 scanned {index['indexed']} "
+                         f"checkpoint-layers from it, the rest exactly; rescored in {index['rounds']} round(s) "
+                         f"until the recall bound reached {index['target_recall']:.3g}")
         cert = info.get("certificate")
         if cert is not None:
             lines.append(f"{indent}  two-phase TOPK: {cert['candidates']} candidates of {cert['scanned']} "

@@ -64,7 +64,7 @@ def _catalog_errors(method: Callable) -> Callable:
 
 
 # connect(config=...) keys: what each one does is in connect()'s docstring
-CONFIG_KEYS = ("address", "device", "engine", "force_strategy", "progress", "trusted_factories")
+CONFIG_KEYS = ("address", "device", "engine", "force_strategy", "progress", "topk_pruning", "trusted_factories")
 
 
 def _checked_config(config) -> dict:

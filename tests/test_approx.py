@@ -317,3 +317,112 @@ def test_python_influence_with_error():
         proj_con.influence((xq, yq), error=2)
     res = proj_con.influence((xq, yq), error=0.9)
     assert len(res.fetchall()) == 30 and res.approximation["bound"] <= 0.9
+
+
+# ---- the projected index: phase 1 from a projection kept beside the exact factors ---------------
+def _indexed_store(seed=0, n=120, nq=6, t=3, width=16):
+    """An exact SeqModel store (positions per sample, stored as factors: the index's case) over two
+    checkpoints."""
+    torch.manual_seed(seed)
+    model = SeqModel(width, width, 3)
+    x, y = torch.randn(n + nq, t, width), torch.randint(0, 3, (n + nq,))
+    ids = np.arange(n + nq)
+    con = metaql.connect(":memory:")
+    con.add_samples(ids[:n], "train", y[:n].numpy(), x[:n])
+    con.add_samples(ids[n:], "test", y[n:].numpy(), x[n:])
+    states = []
+    for c in range(2):
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        _capture(con, model, x, y, ids[:n], checkpoint=f"c{c}")
+        with torch.no_grad():
+            model.proj.weight.add_(0.2 * torch.randn_like(model.proj.weight))
+    return con, model, x, y, states
+
+
+def test_index_rows_equal_explicit_projection_of_bruteforce():
+    """Each indexed row is P_out^T G P_in of the torch.func gradient, with its exact squared norms."""
+    from metaql.approx.index import build_index, load_index
+    con, model, x, y, states = _indexed_store(n=12, nq=2)
+    assert build_index(con, proj_dim=4) == {"c0": ["proj", "tok"], "c1": ["proj", "tok"]}   # head: too small
+    for ckpt, state in zip(("c0", "c1"), states):
+        model.load_state_dict(state)
+        g = per_sample_grads(model, x[:12], y[:12])
+        index = load_index(con.store, ckpt)
+        for layer in ("tok", "proj"):
+            e = index[layer]
+            G = _canonical(g, layer)
+            np.testing.assert_allclose(e["g"], _projected(G, e["spec"]).reshape(12, -1).numpy(), rtol=1e-4,
+                                       atol=1e-6 * float(G.abs().max()))
+            np.testing.assert_allclose(e["sq"], (G ** 2).sum((1, 2)).numpy(), rtol=1e-4)
+            half = _projected(G, dict(e["spec"], k_out=None))
+            np.testing.assert_allclose(e["sqin"], (half ** 2).sum((1, 2)).numpy(), rtol=1e-4)
+
+
+def test_index_error_bounds_hold_over_seeds():
+    """Over 250 seeds: the index estimate is unbiased, its variance within sigma^2, and its lower
+    tail within the certificate's miss bound (Cantelli and the split Laurent-Massart bound)."""
+    from metaql.approx.index import query_norms
+    from metaql.approx.indexed import add_layer_bounds, miss_probability
+    from metaql.approx.projection import matrices
+    gen = torch.Generator().manual_seed(3)
+    d, s = 20, 6
+    Ga = sum(torch.outer(torch.randn(d, generator=gen), torch.randn(d, generator=gen)) for _ in range(s)).double()
+    Gq = (torch.outer(torch.randn(d, generator=gen), torch.randn(d, generator=gen)) +
+          0.3 * torch.randn(d, d, generator=gen)).double()
+    exact = float((Ga * Gq).sum())
+    ga, gq = Ga.numpy(), Gq.numpy()
+    errs, bounds = [], []
+    for seed in range(250):
+        spec = {"seed": seed, "k_in": 5, "k_out": 5, "din": d, "dout": d}
+        p_in, p_out = (p.double().numpy() for p in matrices(seed, d, 5, d, 5))
+        errs.append(float(((p_out.T @ ga @ p_in) * (p_out.T @ gq @ p_in)).sum()) - exact)
+        acc = {n: np.zeros(1) for n in ("F_in", "L_in", "F_out", "L_out")}
+        norms = {"sq": np.array([float((ga ** 2).sum())]), "sqin": np.array([float(((ga @ p_in) ** 2).sum())])}
+        var = add_layer_bounds(acc, spec, norms, query_norms(spec, Gq.reshape(-1)))
+        bounds.append({"sigma": np.sqrt(var), **{n: (np.sqrt(v) if n[0] == "F" else v) for n, v in acc.items()}})
+    errs = np.array(errs)
+    sigma = float(bounds[0]["sigma"][0])
+    assert abs(errs.mean()) < 4 * errs.std() / np.sqrt(len(errs))
+    assert errs.var() <= sigma ** 2
+    stacked = {n: np.concatenate([b[n] for b in bounds]) for n in bounds[0]}      # one row per seed
+    for gap in (1.0 * sigma, 2.0 * sigma, 3.0 * sigma):
+        p = float(miss_probability(np.full(len(errs), gap), stacked, np.arange(len(errs))).mean())
+        assert np.mean(errs <= -gap) <= p + 0.05       # 3 binomial standard errors at p <= 0.25
+    assert p < 0.2          # the bound says something at 3 sigma (the test can fail)
+
+
+@pytest.mark.parametrize("order", ["DESC", "ASC"])
+def test_index_topk_exact_scores_and_certificate(order):
+    """TOPK under error= over an index returns exact scores, meets 1 - error in its certificate (or
+    rescored everything), and its recall against the exact TOPK is at least the bound."""
+    from metaql.approx.index import build_index
+    con, *_ = _indexed_store(seed=1, n=80)
+    stmt = "SELECT TOPK(10) train FROM INFLUENCE(layers=*, query=batch(test){}) ORDER BY " + order
+    exact = con.execute(stmt.format("")).fetchall()
+    build_index(con, proj_dim=4)
+    got = con.execute(stmt.format(", error=0.05")).fetchall()
+    info = con.approximation
+    cert = info["certificate"]
+    assert info["index"]["indexed"] == 4 and cert["rescored"]
+    assert cert["recall_bound"] >= 0.95 or cert["candidates"] == cert["scanned"] == 80
+    every = dict(con.execute("SELECT sample_id, score FROM INFLUENCE(layers=*, query=batch(test))").fetchall())
+    np.testing.assert_allclose([s for _, s in got], [every[i] for i, _ in got], rtol=1e-5, atol=1e-9)
+    assert len({i for i, _ in got} & {i for i, _ in exact}) / 10 >= cert["recall_bound"]
+    plan = "\n".join(r[0] for r in con.execute("EXPLAIN ANALYZE " + stmt.format(", error=0.05")).fetchall())
+    assert "projected index" in plan and "recall bound" in plan
+
+
+def test_index_goes_stale_and_refusals():
+    """A checkpoint captured after the build is scored exactly (not from a stale index); bad
+    requests are refused with what to do."""
+    from metaql.approx.index import build_index
+    con, model, x, y, _ = _indexed_store(n=40)
+    build_index(con, proj_dim=4, checkpoints=["c0"])
+    con.execute("SELECT TOPK(5) train FROM INFLUENCE(layers=*, query=batch(test), error=0.05) ORDER BY DESC")
+    assert con.approximation["index"]["indexed"] == 2          # c0's tok and proj only
+    with pytest.raises(InvalidInputException, match="cannot be indexed"):
+        build_index(con, proj_dim=4, layers=["head"])
+    with pytest.raises(InvalidInputException, match="no captured layer"):
+        build_index(con, layers=["nope"])
+    with pytest.raises(InvalidInputException, match="proj_dim"):
+        build_index(con, proj_dim=1)

@@ -150,8 +150,9 @@ def test_store_without_norms_read_only_is_scanned_in_full_and_written_nothing(tm
         assert any("pruning: off (no stored gradient norms" in s for s in lines), lines
         got = con.execute(Q).arrow()
         assert con.execute("SELECT count(*) FROM sample_norms").fetchone()[0] == 0
-    with metaql.connect(path) as con:
-        con.config["topk_pruning"] = False
+    with metaql.connect(path, config={"topk_pruning": False}) as con:      # the documented switch
+        lines = con.execute("EXPLAIN ANALYZE " + Q).arrow().column("plan").to_pylist()
+        assert any("pruning: off" in s for s in lines), lines
         assert got.equals(con.execute(Q).arrow())
 
 

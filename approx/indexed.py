@@ -1,0 +1,238 @@
+"""TOPK under error= over a projected index (metaql.approx.index): scan the projection, rescore
+the candidates from the exact factors, and stop when the certificate reaches 1 - error.
+
+Phase 1: indexed layers are scored from the index (one dot product per sample and layer), the
+others exactly. A layer's index error e = <P_out^T G_i P_in, P_out^T Gq P_in> - <G_i, Gq> splits
+into e_in = <G_i P_in, Gq P_in> - <G_i, Gq> and e_out = the rest, and each is a Gaussian quadratic
+form: e_in = z^T (A / k_in) z - E over the k_in N(0, I) columns z of sqrt(k_in) P_in, A = G_i^T Gq,
+with ||A||_F, ||A||_2 <= a_in = ||G_i||_F ||Gq||_2; given P_in, e_out is one in P_out with
+A' = (Gq P_in)(G_i P_in)^T, ||A'||_F, ||A'||_2 <= a_out = ||G_i P_in||_F ||Gq P_in||_2 (the index
+keeps ||G_i||_F and ||G_i P_in||_F exactly; the query's norms are computed now). Layers have
+independent seeds, so a stage's errors summed over layers form one block-diagonal form with
+    ||Lam||_F^2 <= F^2 = sum_l a_l^2 / k_l,      ||Lam||_2 <= L = max_l a_l / k_l;
+checkpoints share a layer's P, so F and L add over checkpoints weighted by |lr|. By Laurent and
+Massart's bound (Ann. Statist. 2000, Lemma 1) on each sign's eigenvalues, a stage's error is
+<= -g with probability at most T(g) = 2 exp(-x), 2 sqrt(2) F sqrt(x) + 2 L x = g, and the score's
+error is <= -g with probability at most min over a in {0, 1/4, 1/2, 3/4, 1} of
+T_in(a g) + T_out((1 - a) g). sigma_i (the standard deviation's bound, for the candidates and
+Cantelli) sums over layers the unconditional variance
+    (2/k_in) ||Gq||_2^2 ||G_i||^2 + (2/k_out) ((1 + 1/k_in) ||Gq||_2^2 + ||Gq||_F^2 / k_in) ||G_i||^2
+(Var over P_in of e_in <= 2 ||A||_F^2 / k_in; the mean over P_in of e_out's conditional variance,
+with E[P P^T Q P P^T] = (1 + 1/k) Q + tr(Q) I / k for Q = Gq^T Gq); checkpoints add in deviations.
+Phase 2: the samples with the largest upper ends s_i + 3 sigma_i (1.5 k of them first) have
+their indexed layers rescored from the stored exact factors by the
+layer's chosen exact strategy (the other layers' phase-1 scores are exact already), so every
+returned score is exact. Then the certificate: with t the answer's k-th exact score, a left-out sample (phase-1 score s_i,
+gap g_i = t - s_i) is truly above t with probability at most min(Cantelli's sigma^2 / (sigma^2 + g^2),
+the tail bound above); their sum is expected_missed, and recall_bound = 1 - expected_missed / k. If
+its recall bound is below 1 - error, the next samples by upper end are rescored too (half as
+many as were rescored so far), until it is reached or every sample is rescored.
+So under an index `error=e` of a TOPK states the answer's quality the way a TOPK can fail: its
+scores are exact, and the expected fraction of the exact top k it misses is bounded by e.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from metaql.approx.execute import SIGMAS
+from metaql.approx.index import indexed_scores, load_index, projected_query, query_norms, usable
+from metaql.storage.catalog_snapshot import catalog_of
+
+FIRST_ROUND = 1.5        # the first round rescores this many times k samples
+
+
+def indexed_topk(plan, scan, ctx, info: dict) -> pa.Table | None:
+    """The two-phase TOPK over the projected index (info gets the certificate), or None when no
+    layer of the scan has a usable index (or the scan is not a dot-similarity query)."""
+    if scan.query is None or scan.similarity != "dot" or scan.total:
+        return None
+    store = ctx.store
+    entries = {}
+    for ckpt in scan.checkpoints:
+        index = load_index(store, ckpt)
+        for layer in scan.layers:
+            entry = usable(index, store, ckpt, layer)
+            if entry is not None:
+                entries[(ckpt, layer)] = entry
+    if not entries:
+        return None
+    one = phase_one(scan, ctx, entries)
+    sign = -1.0 if plan.ascending else 1.0
+    signed = sign * one["scores"]
+    sigma = one["sigma"]
+    order = np.argsort(-(signed + SIGMAS * sigma), kind="stable")     # the next to rescore, best upper end first
+    target = 1.0 - float(scan.error)
+    rescored = np.zeros(len(signed), bool)
+    final = one["scores"].copy()
+    # first the samples with the best upper ends, FIRST_ROUND k of them; then half as many again
+    # per round (each round re-opens the layers' shards, so rounds are not one sample each)
+    todo, rounds = np.sort(order[:int(np.ceil(FIRST_ROUND * plan.k))]), 0
+    while True:
+        todo = todo[~rescored[todo]]
+        final[todo] += exact_part(scan, ctx, entries, one, todo) - one["approx"][todo]
+        rescored[todo] = True
+        rounds += 1
+        cand = np.nonzero(rescored)[0]
+        top = cand[np.argsort(-sign * final[cand], kind="stable")[:plan.k]]
+        cert = certificate(signed, one, cand, sign * final[top], plan.k)
+        if cert["recall_bound"] >= target or rescored.all():
+            break
+        rest = order[~rescored[order]]
+        todo = np.sort(rest[:max(plan.k // 2, int(rescored.sum()) // 2, 1)])
+    info["certificate"] = cert
+    info["index"] = {"proj_dim": sorted({e["spec"][s] for e in entries.values() for s in ("k_in", "k_out")
+                                         if e["spec"][s]}),
+                     "indexed": len(entries), "rounds": rounds, "target_recall": target,
+                     "layers": sorted({layer for _, layer in entries})}
+    info["statement"] = ("TOPK over a projected index: every returned score is exact (candidates rescored from the "
+                         "stored factors); the certificate's recall bound (expected fraction of the exact top k "
+                         "found) is at least 1 - error unless every sample was rescored")
+    return pa.table({"sample_id": pa.array(one["ids"][top]), "score": pa.array(final[top])})
+
+
+def phase_one(scan, ctx, entries: dict) -> dict:
+    """Every training sample's phase-1 score, sigma and indexed part (module docstring)."""
+    from metaql.engine.executor import check_finite, device_of, layer_pass, query_sides
+    store, catalog = ctx.store, catalog_of(ctx)
+    train = np.sort(scan.train.ids)
+    total, sigma, approx = (np.zeros(len(train)) for _ in range(3))
+    stages = {name: np.zeros(len(train)) for name in ("F_in", "L_in", "F_out", "L_out")}
+    seen = np.zeros(len(train), bool)
+    queries = {}
+    for ckpt in scan.checkpoints:
+        strategies = [s for s in scan.strategies if s.checkpoint == ckpt]
+        lr = catalog.checkpoint(ckpt)["lr"]
+        query = queries[ckpt] = query_sides(scan, store, ckpt, strategies, device_of(ctx), catalog, with_gbar=True)
+        part, var, apart = (np.zeros(len(train)) for _ in range(3))
+        acc = {name: np.zeros(len(train)) for name in stages}
+        for strat in strategies:
+            q, entry = query[strat.layer], entries.get((ckpt, strat.layer))
+            if entry is not None:
+                s, norms, layer_seen = indexed_scores(entry, train, projected_query(entry, q["gbar_flat"]))
+                var += add_layer_bounds(acc, entry["spec"], norms, query_norms(entry["spec"], q["gbar_flat"]))
+                apart += s
+            else:
+                s, _, layer_seen = layer_pass(store, ckpt, strat, train, q, scan, ctx)
+            check_finite(s, strat.layer, ckpt)
+            part += s
+            seen |= layer_seen
+        total += lr * part
+        sigma += abs(lr) * np.sqrt(var)
+        approx += lr * apart
+        for name in stages:
+            stages[name] += abs(lr) * (np.sqrt(acc[name]) if name.startswith("F") else acc[name])
+    scale = len(scan.query.ids) if scan.reduce == "sum" else 1.0      # <g, sum_q g_q> = B <g, mean_q g_q>
+    return {"ids": train[seen], "scores": total[seen] * scale, "sigma": sigma[seen] * scale,
+            "approx": approx[seen] * scale, "queries": queries,
+            **{name: v[seen] * scale for name, v in stages.items()}}
+
+
+def add_layer_bounds(acc: dict, spec: dict, norms: dict, qn: dict) -> np.ndarray:
+    """Adds one layer's a^2 / k (F, squared) and a / k (L, max) of each stage to `acc`; returns the
+    layer's variance bound per sample (module docstring)."""
+    k_in, k_out, sq = spec["k_in"], spec["k_out"], norms["sq"]
+    var = np.zeros(len(sq))
+    if k_in:
+        a = np.sqrt(sq) * qn["spec"]
+        acc["F_in"] += a ** 2 / k_in
+        acc["L_in"] = np.maximum(acc["L_in"], a / k_in)
+        var += 2.0 / k_in * qn["spec"] ** 2 * sq
+    if k_out:
+        a = np.sqrt(norms["sqin"]) * qn["spec_in"] if k_in else np.sqrt(sq) * qn["spec"]
+        acc["F_out"] += a ** 2 / k_out
+        acc["L_out"] = np.maximum(acc["L_out"], a / k_out)
+        inner = (1.0 + 1.0 / k_in) * qn["spec"] ** 2 + qn["fro"] ** 2 / k_in if k_in else qn["spec"] ** 2
+        var += 2.0 / k_out * inner * sq
+    return var
+
+
+def stage_tail(g: np.ndarray, fro: np.ndarray, spec: np.ndarray) -> np.ndarray:
+    """Laurent-Massart: P(stage error <= -g) <= 2 exp(-x), 2 sqrt(2) F sqrt(x) + 2 L x = g (0 for a
+    stage that is absent, F = 0, when g > 0; 1 when g <= 0)."""
+    b, c = 2.0 * np.sqrt(2.0) * fro, 2.0 * spec
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        root = np.where(c > 0, (-b + np.sqrt(b ** 2 + 4.0 * c * np.maximum(g, 0))) / np.where(c > 0, 2.0 * c, 1.0),
+                        np.maximum(g, 0) / np.where(b > 0, b, 1.0))
+    tail = np.minimum(1.0, 2.0 * np.exp(-np.square(root)))
+    return np.where(g <= 0, 1.0, np.where(fro > 0, tail, 0.0))
+
+
+def miss_probability(gap: np.ndarray, one: dict, out: np.ndarray) -> np.ndarray:
+    """A bound on P(error <= -gap) of the samples `out` (module docstring): the smaller of
+    Cantelli's and the split Laurent-Massart bound's; 1 where gap <= 0."""
+    sigma = one["sigma"][out]
+    g = np.maximum(gap, 0.0)
+    cantelli = np.where(g > 0, sigma ** 2 / np.maximum(sigma ** 2 + g ** 2, 1e-300), 1.0)
+    split = np.min([stage_tail(a * g, one["F_in"][out], one["L_in"][out]) +
+                    stage_tail((1 - a) * g, one["F_out"][out], one["L_out"][out]) for a in (0, .25, .5, .75, 1)], 0)
+    return np.where(gap > 0, np.minimum(cantelli, np.minimum(split, 1.0)), 1.0)
+
+
+def certificate(signed: np.ndarray, one: dict, cand: np.ndarray, top: np.ndarray, k: int) -> dict:
+    """What the answer guarantees (module docstring); `signed` and `top` are signed so that larger
+    is better."""
+    cert = {"k": int(min(k, len(signed))), "candidates": int(len(cand)), "scanned": int(len(signed)),
+            "sigmas": SIGMAS, "rescored": True, "tail": "min(Cantelli, Laurent-Massart)"}
+    out = np.ones(len(signed), bool)
+    out[cand] = False
+    t = float(top[-1]) if len(top) else float("inf")
+    p = miss_probability(t - signed[out], one, out)
+    missed = float(p.sum())
+    cert.update(expected_missed=missed, recall_bound=max(0.0, 1.0 - missed / max(cert["k"], 1)))
+    return cert
+
+
+def exact_part(scan, ctx, entries: dict, one: dict, todo: np.ndarray) -> np.ndarray:
+    """The indexed layers' exact part of the scores of samples `todo` (positions, sorted), from the
+    stored factors by each layer's chosen strategy against the same query side. The candidates'
+    rows are gathered from every shard into one batch per layer first: scoring them shard by shard
+    (a few rows each) costs several times the full scan's per-sample time."""
+    from metaql.engine.executor import layer_pass
+    from metaql.engine.strategies import strategy_named
+    catalog = catalog_of(ctx)
+    out = np.zeros(len(todo))
+    if len(todo) == 0:
+        return out
+    ids = one["ids"][todo]
+    for strat in scan.strategies:
+        if (strat.checkpoint, strat.layer) in entries:
+            q = one["queries"][strat.checkpoint][strat.layer]
+            if strategy_named(strat.chosen).replays:      # a forced re-compute replays, reads no factors
+                s = layer_pass(ctx.store, strat.checkpoint, strat, ids, q, scan, ctx)[0]
+            else:
+                s = gathered_scores(ctx, strat, ids, q, scan)
+            out += catalog.checkpoint(strat.checkpoint)["lr"] * s
+    return out * (len(scan.query.ids) if scan.reduce == "sum" else 1.0)
+
+
+def gathered_scores(ctx, strat, ids: np.ndarray, q, scan) -> np.ndarray:
+    """Scores of the sorted `ids` for one layer: their rows of every overlapping shard, concatenated,
+    scored in chunks of the executor's size."""
+    import torch
+    from metaql.engine.executor import chunk_rows, chunk_scores, device_of, overlaps, rows_of
+    from metaql.storage.layers import kind_named
+    catalog = catalog_of(ctx)
+    meta, stored = catalog.layer_meta(strat.layer)
+    parts, where = {}, []
+    for row in catalog.factor_shards(strat.checkpoint, strat.layer):
+        if not overlaps(row, ids):
+            continue
+        shard_ids, tensors = catalog.shard_tensors(row)
+        keep = np.nonzero(np.isin(shard_ids, ids))[0]
+        if len(keep):
+            where.append(np.searchsorted(ids, shard_ids[keep]))
+            for name, t in tensors.items():
+                parts.setdefault(name, []).append(rows_of(t, keep))
+    scores = np.zeros(len(ids))
+    if not where:
+        return scores
+    pos = np.concatenate(where)
+    batch = {name: torch.cat(ts) for name, ts in parts.items()}
+    step = chunk_rows(batch, q, strat.chosen, meta)
+    for lo in range(0, len(pos), step):
+        ctx.check_interrupt()
+        chunk = {name: t[lo:lo + step].to(device_of(ctx)) for name, t in batch.items()}
+        s, _ = chunk_scores(kind_named(meta.kind), meta, stored, strat.chosen, chunk, q, scan.similarity)
+        scores[pos[lo:lo + step]] += s
+    return scores

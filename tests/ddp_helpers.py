@@ -23,3 +23,14 @@ def factors_by_id(path: str, checkpoint: str) -> dict:
             for i, sid in enumerate(ids):
                 out[(row["layer"], int(sid))] = {n: t[i].clone() for n, t in tensors.items()}
     return out
+
+
+def assert_same_factors(got_path: str, want_path: str, checkpoint: str, n: int, atol: float) -> None:
+    """The two stores hold the same (layer, sample id) pairs, `n` of them, each once, and the same
+    factors within `atol`."""
+    import torch
+    got, want = factors_by_id(got_path, checkpoint), factors_by_id(want_path, checkpoint)
+    assert sorted(got) == sorted(want) and len(want) == n
+    for key, tensors in want.items():
+        for name, t in tensors.items():
+            torch.testing.assert_close(got[key][name], t, atol=atol, rtol=1e-5)

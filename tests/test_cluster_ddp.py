@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import metaql
 from metaql.demo import DigitsMLP
-from tests.ddp_helpers import factors_by_id, free_port
+from tests.ddp_helpers import assert_same_factors, free_port
 
 pytestmark = pytest.mark.cluster
 N, BATCH, STEPS = 96, 32, 3
@@ -88,11 +88,7 @@ def test_two_gloo_ranks_store_what_one_process_stores(tmp_path):
     new_store(ddp)
     torch.multiprocessing.spawn(_rank_main, args=(2, free_port(), ddp), nprocs=2, join=True)
     one_process(single)
-    got, want = factors_by_id(ddp, "c0"), factors_by_id(single, "c0")
-    assert sorted(got) == sorted(want) and len(want) == 2 * N       # the same sample ids, each once
-    for key, tensors in want.items():
-        for name, t in tensors.items():
-            torch.testing.assert_close(got[key][name], t, atol=1e-6, rtol=1e-5)
+    assert_same_factors(ddp, single, "c0", 2 * N, atol=1e-6)       # the same sample ids, each once
     with metaql.connect(ddp, read_only=True) as con:
         assert con.verify() == []
         assert con.execute("SELECT status FROM checkpoints").fetchall() == [("complete",)]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import metaql
-from tests.ddp_helpers import factors_by_id, free_port
+from tests.ddp_helpers import assert_same_factors, free_port
 from tests.test_integrations import _lit_module
 
 pytestmark = pytest.mark.cluster
@@ -83,11 +83,7 @@ def test_lightning_ddp_two_ranks_store_what_one_process_stores(tmp_path):
 
 def assert_same_stores(ddp: str, single: str) -> None:
     for checkpoint in ("epoch1", "epoch2"):
-        got, want = factors_by_id(ddp, checkpoint), factors_by_id(single, checkpoint)
-        assert sorted(got) == sorted(want) and len(want) == 3 * N       # fc1, act, fc2: each id once
-        for key, tensors in want.items():
-            for name, t in tensors.items():
-                torch.testing.assert_close(got[key][name], t, atol=1e-5, rtol=1e-5)
+        assert_same_factors(ddp, single, checkpoint, 3 * N, atol=1e-5)     # fc1, act, fc2: each id once
     with metaql.connect(ddp, read_only=True) as con:
         assert con.verify() == []
         assert con.execute("SELECT name, status, step FROM checkpoints ORDER BY name").fetchall() == [
@@ -178,11 +174,7 @@ def test_ray_train_example_two_workers_store_what_one_process_stores(tmp_path):
         if started:
             ray.shutdown()
     one.one_process(single)
-    got, want = factors_by_id(ddp, "c0"), factors_by_id(single, "c0")
-    assert sorted(got) == sorted(want) and len(want) == 2 * one.N
-    for key, tensors in want.items():
-        for name, t in tensors.items():
-            torch.testing.assert_close(got[key][name], t, atol=1e-5, rtol=1e-5)
+    assert_same_factors(ddp, single, "c0", 2 * one.N, atol=1e-5)
     with metaql.connect(ddp, read_only=True) as con:
         assert con.verify() == []
         assert con.execute("SELECT status FROM checkpoints").fetchall() == [("complete",)]

@@ -146,17 +146,9 @@ function initSession() {
   const root = document.getElementById("session-grid");
   if (root) {
     const grid = new Grid(root);
-    document.addEventListener("keydown", async e => {
-      if (typing(e) || e.ctrlKey || e.metaKey || e.altKey) return;
-      if (grid.move(e.key)) { e.preventDefault(); return; }
-      if (!/^[0-9]$/.test(e.key) || !grid.current()) return;
-      const card = grid.current();
-      try {
-        const row = await post("/api/label", {sample_id: Number(card.dataset.sample), label: Number(e.key), who: who()});
-        showDecision(card, row.label, row.labeled_by);
-        say("sample " + row.sample_id + " labeled " + row.label);
-        grid.next();
-      } catch (err) { say(err.message, true); }
+    onNumberKeys(grid, async (card, label) => {
+      await labelCard(card, label);
+      grid.next();
     });
   }
   const form = document.getElementById("round-form");
@@ -247,28 +239,36 @@ function initMethodSession(pool, method) {
   const root = document.getElementById("method-grid");
   if (!root) return;
   const grid = new Grid(root);
+  onNumberKeys(grid, async (card, label) => {
+    if (method === "active") {
+      await labelCard(card, label);
+    } else {
+      const r = await post("/api/annotate", {sample_id: Number(card.dataset.sample), label: label, who: who()});
+      card.querySelector(".n-annotations").textContent = String(r.annotations.length);
+      card.querySelector(".decision").textContent = "annotated: " + r.label + " by " + r.annotated_by;
+      say("sample " + r.sample_id + " annotated " + r.label);
+    }
+    grid.next();
+    const s = await (await fetch("/api/session/status?" + new URLSearchParams({pool: pool, method: method}))).json();
+    showStatus(s.status);
+  });
+}
+
+// Arrows move in the grid; a number key gives the current card that label through `write(card, label)`.
+function onNumberKeys(grid, write) {
   document.addEventListener("keydown", async e => {
     if (typing(e) || e.ctrlKey || e.metaKey || e.altKey) return;
     if (grid.move(e.key)) { e.preventDefault(); return; }
     if (!/^[0-9]$/.test(e.key) || !grid.current()) return;
-    const card = grid.current();
-    const body = {sample_id: Number(card.dataset.sample), label: Number(e.key), who: who()};
-    try {
-      if (method === "active") {
-        const row = await post("/api/label", body);
-        showDecision(card, row.label, row.labeled_by);
-        say("sample " + row.sample_id + " labeled " + row.label);
-      } else {
-        const r = await post("/api/annotate", body);
-        card.querySelector(".n-annotations").textContent = String(r.annotations.length);
-        card.querySelector(".decision").textContent = "annotated: " + r.label + " by " + r.annotated_by;
-        say("sample " + r.sample_id + " annotated " + r.label);
-      }
-      grid.next();
-      const s = await (await fetch("/api/session/status?" + new URLSearchParams({pool: pool, method: method}))).json();
-      showStatus(s.status);
-    } catch (err) { say(err.message, true); }
+    try { await write(grid.current(), Number(e.key)); } catch (err) { say(err.message, true); }
   });
+}
+
+// One label per sample (the labels table), shown on its card.
+async function labelCard(card, label) {
+  const row = await post("/api/label", {sample_id: Number(card.dataset.sample), label: label, who: who()});
+  showDecision(card, row.label, row.labeled_by);
+  say("sample " + row.sample_id + " labeled " + row.label);
 }
 
 function initQuery() {      // Ctrl-Enter runs the console's statement, or ranks the review page's

@@ -29,6 +29,7 @@ def test_demo_builds_a_store_that_reopens_and_answers(tmp_path):
     assert refused.returncode == 1 and "--force" in refused.stderr
 
 
+@pytest.mark.e2e       # fresh processes: CI's e2e step (the fast suite is near its 5-minute bound)
 def test_command_errors_exit_nonzero(tmp_path):
     store = str(tmp_path / "s.mq")
     bad = run(store, "-c", "SELECT TOPK(3) train FROM INFLUENCE(query=batch(x)) ORDER BY up;")

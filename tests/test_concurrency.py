@@ -54,6 +54,7 @@ con.close()
 """
 
 
+@pytest.mark.e2e       # fresh processes: CI's e2e step (the fast suite is near its 5-minute bound)
 def test_a_reader_process_queries_while_a_writer_process_captures(tmp_path):
     store = str(tmp_path / "s.mq")
     con = metaql.connect(store)

@@ -160,6 +160,7 @@ def test_interactive_session_in_a_terminal(terminals):
     assert "+SELECT split,\n+count(*) AS n FROM samples GROUP BY split ORDER BY split;" in history
 
 
+@pytest.mark.e2e       # fresh processes: CI's e2e step (the fast suite is near its 5-minute bound)
 def test_ctrl_c_stops_a_running_statement_and_a_bar_shows_its_progress(terminals):
     child = terminals["slow"]
     child.expect(FRESH_PROMPT, timeout=START)

@@ -4,8 +4,9 @@ import pytest
 import torch
 from hypothesis import settings
 
-# Two cores: keep torch from oversubscribing when pytest runs alongside other work.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Keep torch from oversubscribing the cores: under pytest-xdist (`-n 2`) each worker already has a
+# core of its own, so it computes on one thread; a plain run uses up to two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 settings.register_profile("ci", max_examples=15, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=15, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")

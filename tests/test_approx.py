@@ -360,7 +360,7 @@ def test_index_rows_equal_explicit_projection_of_bruteforce():
 
 def test_index_error_bounds_hold_over_seeds():
     """Over 250 seeds: the index estimate is unbiased, its variance within sigma^2, and its lower
-    tail within the certificate's miss bound (Cantelli and the split Laurent-Massart bound)."""
+    tail within the certificate's miss bound (Cantelli and the split Chernoff bound)."""
     from metaql.approx.index import query_norms
     from metaql.approx.indexed import add_layer_bounds, miss_probability
     from metaql.approx.projection import matrices

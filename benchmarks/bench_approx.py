@@ -440,6 +440,76 @@ def sweep_benchmark(args) -> None:
     report.write()
 
 
+SUBSPACE_RANKS = (1, 2, 4, 8)
+SUBSPACE_SAMPLES = 64
+
+
+def subspace_benchmark(args) -> None:
+    """How much of the query gradient a data-dependent index could score exactly (`--subspace
+    STORE`, results approx_index_subspace.md): per indexed layer, the top-r left and right singular
+    subspaces U, V of the first SUBSPACE_SAMPLES training gradients (eigenvectors of sum G G^T and
+    sum G^T G), and ||Gq - U U^T Gq - (I - U U^T) Gq V V^T||_2 / ||Gq||_2: the share of the query's
+    spectral norm left to the random projection if U^T G_i and G_i V were kept exactly beside it
+    (r (din' + dout) numbers per sample). The certified sigma is proportional to that norm."""
+    import os
+    from metaql.approx import indexed
+    from metaql.approx.projection import layer_seed
+    report = Report("approx_index_subspace", "The query gradient outside the training gradients' top subspaces "
+                    "(MiniLM)", sys.argv)
+    report.add("Setup", f"commit {commit()}; 1-min load average at start {os.getloadavg()[0]:.1f}; store "
+               f"{args.subspace} (the --index workload); U, V from training samples 0-{SUBSPACE_SAMPLES - 1}")
+    con = metaql.connect(args.subspace, config={"progress": False,
+                                                "trusted_factories": ["tests.minilm:MiniLMClassifier"]})
+    gq, norms = {}, indexed.query_norms
+
+    def recorded(spec, gbar_flat):
+        gq[spec["seed"]] = gbar_flat.detach().double().reshape(spec["dout"], spec["din"])
+        return norms(spec, gbar_flat)
+    indexed.query_norms = recorded
+    try:
+        con.execute("SELECT TOPK(100) train FROM INFLUENCE(layers=*, query=batch(test), error=0.05) ORDER BY DESC")\
+            .fetchall()
+    finally:
+        indexed.query_norms = norms
+    rows = []
+    for (name,) in con.execute("SELECT name FROM layers ORDER BY name").fetchall():
+        q = gq.get(layer_seed(0, name))
+        if q is not None:
+            u, v = top_subspaces(con.store, name, max(SUBSPACE_RANKS))
+            rows.append([name.replace("bert.encoder.layer.", "")] + [residual_share(q, u[:, :r], v[:, :r])
+                                                                     for r in SUBSPACE_RANKS])
+    con.close()
+    report.add("||Gq residual||_2 / ||Gq||_2 per indexed layer", table(
+        ["layer"] + [f"r={r}" for r in SUBSPACE_RANKS], rows),
+        "r (din' + dout) numbers per sample would hold U^T G_i and G_i V (the index row is 4,096 at k=64).")
+    report.write()
+
+
+def top_subspaces(store, layer: str, r: int):
+    """(U dout x r, V din' x r): the top eigenvectors of sum G G^T and sum G^T G over the first
+    SUBSPACE_SAMPLES training samples of the layer's first factor shard (float64 eigh)."""
+    from metaql.storage.layers import kind_named
+    meta, _ = store.layer_meta(layer)
+    _, tensors = store.shard_tensors(store.factor_shards(None, layer)[0])
+    x, d = kind_named(meta.kind).rows(meta, tensors)
+    x, d = x[:SUBSPACE_SAMPLES].double(), d[:SUBSPACE_SAMPLES].double()
+    if meta.bias:
+        x = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], -1)
+    g = torch.bmm(d.transpose(1, 2), x)                        # (n, dout, din')
+    n, dout, din = g.shape
+    wide = g.permute(1, 0, 2).reshape(dout, n * din)
+    u = torch.linalg.eigh(wide @ wide.T)[1][:, -r:].flip(1)
+    tall = g.reshape(n * dout, din)
+    v = torch.linalg.eigh(tall.T @ tall)[1][:, -r:].flip(1)
+    return u, v
+
+
+def residual_share(q: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> float:
+    res = q - u @ (u.T @ q)
+    res = res - (res @ v) @ v.T
+    return float(torch.linalg.matrix_norm(res, 2) / torch.linalg.matrix_norm(q, 2))
+
+
 def replayed_rescoring(one: dict, exact: np.ndarray, k: int, target: float) -> str:
     """'rescored (rounds)' of indexed_topk's loop run offline on phase-1 results `one` with the exact
     scores known (same first round, certificate and next_round)."""
@@ -464,6 +534,8 @@ def main(argv=None):
     ap.add_argument("--index", action="store_true", help="only the projected-index TOPK benchmark")
     ap.add_argument("--sweep", metavar="STORE", help="only the offline replay of the index certificate on the "
                     "--index workload's store at STORE (captured there when absent)")
+    ap.add_argument("--subspace", metavar="STORE", help="only the query gradient's share outside the training "
+                    "gradients' top subspaces, on the --index workload's store at STORE")
     ap.add_argument("--head-seed", type=int, default=0, help="torch seed of the MiniLM's classifier head (--index, "
                     "--sweep); runs before this flag left it unseeded")
     add_threads_option(ap)
@@ -473,6 +545,8 @@ def main(argv=None):
         return index_benchmark(args)
     if args.sweep:
         return sweep_benchmark(args)
+    if args.subspace:
+        return subspace_benchmark(args)
     cfg = QUICK if args.quick else FULL
     report = Report("approx_quick" if args.quick else "approx", "Projected storage and approximate queries",
                     sys.argv)

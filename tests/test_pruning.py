@@ -209,3 +209,13 @@ def test_top_k_keeps_row_order_among_ties():
     table = pa.table({"sample_id": np.arange(n), "score": scores})
     assert top_k(table, 3, False).column("sample_id").to_pylist() == [0, 7, 14]
     assert top_k(table, 3, True).column("sample_id").to_pylist() == [1, 2, 3]
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 40), rank=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_spectral_norm_is_the_largest_singular_value(rows, cols, rank, seed):
+    from metaql.engine.pruning import spectral_norm
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(rows, min(rank, rows, cols), generator=g) @ torch.randn(min(rank, rows, cols), cols, generator=g)
+    exact = float(torch.linalg.matrix_norm(m.double(), ord=2))
+    assert spectral_norm(m) == pytest.approx(exact, rel=1e-9, abs=1e-12)

@@ -21,6 +21,7 @@ accuracy on the rows no human labeled does when the steps are cut:
     python benchmarks/bench_lancet_steps.py curve --labels 20,40 --seeds 0,1,2
     python benchmarks/bench_lancet_steps.py curve --labels 40 --seeds 0,1,2 --steps 2000 --batch 384
     python benchmarks/bench_lancet_steps.py warm --seeds 0,1,2
+    python benchmarks/bench_lancet_steps.py stepcost --compile   # ms per step by batch, torch.compile
     python benchmarks/bench_lancet_steps.py report      # benchmarks/results/lancet_steps.md from the raw runs
 
 Raw runs go to benchmarks/results/lancet_steps/ (one JSON per run, per-checkpoint agreements
@@ -154,6 +155,70 @@ def warm_worker(seed: int) -> dict:
     return out
 
 
+def stepcost_worker(compiled: bool) -> dict:
+    """ms per SemiGAN step at 128 / 256 / 384 unlabeled rows (interleaved, median of 3 x 100
+    steps); with `compiled`, also the step with its two losses under torch.compile (and the
+    compile's time)."""
+    import torch
+    from torch import nn
+    from metaql.labeling.embedding import TrainConfig, cfm_regularizer
+    from metaql.labeling.semigan import SemiGAN, SemiGANConfig, _frozen
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(1257, 64, generator=g), torch.randint(10, (20,), generator=g)
+    reg = cfm_regularizer(10, TrainConfig())
+    steps: dict = {}
+    for b in (128, 256, 384):
+        m = SemiGAN(SemiGANConfig(in_dim=64, num_classes=10)).train()
+        steps[f"eager, batch {b}"] = (b, m, m.train_step)
+    out: dict = {"study": "stepcost"}
+    if compiled:
+        m = SemiGAN(SemiGANConfig(in_dim=64, num_classes=10)).train()
+
+        def d_loss(x_l, y_l, x_u, fake):   # SemiGAN.train_step's D loss, written out
+            n_l, n_u, k = x_l.shape[0], x_u.shape[0], m.num_classes
+            z = m.body(torch.cat([x_l, x_u, fake]))
+            out_ = m.head(z)
+            out_l, out_u, out_f = out_[:n_l], out_[n_l:n_l + n_u], out_[n_l + n_u:]
+            loss_u = -((torch.logsumexp(out_u[:, :k], 1) - torch.logsumexp(out_u, 1)).mean()
+                       + (out_f[:, k] - torch.logsumexp(out_f, 1)).mean())
+            return (nn.functional.cross_entropy(out_l[:, :k], y_l) + loss_u
+                    + reg(z[:n_l], y_l, z[n_l:n_l + n_u], out_u[:, :k])), z[n_l:n_l + n_u].detach()
+
+        def g_loss(noise, z_u):
+            return (z_u.mean(0) - m.body(m.generator(noise)).mean(0)).square().sum()
+
+        d_c, g_c = torch.compile(d_loss, dynamic=False), torch.compile(g_loss, dynamic=False)
+        opt_d, opt_g = m._optimizers()
+
+        def step(x_l, y_l, x_u, _reg):
+            with torch.no_grad():
+                fake = m.generator(torch.randn(x_u.shape[0], 32))
+            loss, z_u = d_c(x_l, y_l, x_u, fake)
+            opt_d.zero_grad()
+            loss.backward()
+            opt_d.step()
+            m._update_average()
+            with _frozen(m.body):
+                lg = g_c(torch.randn(x_u.shape[0], 32), z_u)
+                opt_g.zero_grad()
+                lg.backward()
+            opt_g.step()
+        c0, w0 = time.process_time(), time.perf_counter()
+        step(x[:20], y, x[20:148], reg)
+        out["compile_cpu_s"], out["compile_wall_s"] = time.process_time() - c0, time.perf_counter() - w0
+        steps["torch.compile, batch 128"] = (128, m, step)
+    times: dict = {k: [] for k in steps}
+    for _ in range(3):
+        for key, (b, m, fn) in steps.items():
+            c0 = time.process_time()
+            for _ in range(100):
+                fn(x[:20], y, x[torch.randperm(1237, generator=g)[:b] + 20], reg)
+            times[key].append((time.process_time() - c0) * 10)
+    out["ms_per_step"] = {k: float(np.median(v)) for k, v in times.items()}
+    return out
+
+
 # -- the report ------------------------------------------------------------------------------------
 def stop_at(curve: list, tau: float, gap: int) -> dict | None:
     return next((p for p in curve if p.get(f"agree{gap}", 0.0) >= tau), None)
@@ -228,6 +293,14 @@ def report(header: str) -> str:
                 "cpu": r["fresh40_cpu"], "final_acc": r["fresh40"], "curve": r["curve40"]}
                for r in warm if not any(c["labels"] == 40 and c["seed"] == r["seed"] and c["steps"] == 6000
                                         and c["batch"] == 128 for c in curves)]
+    for r in (r for r in runs if r["study"] == "stepcost"):
+        base = r["ms_per_step"]["eager, batch 128"]
+        rows = "\n".join(f"| {k} | {v:.1f} | {v / base:.2f}x |" for k, v in r["ms_per_step"].items())
+        extra = (f" Compiling took {r['compile_wall_s']:.0f} s of wall time ({r['compile_cpu_s']:.0f} CPU s "
+                 f"in this process; the compiler's workers are other processes)." if "compile_wall_s" in r else "")
+        header += ("\n\n## CPU ms per SemiGAN step (median of 3 x 100 steps, interleaved)\n\n"
+                   f"| step | ms | relative |\n|---|---:|---:|\n{rows}\n\nLoad average at the end "
+                   f"{r['load']:.1f}.{extra}")
     md = [header, "", "## Accuracy had the run stopped early, and label-free stop rules", "",
           *curve_section(curves)]
     if warm:
@@ -248,7 +321,8 @@ def run_job(job: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("study", nargs="?", choices=["curve", "warm", "report"])
+    ap.add_argument("study", nargs="?", choices=["curve", "warm", "stepcost", "report"])
+    ap.add_argument("--compile", action="store_true", help="stepcost: also the torch.compile'd step")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--labels", default="20,40")
     ap.add_argument("--seeds", default="0,1,2")
@@ -260,7 +334,8 @@ def main() -> None:
     if args.worker:
         job = json.loads(args.worker)
         out = (curve_worker(job["labels"], job["seed"], job["steps"], job["batch"], job["lr"])
-               if job["study"] == "curve" else warm_worker(job["seed"]))
+               if job["study"] == "curve" else warm_worker(job["seed"]) if job["study"] == "warm"
+               else {**stepcost_worker(job["compile"]), "load": os.getloadavg()[0]})
         RAW.mkdir(parents=True, exist_ok=True)
         name = "_".join(str(job[k]) for k in sorted(job))
         (RAW / f"{name}.json").write_text(json.dumps(out) + "\n")
@@ -271,6 +346,8 @@ def main() -> None:
                  "lr": args.lr} for n in args.labels.split(",") for s in seeds]
     elif args.study == "warm":
         jobs = [{"study": "warm", "seed": s} for s in seeds]
+    elif args.study == "stepcost":
+        jobs = [{"study": "stepcost", "compile": args.compile}]
     else:
         jobs = []
     with ThreadPoolExecutor(max_workers=args.jobs) as ex:

@@ -269,6 +269,28 @@ def curve_section(runs: list) -> list[str]:
     return md
 
 
+def schedule_section(runs: list) -> list[str]:
+    """Other schedules against the default one (6000 x 128, lr 2e-3) on the same labels and seeds."""
+    default = {(r["labels"], r["seed"]): r for r in runs if (r["steps"], r["batch"], r["lr"]) == (6000, 128, 2e-3)}
+    md = ["| labels | schedule | seeds | accuracy, per seed | default's, per seed | paired difference | "
+          "CPU s (default / this) | speed-up |", "|---:|---|---|---|---|---:|---:|---:|"]
+    for key in sorted({(r["labels"], r["steps"], r["batch"], r["lr"]) for r in runs}):
+        if key[1:] == (6000, 128, 2e-3):
+            continue
+        pairs = [(r, default[(r["labels"], r["seed"])]) for r in runs
+                 if (r["labels"], r["steps"], r["batch"], r["lr"]) == key and (r["labels"], r["seed"]) in default]
+        if not pairs:
+            continue
+        pairs.sort(key=lambda p: p[0]["seed"])
+        cpu_a, cpu_b = np.mean([b["cpu"] for _, b in pairs]), np.mean([a["cpu"] for a, _ in pairs])
+        this = " / ".join(f"{a['final_acc']:.3f}" for a, _ in pairs)
+        base = " / ".join(f"{b['final_acc']:.3f}" for _, b in pairs)
+        diff = mean_sd([a["final_acc"] - b["final_acc"] for a, b in pairs])
+        md.append(f"| {key[0]} | {key[1]} steps x {key[2]}, lr {key[3]:g} | {[a['seed'] for a, _ in pairs]} | "
+                  f"{this} | {base} | {diff} | {cpu_a:.0f} / {cpu_b:.0f} | {cpu_a / cpu_b:.2f}x |")
+    return md
+
+
 def warm_section(runs: list) -> list[str]:
     runs = sorted(runs, key=lambda r: r["seed"])
     md = ["| seed | fresh 40 | 60: fresh (6000 steps) | 60: warm 800 | 60: warm 2400 | CPU s fresh / warm 800 / warm 2400 |",
@@ -303,6 +325,8 @@ def report(header: str) -> str:
                    f"{r['load']:.1f}.{extra}")
     md = [header, "", "## Accuracy had the run stopped early, and label-free stop rules", "",
           *curve_section(curves)]
+    md += ["## Larger batches, fewer steps: against the default schedule (training CPU seconds)", "",
+           *schedule_section(curves), ""]
     if warm:
         md += ["## Warm start against a fresh model at 60 labels (40 random, then 20 more)", "",
                *warm_section(warm)]

@@ -199,6 +199,9 @@ def run(seed: int, noise: str, rate: float, quick: bool, spread: bool = True, me
         for method in methods:
             ids, secs = select(con, method, model, xtr, seed, label_free=noise != "imbalance")
             out["time"][method] = secs
+            # what the pick covers: the true classes among the meta samples, and how many had a wrong label
+            out.setdefault("classes", {})[method] = int(len(np.unique(clean[ids].numpy())))
+            out.setdefault("flipped", {})[method] = int((clean[ids] != noisy[ids]).sum())
             if method == "finetune":
                 out["acc"][method] = accuracy(finetune(model, xtr[ids], clean[ids]), xte, yte)
                 continue
@@ -249,6 +252,21 @@ def selection_spread(seeds: int, picks: int, methods: list[str], quick: bool) ->
         lines.append(f"\n{a} - {b}, paired per seed on the mean over picks: {d.mean():+.1f} ± {d.std() / np.sqrt(seeds):.1f} "
                      f"({int((d > 0).sum())}/{seeds}); on the first pick only: "
                      f"{(acc[a][:, 0] - acc[b][:, 0]).mean():+.1f}")
+    return "\n".join(lines)
+
+
+def coverage(runs: list[dict]) -> str:
+    """Per method the mean number of true classes among the meta samples (of 10) and of meta
+    samples whose noisy label was wrong (runs that recorded them)."""
+    runs = [r for r in runs if "classes" in r]
+    if not runs:
+        return ""
+    lines = [f"## What the picks cover ({len(runs)} seeds): true classes among the {BUDGET} meta samples "
+             "(mean, min) and picks whose noisy label was wrong (mean)\n",
+             "| method | classes | min | wrong labels |", "|---|---|---|---|"]
+    for m in runs[0]["classes"]:
+        c = [r["classes"][m] for r in runs]
+        lines.append(f"| {m} | {np.mean(c):.1f} | {min(c)} | {np.mean([r['flipped'][m] for r in runs]):.1f} |")
     return "\n".join(lines)
 
 
@@ -382,10 +400,11 @@ def main(argv=None) -> None:
         "## Paired differences (same seed, same warm-up model): test accuracy points, mean ± standard error, wins\n\n"
         + paired(runs),
         f"## Selection time (s, mean over all runs): RBC {np.mean(rbc):.2f}, GBC {np.mean(gbc):.2f} "
-        f"(GBC/RBC = {np.mean(gbc) / max(np.mean(rbc), 1e-9):.1f}x), RBC-k {np.mean([r['time']['rbc_kmeans'] for r in runs]):.2f}",
-    ])
+        f"(GBC/RBC = {np.mean(gbc) / max(np.mean(rbc), 1e-9):.1f}x), RBC-k {np.mean([r['time']['rbc_kmeans'] for r in runs]):.2f}"
+        + "".join(f", {m} {np.mean([r['time'][m] for r in runs]):.2f}" for m in VARIANTS if m in runs[0]["time"]),
+    ] + ([coverage(runs)] if coverage(runs) else []))
     print(report)
-    if not args.quick:
+    if not args.quick and not (args.runs and args.run):     # a seed range's report waits for the others
         # a run of other methods or noise (the GBC study) does not overwrite the main table
         out = RESULTS.with_name(args.out) if args.out else RESULTS.with_name("pivotal_imbalance.md") if args.imbalance else \
             RESULTS if (methods == METHODS and args.noise == "all") else RESULTS.with_name("pivotal_gbc.md")

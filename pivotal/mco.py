@@ -142,4 +142,5 @@ def _result(assignment, dots, cnorm, norm, u, k, iterations) -> Clustering:
         centers[i] = pool[int(np.nonzero((c >= c.max() - 1e-6).numpy())[0][0])]
     a = torch.from_numpy(assignment).long().unsqueeze(1)
     objective = float((u * cnorm.clamp_min(0).sqrt()[a[:, 0]] * cos.gather(1, a)[:, 0]).sum())
-    return Clustering(assignment, centers, sizes, objective, iterations)
+    sides = np.where(_own(dots, assignment).numpy() < 0, -1, 1)
+    return Clustering(assignment, centers, sizes, objective, iterations, sides)

@@ -264,28 +264,22 @@ def test_gbc_unsampled_and_on_the_output_layer_alone_equal_bruteforce():
         assert np.array_equal(weighted_kmeans(rbc, 4, seed=1).centers, weighted_kmeans(out, 4, seed=1).centers)
 
 
-def _mco_fixed_point(g: torch.Tensor, assignment, centers, k, weighted):
+def _mco_fixed_point(g: torch.Tensor, res, k, weighted):
     """Straight from the gradient matrix: each cluster's centroid (the u-weighted mean of its
-    members' unit gradients, turned to the side of that centroid, found from the side of the
-    cluster's meta sample), each sample's best cluster by
-    Eq. 10 (|<G_j, C_i>|, or |cos| unweighted) and each cluster's member of largest |cos|."""
+    members' unit gradients, each turned to the side the run reports), then each sample's side
+    of it, its best cluster by Eq. 10 (|<G_j, C_i>|, or |cos| unweighted) and each cluster's
+    member of largest |cos|."""
     norm = g.norm(dim=1)
-    unit = g / norm[:, None]
+    unit = g / norm[:, None] * torch.from_numpy(res.sides).double()[:, None]
     u = norm if weighted else torch.ones_like(norm)
-    cents = []
-    for i in range(k):
-        m = torch.from_numpy(assignment == i)
-        c = unit[centers[i]]           # the sides start from the cluster's meta sample
-        for _ in range(50):            # the signs are the centroid's own: iterate to agreement
-            s = torch.where(unit[m] @ c < 0, -1.0, 1.0).double()
-            c = (u[m, None] * s[:, None] * unit[m]).sum(0) / u[m].sum()
-        cents.append(c)
-    c = torch.stack(cents)
+    c = torch.stack([(u[m, None] * unit[m]).sum(0) / u[m].sum()
+                     for m in (torch.from_numpy(res.assignment == i) for i in range(k))])
     dots = g @ c.T
     cos = dots.abs() / (norm[:, None] * c.norm(dim=1)[None, :])
+    own = dots.gather(1, torch.from_numpy(res.assignment).unsqueeze(1))[:, 0]
     best = (dots.abs() if weighted else cos).argmax(1).numpy()
-    picks = [int(np.nonzero(assignment == i)[0][cos[assignment == i, i].argmax()]) for i in range(k)]
-    return best, np.array(picks)
+    picks = [int(np.nonzero(res.assignment == i)[0][cos[res.assignment == i, i].argmax()]) for i in range(k)]
+    return torch.where(own < 0, -1, 1).numpy(), best, np.array(picks)
 
 
 @settings(max_examples=4, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
@@ -313,9 +307,10 @@ def test_cosine_kmeans_on_factors_equals_bruteforce(p):
     want = cosine_kmeans(DenseGradients(dense), k, weighted=weighted, seed=p["seed"])
     assert np.array_equal(got.assignment, want.assignment) and np.array_equal(got.centers, want.centers)
     assert sorted(rows["sample_id"].tolist()) == sorted(got.centers.tolist())
-    if len(set(got.assignment.tolist())) == k and got.iterations < 30:
-        best, picks = _mco_fixed_point(dense, got.assignment, got.centers, k, weighted)
-        assert np.array_equal(best, got.assignment) and np.array_equal(picks, got.centers)
+    if len(set(want.assignment.tolist())) == k and want.iterations < 30:
+        sides, best, picks = _mco_fixed_point(dense, want, k, weighted)
+        assert np.array_equal(sides, want.sides)
+        assert np.array_equal(best, want.assignment) and np.array_equal(picks, want.centers)
     flip = torch.where(torch.arange(n) % 3 == 1, -1.0, 1.0).double()[:, None]
     flipped = cosine_kmeans(DenseGradients(dense * flip), k, weighted=weighted, seed=p["seed"])
     assert np.array_equal(flipped.assignment, want.assignment) and np.array_equal(flipped.centers, want.centers)

@@ -41,6 +41,10 @@ import metaql  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "pivotal.md"
 METHODS = ["random", "uncertain", "certain", "finetune", "rbc_kmeans", "rbc", "gbc"]
+# diagnostics (--methods), not the paper's baselines: random samples 2 per class of the noisy labels
+# (fair: no clean label used) or of the true labels (an oracle: how much of the clustering's gain
+# over random is covering every class)
+DIAGNOSTICS = ["balanced_noisy", "balanced"]
 # GBC's variance reductions (--methods): more layer draws, and no sampling at all (every layer at
 # scale 1, the exact sum the draws estimate: if it trails RBC too, the gap is not sampling noise)
 VARIANTS = {"gbc_d50": ("gbc", "draws=50"), "gbc_all": ("gbc", "draws=0"),
@@ -157,13 +161,24 @@ def entropy(model, x) -> np.ndarray:
     return (-(p * p.clamp_min(1e-12).log()).sum(1)).numpy()
 
 
-def select(con, method: str, model, x, seed: int, label_free: bool = True, pick_seed: int | None = None) -> tuple[np.ndarray, float]:
+def balanced(labels: torch.Tensor, rng) -> np.ndarray:
+    """BUDGET random samples spread evenly over the classes of `labels` (2 per class of 10)."""
+    classes = np.unique(labels.numpy())
+    per = np.full(len(classes), BUDGET // len(classes))
+    per[:BUDGET % len(classes)] += 1
+    return np.concatenate([rng.choice(np.nonzero(labels.numpy() == c)[0], n, replace=False) for c, n in zip(classes, per)])
+
+
+def select(con, method: str, model, x, seed: int, label_free: bool = True, pick_seed: int | None = None,
+           labels: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
     """(meta sample ids, seconds) for a selection method; pick_seed: PIVOTAL_SAMPLES's seed (K-means
     seeding, GBC's draws), by default the run's."""
     rng = np.random.default_rng(seed + 1)
     t0 = time.perf_counter()
     if method in ("random", "finetune"):
         ids = rng.choice(len(x), BUDGET, replace=False)
+    elif method in ("balanced", "balanced_noisy"):
+        ids = balanced(labels, rng)
     elif method in ("uncertain", "certain"):
         h = entropy(model, x)
         ids = np.argsort(-h if method == "uncertain" else h, kind="stable")[:BUDGET]
@@ -197,7 +212,8 @@ def run(seed: int, noise: str, rate: float, quick: bool, spread: bool = True, me
         model, ckpts = warm_up(con, xtr, noisy, seed, WARM_EPOCHS[quick], cached_epochs(WARM_EPOCHS[quick], 3, spread))
         out["acc"]["warm-up"] = accuracy(model, xte, yte)
         for method in methods:
-            ids, secs = select(con, method, model, xtr, seed, label_free=noise != "imbalance")
+            ids, secs = select(con, method, model, xtr, seed, label_free=noise != "imbalance",
+                               labels=clean if method == "balanced" else noisy)
             out["time"][method] = secs
             # what the pick covers: the true classes among the meta samples, and how many had a wrong label
             out.setdefault("classes", {})[method] = int(len(np.unique(clean[ids].numpy())))
@@ -278,7 +294,7 @@ def table(runs: list[dict]) -> str:
     configs = sorted({(r["noise"], r["rate"]) for r in runs}, key=lambda c: (c[0] != "adversarial", c[1]))
     head = "| method | " + " | ".join(f"{n} {_rate(n, r)}: acc | AUC" for n, r in configs) + " |"
     lines = [head, "|---|" + "---|---|" * len(configs)]
-    for m in ["warm-up"] + [m for m in METHODS + list(VARIANTS) if m in runs[0]["acc"]]:
+    for m in ["warm-up"] + [m for m in METHODS + list(VARIANTS) + DIAGNOSTICS if m in runs[0]["acc"]]:
         cells = []
         for c in configs:
             rs = [r for r in runs if (r["noise"], r["rate"]) == c]
@@ -294,7 +310,9 @@ PAIRS = [("rbc", "rbc_kmeans"), ("gbc", "rbc_kmeans"), ("rbc", "random"), ("gbc"
          ("gbc_d50", "rbc"), ("gbc_all", "rbc"), ("gbc_all", "gbc"), ("gbc_all", "random"),
          ("rbc_cos", "rbc_kmeans"), ("gbc_cos", "rbc_kmeans"), ("rbc_cos", "rbc_kmeans_cos"), ("gbc_cos", "rbc_kmeans_cos"),
          ("rbc_cos", "rbc"), ("gbc_cos", "gbc"), ("gbc_cos", "rbc_cos"), ("rbc_kmeans_cos", "rbc_kmeans"),
-         ("gbc_all_cos", "rbc_cos"), ("rbc_cos", "random"), ("gbc_cos", "random")]
+         ("gbc_all_cos", "rbc_cos"), ("rbc_cos", "random"), ("gbc_cos", "random"),
+         ("rbc", "balanced_noisy"), ("gbc", "balanced_noisy"), ("rbc", "balanced"), ("gbc", "balanced"),
+         ("rbc_cos", "balanced"), ("gbc_cos", "balanced"), ("balanced_noisy", "random"), ("balanced", "random")]
 
 
 def paired(runs: list[dict]) -> str:
@@ -358,6 +376,7 @@ def main(argv=None) -> None:
     configs = [c for c in configs if c[2] > 0 and (args.noise == "all" or c[0] == args.noise)]
     methods = args.methods.split(",")
     unknown = set(methods) - set(METHODS) - set(VARIANTS)
+    unknown -= set(DIAGNOSTICS)
     if unknown or not {"rbc", "gbc", "rbc_kmeans"} <= set(methods):
         ap.error(f"unknown methods {sorted(unknown)}, or one of rbc, gbc, rbc_kmeans left out (the times need them)")
     spread = args.cached_from == "history"

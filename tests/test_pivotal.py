@@ -282,7 +282,7 @@ def _mco_fixed_point(g: torch.Tensor, res, k, weighted):
     return torch.where(own < 0, -1, 1).numpy(), best, np.array(picks)
 
 
-@settings(max_examples=4, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(case)
 def test_cosine_kmeans_on_factors_equals_bruteforce(p):
     """metric='cosine' (Eq. 10's |cos|): the factored run equals the run on the explicit gradient

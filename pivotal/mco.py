@@ -37,10 +37,9 @@ def cosine_kmeans(grads, k: int, weighted: bool = True, seed: int = 0, max_iter:
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of samples ({n})")
     norm = grads.sq_norms().clamp_min(0).sqrt()
-    live = norm > 0
-    u = norm.clone() if weighted else live.double()
+    u = norm.clone() if weighted else (norm > 0).double()
     if float(u.sum()) <= 0:        # every gradient is zero: nothing has a direction; count samples
-        u, live = torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.bool)
+        u = torch.ones(n, dtype=torch.float64)
     centroids = _plus_plus(grads, norm, u, k, np.random.default_rng(seed))
     state, it = None, 0
     for it in range(1, max_iter + 1):

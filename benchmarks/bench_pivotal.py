@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
+import os
 import platform
 import subprocess
 import sys
@@ -39,24 +41,34 @@ import metaql  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "pivotal.md"
 METHODS = ["random", "uncertain", "certain", "finetune", "rbc_kmeans", "rbc", "gbc"]
+# diagnostics (--methods), not the paper's baselines: random samples 2 per class of the noisy labels
+# (fair: no clean label used) or of the true labels (an oracle: how much of the clustering's gain
+# over random is covering every class)
+DIAGNOSTICS = ["balanced_noisy", "balanced"]
 # GBC's variance reductions (--methods): more layer draws, and no sampling at all (every layer at
 # scale 1, the exact sum the draws estimate: if it trails RBC too, the gap is not sampling noise)
-VARIANTS = {"gbc_d50": ("gbc", "draws=50"), "gbc_all": ("gbc", "draws=0")}
+VARIANTS = {"gbc_d50": ("gbc", "draws=50"), "gbc_all": ("gbc", "draws=0"),
+            # Eq. 10 read literally: |cos|-clustering, blind to the gradient's sign (pivotal/mco.py)
+            "rbc_cos": ("rbc", "metric=cosine"), "gbc_cos": ("gbc", "metric=cosine"),
+            "rbc_kmeans_cos": ("rbc_kmeans", "metric=cosine"), "gbc_all_cos": ("gbc", "draws=0, metric=cosine")}
 BUDGET = 20
 WARM_EPOCHS = {True: 10, False: 15}         # by --quick
 REWEIGHT_EPOCHS = {True: 5, False: 10}
+WIDE = [False]          # --wide: the warm-up model is LeNet(wide=True)
 
 
 class LeNet(nn.Module):
-    """LeNet-style CNN for 1x8x8 digits: two conv+pool stages, two linear layers."""
+    """LeNet-style CNN for 1x8x8 digits: two conv+pool stages, two linear layers; wide=True: 4x
+    the channels and hidden units (16/32 channels, 128 hidden: hidden layers of real width)."""
 
-    def __init__(self, classes: int = 10):
+    def __init__(self, classes: int = 10, wide: bool = False):
         super().__init__()
-        self.metaql_config = {"classes": classes}
-        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
-        self.conv2 = nn.Conv2d(6, 16, 3, padding=1)
-        self.fc1 = nn.Linear(16 * 2 * 2, 32)
-        self.fc2 = nn.Linear(32, classes)
+        self.metaql_config = {"classes": classes, "wide": wide}
+        c1, c2, h = (16, 32, 128) if wide else (6, 16, 32)
+        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.fc1 = nn.Linear(c2 * 2 * 2, h)
+        self.fc2 = nn.Linear(h, classes)
 
     def forward(self, x):
         h = F.max_pool2d(torch.relu(self.conv1(x)), 2)
@@ -113,7 +125,7 @@ def cached_epochs(epochs: int, cached: int, spread: bool) -> set[int]:
 def warm_up(con, x, noisy, seed: int, epochs: int, captured: set[int], lr: float = 0.1) -> tuple[nn.Module, list[str]]:
     """Trains on the noisy labels, capturing the epochs in `captured` (from their start)."""
     torch.manual_seed(seed)
-    model = LeNet()
+    model = LeNet(wide=WIDE[0])
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     ids = np.arange(len(noisy))
     names = []
@@ -149,13 +161,24 @@ def entropy(model, x) -> np.ndarray:
     return (-(p * p.clamp_min(1e-12).log()).sum(1)).numpy()
 
 
-def select(con, method: str, model, x, seed: int, label_free: bool = True, pick_seed: int | None = None) -> tuple[np.ndarray, float]:
+def balanced(labels: torch.Tensor, rng) -> np.ndarray:
+    """BUDGET random samples spread evenly over the classes of `labels` (2 per class of 10)."""
+    classes = np.unique(labels.numpy())
+    per = np.full(len(classes), BUDGET // len(classes))
+    per[:BUDGET % len(classes)] += 1
+    return np.concatenate([rng.choice(np.nonzero(labels.numpy() == c)[0], n, replace=False) for c, n in zip(classes, per)])
+
+
+def select(con, method: str, model, x, seed: int, label_free: bool = True, pick_seed: int | None = None,
+           labels: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
     """(meta sample ids, seconds) for a selection method; pick_seed: PIVOTAL_SAMPLES's seed (K-means
     seeding, GBC's draws), by default the run's."""
     rng = np.random.default_rng(seed + 1)
     t0 = time.perf_counter()
     if method in ("random", "finetune"):
         ids = rng.choice(len(x), BUDGET, replace=False)
+    elif method in ("balanced", "balanced_noisy"):
+        ids = balanced(labels, rng)
     elif method in ("uncertain", "certain"):
         h = entropy(model, x)
         ids = np.argsort(-h if method == "uncertain" else h, kind="stable")[:BUDGET]
@@ -181,15 +204,20 @@ def finetune(model, x, y, steps: int = 40, lr: float = 0.05) -> nn.Module:
 def run(seed: int, noise: str, rate: float, quick: bool, spread: bool = True, methods=METHODS) -> dict:
     from sklearn.metrics import roc_auc_score
     xtr, clean, noisy, xte, yte = digits(seed, noise, rate)
-    out = {"noise": noise, "rate": rate, "seed": seed, "acc": {}, "auc": {}, "time": {}}
+    out = {"noise": noise, "rate": rate, "seed": seed, "acc": {}, "auc": {}, "time": {}, "wide": WIDE[0]}
+    t0 = time.perf_counter()
     with warnings.catch_warnings(), metaql.connect(":memory:") as con:
         warnings.simplefilter("ignore")
         con.add_samples(np.arange(len(noisy)), "train", noisy.numpy(), xtr)
         model, ckpts = warm_up(con, xtr, noisy, seed, WARM_EPOCHS[quick], cached_epochs(WARM_EPOCHS[quick], 3, spread))
         out["acc"]["warm-up"] = accuracy(model, xte, yte)
         for method in methods:
-            ids, secs = select(con, method, model, xtr, seed, label_free=noise != "imbalance")
+            ids, secs = select(con, method, model, xtr, seed, label_free=noise != "imbalance",
+                               labels=clean if method == "balanced" else noisy)
             out["time"][method] = secs
+            # what the pick covers: the true classes among the meta samples, and how many had a wrong label
+            out.setdefault("classes", {})[method] = int(len(np.unique(clean[ids].numpy())))
+            out.setdefault("flipped", {})[method] = int((clean[ids] != noisy[ids]).sum())
             if method == "finetune":
                 out["acc"][method] = accuracy(finetune(model, xtr[ids], clean[ids]), xte, yte)
                 continue
@@ -202,6 +230,7 @@ def run(seed: int, noise: str, rate: float, quick: bool, spread: bool = True, me
             out["acc"][method] = accuracy(con.store.model_at(f"rw_{method}"), xte, yte)
             if bool((clean != noisy).any()):      # every label is clean under class imbalance: no AUC
                 out["auc"][method] = float(roc_auc_score((clean == noisy).numpy(), w["weight"]))
+    out["wall"], out["load"] = time.perf_counter() - t0, os.getloadavg()[0]
     return out
 
 
@@ -242,6 +271,21 @@ def selection_spread(seeds: int, picks: int, methods: list[str], quick: bool) ->
     return "\n".join(lines)
 
 
+def coverage(runs: list[dict]) -> str:
+    """Per method the mean number of true classes among the meta samples (of 10) and of meta
+    samples whose noisy label was wrong (runs that recorded them)."""
+    runs = [r for r in runs if "classes" in r]
+    if not runs:
+        return ""
+    lines = [f"## What the picks cover ({len(runs)} seeds): true classes among the {BUDGET} meta samples "
+             "(mean, min) and picks whose noisy label was wrong (mean)\n",
+             "| method | classes | min | wrong labels |", "|---|---|---|---|"]
+    for m in runs[0]["classes"]:
+        c = [r["classes"][m] for r in runs]
+        lines.append(f"| {m} | {np.mean(c):.1f} | {min(c)} | {np.mean([r['flipped'][m] for r in runs]):.1f} |")
+    return "\n".join(lines)
+
+
 def _rate(noise: str, rate: float) -> str:
     return f"factor {rate:g}" if noise == "imbalance" else f"{int(100 * rate)}%"
 
@@ -250,7 +294,7 @@ def table(runs: list[dict]) -> str:
     configs = sorted({(r["noise"], r["rate"]) for r in runs}, key=lambda c: (c[0] != "adversarial", c[1]))
     head = "| method | " + " | ".join(f"{n} {_rate(n, r)}: acc | AUC" for n, r in configs) + " |"
     lines = [head, "|---|" + "---|---|" * len(configs)]
-    for m in ["warm-up"] + [m for m in METHODS + list(VARIANTS) if m in runs[0]["acc"]]:
+    for m in ["warm-up"] + [m for m in METHODS + list(VARIANTS) + DIAGNOSTICS if m in runs[0]["acc"]]:
         cells = []
         for c in configs:
             rs = [r for r in runs if (r["noise"], r["rate"]) == c]
@@ -263,7 +307,12 @@ def table(runs: list[dict]) -> str:
 
 
 PAIRS = [("rbc", "rbc_kmeans"), ("gbc", "rbc_kmeans"), ("rbc", "random"), ("gbc", "random"), ("gbc", "rbc"),
-         ("gbc_d50", "rbc"), ("gbc_all", "rbc"), ("gbc_all", "gbc"), ("gbc_all", "random")]
+         ("gbc_d50", "rbc"), ("gbc_all", "rbc"), ("gbc_all", "gbc"), ("gbc_all", "random"),
+         ("rbc_cos", "rbc_kmeans"), ("gbc_cos", "rbc_kmeans"), ("rbc_cos", "rbc_kmeans_cos"), ("gbc_cos", "rbc_kmeans_cos"),
+         ("rbc_cos", "rbc"), ("gbc_cos", "gbc"), ("gbc_cos", "rbc_cos"), ("rbc_kmeans_cos", "rbc_kmeans"),
+         ("gbc_all_cos", "rbc_cos"), ("rbc_cos", "random"), ("gbc_cos", "random"),
+         ("rbc", "balanced_noisy"), ("gbc", "balanced_noisy"), ("rbc", "balanced"), ("gbc", "balanced"),
+         ("rbc_cos", "balanced"), ("gbc_cos", "balanced"), ("balanced_noisy", "random"), ("balanced", "random")]
 
 
 def paired(runs: list[dict]) -> str:
@@ -298,8 +347,15 @@ def main(argv=None) -> None:
     ap.add_argument("--picks", type=int, default=0,
                     help="instead: each of --methods' selections repeated with this many PIVOTAL_SAMPLES seeds on "
                          "--seeds adversarial warm-up models (the spread over selections); writes results/pivotal_spread.md")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    ap.add_argument("--runs", default="", help="append each seed's results to this JSON-lines file; without --run, "
+                    "report the runs the file holds instead of running (seed ranges run apart, reported together)")
+    ap.add_argument("--run", action="store_true", help="with --runs: run the seeds (and append them)")
+    ap.add_argument("--wide", action="store_true", help="warm up LeNet(wide=True): 16/32 channels, 128 hidden units")
+    ap.add_argument("--out", default="", help="results file name under benchmarks/results (default by the run's kind)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    WIDE[0] = args.wide
     if args.picks:
         t0 = time.perf_counter()
         body = selection_spread(args.seeds, args.picks, args.methods.split(","), args.quick)
@@ -320,15 +376,25 @@ def main(argv=None) -> None:
     configs = [c for c in configs if c[2] > 0 and (args.noise == "all" or c[0] == args.noise)]
     methods = args.methods.split(",")
     unknown = set(methods) - set(METHODS) - set(VARIANTS)
+    unknown -= set(DIAGNOSTICS)
     if unknown or not {"rbc", "gbc", "rbc_kmeans"} <= set(methods):
         ap.error(f"unknown methods {sorted(unknown)}, or one of rbc, gbc, rbc_kmeans left out (the times need them)")
     spread = args.cached_from == "history"
     for noise, rate, seeds in configs:
-        for seed in range(seeds):
+        for seed in range(args.first_seed, args.first_seed + seeds):
+            if args.runs and not args.run:
+                break
             runs.append(run(seed, noise, rate, args.quick, spread, methods))
             print(f"{noise} {rate} seed {seed}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in runs[-1]["acc"].items()),
                   flush=True)
-    wall = time.perf_counter() - t0
+            if args.runs:       # kept run by run, so seed ranges run apart can be reported together
+                with open(args.runs, "a") as f:
+                    f.write(json.dumps(runs[-1]) + "\n")
+    if args.runs and not args.run:
+        runs = [r for r in map(json.loads, Path(args.runs).read_text().splitlines())
+                if (r["noise"], r["rate"]) in {(n, rt) for n, rt, _ in configs}]
+        configs = [(n, rt, sum((r["noise"], r["rate"]) == (n, rt) for r in runs)) for n, rt, _ in configs]
+    wall = time.perf_counter() - t0 if args.run or not args.runs else sum(r.get("wall", 0) for r in runs)
     rbc = [r["time"]["rbc"] for r in runs]
     gbc = [r["time"]["gbc"] for r in runs]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -337,8 +403,10 @@ def main(argv=None) -> None:
         "# Pivotal meta samples and meta re-weighting on digits (papers/003 Tables 1, 3)",
         f"Command: `{command.strip()}`  \nCommit {commit}, {datetime.date.today()}, Python {platform.python_version()}, "
         f"torch {torch.__version__}, {args.threads} torch thread(s) on a 2-core machine shared with other work; "
-        f"wall time {wall:.0f} s; seeds: " + ", ".join(f"{n} {_rate(n, r)}: {k}" for n, r, k in configs) + ".",
-        f"Digits 8x8, {len(digits(0, *configs[0][:2])[1])} train / {len(digits(0, 'uniform', 0)[4])} test; LeNet-style "
+        f"wall time {wall:.0f} s; seeds: " + ", ".join(f"{n} {_rate(n, r)}: {k}" for n, r, k in configs) + "."
+        + (f" 1-min load average at the end of each seed: {min(r['load'] for r in runs if 'load' in r):.1f}-"
+           f"{max(r['load'] for r in runs if 'load' in r):.1f}." if any('load' in r for r in runs) else ""),
+        f"Digits 8x8, {len(digits(0, *configs[0][:2])[1])} train / {len(digits(0, 'uniform', 0)[4])} test; {'wide (16/32 channels, 128 hidden) ' if args.wide else ''}LeNet-style "
         f"CNN warmed up on the noisy labels (SGD, momentum 0.9, lr 0.1, {WARM_EPOCHS[args.quick]} epochs; epochs "
         f"{sorted(cached_epochs(WARM_EPOCHS[args.quick], 3, spread))} (from 0, at their start) captured as the cached checkpoints); budget {BUDGET} meta samples, cleaned by an oracle (con.label); REWEIGHT (Eq. 2-4) from the "
         f"warm-up model, {REWEIGHT_EPOCHS[args.quick]} epochs, batch 100, lr 0.1, weight_lr 1.0, weights starting at 1. Adversarial noise: y -> y+1 mod 10 for the given "
@@ -351,12 +419,13 @@ def main(argv=None) -> None:
         "## Paired differences (same seed, same warm-up model): test accuracy points, mean ± standard error, wins\n\n"
         + paired(runs),
         f"## Selection time (s, mean over all runs): RBC {np.mean(rbc):.2f}, GBC {np.mean(gbc):.2f} "
-        f"(GBC/RBC = {np.mean(gbc) / max(np.mean(rbc), 1e-9):.1f}x), RBC-k {np.mean([r['time']['rbc_kmeans'] for r in runs]):.2f}",
-    ])
+        f"(GBC/RBC = {np.mean(gbc) / max(np.mean(rbc), 1e-9):.1f}x), RBC-k {np.mean([r['time']['rbc_kmeans'] for r in runs]):.2f}"
+        + "".join(f", {m} {np.mean([r['time'][m] for r in runs]):.2f}" for m in VARIANTS if m in runs[0]["time"]),
+    ] + ([coverage(runs)] if coverage(runs) else []))
     print(report)
-    if not args.quick:
+    if not args.quick and not (args.runs and args.run):     # a seed range's report waits for the others
         # a run of other methods or noise (the GBC study) does not overwrite the main table
-        out = RESULTS.with_name("pivotal_imbalance.md") if args.imbalance else \
+        out = RESULTS.with_name(args.out) if args.out else RESULTS.with_name("pivotal_imbalance.md") if args.imbalance else \
             RESULTS if (methods == METHODS and args.noise == "all") else RESULTS.with_name("pivotal_gbc.md")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report + "\n")

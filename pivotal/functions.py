@@ -10,6 +10,7 @@ import pyarrow as pa
 from metaql.engine.functions import CheckpointList, ColumnName, LayerList, Range, SetName, table_function
 from metaql.errors import InvalidInputException
 from metaql.pivotal.kmeans import weighted_kmeans
+from metaql.pivotal.mco import cosine_kmeans
 from metaql.pivotal.sources import gradients
 from metaql.storage.catalog_snapshot import catalog_of
 
@@ -22,7 +23,8 @@ def pivotal_samples(ctx, data: SetName, k: Annotated[int, Range(1, 100_000)],
                     checkpoints: CheckpointList = "all", layers: LayerList = ("*",), label_free: bool = True,
                     draws: Annotated[int, Range(0, 10_000)] = 5,
                     max_iter: Annotated[int, Range(1, 1_000)] = 30,
-                    seed: Annotated[int, Range(0, 2 ** 32 - 1)] = 0) -> pa.Table:
+                    seed: Annotated[int, Range(0, 2 ** 32 - 1)] = 0,
+                    metric: Literal["euclidean", "cosine"] = "euclidean") -> pa.Table:
     """The k samples of `data` worth cleaning by hand for meta re-weighting (Wu et al., AAAI 2023):
     weighted K-means (MCO, Eq. 10) on the samples' gradients, averaged over the cached checkpoints;
     one row per cluster: the sample closest to its centroid, the cluster's number and its size
@@ -31,7 +33,9 @@ def pivotal_samples(ctx, data: SetName, k: Annotated[int, Range(1, 100_000)],
     draws=0: every layer, unsampled),
     'rbc_kmeans' RBC with plain K-means (RBC-k). label_free: cluster the label-free part of the
     gradient (noisy labels; true) or the whole gradient (clean but imbalanced labels; false: GBC
-    then reads the stored factors). layers: the output layer for RBC, the layers to sample for GBC."""
+    then reads the stored factors). layers: the output layer for RBC, the layers to sample for GBC.
+    metric: 'euclidean' (K-means on ||G_j - C||^2, samples weighted by ||G_j||) or 'cosine' (Eq. 10
+    read literally: clusters by |<G_j, C_i>|, blind to the gradient's sign; pivotal/mco.py)."""
     catalog = catalog_of(ctx)
     ids = np.sort(np.asarray(catalog.set_ids(str(data)), dtype=np.int64))
     if len(ids) == 0:
@@ -41,8 +45,9 @@ def pivotal_samples(ctx, data: SetName, k: Annotated[int, Range(1, 100_000)],
     ckpts = catalog.checkpoint_names(checkpoints)
     grads = gradients(ctx.store, catalog, ids, method, ckpts, layers, bool(label_free), draws, seed)
     ctx.check_interrupt()
-    result = weighted_kmeans(grads, k, weighted=method != "rbc_kmeans", seed=seed, max_iter=max_iter,
-                             check=ctx.check_interrupt)
+    cluster = cosine_kmeans if metric == "cosine" else weighted_kmeans
+    result = cluster(grads, k, weighted=method != "rbc_kmeans", seed=seed, max_iter=max_iter,
+                     check=ctx.check_interrupt)
     order = np.argsort(-result.sizes, kind="stable")
     return pa.table({"sample_id": pa.array(ids[result.centers[order]], pa.int64()),
                      "cluster": pa.array(order, pa.int64()),

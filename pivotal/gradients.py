@@ -90,12 +90,15 @@ class FactoredGradients:
             out += b.scale * torch.cat(parts).double()
         return out
 
-    def centroids(self, weights: torch.Tensor) -> list[torch.Tensor | None]:
+    def centroids(self, weights: torch.Tensor, normalize: bool = True) -> list[torch.Tensor | None]:
         """Per block the k weighted averages C_c = sum_j U_jc G_j / sum_j U_jc, stacked (k, *shape),
-        for the columns of U (N, k) (U >= 0, no column all zero). Only a column's non-zero rows are
-        read, so the centroids of a partition (one non-zero per row) cost one pass for all k."""
+        for the columns of U (N, k) (U >= 0, no column all zero); normalize=False: the sums
+        sum_j U_jc G_j as given (any signs; the cosine clustering's turned unit gradients). Only a
+        column's non-zero rows are read, so the centroids of a partition (one non-zero per row)
+        cost one pass for all k."""
         u = weights.double()
-        u = u / u.sum(0, keepdim=True)
+        if normalize:
+            u = u / u.sum(0, keepdim=True)
         members = [torch.nonzero(u[:, c]).flatten() for c in range(u.shape[1])]
         out = []
         for b in self.blocks:

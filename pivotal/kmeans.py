@@ -27,6 +27,7 @@ class Clustering:
     sizes: np.ndarray           # (k,) members per cluster
     objective: float            # sum_j u_j ||G_j - C_a(j)||^2
     iterations: int
+    sides: np.ndarray | None = None     # (N,) +-1: the side of its centroid a sample counts on (cosine only)
 
 
 def sample_weights(grads, weighted: bool, sq: torch.Tensor | None = None) -> torch.Tensor:

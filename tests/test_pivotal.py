@@ -13,6 +13,7 @@ import metaql
 from metaql.pivotal import sources
 from metaql.pivotal.gradients import FactoredGradients
 from metaql.pivotal.kmeans import objective, weighted_kmeans
+from metaql.pivotal.mco import cosine_kmeans
 from metaql.storage.catalog_snapshot import CatalogSnapshot
 from tests.layer_models import ConvNet, TextNet
 from tests.models import MLP, SeqModel
@@ -40,9 +41,9 @@ class DenseGradients:
     def dots(self, c):
         return self.g @ c, float(c @ c)
 
-    def centroids(self, m):
+    def centroids(self, m, normalize=True):
         m = m.double()
-        return (m / m.sum(0, keepdim=True)).T @ self.g
+        return (m / m.sum(0, keepdim=True) if normalize else m).T @ self.g
 
     def scores(self, c):
         return self.g @ c.T, (c * c).sum(1)
@@ -261,3 +262,80 @@ def test_gbc_unsampled_and_on_the_output_layer_alone_equal_bruteforce():
         out = sources.gradients(con.store, catalog, ids, "gbc", ckpts, ["fc"], True, 5, 0)
         assert torch.allclose(rbc.sq_norms(), out.sq_norms(), rtol=1e-4, atol=1e-7)
         assert np.array_equal(weighted_kmeans(rbc, 4, seed=1).centers, weighted_kmeans(out, 4, seed=1).centers)
+
+
+def _mco_fixed_point(g: torch.Tensor, res, k, weighted):
+    """Straight from the gradient matrix: each cluster's centroid (the u-weighted mean of its
+    members' unit gradients, each turned to the side the run reports), then each sample's side
+    of it, its best cluster by Eq. 10 (|<G_j, C_i>|, or |cos| unweighted) and each cluster's
+    member of largest |cos| (how far each pick falls short of it)."""
+    norm = g.norm(dim=1)
+    unit = g / norm[:, None] * torch.from_numpy(res.sides).double()[:, None]
+    u = norm if weighted else torch.ones_like(norm)
+    c = torch.stack([(u[m, None] * unit[m]).sum(0) / u[m].sum()
+                     for m in (torch.from_numpy(res.assignment == i) for i in range(k))])
+    dots = g @ c.T
+    cos = dots.abs() / (norm[:, None] * c.norm(dim=1)[None, :])
+    own = dots.gather(1, torch.from_numpy(res.assignment).unsqueeze(1))[:, 0]
+    best = (dots.abs() if weighted else cos).argmax(1).numpy()
+    # how far each pick's |cos| to its centroid is below its cluster's best (a tie: the two members
+    # of an unweighted pair are equally near their centroid)
+    short = [float(cos[res.assignment == i, i].max() - cos[res.centers[i], i]) for i in range(k)]
+    return torch.where(own < 0, -1, 1).numpy(), best, np.array(short)
+
+
+@settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(case)
+# an unweighted pair: both members equally near their centroid, up to rounding
+@example(p={"seed": 259, "k": 4, "ckpts": 2, "method": "rbc_kmeans", "n": 5, "model": "text", "label_free": True})
+def test_cosine_kmeans_on_factors_equals_bruteforce(p):
+    """metric='cosine' (Eq. 10's |cos|): the factored run equals the run on the explicit gradient
+    matrix (torch.func), its result is the fixed point computed straight from that matrix, and
+    flipping the sign of some samples' gradients changes nothing (the Euclidean K-means is not
+    blind to signs)."""
+    torch.manual_seed(p["seed"])
+    make_model, make_x, out_layer = MODELS[p["model"]]
+    n = p["n"] + 6
+    model, x, y = make_model(), make_x(n), torch.randint(0, 3, (n,))
+    k, weighted = min(p["k"], n), p["method"] != "rbc_kmeans"
+    with metaql.connect(":memory:") as con:
+        states = _build(con, model, x, y, p["ckpts"])
+        catalog = CatalogSnapshot(con.store)
+        layers = catalog.layer_names("*") if p["method"] == "gbc" else [out_layer]
+        fact = sources.gradients(con.store, catalog, np.arange(n), p["method"], catalog.checkpoint_names("all"),
+                                 layers if p["method"] == "gbc" else None, p["label_free"], 3, p["seed"])
+        got = cosine_kmeans(fact, k, weighted=weighted, seed=p["seed"])
+        rows = con.execute(f"SELECT * FROM PIVOTAL_SAMPLES(data=train, k={k}, method={p['method']}, metric=cosine, "
+                           f"label_free={str(p['label_free']).lower()}, draws=3, seed={p['seed']})").fetchnumpy()
+    dense = _dense(model, states, x, y, p["method"], layers, p["label_free"], 3, p["seed"])
+    want = cosine_kmeans(DenseGradients(dense), k, weighted=weighted, seed=p["seed"])
+    assert np.array_equal(got.assignment, want.assignment) and np.array_equal(got.centers, want.centers)
+    assert sorted(rows["sample_id"].tolist()) == sorted(got.centers.tolist())
+    if len(set(want.assignment.tolist())) == k and want.iterations < 30:
+        sides, best, short = _mco_fixed_point(dense, want, k, weighted)
+        assert np.array_equal(sides, want.sides) and np.array_equal(best, want.assignment)
+        assert (short <= 1e-6).all() and all(want.assignment[c] == i for i, c in enumerate(want.centers))
+    flip = torch.where(torch.arange(n) % 3 == 1, -1.0, 1.0).double()[:, None]
+    flipped = cosine_kmeans(DenseGradients(dense * flip), k, weighted=weighted, seed=p["seed"])
+    assert np.array_equal(flipped.assignment, want.assignment) and np.array_equal(flipped.centers, want.centers)
+    assert np.isclose(flipped.objective, want.objective, rtol=1e-9)
+
+
+def test_cosine_clusters_opposite_gradients_together():
+    """Two directions, each sample +-: |cos| makes 2 clusters of the 2 directions whatever the
+    sign, and counts the weighted objective as sum_j |<G_j, C_a(j)>| (MCO, Eq. 9); the Euclidean
+    K-means splits a direction by sign instead."""
+    torch.manual_seed(2)
+    base = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    which = torch.arange(24) % 2
+    sign = torch.where(torch.arange(24) % 4 < 2, 1.0, -1.0).double()
+    g = sign[:, None] * (base[which] + 0.05 * torch.randn(24, 3, dtype=torch.float64)) * (1 + torch.rand(24, 1))
+    res = cosine_kmeans(DenseGradients(g), 2, seed=0)
+    assert len(set(zip(res.assignment.tolist(), which.tolist()))) == 2
+    cents = [(g[res.assignment == i] * torch.sign(g[res.assignment == i] @ base[int(which[res.centers[i]])])[:, None]
+              / g[res.assignment == i].norm(dim=1, keepdim=True) * g[res.assignment == i].norm(dim=1, keepdim=True)).sum(0)
+             / g[res.assignment == i].norm(dim=1).sum() for i in range(2)]
+    direct = sum(float((g[res.assignment == i] @ cents[i]).abs().sum()) for i in range(2))
+    assert np.isclose(res.objective, direct, rtol=1e-9)
+    euclid = weighted_kmeans(DenseGradients(g), 2, seed=0)
+    assert len(set(zip(euclid.assignment.tolist(), which.tolist()))) > 2

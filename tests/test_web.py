@@ -223,6 +223,8 @@ def test_labeling_session_round(client, store):
     page = client.get("/session?pool=pool")
     cards = [int(i) for i in re.findall(r'data-sample="(\d+)"', page.text)]
     assert len(cards) == 4 and "random start" in page.text
+    # the random start is a recorded round with no label, so no point of the curve
+    assert recorded_rounds(client.app.state.server.con, "pool")[0]["n_labeled"] == 0
     for i in cards:
         assert client.post("/api/label", json={"sample_id": i, "label": int(true[i]), "who": WHO}).status_code == 200
     assert client.post("/api/label", json={"sample_id": cards[0], "label": (int(true[cards[0]]) + 1) % 10,
@@ -502,8 +504,6 @@ def test_rounds_are_kept_in_the_store(client, ro_client):
             plot.lancet_curve(ro, "nope")
     finally:
         ro.close()
-    # the random start recorded by test_labeling_session_round: no label, so no point of the curve
-    assert recorded_rounds(server.con, "pool")[0]["n_labeled"] == 0
 
 
 def test_review_ranks_with_any_topk_statement(client):

@@ -57,6 +57,7 @@ class LayerHooks:
         self.normalized: dict[str, torch.Tensor] = {}    # batch-statistics norm inputs (first batch)
         self.refused: dict[str, str] = {}                # {layer: why a call of it cannot be captured}
         self._computing = False     # a kind recomputing a module (torch.func) must not be recorded
+        self._reran = False         # a call was recorded inside a backward pass (see _drop_recomputations)
         self.batch: int | None = None   # samples in the model's last call (its input is batch first)
 
     def attach(self) -> "LayerHooks":
@@ -79,35 +80,62 @@ class LayerHooks:
         self.clear()
 
     def _forward_hook(self, name: str):
+        kind = self.kinds[name]
+        # a kind that keeps the base class's call methods needs none of their calls (one per layer
+        # call: a few microseconds each on steps of a few hundred)
+        plain = all(getattr(type(kind), m) is getattr(LayerKind, m)
+                    for m in ("call_problem", "call_output", "saved_call"))
+
         def hook(module, inputs, kwargs, output):
             if self._computing or not torch.is_grad_enabled():
                 return
-            kind = self.kinds[name]
-            problem = kind.call_problem(inputs, kwargs, output)
-            if problem:
-                self.refused[name] = problem
-                return
-            output, replacement = kind.call_output(output)
-            if not (isinstance(output, torch.Tensor) and output.requires_grad):
-                return
-            saved, problem = kind.saved_call(module, inputs, kwargs)
-            if problem:
-                self.refused[name] = problem
-                return
-            call = len(self.inputs[name])
-            self.inputs[name].append(saved)
+            if plain:
+                if not (isinstance(output, torch.Tensor) and output.requires_grad):
+                    return
+                saved, replacement = inputs[0].detach(), None
+            else:
+                saved, output, replacement = self._saved_call(name, kind, module, inputs, kwargs, output)
+                if saved is None:
+                    return
+            calls = self.inputs[name]
+            call = len(calls)
+            calls.append(saved)
             self.outputs[name].append(output)
             # gradient checkpointing reruns the forward inside the backward pass (see _recomputations)
-            self.recomputing[name].append(torch._C._current_graph_task_id() != -1)
+            if torch._C._current_graph_task_id() != -1:
+                self.recomputing[name].append(True)
+                self._reran = True
+            else:
+                self.recomputing[name].append(False)
+            grads = self.grads[name]
 
-            def keep_grad(grad, name=name, call=call):
-                self.grads[name][call] = grad.detach()
+            def keep_grad(grad):
+                grads[call] = grad.detach()
             output.register_hook(keep_grad)
             return replacement
         return hook
 
+    def _saved_call(self, name: str, kind: LayerKind, module, inputs, kwargs, output):
+        """(what the kind saves of the call, its output tensor, a replacement output), or (None, ...)
+        when the call is not captured (refused: recorded in self.refused)."""
+        problem = kind.call_problem(inputs, kwargs, output)
+        if problem:
+            self.refused[name] = problem
+            return None, output, None
+        output, replacement = kind.call_output(output)
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return None, output, None
+        saved, problem = kind.saved_call(module, inputs, kwargs)
+        if problem:
+            self.refused[name] = problem
+            return None, output, None
+        return saved, output, replacement
+
     def _batch_hook(self, module, args, kwargs):
         if not self._computing:
+            if args and isinstance(args[0], torch.Tensor) and args[0].dim():
+                self.batch = args[0].shape[0]       # the usual call, model(x), without the walk
+                return
             first = next((t for t in _tensors((args, kwargs)) if t.dim()), None)
             self.batch = None if first is None else first.shape[0]
 
@@ -150,6 +178,8 @@ class LayerHooks:
         a block's forward to rebuild what it did not save, and the gradient reaches the first call's
         output. (With reentry the first call runs without grad and is never recorded; the rerun's
         outputs get the gradient and stay.)"""
+        if not self._reran:
+            return
         for name, flags in self.recomputing.items():
             reran = [i for i, flag in enumerate(flags) if flag and i not in self.grads[name]]
             if not reran:

@@ -75,13 +75,17 @@ class ShardWriter:
                 per_layer.setdefault(layer, []).append(ids)
         return max(per_layer.values(), key=lambda parts: sum(map(len, parts)), default=[])
 
-    def add(self, ids: np.ndarray, factors: dict[str, dict[str, torch.Tensor]], seen: int | None = None) -> None:
+    def add(self, ids: np.ndarray, factors: dict[str, dict[str, torch.Tensor]], seen: int | None = None,
+            checked: bool = False) -> None:
         """Buffers the batch's new rows of every layer; raises before buffering anything. `seen`: the
         number of the training batch (counted from the checkpoint's weights) whose weights computed
-        these factors; None when they are the checkpoint's own weights (replay)."""
-        ids = np.array(ids)         # its own copy: every layer's buffered batch shares it
+        these factors; None when they are the checkpoint's own weights (replay). `ids` is buffered as
+        it is (every layer's rows share it): the caller's own array, which it does not change.
+        `checked`: the caller checked that the ids are unique."""
+        ids = np.asarray(ids)
         listed = ids.tolist()
-        check_unique_ids(ids, listed)
+        if not checked:
+            check_unique_ids(ids, listed)
         self.check()
         factors = self._project(factors)
         _check_finite(factors)
@@ -489,7 +493,7 @@ class Capture:
             if rows != len(ids):
                 raise InvalidInputException(f"layer '{layer}' saw a batch of {rows} but {len(ids)} ids were given; "
                                             "nothing of this batch was stored (give one id per sample of the batch)")
-        self.writer.add(ids, factors, seen=self.batches_seen)
+        self.writer.add(ids, factors, seen=self.batches_seen, checked=True)
         self.samples += len(ids)
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -45,6 +45,7 @@ class LayerHooks:
         self.optional, self.skipped, self.batchnorms = set(sel.optional), dict(sel.skipped), sel.batchnorms
         self.root = sel.root
         self.kinds: dict[str, LayerKind] = {n: kind_for(n, m) for n, m in self.modules.items()}
+        self._call_batch = {n: k.call_batch for n, k in self.kinds.items()}
         self._handles: dict[str, list] = {}
         self._first = True      # the first batch decides which optional layers stay
         self.clear()
@@ -149,7 +150,9 @@ class LayerHooks:
         """Per-layer per-sample factors of the last forward/backward; `scale` undoes a mean loss.
         Raises (before anything of the batch is stored) when a required layer got no gradient."""
         self._drop_recomputations()
-        missing = {n: why for n in self.modules if (why := self._no_gradient(n))}
+        # _no_gradient's reasons, asked only of the layers it has one for (this runs every step)
+        missing = {n: self._no_gradient(n) for n, calls in self.inputs.items()
+                   if not calls or len(self.grads[n]) != len(calls) or n in self.refused}
         missing.update(self._broadcast())
         if self._first:
             self._first_batch(missing)
@@ -159,17 +162,16 @@ class LayerHooks:
                     f"layer '{name}' {why}, so it has no per-sample gradient; nothing of this batch was "
                     f"stored (leave '{name}' out of layers=, or make the loss depend on its output)")
         out = {}
-        for name, module in self.modules.items():
-            calls = len(self.inputs[name])
-            if calls == 0:
-                continue
-            grads = [self.grads[name][i] * scale if scale != 1.0 else self.grads[name][i]
-                     for i in range(calls)]
-            self._computing = True
-            try:
-                out[name] = self.kinds[name].factors(module, self.inputs[name], grads)
-            finally:
-                self._computing = False
+        self._computing = True
+        try:
+            for name, calls in self.inputs.items():
+                if not calls:
+                    continue
+                grads = self.grads[name]
+                scaled = [grads[i] * scale if scale != 1.0 else grads[i] for i in range(len(calls))]
+                out[name] = self.kinds[name].factors(self.modules[name], calls, scaled)
+        finally:
+            self._computing = False
         return out
 
     def _drop_recomputations(self) -> None:
@@ -205,7 +207,7 @@ class LayerHooks:
         """{layer: why} for layers called on fewer rows than the batch (GPT-2's position embedding
         reads position ids of shape (1, T), broadcast over the samples): the gradient torch hands
         back is the batch's sum, from which no sample's own gradient can be separated."""
-        sizes = {n: {self.kinds[n].call_batch(c) for c in calls} for n, calls in self.inputs.items() if calls}
+        sizes = {n: {self._call_batch[n](c) for c in calls} for n, calls in self.inputs.items() if calls}
         batch = self.batch if self.batch is not None else _most_common(sizes.values())
         return {n: (f"is called on inputs of leading dimension {sorted(s - {batch})[0]}, not the batch's {batch} "
                     "(an input shared by every sample, such as position ids, or samples merged into rows): its "
@@ -240,7 +242,8 @@ class LayerHooks:
     def _drop(self, name: str) -> None:
         for h in self._handles.pop(name, []):
             h.remove()
-        for d in (self.modules, self.kinds, self.inputs, self.outputs, self.grads, self.refused, self.recomputing):
+        for d in (self.modules, self.kinds, self._call_batch, self.inputs, self.outputs, self.grads, self.refused,
+                  self.recomputing):
             d.pop(name, None)
 
 

@@ -26,6 +26,8 @@ from metaql.storage.layers import LayerMeta
 from metaql.storage.store import Store, _as_ids
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# factors of full-stored layers handed to the writer thread at once (see ShardWriter._resolve_full)
+FULL_HANDOVER_BYTES = 4 << 20
 
 
 class ShardWriter:
@@ -48,6 +50,8 @@ class ShardWriter:
         self.shard_size, self.dtype, self.storage = shard_size, STORAGE_DTYPES[dtype], self.projection.exact
         self.background = background      # flushes written by a BackgroundWriter thread (storage/writer.py)
         self._worker = None
+        self._pending_full: list = []      # full-stored batches not yet handed to the writer thread
+        self._pending_bytes = 0
         self._metas: dict = {}
         self._held: bool | None = None
         self._layers: dict | None = None
@@ -260,6 +264,7 @@ class ShardWriter:
         that fails or is interrupted is never written again (its ids are captured on resume)."""
         batches, seen, self.batches, self.seen = self.batches, self.seen, [], []
         self._counts, self._buffered = {}, None
+        self._pending_full, self._pending_bytes = [], 0     # resolved by the flush's own write
         if not batches:
             return
         if not self.background:
@@ -273,16 +278,27 @@ class ShardWriter:
         self._worker.submit(lambda store: self._write(store, batches, seen))
 
     def _resolve_full(self, fulls: list) -> None:
-        """Full-stored layers' gradients of a batch, computed now (on the writer thread when there is
-        one, ahead of the flush) so that a buffer holds them rather than the larger factors."""
+        """Full-stored layers' gradients of a batch, computed ahead of the flush (on the writer
+        thread when there is one) so that a buffer holds them rather than the larger factors.
+        The writer gets them a few MiB of factors at a time, not every step: each hand-over wakes
+        the writer thread, whose turn at the GIL the training thread then waits out; a flush
+        computes those still pending (_FullRows.tensors)."""
         if not fulls:
             return
         if not self.background:
             for f in fulls:
                 f.resolve()
             return
-        self._start()
-        self._worker.submit(lambda store: [f.resolve() for f in fulls], bounded=False)
+        self._pending_full += fulls
+        self._pending_bytes += sum(f.nbytes() for f in fulls)
+        if self._pending_bytes >= FULL_HANDOVER_BYTES:
+            self._hand_over_full()
+
+    def _hand_over_full(self) -> None:
+        fulls, self._pending_full, self._pending_bytes = self._pending_full, [], 0
+        if fulls:
+            self._start()
+            self._worker.submit(lambda store: [f.resolve() for f in fulls], bounded=False)
 
     def _start(self) -> None:
         if self._worker is None:
@@ -341,6 +357,10 @@ class _FullRows:
     def tensors(self) -> dict[str, torch.Tensor]:
         self.resolve()
         return {"G": self.g}
+
+    def nbytes(self) -> int:
+        """Bytes of the factors it holds until resolved."""
+        return sum(v.numel() * v.element_size() for v in self.factors.values()) if self.factors is not None else 0
 
 
 def unwrapped(model: nn.Module) -> nn.Module:

@@ -384,8 +384,12 @@ def _copy(v: torch.Tensor, held: set[int] | None = None) -> torch.Tensor:
 
 
 def _owned(v: torch.Tensor, held: set[int] | None) -> bool:
-    """Whether `v` is on none of the storages the hooks hold (see ShardWriter._held_storages)."""
-    return held is not None and v.untyped_storage().data_ptr() not in held
+    """Whether `v` is on none of the storages the hooks hold (see ShardWriter._held_storages) and
+    spans the whole of its own (a slice of a larger result would keep all of it alive until the flush)."""
+    if held is None:
+        return False
+    storage = v.untyped_storage()
+    return storage.data_ptr() not in held and storage.nbytes() == v.numel() * v.element_size()
 
 
 def _same_rows(a: np.ndarray | None, b: np.ndarray | None) -> bool:

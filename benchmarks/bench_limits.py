@@ -285,7 +285,7 @@ def naive_rows(con, name, layers, b, cfg) -> list[list]:
     return [[name, ", ".join(layers), b, len(m["score"]) // b, t_loop, t_matrix, t_topk, t_loop / t_matrix, "/".join(picks), diff]]
 
 
-NAIVE_HEAD = ["model", "layers", "B query", "N train", f"naive loop of B point INFLUENCE s", "query=each s",
+NAIVE_HEAD = ["model", "layers", "B query", "N train", "naive loop of B point INFLUENCE s", "query=each s",
               "each + topk=10 both s", "speedup (loop / each)", "matrix strategy", "max rel. diff"]
 
 

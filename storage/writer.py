@@ -1,6 +1,7 @@
 """A capture's shard writes on a thread of their own, so the training step never waits on I/O.
 
-The training thread hands over whole flushes (tensors it copied, which nothing else references);
+The training thread hands over whole flushes (tensors it copied, or the kind computed for the batch:
+nothing else references them);
 the writer thread turns them into shards: concatenation, full gradients of layers stored full,
 Arrow serialization, fsyncs and the catalog commits of Store.write_factor_shards, unchanged, so a
 kill mid-flush leaves exactly what it leaves inline (storage/durable.py). Catalog writes go through
@@ -9,7 +10,8 @@ training thread keeps using the store's own.
 
 At most `max_pending` flushes wait behind the one being written (none by default): a training
 loop that outruns the disk blocks at the hand-over, so a capture holds at most (2 + max_pending)
-shards' worth of factors, the one it fills and the one being written (inline it held one). The first error stops the writer (what is queued behind it is not written) and is
+shards' worth of factors, the one it fills and the one being written (inline it held one), plus up
+to 4 MiB of full-stored layers' factors not yet handed over (capture.FULL_HANDOVER_BYTES). The first error stops the writer (what is queued behind it is not written) and is
 raised in the training thread at the next cap.backward and on exit; the checkpoint is then left
 partial and a rerun of the same capture fills in what is missing.
 """

@@ -24,6 +24,11 @@ class Linear(LayerKind):
 
     def factors(self, module, inputs, grad_outputs):
         b = inputs[0].shape[0]
+        if len(inputs) == 1:
+            # one call: its rows as they are, laid out as the concatenation would lay them out (the
+            # capture copies what it keeps once, not twice)
+            return {"X": inputs[0].reshape(b, -1, inputs[0].shape[-1]).contiguous(),
+                    "D": grad_outputs[0].reshape(b, -1, grad_outputs[0].shape[-1]).contiguous()}
         x = torch.cat([i.reshape(b, -1, i.shape[-1]) for i in inputs], dim=1)
         d = torch.cat([g.reshape(b, -1, g.shape[-1]) for g in grad_outputs], dim=1)
         return {"X": x, "D": d}

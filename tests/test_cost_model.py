@@ -84,7 +84,7 @@ def test_pragma_calibrate_keeps_every_strategys_weights(tmp_path, monkeypatch):
     for family in calibrate.FAMILIES:
         assert set(kept["weights"][family]) == exact
         assert kept["weights"][family]["iterate"] == pytest.approx({"flops": 2.0, "bytes": 0.5})
-    per_layer = 2 * sum(len(v) for v in kept["layers"].values())
+    per_layer = len(calibrate.LAYER_WEIGHTS) * sum(len(v) for v in kept["layers"].values())
     assert len(out) == 2 + 2 * len(calibrate.FAMILIES) * len(exact) + per_layer
 
 
@@ -120,8 +120,9 @@ def test_explain_analyze_shows_estimate_against_measured(tmp_path, monkeypatch):
 
 
 def test_pragma_calibrate_fits_each_layer_on_its_own_factors(tmp_path, monkeypatch):
-    """Every stored layer gets a fit per strategy (fixed seconds, factor), and the optimizer's
-    estimate for that layer is fixed + factor x the base formula."""
+    """Every stored layer gets a fit per strategy (fixed seconds per chunk, the weights of the scan
+    and query-row parts of the formula, the query side's seconds), and the optimizer's estimate for
+    that layer is engine.cost.layer_seconds of it."""
     monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
     monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
     monkeypatch.setattr(store_module, "_MEASURED", {})
@@ -134,9 +135,9 @@ def test_pragma_calibrate_fits_each_layer_on_its_own_factors(tmp_path, monkeypat
                     .column("plan").to_pylist() if "c0/0" in s)
     fits = kept["layers"]["0"]
     assert {"iterate", "batch_average", "reconstruct", "self_gram", "self_full"} <= set(fits)
-    assert all(f["fixed"] >= 0 and f["factor"] > 0 for f in fits.values())
-    est = cost.estimates(cost.Shapes(n=10, s=1, b=2, sq=1, din=5, dout=3, stored="factored"))["iterate"]
-    plain = est["flops"] * kept["sec_per_flop"] + est["bytes"] * kept["sec_per_byte"]
-    want = fits["iterate"]["fixed"] + fits["iterate"]["factor"] * plain
+    assert all(f[k] >= 0 for f in fits.values() for k in calibrate.LAYER_WEIGHTS)
+    assert all(f["scan"] + f["query"] > 0 and f["rows"] >= 1 for f in fits.values())
+    sh = cost.Shapes(n=10, s=1, b=2, sq=1, din=5, dout=3, stored="factored")
+    want = cost.layer_seconds(fits["iterate"], "iterate", sh, kept)
     shown = re.search(r"\biterate\*?=([0-9.e+-]+)s", line)
     assert shown and float(shown.group(1)) == pytest.approx(want, rel=1e-2), line

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import bench_engine as be
-from metastore_common import VGG16, WideMLP, cifar_like, log, set_threads
+from metastore_common import VGG16, WideMLP, cifar_like, log, set_clock, set_threads
 
 STRATS = ("iterate", "batch_average", "reconstruct")
 
@@ -37,16 +37,10 @@ def ratios(wl, unit, grid, cap_s) -> list[tuple]:
     for n, b in grid:
         est = be.estimated(wl, unit, n, b)
         for strat in STRATS:
-            if strat == "reconstruct" and n > 64 and est.get(strat, 0) > 3 * cap_s:
-                n_r = max(16, n // 8)     # long: time fewer samples, the estimate at that N
-                e = be.estimated(wl, unit, n_r, b)[strat]
-                m = sum(be.unit_scan(wl, unit, strat, b, n_r, cap_s, 1, layers=[l])[0]
-                        + be.query_prep(wl, l, b)[strat] for l in wl.units[unit])
-                out.append((unit, strat, n_r, b, m, e, m / e))
-            else:
-                m = sum(be.unit_scan(wl, unit, strat, b, n, cap_s, 2, layers=[l])[0]
-                        + be.query_prep(wl, l, b)[strat] for l in wl.units[unit])
-                out.append((unit, strat, n, b, m, est[strat], m / est[strat]))
+            # as bench_engine times it: the real chunks, extrapolated after the time cap
+            m = sum(be.unit_scan(wl, unit, strat, b, n, cap_s, 2, layers=[l])[0]
+                    + be.query_prep(wl, l, b)[strat] for l in wl.units[unit])
+            out.append((unit, strat, n, b, m, est[strat], m / est[strat]))
             print(f"{wl.name:9s} {unit:7s} {strat:14s} N={out[-1][2]:5d} B={b:4d} measured {m:9.4g} s  "
                   f"estimate {out[-1][5]:9.4g} s  ratio {out[-1][6]:6.2f}", flush=True)
     return out
@@ -60,15 +54,19 @@ def main(argv=None):
     ap.add_argument("--units", default="", help="comma list of units (default: all of the model)")
     ap.add_argument("--b", default="1,16,64", help="query batch sizes")
     ap.add_argument("--cap", type=float, default=1.0, help="time cap per scan (s), then extrapolate")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
+                    help="measure the process's CPU time (default; calibration's clock at one thread) or wall time")
     args = ap.parse_args(argv)
     set_threads(1)
+    set_clock(args.clock)
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory(prefix="cost-ratios-")
     bs = [int(v) for v in args.b.split(",")]
     models = args.models.split(",")
     wanted = set(args.units.split(",")) - {""}
     rows = []
-    print(f"load {os.getloadavg()[0]:.1f}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"load {os.getloadavg()[0]:.1f}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"clock {args.clock}")
     if "vgg" in models:
         x, y = cifar_like(args.vgg_n + max(bs))
         wl = be.build("VGG16", f"{tmp.name}/vgg.mq", VGG16(), x, y, args.vgg_n, 100,

@@ -11,7 +11,6 @@ reproduces both timings. Nothing is tuned to a machine: `PRAGMA metaql_calibrate
 from __future__ import annotations
 
 import re
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -57,12 +56,13 @@ def shapes_of(kind, meta, factors, n: int, b: int, stored: str):
 def _timed(fn, runs: int = 7, budget: float = 0.05) -> float:
     """The best of up to `runs` runs after a warm-up, stopping once `budget` seconds were spent:
     the minimum sees past other processes' time slices on a shared machine."""
+    from metaql.engine.cost import work_clock
     fn()
     best, spent = float("inf"), 0.0
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0 = work_clock()
         fn()
-        took = time.perf_counter() - t0
+        took = work_clock() - t0
         best, spent = min(best, took), spent + took
         if spent > budget:
             break
@@ -141,7 +141,7 @@ def calibrate_store(store) -> pa.Table:
     from metaql.engine import cost
     from metaql.storage import store as store_module
     consts = cost.calibrated_constants()
-    layers = layer_weights(store)
+    layers = layer_weights(store, consts)       # weights against these base constants, not a re-measure
     # a read-only store cannot keep them: they hold for this process (its layers' factors with them)
     store_module._MEASURED[cost.measure_constants] = {**consts, "layers": layers} if store.read_only else dict(consts)
     consts["layers"] = layers
@@ -178,11 +178,12 @@ POINT_SECONDS = 0.12    # about this long per timed run: enough samples to see p
 MAX_ROWS = 256          # training samples timed at most
 
 
-def layer_weights(store) -> dict[str, dict[str, dict[str, float]]]:
-    """{layer: {strategy: fit}} for every layer with stored factors (fit: see `_layer_fit`)."""
+def layer_weights(store, base: dict | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """{layer: {strategy: fit}} for every layer with stored factors (fit: see `_layer_fit`): weights
+    against the base constants `base` (measured here if None), which the estimates must use too."""
+    from metaql.engine import cost
     from metaql.engine.strategies import applicable
     from metaql.storage.layers import kind_named
-    base = None
     out: dict[str, dict] = {}
     for row in store.layers():
         shards = store.factor_shards(None, row["name"])
@@ -194,16 +195,11 @@ def layer_weights(store) -> dict[str, dict[str, dict[str, float]]]:
         n_all = next(iter(tensors.values())).shape[0]
         if n_all < 2:
             continue
-        base = base or _base_of(store)
+        base = base or cost.measure_base()
         names = [s.name for s in applicable(stored, False, kind, False) + applicable(stored, False, kind, True)
                  if not s.baseline]
         out[row["name"]] = {name: _layer_fit(name, kind, meta, stored, tensors, base) for name in names}
     return out
-
-
-def _base_of(store) -> dict[str, float]:
-    from metaql.engine import cost
-    return cost.measure_base()
 
 
 def _query(kind, meta, stored, tensors, b: int, name: str):
@@ -264,14 +260,25 @@ def _sizes(run, n_max: int) -> list[int]:
     """Two sample counts, both in the regime a query runs in: the most one chunk holds (up to
     n_max: its intermediates are as large as a query's, so allocation and cache effects match;
     fewer if a run would pass POINT_SECONDS) and a quarter of that (a size of a few samples runs
-    from cache, several times faster per sample than a query's chunk)."""
-    probe = max(1, n_max // 4)
-    run(probe)                                      # warm: the pages of the shard, the allocator
-    t0 = time.perf_counter()
-    run(probe)
-    per = max(time.perf_counter() - t0, 1e-9) / probe
-    big = int(min(n_max, max(2 * probe, POINT_SECONDS / per)))
+    from cache, several times faster per sample than a query's chunk). A probe doubling from one
+    sample says how long a sample takes, without a long first run on a slow layer."""
+    probe, took = 1, 0.0
+    while True:
+        run(probe)                                  # warm: the pages of the shard, the allocator
+        t0 = _clock()
+        run(probe)
+        took = _clock() - t0
+        if took > POINT_SECONDS / 8 or 2 * probe > max(1, n_max // 4):
+            break
+        probe *= 2
+    per = max(took, 1e-9) / probe
+    big = int(min(n_max, max(probe, POINT_SECONDS / per)))
     return sorted({max(1, big // 4), big})
+
+
+def _clock() -> float:
+    from metaql.engine.cost import work_clock
+    return work_clock()
 
 
 def _terms(name: str, sh, base) -> list[float]:

@@ -132,17 +132,29 @@ def measure_constants() -> dict[str, float]:
 
 
 def measure_base() -> dict[str, float]:
-    """Times a matrix product (flops) and a large sum (bytes read) on this machine."""
+    """Times a matrix product (flops) and a large sum (bytes read) on this machine: the best of
+    several runs each, since on a shared machine a run may lose a time slice to another job (the
+    per-layer weights are relative to these, so their noise would scale every estimate)."""
     a = torch.randn(512, 512)
-    _ = a @ a
-    t0 = time.perf_counter()
-    for _ in range(8):
-        _ = a @ a
-    flop = (time.perf_counter() - t0) / (8 * 512 ** 3 * 2)
+    flop = _best(lambda: a @ a, 12) / (512 ** 3 * 2)
     big = torch.randn(16 * 2 ** 20)           # 64 MiB
-    big.sum()
-    t0 = time.perf_counter()
-    for _ in range(4):
-        big.sum()
-    byte = (time.perf_counter() - t0) / (4 * big.numel() * 4)
+    byte = _best(big.sum, 6) / (big.numel() * 4)
     return {"sec_per_flop": flop, "sec_per_byte": byte}
+
+
+def _best(fn, runs: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(runs):
+        t0 = work_clock()
+        fn()
+        best = min(best, work_clock() - t0)
+    return best
+
+
+def work_clock() -> float:
+    """The clock calibration times with: the process's CPU time when torch runs one thread (what
+    a query costs on an idle machine, and not the time slices other jobs take: on a 2-core machine
+    at load 9 a scan's wall time was 3-4x its CPU time and varied 2x from run to run, its CPU time
+    10%); wall time with several threads, whose CPU times add up."""
+    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()

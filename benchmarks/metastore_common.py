@@ -269,7 +269,7 @@ class Report:
     def __init__(self, name: str, title: str, argv: list[str]):
         self.name, self.title = name, title
         self.command = "python " + " ".join([os.path.relpath(argv[0], ROOT)] + argv[1:])
-        self.started = clock()
+        self.started = time.perf_counter()          # wall time, whatever clock() times
         self.date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
         self.machine = machine()
         self.sections: list[str] = []
@@ -281,7 +281,7 @@ class Report:
         print(block, flush=True)
 
     def write(self, path: Path | None = None) -> Path:
-        wall = clock() - self.started
+        wall = time.perf_counter() - self.started
         path = path or RESULTS / f"{self.name}.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         head = (f"# {self.title}\n\n- command: `{self.command}`\n- date: {self.date}\n"

@@ -33,7 +33,7 @@ def ratios(wl, unit, grid, cap_s) -> list[tuple]:
     fits = wl.store.cost_constants(cost.measure_constants).get("layers", {})
     for layer in wl.units[unit]:
         for name, f in fits.get(layer, {}).items():
-            print(f"  fit {layer} {name}: " + ", ".join(f"{k}={v:.3g}" for k, v in f.items()))
+            print(f"  fit {layer} {name}: " + ", ".join(f"{k}={v:.3g}" if not isinstance(v, list) else f"{k}={v}" for k, v in f.items()))
     for n, b in grid:
         est = be.estimated(wl, unit, n, b)
         for strat in STRATS:

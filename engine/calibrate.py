@@ -153,7 +153,7 @@ def calibrate_store(store) -> pa.Table:
             rows += [("flops_weight", family, name, w["flops"]), ("bytes_weight", family, name, w["bytes"])]
     for layer, weights in consts["layers"].items():
         for name, w in weights.items():
-            rows += [(f"layer_{key}", layer, name, w[key]) for key in LAYER_WEIGHTS]
+            rows += [(f"layer_{key}", layer, name, w[key]) for key in LAYER_WEIGHTS + ("query_large",) if key in w]
     return pa.table({"constant": [r[0] for r in rows], "family": [r[1] for r in rows],
                      "strategy": [r[2] for r in rows], "value": pa.array([float(r[3]) for r in rows], pa.float64())})
 
@@ -174,6 +174,8 @@ def calibrate_store(store) -> pa.Table:
 # a B term, two sizes of B lets the estimate extrapolate along both instead of scaling one point.
 LAYER_WEIGHTS = ("fixed", "scan", "query", "prep", "prep_each")     # what the PRAGMA shows per layer
 QUERY_ROWS = 32         # the larger query batch timed (the smaller is one sample)
+LARGE_QUERY_ROWS = 128  # the query weight once more at this batch (engine.cost.query_weight)
+LARGE_SECONDS = 0.5     # ... unless one training sample would take longer (a layer it never suits)
 POINT_SECONDS = 0.12    # about this long per timed run: enough samples to see per-sample cost
 MAX_ROWS = 256          # training samples timed at most
 
@@ -239,7 +241,34 @@ def _layer_fit(name, kind, meta, stored, tensors, base) -> dict[str, float]:
             points.append(([-(-n // step)] + _terms(name, shapes_of(kind, meta, train, n, b, stored), base), t))
     (b0, p0), (b1, p1) = preps[0], preps[-1]
     each = (p1 - p0) / (b1 - b0) if b1 > b0 and p1 > p0 else p1 / max(b1, 1)
-    return {**_fit_terms(points), "prep": max(p0 - each * b0, 0.0), "prep_each": each, "rows": int(rows)}
+    fit = {**_fit_terms(points), "prep": max(p0 - each * b0, 0.0), "prep_each": each, "rows": int(rows)}
+    if len(bs) > 1 and _grows_with_b(name):
+        fit.update(_large_query(name, kind, meta, stored, tensors, base, fit, bs[-1]))
+    return fit
+
+
+def _large_query(name, kind, meta, stored, tensors, base, fit, b_small) -> dict:
+    """The query weight again at LARGE_QUERY_ROWS query samples, the other weights kept: the
+    products against many query rows run at another efficiency than against a few (iterate on
+    VGG16 conv7 at B = 512 took 2.8x the estimate from B = 32). {} when the shard holds too few
+    samples or one training sample would take more than LARGE_SECONDS."""
+    from metaql.engine.executor import chunk_rows
+    n_all = next(iter(tensors.values())).shape[0]
+    b = min(LARGE_QUERY_ROWS, n_all // 4)
+    probe = shapes_of(kind, meta, _head(tensors, 1), 1, b, stored)
+    scan1, query1 = _terms(name, probe, base)
+    if b < 2 * b_small or fit["scan"] * scan1 + fit["query"] * query1 > LARGE_SECONDS:
+        return {}
+    q, _ = _query(kind, meta, stored, tensors, b, name)
+    step = min(n_all, chunk_rows(tensors, q, name, meta))
+    weights = []
+    for n in _sizes(lambda n: _run(name, kind, meta, _head(tensors, n), q), max(1, min(MAX_ROWS, n_all - b, step))):
+        train = _head(tensors, n)
+        t = _timed(lambda: _run(name, kind, meta, train, q), runs=20, budget=0.1)
+        scan, query = _terms(name, shapes_of(kind, meta, train, n, b, stored), base)
+        if query > 0:
+            weights.append(max(t - fit["fixed"] * -(-n // step) - fit["scan"] * scan, 0.0) / query)
+    return {"query_large": float(np.median(weights)), "query_b": [b_small, b]} if weights else {}
 
 
 def _grows_with_b(name: str) -> bool:

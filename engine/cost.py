@@ -7,6 +7,7 @@ measured on this machine at first use and kept in the catalog's meta table.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -111,7 +112,19 @@ def layer_seconds(fit: dict[str, float], strategy: str, sh: Shapes, consts: dict
     scan, query = split(STRATEGIES[strategy].estimate, sh, consts)
     chunks = -(-sh.n // max(1, int(fit.get("rows", 1)))) if sh.n else 0
     side = fit["prep"] + fit["prep_each"] * sh.b if sh.b else 0.0
-    return fit["fixed"] * chunks + fit["scan"] * scan + fit["query"] * query + side
+    return fit["fixed"] * chunks + fit["scan"] * scan + query_weight(fit, sh.b) * query + side
+
+
+def query_weight(fit: dict, b: int) -> float:
+    """The weight of the query part at a batch of b: the one timed at the smaller calibration
+    batch up to it, the one timed at the larger from it on, interpolated in log B between."""
+    if "query_large" not in fit or b <= fit["query_b"][0]:
+        return fit["query"]
+    lo, hi = fit["query_b"]
+    if b >= hi:
+        return fit["query_large"]
+    f = math.log(b / lo) / math.log(hi / lo)
+    return fit["query"] + f * (fit["query_large"] - fit["query"])
 
 
 

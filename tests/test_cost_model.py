@@ -254,3 +254,11 @@ def test_pragma_fits_layers_against_the_base_constants_it_keeps(tmp_path, monkey
     with metaql.connect(tmp_path / "s.mq") as con:
         con.execute("PRAGMA metaql_calibrate")
     assert len(calls) == 1
+
+
+def test_query_weight_interpolates_in_log_b_between_the_timed_batches():
+    fit = {**FIT, "query": 1.0, "query_large": 3.0, "query_b": [32, 128]}
+    assert cost.query_weight(fit, 8) == 1.0 and cost.query_weight(fit, 32) == 1.0
+    assert cost.query_weight(fit, 64) == pytest.approx(2.0)          # halfway in log B
+    assert cost.query_weight(fit, 512) == 3.0
+    assert cost.query_weight(FIT, 512) == FIT["query"]                 # not timed at a large batch

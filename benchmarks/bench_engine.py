@@ -21,6 +21,8 @@ with the engine's operators, metaql.engine.operators):
 
     python benchmarks/bench_engine.py            # full size (about 5 minutes on a 2-core machine)
     python benchmarks/bench_engine.py --quick    # smoke run, about a minute; writes engine_quick.md
+    python benchmarks/bench_engine.py --models vgg --tables p2p,p2b --out engine_vgg   # a subset
+    python benchmarks/bench_engine.py --clock cpu   # process CPU time (a machine loaded by other jobs)
 """
 from __future__ import annotations
 
@@ -33,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metastore_common import (MINILM_BLOCKS, VGG16, Report, WideMLP, add_threads_option, batches, best_of,
-                              cifar_like, clock, load_minilm, log, memory_bandwidth, minilm_available, sal_layers,
-                              set_threads, table, token_sequences)
+from metastore_common import (MINILM_BLOCKS, VGG16, Report, WideMLP, add_clock_option, add_threads_option, batches,
+                              best_of, cifar_like, clock, load_minilm, log, memory_bandwidth, minilm_available,
+                              sal_layers, set_clock, set_threads, table, token_sequences)
 
 import metaql
 from metaql.engine import operators as ops
@@ -55,6 +57,7 @@ FULL = dict(vgg_n=1000, vgg_test=512, vgg_batch=100, vgg_grid=(250, 500, 1000), 
             minilm_b=(4, 16, 64), minilm_bp=16,
             mlp_n=4096, mlp_test=64, mlp_batch=256, mlp_grid=(1024, 2048, 4096), mlp_b=(16, 64), mlp_bp=64,
             pre_n=256, pre_bytes=1.4e9, big_pre_n=20, re_n=32, cap_s=1.5, e2e_b=(16, 64), repeat=3, bw_mib=512)
+TABLES = ("p2p", "vsn", "p2b", "e2e", "bw")     # Fig. 24, Fig. 26, Fig. 27, end-to-end, bandwidth
 QUICK = dict(vgg_n=32, vgg_test=8, vgg_batch=16, vgg_grid=(16, 32), vgg_b=(2, 8), vgg_bp=4,
              minilm_n=8, minilm_len=16, minilm_test=4, minilm_batch=8, minilm_grid=(4, 8),
              minilm_b=(2, 4), minilm_bp=2,
@@ -153,8 +156,10 @@ def build(name, path, model, x, y, n_train, batch, units, bp, storage=None) -> W
     # the cost model's constants as a user gets them (at this run's thread count): base, per-family
     # weights and each layer's own fit; the estimates and the optimizer's picks below use them
     log(f"{name}: PRAGMA metaql_calibrate")
+    t0 = clock()
     con.execute("PRAGMA metaql_calibrate")
     wl = Workload(name, con, path, units, n_train, n_test, bp)
+    wl.calibrate_seconds = clock() - t0
     log(f"{name}: replaying {n_test} test samples")
     wl.replay_queries()
     wl.touch()
@@ -463,27 +468,36 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run, about a minute")
     ap.add_argument("--no-minilm", action="store_true", help="skip the MiniLM workload")
+    ap.add_argument("--models", default="vgg,minilm,mlp", help="comma list of the stores: vgg, minilm, mlp")
+    ap.add_argument("--tables", default=",".join(TABLES), help=f"comma list of the tables: {', '.join(TABLES)}")
+    ap.add_argument("--out", default=None, help="results file name (default engine, engine_quick with --quick)")
     add_threads_option(ap)
+    add_clock_option(ap)
     args = ap.parse_args(argv)
     set_threads(args.threads)
+    set_clock(args.clock)
+    models = set(args.models.split(",")) - ({"minilm"} if args.no_minilm else set())
+    tables = set(args.tables.split(","))
     cfg = dict(QUICK if args.quick else FULL)
-    report = Report("engine_quick" if args.quick else "engine",
+    report = Report(args.out or ("engine_quick" if args.quick else "engine"),
                     "MetaStore query strategies (Figures 24-27, §17-18)",
                     sys.argv if argv is None else ["benchmarks/bench_engine.py", *argv])
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory(prefix="bench-engine-")
     wls, build_s = [], {}
 
-    t0 = clock()
-    x, y = cifar_like(cfg["vgg_n"] + cfg["vgg_test"])
-    vgg = build("VGG16", f"{tmp.name}/vgg.mq", VGG16(), x, y, cfg["vgg_n"], cfg["vgg_batch"],
-                {u: [u] for u in ("conv1", "conv7", "conv13", "fc1", "fc3")}, cfg["vgg_bp"],
-                storage={"conv1": "factored"})
-    vgg.key = "vgg"
-    wls.append(vgg)
-    build_s["VGG16"] = clock() - t0
+    vgg = mlp = None
+    if "vgg" in models:
+        t0 = clock()
+        x, y = cifar_like(cfg["vgg_n"] + cfg["vgg_test"])
+        vgg = build("VGG16", f"{tmp.name}/vgg.mq", VGG16(), x, y, cfg["vgg_n"], cfg["vgg_batch"],
+                    {u: [u] for u in ("conv1", "conv7", "conv13", "fc1", "fc3")}, cfg["vgg_bp"],
+                    storage={"conv1": "factored"})
+        vgg.key = "vgg"
+        wls.append(vgg)
+        build_s["VGG16"] = clock() - t0
 
-    if not args.no_minilm and minilm_available():
+    if "minilm" in models and minilm_available():
         t0 = clock()
         ids, y = token_sequences(cfg["minilm_n"] + cfg["minilm_test"], cfg["minilm_len"])
         units = {f"SAL{b}": sal_layers(b) for b in MINILM_BLOCKS}
@@ -494,22 +508,23 @@ def main(argv=None) -> None:
         wls.append(mini)
         build_s["MiniLM"] = clock() - t0
 
-    t0 = clock()
-    g = torch.Generator().manual_seed(1)
-    xm = torch.randn(cfg["mlp_n"] + cfg["mlp_test"], 256, generator=g)
-    ym = torch.randint(0, 10, (len(xm),), generator=g)
-    mlp = build("MLP-4096", f"{tmp.name}/mlp.mq", WideMLP(), xm, ym, cfg["mlp_n"], cfg["mlp_batch"],
-                {"big": ["big"]}, cfg["mlp_bp"])
-    mlp.key = "mlp"
-    wls.append(mlp)
-    build_s["MLP-4096"] = clock() - t0
+    if "mlp" in models:
+        t0 = clock()
+        g = torch.Generator().manual_seed(1)
+        xm = torch.randn(cfg["mlp_n"] + cfg["mlp_test"], 256, generator=g)
+        ym = torch.randint(0, 10, (len(xm),), generator=g)
+        mlp = build("MLP-4096", f"{tmp.name}/mlp.mq", WideMLP(), xm, ym, cfg["mlp_n"], cfg["mlp_batch"],
+                    {"big": ["big"]}, cfg["mlp_bp"])
+        mlp.key = "mlp"
+        wls.append(mlp)
+        build_s["MLP-4096"] = clock() - t0
 
     results: dict = {}
-    setup = [[wl.name, len(wl.train_ids), len(wl.test_ids), build_s[wl.name], wl.query_seconds,
-              1e3 * wl.query_seconds / len(wl.test_ids)] for wl in wls]
+    setup = [[wl.name, len(wl.train_ids), len(wl.test_ids), build_s[wl.name], wl.calibrate_seconds,
+              wl.query_seconds, 1e3 * wl.query_seconds / len(wl.test_ids)] for wl in wls]
     report.add("Set-up: stores captured in this run",
-               table(["model", "N train captured", "test samples", "capture s", "query replay s (all test)",
-                      "replay ms/query sample"], setup),
+               table(["model", "N train captured", "test samples", "capture s (with calibrate)",
+                      "PRAGMA metaql_calibrate s", "query replay s (all test)", "replay ms/query sample"], setup),
                "Training-like loop (SGD, lr 0.01) with capture at checkpoint c0; test samples registered with "
                "their inputs and replayed at the checkpoint once, as an INFLUENCE query does. VGG16: random "
                "CIFAR-shaped images, conv1 stored factored on purpose (storage override) so its factored "
@@ -517,33 +532,36 @@ def main(argv=None) -> None:
                f"of length {cfg['minilm_len']}. MLP-4096: Linear(256,4096) -> Linear(4096,4096) 'big' -> "
                "Linear(4096,10) on random 256-d inputs.")
 
-    p2p_table(wls, cfg, results)
-    report.add("Figure 24: P2P time per training sample (one test sample as the query)",
-               table(P2P_HEAD, results["p2p_rows"]),
-               "MetaQL factored: the strategy EXPLAIN picks for a point query (iterate, the paper's P2P, "
-               "except on conv1 where batch_average is cheaper) run with the engine's operators over the "
-               "stored factors of N training samples; each operator builds what it needs from the stored "
-               "factors inside the timing (for a convolution, iterate correlates the stored input with the "
-               "query's patches; batch_average and reconstruct build im2col rows). Best of up to 30 warm "
-               "runs (at least 1 s of runs); ≈ = stopped after a time cap and extrapolated linearly. "
-               "pre-compute: full gradients of 'N pre' training samples held in memory (built beforehand, "
-               "untimed), one matrix-vector product (ops.full_dot), best of at least 1 s of runs. "
-               "re-compute: replay of 'N re' training samples (forward + backward down to the layer, "
-               "batched) then the factored inner product. A unit of several layers (SALk = Q, K, V, output "
-               "projection) sums them. The query side (replay of the test sample) is common to all and not "
-               "included.")
+    results.update(p2p={}, p2p_rows=[])
+    if "p2p" in tables:
+        p2p_table(wls, cfg, results)
+        report.add("Figure 24: P2P time per training sample (one test sample as the query)",
+                   table(P2P_HEAD, results["p2p_rows"]),
+                   "MetaQL factored: the strategy EXPLAIN picks for a point query (iterate, the paper's P2P, "
+                   "except on conv1 where batch_average is cheaper) run with the engine's operators over the "
+                   "stored factors of N training samples; each operator builds what it needs from the stored "
+                   "factors inside the timing (for a convolution, iterate correlates the stored input with the "
+                   "query's patches; batch_average and reconstruct build im2col rows). Best of up to 30 warm "
+                   "runs (at least 1 s of runs); ≈ = stopped after a time cap and extrapolated linearly. "
+                   "pre-compute: full gradients of 'N pre' training samples held in memory (built beforehand, "
+                   "untimed), one matrix-vector product (ops.full_dot), best of at least 1 s of runs. "
+                   "re-compute: replay of 'N re' training samples (forward + backward down to the layer, "
+                   "batched) then the factored inner product. A unit of several layers (SALk = Q, K, V, output "
+                   "projection) sums them. The query side (replay of the test sample) is common to all and not "
+                   "included.")
 
     vs_n_units = {"VGG16": ["conv13", "fc3"], "MiniLM": ["SAL5"], "MLP-4096": ["big"]}
-    report.add("Figure 26: P2P time per query while varying the number of training samples",
-               table(["model", "layer", "N train", "factored ms", "pre-compute ms", "re-compute ms",
-                      "pre/factored", "re/factored"], p2p_vs_n_table(wls, cfg, results, vs_n_units)),
-               "factored measured at each N (≈ = time cap, extrapolated); pre-compute and re-compute are "
-               "N x their per-sample times measured in the Figure 24 table (both are linear scans: the full "
-               "gradients of the larger N do not fit this machine's memory for conv13 / big).")
+    if "vsn" in tables and "p2p" in tables:
+        report.add("Figure 26: P2P time per query while varying the number of training samples",
+                   table(["model", "layer", "N train", "factored ms", "pre-compute ms", "re-compute ms",
+                          "pre/factored", "re/factored"], p2p_vs_n_table(wls, cfg, results, vs_n_units)),
+                   "factored measured at each N (≈ = time cap, extrapolated); pre-compute and re-compute are "
+                   "N x their per-sample times measured in the Figure 24 table (both are linear scans: the full "
+                   "gradients of the larger N do not fit this machine's memory for conv13 / big).")
 
     p2b_units = {"VGG16": ["conv7", "conv13", "fc1"], "MiniLM": ["SAL5"], "MLP-4096": ["big"]}
     rows_n, rows_b = [], []
-    for wl in wls:
+    for wl in (wls if "p2b" in tables else []):
         for unit in p2b_units.get(wl.name, []):
             if wl.name != "MLP-4096":
                 for n in cfg[f"{wl.key}_grid"]:
@@ -571,27 +589,31 @@ def main(argv=None) -> None:
                "sample and batch_average S*Din*Dout: batched iterate wins below B = Din*Dout / (Sq*(Din+Dout)), "
                "which is where the optimizer picks it.")
 
-    e2e_rows, explain = e2e_table(vgg, cfg, ["conv13", "fc1"])
-    report.add("End-to-end query path (VGG16, conv13 + fc1)",
-               table(E2E_HEAD, e2e_rows) + "\n\n```text\n" + "\n".join(explain) + "\n```",
-               "Wall time of con.execute(\"SELECT * FROM INFLUENCE(layers=[conv13, fc1], query=batch(qB))\")."
-               "fetchnumpy() on a fresh metaql.connect(store, config={'force_strategy': ...}) per strategy "
-               "(auto: no forcing, the optimizer's pick per layer), sets made by CREATE SET qB AS SELECT "
-               "sample_id FROM samples WHERE split = 'test' AND sample_id < ...; includes the replay of the "
-               "B query samples and rebuilding the model from the store. Scores of all strategies agree "
-               "(last column: max |score - score_batch_average| / max |score_batch_average|).")
+    if "e2e" in tables and vgg is not None:
+        e2e_rows, explain = e2e_table(vgg, cfg, ["conv13", "fc1"])
+        report.add("End-to-end query path (VGG16, conv13 + fc1)",
+                   table(E2E_HEAD, e2e_rows) + "\n\n```text\n" + "\n".join(explain) + "\n```",
+                   "Wall time of con.execute(\"SELECT * FROM INFLUENCE(layers=[conv13, fc1], query=batch(qB))\")."
+                   "fetchnumpy() on a fresh metaql.connect(store, config={'force_strategy': ...}) per strategy "
+                   "(auto: no forcing, the optimizer's pick per layer), sets made by CREATE SET qB AS SELECT "
+                   "sample_id FROM samples WHERE split = 'test' AND sample_id < ...; includes the replay of the "
+                   "B query samples and rebuilding the model from the store. Scores of all strategies agree "
+                   "(last column: max |score - score_batch_average| / max |score_batch_average|).")
 
-    bw_rows, bw = bandwidth_table(mlp, cfg)
-    report.add("Warm P2P scan vs memory bandwidth (MLP-4096, layer big)",
-               table(["what", "bytes", "ms", "GB/s", "fraction of read bandwidth"], bw_rows),
-               "Bytes of the scan: the stored factors (X and D, float32) of every training sample; the scan "
-               "is the engine's iterate operator on the memory-mapped shards, warm (best of a few runs). "
-               f"Read bandwidth: a sum over a {cfg['bw_mib']} MiB tensor, measured before and after the scan (best).")
+    bw = None
+    if "bw" in tables and mlp is not None:
+        bw_rows, bw = bandwidth_table(mlp, cfg)
+        report.add("Warm P2P scan vs memory bandwidth (MLP-4096, layer big)",
+                   table(["what", "bytes", "ms", "GB/s", "fraction of read bandwidth"], bw_rows),
+                   "Bytes of the scan: the stored factors (X and D, float32) of every training sample; the scan "
+                   "is the engine's iterate operator on the memory-mapped shards, warm (best of a few runs). "
+                   f"Read bandwidth: a sum over a {cfg['bw_mib']} MiB tensor, measured before and after the scan (best).")
 
     # targets
     p2p = results["p2p"]
-    c13, big = p2p[("VGG16", "conv13")], p2p[("MLP-4096", "big")]
-    r13, rbig = c13["pre"] / c13["fac"], big["pre"] / big["fac"]
+    c13, big = p2p.get(("VGG16", "conv13")), p2p.get(("MLP-4096", "big"))
+    r13 = c13["pre"] / c13["fac"] if c13 else float("nan")
+    rbig = big["pre"] / big["fac"] if big else float("nan")
     p2b_ratios = [r[P2B_RATIO] for r in rows_n]
     lemma7 = [r[LEMMA7_RATIO] for r in rows_n]
     by_b = [r[P2B_RATIO] for r in rows_b]
@@ -607,10 +629,13 @@ def main(argv=None) -> None:
         ["(reference, not a target: beyond the paper's figure) P2B while varying B",
          f"min {min(by_b):.2f}x" if by_b else "-", bool(by_b) and min(by_b) >= 2],
         ["warm P2P scan >= half of the memory (read) bandwidth",
-         f"{bw['scan']:.2f} of {bw['read']:.2f} GB/s ({bw['scan'] / bw['read']:.2f})", bw["scan"] >= 0.5 * bw["read"]],
+         f"{bw['scan']:.2f} of {bw['read']:.2f} GB/s ({bw['scan'] / bw['read']:.2f})" if bw else "-",
+         bool(bw) and bw["scan"] >= 0.5 * bw["read"]],
         ["cost model: every strategy's estimate within 2x of its measured time (Fig. 24 picks, Fig. 27 "
          "iterate / reconstruct / batch_average)", f"measured/estimate {min(RATIOS):.2g} .. {max(RATIOS):.2g}"
          if RATIOS else "-", bool(RATIOS) and 0.5 <= min(RATIOS) and max(RATIOS) <= 2],
+        ["(the same) rows whose measured/estimate is within [0.5, 2]",
+         f"{sum(0.5 <= r <= 2 for r in RATIOS)} of {len(RATIOS)}", bool(RATIOS) and all(0.5 <= r <= 2 for r in RATIOS)],
     ]
     report.add("Targets", table(["target", "measured", "met"], targets))
     tmp.cleanup()

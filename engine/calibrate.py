@@ -11,7 +11,6 @@ reproduces both timings. Nothing is tuned to a machine: `PRAGMA metaql_calibrate
 from __future__ import annotations
 
 import re
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -57,12 +56,13 @@ def shapes_of(kind, meta, factors, n: int, b: int, stored: str):
 def _timed(fn, runs: int = 7, budget: float = 0.05) -> float:
     """The best of up to `runs` runs after a warm-up, stopping once `budget` seconds were spent:
     the minimum sees past other processes' time slices on a shared machine."""
+    from metaql.engine.cost import work_clock
     fn()
     best, spent = float("inf"), 0.0
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0 = work_clock()
         fn()
-        took = time.perf_counter() - t0
+        took = work_clock() - t0
         best, spent = min(best, took), spent + took
         if spent > budget:
             break
@@ -141,7 +141,7 @@ def calibrate_store(store) -> pa.Table:
     from metaql.engine import cost
     from metaql.storage import store as store_module
     consts = cost.calibrated_constants()
-    layers = layer_weights(store)
+    layers = layer_weights(store, consts)       # weights against these base constants, not a re-measure
     # a read-only store cannot keep them: they hold for this process (its layers' factors with them)
     store_module._MEASURED[cost.measure_constants] = {**consts, "layers": layers} if store.read_only else dict(consts)
     consts["layers"] = layers
@@ -153,7 +153,7 @@ def calibrate_store(store) -> pa.Table:
             rows += [("flops_weight", family, name, w["flops"]), ("bytes_weight", family, name, w["bytes"])]
     for layer, weights in consts["layers"].items():
         for name, w in weights.items():
-            rows += [("layer_factor", layer, name, w["factor"]), ("layer_fixed_seconds", layer, name, w["fixed"])]
+            rows += [(f"layer_{key}", layer, name, w[key]) for key in LAYER_WEIGHTS + ("query_large",) if key in w]
     return pa.table({"constant": [r[0] for r in rows], "family": [r[1] for r in rows],
                      "strategy": [r[2] for r in rows], "value": pa.array([float(r[3]) for r in rows], pa.float64())})
 
@@ -161,18 +161,31 @@ def calibrate_store(store) -> pa.Table:
 # ---- per layer: each strategy timed on the store's own factors ----------------------------------------
 # A kind family's two synthetic layers cannot stand for every shape (a convolution of 512 channels
 # on 2x2 pixels runs at a fraction of the efficiency of one of 32 channels on 4x4), so the PRAGMA
-# also times every strategy on stored samples of each layer (two sizes, SAMPLE_ROWS, as far as the
-# first shard holds them), against QUERY_ROWS others as the query side, and fits per layer
-# seconds = fixed + factor * (the base estimate): the fixed part is the per-scan overhead that a
-# small layer's scan never amortises.
-SAMPLE_ROWS, QUERY_ROWS = (32, 256), 8
+# also times every strategy's real chunked scan on stored samples of each layer (views of the first
+# shard, as the executor reads them), with other stored samples of it as the query side, and fits
+# per layer and strategy
+#     seconds = fixed x chunks + scan x price(the formula's per-sample work without the query)
+#               + query x price(the formula's work per training sample and query row)
+#               + prep + prep_each x B                     (building the query side once)
+# The three scan weights are efficiencies against the base constants, one per regime the formula
+# separates: reading and unfolding the stored factors (B-independent), the products against the
+# query rows (iterate's Gram products grow with B), and the fixed cost of one chunk (operator
+# set-up a small layer's scan never amortises). Timing at two sizes of N and, where the formula has
+# a B term, two sizes of B lets the estimate extrapolate along both instead of scaling one point.
+LAYER_WEIGHTS = ("fixed", "scan", "query", "prep", "prep_each")     # what the PRAGMA shows per layer
+QUERY_ROWS = 32         # the larger query batch timed (the smaller is one sample)
+LARGE_QUERY_ROWS = 128  # the query weight once more at this batch (engine.cost.query_weight)
+LARGE_SECONDS = 0.5     # ... unless one training sample would take longer (a layer it never suits)
+POINT_SECONDS = 0.12    # about this long per timed run: enough samples to see per-sample cost
+MAX_ROWS = 256          # training samples timed at most
 
 
-def layer_weights(store) -> dict[str, dict[str, dict[str, float]]]:
-    """{layer: {strategy: {"fixed": seconds, "factor": x}}} for every layer with stored factors."""
+def layer_weights(store, base: dict | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """{layer: {strategy: fit}} for every layer with stored factors (fit: see `_layer_fit`): weights
+    against the base constants `base` (measured here if None), which the estimates must use too."""
+    from metaql.engine import cost
     from metaql.engine.strategies import applicable
     from metaql.storage.layers import kind_named
-    base = None
     out: dict[str, dict] = {}
     for row in store.layers():
         shards = store.factor_shards(None, row["name"])
@@ -182,33 +195,141 @@ def layer_weights(store) -> dict[str, dict[str, dict[str, float]]]:
         kind = kind_named(meta.kind)
         _, tensors = store.shard_tensors(shards[0])
         n_all = next(iter(tensors.values())).shape[0]
-        b = min(QUERY_ROWS, max(1, n_all // 4))
-        sizes = sorted({max(1, min(s, n_all - b)) for s in SAMPLE_ROWS})
-        query = {k: v[n_all - b:] for k, v in tensors.items()}
-        q = ops.query_side(kind, meta, query, None, norm=True) if stored != "full" else \
-            {"count": b, "gbar_flat": kind.full(meta, query).mean(0)}
-        base = base or _base_of(store)
+        if n_all < 2:
+            continue
+        base = base or cost.measure_base()
         names = [s.name for s in applicable(stored, False, kind, False) + applicable(stored, False, kind, True)
                  if not s.baseline]
-        out[row["name"]] = {name: _layer_fit(name, kind, meta, stored, tensors, q, sizes, b, base) for name in names}
+        out[row["name"]] = {name: _layer_fit(name, kind, meta, stored, tensors, base) for name in names}
     return out
 
 
-def _base_of(store) -> dict[str, float]:
-    from metaql.engine import cost
-    return cost.measure_base()
+def _query(kind, meta, stored, tensors, b: int, name: str):
+    """(query side, seconds to build it) of the shard's last b samples, as the executor builds it."""
+    query = {k: v[v.shape[0] - b:] for k, v in tensors.items()}
+    needs = STRATEGIES[name].needs
+    if stored == "full":
+        def build():
+            return {"count": b, "gbar_flat": kind.full(meta, query).mean(0)}
+    else:
+        def build():
+            return ops.query_side(kind, meta, query, needs, norm=False)
+    q = build()
+    return q, _timed(build, runs=3, budget=0.02)
 
 
-def _layer_fit(name, kind, meta, stored, tensors, q, sizes, b, base) -> dict[str, float]:
+def _layer_fit(name, kind, meta, stored, tensors, base) -> dict[str, float]:
+    """{fixed, scan, query, prep, prep_each, rows}: the weights of the model above (rows: the
+    training samples of one chunk at B = 1, the unit the fixed cost is paid per)."""
+    from metaql.engine.executor import chunk_rows
+    n_all = next(iter(tensors.values())).shape[0]
+    strat = STRATEGIES[name]
+    run = name if name != "self_norm" else "full_dot"
+    bs = (1,) if strat.self_influence else (1, min(QUERY_ROWS, max(1, n_all // 4)))
+    points, preps, rows = [], [], n_all
+    for b in bs:
+        q, prep = (None, 0.0) if strat.self_influence else _query(kind, meta, stored, tensors, b, name)
+        preps.append((b, prep))
+        step = min(n_all, chunk_rows(tensors, q, run, meta))
+        rows = rows if b > 1 else step
+        if b > 1 and not _grows_with_b(name):
+            continue                  # B moves only the query side here: timed above, not the scan
+        n_max = max(1, min(MAX_ROWS, n_all - (0 if strat.self_influence else b), step))
+        for n in _sizes(lambda n: _run(run, kind, meta, _head(tensors, n), q), n_max):
+            train = _head(tensors, n)
+            t = _timed(lambda: _run(run, kind, meta, train, q), runs=20, budget=0.1)
+            points.append(([-(-n // step)] + _terms(name, shapes_of(kind, meta, train, n, b, stored), base), t))
+    (b0, p0), (b1, p1) = preps[0], preps[-1]
+    each = (p1 - p0) / (b1 - b0) if b1 > b0 and p1 > p0 else p1 / max(b1, 1)
+    fit = {**_fit_terms(points), "prep": max(p0 - each * b0, 0.0), "prep_each": each, "rows": int(rows)}
+    if len(bs) > 1 and _grows_with_b(name):
+        fit.update(_large_query(name, kind, meta, stored, tensors, base, fit, bs[-1]))
+    return fit
+
+
+def _large_query(name, kind, meta, stored, tensors, base, fit, b_small) -> dict:
+    """The query weight again at LARGE_QUERY_ROWS query samples, the other weights kept: the
+    products against many query rows run at another efficiency than against a few (iterate on
+    VGG16 conv7 at B = 512 took 2.8x the estimate from B = 32). {} when the shard holds too few
+    samples or one training sample would take more than LARGE_SECONDS."""
+    from metaql.engine.executor import chunk_rows
+    n_all = next(iter(tensors.values())).shape[0]
+    b = min(LARGE_QUERY_ROWS, n_all // 4)
+    probe = shapes_of(kind, meta, _head(tensors, 1), 1, b, stored)
+    scan1, query1 = _terms(name, probe, base)
+    if b < 2 * b_small or fit["scan"] * scan1 + fit["query"] * query1 > LARGE_SECONDS:
+        return {}
+    q, _ = _query(kind, meta, stored, tensors, b, name)
+    step = min(n_all, chunk_rows(tensors, q, name, meta))
+    weights = []
+    for n in _sizes(lambda n: _run(name, kind, meta, _head(tensors, n), q), max(1, min(MAX_ROWS, n_all - b, step))):
+        train = _head(tensors, n)
+        t = _timed(lambda: _run(name, kind, meta, train, q), runs=20, budget=0.1)
+        scan, query = _terms(name, shapes_of(kind, meta, train, n, b, stored), base)
+        if query > 0:
+            weights.append(max(t - fit["fixed"] * -(-n // step) - fit["scan"] * scan, 0.0) / query)
+    return {"query_large": float(np.median(weights)), "query_b": [b_small, b]} if weights else {}
+
+
+def _grows_with_b(name: str) -> bool:
+    """True when the strategy's scan (not only its query side) grows with the query batch."""
+    from dataclasses import replace
+    from metaql.engine.cost import Shapes
+    sh = Shapes(n=10, s=3, b=1, sq=3, din=5, dout=4, stored="factored")
+    return len(set(map(tuple, (_terms(name, replace(sh, b=b), {"sec_per_flop": 1.0, "sec_per_byte": 1.0})
+                               for b in (1, 2))))) > 1
+
+
+def _head(tensors: dict, n: int) -> dict:
+    """The first n samples: views of the (memory-mapped) shard, no copies, as the executor reads."""
+    return {k: v[:n] for k, v in tensors.items()}
+
+
+def _sizes(run, n_max: int) -> list[int]:
+    """Two sample counts, both in the regime a query runs in: the most one chunk holds (up to
+    n_max: its intermediates are as large as a query's, so allocation and cache effects match;
+    fewer if a run would pass POINT_SECONDS) and a quarter of that (a size of a few samples runs
+    from cache, several times faster per sample than a query's chunk). A probe doubling from one
+    sample says how long a sample takes, without a long first run on a slow layer."""
+    probe, took = 1, 0.0
+    while True:
+        run(probe)                                  # warm: the pages of the shard, the allocator
+        t0 = _clock()
+        run(probe)
+        took = _clock() - t0
+        if took > POINT_SECONDS / 8 or 2 * probe > max(1, n_max // 4):
+            break
+        probe *= 2
+    per = max(took, 1e-9) / probe
+    big = int(min(n_max, max(probe, POINT_SECONDS / per)))
+    return sorted({max(1, big // 4), big})
+
+
+def _clock() -> float:
+    from metaql.engine.cost import work_clock
+    return work_clock()
+
+
+def _terms(name: str, sh, base) -> list[float]:
+    """[scan seconds, query seconds] of the base formula for the shapes (engine.cost.split)."""
     from metaql.engine import cost
-    points = []
-    for n in sizes:
-        train = {k: v[:n].contiguous() for k, v in tensors.items()}
-        est = STRATEGIES[name].estimate(shapes_of(kind, meta, train, n, b, stored))
-        t = _timed(lambda: _run(name if name != "self_norm" else "full_dot", kind, meta, train, q))
-        points.append((cost.seconds(est, base), t))
-    (e0, t0), (e1, t1) = points[0], points[-1]
-    if len(points) == 1 or e1 <= e0 or t1 <= t0:      # one size, or timings too noisy to split
-        return {"fixed": 0.0, "factor": t1 / max(e1, 1e-30)}
-    factor = (t1 - t0) / (e1 - e0)
-    return {"fixed": max(t0 - factor * e0, 0.0), "factor": factor}
+    return list(cost.split(STRATEGIES[name].estimate, sh, base))
+
+
+def _fit_terms(points) -> dict[str, float]:
+    """Non-negative weights (fixed, scan, query) that reproduce the points' timings. Absolute
+    residuals: the larger points, whose chunks are as large as a query's, decide the per-sample
+    weights (a smaller chunk may still run from cache, faster per sample); a term no point
+    exercises keeps weight 1. Where noise leaves no per-sample weight, the largest point's time
+    over its terms."""
+    from scipy.optimize import nnls
+    a = np.array([p for p, _ in points], dtype=float)
+    t = np.array([s for _, s in points], dtype=float)
+    used = a.max(0) > 1e-9 * a[:, 1:].max()          # a part the formula leaves out is 0 up to rounding
+    w = np.ones(a.shape[1])
+    sol, _ = nnls(a[:, used] / t.max(), t / t.max())
+    w[used] = sol
+    if not np.isfinite(w).all() or (w[1:] * a[:, 1:]).sum() == 0:
+        top = int(np.argmax(t))
+        w = np.array([0.0, 1.0, 1.0]) * t[top] / max(a[top, 1:].sum(), 1e-30)
+    return {"fixed": float(w[0]), "scan": float(w[1]), "query": float(w[2])}

@@ -7,6 +7,7 @@ measured on this machine at first use and kept in the catalog's meta table.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -67,21 +68,63 @@ def matrix_space(n: int, b: int, topk: int | None, directions: int = 1) -> dict[
 BASELINES = tuple(n for n, s in STRATEGIES.items() if s.baseline)
 
 
-MODEL_VERSION = 2     # constants with per-strategy weights (engine/calibrate.py); 1: the two base ones
+MODEL_VERSION = 3     # per-layer fits of three regimes (engine/calibrate.py); 2: fixed + factor; 1: base only
+
+
+def plain_seconds(est: dict[str, float], consts: dict) -> float:
+    """Flops and bytes priced by the base constants alone (an ideal kernel)."""
+    return est["flops"] * consts["sec_per_flop"] + est["bytes"] * consts["sec_per_byte"]
+
+
+def split(estimate, sh: Shapes, consts: dict) -> tuple[float, float]:
+    """(scan, query) base seconds of a strategy's formula `estimate` for the shapes: the work over
+    the N training samples that does not depend on the query batch (reading, unfolding, products
+    with one average gradient), and the part that grows with N x the query rows (iterate's Gram
+    products). The query side built once (Gbar) is in neither: it does not grow with N."""
+    from dataclasses import replace
+
+    def price(n, b):
+        return plain_seconds(estimate(replace(sh, n=n, b=b)), consts)
+    scan = price(sh.n, 0) - price(0, 0)
+    query = price(sh.n, sh.b) - price(sh.n, 0) - price(0, sh.b) + price(0, 0)
+    return max(scan, 0.0), (query if query > 1e-9 * scan else 0.0)    # rounding is no query part
 
 
 def seconds(est: dict[str, float], consts: dict, strategy: str | None = None, kind: str = "",
-            layer: str | None = None) -> float:
+            layer: str | None = None, shapes: Shapes | None = None) -> float:
     """The estimate in seconds: flops and bytes priced by the base constants; after PRAGMA
-    metaql_calibrate, the layer's own fit (fixed seconds + factor x that, timed on its stored
-    factors) or else the strategy's weights for the kind's family (1 where none was measured)."""
+    metaql_calibrate, the layer's own fit (with `shapes`: engine/calibrate.py's three regimes and
+    the query side, timed on its stored factors) or else the strategy's weights for the kind's
+    family (1 where none was measured)."""
     from metaql.engine.calibrate import family_of
-    plain = est["flops"] * consts["sec_per_flop"] + est["bytes"] * consts["sec_per_byte"]
     fit = consts.get("layers", {}).get(layer or "", {}).get(strategy or "")
-    if fit is not None:
-        return fit["fixed"] + fit["factor"] * plain
+    if fit is not None and "scan" in fit and shapes is not None:
+        return layer_seconds(fit, strategy, shapes, consts)
+    if fit is not None and "factor" in fit:           # kept by MODEL_VERSION 2
+        return fit["fixed"] + fit["factor"] * plain_seconds(est, consts)
     w = consts.get("weights", {}).get(family_of(kind), {}).get(strategy or "", {"flops": 1.0, "bytes": 1.0})
     return est["flops"] * consts["sec_per_flop"] * w["flops"] + est["bytes"] * consts["sec_per_byte"] * w["bytes"]
+
+
+def layer_seconds(fit: dict[str, float], strategy: str, sh: Shapes, consts: dict) -> float:
+    """fixed x chunks + scan x (B-independent work) + query x (work per query row) + the query
+    side (prep + prep_each x B): the layer's fitted weights on the formula's parts."""
+    scan, query = split(STRATEGIES[strategy].estimate, sh, consts)
+    chunks = -(-sh.n // max(1, int(fit.get("rows", 1)))) if sh.n else 0
+    side = fit["prep"] + fit["prep_each"] * sh.b if sh.b else 0.0
+    return fit["fixed"] * chunks + fit["scan"] * scan + query_weight(fit, sh.b) * query + side
+
+
+def query_weight(fit: dict, b: int) -> float:
+    """The weight of the query part at a batch of b: the one timed at the smaller calibration
+    batch up to it, the one timed at the larger from it on, interpolated in log B between."""
+    if "query_large" not in fit or b <= fit["query_b"][0]:
+        return fit["query"]
+    lo, hi = fit["query_b"]
+    if b >= hi:
+        return fit["query_large"]
+    f = math.log(b / lo) / math.log(hi / lo)
+    return fit["query"] + f * (fit["query_large"] - fit["query"])
 
 
 
@@ -102,17 +145,29 @@ def measure_constants() -> dict[str, float]:
 
 
 def measure_base() -> dict[str, float]:
-    """Times a matrix product (flops) and a large sum (bytes read) on this machine."""
+    """Times a matrix product (flops) and a large sum (bytes read) on this machine: the best of
+    several runs each, since on a shared machine a run may lose a time slice to another job (the
+    per-layer weights are relative to these, so their noise would scale every estimate)."""
     a = torch.randn(512, 512)
-    _ = a @ a
-    t0 = time.perf_counter()
-    for _ in range(8):
-        _ = a @ a
-    flop = (time.perf_counter() - t0) / (8 * 512 ** 3 * 2)
+    flop = _best(lambda: a @ a, 12) / (512 ** 3 * 2)
     big = torch.randn(16 * 2 ** 20)           # 64 MiB
-    big.sum()
-    t0 = time.perf_counter()
-    for _ in range(4):
-        big.sum()
-    byte = (time.perf_counter() - t0) / (4 * big.numel() * 4)
+    byte = _best(big.sum, 6) / (big.numel() * 4)
     return {"sec_per_flop": flop, "sec_per_byte": byte}
+
+
+def _best(fn, runs: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(runs):
+        t0 = work_clock()
+        fn()
+        best = min(best, work_clock() - t0)
+    return best
+
+
+def work_clock() -> float:
+    """The clock calibration times with: the process's CPU time when torch runs one thread (what
+    a query costs on an idle machine, and not the time slices other jobs take: on a 2-core machine
+    at load 9 a scan's wall time was 3-4x its CPU time and varied 2x from run to run, its CPU time
+    10%); wall time with several threads, whose CPU times add up."""
+    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()

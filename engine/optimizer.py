@@ -83,10 +83,11 @@ def choose_strategies(scan: InfluenceScan, catalog, force: str | None = None) ->
     out = []
     for ckpt in scan.checkpoints:
         for layer in scan.layers:
-            ests = cost.estimates(layer_shapes(scan, catalog, ckpt, layer))
+            sh = layer_shapes(scan, catalog, ckpt, layer)
+            ests = cost.estimates(sh)
             kind = catalog.layer_meta(layer)[0].kind
             for name, e in ests.items():
-                e["seconds"] = cost.seconds(e, consts, name, kind, layer)
+                e["seconds"] = cost.seconds(e, consts, name, kind, layer, sh)
             if force and force in ests:
                 chosen = force
             else:

@@ -84,7 +84,7 @@ def test_pragma_calibrate_keeps_every_strategys_weights(tmp_path, monkeypatch):
     for family in calibrate.FAMILIES:
         assert set(kept["weights"][family]) == exact
         assert kept["weights"][family]["iterate"] == pytest.approx({"flops": 2.0, "bytes": 0.5})
-    per_layer = 2 * sum(len(v) for v in kept["layers"].values())
+    per_layer = len(calibrate.LAYER_WEIGHTS) * sum(len(v) for v in kept["layers"].values())
     assert len(out) == 2 + 2 * len(calibrate.FAMILIES) * len(exact) + per_layer
 
 
@@ -120,8 +120,9 @@ def test_explain_analyze_shows_estimate_against_measured(tmp_path, monkeypatch):
 
 
 def test_pragma_calibrate_fits_each_layer_on_its_own_factors(tmp_path, monkeypatch):
-    """Every stored layer gets a fit per strategy (fixed seconds, factor), and the optimizer's
-    estimate for that layer is fixed + factor x the base formula."""
+    """Every stored layer gets a fit per strategy (fixed seconds per chunk, the weights of the scan
+    and query-row parts of the formula, the query side's seconds), and the optimizer's estimate for
+    that layer is engine.cost.layer_seconds of it."""
     monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
     monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
     monkeypatch.setattr(store_module, "_MEASURED", {})
@@ -134,9 +135,130 @@ def test_pragma_calibrate_fits_each_layer_on_its_own_factors(tmp_path, monkeypat
                     .column("plan").to_pylist() if "c0/0" in s)
     fits = kept["layers"]["0"]
     assert {"iterate", "batch_average", "reconstruct", "self_gram", "self_full"} <= set(fits)
-    assert all(f["fixed"] >= 0 and f["factor"] > 0 for f in fits.values())
-    est = cost.estimates(cost.Shapes(n=10, s=1, b=2, sq=1, din=5, dout=3, stored="factored"))["iterate"]
-    plain = est["flops"] * kept["sec_per_flop"] + est["bytes"] * kept["sec_per_byte"]
-    want = fits["iterate"]["fixed"] + fits["iterate"]["factor"] * plain
+    assert all(f[k] >= 0 for f in fits.values() for k in calibrate.LAYER_WEIGHTS)
+    assert all(f["scan"] + f["query"] > 0 and f["rows"] >= 1 for f in fits.values())
+    sh = cost.Shapes(n=10, s=1, b=2, sq=1, din=5, dout=3, stored="factored")
+    want = cost.layer_seconds(fits["iterate"], "iterate", sh, kept)
     shown = re.search(r"\biterate\*?=([0-9.e+-]+)s", line)
     assert shown and float(shown.group(1)) == pytest.approx(want, rel=1e-2), line
+
+
+# ---- the formula's structure: how estimates scale with N, B and the layer's dims -----------------------
+SH = cost.Shapes(n=100, s=4, b=8, sq=4, din=33, dout=16, stored="factored")
+
+
+def _split(name, **kw):
+    from dataclasses import replace
+    return cost.split(STRATEGIES[name].estimate, replace(SH, **kw), BASE)
+
+
+def test_iterates_scan_part_ignores_b_and_its_query_part_grows_with_n_and_b():
+    scan, query = _split("iterate")
+    assert scan > 0 and query > 0
+    assert _split("iterate", b=32)[0] == pytest.approx(scan)
+    assert _split("iterate", b=32)[1] == pytest.approx(4 * query)
+    assert _split("iterate", sq=8)[1] == pytest.approx(2 * query)
+    assert _split("iterate", n=300)[0] == pytest.approx(3 * scan)
+    assert _split("iterate", n=300)[1] == pytest.approx(3 * query)
+    assert _split("iterate", b=0)[1] == 0
+
+
+@pytest.mark.parametrize("name", ["batch_average", "reconstruct", "self_gram", "self_full"])
+def test_a_strategy_without_query_rows_has_no_query_part_and_scales_with_n(name):
+    scan, query = _split(name)
+    assert query == 0 and scan > 0
+    assert _split(name, b=64) == pytest.approx((scan, 0.0))         # the query side is built once
+    assert _split(name, n=400)[0] == pytest.approx(4 * scan)
+
+
+def test_batch_average_and_reconstruct_scale_with_the_layers_parameters():
+    """Lemma 7 costs S x din x dout per sample, reconstruct (S + 1) x din x dout plus the built
+    gradient's traffic: doubling dout doubles their flops part."""
+    for name in ("batch_average", "reconstruct"):
+        one = STRATEGIES[name].estimate(cost.Shapes(n=50, s=4, b=0, sq=4, din=33, dout=16, stored="factored"))
+        two = STRATEGIES[name].estimate(cost.Shapes(n=50, s=4, b=0, sq=4, din=33, dout=32, stored="factored"))
+        assert two["flops"] == pytest.approx(2 * one["flops"])
+
+
+FIT = {"fixed": 1e-4, "scan": 2.0, "query": 0.5, "prep": 1e-3, "prep_each": 1e-4, "rows": 64}
+
+
+def test_layer_seconds_is_fixed_per_chunk_plus_weighted_parts_plus_the_query_side():
+    from dataclasses import replace
+    scan, query = cost.split(STRATEGIES["iterate"].estimate, SH, BASE)
+    want = 1e-4 * 2 + 2.0 * scan + 0.5 * query + 1e-3 + 1e-4 * 8       # 100 samples: 2 chunks of 64
+    assert cost.layer_seconds(FIT, "iterate", SH, BASE) == pytest.approx(want)
+    # N x 64: the per-sample parts and the chunks grow 64-fold, the query side not at all
+    big = cost.layer_seconds(FIT, "iterate", replace(SH, n=6400), BASE)
+    assert big == pytest.approx(1e-4 * 100 + 64 * (2.0 * scan + 0.5 * query) + 1e-3 + 1e-4 * 8)
+    # no query (self-influence): no query side
+    assert cost.layer_seconds(FIT, "self_gram", replace(SH, b=0), BASE) == pytest.approx(
+        1e-4 * 2 + 2.0 * cost.split(STRATEGIES["self_gram"].estimate, replace(SH, b=0), BASE)[0])
+
+
+def test_seconds_uses_the_layers_fit_with_shapes_and_the_family_weights_without():
+    consts = {**BASE, "layers": {"fc": {"iterate": FIT}}}
+    est = STRATEGIES["iterate"].estimate(SH)
+    assert cost.seconds(est, consts, "iterate", "linear", "fc", SH) == pytest.approx(
+        cost.layer_seconds(FIT, "iterate", SH, consts))
+    assert cost.seconds(est, consts, "iterate", "linear", "other", SH) == pytest.approx(cost.plain_seconds(est, BASE))
+
+
+def test_fit_terms_recovers_the_weights_that_made_the_timings():
+    """Timings made by known weights (fixed per chunk, scan, query) at the points a layer's
+    calibration takes (two N at B = 1, two at a larger B) give those weights back."""
+    rows = [[1, 1e-3, 1e-4], [1, 4e-3, 4e-4], [1, 1e-3, 3e-3], [2, 4e-3, 1.2e-2]]
+    w = (2e-4, 1.5, 0.7)
+    points = [(r, w[0] * r[0] + w[1] * r[1] + w[2] * r[2]) for r in rows]
+    got = calibrate._fit_terms(points)
+    assert (got["fixed"], got["scan"], got["query"]) == pytest.approx(w, rel=1e-6)
+
+
+def test_fit_terms_ignores_a_query_part_that_is_rounding():
+    """A strategy whose formula has no query part gives split() rounding at most; no weight may be
+    fitted to it (one was 7e17)."""
+    points = [([1, 1e-3, 0.0], 3e-3), ([1, 4e-3, 0.0], 9e-3)]
+    got = calibrate._fit_terms(points)
+    assert got["scan"] == pytest.approx(2.0) and got["query"] == 1.0
+
+
+def test_sizes_time_a_querys_chunk_within_the_point_budget(monkeypatch):
+    """The larger size is the chunk a query runs (n_max) when that is cheap, else what takes about
+    POINT_SECONDS; the smaller a quarter of it."""
+    clock = [0.0]
+    monkeypatch.setattr(calibrate, "_clock", lambda: clock[0])
+
+    def run_at(per):
+        def run(n):
+            clock[0] += n * per
+        return run
+    assert calibrate._sizes(run_at(1e-6), 200) == [50, 200]
+    big = int(calibrate.POINT_SECONDS / 2 ** -6)          # a binary fraction: no rounding
+    assert calibrate._sizes(run_at(2 ** -6), 200) == [max(1, big // 4), big]
+    assert calibrate._sizes(run_at(10.0), 200) == [1]
+
+
+def test_pragma_fits_layers_against_the_base_constants_it_keeps(tmp_path, monkeypatch):
+    """The layer weights are relative to the base constants: the PRAGMA measures them once and
+    keeps those (a second measurement, noisy on a shared machine, scaled every estimate)."""
+    calls = []
+
+    def base():
+        calls.append(1)
+        return {"sec_per_flop": 1e-10 * len(calls), "sec_per_byte": 1e-9 * len(calls)}
+    monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
+    monkeypatch.setattr(cost, "measure_base", base)
+    monkeypatch.setattr(store_module, "_MEASURED", {})
+    _fast_timing(monkeypatch)
+    _store(tmp_path / "s.mq")
+    with metaql.connect(tmp_path / "s.mq") as con:
+        con.execute("PRAGMA metaql_calibrate")
+    assert len(calls) == 1
+
+
+def test_query_weight_interpolates_in_log_b_between_the_timed_batches():
+    fit = {**FIT, "query": 1.0, "query_large": 3.0, "query_b": [32, 128]}
+    assert cost.query_weight(fit, 8) == 1.0 and cost.query_weight(fit, 32) == 1.0
+    assert cost.query_weight(fit, 64) == pytest.approx(2.0)          # halfway in log B
+    assert cost.query_weight(fit, 512) == 3.0
+    assert cost.query_weight(FIT, 512) == FIT["query"]                 # not timed at a large batch

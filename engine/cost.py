@@ -170,4 +170,9 @@ def work_clock() -> float:
     a query costs on an idle machine, and not the time slices other jobs take: on a 2-core machine
     at load 9 a scan's wall time was 3-4x its CPU time and varied 2x from run to run, its CPU time
     10%); wall time with several threads, whose CPU times add up."""
-    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
+    return time.process_time() if work_is_cpu() else time.perf_counter()
+
+
+def work_is_cpu() -> bool:
+    """Whether work_clock reads the process's CPU time (one torch thread) or wall time."""
+    return torch.get_num_threads() == 1

@@ -6,7 +6,6 @@ checkpoints weighted by each checkpoint's learning rate (TracIn).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -99,16 +98,15 @@ def influence(scan: InfluenceScan, ctx: Context) -> pa.Table:
                                                             catalog)
         part, norms, qnorm = np.zeros(len(train)), np.zeros(len(train)), 0.0
         for strat in strategies:
-            t0 = time.perf_counter()
             q = None if query is None else query[strat.layer]
-            layer_scores, layer_norms, layer_seen = layer_pass(store, ckpt, strat, train, q, scan, ctx)
+            with strat.timing():
+                layer_scores, layer_norms, layer_seen = layer_pass(store, ckpt, strat, train, q, scan, ctx)
             check_finite(layer_scores, strat.layer, ckpt)
             part += layer_scores
             norms += layer_norms
             seen |= layer_seen
             if q is not None and scan.similarity == "cosine":
                 qnorm += float((q["gbar_flat"].double() ** 2).sum())
-            strat.measured_seconds = time.perf_counter() - t0
         if scan.similarity == "cosine":
             part = part / np.maximum(np.sqrt(norms) * (np.sqrt(qnorm) if query is not None else 1.0), 1e-30)
         total += lr * part

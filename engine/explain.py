@@ -1,6 +1,7 @@
 """EXPLAIN text: the plan tree, and per checkpoint and layer every strategy's estimate and the pick."""
 from __future__ import annotations
 
+from metaql.engine.cost import work_is_cpu
 from metaql.engine.plan import FunctionScan, InfluenceScan, TopK
 
 
@@ -43,6 +44,8 @@ def influence_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str
             line += f"  measured={s.measured_seconds:.3g}s"
             if est:
                 line += f" (estimate {est:.3g}s, measured/estimate {s.measured_seconds / est:.3g})"
+            if s.measured_wall_seconds is not None and work_is_cpu():
+                line += f"  CPU time; wall {s.measured_wall_seconds:.3g}s"
         lines.append(line)
     if getattr(scan, "error", None) is not None:      # INFLUENCE(..., error=e): metaql.approx
         from metaql.approx.execute import explain_lines as approx_lines

@@ -13,7 +13,6 @@ that lower its loss), or the k lowest (opponents), ties to the smaller sample id
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,16 +86,15 @@ def block_scores(scan, ctx, by_ckpt, queries, sources, lo: int, hi: int, device:
     for ckpt, strategies in by_ckpt.items():
         part, norms, qnorms = np.zeros((m, b)), np.zeros(m), np.zeros(b)
         for strat in strategies:
-            t0 = time.perf_counter()
             q = queries[ckpt][strat.layer]
-            for pos, chunk_scores, chunk_norms in layer_block(catalog, strat, sources[(ckpt, strat.layer)], q,
-                                                              lo, hi, cosine, device, ctx):
-                part[pos] += chunk_scores
-                norms[pos] += chunk_norms
-                seen[pos] = True
+            with strat.timing():      # EXPLAIN ANALYZE
+                for pos, chunk_scores, chunk_norms in layer_block(catalog, strat, sources[(ckpt, strat.layer)], q,
+                                                                  lo, hi, cosine, device, ctx):
+                    part[pos] += chunk_scores
+                    norms[pos] += chunk_norms
+                    seen[pos] = True
             if cosine:
                 qnorms += q["norms"].cpu().numpy()
-            strat.measured_seconds = (strat.measured_seconds or 0.0) + time.perf_counter() - t0   # EXPLAIN ANALYZE
         if cosine:
             part /= np.maximum(np.sqrt(norms)[:, None] * np.sqrt(qnorms)[None, :], 1e-30)
         total += catalog.checkpoint(ckpt)["lr"] * part

@@ -1,6 +1,8 @@
 """Logical and physical plan nodes: plain classes, printed by EXPLAIN."""
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +24,22 @@ class Strategy:
     layer: str
     chosen: str
     estimates: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> {flops, bytes, seconds}
-    measured_seconds: float | None = None
+    measured_seconds: float | None = None       # by the clock the estimates predict (cost.work_clock)
+    measured_wall_seconds: float | None = None
     kind: str = ""          # the layer's kind (storage/layers), shown by EXPLAIN
+
+    @contextmanager
+    def timing(self):
+        """Adds the block's time to what EXPLAIN ANALYZE prints: measured_seconds by the clock the
+        estimates are calibrated with (the process's CPU time at one torch thread, so a loaded
+        machine's time slices do not read as a wrong estimate), and the wall time beside it."""
+        from metaql.engine.cost import work_clock
+        work, wall = work_clock(), time.perf_counter()
+        try:
+            yield
+        finally:
+            self.measured_seconds = (self.measured_seconds or 0.0) + work_clock() - work
+            self.measured_wall_seconds = (self.measured_wall_seconds or 0.0) + time.perf_counter() - wall
 
 
 @dataclass

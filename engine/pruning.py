@@ -23,7 +23,6 @@ a read-only store captured before norms were kept (a writable one computes them 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -204,10 +203,9 @@ class PrunedScan:
         from metaql.engine.executor import check_finite, layer_pass
         ckpt, strat = self.units[u]
         ids = self.train[positions]
-        t0 = time.perf_counter()
-        scores, _, present = layer_pass(self.ctx.store, ckpt, strat, ids, queries[ckpt][strat.layer],
-                                        self.scan, self.ctx)
-        strat.measured_seconds = (strat.measured_seconds or 0.0) + time.perf_counter() - t0   # the rows scored
+        with strat.timing():      # the rows scored
+            scores, _, present = layer_pass(self.ctx.store, ckpt, strat, ids, queries[ckpt][strat.layer],
+                                            self.scan, self.ctx)
         check_finite(scores, strat.layer, ckpt)
         self.stats.scored += int(present.sum())
         self.opened.update(r["file"] for r in self.catalog.factor_shards(ckpt, strat.layer) if _overlaps(r, ids))

@@ -119,6 +119,24 @@ def test_explain_analyze_shows_estimate_against_measured(tmp_path, monkeypatch):
     assert ratio == pytest.approx(measured / estimate, rel=1e-2)
 
 
+def test_explain_analyze_measures_by_the_clock_of_the_estimates(tmp_path):
+    """At one torch thread the estimates predict the process's CPU time (cost.work_clock), so
+    EXPLAIN ANALYZE's measured= is CPU time, with the wall time beside it."""
+    _store(tmp_path / "s.mq")
+    sql = "EXPLAIN ANALYZE SELECT * FROM INFLUENCE(layers=*, query=batch(test))"
+    threads = torch.get_num_threads()
+    try:
+        with metaql.connect(tmp_path / "s.mq") as con:
+            torch.set_num_threads(1)
+            one = next(s for s in con.execute(sql).arrow().column("plan").to_pylist() if "c0/0" in s)
+            torch.set_num_threads(2)
+            two = next(s for s in con.execute(sql).arrow().column("plan").to_pylist() if "c0/0" in s)
+    finally:
+        torch.set_num_threads(threads)
+    assert re.search(r"measured=[0-9.e+-]+s .*CPU time; wall [0-9.e+-]+s", one), one
+    assert "measured=" in two and "CPU time" not in two, two
+
+
 def test_pragma_calibrate_fits_each_layer_on_its_own_factors(tmp_path, monkeypatch):
     """Every stored layer gets a fit per strategy (fixed seconds per chunk, the weights of the scan
     and query-row parts of the formula, the query side's seconds), and the optimizer's estimate for

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from metastore_common import notes
+
 HERE = Path(__file__).resolve().parent
 RAW = HERE / "results" / "lancet_steps"
 REPORT = HERE / "results" / "lancet_steps.md"
@@ -384,13 +386,6 @@ def main() -> None:
               "Accuracy: the propagated labels on the pool rows no human labeled.")
     REPORT.write_text(report(header) + notes(REPORT))
     print(REPORT.read_text())
-
-
-def notes(path: Path) -> str:
-    """The hand-written '## Notes' section of the current report, kept on regeneration."""
-    text = path.read_text() if path.exists() else ""
-    at = text.find("\n## Notes")
-    return "" if at < 0 else text[at:]
 
 
 if __name__ == "__main__":

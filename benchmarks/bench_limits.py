@@ -101,9 +101,14 @@ def build(path, model, shape, n, n_test, layers, batch=100):
     """A store with n training samples captured at checkpoint c0 and n_test test samples (inputs kept)."""
     torch.manual_seed(0)
     x, y = torch.randn(n + n_test, *shape), torch.randint(0, 10, (n + n_test,))
+    return captured(path, model, x, y, n, layers, batch)
+
+
+def captured(path, model, x, y, n, layers, batch):
+    """A store of x's first n samples (train) captured at c0 for `layers`, the rest test samples."""
     con = metaql.connect(path)
     con.add_samples(np.arange(n), "train", y[:n].numpy(), x[:n])
-    con.add_samples(TEST0 + np.arange(n_test), "test", y[n:].numpy(), x[n:])
+    con.add_samples(TEST0 + np.arange(len(x) - n), "test", y[n:].numpy(), x[n:])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with con.capture(model, layers=layers, checkpoint="c0", lr=0.01) as cap:
@@ -118,15 +123,7 @@ def build_minilm(path, n, n_test, batch=16):
     torch.manual_seed(0)
     model = load_minilm().eval()      # eval: attention dropout's mask is not recomputable
     x, y = token_sequences(n + n_test, MINILM_TOKENS)
-    con = metaql.connect(path)
-    con.add_samples(np.arange(n), "train", y[:n].numpy(), x[:n])
-    con.add_samples(TEST0 + np.arange(n_test), "test", y[n:].numpy(), x[n:])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with con.capture(model, layers=MINILM_ATTENTION, checkpoint="c0", lr=0.01) as cap:
-            for sl in batches(n, batch):
-                cap.backward(F.cross_entropy(model(x[sl]), y[sl]), np.arange(n)[sl])
-    return con
+    return captured(path, model, x, y, n, MINILM_ATTENTION, batch)
 
 
 def stores_of(names: list[str], cfg, tmp: str) -> list[tuple]:

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from metastore_common import notes
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "method_speed.md"
 FAST_RETRAIN_STEPS = 2000
@@ -302,13 +304,6 @@ def main() -> None:
     if not args.quick and not args.no_write:
         out.write_text(report + notes(out))
         raw.write_text(json.dumps(results, indent=1) + "\n")
-
-
-def notes(path: Path) -> str:
-    """The hand-written '## Notes' section of the current results file, kept on regeneration."""
-    text = path.read_text() if path.exists() else ""
-    at = text.find("\n## Notes")
-    return "" if at < 0 else text[at:]
 
 
 if __name__ == "__main__":

@@ -239,6 +239,13 @@ def fmt(v, digits: int = 3) -> str:
     return f"{v:.2e}"
 
 
+def notes(path: Path) -> str:
+    """The hand-written '## Notes' section of a results file, kept when a benchmark rewrites it."""
+    text = path.read_text() if path.exists() else ""
+    at = text.find("\n## Notes")
+    return "" if at < 0 else text[at:]
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]

@@ -119,19 +119,28 @@ def _update(grads, assignment, u, k, dist) -> list:
 
 
 def _result(grads, assignment, dist, u, k, sq, iterations) -> Clustering:
-    centers, sizes = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
-    for i in range(k):
-        members = np.nonzero(assignment == i)[0]
-        sizes[i] = len(members)
-        # an empty cluster (only when k exceeds the distinct gradients) keeps its nearest sample
-        pool = members if len(members) else np.arange(len(assignment))
+    def nearest(pool, i):
         # distances equal up to rounding (the two members of a plain K-means pair) go to the first
         # sample, so the pick does not depend on float32 against float64 arithmetic; the rounding
         # is relative to the norms that cancel in ||G||^2 - 2<G, C> + ||C||^2, not to the distance
         d = dist[pool, i]
         slack = 1e-5 * (float(d.min()) + float(sq[pool].max())) + 1e-9
-        centers[i] = pool[int(np.nonzero((d <= d.min() + slack).numpy())[0][0])]
+        return int(np.nonzero((d <= d.min() + slack).numpy())[0][0])
+    centers, sizes = picks(assignment, k, nearest)
     return Clustering(assignment, centers, sizes, objective(grads, assignment, u, k, sq), iterations)
+
+
+def picks(assignment: np.ndarray, k: int, best) -> tuple[np.ndarray, np.ndarray]:
+    """(each cluster's meta sample, each cluster's size): best(pool, i) is the position in pool of
+    cluster i's pick among its members; an empty cluster (only when k exceeds the distinct
+    gradients) picks among all samples."""
+    centers, sizes = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
+    for i in range(k):
+        members = np.nonzero(assignment == i)[0]
+        sizes[i] = len(members)
+        pool = members if len(members) else np.arange(len(assignment))
+        centers[i] = pool[best(pool, i)]
+    return centers, sizes
 
 
 def _columns(n: int, chosen: list[int]) -> torch.Tensor:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from metaql.pivotal.kmeans import Clustering
+from metaql.pivotal.kmeans import Clustering, picks
 
 
 def cosine_kmeans(grads, k: int, weighted: bool = True, seed: int = 0, max_iter: int = 30,
@@ -131,14 +131,12 @@ def _unit_columns(norm, chosen: list[int]) -> torch.Tensor:
 
 def _result(assignment, dots, cnorm, norm, u, k, iterations) -> Clustering:
     cos = cosines(dots, cnorm, norm)
-    centers, sizes = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
-    for i in range(k):
-        members = np.nonzero(assignment == i)[0]
-        sizes[i] = len(members)
-        pool = members if len(members) else np.arange(len(assignment))
+
+    def closest(pool, i):
         c = cos[pool, i]
         # cosines equal up to float32 rounding go to the first sample (as kmeans.py's distances)
-        centers[i] = pool[int(np.nonzero((c >= c.max() - 1e-6).numpy())[0][0])]
+        return int(np.nonzero((c >= c.max() - 1e-6).numpy())[0][0])
+    centers, sizes = picks(assignment, k, closest)
     a = torch.from_numpy(assignment).long().unsqueeze(1)
     objective = float((u * cnorm.clamp_min(0).sqrt()[a[:, 0]] * cos.gather(1, a)[:, 0]).sum())
     sides = np.where(_own(dots, assignment).numpy() < 0, -1, 1)

@@ -47,6 +47,11 @@ def influence_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str
             if s.measured_wall_seconds is not None and work_is_cpu():
                 line += f"  CPU time; wall {s.measured_wall_seconds:.3g}s"
         lines.append(line)
+    unfitted = sorted({s.layer for s in scan.strategies if not s.fitted})
+    if unfitted:
+        lines.append(f"{indent}  estimates of {len(unfitted)} layer(s) from the machine's base constants alone: "
+                     "run PRAGMA metaql_calibrate (on a quiet machine) to fit each layer's own timings; "
+                     "unfitted estimates of strategies with large intermediates can be 100x low")
     if getattr(scan, "error", None) is not None:      # INFLUENCE(..., error=e): metaql.approx
         from metaql.approx.execute import explain_lines as approx_lines
         lines += approx_lines(scan, analyze, indent)

@@ -92,7 +92,7 @@ def choose_strategies(scan: InfluenceScan, catalog, force: str | None = None) ->
                 chosen = force
             else:
                 chosen = min(candidates(ests), key=lambda k: ests[k]["seconds"])
-            out.append(Strategy(ckpt, layer, chosen, ests, kind=catalog.layer_meta(layer)[0].kind))
+            out.append(Strategy(ckpt, layer, chosen, ests, kind=kind, fitted=layer in consts.get("layers", {})))
     return out
 
 

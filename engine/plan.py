@@ -27,6 +27,7 @@ class Strategy:
     measured_seconds: float | None = None       # by the clock the estimates predict (cost.work_clock)
     measured_wall_seconds: float | None = None
     kind: str = ""          # the layer's kind (storage/layers), shown by EXPLAIN
+    fitted: bool = True     # estimated by the layer's own fit (PRAGMA metaql_calibrate), not base constants alone
 
     @contextmanager
     def timing(self):

@@ -137,6 +137,23 @@ def test_explain_analyze_measures_by_the_clock_of_the_estimates(tmp_path):
     assert "measured=" in two and "CPU time" not in two, two
 
 
+def test_explain_says_when_estimates_are_not_fitted_to_the_layers(tmp_path, monkeypatch):
+    """Before PRAGMA metaql_calibrate the estimates come from two base constants alone (up to
+    100x low for large intermediates): EXPLAIN says so and how to fit them; after it, not."""
+    monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
+    monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
+    monkeypatch.setattr(store_module, "_MEASURED", {})
+    _fast_timing(monkeypatch)
+    _store(tmp_path / "s.mq")
+    sql = "EXPLAIN SELECT * FROM INFLUENCE(layers=*, query=batch(test))"
+    with metaql.connect(tmp_path / "s.mq") as con:
+        before = "\n".join(con.execute(sql).arrow().column("plan").to_pylist())
+        con.execute("PRAGMA metaql_calibrate")
+        after = "\n".join(con.execute(sql).arrow().column("plan").to_pylist())
+    assert "base constants alone" in before and "PRAGMA metaql_calibrate" in before, before
+    assert "base constants alone" not in after, after
+
+
 def test_pragma_calibrate_fits_each_layer_on_its_own_factors(tmp_path, monkeypatch):
     """Every stored layer gets a fit per strategy (fixed seconds per chunk, the weights of the scan
     and query-row parts of the formula, the query side's seconds), and the optimizer's estimate for

@@ -51,22 +51,56 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, base.rstrip("/")
 
 
-def read_bytes(uri: str, rel: str) -> pa.Buffer:
-    """The whole file `rel` of the store at `uri`."""
+READ_TRIES = 5     # reads of a file that a Publisher may replace meanwhile (the catalog)
+
+
+def read_bytes(uri: str, rel: str, replaced: bool = False) -> pa.Buffer:
+    """The whole file `rel` of the store at `uri`. A file a Publisher replaces (`replaced`: the
+    catalog) is read between two looks at its size and time, again until they agree: an object
+    store answers a read by ranges of the size it reported when the file was opened, so a
+    replacement in between gives the new object's bytes cut at the old size (seen in CI: DuckDB
+    refused the cut catalog with "Could not read enough bytes")."""
     fs, base = filesystem(uri)
+    path = f"{base}/{rel}"
+    if not replaced:
+        return _read(fs, path, uri, rel)
+    for _ in range(READ_TRIES):
+        before = _version(fs, path, uri, rel)
+        data = _read(fs, path, uri, rel)
+        if _version(fs, path, uri, rel) == before and data.size == before[0]:
+            return data
+    raise IOException(f"{public_uri(uri)}/{rel} was replaced during each of {READ_TRIES} reads (a Publisher "
+                      "uploading very often?); open the store again")
+
+
+def _read(fs, path: str, uri: str, rel: str) -> pa.Buffer:
     try:
-        with fs.open_input_file(f"{base}/{rel}") as f:
+        with fs.open_input_file(path) as f:
             return f.read_buffer()
     except FileNotFoundError:
-        raise IOException(f"{public_uri(uri)}/{rel} is missing; upload the store again "
-                          "(metaql.distributed.objectstore.upload_store)") from None
+        raise _missing(uri, rel) from None
     except OSError as e:
         raise IOException(f"cannot read {public_uri(uri)}/{rel}: {e}") from None
 
 
-def download(uri: str, rel: str, target: Path) -> None:
+def _version(fs, path: str, uri: str, rel: str) -> tuple:
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise IOException(f"cannot read {public_uri(uri)}/{rel}: {e}") from None
+    if info.type != pafs.FileType.File:
+        raise _missing(uri, rel)
+    return info.size, info.mtime_ns
+
+
+def _missing(uri: str, rel: str) -> IOException:
+    return IOException(f"{public_uri(uri)}/{rel} is missing; upload the store again "
+                       "(metaql.distributed.objectstore.upload_store)")
+
+
+def download(uri: str, rel: str, target: Path, replaced: bool = False) -> None:
     """`rel` copied to `target` through a temporary name, so a half-copied file is never used."""
-    data = read_bytes(uri, rel)
+    data = read_bytes(uri, rel, replaced)
     target.parent.mkdir(parents=True, exist_ok=True)
     # a temporary of its own: two cursors may fetch the same file at once
     fd, part = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
@@ -94,7 +128,7 @@ class RemoteStore(Store):
                               "one with metaql.distributed.objectstore.upload_store(path, uri)")
         local = Path(tempfile.mkdtemp(prefix="metaql-remote-"))
         try:
-            download(uri, files.CATALOG, local / files.CATALOG)
+            download(uri, files.CATALOG, local / files.CATALOG, replaced=True)
             super().__init__(local, read_only=True)
         except BaseException:
             import shutil

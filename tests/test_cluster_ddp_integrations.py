@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import metaql
-from tests.ddp_helpers import assert_same_factors, free_port
+from tests.ddp_helpers import assert_same_factors, free_port, leave_group
 from tests.test_integrations import _lit_module
 
 pytestmark = pytest.mark.cluster
@@ -62,13 +62,15 @@ def _rank_main(rank: int, world: int, port: int, path: str, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
                       LOCAL_RANK=str(rank), RANK=str(rank), PL_DISABLE_FORK="1")
     torch.set_num_threads(1)
-    con = metaql.connect(path) if rank == 0 else None
+    con, clean = (metaql.connect(path) if rank == 0 else None), False
     try:
         cb = fit(con if rank == 0 else path, world, PER_RANK, root)
         assert cb.checkpoints == ["epoch1", "epoch2"]
+        clean = True
     finally:
         if con is not None:
             con.close()
+        leave_group(clean)
 
 
 def test_lightning_ddp_two_ranks_store_what_one_process_stores(tmp_path):
@@ -128,13 +130,15 @@ def _hf_rank_main(rank: int, world: int, port: int, path: str, root: str) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    con = metaql.connect(path) if rank == 0 else None
+    con, clean = (metaql.connect(path) if rank == 0 else None), False
     try:
         trainer = hf_train(con if rank == 0 else path, root)
         assert trainer.metaql_checkpoints == ["epoch1", "epoch2"]
+        clean = True
     finally:
         if con is not None:
             con.close()
+        leave_group(clean)
 
 
 def test_hf_trainer_ddp_two_ranks_store_what_one_process_stores(tmp_path):

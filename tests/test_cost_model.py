@@ -70,12 +70,19 @@ def _kept(con):
     return None if row is None else json.loads(row[0])
 
 
-def test_pragma_calibrate_keeps_every_strategys_weights(tmp_path, monkeypatch):
+
+def _faked_store(monkeypatch, path) -> None:
+    """A store at `path` whose calibration reads fake timings and fake base constants, kept in this
+    test (not in the process-wide cache)."""
     monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
     monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
-    monkeypatch.setattr(store_module, "_MEASURED", {})     # the fake constants stay in this test
+    monkeypatch.setattr(store_module, "_MEASURED", {})
     _fast_timing(monkeypatch)
-    _store(tmp_path / "s.mq")
+    _store(path)
+
+
+def test_pragma_calibrate_keeps_every_strategys_weights(tmp_path, monkeypatch):
+    _faked_store(monkeypatch, tmp_path / "s.mq")
     with metaql.connect(tmp_path / "s.mq") as con:
         out = con.execute("PRAGMA metaql_calibrate").arrow()
         kept = _kept(con)
@@ -89,11 +96,7 @@ def test_pragma_calibrate_keeps_every_strategys_weights(tmp_path, monkeypatch):
 
 
 def test_pragma_calibrate_on_a_read_only_store_writes_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
-    monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
-    monkeypatch.setattr(store_module, "_MEASURED", {})     # the fake constants stay in this test
-    _fast_timing(monkeypatch)
-    _store(tmp_path / "s.mq")
+    _faked_store(monkeypatch, tmp_path / "s.mq")
     with metaql.connect(tmp_path / "s.mq") as con:
         before = _kept(con)
     with metaql.connect(tmp_path / "s.mq", read_only=True) as con:
@@ -103,11 +106,7 @@ def test_pragma_calibrate_on_a_read_only_store_writes_nothing(tmp_path, monkeypa
 
 def test_explain_analyze_shows_estimate_against_measured(tmp_path, monkeypatch):
     """EXPLAIN ANALYZE prints each pick's estimate next to its measured time, and their ratio."""
-    monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
-    monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
-    monkeypatch.setattr(store_module, "_MEASURED", {})
-    _fast_timing(monkeypatch)
-    _store(tmp_path / "s.mq")
+    _faked_store(monkeypatch, tmp_path / "s.mq")
     sql = "EXPLAIN ANALYZE SELECT * FROM INFLUENCE(layers=*, query=batch(test))"
     with metaql.connect(tmp_path / "s.mq") as con:
         con.execute("PRAGMA metaql_calibrate")
@@ -140,11 +139,7 @@ def test_explain_analyze_measures_by_the_clock_of_the_estimates(tmp_path):
 def test_explain_says_when_estimates_are_not_fitted_to_the_layers(tmp_path, monkeypatch):
     """Before PRAGMA metaql_calibrate the estimates come from two base constants alone (up to
     100x low for large intermediates): EXPLAIN says so and how to fit them; after it, not."""
-    monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
-    monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
-    monkeypatch.setattr(store_module, "_MEASURED", {})
-    _fast_timing(monkeypatch)
-    _store(tmp_path / "s.mq")
+    _faked_store(monkeypatch, tmp_path / "s.mq")
     sql = "EXPLAIN SELECT * FROM INFLUENCE(layers=*, query=batch(test))"
     with metaql.connect(tmp_path / "s.mq") as con:
         before = "\n".join(con.execute(sql).arrow().column("plan").to_pylist())
@@ -158,11 +153,7 @@ def test_pragma_calibrate_fits_each_layer_on_its_own_factors(tmp_path, monkeypat
     """Every stored layer gets a fit per strategy (fixed seconds per chunk, the weights of the scan
     and query-row parts of the formula, the query side's seconds), and the optimizer's estimate for
     that layer is engine.cost.layer_seconds of it."""
-    monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
-    monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
-    monkeypatch.setattr(store_module, "_MEASURED", {})
-    _fast_timing(monkeypatch)
-    _store(tmp_path / "s.mq")
+    _faked_store(monkeypatch, tmp_path / "s.mq")
     with metaql.connect(tmp_path / "s.mq") as con:
         con.execute("PRAGMA metaql_calibrate")
         kept = _kept(con)

@@ -101,10 +101,6 @@ def train_embedding(model: nn.Module, x: Tensor, labeled: Tensor, labels: Tensor
         steps = progress(steps)
     log: list[dict[str, float]] = []
     set_lr_scale = getattr(model, "set_lr_scale", None) if config.lr_decay else None
-    # while the labeled set fits in one batch (LANCET's usual case) every step takes all of it:
-    # its rows and labels are gathered once, not looked up again each step
-    whole = labeled.numel() <= config.labeled_batch
-    x_all, y_all = (x[labeled], labels) if whole else (None, None)
     with torch.random.fork_rng(devices=[]):
         # the model's noise and generator draw from the global RNG: seed it for repeatable
         # rounds, and give the caller's RNG back untouched
@@ -113,15 +109,10 @@ def train_embedding(model: nn.Module, x: Tensor, labeled: Tensor, labels: Tensor
         for step in steps:
             if set_lr_scale is not None:
                 set_lr_scale(min(1.0, 2.0 * (1.0 - step / config.steps)))
-            if whole:
-                x_l, y_l = x_all, y_all
-            else:
-                li = _batch(labeled, config.labeled_batch, gen)
-                x_l, y_l = x[li], labels[_positions(labeled, li)]
+            li = _batch(labeled, config.labeled_batch, gen)
             ui = _batch(unlabeled, config.batch_size, gen)
-            if augment is not None:
-                x_l = augment(x_l, gen)
-            losses = step_fn(x_l, y_l, x[ui], regularize)
+            x_l = x[li] if augment is None else augment(x[li], gen)
+            losses = step_fn(x_l, labels[_positions(labeled, li)], x[ui], regularize)
             if step % 50 == 0:
                 log.append({"step": float(step), **losses})
         model.eval()

@@ -109,33 +109,3 @@ def test_retrain_steps_apply_to_fresh_rounds_after_the_first():
     session.ask_oracle(np.arange(16, 18))            # a few more: the same model, warm
     assert session.fit(x).model.steps == 6
 
-
-def test_train_embedding_with_the_labeled_set_gathered_once_trains_as_per_step_lookups():
-    """train_embedding takes a labeled set that fits in one batch as gathered once; the steps
-    (augmented labeled batch, unlabeled batch, labels) are those of looking them up each step."""
-    from metaql.labeling.augment import labeled_augmentation
-    from metaql.labeling.embedding import _batch, _complement, train_embedding
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(60, 16, generator=g)
-    labeled, labels = torch.tensor([41, 3, 17, 8, 29, 50]), torch.tensor([2, 0, 1, 1, 0, 2])
-    augment = labeled_augmentation("cold", (4, 4), 2.0)
-    config = TrainConfig(steps=4, batch_size=8)
-    seen: list[tuple[torch.Tensor, ...]] = []
-
-    class Recorder(nn.Module):
-        num_classes = 3
-
-        def train_step(self, x_l, y_l, x_u, regularizer):
-            seen.append((x_l.clone(), y_l.clone(), x_u.clone()))
-            return {}
-
-    train_embedding(Recorder(), x, labeled, labels, config, augment=augment)
-    gen = torch.Generator().manual_seed(config.seed)
-    unlabeled = _complement(labeled, x.shape[0])
-    for x_l, y_l, x_u in seen:   # the old loop's draws, in its order
-        li = _batch(labeled, config.labeled_batch, gen)
-        ui = _batch(unlabeled, config.batch_size, gen)
-        assert torch.equal(x_l, augment(x[li], gen))
-        assert torch.equal(y_l, labels) and torch.equal(x_u, x[ui])
-    assert len(seen) == config.steps

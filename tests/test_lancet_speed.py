@@ -108,4 +108,3 @@ def test_retrain_steps_apply_to_fresh_rounds_after_the_first():
     assert session.fit(x).model.steps == 4
     session.ask_oracle(np.arange(16, 18))            # a few more: the same model, warm
     assert session.fit(x).model.steps == 6
-

@@ -26,6 +26,7 @@ cores at load 8-14):
 
     python benchmarks/bench_method_speed.py --parts lancet --budgets 20 --out benchmarks/results/method_speed_lancet.md
     python benchmarks/bench_method_speed.py --parts components,elite --out benchmarks/results/method_speed_elite.md
+    python benchmarks/bench_method_speed.py --parts components,elite --out benchmarks/results/method_speed_he_elite.md
     python benchmarks/bench_method_speed.py --quick         # a smoke run (writes nothing)
 """
 from __future__ import annotations

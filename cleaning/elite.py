@@ -16,7 +16,8 @@ import torch
 from metaql.cleaning import checks
 from metaql.cleaning.detector import ScoreDetector, scores_of
 from metaql.cleaning.metagrad import METHODS
-from metaql.cleaning.pseudo_labels import ANOMALY_LOSSES, pseudo_labels, training_loss, validation_loss
+from metaql.cleaning.pseudo_labels import (ANOMALY_LOSSES, pseudo_labels, training_coefficients, training_loss,
+                                           validation_loss)
 from metaql.cleaning.scores import SCORES, make_score
 from metaql.cleaning.thresholds import balanced_threshold
 from metaql.cleaning.training import Progress, make_optimizer, minibatches, no_progress, pretrain_svdd
@@ -148,9 +149,9 @@ class EliteDetector(ScoreDetector):
                 vidx = self._validation_batch(len(xl), generator)
                 y_val = yl[vidx]
                 ms = meta_gradients(score, xu[idx], xl[vidx], lambda o: validation_loss(o, y_val, margin), self.lr)
-                omega = ms.scores.requires_grad_()
-                loss = training_loss(omega, ms.meta, self.eta_m, margin, self.anomaly_loss)
-                coeffs, = torch.autograd.grad(loss, omega)   # d loss / d Omega_i: alpha_i l'(Omega_i) / n
+                loss = training_loss(ms.scores, ms.meta, self.eta_m, margin, self.anomaly_loss)
+                # d loss / d Omega_i = alpha_i l'(Omega_i) / n, written out rather than by autograd
+                coeffs = training_coefficients(ms.scores, ms.meta, self.eta_m, margin, self.anomaly_loss)
                 opt.zero_grad()
                 ms.backward(coeffs)
                 opt.step()

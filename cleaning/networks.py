@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from metaql.cleaning.pooling import MaxPool2x2
+
 SLOPE = 0.1          # LeakyReLU slope of Ruff et al.'s networks
 MAX_CONV_BLOCKS = 3
 FIRST_CHANNELS = 16
@@ -36,7 +38,7 @@ def encoder(shape: tuple[int, ...], out_dim: int, bias: bool) -> nn.Sequential:
     channels, sizes = _conv_plan(shape)
     layers: list[nn.Module] = []
     for cin, cout in zip(channels[:-1], channels[1:]):
-        layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=bias), nn.LeakyReLU(SLOPE), nn.MaxPool2d(2)]
+        layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=bias), nn.LeakyReLU(SLOPE), MaxPool2x2()]
     h, w = sizes[-1]
     layers += [nn.Flatten(), nn.Linear(channels[-1] * h * w, out_dim, bias=bias)]
     return nn.Sequential(*layers)

@@ -1,23 +1,39 @@
 """A store nobody calibrated gets per-layer cost fits in a background thread after a query on it
 (engine/autocalibrate.py): kept by the next statement on a writable store, for the process on a
 read-only one, never while a scan runs, stopped by close, off by config or environment."""
+import shutil
+
 import numpy as np
 import pytest
 
 import metaql
-from metaql.engine import autocalibrate, plan
-from tests.test_cost_model import _faked_store, _kept
+from metaql.engine import autocalibrate, calibrate, cost, plan
+from metaql.storage import store as store_module
+from tests.test_cost_model import BASE, _fake_measurements, _fast_timing, _kept, _store
 
 QUERY = "SELECT * FROM INFLUENCE(layers=*, query=batch(test))"
 UNFITTED = "base constants alone"
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    path = tmp_path_factory.mktemp("auto") / "s.mq"
+    _store(path)
+    return path
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A tiny store with fake timings; every query counts as worth a calibration."""
-    _faked_store(monkeypatch, tmp_path / "s.mq")
+def store(built, tmp_path, monkeypatch):
+    """A copy of a tiny store, timed fast with fake base constants (tests/test_cost_model.py);
+    every query counts as worth a calibration."""
+    monkeypatch.setattr(calibrate, "measurements", _fake_measurements)
+    monkeypatch.setattr(cost, "measure_base", lambda: dict(BASE))
+    monkeypatch.setattr(store_module, "_MEASURED", {})
+    _fast_timing(monkeypatch)
     monkeypatch.setattr(autocalibrate, "MIN_SECONDS", 0.0)
+    monkeypatch.setattr(autocalibrate, "NICE", 0)     # not starved by the other jobs of a loaded machine
     monkeypatch.delenv(autocalibrate.ENV_KEY, raising=False)
+    shutil.copytree(built, tmp_path / "s.mq")
     return tmp_path / "s.mq"
 
 

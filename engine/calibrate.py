@@ -11,6 +11,7 @@ reproduces both timings. Nothing is tuned to a machine: `PRAGMA metaql_calibrate
 from __future__ import annotations
 
 import re
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -57,9 +58,11 @@ def _timed(fn, runs: int = 7, budget: float = 0.05) -> float:
     """The best of up to `runs` runs after a warm-up, stopping once `budget` seconds were spent:
     the minimum sees past other processes' time slices on a shared machine."""
     from metaql.engine.cost import work_clock
+    pause()
     fn()
     best, spent = float("inf"), 0.0
     for _ in range(runs):
+        pause()
         t0 = work_clock()
         fn()
         took = work_clock() - t0
@@ -177,31 +180,48 @@ QUERY_ROWS = 32         # the larger query batch timed (the smaller is one sampl
 LARGE_QUERY_ROWS = 128  # the query weight once more at this batch (engine.cost.query_weight)
 LARGE_SECONDS = 0.5     # ... unless one training sample would take longer (a layer it never suits)
 POINT_SECONDS = 0.12    # about this long per timed run: enough samples to see per-sample cost
-MAX_ROWS = 256          # training samples timed at most
+MAX_ROWS = 256          # training samples timed at most, unless they fit in the cache (timed_rows)
 
 
 def layer_weights(store, base: dict | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """{layer: {strategy: fit}} for every layer with stored factors (fit: see `_layer_fit`): weights
     against the base constants `base` (measured here if None), which the estimates must use too."""
     from metaql.engine import cost
-    from metaql.engine.strategies import applicable
-    from metaql.storage.layers import kind_named
     out: dict[str, dict] = {}
     for row in store.layers():
-        shards = store.factor_shards(None, row["name"])
-        if not shards:
-            continue
-        meta, stored = store.layer_meta(row["name"])
-        kind = kind_named(meta.kind)
-        _, tensors = store.shard_tensors(shards[0])
-        n_all = next(iter(tensors.values())).shape[0]
-        if n_all < 2:
+        found = layer_inputs(store, row["name"])
+        if found is None:
             continue
         base = base or cost.measure_base()
-        names = [s.name for s in applicable(stored, False, kind, False) + applicable(stored, False, kind, True)
-                 if not s.baseline]
-        out[row["name"]] = {name: _layer_fit(name, kind, meta, stored, tensors, base) for name in names}
+        out[row["name"]] = {name: _layer_fit(name, *found, base) for name in fitted_strategies(found[0], found[2])}
     return out
+
+
+def layer_inputs(store, layer: str, checkpoint: str | None = None):
+    """(kind, meta, stored, tensors of the first factor shard) of a layer (of `checkpoint`'s shards
+    when given and it has some), or None when it has no shard of two samples or more."""
+    from metaql.storage.layers import kind_named
+    shards = (store.factor_shards(checkpoint, layer) if checkpoint is not None else []) \
+        or store.factor_shards(None, layer)
+    if not shards:
+        return None
+    meta, stored = store.layer_meta(layer)
+    _, tensors = store.shard_tensors(shards[0])
+    if next(iter(tensors.values())).shape[0] < 2:
+        return None
+    return kind_named(meta.kind), meta, stored, tensors
+
+
+def fitted_strategies(kind, stored: str) -> list[str]:
+    """The strategies a layer's calibration fits: every one that reads it as stored, not a baseline."""
+    from metaql.engine.strategies import applicable
+    return [s.name for s in applicable(stored, False, kind, False) + applicable(stored, False, kind, True)
+            if not s.baseline]
+
+
+def fit_layer(name: str, inputs, base: dict) -> dict[str, float]:
+    """One strategy's fit on a layer's `layer_inputs`, against the base constants `base`."""
+    return _layer_fit(name, *inputs, base)
 
 
 def _query(kind, meta, stored, tensors, b: int, name: str):
@@ -234,7 +254,7 @@ def _layer_fit(name, kind, meta, stored, tensors, base) -> dict[str, float]:
         rows = rows if b > 1 else step
         if b > 1 and not _grows_with_b(name):
             continue                  # B moves only the query side here: timed above, not the scan
-        n_max = max(1, min(MAX_ROWS, n_all - (0 if strat.self_influence else b), step))
+        n_max = max(1, min(timed_rows(tensors), n_all - (0 if strat.self_influence else b), step))
         for n in _sizes(lambda n: _run(run, kind, meta, _head(tensors, n), q), n_max):
             train = _head(tensors, n)
             t = _timed(lambda: _run(run, kind, meta, train, q), runs=20, budget=0.1)
@@ -262,13 +282,37 @@ def _large_query(name, kind, meta, stored, tensors, base, fit, b_small) -> dict:
     q, _ = _query(kind, meta, stored, tensors, b, name)
     step = min(n_all, chunk_rows(tensors, q, name, meta))
     weights = []
-    for n in _sizes(lambda n: _run(name, kind, meta, _head(tensors, n), q), max(1, min(MAX_ROWS, n_all - b, step))):
+    for n in _sizes(lambda n: _run(name, kind, meta, _head(tensors, n), q), max(1, min(timed_rows(tensors), n_all - b, step))):
         train = _head(tensors, n)
         t = _timed(lambda: _run(name, kind, meta, train, q), runs=20, budget=0.1)
         scan, query = _terms(name, shapes_of(kind, meta, train, n, b, stored), base)
         if query > 0:
             weights.append(max(t - fit["fixed"] * -(-n // step) - fit["scan"] * scan, 0.0) / query)
     return {"query_large": float(np.median(weights)), "query_b": [b_small, b]} if weights else {}
+
+
+def timed_rows(tensors: dict) -> int:
+    """The most training samples one timed run reads: MAX_ROWS, or more where MAX_ROWS samples of
+    the layer fit in the last-level cache. A query's scan streams the stored factors from memory; a
+    timed run over a cache-sized head, repeated, reads them from the cache (iterate on the MLP's
+    4096 x 4096 layer: 256 samples are 8 MB, the fit's scan weight came out 0.39 and a point query
+    over 4,096 samples, 134 MB, took 2.1-3x its estimate). Enough samples to pass twice the cache
+    make each run stream them as the query does."""
+    per_sample = sum(t[:1].numel() * t.element_size() for t in tensors.values())
+    return max(MAX_ROWS, -(-2 * cache_bytes() // max(per_sample, 1)))
+
+
+def cache_bytes() -> int:
+    """The last-level cache's size (Linux sysfs; 32 MiB where it cannot be read)."""
+    import glob
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip().upper()
+            sizes.append(int(text[:-1]) * {"K": 2 ** 10, "M": 2 ** 20}[text[-1]] if text[-1] in "KM" else int(text))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=32 * 2 ** 20)
 
 
 def _grows_with_b(name: str) -> bool:
@@ -293,6 +337,7 @@ def _sizes(run, n_max: int) -> list[int]:
     sample says how long a sample takes, without a long first run on a slow layer."""
     probe, took = 1, 0.0
     while True:
+        pause()
         run(probe)                                  # warm: the pages of the shard, the allocator
         t0 = _clock()
         run(probe)
@@ -303,6 +348,18 @@ def _sizes(run, n_max: int) -> list[int]:
     per = max(took, 1e-9) / probe
     big = int(min(n_max, max(probe, POINT_SECONDS / per)))
     return sorted({max(1, big // 4), big})
+
+
+# A calibration in a background thread (engine/autocalibrate.py) sets a hook here that waits while a
+# query's scan runs in this process (so neither slows or pollutes the other's timings) and raises
+# to stop when the store closes; PRAGMA metaql_calibrate runs in the caller's thread, without one.
+BACKGROUND = threading.local()
+
+
+def pause() -> None:
+    hook = getattr(BACKGROUND, "hook", None)
+    if hook is not None:
+        hook()
 
 
 def _clock() -> float:

@@ -166,11 +166,13 @@ def _best(fn, runs: int) -> float:
 
 
 def work_clock() -> float:
-    """The clock calibration times with: the process's CPU time when torch runs one thread (what
-    a query costs on an idle machine, and not the time slices other jobs take: on a 2-core machine
-    at load 9 a scan's wall time was 3-4x its CPU time and varied 2x from run to run, its CPU time
-    10%); wall time with several threads, whose CPU times add up."""
-    return time.process_time() if work_is_cpu() else time.perf_counter()
+    """The clock calibration times with: the calling thread's CPU time when torch runs one thread
+    (what a query costs on an idle machine, and not the time slices other jobs take: on a 2-core
+    machine at load 9 a scan's wall time was 3-4x its CPU time and varied 2x from run to run, its
+    CPU time 10%; the thread's, not the process's, so a calibration in a background thread
+    (engine/autocalibrate.py) and a query do not count each other's work); wall time with several
+    threads, whose CPU times add up."""
+    return time.thread_time() if work_is_cpu() else time.perf_counter()
 
 
 def work_is_cpu() -> bool:

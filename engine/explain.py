@@ -1,6 +1,7 @@
 """EXPLAIN text: the plan tree, and per checkpoint and layer every strategy's estimate and the pick."""
 from __future__ import annotations
 
+from metaql.engine.autocalibrate import MIN_SECONDS
 from metaql.engine.cost import work_is_cpu
 from metaql.engine.plan import FunctionScan, InfluenceScan, TopK
 
@@ -49,9 +50,11 @@ def influence_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str
         lines.append(line)
     unfitted = sorted({s.layer for s in scan.strategies if not s.fitted})
     if unfitted:
-        lines.append(f"{indent}  estimates of {len(unfitted)} layer(s) from the machine's base constants alone: "
-                     "run PRAGMA metaql_calibrate (on a quiet machine) to fit each layer's own timings; "
-                     "unfitted estimates of strategies with large intermediates can be 100x low")
+        lines.append(f"{indent}  estimates of {len(unfitted)} layer(s) from the machine's base constants alone "
+                     "(unfitted estimates of strategies with large intermediates can be 100x low): a query "
+                     f"estimated at {MIN_SECONDS:g} s or more fits its layers' own timings in the background "
+                     "for the statements after it (config auto_calibrate=False turns that off); "
+                     "PRAGMA metaql_calibrate (on a quiet machine) fits every layer now")
     if getattr(scan, "error", None) is not None:      # INFLUENCE(..., error=e): metaql.approx
         from metaql.approx.execute import explain_lines as approx_lines
         lines += approx_lines(scan, analyze, indent)

@@ -4,8 +4,9 @@ plan optimized once is not optimized again.
 
 RULES today: per (checkpoint, layer) of an influence scan, the cheapest strategy by the cost model
 (engine/cost.py, engine/strategies.py). The optimizer reads the catalog only through the
-statement's CatalogSnapshot (layer rows and the cost constants, each read once) and writes nothing:
-the store keeps the measured cost constants (Store.cost_constants).
+statement's CatalogSnapshot (layer rows and the cost constants, each read once); the store keeps
+the measured cost constants (Store.cost_constants). The one write: per-layer fits that a background
+calibration finished (engine/autocalibrate.py) are kept in the catalog by the next statement.
 """
 from __future__ import annotations
 
@@ -70,16 +71,21 @@ def choose_scan_strategies(plan, env: Env):
     cheapest one that is not a baseline (or the one the config forces); self-influence weighs
     the self-norm forms (engine/strategies.py: self_gram, self_full, self_norm)."""
     for scan in scans(plan):
-        scan.strategies = choose_strategies(scan, env.catalog, env.config.get(FORCE_KEY))
+        scan.strategies = choose_strategies(scan, env.catalog, env.config.get(FORCE_KEY), env.config)
     return plan
 
 
 RULES: list[Callable] = [choose_scan_strategies]
 
 
-def choose_strategies(scan: InfluenceScan, catalog, force: str | None = None) -> list[Strategy]:
+def choose_strategies(scan: InfluenceScan, catalog, force: str | None = None,
+                      config: dict | None = None) -> list[Strategy]:
+    """Per (checkpoint, layer) the picks; with a connection's `config`, layers without a fit get one
+    measured in the background (engine/autocalibrate.py) and used from the next statement on."""
+    from metaql.engine import autocalibrate
     catalog = snapshot_of(catalog)
-    consts = catalog.cost_constants(cost.measure_constants)
+    store = catalog.store
+    consts = autocalibrate.with_fits(store, catalog.cost_constants(cost.measure_constants))
     out = []
     for ckpt in scan.checkpoints:
         for layer in scan.layers:
@@ -93,6 +99,8 @@ def choose_strategies(scan: InfluenceScan, catalog, force: str | None = None) ->
             else:
                 chosen = min(candidates(ests), key=lambda k: ests[k]["seconds"])
             out.append(Strategy(ckpt, layer, chosen, ests, kind=kind, fitted=layer in consts.get("layers", {})))
+    if config is not None:
+        autocalibrate.maybe_start(store, scan, out, consts, config)
     return out
 
 

@@ -1,6 +1,7 @@
 """Logical and physical plan nodes: plain classes, printed by EXPLAIN."""
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,12 +36,29 @@ class Strategy:
         estimates are calibrated with (the process's CPU time at one torch thread, so a loaded
         machine's time slices do not read as a wrong estimate), and the wall time beside it."""
         from metaql.engine.cost import work_clock
+        _running(+1)
         work, wall = work_clock(), time.perf_counter()
         try:
             yield
         finally:
+            _running(-1)
             self.measured_seconds = (self.measured_seconds or 0.0) + work_clock() - work
             self.measured_wall_seconds = (self.measured_wall_seconds or 0.0) + time.perf_counter() - wall
+
+
+# Layer passes running now in this process (Strategy.timing): a background calibration waits
+# while any does (engine/autocalibrate.py), so it neither slows a query nor times beside one.
+_RUNNING = [0]
+_LOCK = threading.Lock()
+
+
+def _running(step: int) -> None:
+    with _LOCK:
+        _RUNNING[0] += step
+
+
+def scans_running() -> int:
+    return _RUNNING[0]
 
 
 @dataclass

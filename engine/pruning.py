@@ -16,6 +16,21 @@ sample tied with its k-th score. They are scored by the same operators, and summ
 order, as the full scan (engine/executor.py), and ranked by the same `top_k`, so the answer is the
 full scan's, ties included.
 
+Whether to prune is a cost decision (config topk_pruning absent or 'auto'; True always prunes, False
+never): the pruned scan pays a fixed cost per pass (catalog look-ups, gathering the rows of scattered
+samples) that a full scan pays once per unit, so on a small store, or where the bounds drop few
+samples, it is slower than the full scan (a 300-sample MiniLM store, 37.8% skipped: 4.5-7 s against
+3.6-6.6 s). Two checks, both on measurements of this query, compare it with the full scan's
+estimate F (the optimizer's picks, engine/cost.py):
+  1. before any scoring: one pass costs o (a one-sample pass of the first unit, timed); a pruned scan
+     makes at least two passes per unit, so F < 2 x units x o scans in full;
+  2. after the first batch (the k samples of largest bound on every unit, timed: T1), the skip is
+     estimated by the share of samples its threshold already drops (a lower bound on the final
+     skip), and the rest of the pruned scan by (passes left) x units x o + (samples left alive) x
+     (T1 - units x o) / k; when that is not below F the scan is finished in full.
+A scan finished in full scores every sample unit by unit exactly as the full scan does (the same
+query sides, chunks and sums), so the answer is the full scan's either way.
+
 Each bound is widened by MARGIN (relative) to cover the float32 rounding of the scan's own scores;
 norms are computed in float64. Not pruned (the full scan runs, EXPLAIN ANALYZE says why): cosine
 similarity, total=true, the train x query matrix, a forced re-compute, fewer candidates than k, and
@@ -33,7 +48,8 @@ from metaql.engine.strategies import strategy_named
 from metaql.storage import norms as stored_norms
 from metaql.storage.catalog_snapshot import catalog_of
 
-CONFIG_KEY = "topk_pruning"     # connection config: False runs every TOPK as a full scan
+CONFIG_KEY = "topk_pruning"     # connection config: False runs every TOPK as a full scan, True prunes every
+AUTO = "auto"                   # one, 'auto' (the default) prunes where the cost model says it pays
 MARGIN = 1e-3      # relative widening of every Cauchy-Schwarz bound
 FIRST_SHARE = 0.25  # phase 1 scores at most this share of the samples in full
 SLACK = 1e-5       # relative: scores closer than this to the k-th best are never dropped
@@ -43,6 +59,7 @@ SLACK = 1e-5       # relative: scores closer than this to the k-th best are neve
 class Pruning:
     """What EXPLAIN ANALYZE prints of a TOPK's pruning."""
     reason: str = ""            # why the scan was not pruned ('' when it was)
+    choice: str = ""            # the cost decision (config topk_pruning 'auto'), shown with the statistics
     scores: int = 0             # (sample, unit) scores a full scan computes
     scored: int = 0             # of which this scan computed
     shards: int = 0             # factor shards a full scan opens
@@ -57,7 +74,8 @@ class Pruning:
     def lines(self) -> list[str]:
         if self.reason:
             return [f"pruning: off ({self.reason})"]
-        out = [f"pruning: {self.fraction:.1%} of the scan skipped ({self.scored:,} of {self.scores:,} "
+        out = [f"pruning: {self.choice}"] if self.choice else []
+        out += [f"pruning: {self.fraction:.1%} of the scan skipped ({self.scored:,} of {self.scores:,} "
                f"sample-layer scores computed; {self.shards_read:,} of {self.shards:,} shards opened)"]
         if self.backfilled:
             out.append(f"pruning: {self.backfilled:,} norms computed on first use and kept")
@@ -67,7 +85,7 @@ class Pruning:
 def why_not(plan: TopK, ctx) -> str:
     """'' when the TOPK can be pruned, else why not."""
     scan = plan.child
-    if ctx.config.get(CONFIG_KEY, True) is False:
+    if ctx.config.get(CONFIG_KEY, AUTO) is False:
         return f"config {CONFIG_KEY}=false"
     if not isinstance(scan, InfluenceScan) or getattr(scan, "pairwise", False):
         return "not a TOPK over INFLUENCE"
@@ -86,8 +104,9 @@ def why_not(plan: TopK, ctx) -> str:
 
 
 def pruned_top_k(plan: TopK, ctx) -> pa.Table | None:
-    """The TOPK's answer by a pruned scan, or None (the caller runs the full scan); the statistics
-    go on the plan (`plan.pruning`) for EXPLAIN ANALYZE."""
+    """The TOPK's answer by a pruned scan (or by a full one where pruning would not pay), or None
+    (the caller runs the full scan); the statistics go on the plan (`plan.pruning`) for EXPLAIN
+    ANALYZE."""
     reason = why_not(plan, ctx)
     if reason:
         if isinstance(plan.child, InfluenceScan) and plan.child.query is not None:   # EXPLAIN says why
@@ -145,30 +164,81 @@ class PrunedScan:
         return [self.catalog.checkpoint(c)["lr"] * scale for c, _ in self.units]
 
     # ---- the scan ----------------------------------------------------------------------------------
-    def table(self) -> pa.Table | None:
+    def table(self) -> pa.Table:
+        """The answer: pruned, or (where pruning cannot run or would not pay) by a full scan with
+        the query sides built here."""
         from metaql.engine.executor import device_of, query_sides
-        found = self.unit_norms()
-        if found is None:
-            self.stats = Pruning(reason="no stored gradient norms in this read-only store (captured before "
-                                        "they were kept); open it writable once to compute them")
-            return None
-        norms, seen = found
-        k = self.plan.k
-        if seen.sum() <= k:
-            self.stats = Pruning(reason=f"no more than k={k} samples")
-            return None
         queries = {}
         for c in dict.fromkeys(c for c, _ in self.units):
             strategies = [s for cc, s in self.units if cc == c]
             queries[c] = query_sides(self.scan, self.ctx.store, c, strategies, device_of(self.ctx), self.catalog,
                                      with_gbar=True)
         w = self.weights()
+        self.auto = self.ctx.config.get(CONFIG_KEY, AUTO) is not True
+        if self.auto:
+            self.full_seconds = full_estimate(self.units)
+            self.pass_seconds = self._pass_seconds(queries)
+            least = 2 * len(self.units) * self.pass_seconds
+            if self.full_seconds < least:
+                self.stats = Pruning(reason=f"cost: the full scan's estimate {self.full_seconds:.3g} s is below the "
+                                            f"pruned scan's least, two passes per unit at {self.pass_seconds:.3g} s "
+                                            f"each ({least:.3g} s)")
+                return self._full(queries, w)
+        found = self.unit_norms()
+        if found is None:
+            self.stats = Pruning(reason="no stored gradient norms in this read-only store (captured before "
+                                        "they were kept); open it writable once to compute them")
+            return self._full(queries, w)
+        norms, seen = found
+        k = self.plan.k
+        if seen.sum() <= k:
+            self.stats = Pruning(reason=f"no more than k={k} samples")
+            return self._full(queries, w)
         bounds = [abs(wu) * unit_bound(queries[c][s.layer], *nn) * (1 + MARGIN)
                   for wu, (c, s), nn in zip(w, self.units, norms)]
         if not all(np.isfinite(b).all() for b in bounds):
             self.stats = Pruning(reason="non-finite gradient norms")
-            return None
+            return self._full(queries, w)
         return self._run(queries, w, bounds, seen, k)
+
+    def _pass_seconds(self, queries) -> float:
+        """o: the time of one pass over a single sample of the first unit (look-ups, set-up, one
+        chunk), by the clock the estimates predict; its scores are not used."""
+        from metaql.engine.cost import work_clock
+        from metaql.engine.executor import layer_pass
+        ckpt, strat = self.units[0]
+        t0 = work_clock()
+        layer_pass(self.ctx.store, ckpt, strat, self.train[:1], queries[ckpt][strat.layer], self.scan, self.ctx)
+        return work_clock() - t0
+
+    def _full(self, queries, w) -> pa.Table:
+        """The answer by a full scan with the query sides built here: every training sample scored
+        unit by unit, as engine/executor.py's influence() does (the same chunks, so the same
+        scores), summed and ranked as it sums and ranks; a score computed before is replaced."""
+        n = len(self.train)
+        if not hasattr(self, "parts"):
+            self.parts = [[] for _ in self.units]
+            self.known, self.rest = np.zeros(n), np.zeros(n)
+            self.done = [np.zeros(n, bool) for _ in self.units]
+            self.sign = 1.0
+        everyone = np.arange(n)
+        for u in range(len(self.units)):
+            self._score(u, everyone, queries, w, [np.zeros(n)] * len(self.units))
+        return self._answer(everyone, w)
+
+    def _worth_going_on(self, alive, k: int, first: int, batches_left: int, spent: float) -> bool:
+        """After the first batch: whether the rest of the pruned scan is estimated below the full
+        scan's estimate (module docstring, check 2); says which on the statistics."""
+        units, o = len(self.units), self.pass_seconds
+        per_sample = max(spent - units * o, 0.0) / max(first, 1)
+        left = int((alive & ~self.done[0]).sum())
+        rest = (batches_left + 1) * units * o + left * per_sample
+        dropped = 1.0 - int(alive.sum()) / max(self.n_seen, 1)
+        verdict = rest < self.full_seconds
+        self.stats.choice = (f"{'pruned' if verdict else 'scanned in full after the first batch'}: after {first} "
+                             f"samples, {dropped:.1%} dropped; the rest estimated at {rest:.3g} s pruned against "
+                             f"{self.full_seconds:.3g} s for a full scan")
+        return verdict
 
     def _run(self, queries, w, bounds, seen, k) -> pa.Table:
         self.sign = -1.0 if self.plan.ascending else 1.0
@@ -178,6 +248,7 @@ class PrunedScan:
         self.rest = np.sum(bounds, axis=0)
         self.done = [np.zeros(n, bool) for _ in self.units]
         alive = seen.copy()
+        self.n_seen = int(seen.sum())
         # phase 1: the largest bounds first, scored on every unit, in batches of k, 2k, 4k, ... while
         # samples that could still enter remain and at most FIRST_SHARE of the samples are scored
         by_bound = np.flatnonzero(seen)[np.argsort(-self.rest[seen], kind="stable")]
@@ -186,10 +257,14 @@ class PrunedScan:
             batch = by_bound[start:start + size]
             batch = np.sort(batch[alive[batch]])
             start, size = start + size, 2 * size
+            before = self._spent()
             for u in range(len(self.units)):
                 if len(batch):
                     self._score(u, batch, queries, w, bounds)
             self._prune(alive, k)
+            if self.auto and start == k and not self._worth_going_on(
+                    alive, k, len(batch), _batches_left(start, size, len(by_bound)), self._spent() - before):
+                return self._full(queries, w)
         # phase 2: the others, unit by unit, largest bound mass first
         order = sorted(range(len(self.units)), key=lambda u: -float(bounds[u][alive].sum()))
         for u in order:
@@ -198,6 +273,9 @@ class PrunedScan:
                 self._score(u, todo, queries, w, bounds)
                 self._prune(alive, k)
         return self._answer(np.flatnonzero(alive), w)
+
+    def _spent(self) -> float:
+        return sum(s.measured_seconds or 0.0 for _, s in self.units)
 
     def _score(self, u, positions, queries, w, bounds) -> None:
         from metaql.engine.executor import check_finite, layer_pass
@@ -250,6 +328,19 @@ class PrunedScan:
         ids = self.train[positions]
         table = pa.table({"sample_id": pa.array(ids[present]), "score": pa.array(total[present])})
         return top_k(table, self.plan.k, self.plan.ascending)
+
+
+def full_estimate(units) -> float:
+    """F: the optimizer's estimate of a full scan, its picks' seconds summed over the units."""
+    return sum(s.estimates[s.chosen]["seconds"] for _, s in units)
+
+
+def _batches_left(start: int, size: int, n: int) -> int:
+    """Phase 1's batches after the one that ended at `start` (the next of `size`, doubling)."""
+    count = 0
+    while start < n and start < FIRST_SHARE * n:
+        start, size, count = start + size, 2 * size, count + 1
+    return count
 
 
 SPECTRAL_MAX_SIDE = 2048    # the query gradient's spectral norm is computed when its smaller side is at most this

@@ -46,8 +46,10 @@ def connect(database: str = ":memory:", read_only: bool = False, config: dict | 
     config keys: 'progress' (bool: progress bars, default on a terminal), 'trusted_factories' (model
     factories this process may run, see README), 'device' ('cpu' / 'cuda' for the scans),
     'force_strategy' (pin one query strategy; benchmarks and tests), 'engine' ('local', the default, or
-    'ray': scans as Ray tasks over the shards, pip install 'metaql[ray]') and 'address' (the Ray
-    cluster's, default: the one this process joined, else a local one). Other keys are refused."""
+    'ray': scans as Ray tasks over the shards, pip install 'metaql[ray]'), 'address' (the Ray
+    cluster's, default: the one this process joined, else a local one) and 'auto_calibrate' (bool,
+    default true: fit the cost model to a layer in the background after a query on it,
+    engine/autocalibrate.py). Other keys are refused."""
     return Connection(database, read_only, config)
 
 
@@ -64,7 +66,8 @@ def _catalog_errors(method: Callable) -> Callable:
 
 
 # connect(config=...) keys: what each one does is in connect()'s docstring
-CONFIG_KEYS = ("address", "device", "engine", "force_strategy", "progress", "topk_pruning", "trusted_factories")
+CONFIG_KEYS = ("address", "auto_calibrate", "device", "engine", "force_strategy", "progress", "topk_pruning",
+               "trusted_factories")
 
 
 def _checked_config(config) -> dict:

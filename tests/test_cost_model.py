@@ -288,3 +288,29 @@ def test_query_weight_interpolates_in_log_b_between_the_timed_batches():
     assert cost.query_weight(fit, 64) == pytest.approx(2.0)          # halfway in log B
     assert cost.query_weight(fit, 512) == 3.0
     assert cost.query_weight(FIT, 512) == FIT["query"]                 # not timed at a large batch
+
+
+def test_a_layers_timed_runs_pass_the_cache_when_max_rows_samples_fit_in_it(monkeypatch):
+    """A query streams the stored factors from memory; timed runs over a cache-sized head read them
+    from the cache (the MLP's 4096 x 4096 layer: 256 samples are 8 MB, and a point query took 2.1-3x
+    its estimate). The largest timed size covers twice the cache where the shard allows."""
+    from metaql.engine.executor import chunk_rows
+    monkeypatch.setattr(calibrate, "cache_bytes", lambda: 2 ** 20, raising=False)
+    asked = []
+
+    def sizes(run, n_max):
+        asked.append(n_max)
+        return [n_max]
+    monkeypatch.setattr(calibrate, "_sizes", sizes)
+    monkeypatch.setattr(calibrate, "_timed", lambda fn, runs=1, budget=0.0: 1e-3)
+    from metaql.storage.layers import find_kind
+    layer = torch.nn.Linear(255, 256)           # 2 KB per sample (X with its bias column, and D)
+    kind = find_kind(layer)[0]
+    meta = kind.meta("big", layer)
+    tensors = calibrate._factors(kind, layer, 2048, (1, 255))
+    calibrate._layer_fit("iterate", kind, meta, "factored", tensors, BASE)
+    step = chunk_rows(tensors, None, "iterate", meta)
+    assert asked[0] > calibrate.MAX_ROWS                # 256 samples are 0.5 MB: timed past 2 MB
+    per_sample = sum(t[:1].numel() * t.element_size() for t in tensors.values())
+    assert calibrate.timed_rows(tensors) == -(-2 * 2 ** 20 // per_sample)
+    assert asked[0] == min(calibrate.timed_rows(tensors), 2047, step)

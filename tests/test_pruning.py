@@ -145,7 +145,7 @@ Q = "SELECT TOPK(3) train FROM INFLUENCE(layers=*, query=batch(test)) ORDER BY D
 def test_store_without_norms_read_only_is_scanned_in_full_and_written_nothing(tmp_path):
     path = tmp_path / "old.mq"
     _small_store(path)
-    with metaql.connect(path, read_only=True) as con:
+    with metaql.connect(path, read_only=True, config={"topk_pruning": True}) as con:    # pruned at any cost
         lines = con.execute("EXPLAIN ANALYZE " + Q).arrow().column("plan").to_pylist()
         assert any("pruning: off (no stored gradient norms" in s for s in lines), lines
         got = con.execute(Q).arrow()
@@ -159,7 +159,7 @@ def test_store_without_norms_read_only_is_scanned_in_full_and_written_nothing(tm
 def test_store_without_norms_writable_computes_them_on_first_use(tmp_path):
     path = tmp_path / "old.mq"
     _small_store(path)
-    with metaql.connect(path) as con:
+    with metaql.connect(path, config={"topk_pruning": True}) as con:     # pruned at any cost
         lines = con.execute("EXPLAIN ANALYZE " + Q).arrow().column("plan").to_pylist()
         assert any("20 norms computed on first use" in s for s in lines), lines
         assert con.execute("SELECT count(*) FROM sample_norms").fetchone()[0] == 20

@@ -1,0 +1,88 @@
+"""Whether a TOPK is pruned is a cost decision by default (engine/pruning.py, config topk_pruning
+'auto'): a full scan where the pruned scan's passes would cost more than the full scan's estimate,
+before scoring or after the first batch, pruning where it pays; the answer is the full scan's in
+every case, and EXPLAIN ANALYZE says which was chosen and why."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metaql
+from metaql.engine import pruning
+
+ORDERS = (("DESC", "same"), ("ASC", "other"))
+
+
+@pytest.fixture(scope="module")
+def con():
+    """60 samples, most gradients 1000x smaller than the query's two: the top 2 are found by
+    pruning most of the scan (tests/test_pruning.py's store)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 3, bias=False))
+    model.metaql_config = {}
+    x, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    x *= torch.where(torch.arange(60) % 10 == 0, 1.0, 1e-3).reshape(-1, 1)
+    xq = torch.cat([x[[0, 10]], x[[0, 10]]])
+    yq = torch.cat([y[[0, 10]], (y[[0, 10]] + 1) % 3])
+    with metaql.connect(":memory:", config={"auto_calibrate": False}) as c:
+        ids = np.arange(60)
+        c.add_samples(ids, "train", y.numpy(), x)
+        c.add_samples(60 + np.arange(4), "test", yq.numpy(), xq)
+        c.execute("CREATE SET same AS SELECT sample_id FROM samples WHERE sample_id IN (60, 61)")
+        c.execute("CREATE SET other AS SELECT sample_id FROM samples WHERE sample_id IN (62, 63)")
+        with c.capture(model, layers=["0", "2"], checkpoint="c0", lr=0.1, shard_size=16) as cap:
+            cap.backward(F.cross_entropy(model(x), y), ids)
+        yield c
+
+
+def _run(con, order, query, mode):
+    sql = f"SELECT TOPK(2) train FROM INFLUENCE(layers=*, query=batch({query})) ORDER BY {order}"
+    con.config["topk_pruning"] = mode
+    lines = [s.strip() for s in con.execute("EXPLAIN ANALYZE " + sql).arrow().column("plan").to_pylist()
+             if "pruning:" in s]
+    return con.execute(sql).arrow(), lines
+
+
+def _full(con, order, query):
+    return _run(con, order, query, False)[0]
+
+
+@pytest.mark.parametrize("order,query", ORDERS)
+def test_a_scan_cheaper_than_the_pruned_passes_runs_in_full(con, order, query):
+    """The tiny store's full scan is estimated at microseconds, below two passes per unit: no
+    pruning, and the answer is the full scan's to the bit."""
+    got, lines = _run(con, order, query, "auto")
+    assert len(lines) == 1 and lines[0].startswith("pruning: off (cost: the full scan's estimate"), lines
+    assert got.equals(_full(con, order, query))
+
+
+@pytest.mark.parametrize("order,query", ORDERS)
+def test_pruning_stops_after_the_first_batch_when_the_rest_would_cost_more(con, monkeypatch, order, query):
+    """Passes free (the first check passes) but the full scan's estimate tiny: after the first
+    batch the rest is estimated above it, and the scan finishes in full, with the full scan's answer."""
+    monkeypatch.setattr(pruning.PrunedScan, "_pass_seconds", lambda self, queries: 0.0)
+    got, lines = _run(con, order, query, "auto")
+    assert any("scanned in full after the first batch" in s for s in lines), lines
+    assert got.equals(_full(con, order, query))
+
+
+@pytest.mark.parametrize("order,query", ORDERS)
+def test_pruning_goes_on_where_the_full_scan_would_cost_more(con, monkeypatch, order, query):
+    """The full scan estimated long: the pruned scan goes on, says why, skips at least half of the
+    scan (test_pruning.py's bound) and returns the full scan's top k."""
+    monkeypatch.setattr(pruning.PrunedScan, "_pass_seconds", lambda self, queries: 0.0)
+    monkeypatch.setattr(pruning, "full_estimate", lambda units: 1e9)
+    got, lines = _run(con, order, query, "auto")
+    assert any(s.startswith("pruning: pruned: after 2 samples") for s in lines), lines
+    skipped = next(s for s in lines if "of the scan skipped" in s)
+    assert float(skipped.split("pruning: ")[1].split("%")[0]) >= 50, lines
+    want = _full(con, order, query)
+    assert got.column("sample_id").to_pylist() == want.column("sample_id").to_pylist()
+    np.testing.assert_allclose(got.column("score").to_numpy(), want.column("score").to_numpy(), rtol=1e-6)
+
+
+def test_batches_left_counts_the_doubling_first_phase():
+    # 100 samples, k = 5: batches of 5, 10, 20 end at 5, 15, 35 (>= 25: the last one)
+    assert pruning._batches_left(5, 10, 100) == 2
+    assert pruning._batches_left(35, 40, 100) == 0

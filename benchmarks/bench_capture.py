@@ -276,6 +276,49 @@ def measure(name, factory, x, y, batch, all_layers, reps, threads, workdir, shar
     return rows
 
 
+def flush_cpu(name, factory, x, y, batch, all_layers, reps, workdir, shard_size) -> dict:
+    """CPU seconds (time.thread_time) per flush of Store.write_factor_shards, the writer thread's
+    work, measured inline (background=False, so the flush runs in this thread): the cost a flush
+    adds to the machine, which other jobs disturb far less than wall times. The first capture warms
+    up and is left out."""
+    from metaql.storage.store import Store
+    torch.set_num_threads(1)
+    loss_fn, task = LOSSES.get(name, (classification_loss, None))
+    model = factory()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    spent, original = [], Store.write_factor_shards
+
+    def timed(self, checkpoint, entries):
+        c0 = time.thread_time()
+        try:
+            return original(self, checkpoint, entries)
+        finally:
+            spent.append(time.thread_time() - c0)
+    path = Path(workdir) / f"{name}-flush"
+    con = metaql.connect(str(path))
+    con.add_samples(np.arange(len(x)), "train", None if y is None else y.numpy(), x)
+    ids = np.arange(len(x))
+    Store.write_factor_shards = timed
+    try:
+        import warnings
+        for r in range(reps + 1):
+            if r == 1:
+                spent.clear()
+            with warnings.catch_warnings(), con.capture(model, layers=all_layers, checkpoint=f"f{r}", lr=LR,
+                                                        shard_size=shard_size, task=task, background=False) as cap:
+                warnings.simplefilter("ignore")
+                for s in range(0, len(x), batch):
+                    loss = loss_fn(model, x[s:s + batch], None if y is None else y[s:s + batch])
+                    cap.backward(loss, ids[s:s + batch])
+                    opt.step()
+                    opt.zero_grad()
+    finally:
+        Store.write_factor_shards = original
+        con.close()
+    return dict(model=name, flushes=len(spent), flush_cpu_ms=1e3 * statistics.median(spent),
+                flush_cpu_all_ms=[1e3 * v for v in spent])
+
+
 def environment(threads: list[int]) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -314,6 +357,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=None, help="comma-separated subset of digits_cnn,vgg_shaped,mlp,minilm,gpt2")
     ap.add_argument("--shard-size", type=int, default=None,
                     help="samples per shard (default: half a block, so that each block flushes twice while it trains)")
+    ap.add_argument("--flush-cpu", action="store_true",
+                    help="only the CPU ms per flush of the shard writes (inline, one thread; see flush_cpu)")
     ap.add_argument("--out", default=str(HERE / "results" / "capture_overhead.json"))
     args = ap.parse_args(argv)
     reps = args.reps or (1 if args.quick else 3)
@@ -325,6 +370,15 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     rows, t0 = [], time.perf_counter()
     workdir = tempfile.mkdtemp(prefix="metaql-bench-capture-")
+    if args.flush_cpu:
+        try:
+            for name, (factory, x, y, batch, all_layers) in subs.items():
+                r = flush_cpu(name, factory, x, y, batch, all_layers, reps, workdir, args.shard_size or -(-len(x) // 2))
+                print(f"{name}: {r['flushes']} flushes, median {r['flush_cpu_ms']:.1f} ms CPU per flush "
+                      f"({', '.join(f'{v:.0f}' for v in r['flush_cpu_all_ms'])}); load {os.getloadavg()[0]:.2f}")
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return 0
     try:
         for n in threads:
             for name, (factory, x, y, batch, all_layers) in subs.items():

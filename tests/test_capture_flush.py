@@ -1,0 +1,97 @@
+"""The writer's per-flush catalog work (issue #19): a flush costs the same few catalog round trips
+however many layers it writes, its sample_norms rows are the ones the per-shard statements wrote,
+and the convolution norms computed a few samples at a time are each sample's own."""
+import duckdb
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import metaql
+from metaql.storage import norms
+from metaql.storage.layers import conv as conv_module, kind_named
+
+
+def _flush_round_trips(tmp_path, n_layers: int) -> int:
+    """Catalog statements of one Store.write_factor_shards of `n_layers` linear layers."""
+    con = metaql.connect(str(tmp_path / f"s{n_layers}"))
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(n_layers)])
+    x = torch.randn(6, 4)
+    with con.capture(model, layers="*", checkpoint="c0", lr=0.1, shard_size=100, background=False) as cap:
+        cap.backward(model(x).pow(2).sum(1).mean(), np.arange(6))
+        writer = cap.writer
+        batches, seen = writer.batches, writer.seen
+        entries = [writer._entry(layer, batches, seen) for layer in writer._layers_in(batches)]
+        store = con.store
+        before = store.round_trips.count
+        store.write_factor_shards("c0", entries)
+        trips = store.round_trips.count - before
+        writer.batches, writer.seen, writer._counts = [], [], {}     # written above: not again on exit
+    assert len(store.factor_shards("c0", None)) == n_layers
+    assert store.sql("SELECT count(*) FROM sample_norms").fetchone()[0] == 6 * n_layers
+    con.close()
+    return trips
+
+
+def test_a_flush_makes_the_same_round_trips_for_one_layer_and_for_four(tmp_path):
+    # one sequence call, one layers read, one shards INSERT, one norms INSERT, the DELETE and the
+    # transaction: a statement per layer cost 1-5 ms each (and its GIL hold) on the writer thread
+    assert _flush_round_trips(tmp_path, 1) == _flush_round_trips(tmp_path, 4)
+
+
+def _inserted_one_by_one(rows):
+    """What norms.insert wrote before: one statement per shard, the values as Python lists."""
+    db = _norms_table()
+    for checkpoint, layer, file, ids, sq, nuc in rows:
+        db.execute(f"INSERT INTO {norms.TABLE} SELECT ?, ?, ?, unnest(?), unnest(?), unnest(?)",
+                   [checkpoint, layer, file, ids.tolist(), sq.tolist(), [None] * len(ids) if nuc is None else nuc.tolist()])
+    return db.execute(f"SELECT * FROM {norms.TABLE} ORDER BY file, sample_id").fetchall()
+
+
+def _norms_table():
+    db = duckdb.connect()
+    db.execute(f"CREATE TABLE {norms.TABLE} (checkpoint VARCHAR NOT NULL, layer VARCHAR NOT NULL, file VARCHAR "
+               "NOT NULL, sample_id BIGINT NOT NULL, sq_norm DOUBLE NOT NULL, nuc_bound DOUBLE)")
+    return db
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=1, max_size=4), st.integers(0, 2**16))
+def test_norm_rows_of_a_flush_go_in_as_the_per_shard_statements_wrote_them(shards, seed):
+    rng = np.random.default_rng(seed)
+    rows = [("ck'0", f"layer {i}", f"tensors/ck/l{i}/{i:06d}.arrow", rng.permutation(100)[:n].astype(np.int64),
+             rng.random(n) * 10.0 ** rng.integers(-30, 30), rng.random(n) if nuclear else None)
+            for i, (n, nuclear) in enumerate(shards)]
+    db = _norms_table()
+    norms.insert(db, rows)
+    got = db.execute(f"SELECT * FROM {norms.TABLE} ORDER BY file, sample_id").fetchall()
+    assert got == _inserted_one_by_one(rows)
+    assert db.execute(f"SELECT DISTINCT typeof(layer), typeof(nuc_bound) FROM {norms.TABLE}").fetchall() in (
+        [], [("VARCHAR", "DOUBLE")])
+
+
+def test_a_failed_flush_leaves_no_norm_rows(tmp_path):
+    db = _norms_table()
+    db.execute("BEGIN TRANSACTION")
+    norms.insert(db, [("c", "l", "f", np.arange(3), np.ones(3), None)])
+    db.execute("ROLLBACK")
+    assert db.execute(f"SELECT count(*) FROM {norms.TABLE}").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("group", [2 * 3 * 9 * 3, 1 << 20])
+def test_conv_norms_in_groups_of_samples_are_each_samples_own(monkeypatch, group):
+    """full_squared_norms builds the weight gradients a few samples at a time (FULL_NORM_GROUP
+    numbers): every grouping gives each sample's own squared norm (autograd, one sample at a time)."""
+    monkeypatch.setattr(conv_module, "FULL_NORM_GROUP", group)
+    torch.manual_seed(0)
+    module = nn.Conv2d(2, 3, 3, padding=1)
+    inp, dout = torch.randn(7, 2, 5, 5), torch.randn(7, 3, 5, 5)
+    kind = kind_named("conv")
+    got = kind.full_squared_norms(kind.meta("c", module), {"I": inp, "DO": dout})
+    want = []
+    for i in range(len(inp)):
+        module.zero_grad()
+        (module(inp[i:i + 1]) * dout[i:i + 1]).sum().backward()
+        want.append(sum((p.grad ** 2).sum() for p in module.parameters()))
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)

@@ -26,8 +26,19 @@ def batch_average(kind, meta, chunk, q) -> torch.Tensor:
 
 def reconstruct(kind, meta, chunk, q) -> torch.Tensor:
     """Builds each training gradient, then one inner product with Gbar (the paper's baseline)."""
-    x, d = kind.rows(meta, chunk)
-    return (kind.outer(meta, x, d) * q["gbar"]).sum(dim=(1, 2))
+    g = gradients(kind, meta, chunk)
+    return g.flatten(1) @ q["gbar"].reshape(-1)
+
+
+def gradients(kind, meta, factors) -> torch.Tensor:
+    """Each sample's gradient (N, dout, din [+1]): a convolution's by its weight-gradient kernel
+    (storage.layers.conv.sample_gradients), any other kind's as the outer product of its rows."""
+    if type(kind) is conv.Conv:         # exact type: a subclass may change the rows
+        g = conv.sample_gradients(meta, factors)
+        if g is not None:
+            return g
+    x, d = kind.rows(meta, factors)
+    return kind.outer(meta, x, d)
 
 
 def full_dot(g: torch.Tensor, q) -> torch.Tensor:
@@ -155,8 +166,7 @@ def has_pairwise_gradient(kind) -> bool:
 def pairwise_reconstruct(kind, meta, chunk, q) -> torch.Tensor:
     """Builds each training gradient, then one product with every query gradient (the fallback for
     a kind without a factored pairwise product)."""
-    x, d = kind.rows(meta, chunk)
-    return kind.outer(meta, x, d).reshape(x.shape[0], -1) @ q["flat"]
+    return gradients(kind, meta, chunk).flatten(1) @ q["flat"]
 
 
 def pairwise_full(g: torch.Tensor, q) -> torch.Tensor:
@@ -177,11 +187,11 @@ def pairwise_query_side(kind, meta, factors: dict[str, torch.Tensor], needs: set
         if norms:
             side["norms"] = (g.double() ** 2).sum(1)
         return side
-    x, d = kind.rows(meta, factors)
     if "rows" in needs:
+        x, d = kind.rows(meta, factors)
         side.update(x_rows=kind.flat_rows(meta, x), d_rows=kind.flat_rows(meta, d), sq=x.shape[1])
     if "grads" in needs or "flat" in needs:
-        grads = kind.outer(meta, x, d)
+        grads = gradients(kind, meta, factors)
         if "grads" in needs:
             side["grads"] = grads
         if "flat" in needs:

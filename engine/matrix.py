@@ -90,15 +90,25 @@ def block_scores(scan, ctx, by_ckpt, queries, sources, lo: int, hi: int, device:
             with strat.timing():      # EXPLAIN ANALYZE
                 for pos, chunk_scores, chunk_norms in layer_block(catalog, strat, sources[(ckpt, strat.layer)], q,
                                                                   lo, hi, cosine, device, ctx):
-                    part[pos] += chunk_scores
-                    norms[pos] += chunk_norms
-                    seen[pos] = True
+                    at = rows_at(pos)
+                    part[at] += chunk_scores
+                    norms[at] += chunk_norms
+                    seen[at] = True
             if cosine:
                 qnorms += q["norms"].cpu().numpy()
         if cosine:
             part /= np.maximum(np.sqrt(norms)[:, None] * np.sqrt(qnorms)[None, :], 1e-30)
-        total += catalog.checkpoint(ckpt)["lr"] * part
+        part *= catalog.checkpoint(ckpt)["lr"]       # in place: no third (M, B) array
+        total += part
     return total, seen
+
+
+def rows_at(pos: np.ndarray):
+    """A slice where the positions are consecutive (the usual case: a shard's rows in id order), so
+    that adding a chunk's (n, B) scores is one pass instead of a gather and a scatter."""
+    if len(pos) and pos[-1] - pos[0] + 1 == len(pos) and (len(pos) < 3 or (np.diff(pos) == 1).all()):
+        return slice(int(pos[0]), int(pos[-1]) + 1)
+    return pos
 
 
 def layer_block(catalog, strat, source, q, lo: int, hi: int, cosine: bool, device: str, ctx):

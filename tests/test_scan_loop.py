@@ -31,3 +31,11 @@ def test_full_layer_norms_only_when_asked():
     assert np.all(np.asarray(norms) == 0)                   # dot: no norms computed
     _, norms = chunk_scores(kind, meta, "full", "full_dot", {"G": g}, q, "cosine")
     assert np.allclose(norms, (g.double() ** 2).sum(1).numpy(), rtol=1e-5)
+
+
+def test_rows_at_is_a_slice_only_for_consecutive_positions():
+    from metaql.engine.matrix import rows_at
+    assert rows_at(np.array([3, 4, 5, 6])) == slice(3, 7)
+    assert rows_at(np.array([7])) == slice(7, 8)
+    for pos in (np.array([3, 5, 6]), np.array([4, 3, 5]), np.array([5, 4]), np.array([], dtype=np.int64)):
+        assert rows_at(pos) is pos

@@ -198,9 +198,8 @@ class TopK:
 
     def merge(self, ids: np.ndarray, scores: np.ndarray) -> None:
         """Keeps the best k of the kept ones and a block's (M,) ids with their (M, B) scores."""
-        b = self.keys.shape[0]
+        b, old = self.keys.shape
         keys = np.concatenate([self.keys, self.sign * scores.T], axis=1)
-        cand = np.concatenate([self.ids, np.broadcast_to(ids, (b, len(ids)))], axis=1)
         c = keys.shape[1]
         kept = min(self.k, c)
         if kept == 0:
@@ -208,12 +207,15 @@ class TopK:
         # only the candidates at or above each row's k-th best take part in the (row, -key, id) sort
         kth = np.partition(keys, c - kept, axis=1)[:, c - kept] if c > kept else np.full(b, -np.inf)
         row, col = np.nonzero(keys >= kth[:, None])
-        order = np.lexsort((cand[row, col], -keys[row, col], row))
-        row, col = row[order], col[order]
+        # ids of those candidates only (not a (B, k + M) array of them): kept ones, then the block's
+        cand = np.where(col < old, self.ids[row, np.minimum(col, old - 1)] if old else 0,
+                        ids[np.maximum(col - old, 0)] if len(ids) else 0)
+        order = np.lexsort((cand, -keys[row, col], row))
+        row, col, cand = row[order], col[order], cand[order]
         starts = np.searchsorted(row, np.arange(b))
         take = (starts[:, None] + np.arange(kept)).reshape(-1)
         self.keys = keys[row[take], col[take]].reshape(b, kept)
-        self.ids = cand[row[take], col[take]].reshape(b, kept)
+        self.ids = cand[take].reshape(b, kept).astype(np.int64)
 
     def scores(self) -> np.ndarray:
         return self.sign * self.keys

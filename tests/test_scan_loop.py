@@ -39,3 +39,21 @@ def test_rows_at_is_a_slice_only_for_consecutive_positions():
     assert rows_at(np.array([7])) == slice(7, 8)
     for pos in (np.array([3, 5, 6]), np.array([4, 3, 5]), np.array([5, 4]), np.array([], dtype=np.int64)):
         assert rows_at(pos) is pos
+
+
+def test_topk_merged_block_by_block_equals_one_sort():
+    """TopK over blocks (with ties, empty blocks, k above the count) equals sorting all scores at
+    once by (-score, id), per query sample."""
+    from metaql.engine.matrix import TopK
+    rng = np.random.default_rng(1)
+    ids = rng.permutation(40)
+    scores = rng.integers(0, 5, (40, 3)).astype(float)          # many ties
+    for k, largest in ((3, True), (7, False), (50, True)):
+        keeper = TopK(3, k, largest)
+        for lo, hi in ((0, 0), (0, 11), (11, 11), (11, 30), (30, 40)):
+            keeper.merge(ids[lo:hi], scores[lo:hi])
+        sign = 1 if largest else -1
+        for j in range(3):
+            want = sorted(range(40), key=lambda i: (-sign * scores[i, j], ids[i]))[:k]
+            assert list(keeper.ids[j]) == [ids[i] for i in want]
+            assert list(keeper.scores()[j]) == [scores[i, j] for i in want]

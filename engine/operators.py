@@ -8,6 +8,8 @@ query side.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from metaql.storage.layers import conv
@@ -150,8 +152,15 @@ def _conv_pairwise_gradient(kind, meta, chunk, q) -> torch.Tensor:
     b, cout = grads.shape[:2]
     inp, padding = conv._conv_input(meta, inp)
     weight = grads[:, :, :meta.din].reshape(b * cout, inp.shape[1], *meta.extra["kernel"])
-    y = conv._conv(meta, inp, weight, grads[:, :, meta.din].reshape(-1) if meta.bias else None, padding)
-    n = inp.shape[0]
+    bias = grads[:, :, meta.din].reshape(-1) if meta.bias else None
+    return torch.cat([_conv_block_scores(meta, inp[i:j], dout[i:j], weight, bias, padding, b)
+                      for i, j in conv.sample_blocks(inp.shape[0], b * math.prod(dout.shape[1:]))])
+
+
+def _conv_block_scores(meta, inp, dout, weight, bias, padding, b: int) -> torch.Tensor:
+    """(n, B) <D_n, conv(I_n, G_j)> of one block of samples (its output stays in cache)."""
+    n, cout = inp.shape[0], dout.shape[1]
+    y = conv._conv(meta, inp, weight, bias, padding)
     return y.reshape(n, b, cout, -1).mul_(dout.reshape(n, 1, cout, -1)).sum(dim=(2, 3))
 
 

@@ -93,3 +93,21 @@ def test_reconstruct_in_blocks_of_samples(monkeypatch):
     assert (ops.pairwise_reconstruct(kind, meta, train, q).double() - g @ gq.T).abs().max() < 1e-4
     single = ops.query_side(kind, meta, query)
     assert (ops.reconstruct(kind, meta, train, single).double() - (g @ gq.T).mean(1)).abs().max() < 1e-4
+
+
+def test_forward_convolutions_in_blocks_of_samples(monkeypatch):
+    """batch_average and each_gradient run the convolution a block of samples at a time (its output
+    in cache): the blocks together give every sample's scores, in order."""
+    monkeypatch.setattr(conv, "CONV_BLOCK_NUMBERS", 40)      # outputs of 2 x 16 = 32: one sample a block
+    module = torch.nn.Conv2d(2, 2, 3, padding=1, bias=True)
+    kind = kind_named("conv")
+    meta = kind.meta("conv", module)
+    torch.manual_seed(4)
+    train = {"I": torch.randn(5, 2, 4, 4), "DO": torch.randn(5, 2, 4, 4)}
+    query = {"I": torch.randn(3, 2, 4, 4), "DO": torch.randn(3, 2, 4, 4)}
+    g, gq = _conv_grads(module, train["I"], train["DO"]), _conv_grads(module, query["I"], query["DO"])
+    assert len(conv.sample_blocks(5, 32)) == 5
+    single = ops.query_side(kind, meta, query)
+    assert (ops.batch_average(kind, meta, train, single).double() - (g @ gq.T).mean(1)).abs().max() < 1e-4
+    q = ops.pairwise_query_side(kind, meta, query, {"grads"}, norms=False)
+    assert (ops.pairwise_gradient(kind, meta, train, q).double() - g @ gq.T).abs().max() < 1e-4

@@ -35,6 +35,7 @@ the naive loop of one single-query INFLUENCE(query=point(id)) per query sample.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -60,7 +61,7 @@ from metaql.engine.plan import InfluenceScan, Side, Strategy
 from metaql.engine.strategies import strategy_named
 from metaql.storage.catalog_snapshot import catalog_of
 from metaql.storage.layers import kind_named
-from metaql.storage.layers.conv import _conv, _conv_input, _plain, _taps
+from metaql.storage.layers.conv import DENSE_TAPS_MIN_FILL, TAPS_MAX_PIXELS, _conv, _conv_input, _plain, _taps
 
 TEST0 = 1_000_000
 SINGLE = ("full_dot", "iterate", "batch_average", "reconstruct")
@@ -216,6 +217,7 @@ class LayerWork:
     params: int
     stored_bytes: int
     conv: tuple | None = None        # a convolution's (meta, one sample's input shape, padding)
+    dense_width: int = 0             # C * P where its X Gram is one product with a dense tap matrix
 
 
 def layer_work(con, layer: str) -> LayerWork:
@@ -232,7 +234,10 @@ def layer_work(con, layer: str) -> LayerWork:
         inp, padding = _conv_input(meta, one["I"].float())
         taps = _taps(meta, tuple(inp.shape[2:]), padding)
         xmacs = len(taps.output_of) * inp.shape[1] + s * int(meta.bias)
-        return LayerWork(s, xmacs, meta.dout, meta.params, stored_bytes, (meta, tuple(inp.shape[1:]), padding))
+        pixels = math.prod(inp.shape[2:])
+        dense = pixels <= TAPS_MAX_PIXELS and len(taps.output_of) >= DENSE_TAPS_MIN_FILL * pixels * taps.outputs
+        return LayerWork(s, xmacs, meta.dout, meta.params, stored_bytes, (meta, tuple(inp.shape[1:]), padding),
+                         inp.shape[1] * pixels if dense else 0)
     return LayerWork(s, meta.din * s + s * int(meta.bias), meta.dout, meta.params, stored_bytes)
 
 
@@ -265,6 +270,8 @@ def shape_products(w: LayerWork, strategy: str, n: int, b: int) -> list:
     these shapes is the honest ceiling of the scan."""
     k = max(1, round(w.xmacs / w.s))             # the X side's useful width per row
     r = b * w.s
+    if w.dense_width and "iterate" in strategy:       # storage/layers/conv.py's dense tap matrix
+        return [product("mm", n, w.dense_width, w.s * r), product("mm", n * w.s, w.dout, r)]
     if w.conv is not None and strategy in ("iterate", "each_iterate", "batch_average", "each_gradient"):
         filters = {"batch_average": w.dout, "each_gradient": b * w.dout}.get(strategy, r)
         out = [conv_product(w, n, filters)]
@@ -467,7 +474,8 @@ COUNTING = (
     "round's ratio to the better of its two GEMMs, and the median over rounds), so that other jobs' load falls on the scan and its limits alike. `roofline` = max(flops / GEMM rate, "
     "bytes / bandwidth) / time. The ceiling columns: torch.mm / torch.bmm on random operands at the shapes of "
     "the row's own products (the X side's useful width; a convolution's products of its input with filters: "
-    "F.conv2d at its own shapes; row counts cut to 8 M numbers of output), as a fraction "
+    "F.conv2d at its own shapes, or for iterate on a few-pixel input the product with the dense tap matrix "
+    "that storage/layers/conv.py makes; row counts cut to 8 M numbers of output), as a fraction "
     "of the square GEMM's rate, and the scan's rate as a fraction of that ceiling. A factor set smaller than the "
     "CPU cache is read faster than the DRAM bandwidth measured here (read fractions above 1 on small layers).")
 

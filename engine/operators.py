@@ -151,7 +151,8 @@ def _conv_pairwise_gradient(kind, meta, chunk, q) -> torch.Tensor:
     grads = q["grads"]
     b, cout = grads.shape[:2]
     inp, padding = conv._conv_input(meta, inp)
-    weight = grads[:, :, :meta.din].reshape(b * cout, inp.shape[1], *meta.extra["kernel"])
+    # contiguous once: the gradients sliced from their bias column would be copied by every block
+    weight = grads[:, :, :meta.din].reshape(b * cout, inp.shape[1], *meta.extra["kernel"]).contiguous()
     bias = grads[:, :, meta.din].reshape(-1) if meta.bias else None
     return torch.cat([_conv_block_scores(meta, inp[i:j], dout[i:j], weight, bias, padding, b)
                       for i, j in conv.sample_blocks(inp.shape[0], b * math.prod(dout.shape[1:]))])

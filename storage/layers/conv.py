@@ -101,8 +101,9 @@ class Conv(LayerKind):
         if not _plain(meta, inp):
             return super().average_scores(meta, factors, gbar)
         inp, padding = _conv_input(meta, inp)
-        weight = gbar[:, :meta.din].reshape(dout.shape[1], inp.shape[1], *meta.extra["kernel"])
-        bias = gbar[:, meta.din] if meta.bias else None
+        # contiguous once: a sliced Gbar (bias column cut off) would be copied by every block's call
+        weight = gbar[:, :meta.din].reshape(dout.shape[1], inp.shape[1], *meta.extra["kernel"]).contiguous()
+        bias = gbar[:, meta.din].contiguous() if meta.bias else None
         return torch.cat([_conv(meta, inp[i:j], weight, bias, padding).mul_(dout[i:j]).flatten(1).sum(1)
                           for i, j in sample_blocks(inp.shape[0], math.prod(dout.shape[1:]))])
 

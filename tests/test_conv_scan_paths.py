@@ -34,7 +34,7 @@ def _usable(p) -> bool:
             and (p["mode"] == "zeros" or p["padding"] < p["size"]))
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(conv_dims)
 @example({"dims": 2, "groups": 1, "cin_per": 3, "cout_per": 2, "k": 3, "stride": 1, "dilation": 1, "padding": 1,
           "mode": "zeros", "size": 2, "bias": True, "n": 3, "b": 3, "seed": 1})    # VGG conv13's 2x2: dense taps
@@ -111,3 +111,17 @@ def test_forward_convolutions_in_blocks_of_samples(monkeypatch):
     assert (ops.batch_average(kind, meta, train, single).double() - (g @ gq.T).mean(1)).abs().max() < 1e-4
     q = ops.pairwise_query_side(kind, meta, query, {"grads"}, norms=False)
     assert (ops.pairwise_gradient(kind, meta, train, q).double() - g @ gq.T).abs().max() < 1e-4
+
+
+def test_dense_tap_matrix_is_shared_by_chunks_and_dropped_with_the_query():
+    import gc
+    kind = kind_named("conv")
+    meta = kind.meta("cache", torch.nn.Conv2d(4, 4, 3, padding=1))
+    xr = torch.randn(8, 36)
+    first = kind.gram_x_factors(meta, {"I": torch.randn(3, 4, 2, 2)}, xr)
+    made = conv._DENSE_CACHE[0][2]
+    kind.gram_x_factors(meta, {"I": torch.randn(2, 4, 2, 2)}, xr)          # the next chunk
+    assert conv._DENSE_CACHE[0][2] is made and first.shape == (3, 4, 8)
+    del xr
+    gc.collect()
+    assert not conv._DENSE_CACHE

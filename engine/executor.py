@@ -186,11 +186,15 @@ def train_chunks(batches, train: np.ndarray, q, strategy: str, meta, ctx: Contex
     device = device_of(ctx)
     for ids, tensors in batches:
         ctx.check_interrupt()
-        keep = np.isin(ids, train)
+        # train is sorted: one binary search per shard id finds it and its position (np.isin sorted
+        # both sides again on every scan: 0.4 ms of a 0.2 ms scan of digits conv1)
+        pos = np.searchsorted(train, ids)
+        keep = pos < len(train)
+        keep[keep] = train[pos[keep]] == ids[keep]
         if not keep.any():
             continue
         rows = np.nonzero(keep)[0]
-        pos = np.searchsorted(train, ids[rows])
+        pos = pos[rows]
         step = chunk_rows(tensors, q, strategy, meta)
         for start in range(0, len(rows), step):
             yield pos[start:start + step], {n: rows_of(t, rows[start:start + step]).to(device)
@@ -239,9 +243,11 @@ def chunk_scores(kind, meta, stored: str, strategy: str, chunk, q, similarity: s
             chunk = {"G": kind.full(meta, chunk)}
     if stored == "full":
         g = chunk["G"].float()
-        norm = (g * g).sum(1)
+        # the squared norms only where asked (cosine, self-influence): a second pass over the
+        # gradients, more than the dot product itself costs
+        norm = (g * g).sum(1) if (similarity == "cosine" or q is None) else None
         score = norm if q is None else strat.scores(kind, meta, {"G": g}, q)
-        return score.double().cpu().numpy(), norm.double().cpu().numpy()
+        return score.double().cpu().numpy(), 0.0 if norm is None else norm.double().cpu().numpy()
     first = next(iter(chunk.values()))
     form = strat.form if strat.self_influence else None
     norm = ops.squared_norm(kind, meta, chunk, form) if (similarity == "cosine" or q is None) \

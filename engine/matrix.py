@@ -90,15 +90,25 @@ def block_scores(scan, ctx, by_ckpt, queries, sources, lo: int, hi: int, device:
             with strat.timing():      # EXPLAIN ANALYZE
                 for pos, chunk_scores, chunk_norms in layer_block(catalog, strat, sources[(ckpt, strat.layer)], q,
                                                                   lo, hi, cosine, device, ctx):
-                    part[pos] += chunk_scores
-                    norms[pos] += chunk_norms
-                    seen[pos] = True
+                    at = rows_at(pos)
+                    part[at] += chunk_scores
+                    norms[at] += chunk_norms
+                    seen[at] = True
             if cosine:
                 qnorms += q["norms"].cpu().numpy()
         if cosine:
             part /= np.maximum(np.sqrt(norms)[:, None] * np.sqrt(qnorms)[None, :], 1e-30)
-        total += catalog.checkpoint(ckpt)["lr"] * part
+        part *= catalog.checkpoint(ckpt)["lr"]       # in place: no third (M, B) array
+        total += part
     return total, seen
+
+
+def rows_at(pos: np.ndarray):
+    """A slice where the positions are consecutive (the usual case: a shard's rows in id order), so
+    that adding a chunk's (n, B) scores is one pass instead of a gather and a scatter."""
+    if len(pos) and pos[-1] - pos[0] + 1 == len(pos) and (len(pos) < 3 or (np.diff(pos) == 1).all()):
+        return slice(int(pos[0]), int(pos[-1]) + 1)
+    return pos
 
 
 def layer_block(catalog, strat, source, q, lo: int, hi: int, cosine: bool, device: str, ctx):
@@ -188,9 +198,8 @@ class TopK:
 
     def merge(self, ids: np.ndarray, scores: np.ndarray) -> None:
         """Keeps the best k of the kept ones and a block's (M,) ids with their (M, B) scores."""
-        b = self.keys.shape[0]
+        b, old = self.keys.shape
         keys = np.concatenate([self.keys, self.sign * scores.T], axis=1)
-        cand = np.concatenate([self.ids, np.broadcast_to(ids, (b, len(ids)))], axis=1)
         c = keys.shape[1]
         kept = min(self.k, c)
         if kept == 0:
@@ -198,12 +207,15 @@ class TopK:
         # only the candidates at or above each row's k-th best take part in the (row, -key, id) sort
         kth = np.partition(keys, c - kept, axis=1)[:, c - kept] if c > kept else np.full(b, -np.inf)
         row, col = np.nonzero(keys >= kth[:, None])
-        order = np.lexsort((cand[row, col], -keys[row, col], row))
-        row, col = row[order], col[order]
+        # ids of those candidates only (not a (B, k + M) array of them): kept ones, then the block's
+        cand = np.where(col < old, self.ids[row, np.minimum(col, old - 1)] if old else 0,
+                        ids[np.maximum(col - old, 0)] if len(ids) else 0)
+        order = np.lexsort((cand, -keys[row, col], row))
+        row, col, cand = row[order], col[order], cand[order]
         starts = np.searchsorted(row, np.arange(b))
         take = (starts[:, None] + np.arange(kept)).reshape(-1)
         self.keys = keys[row[take], col[take]].reshape(b, kept)
-        self.ids = cand[row[take], col[take]].reshape(b, kept)
+        self.ids = cand[take].reshape(b, kept).astype(np.int64)
 
     def scores(self) -> np.ndarray:
         return self.sign * self.keys

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,18 @@ TAPS_ONE_PRODUCT_BELOW = 16  # query rows: below, per-tap calls cost more than t
 # weight-gradient numbers built at once by full_squared_norms (4 MiB: a cache's worth; 64 MiB was
 # 2.7x slower on digits conv2 at 2,696 samples, 3.5-5x on 8x8 VGG convolutions of 64-128 channels)
 FULL_NORM_GROUP = 1 << 20
+# Samples per call of the weight-gradient kernel with the samples as groups: 16 was the fastest of
+# 8..256 on digits conv2 (16->32, 8x8: 27 GFLOP/s against 6 at 32 and more), 32->64 at 16x16 and
+# 64->64 at 8x8 (2.5-4x faster than 128 at a time), one thread
+GRADIENT_GROUP = 16
+# X Gram of a few-pixel input as one product with a dense tap matrix (input pixel x output position)
+# when at least this fraction of its pixel-position pairs meets a kernel tap (conv13's 2x2: all)
+DENSE_TAPS_MIN_FILL = 0.5
+# Convolution outputs made at once by the scan's forward convolutions (batch_average, each_gradient):
+# 2 MiB, in cache while multiplied by the output gradient and summed. On digits conv2 (2,000 samples,
+# a 16 MB output at once) blocks of 64-512 samples ran 2x faster than one call, on 32->64 at 16x16
+# blocks of 16-64 2.5x faster than 512; conv13 (512->512, 2x2) gained little (compute-bound)
+CONV_BLOCK_NUMBERS = 1 << 19
 
 
 @register(nn.Conv1d, nn.Conv2d)
@@ -75,7 +88,9 @@ class Conv(LayerKind):
             return super().gram_x_factors(meta, factors, xr)
         inp, padding = _conv_input(meta, inp)
         if math.prod(inp.shape[2:]) <= TAPS_MAX_PIXELS:
-            g = _gram_x_by_taps(meta, inp, xr, padding)
+            dense = _dense_taps(meta, inp, xr, padding)
+            g = _gram_x_by_taps(meta, inp, xr, padding) if dense is None else \
+                (inp.reshape(inp.shape[0], -1) @ dense).reshape(inp.shape[0], -1, xr.shape[0])
         else:
             filters = xr.reshape(xr.shape[0], inp.shape[1], *meta.extra["kernel"])
             g = _conv(meta, inp, filters, None, padding)                        # (N, R, *out)
@@ -89,9 +104,11 @@ class Conv(LayerKind):
         if not _plain(meta, inp):
             return super().average_scores(meta, factors, gbar)
         inp, padding = _conv_input(meta, inp)
-        weight = gbar[:, :meta.din].reshape(dout.shape[1], inp.shape[1], *meta.extra["kernel"])
-        y = _conv(meta, inp, weight, gbar[:, meta.din] if meta.bias else None, padding)
-        return y.mul_(dout).flatten(1).sum(1)
+        # contiguous once: a sliced Gbar (bias column cut off) would be copied by every block's call
+        weight = gbar[:, :meta.din].reshape(dout.shape[1], inp.shape[1], *meta.extra["kernel"]).contiguous()
+        bias = gbar[:, meta.din].contiguous() if meta.bias else None
+        return torch.cat([_conv(meta, inp[i:j], weight, bias, padding).mul_(dout[i:j]).flatten(1).sum(1)
+                          for i, j in sample_blocks(inp.shape[0], math.prod(dout.shape[1:]))])
 
     def full_squared_norms(self, meta, factors):
         """||grad_n||^2 through the weight-gradient kernel with the samples as groups (one call per
@@ -104,7 +121,7 @@ class Conv(LayerKind):
         e = meta.extra
         weight_grad = torch.nn.grad.conv1d_weight if e["dims"] == 1 else torch.nn.grad.conv2d_weight
         cin, cout = inp.shape[1], dout.shape[1]
-        step = max(1, FULL_NORM_GROUP // max(1, cin * cout * math.prod(e["kernel"])))
+        step = max(1, min(GRADIENT_GROUP, FULL_NORM_GROUP // max(1, cin * cout * math.prod(e["kernel"]))))
         out = []
         for i in range(0, inp.shape[0], step):
             x, d = inp[i:i + step], dout[i:i + step]
@@ -172,6 +189,13 @@ class Conv(LayerKind):
         return x, d
 
 
+def sample_blocks(n: int, per_sample: int) -> list[tuple[int, int]]:
+    """(start, end) of blocks of samples whose convolution outputs (per_sample numbers each) hold
+    CONV_BLOCK_NUMBERS; one empty block when n = 0."""
+    step = max(1, CONV_BLOCK_NUMBERS // max(1, per_sample))
+    return [(i, min(i + step, n)) for i in range(0, max(n, 1), step)]
+
+
 def _plain(meta: LayerMeta, inp: torch.Tensor) -> bool:
     """One call and one group: the shapes the convolution-form fast paths handle."""
     return meta.extra["groups"] == 1 and inp.dim() == meta.extra["dims"] + 2
@@ -209,6 +233,61 @@ def _gram_x_by_taps(meta: LayerMeta, inp: torch.Tensor, xr: torch.Tensor, paddin
         # within one tap each output position appears once: no index collisions
         a = pixels[:, pix.to(dev), :].reshape(-1, c) @ xq[:, :, t].T         # (N*|pix|, R)
         out[:, outs.to(dev), :] += a.reshape(n, len(pix), r)
+    return out
+
+
+# One (key, weak reference to the query rows, matrix): the chunks of one scan share it, and it is
+# dropped with the query rows (a matrix of conv13 at B = 1000 holds 32 M numbers)
+_DENSE_CACHE: list = []
+
+
+def _dense_taps(meta: LayerMeta, inp: torch.Tensor, xr: torch.Tensor, padding) -> torch.Tensor | None:
+    """The query rows as one (C*P, L*R) matrix M with M[(c, p), (l, r)] = xr[r, c, tap] for the
+    tap that takes input pixel p to output position l (zero where none does), so that
+    X_n X_q^T = I_n (C*P) @ M, one product with no patches and no per-tap calls; None where
+    fewer than DENSE_TAPS_MIN_FILL of the (p, l) pairs meet a tap (the zeros would cost more)."""
+    c, size = inp.shape[1], tuple(inp.shape[2:])
+    taps = _taps(meta, size, padding)
+    p, k, r = math.prod(size), math.prod(meta.extra["kernel"]), xr.shape[0]
+    if len(taps.output_of) < DENSE_TAPS_MIN_FILL * p * taps.outputs:
+        return None
+    key = (meta.name, size, str(padding))
+    if _DENSE_CACHE and _DENSE_CACHE[0][0] == key and _DENSE_CACHE[0][1]() is xr:
+        return _DENSE_CACHE[0][2]
+    dev = xr.device
+    pix, tap = (taps.pixel_tap // k).to(dev), (taps.pixel_tap % k).to(dev)
+    m = xr.new_zeros(c, p, taps.outputs, r)
+    m[:, pix, taps.output_of.to(dev), :] = xr.reshape(r, c, k)[:, :, tap].permute(1, 2, 0)
+    m = m.reshape(c * p, taps.outputs * r)
+    _DENSE_CACHE[:] = [(key, weakref.ref(xr, _drop_dense), m)]
+    return m
+
+
+def _drop_dense(_ref) -> None:
+    _DENSE_CACHE.clear()
+
+
+def sample_gradients(meta: LayerMeta, factors) -> torch.Tensor | None:
+    """Each sample's gradient (N, Cout, Cin*kh*kw [+1]) by the weight-gradient kernel with the
+    samples as groups, GRADIENT_GROUP at a time (no unfolded patches: 5x faster than the einsum
+    over patches on digits conv2); None where the convolution is not plain."""
+    inp, dout = factors["I"].float(), factors["DO"].float()
+    if not _plain(meta, inp):
+        return None
+    inp, padding = _conv_input(meta, inp)
+    e = meta.extra
+    weight_grad = torch.nn.grad.conv1d_weight if e["dims"] == 1 else torch.nn.grad.conv2d_weight
+    n, cin, cout = inp.shape[0], inp.shape[1], dout.shape[1]
+    out = inp.new_empty(n, cout, meta.din + int(bool(meta.bias)))
+    for i in range(0, n, GRADIENT_GROUP):
+        x, d = inp[i:i + GRADIENT_GROUP], dout[i:i + GRADIENT_GROUP]
+        b = x.shape[0]
+        w = weight_grad(x.reshape(1, b * cin, *x.shape[2:]), (b * cout, cin, *e["kernel"]),
+                        d.reshape(1, b * cout, *d.shape[2:]), stride=e["stride"], padding=padding,
+                        dilation=e["dilation"], groups=b)
+        out[i:i + b, :, :meta.din] = w.reshape(b, cout, -1)
+    if meta.bias:
+        out[:, :, meta.din] = dout.flatten(2).sum(2)
     return out
 
 

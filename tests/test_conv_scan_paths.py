@@ -8,7 +8,7 @@ from hypothesis import example, given, settings
 
 from metaql.engine import operators as ops
 from metaql.storage.layers import conv, kind_named
-from tests.test_operators import _conv_grads, conv_dims
+from tests.test_operators import _conv_grads, conv_dims, conv_module
 
 MATRIX = {"each_iterate": ops.pairwise_iterate, "each_gradient": ops.pairwise_gradient,
           "each_reconstruct": ops.pairwise_reconstruct}
@@ -16,10 +16,7 @@ MATRIX = {"each_iterate": ops.pairwise_iterate, "each_gradient": ops.pairwise_gr
 
 def _case(p):
     gen = torch.Generator().manual_seed(p["seed"])
-    conv_type = torch.nn.Conv1d if p["dims"] == 1 else torch.nn.Conv2d
-    module = conv_type(p["cin_per"] * p["groups"], p["cout_per"] * p["groups"], p["k"], stride=p["stride"],
-                       padding=p["padding"], dilation=p["dilation"], groups=p["groups"], bias=p["bias"],
-                       padding_mode=p["mode"])
+    module = conv_module(p)
     size = (p["size"],) * p["dims"]
     inputs = torch.randn(p["n"] + p["b"], module.in_channels, *size, generator=gen)
     with torch.no_grad():
@@ -77,17 +74,23 @@ def test_dense_taps_matrix_is_used_and_exact(size, padding, dense):
     assert (kind.gram_x_factors(meta, factors, xr).double() - want).abs().max() < 1e-4 * want.abs().max()
 
 
+def _small_case(seed):
+    """A 2->2 3x3 convolution on 4x4 inputs, 5 training and 3 query samples, and their autograd
+    gradients: (kind, meta, train factors, query factors, g, gq)."""
+    module = torch.nn.Conv2d(2, 2, 3, padding=1, bias=True)
+    kind = kind_named("conv")
+    torch.manual_seed(seed)
+    train = {"I": torch.randn(5, 2, 4, 4), "DO": torch.randn(5, 2, 4, 4)}
+    query = {"I": torch.randn(3, 2, 4, 4), "DO": torch.randn(3, 2, 4, 4)}
+    g, gq = _conv_grads(module, train["I"], train["DO"]), _conv_grads(module, query["I"], query["DO"])
+    return kind, kind.meta("conv", module), train, query, g, gq
+
+
 def test_reconstruct_in_blocks_of_samples(monkeypatch):
     """reconstruct and each_reconstruct build the gradients a few samples at a time: the blocks
     put together give every sample's scores, in order."""
     monkeypatch.setattr(ops, "GRADIENT_BLOCK_NUMBERS", 100)       # 2 samples a block of 49 params
-    module = torch.nn.Conv2d(2, 2, 3, padding=1, bias=True)       # params: 2 * (18 + 1) = 38
-    kind = kind_named("conv")
-    meta = kind.meta("conv", module)
-    torch.manual_seed(3)
-    train = {"I": torch.randn(5, 2, 4, 4), "DO": torch.randn(5, 2, 4, 4)}
-    query = {"I": torch.randn(3, 2, 4, 4), "DO": torch.randn(3, 2, 4, 4)}
-    g, gq = _conv_grads(module, train["I"], train["DO"]), _conv_grads(module, query["I"], query["DO"])
+    kind, meta, train, query, g, gq = _small_case(3)       # params: 2 * (18 + 1) = 38
     assert len(list(ops.gradient_blocks(meta, train))) == 3
     q = ops.pairwise_query_side(kind, meta, query, {"flat"}, norms=False)
     assert (ops.pairwise_reconstruct(kind, meta, train, q).double() - g @ gq.T).abs().max() < 1e-4
@@ -99,13 +102,7 @@ def test_forward_convolutions_in_blocks_of_samples(monkeypatch):
     """batch_average and each_gradient run the convolution a block of samples at a time (its output
     in cache): the blocks together give every sample's scores, in order."""
     monkeypatch.setattr(conv, "CONV_BLOCK_NUMBERS", 40)      # outputs of 2 x 16 = 32: one sample a block
-    module = torch.nn.Conv2d(2, 2, 3, padding=1, bias=True)
-    kind = kind_named("conv")
-    meta = kind.meta("conv", module)
-    torch.manual_seed(4)
-    train = {"I": torch.randn(5, 2, 4, 4), "DO": torch.randn(5, 2, 4, 4)}
-    query = {"I": torch.randn(3, 2, 4, 4), "DO": torch.randn(3, 2, 4, 4)}
-    g, gq = _conv_grads(module, train["I"], train["DO"]), _conv_grads(module, query["I"], query["DO"])
+    kind, meta, train, query, g, gq = _small_case(4)
     assert len(conv.sample_blocks(5, 32)) == 5
     single = ops.query_side(kind, meta, query)
     assert (ops.batch_average(kind, meta, train, single).double() - (g @ gq.T).mean(1)).abs().max() < 1e-4

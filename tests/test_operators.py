@@ -59,6 +59,14 @@ def _conv_grads(module, inp, dout) -> torch.Tensor:
 
 
 @settings(max_examples=40)
+def conv_module(p) -> torch.nn.Module:
+    """The Conv1d or Conv2d a conv_dims draw describes."""
+    conv_type = torch.nn.Conv1d if p["dims"] == 1 else torch.nn.Conv2d
+    return conv_type(p["cin_per"] * p["groups"], p["cout_per"] * p["groups"], p["k"], stride=p["stride"],
+                     padding=p["padding"], dilation=p["dilation"], groups=p["groups"], bias=p["bias"],
+                     padding_mode=p["mode"])
+
+
 @given(conv_dims)
 @example({"dims": 1, "groups": 1, "cin_per": 1, "cout_per": 1, "k": 1, "stride": 1, "dilation": 1, "padding": 1,
           "mode": "reflect", "size": 5, "bias": False, "n": 1, "b": 1, "seed": 2722})   # a score near 0
@@ -71,10 +79,7 @@ def test_conv_strategies_equal_autograd(p):
     assume((p["k"] - 1) * p["dilation"] + 1 <= p["size"] + 2 * p["padding"])   # an output exists
     assume(p["mode"] == "zeros" or p["padding"] < p["size"])                     # torch's own limit
     gen = torch.Generator().manual_seed(p["seed"])
-    conv_type = torch.nn.Conv1d if p["dims"] == 1 else torch.nn.Conv2d
-    module = conv_type(p["cin_per"] * p["groups"], p["cout_per"] * p["groups"], p["k"], stride=p["stride"],
-                       padding=p["padding"], dilation=p["dilation"], groups=p["groups"], bias=p["bias"],
-                       padding_mode=p["mode"])
+    module = conv_module(p)
     size = (p["size"],) * p["dims"]
     train_in = torch.randn(p["n"], module.in_channels, *size, generator=gen)
     query_in = torch.randn(p["b"], module.in_channels, *size, generator=gen)

@@ -92,10 +92,9 @@ def test_pruned_top_k_is_the_full_scans(kind, order, data):
         assert_same_top_k(con, _topk(con, k, order, True, reduce), order, k, reduce)
 
 
-def test_pruning_skips_small_gradients_and_explain_analyze_says_how_much():
-    """Most samples' gradients 1000x smaller, the query two of the large ones (same labels for
-    DESC, other labels for ASC): the top 2 cannot be among the small ones, and at least half of
-    the sample-layer scores are skipped (a test that fails if nothing is pruned)."""
+def small_gradient_store(con) -> None:
+    """60 training samples, most gradients 1000x smaller than those of the query sets `same` and
+    `other` (two of the large ones, with their labels and with other labels), captured at c0."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Tanh(),
                                 torch.nn.Linear(5, 3, bias=False))
@@ -104,14 +103,21 @@ def test_pruning_skips_small_gradients_and_explain_analyze_says_how_much():
     x *= torch.where(torch.arange(60) % 10 == 0, 1.0, 1e-3).reshape(-1, 1)
     xq = torch.cat([x[[0, 10]], x[[0, 10]]])
     yq = torch.cat([y[[0, 10]], (y[[0, 10]] + 1) % 3])
+    ids = np.arange(60)
+    con.add_samples(ids, "train", y.numpy(), x)
+    con.add_samples(60 + np.arange(4), "test", yq.numpy(), xq)
+    con.execute("CREATE SET same AS SELECT sample_id FROM samples WHERE sample_id IN (60, 61)")
+    con.execute("CREATE SET other AS SELECT sample_id FROM samples WHERE sample_id IN (62, 63)")
+    with con.capture(model, layers=["0", "2"], checkpoint="c0", lr=0.1, shard_size=16) as cap:
+        cap.backward(F.cross_entropy(model(x), y), ids)
+
+
+def test_pruning_skips_small_gradients_and_explain_analyze_says_how_much():
+    """Most samples' gradients 1000x smaller, the query two of the large ones (same labels for
+    DESC, other labels for ASC): the top 2 cannot be among the small ones, and at least half of
+    the sample-layer scores are skipped (a test that fails if nothing is pruned)."""
     with metaql.connect(":memory:") as con:
-        ids = np.arange(60)
-        con.add_samples(ids, "train", y.numpy(), x)
-        con.add_samples(60 + np.arange(4), "test", yq.numpy(), xq)
-        con.execute("CREATE SET same AS SELECT sample_id FROM samples WHERE sample_id IN (60, 61)")
-        con.execute("CREATE SET other AS SELECT sample_id FROM samples WHERE sample_id IN (62, 63)")
-        with con.capture(model, layers=["0", "2"], checkpoint="c0", lr=0.1, shard_size=16) as cap:
-            cap.backward(F.cross_entropy(model(x), y), ids)
+        small_gradient_store(con)
         for order, query in (("DESC", "same"), ("ASC", "other")):
             q = f"SELECT TOPK(2) train FROM INFLUENCE(layers=*, query=batch({query})) ORDER BY {order}"
             con.config["topk_pruning"] = True

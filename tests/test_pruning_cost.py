@@ -4,11 +4,10 @@ before scoring or after the first batch, pruning where it pays; the answer is th
 every case, and EXPLAIN ANALYZE says which was chosen and why."""
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 import metaql
 from metaql.engine import pruning
+from tests.test_pruning import small_gradient_store
 
 ORDERS = (("DESC", "same"), ("ASC", "other"))
 
@@ -17,22 +16,8 @@ ORDERS = (("DESC", "same"), ("ASC", "other"))
 def con():
     """60 samples, most gradients 1000x smaller than the query's two: the top 2 are found by
     pruning most of the scan (tests/test_pruning.py's store)."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Tanh(),
-                                torch.nn.Linear(5, 3, bias=False))
-    model.metaql_config = {}
-    x, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
-    x *= torch.where(torch.arange(60) % 10 == 0, 1.0, 1e-3).reshape(-1, 1)
-    xq = torch.cat([x[[0, 10]], x[[0, 10]]])
-    yq = torch.cat([y[[0, 10]], (y[[0, 10]] + 1) % 3])
     with metaql.connect(":memory:", config={"auto_calibrate": False}) as c:
-        ids = np.arange(60)
-        c.add_samples(ids, "train", y.numpy(), x)
-        c.add_samples(60 + np.arange(4), "test", yq.numpy(), xq)
-        c.execute("CREATE SET same AS SELECT sample_id FROM samples WHERE sample_id IN (60, 61)")
-        c.execute("CREATE SET other AS SELECT sample_id FROM samples WHERE sample_id IN (62, 63)")
-        with c.capture(model, layers=["0", "2"], checkpoint="c0", lr=0.1, shard_size=16) as cap:
-            cap.backward(F.cross_entropy(model(x), y), ids)
+        small_gradient_store(c)
         yield c
 
 

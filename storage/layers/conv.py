@@ -117,19 +117,11 @@ class Conv(LayerKind):
         inp, dout = factors["I"].float(), factors["DO"].float()
         if not _plain(meta, inp):
             return None
-        inp, padding = _conv_input(meta, inp)
-        e = meta.extra
-        weight_grad = torch.nn.grad.conv1d_weight if e["dims"] == 1 else torch.nn.grad.conv2d_weight
-        cin, cout = inp.shape[1], dout.shape[1]
-        step = max(1, min(GRADIENT_GROUP, FULL_NORM_GROUP // max(1, cin * cout * math.prod(e["kernel"]))))
+        numbers = inp.shape[1] * dout.shape[1] * math.prod(meta.extra["kernel"])
+        step = max(1, min(GRADIENT_GROUP, FULL_NORM_GROUP // max(1, numbers)))
         out = []
-        for i in range(0, inp.shape[0], step):
-            x, d = inp[i:i + step], dout[i:i + step]
-            b = x.shape[0]
-            w = weight_grad(x.reshape(1, b * cin, *x.shape[2:]), (b * cout, cin, *e["kernel"]),
-                            d.reshape(1, b * cout, *d.shape[2:]), stride=e["stride"], padding=padding,
-                            dilation=e["dilation"], groups=b)
-            norms = w.reshape(b, -1).pow(2).sum(1)
+        for i, w, d in _weight_gradient_groups(meta, inp, dout, step):
+            norms = w.reshape(w.shape[0], -1).pow(2).sum(1)
             if meta.bias:
                 norms += d.flatten(2).sum(2).pow(2).sum(1)
             out.append(norms)
@@ -274,21 +266,28 @@ def sample_gradients(meta: LayerMeta, factors) -> torch.Tensor | None:
     inp, dout = factors["I"].float(), factors["DO"].float()
     if not _plain(meta, inp):
         return None
+    out = inp.new_empty(inp.shape[0], dout.shape[1], meta.din + int(bool(meta.bias)))
+    for i, w, _ in _weight_gradient_groups(meta, inp, dout, GRADIENT_GROUP):
+        out[i:i + w.shape[0], :, :meta.din] = w.reshape(w.shape[0], dout.shape[1], -1)
+    if meta.bias:
+        out[:, :, meta.din] = dout.flatten(2).sum(2)
+    return out
+
+
+def _weight_gradient_groups(meta: LayerMeta, inp: torch.Tensor, dout: torch.Tensor, step: int):
+    """(first sample, its group's weight gradients (b, Cout, Cin, *kernel), the group's output
+    gradients), `step` samples a call of the weight-gradient kernel with the samples as groups."""
     inp, padding = _conv_input(meta, inp)
     e = meta.extra
     weight_grad = torch.nn.grad.conv1d_weight if e["dims"] == 1 else torch.nn.grad.conv2d_weight
-    n, cin, cout = inp.shape[0], inp.shape[1], dout.shape[1]
-    out = inp.new_empty(n, cout, meta.din + int(bool(meta.bias)))
-    for i in range(0, n, GRADIENT_GROUP):
-        x, d = inp[i:i + GRADIENT_GROUP], dout[i:i + GRADIENT_GROUP]
+    cin, cout = inp.shape[1], dout.shape[1]
+    for i in range(0, inp.shape[0], step):
+        x, d = inp[i:i + step], dout[i:i + step]
         b = x.shape[0]
         w = weight_grad(x.reshape(1, b * cin, *x.shape[2:]), (b * cout, cin, *e["kernel"]),
                         d.reshape(1, b * cout, *d.shape[2:]), stride=e["stride"], padding=padding,
                         dilation=e["dilation"], groups=b)
-        out[i:i + b, :, :meta.din] = w.reshape(b, cout, -1)
-    if meta.bias:
-        out[:, :, meta.din] = dout.flatten(2).sum(2)
-    return out
+        yield i, w.reshape(b, cout, cin, *e["kernel"]), d
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,10 @@ import numpy as np
 import pyarrow as pa
 
 from metaql.approx.execute import SIGMAS
-from metaql.approx.index import indexed_scores, load_index, projected_query, query_norms, usable
+from metaql.approx.index import indexed_scores, load_index, query_parts, usable
 from metaql.storage.catalog_snapshot import catalog_of
 
-FIRST_ROUND = 1.5        # the first round rescores this many times k samples
+FIRST_ROUND = 1.5        # the first round rescores at most this many times k samples
 SPLITS = np.linspace(0.0, 1.0, 11)     # shares a of the gap the tail bound tries for the P_in stage
 
 
@@ -71,12 +71,12 @@ def indexed_topk(plan, scan, ctx, info: dict) -> pa.Table | None:
     target = 1.0 - float(scan.error)
     rescored = np.zeros(len(signed), bool)
     final = one["scores"].copy()
-    # first the samples with the best upper ends, FIRST_ROUND k of them; then, at the threshold
+    # first the samples whose upper ends reach the k-th best lower end (first_round); then, at the threshold
     # that round gives, the fewest left-out samples (largest miss bounds first) whose rescoring
     # brings the expected missed to (1 - target) k: rescoring only raises the threshold, which only
     # lowers the others' miss bounds, so that second round meets the target (one more pass of the
     # shards, not several); a further round only guards against rounding
-    todo, rounds = np.sort(order[:int(np.ceil(FIRST_ROUND * plan.k))]), 0
+    todo, rounds = np.sort(first_round(signed, sigma, order, plan.k)), 0
     while True:
         todo = todo[~rescored[todo]]
         final[todo] += exact_part(scan, ctx, entries, one, todo) - one["approx"][todo]
@@ -99,6 +99,19 @@ def indexed_topk(plan, scan, ctx, info: dict) -> pa.Table | None:
     return pa.table({"sample_id": pa.array(one["ids"][top]), "score": pa.array(final[top])})
 
 
+def first_round(signed: np.ndarray, sigma: np.ndarray, order: np.ndarray, k: int) -> np.ndarray:
+    """The samples (in upper-end `order`) whose upper end s + SIGMAS sigma reaches the k-th largest
+    lower end s - SIGMAS sigma: the rest lie SIGMAS sigma apart from k samples that beat them; at
+    least k (every returned score is exact), at most FIRST_ROUND k. The certificate, not this
+    choice, bounds what is missed."""
+    k = min(k, len(signed))
+    if k == 0:
+        return order[:0]
+    lower = np.partition(signed - SIGMAS * sigma, len(signed) - k)[len(signed) - k]
+    reach = int(((signed + SIGMAS * sigma) >= lower).sum())
+    return order[:min(max(reach, k), int(np.ceil(FIRST_ROUND * k)))]
+
+
 def phase_one(scan, ctx, entries: dict) -> dict:
     """Every training sample's phase-1 score, sigma and indexed part (module docstring)."""
     from metaql.engine.executor import check_finite, device_of, layer_pass, query_sides
@@ -117,8 +130,9 @@ def phase_one(scan, ctx, entries: dict) -> dict:
         for strat in strategies:
             q, entry = query[strat.layer], entries.get((ckpt, strat.layer))
             if entry is not None:
-                s, norms, layer_seen = indexed_scores(entry, train, projected_query(entry, q["gbar_flat"]))
-                var += add_layer_bounds(acc, entry["spec"], norms, query_norms(entry["spec"], q["gbar_flat"]))
+                parts = query_parts(entry, q["gbar_flat"])
+                s, norms, layer_seen = indexed_scores(entry, train, parts)
+                var += add_layer_bounds(acc, entry["spec"], norms, parts["norms"])
                 apart += s
             else:
                 s, _, layer_seen = layer_pass(store, ckpt, strat, train, q, scan, ctx)
@@ -249,7 +263,7 @@ def gathered_scores(ctx, strat, ids: np.ndarray, q, scan) -> np.ndarray:
     if not where:
         return scores
     pos = np.concatenate(where)
-    batch = {name: torch.cat(ts) for name, ts in parts.items()}
+    batch = {name: torch.cat(ts) if len(ts) > 1 else ts[0] for name, ts in parts.items()}    # no copy of one shard's
     step = chunk_rows(batch, q, strat.chosen, meta)
     for lo in range(0, len(pos), step):
         ctx.check_interrupt()

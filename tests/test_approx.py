@@ -340,22 +340,36 @@ def _indexed_store(seed=0, n=120, nq=6, t=3, width=16):
 
 
 def test_index_rows_equal_explicit_projection_of_bruteforce():
-    """Each indexed row is P_out^T G P_in of the torch.func gradient, with its exact squared norms."""
+    """Each indexed row is P_out^T G^res P_in of the torch.func gradient's residual outside the
+    stored orthonormal bases U, V, with its exact squared norms; the exact coordinates are
+    [U^T G, G V]; at rank 0 the row is the plain P_out^T G P_in."""
     from metaql.approx.index import build_index, load_index
-    con, model, x, y, states = _indexed_store(n=12, nq=2)
+    con, model, x, y, states = _indexed_store(n=12, nq=2, t=12, width=32)
     assert build_index(con, proj_dim=4) == {"c0": ["proj", "tok"], "c1": ["proj", "tok"]}   # head: too small
-    for ckpt, state in zip(("c0", "c1"), states):
-        model.load_state_dict(state)
-        g = per_sample_grads(model, x[:12], y[:12])
-        index = load_index(con.store, ckpt)
-        for layer in ("tok", "proj"):
-            e = index[layer]
-            G = _canonical(g, layer)
-            np.testing.assert_allclose(e["g"], _projected(G, e["spec"]).reshape(12, -1).numpy(), rtol=1e-4,
-                                       atol=1e-6 * float(G.abs().max()))
-            np.testing.assert_allclose(e["sq"], (G ** 2).sum((1, 2)).numpy(), rtol=1e-4)
-            half = _projected(G, dict(e["spec"], k_out=None))
-            np.testing.assert_allclose(e["sqin"], (half ** 2).sum((1, 2)).numpy(), rtol=1e-4)
+    for rank in (2, 0):
+        if rank == 0:
+            build_index(con, proj_dim=4, rank=0)
+        for ckpt, state in zip(("c0", "c1"), states):
+            model.load_state_dict(state)
+            g = per_sample_grads(model, x[:12], y[:12])
+            index = load_index(con.store, ckpt)
+            for layer in ("tok", "proj"):
+                e = index[layer]
+                assert e["spec"]["rank"] == rank
+                G = _canonical(g, layer)
+                u, v = torch.from_numpy(np.array(e["u"])), torch.from_numpy(np.array(e["v"]))
+                assert u.shape == (G.shape[1], rank) and v.shape == (G.shape[2], rank)
+                np.testing.assert_allclose((u.T @ u).numpy(), np.eye(rank), atol=1e-12)
+                np.testing.assert_allclose((v.T @ v).numpy(), np.eye(rank), atol=1e-12)
+                c = torch.cat([(u.T @ G).reshape(12, -1), (G @ v).reshape(12, -1)], 1)
+                np.testing.assert_allclose(e["c"], c.numpy(), rtol=1e-4, atol=1e-6 * float(G.abs().max()))
+                res = G - u @ (u.T @ G)
+                res = res - (res @ v) @ v.T
+                np.testing.assert_allclose(e["g"], _projected(res, e["spec"]).reshape(12, -1).numpy(), rtol=1e-4,
+                                           atol=1e-6 * float(G.abs().max()))
+                np.testing.assert_allclose(e["sq"], (res ** 2).sum((1, 2)).numpy(), rtol=1e-4)
+                half = _projected(res, dict(e["spec"], k_out=None))
+                np.testing.assert_allclose(e["sqin"], (half ** 2).sum((1, 2)).numpy(), rtol=1e-4)
 
 
 def test_index_error_bounds_hold_over_seeds():
@@ -392,11 +406,12 @@ def test_index_error_bounds_hold_over_seeds():
 
 
 @pytest.mark.parametrize("order", ["DESC", "ASC"])
-def test_index_topk_exact_scores_and_certificate(order):
+@pytest.mark.parametrize("width,t", [(16, 3), (32, 12)])      # rank 0 (too small) and rank 2
+def test_index_topk_exact_scores_and_certificate(order, width, t):
     """TOPK under error= over an index returns exact scores, meets 1 - error in its certificate (or
     rescored everything), and its recall against the exact TOPK is at least the bound."""
     from metaql.approx.index import build_index
-    con, *_ = _indexed_store(seed=1, n=80)
+    con, *_ = _indexed_store(seed=1, n=80, width=width, t=t)
     stmt = "SELECT TOPK(10) train FROM INFLUENCE(layers=*, query=batch(test){}) ORDER BY " + order
     exact = con.execute(stmt.format("")).fetchall()
     build_index(con, proj_dim=4)

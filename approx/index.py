@@ -277,7 +277,15 @@ def query_norms(spec: dict, gq: torch.Tensor, gin: torch.Tensor | None = None) -
 
 
 def spectral_norm(m: torch.Tensor) -> float:
-    """||m||_2 from the largest eigenvalue of the smaller Gram matrix (float64): several times
-    cheaper than an SVD of the whole 1536 x 385 query gradient."""
-    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
-    return float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0).sqrt())
+    """An upper bound on ||m||_2: the largest eigenvalue of the smaller Gram matrix, both computed
+    in float32 (about 1.6x cheaper than float64 on the 1536 x 385 MiniLM layers), raised by the
+    float32 rounding bounds: the Gram's, |fl(M) - M| <= gamma_n |m|^T |m| so ||fl(M) - M||_2 <=
+    gamma_n ||m||_F^2 (n the inner dimension), and the symmetric eigensolver's backward error,
+    taken as 4 p u ||M||_2 (p the Gram's order; LAPACK's is a small multiple of p u)."""
+    u = 2.0 ** -24
+    n, p = max(m.shape), min(m.shape)
+    m32 = m.float()
+    gram = m32.T @ m32 if m.shape[0] >= m.shape[1] else m32 @ m32.T
+    top = float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0))
+    fro2 = float((m.double() ** 2).sum())
+    return (top * (1.0 + 4.0 * p * u) + n * u / (1.0 - n * u) * fro2) ** 0.5

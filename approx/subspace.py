@@ -38,7 +38,6 @@ def with_bias(x: torch.Tensor, bias: bool) -> torch.Tensor:
 def bases(x: torch.Tensor, d: torch.Tensor, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(U dout x r, V din' x r) float64, orthonormal: the top eigenvectors of sum G G^T and
     sum G^T G of the samples' gradients G = D^T X (x with its bias column already)."""
-    x, d = x.double(), d.double()
     # sum_i D_i^T (X_i X_i^T) D_i and sum_i X_i^T (D_i D_i^T) X_i, never forming a G_i
     gram_u, gram_v = _sum_gram(d, x), _sum_gram(x, d)
     g = torch.Generator().manual_seed(int(seed) + 2)
@@ -47,10 +46,13 @@ def bases(x: torch.Tensor, d: torch.Tensor, r: int, seed: int) -> tuple[torch.Te
 
 def _sum_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum_i A_i^T (B_i B_i^T) A_i for a (n, S, p), b (n, S, q): the (p x p) Gram of sum_i G G^T
-    with G_i = A_i^T B_i."""
+    with G_i = A_i^T B_i; summed in float32 (only the bases' quality depends on it, not the
+    exactness of the split), returned float64."""
+    a, b = a.float(), b.float()
     m = torch.bmm(b, b.transpose(1, 2))                          # (n, S, S)
     ma = torch.bmm(m, a)                                         # (n, S, p)
-    return a.reshape(-1, a.shape[-1]).T @ ma.reshape(-1, a.shape[-1])
+    gram = (a.reshape(-1, a.shape[-1]).T @ ma.reshape(-1, a.shape[-1])).double()
+    return (gram + gram.T) / 2
 
 
 def top_eigenvectors(gram: torch.Tensor, r: int, gen: torch.Generator) -> torch.Tensor:

@@ -5,14 +5,13 @@ rescores only its candidates from the exact factors (phase 2, no replay).
 Built from the stored exact factors (`build_index`), one artifact per checkpoint
 (`artifacts/projected_index/<checkpoint>`, storage/artifacts.py: written as one unit, checked
 against its manifest on first load). Per indexed layer it holds, for every stored sample, the
-gradient G_i (dout x din', din' = din + bias) projected on ONE side, the wider one:
-    G_i P (P: din' x k)   or   P^T G_i (P: dout x k),   P with N(0, 1/k) entries, the layer's seed,
-flattened, and ||G_i||_F^2 (exact). One side, not LoGra's two: at equal size the one-sided
-estimate has the smaller variance (2/k against 2/k_in + 2/k_out + ...), and its error is a
-Gaussian quadratic form, whose tails are exponential (metaql.approx.indexed), not only Chebyshev's.
-k is the projected side's width over MIN_GAIN (the index row is at least MIN_GAIN times smaller
-than the gradient) or `proj_dim`; a layer whose wider side is under MIN_GAIN * k is not indexed
-and is scored exactly in phase 1. The index records the factor shards it was built from: a layer
+gradient G_i (dout x din', din' = din + bias) projected on each side wider than k:
+    P_out^T G_i P_in   (P_in: din' x k, P_out: dout x k, N(0, 1/k) entries from the layer's seed;
+a side not wider than k is kept), flattened, with ||G_i||_F^2 and ||G_i P_in||_F^2 (exact). Its
+error is a Gaussian quadratic form in each stage, whose tails are exponential
+(metaql.approx.indexed), not only Chebyshev's. k is `proj_dim` (default DEFAULT_DIM); a layer
+whose index row is not MIN_GAIN times smaller than what a sample stores is not indexed and is
+scored exactly in phase 1. The index records the factor shards it was built from: a layer
 whose shards changed since (a resumed capture) is scored exactly until the index is built again.
 
 Beside the projection, each indexed layer keeps an exact subspace part (metaql.approx.subspace):

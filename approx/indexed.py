@@ -7,7 +7,15 @@ into e_in = <G_i P_in, Gq P_in> - <G_i, Gq> and e_out = the rest, and each is a 
 form: e_in = z^T (A / k_in) z - E over the k_in N(0, I) columns z of sqrt(k_in) P_in, A = G_i^T Gq,
 with ||A||_F, ||A||_2 <= a_in = ||G_i||_F ||Gq||_2; given P_in, e_out is one in P_out with
 A' = (Gq P_in)(G_i P_in)^T, ||A'||_F, ||A'||_2 <= a_out = ||G_i P_in||_F ||Gq P_in||_2 (the index
-keeps ||G_i||_F and ||G_i P_in||_F exactly; the query's norms are computed now). Layers have
+keeps ||G_i||_F and ||G_i P_in||_F exactly; the query's norms are computed now).
+With the index's exact subspace part (metaql.approx.subspace: U, V orthonormal, fixed before P is
+drawn) a layer's phase-1 score is c_i . c_q + <P_out^T G_i^res P_in, P_out^T R P_in>, where
+c_i . c_q = <G_i, Gq> - <G_i^res, R> exactly, so its error is the form above with G_i -> G_i^res and
+Gq -> R; every norm in this docstring is then of those residuals (||G_i^res||_F, ||G_i^res P_in||_F
+kept; ||R||_2, ||R||_F, ||R P_in||_2 now, the spectral norms as float32 upper bounds raised by
+their rounding margins, metaql.approx.index.spectral_norm). The rank-0 index is the plain case
+(U, V empty: G^res = G_i, R = Gq). "Exact" is to the float32 storage of c_i, as the factor
+store's own scores are. Layers have
 independent seeds, so a stage's errors summed over layers form one block-diagonal form with
     ||Lam||_F^2 <= F^2 = sum_l a_l^2 / k_l,      ||Lam||_2 <= L = max_l a_l / k_l;
 checkpoints share a layer's P, so F and L add over checkpoints weighted by |lr|. A stage's error
@@ -23,7 +31,8 @@ sigma_i (the standard deviation's bound, for the candidates and Cantelli) sums o
     (2/k_in) ||Gq||_2^2 ||G_i||^2 + (2/k_out) ((1 + 1/k_in) ||Gq||_2^2 + ||Gq||_F^2 / k_in) ||G_i||^2
 (Var over P_in of e_in <= 2 ||A||_F^2 / k_in; the mean over P_in of e_out's conditional variance,
 with E[P P^T Q P P^T] = (1 + 1/k) Q + tr(Q) I / k for Q = Gq^T Gq); checkpoints add in deviations.
-Phase 2: the samples with the largest upper ends s_i + 3 sigma_i (1.5 k of them first) have
+Phase 2: the samples with the largest upper ends s_i + 3 sigma_i (first those reaching the k-th
+largest lower end s_j - 3 sigma_j, at least k and at most FIRST_ROUND k of them) have
 their indexed layers rescored from the stored exact factors by the
 layer's chosen exact strategy (the other layers' phase-1 scores are exact already), so every
 returned score is exact. Then the certificate: with t the answer's k-th exact score, a left-out sample (phase-1 score s_i,

@@ -26,9 +26,10 @@ process (the first includes opening and checksumming the files); recall against 
 of the same run, the certificate, and where the index TOPK's time goes. The index keeps an exact
 top-r subspace part beside its projection (metaql.approx.subspace; `--rank`, default 2; 0 is the
 projection alone); `--store PATH` reuses a store of this workload (capture untimed), `--n` sets N
-(results approx_index_n<N>.md). `--head-seed S` seeds the MiniLM classifier head's init (it
-sets how the scores cluster; unseeded before). `--sweep STORE` and `--subspace STORE` analyse the
---index workload's store (approx_index_sweep.md, approx_index_subspace.md: see their docstrings).
+(results approx_index_n<N>.md; approx_index_rank<R>.md for a rank other than 2). `--head-seed S`
+seeds the MiniLM classifier head's init (it sets how the scores cluster; unseeded before).
+`--sweep STORE` and `--subspace STORE` analyse the --index workload's store
+(approx_index_sweep.md, approx_index_subspace.md: see their docstrings).
 
     python benchmarks/bench_approx.py [--quick] [--index [--store PATH] [--n N] [--rank R] [--proj-dim K]
                                       [--repeats R]] [--head-seed S] [--sweep STORE] [--subspace STORE] [--threads N]
@@ -311,7 +312,8 @@ def index_benchmark(args) -> None:
     if args.n:
         cfg["n"] = args.n
     cfg["repeats"] = args.repeats or cfg["repeats"]
-    name = "approx_index_quick" if args.quick else "approx_index" + (f"_n{cfg['n']}" if args.n else "")
+    name = ("approx_index_quick" if args.quick else "approx_index" + (f"_n{cfg['n']}" if args.n else "")
+            + (f"_rank{args.rank}" if args.rank != 2 else ""))
     report = Report(name, "TOPK under error= over a projected index (MiniLM)", sys.argv)
     report.add("Setup", f"commit {commit()}; 1-min load average at start {os.getloadavg()[0]:.1f}; N={cfg['n']} "
                f"training sequences of {cfg['length']} tokens, query batch of {cfg['nq']}, TOPK({cfg['k']}), "
@@ -339,7 +341,10 @@ def index_benchmark(args) -> None:
         t0 = clock()
         built = build_index(con, proj_dim=args.proj_dim, rank=args.rank)
         build_s = clock() - t0
-        index_bytes = sum(f.stat().st_size for f in (con.store.root / "artifacts").rglob("*.npy"))
+        from metaql.approx.index import SLOT_KIND
+        from metaql.storage.artifacts import current_version
+        index_bytes = sum(f.stat().st_size for ckpt in built      # the current version (a rebuild keeps the last)
+                          for f in current_version(con.store.artifact_dir(SLOT_KIND, ckpt)).glob("*.npy"))
         k, stmt = cfg["k"], "SELECT TOPK({k}) train FROM INFLUENCE(layers=*, query=batch(test){err}) ORDER BY DESC"
         for rep in range(cfg["repeats"]):
             load = os.getloadavg()[0]

@@ -147,12 +147,12 @@ def test_first_round_covers_the_reachable_and_stays_bounded():
 
 def test_spectral_norm_bounds_the_float64_norm():
     """The float32 spectral norm with its rounding margin is never below the float64 SVD's, and
-    within 0.1% of it, on matrices of decaying spectra up to 400 x 100 (both orientations)."""
+    within 0.1% of it, on matrices of decaying spectra up to 300 x 60 (both orientations)."""
     import torch
     from metaql.approx.index import spectral_norm
     g = torch.Generator().manual_seed(0)
-    for trial in range(60):
-        a, b = int(torch.randint(2, 400, (1,), generator=g)), int(torch.randint(2, 100, (1,), generator=g))
+    for trial in range(20):
+        a, b = int(torch.randint(2, 300, (1,), generator=g)), int(torch.randint(2, 60, (1,), generator=g))
         m = torch.randn(a, b, generator=g, dtype=torch.float64) * torch.rand(b, generator=g, dtype=torch.float64) ** 4
         m = m if trial % 2 else m.T
         exact = float(torch.linalg.matrix_norm(m, 2))

@@ -560,7 +560,7 @@ def replayed_rescoring(one: dict, exact: np.ndarray, k: int, target: float) -> s
     signed = one["scores"]
     order = np.argsort(-(signed + indexed.SIGMAS * one["sigma"]), kind="stable")
     rescored = np.zeros(len(signed), bool)
-    todo, rounds = order[:int(np.ceil(indexed.FIRST_ROUND * k))], 0
+    todo, rounds = indexed.first_round(signed, one["sigma"], order, k), 0
     while True:
         rescored[todo], rounds = True, rounds + 1
         cand = np.nonzero(rescored)[0]

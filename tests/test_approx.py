@@ -340,22 +340,40 @@ def _indexed_store(seed=0, n=120, nq=6, t=3, width=16):
 
 
 def test_index_rows_equal_explicit_projection_of_bruteforce():
-    """Each indexed row is P_out^T G P_in of the torch.func gradient, with its exact squared norms."""
+    """Each indexed row is P_out^T G^res P_in of the torch.func gradient's residual outside the
+    stored orthonormal bases U, V, with its exact squared norms; the exact coordinates are
+    [U^T G, G V]; at rank 0 the row is the plain P_out^T G P_in."""
     from metaql.approx.index import build_index, load_index
-    con, model, x, y, states = _indexed_store(n=12, nq=2)
+    con, model, x, y, states = _indexed_store(n=12, nq=2, t=8, width=32)
     assert build_index(con, proj_dim=4) == {"c0": ["proj", "tok"], "c1": ["proj", "tok"]}   # head: too small
+    grads = {}
     for ckpt, state in zip(("c0", "c1"), states):
         model.load_state_dict(state)
-        g = per_sample_grads(model, x[:12], y[:12])
-        index = load_index(con.store, ckpt)
-        for layer in ("tok", "proj"):
-            e = index[layer]
-            G = _canonical(g, layer)
-            np.testing.assert_allclose(e["g"], _projected(G, e["spec"]).reshape(12, -1).numpy(), rtol=1e-4,
-                                       atol=1e-6 * float(G.abs().max()))
-            np.testing.assert_allclose(e["sq"], (G ** 2).sum((1, 2)).numpy(), rtol=1e-4)
-            half = _projected(G, dict(e["spec"], k_out=None))
-            np.testing.assert_allclose(e["sqin"], (half ** 2).sum((1, 2)).numpy(), rtol=1e-4)
+        grads[ckpt] = per_sample_grads(model, x[:12], y[:12])
+    for ranks in ({"tok": 1, "proj": 2}, {"tok": 0, "proj": 0}):      # r within MIN_GAIN's budget; then rank=0
+        if not ranks["tok"]:
+            build_index(con, proj_dim=4, rank=0, checkpoints=["c0"])
+        for ckpt, g in grads.items():
+            if not ranks["tok"] and ckpt != "c0":
+                continue
+            index = load_index(con.store, ckpt)
+            for layer, rank in ranks.items():
+                e = index[layer]
+                assert e["spec"]["rank"] == rank
+                G = _canonical(g, layer)
+                u, v = torch.from_numpy(np.array(e["u"])), torch.from_numpy(np.array(e["v"]))
+                assert u.shape == (G.shape[1], rank) and v.shape == (G.shape[2], rank)
+                np.testing.assert_allclose((u.T @ u).numpy(), np.eye(rank), atol=1e-12)
+                np.testing.assert_allclose((v.T @ v).numpy(), np.eye(rank), atol=1e-12)
+                c = torch.cat([(u.T @ G).reshape(12, -1), (G @ v).reshape(12, -1)], 1)
+                np.testing.assert_allclose(e["c"], c.numpy(), rtol=1e-4, atol=1e-6 * float(G.abs().max()))
+                res = G - u @ (u.T @ G)
+                res = res - (res @ v) @ v.T
+                np.testing.assert_allclose(e["g"], _projected(res, e["spec"]).reshape(12, -1).numpy(), rtol=1e-4,
+                                           atol=1e-6 * float(G.abs().max()))
+                np.testing.assert_allclose(e["sq"], (res ** 2).sum((1, 2)).numpy(), rtol=1e-4)
+                half = _projected(res, dict(e["spec"], k_out=None))
+                np.testing.assert_allclose(e["sqin"], (half ** 2).sum((1, 2)).numpy(), rtol=1e-4)
 
 
 def test_index_error_bounds_hold_over_seeds():
@@ -391,12 +409,13 @@ def test_index_error_bounds_hold_over_seeds():
     assert p < 0.2          # the bound says something at 3 sigma (the test can fail)
 
 
-@pytest.mark.parametrize("order", ["DESC", "ASC"])
-def test_index_topk_exact_scores_and_certificate(order):
+@pytest.mark.parametrize("order,width,t", [("DESC", 16, 3), ("ASC", 16, 3),     # rank 0 (layers too small)
+                                          ("DESC", 32, 8)])                      # ranks 1 and 2
+def test_index_topk_exact_scores_and_certificate(order, width, t):
     """TOPK under error= over an index returns exact scores, meets 1 - error in its certificate (or
     rescored everything), and its recall against the exact TOPK is at least the bound."""
     from metaql.approx.index import build_index
-    con, *_ = _indexed_store(seed=1, n=80)
+    con, *_ = _indexed_store(seed=1, n=80, width=width, t=t)
     stmt = "SELECT TOPK(10) train FROM INFLUENCE(layers=*, query=batch(test){}) ORDER BY " + order
     exact = con.execute(stmt.format("")).fetchall()
     build_index(con, proj_dim=4)
@@ -404,6 +423,7 @@ def test_index_topk_exact_scores_and_certificate(order):
     info = con.approximation
     cert = info["certificate"]
     assert info["index"]["indexed"] == 4 and cert["rescored"]
+    assert info["index"]["ranks"] == ([0] if width == 16 else [1, 2])
     assert cert["recall_bound"] >= 0.95 or cert["candidates"] == cert["scanned"] == 80
     assert info["index"]["rounds"] <= 2      # the second round is sized to meet the target (was 6 rounds here)
     every = dict(con.execute("SELECT sample_id, score FROM INFLUENCE(layers=*, query=batch(test))").fetchall())

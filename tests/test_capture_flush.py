@@ -95,3 +95,33 @@ def test_conv_norms_in_groups_of_samples_are_each_samples_own(monkeypatch, group
         (module(inp[i:i + 1]) * dout[i:i + 1]).sum().backward()
         want.append(sum((p.grad ** 2).sum() for p in module.parameters()))
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_capture_flushes_when_its_buffer_passes_the_byte_cap(tmp_path, monkeypatch, background):
+    """A flush comes at shard_size rows or at capture.MAX_BUFFER_BYTES buffered, whichever is first
+    (at 2,048 rows a MiniLM buffered 5 GB): with a cap of a batch and a half, every second batch
+    flushes, and the stored factors are those of one shard per layer."""
+    from metaql.storage import capture
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(24, 5), torch.randint(0, 3, (24,))
+
+    def stored(path, cap_bytes):
+        monkeypatch.setattr(capture, "MAX_BUFFER_BYTES", cap_bytes, raising=False)
+        with metaql.connect(str(path)) as con:
+            with con.capture(model, layers="*", checkpoint="c0", lr=0.1, shard_size=2048,
+                             background=background) as cap:
+                for i in range(0, 24, 4):
+                    cap.backward(nn.functional.cross_entropy(model(x[i:i + 4]), y[i:i + 4]), np.arange(i, i + 4))
+            rows = con.store.factor_shards("c0", "2")
+            ids, tensors = zip(*(con.store.shard_tensors(r) for r in rows))
+            return len(rows), np.concatenate(ids), {n: torch.cat([t[n] for t in tensors]) for n in tensors[0]}
+
+    batch = 4 * 4 * (5 + 4 + 4 + 3)       # float32 X and DO of both layers, 4 samples
+    n_capped, ids_capped, capped = stored(tmp_path / "capped", int(1.5 * batch))
+    n_one, ids_one, one = stored(tmp_path / "one", 1 << 30)
+    assert (n_capped, n_one) == (3, 1)
+    assert (ids_capped == ids_one).all()
+    for name in one:
+        assert torch.equal(capped[name], one[name])

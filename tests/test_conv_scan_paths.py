@@ -122,3 +122,19 @@ def test_dense_tap_matrix_is_shared_by_chunks_and_dropped_with_the_query():
     del xr
     gc.collect()
     assert not conv._DENSE_CACHE
+
+
+@settings(max_examples=15, deadline=None)
+@given(conv_dims)
+def test_conv_positions_from_shapes_equal_the_unfolded_rows(p):
+    """S from the output gradient's shape equals the rows the canonical form unfolds, groups and
+    stacked calls (a module called twice per sample) included."""
+    from hypothesis import assume
+    from metaql.storage.layers.base import LayerKind
+    assume(_usable(p))
+    module, train, _ = _case(p)
+    kind = kind_named("conv")
+    meta = kind.meta("conv", module)
+    assert kind.positions(meta, train) == LayerKind.positions(kind, meta, train)
+    calls = {name: torch.stack([t, t], dim=1) for name, t in train.items()}
+    assert kind.positions(meta, calls) == LayerKind.positions(kind, meta, calls)

@@ -79,6 +79,15 @@ class Conv(LayerKind):
             return torch.cat(xs, dim=1), torch.cat(ds, dim=1)
         return self._rows_one(meta, inp, dout)
 
+    def positions(self, meta, factors):
+        """S from the output gradient's shape: the rows `rows` builds (output positions, times the
+        groups and the calls), without unfolding a sample's patches as the base form does: that was
+        a fixed cost of every scan that asks (Iterate, EachGradient), 0.06 ms on conv13 (512, 2x2),
+        0.33 ms on a 256-channel 8x8 convolution, against scans of a few ms at B = 1."""
+        dout, dims = factors["DO"], meta.extra["dims"]
+        calls = dout.shape[1] if dout.dim() == dims + 3 else 1
+        return calls * meta.extra["groups"] * math.prod(dout.shape[-dims:])
+
     def gram_x_factors(self, meta, factors, xr):
         """X_n X_q^T without unfolding the training side (kh*kw times fewer numbers to write): a
         convolution of the stored input with the query's patches as filters, or, on inputs of a

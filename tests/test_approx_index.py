@@ -3,6 +3,7 @@ quadratic form covers Monte-Carlo draws of forms of either sign, it is at the Ga
 no eigenvalue dominates, and the second rescoring round is the fewest samples meeting the target."""
 import numpy as np
 import pytest
+import torch
 
 from metaql.approx.indexed import next_round, stage_tail
 
@@ -157,3 +158,19 @@ def test_spectral_norm_bounds_the_float64_norm():
         m = m if trial % 2 else m.T
         exact = float(torch.linalg.matrix_norm(m, 2))
         assert exact <= spectral_norm(m) <= 1.001 * exact
+
+
+def test_rows_of_several_shards_are_gathered_in_one_copy_in_order():
+    """The rescoring's gather (approx.indexed._gathered): the kept rows of each shard, shard after
+    shard, in one tensor per name (float16 kept), and a view of one shard's contiguous rows."""
+    from metaql.approx.indexed import _gathered
+    torch.manual_seed(0)
+    shards = [{"X": torch.randn(6, 3, 2), "DO": torch.randn(6, 4).half()} for _ in range(3)]
+    keeps = [np.array([0, 2, 5]), np.array([], dtype=np.int64), np.array([1, 4])]
+    found = [(None, keep, tensors) for keep, tensors in zip(keeps, shards) if len(keep)]
+    got = _gathered(found)
+    for name in ("X", "DO"):
+        want = torch.cat([t[name][torch.from_numpy(k)] for k, t in zip(keeps, shards) if len(k)])
+        assert got[name].dtype == shards[0][name].dtype and torch.equal(got[name], want)
+    one = _gathered([(None, np.array([2, 3, 4]), shards[0])])
+    assert one["X"].data_ptr() == shards[0]["X"][2:].data_ptr()        # a view, no copy

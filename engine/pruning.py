@@ -126,6 +126,12 @@ class PrunedScan:
         self.units = [(s.checkpoint, s) for s in self.scan.strategies]
         self.stats = Pruning()
         self.opened: set[str] = set()
+        n = len(self.train)
+        self.sign = -1.0 if plan.ascending else 1.0
+        self.parts: list[list[tuple]] = [[] for _ in self.units]   # per unit: (positions, scores, present)
+        self.known = np.zeros(n)        # sign * the weighted scores of the units scored
+        self.rest = np.zeros(n)         # the bounds of the units not scored yet (set by _run)
+        self.done = [np.zeros(n, bool) for _ in self.units]
 
     # ---- bounds ------------------------------------------------------------------------------------
     def unit_norms(self) -> tuple[list[np.ndarray], np.ndarray] | None:
@@ -216,11 +222,6 @@ class PrunedScan:
         unit by unit, as engine/executor.py's influence() does (the same chunks, so the same
         scores), summed and ranked as it sums and ranks; a score computed before is replaced."""
         n = len(self.train)
-        if not hasattr(self, "parts"):
-            self.parts = [[] for _ in self.units]
-            self.known, self.rest = np.zeros(n), np.zeros(n)
-            self.done = [np.zeros(n, bool) for _ in self.units]
-            self.sign = 1.0
         everyone = np.arange(n)
         for u in range(len(self.units)):
             self._score(u, everyone, queries, w, [np.zeros(n)] * len(self.units))
@@ -241,12 +242,7 @@ class PrunedScan:
         return verdict
 
     def _run(self, queries, w, bounds, seen, k) -> pa.Table:
-        self.sign = -1.0 if self.plan.ascending else 1.0
-        n = len(self.train)
-        self.parts: list[list[tuple]] = [[] for _ in self.units]   # per unit: (positions, scores, present)
-        self.known = np.zeros(n)        # sign * the weighted scores of the units scored
         self.rest = np.sum(bounds, axis=0)
-        self.done = [np.zeros(n, bool) for _ in self.units]
         alive = seen.copy()
         self.n_seen = int(seen.sum())
         # phase 1: the largest bounds first, scored on every unit, in batches of k, 2k, 4k, ... while

@@ -353,7 +353,7 @@ def _batch_bytes(batch: dict) -> int:
     total = 0
     for _, tensors, _ in batch.values():
         if isinstance(tensors, _FullRows):
-            total += tensors.nbytes() if tensors.factors is not None else tensors.g.numel() * tensors.g.element_size()
+            total += tensors.held_bytes()
         else:
             total += sum(t.numel() * t.element_size() for t in tensors.values())
     return total
@@ -379,6 +379,10 @@ class _FullRows:
     def nbytes(self) -> int:
         """Bytes of the factors it holds until resolved."""
         return sum(v.numel() * v.element_size() for v in self.factors.values()) if self.factors is not None else 0
+
+    def held_bytes(self) -> int:
+        """Bytes it holds: its factors until resolved, then its gradients."""
+        return self.nbytes() if self.factors is not None else self.g.numel() * self.g.element_size()
 
 
 def unwrapped(model: nn.Module) -> nn.Module:

@@ -31,6 +31,7 @@ the naive loop of one single-query INFLUENCE(query=point(id)) per query sample.
     python benchmarks/bench_limits.py --models minilm    # some of digits,conv13,minilm,big; writes limits_minilm.md
     python benchmarks/bench_limits.py --quick    # smoke run, about a minute; writes limits_quick.md
     python benchmarks/bench_limits.py --models digits --layers conv2 --strategies batch_average --bs 64 --threads 2
+    python benchmarks/bench_limits.py --models conv13 --n conv13=4000 --bs 1 --suffix _n4000   # more training samples
 """
 from __future__ import annotations
 
@@ -507,6 +508,8 @@ def main(argv=None) -> None:
     ap.add_argument("--bs", default=None, help="comma-separated query sizes B (default 1,64,1000)")
     ap.add_argument("--layers", default=None, help="comma-separated subset of the models' layers")
     ap.add_argument("--suffix", default="", help="appended to the results file's name")
+    ap.add_argument("--n", default=None, help="training samples per model, e.g. conv13=4000 (comma-separated "
+                    "model=N; default digits 2,000, conv13 400, minilm 400, big 600)")
     add_threads_option(ap)
     add_clock_option(ap)
     args = ap.parse_args(argv)
@@ -515,6 +518,8 @@ def main(argv=None) -> None:
     cfg = dict(QUICK if args.quick else FULL)
     if args.bs:
         cfg["bs"] = cfg["minilm_bs"] = tuple(int(v) for v in args.bs.split(","))
+    for model, n in (item.split("=") for item in (args.n.split(",") if args.n else [])):
+        cfg[f"{model}_n"] = int(n)
     names = args.models.split(",")
     subset = "" if set(names) >= {"digits", "conv13", "minilm", "big"} else "_" + "_".join(names)
     name = ("limits" + ("_quick" if args.quick else "") + subset

@@ -125,13 +125,13 @@ def layer_block(catalog, strat, source, q, lo: int, hi: int, cosine: bool, devic
         rows, pos = rows[inside], pos[inside] - lo
         per_sample = sum(int(np.prod(t.shape[1:])) for t in tensors.values())
         group = query_group_size(chosen, meta, tensors, q, per_sample)
-        step = max(1, CHUNK_NUMBERS // max(chosen.extra_numbers(meta, tensors, ops.query_group(q, 0, group),
-                                                                per_sample), 1))
+        # made once: the chunks share each group's tensors (and what conv.py builds from them)
+        groups = [ops.query_group(q, g, min(g + group, q["count"])) for g in range(0, q["count"], group)]
+        step = max(1, CHUNK_NUMBERS // max(chosen.extra_numbers(meta, tensors, groups[0], per_sample), 1))
         for start in range(0, len(rows), step):
             ctx.check_interrupt()
             chunk = {n: rows_of(t, rows[start:start + step]).to(device) for n, t in tensors.items()}
-            scores = torch.cat([chosen.scores(kind, meta, chunk, ops.query_group(q, g, min(g + group, q["count"])))
-                                for g in range(0, q["count"], group)], dim=1)
+            scores = torch.cat([chosen.scores(kind, meta, chunk, part) for part in groups], dim=1)
             norms = training_norms(kind, meta, stored, chunk) if cosine else None
             yield (pos[start:start + step], scores.double().cpu().numpy(),
                    0.0 if norms is None else norms.double().cpu().numpy())

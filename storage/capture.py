@@ -349,10 +349,14 @@ class ShardWriter:
 
     def close(self, raise_error: bool = True) -> None:
         """Waits for the background writer to write every flush handed to it; raises its error
-        unless told not to. A no-op inline."""
+        unless told not to. Lets go of the recycled copies (a Capture the caller keeps would hold a
+        flush's worth of memory)."""
         thread, self._worker = self._worker, None
-        if thread is not None:
-            thread.close(raise_error)
+        try:
+            if thread is not None:
+                thread.close(raise_error)
+        finally:
+            self.recycled = _Recycled()
 
     def _write(self, store: Store, batches, seen: list[int | None]) -> dict[str, np.ndarray]:
         """Writes the batches' rows of every layer as one unit; {layer: ids written}."""

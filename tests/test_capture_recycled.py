@@ -70,6 +70,7 @@ def test_a_written_flushs_copies_take_the_next_batches_rows(monkeypatch):
     con.close()
     # conv2 (I, DO) and fc (X, D) are factored: four copies, each into memory the first flush gave back
     assert len(third) == 4 and third <= given, "the batch after a flush copied into new memory"
+    assert not cap.writer.recycled._free, "a closed capture keeps a flush's worth of copies alive"
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

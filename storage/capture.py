@@ -387,7 +387,6 @@ class ShardWriter:
                     storage=self.modes[layer], suffix_of=owner if shares else None,
                     seen=(min(steps), max(steps)) if steps else None)
 
-
     def _check_scaled(self, layer: str, tensors: dict[str, torch.Tensor]) -> None:
         """Raises if scaling a layer's finite gradients by the loss's reduction (the batch size) overflowed."""
         names = ("G",) if "G" in tensors else self._kind(layer).gradient_factors

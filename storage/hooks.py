@@ -149,8 +149,8 @@ class LayerHooks:
     def factors(self, scale: float = 1.0, deferred: bool = False):
         """Per-layer per-sample factors of the last forward/backward; `scale` undoes a mean loss.
         Raises (before anything of the batch is stored) when a required layer got no gradient.
-        `deferred`: the factors a kind lists in gradient_factors are left unscaled (the capture's
-        writer thread scales them) and the result is (factors, {layer: the names left unscaled})."""
+        `deferred`: the factors a kind lists in gradient_factors are left unscaled (the capture
+        scales them in its buffer's copy) and the result is (factors, {layer: the names left unscaled})."""
         self._drop_recomputations()
         # _no_gradient's reasons, asked only of the layers it has one for (this runs every step)
         missing = {n: self._no_gradient(n) for n, calls in self.inputs.items()

@@ -49,7 +49,7 @@ class LayerKind:
     covers_children: tuple[str, ...] = ()
     # factors that are the output gradients laid out as they are (reshaped, stacked or concatenated
     # over calls, nothing else): scaling them is scaling the gradients element for element, so a
-    # capture hands them over unscaled and the writer thread scales them (storage/capture.py)
+    # capture multiplies them by the loss's scale in the copy its buffer keeps (storage/capture.py)
     gradient_factors: tuple[str, ...] = ()
 
     def unfit(self, module: nn.Module) -> str:

@@ -146,9 +146,11 @@ class LayerHooks:
                 self.normalized[name] = inputs[0]
         return hook
 
-    def factors(self, scale: float = 1.0) -> dict[str, dict[str, torch.Tensor]]:
+    def factors(self, scale: float = 1.0, deferred: bool = False):
         """Per-layer per-sample factors of the last forward/backward; `scale` undoes a mean loss.
-        Raises (before anything of the batch is stored) when a required layer got no gradient."""
+        Raises (before anything of the batch is stored) when a required layer got no gradient.
+        `deferred`: the factors a kind lists in gradient_factors are left unscaled (the capture
+        scales them in its buffer's copy) and the result is (factors, {layer: the names left unscaled})."""
         self._drop_recomputations()
         # _no_gradient's reasons, asked only of the layers it has one for (this runs every step)
         missing = {n: self._no_gradient(n) for n, calls in self.inputs.items()
@@ -161,18 +163,23 @@ class LayerHooks:
                 raise InvalidInputException(
                     f"layer '{name}' {why}, so it has no per-sample gradient; nothing of this batch was "
                     f"stored (leave '{name}' out of layers=, or make the loss depend on its output)")
-        out = {}
+        out, unscaled = {}, {}
         self._computing = True
         try:
             for name, calls in self.inputs.items():
                 if not calls:
                     continue
-                grads = self.grads[name]
-                scaled = [grads[i] * scale if scale != 1.0 else grads[i] for i in range(len(calls))]
-                out[name] = self.kinds[name].factors(self.modules[name], calls, scaled)
+                grads, kind = self.grads[name], self.kinds[name]
+                if scale == 1.0 or (deferred and kind.gradient_factors):
+                    given = [grads[i] for i in range(len(calls))]
+                    if scale != 1.0:
+                        unscaled[name] = kind.gradient_factors
+                else:
+                    given = [grads[i] * scale for i in range(len(calls))]
+                out[name] = kind.factors(self.modules[name], calls, given)
         finally:
             self._computing = False
-        return out
+        return (out, unscaled) if deferred else out
 
     def _drop_recomputations(self) -> None:
         """Forgets calls that a backward pass ran and no gradient reached: gradient checkpointing

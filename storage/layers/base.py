@@ -47,6 +47,10 @@ class LayerKind:
     # children whose parameters this kind captures as part of the layer (nn.MultiheadAttention's
     # out_proj): a pattern does not pick them separately, and naming them is refused
     covers_children: tuple[str, ...] = ()
+    # factors that are the output gradients laid out as they are (reshaped, stacked or concatenated
+    # over calls, nothing else): scaling them is scaling the gradients element for element, so a
+    # capture multiplies them by the loss's scale in the copy its buffer keeps (storage/capture.py)
+    gradient_factors: tuple[str, ...] = ()
 
     def unfit(self, module: nn.Module) -> str:
         """'' when a module of the registered type is one this kind models, else why not."""

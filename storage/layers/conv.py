@@ -49,6 +49,7 @@ CONV_BLOCK_NUMBERS = 1 << 19
 @register(nn.Conv1d, nn.Conv2d)
 class Conv(LayerKind):
     kind = "conv"
+    gradient_factors = ("DO",)
     modelled_methods = ("forward", "_conv_forward")
 
     def meta(self, name: str, module: nn.Module) -> LayerMeta:

@@ -14,6 +14,7 @@ from metaql.storage.layers.base import LayerKind, LayerMeta, register
 @register(nn.Linear)
 class Linear(LayerKind):
     kind = "linear"
+    gradient_factors = ("D",)
 
     def meta(self, name: str, module: nn.Module) -> LayerMeta:
         shapes = {"weight": list(module.weight.shape)}

@@ -107,11 +107,17 @@ class Publisher:
                 return False
             self._published = fp
             self.last_ms = (time.perf_counter() - t0) * 1e3
+            if self._timer is not None:   # this snapshot holds what the timer was to publish
+                self._timer.cancel()
+                self._timer = None
             return True
 
     def _defer(self) -> None:
         if self._timer is None:
-            self._timer = threading.Timer(MIN_INTERVAL, self._deferred)
+            # due when the interval since the last snapshot ends, not a whole interval from now: a
+            # timer started just before a snapshot would otherwise publish again right after it
+            due = max(self._last + MIN_INTERVAL - time.monotonic(), 0.0)
+            self._timer = threading.Timer(due, self._deferred)
             self._timer.daemon = True
             self._timer.start()
 

@@ -226,3 +226,48 @@ def test_frequent_flushes_publish_at_most_one_snapshot_a_second(tmp_path, monkey
         with metaql.connect(str(tmp_path / "s.mq"), read_only=True) as reader:
             assert reader.execute("SELECT count(*) FROM shards WHERE kind = 'factors'").fetchone()[0] == 80
             assert reader.execute("SELECT status FROM checkpoints").fetchall() == [("complete",)]
+
+
+def test_deferred_snapshot_keeps_the_interval_after_a_snapshot_between(tmp_path, monkeypatch):
+    """A refused publish starts a timer; a later publish past the interval then snapshots, and the
+    timer must not publish again right after it (it was due a whole interval after the refusal,
+    which put two snapshots 0.1 interval apart under a capture's frequent flushes). The last commit
+    is still published by a timer."""
+    import duckdb
+    from metaql.storage import snapshot
+    from metaql.storage.files import CATALOG
+    interval = 0.4
+    monkeypatch.setattr(snapshot, "MIN_INTERVAL", interval)
+    db = duckdb.connect(str(tmp_path / CATALOG))
+    db.execute("CREATE TABLE t (i INTEGER)")
+    publisher, times = snapshot.Publisher(tmp_path, db), []
+    original = snapshot.Publisher.publish
+
+    def timed(self, force=True):
+        began = time.monotonic()
+        done = original(self, force)
+        if done:
+            times.append(began)
+        return done
+    monkeypatch.setattr(snapshot.Publisher, "publish", timed)
+
+    def commit_and_publish(i):
+        db.execute("INSERT INTO t VALUES (?)", [i])
+        db.execute("CHECKPOINT")
+        return publisher.publish(force=False)
+    try:
+        assert commit_and_publish(0)                         # t = 0: published
+        time.sleep(0.25 * interval)
+        assert not commit_and_publish(1)                     # refused: a timer is started
+        time.sleep(0.8 * interval)                           # past the interval since the first
+        commit_and_publish(2)                                # the timer's snapshot, or this one
+        time.sleep(0.05 * interval)
+        commit_and_publish(3)
+        time.sleep(2.5 * interval)
+        assert len(times) == 3, times
+        gaps = np.diff(times)
+        assert (gaps >= 0.9 * interval).all(), gaps / interval
+        assert snapshot.catalog_fingerprint(tmp_path) == publisher._published   # the last commit is out
+    finally:
+        publisher.close()
+        db.close()

@@ -83,7 +83,8 @@ def check_topk(k: int) -> int:
     """TOPK(n): a count torch.topk can take (it needs an int32-sized k)."""
     if k not in TOPK_RANGE:
         shown = str(k) if len(str(k)) <= 20 else str(k)[:17] + "..."
-        raise BinderException(f"TOPK(n) needs n in {TOPK_RANGE}, not {shown}; use a smaller count")
+        fix = "ask for at least one sample" if k < TOPK_RANGE.low else "use a smaller count"
+        raise BinderException(f"TOPK(n) needs n in {TOPK_RANGE}, not {shown}; {fix}")
     return k
 
 

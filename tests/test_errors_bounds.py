@@ -114,6 +114,7 @@ def test_topk_is_bounded(con):
     for k in ("0", str(2 ** 31 + 1), "1" + "0" * 30):
         e = _error(con, f"SELECT TOPK({k}) train FROM SELF_INFLUENCE() ORDER BY ASC")
         assert isinstance(e, metaql.BinderException) and "TOPK(n)" in str(e)
+        assert ("at least one" in str(e)) == (k == "0"), str(e)   # TOPK(0) was told to use a smaller count
     assert len(con.execute(f"SELECT TOPK({2 ** 31}) train FROM SELF_INFLUENCE() ORDER BY ASC").fetchall()) == 32
 
 

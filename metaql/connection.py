@@ -871,6 +871,8 @@ def _tensor_side(query, loss: str):
 
     from metaql.storage.inputs import first_tensor
     inputs, labels = (query if isinstance(query, tuple) and len(query) == 2 else (query, None))
+    if isinstance(inputs, np.ndarray):      # DuckDB users hand numpy arrays as often as tensors
+        inputs = torch.from_numpy(inputs) if inputs.dtype != object else inputs
     first = first_tensor(inputs)
     if first is None or first.dim() == 0 or first.shape[0] == 0:
         raise InvalidInputException("query= takes (inputs, labels) or inputs: tensors with one row per query sample")

@@ -87,6 +87,22 @@ def replay_factors(model, modules, inputs, labels, target="label", batch_size=25
     return {layer: {k: _cat_padded(v) for k, v in fs.items()} for layer, fs in parts.items()}
 
 
+def caller_replay_factors(model, modules, inputs, labels, target, task, checkpoint: str):
+    """replay_factors of query tensors the caller passed (con.influence): a shape or label the
+    model cannot take is the caller's input error, and is said as one."""
+    from metaql.errors import Error, InvalidInputException
+    try:
+        return replay_factors(model, modules, inputs, labels, target, task=task)
+    except Error:
+        raise
+    except (RuntimeError, IndexError, ValueError, TypeError) as e:
+        cause = (str(e).strip().splitlines() or [""])[0][:300]
+        raise InvalidInputException(
+            f"the model at checkpoint '{checkpoint}' cannot take the query tensors ({type(e).__name__}: {cause}); "
+            "pass inputs of the training samples' shape and dtype (one row per query sample) and labels its loss "
+            "accepts") from e
+
+
 def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenates along the batch, zero-padding the row axis (zero rows add nothing)."""
     if parts[0].dim() < 2 or all(p.shape[1:] == parts[0].shape[1:] for p in parts):

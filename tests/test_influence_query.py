@@ -187,7 +187,14 @@ def test_query_given_as_tensors_equals_the_registered_query(store_dir):
             con.influence(query=(x[10:], y[10:13]))
         with pytest.raises(metaql.InvalidInputException, match="NaN"):
             con.influence(query=(torch.full((2, 6), float("nan")), y[:2]))
+        # what the model cannot take is the caller's input error (a torch RuntimeError / IndexError before)
+        for bad in ((torch.randn(4, 5), y[10:]), (x[10:], torch.tensor([0, 1, 2, 7]))):
+            for each in (False, True):
+                with pytest.raises(metaql.InvalidInputException, match="cannot take the query tensors"):
+                    con.influence(query=bad, each=each)
+        numpy_given = con.influence(query=(x[10:].numpy(), y[10:].numpy())).fetchall()
         assert con.execute("SELECT count(*) FROM samples").fetchone()[0] == 14     # nothing registered
+    assert numpy_given == given
     assert [r[0] for r in given] == [r[0] for r in registered]
     assert np.allclose([r[1] for r in given], [r[1] for r in registered], rtol=1e-6)
     want = _expected(model, states, lrs, x, y, 10, slice(10, 14), ["fc1", "fc2"])

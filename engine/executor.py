@@ -21,7 +21,7 @@ from metaql.errors import InterruptException, InvalidInputException
 from metaql.storage.catalog_snapshot import catalog_of
 from metaql.storage.hooks import LayerHooks, watched_modules
 from metaql.storage.layers import kind_named
-from metaql.storage.replay import caller_replay_factors, replay_batches, stored_batches, stored_replay_factors
+from metaql.storage.replay import replay_batches, replay_factors, stored_batches, stored_replay_factors
 from metaql.storage.tasks import task_at
 
 CHUNK_NUMBERS = 32 * 2 ** 20      # bound on the largest intermediate of one chunk (numbers)
@@ -140,7 +140,7 @@ def query_sides(scan: InfluenceScan, store, ckpt: str, strategies: list[Strategy
     modules = watched_modules(model, scan.layers)
     ids = scan.query.ids
     if scan.query.inputs is not None:   # tensors the caller passed (con.influence), not registered
-        factors = caller_replay_factors(model, modules, scan.query.inputs, scan.query.targets, scan.loss, task, ckpt)
+        factors = replay_factors(model, modules, scan.query.inputs, scan.query.targets, scan.loss, task=task)
     else:
         # the query side's loss is the checkpoint's task's, read as scan.loss says
         targets = task.stored_targets(store, ids, scan.loss)

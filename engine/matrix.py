@@ -26,7 +26,7 @@ from metaql.engine.strategies import STRATEGIES, strategy_named
 from metaql.storage.catalog_snapshot import catalog_of
 from metaql.storage.hooks import watched_modules
 from metaql.storage.layers import kind_named
-from metaql.storage.replay import caller_replay_factors, stored_replay_factors
+from metaql.storage.replay import replay_factors, stored_replay_factors
 from metaql.storage.tasks import task_at
 
 DIRECTIONS = ("proponents", "opponents", "both")
@@ -173,7 +173,7 @@ def matrix_query_sides(scan, store, ckpt: str, strategies, device: str, catalog)
     model, task = store.model_at(ckpt), task_at(store, ckpt)
     modules = watched_modules(model, scan.layers)
     if scan.query.inputs is not None:   # tensors the caller passed (con.influence), not registered
-        factors = caller_replay_factors(model, modules, scan.query.inputs, scan.query.targets, scan.loss, task, ckpt)
+        factors = replay_factors(model, modules, scan.query.inputs, scan.query.targets, scan.loss, task=task)
     else:
         ids = scan.query.ids
         factors = stored_replay_factors(store, model, modules, ids, task.stored_targets(store, ids, scan.loss),

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metaql.errors import Error, InvalidInputException
 from metaql.storage.hooks import LayerHooks
 from metaql.storage.inputs import batch_size as batch_size_of, call_model, take_rows
 
@@ -42,7 +43,7 @@ def replay_batches(model: nn.Module, hooks: LayerHooks, batches, target: str = "
         with torch.enable_grad():
             for key, x, y in batches:
                 hooks.clear()
-                loss = task.losses(call_model(model, x), x, y, target)
+                loss = _losses(model, task, x, y, target)
                 outputs = [o for outs in hooks.outputs.values() for o in outs]
                 # autograd.grad w.r.t. the outputs fires their hooks and leaves .grad of weights alone;
                 # an output the loss does not use is left to hooks.factors to report by its layer's name
@@ -52,6 +53,21 @@ def replay_batches(model: nn.Module, hooks: LayerHooks, batches, target: str = "
     finally:
         hooks.detach()
         model.train(was_training)
+
+
+def _losses(model: nn.Module, task, x, y, target: str) -> torch.Tensor:
+    """The task's per-sample losses of the model on one batch. What the model or its loss cannot
+    take (a wrong shape or dtype, a class beyond its outputs) is an error of the samples given, and
+    is said as one rather than as torch's bare exception."""
+    try:
+        return task.losses(call_model(model, x), x, y, target)
+    except Error:
+        raise
+    except (RuntimeError, IndexError, ValueError, TypeError) as e:
+        cause = (str(e).strip().splitlines() or [""])[0][:300]
+        raise InvalidInputException(
+            f"the model cannot take these samples ({type(e).__name__}: {cause}); give inputs of the "
+            "training samples' shape and dtype, one row per sample, and labels its loss accepts") from e
 
 
 def stored_batches(store, ids: np.ndarray, labels: torch.Tensor | None, batch_size: int = 256, shard_rows=None):
@@ -85,22 +101,6 @@ def replay_factors(model, modules, inputs, labels, target="label", batch_size=25
             for k, v in fs.items():
                 parts.setdefault(layer, {}).setdefault(k, []).append(v)
     return {layer: {k: _cat_padded(v) for k, v in fs.items()} for layer, fs in parts.items()}
-
-
-def caller_replay_factors(model, modules, inputs, labels, target, task, checkpoint: str):
-    """replay_factors of query tensors the caller passed (con.influence): a shape or label the
-    model cannot take is the caller's input error, and is said as one."""
-    from metaql.errors import Error, InvalidInputException
-    try:
-        return replay_factors(model, modules, inputs, labels, target, task=task)
-    except Error:
-        raise
-    except (RuntimeError, IndexError, ValueError, TypeError) as e:
-        cause = (str(e).strip().splitlines() or [""])[0][:300]
-        raise InvalidInputException(
-            f"the model at checkpoint '{checkpoint}' cannot take the query tensors ({type(e).__name__}: {cause}); "
-            "pass inputs of the training samples' shape and dtype (one row per query sample) and labels its loss "
-            "accepts") from e
 
 
 def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -190,7 +190,7 @@ def test_query_given_as_tensors_equals_the_registered_query(store_dir):
         # what the model cannot take is the caller's input error (a torch RuntimeError / IndexError before)
         for bad in ((torch.randn(4, 5), y[10:]), (x[10:], torch.tensor([0, 1, 2, 7]))):
             for each in (False, True):
-                with pytest.raises(metaql.InvalidInputException, match="cannot take the query tensors"):
+                with pytest.raises(metaql.InvalidInputException, match="cannot take these samples"):
                     con.influence(query=bad, each=each)
         numpy_given = con.influence(query=(x[10:].numpy(), y[10:].numpy())).fetchall()
         assert con.execute("SELECT count(*) FROM samples").fetchone()[0] == 14     # nothing registered
@@ -202,3 +202,18 @@ def test_query_given_as_tensors_equals_the_registered_query(store_dir):
     last = _expected(model, states[1:], lrs[1:], x, y, 10, slice(10, 14), ["fc2"]) * 4
     assert rel_err(torch.tensor([r[1] for r in summed]), last) < 1e-5
     assert len(by_pred) == 10
+
+
+def test_registered_samples_the_model_cannot_take_are_an_input_error(store_dir):
+    """A registered query set with a class beyond the model's outputs: an InvalidInputException
+    that says so (an InternalException "please report this" before), and the store still answers."""
+    torch.manual_seed(6)
+    model, x, y = MLP(), torch.randn(12, 6), torch.randint(0, 3, (12,))
+    with metaql.connect(store_dir) as con:
+        _build(con, model, x, y, 10, 1, [0.5], 6)
+        con.add_samples([100, 101], "odd", [1, 7], torch.randn(2, 6))
+        con.execute("CREATE SET odd AS SELECT sample_id FROM samples WHERE split = 'odd'")
+        for query in ("batch(odd)", "each(odd)"):
+            with pytest.raises(metaql.InvalidInputException, match="cannot take these samples.*Target 7"):
+                con.execute(f"SELECT * FROM INFLUENCE(layers=*, query={query})")
+        assert len(con.execute("SELECT * FROM INFLUENCE(layers=*, query=batch(test))").fetchall()) == 10

@@ -53,14 +53,34 @@ def influence_plan(ctx, layers=("*",), query=None, train="train", checkpoints="a
     query = query if isinstance(query, Side) else resolve_side(catalog, query, "query")
     layers = resolve_layers(catalog, layers)
     check_error(catalog, layers, error)
+    train, checkpoints = resolve_side(catalog, train, "train"), resolve_checkpoints(catalog, checkpoints)
+    require_stored_factors(catalog, train, layers, checkpoints)
     if each:
-        return InfluenceMatrix(train=resolve_side(catalog, train, "train"), query=query,
-                               layers=layers,
-                               checkpoints=resolve_checkpoints(catalog, checkpoints), similarity=similarity,
-                               loss=loss, reduce=reduce, topk=topk, direction=direction)
-    return InfluenceScan(train=resolve_side(catalog, train, "train"), query=query,
-                         layers=layers, checkpoints=resolve_checkpoints(catalog, checkpoints),
+        return InfluenceMatrix(train=train, query=query, layers=layers, checkpoints=checkpoints,
+                               similarity=similarity, loss=loss, reduce=reduce, topk=topk, direction=direction)
+    return InfluenceScan(train=train, query=query, layers=layers, checkpoints=checkpoints,
                          similarity=similarity, loss=loss, total=bool(total), reduce=reduce, error=error)
+
+
+def require_stored_factors(catalog, train: Side, layers: list[str], checkpoints: list[str]) -> None:
+    """Scores come from the training side's stored factors, and a sample without them has no row:
+    a side none of whose samples was captured (a test set, a split never trained on) would answer
+    with no rows and no word why. A shard's id range that holds none of the side's ids rules it out;
+    an unknown range does not."""
+    ids = np.sort(np.asarray(train.ids))
+    for ckpt in checkpoints:
+        for layer in layers:
+            for row in catalog.factor_shards(ckpt, layer):
+                lo, hi = row.get("min_id"), row.get("max_id")
+                if lo is None or hi is None or np.searchsorted(ids, lo) < np.searchsorted(ids, hi, side="right"):
+                    return
+    name = train.label[len("batch("):-1] if train.label.startswith("batch(") else None
+    where = f"samples='{name}'" if name else "samples=<a set holding them>"
+    raise InvalidInputException(
+        f"no factors are stored for the training side {train.label} ({len(ids)} samples) at checkpoint(s) "
+        f"{', '.join(checkpoints)} for layer(s) {', '.join(layers)}: scores are computed from the factors "
+        f"captured in training, so rank the set that was captured, or store these samples' factors first "
+        f"with con.replay('<checkpoint>', {where})")
 
 
 def check_matrix_arguments(each: bool, total, topk, direction) -> None:
@@ -83,8 +103,9 @@ def self_influence_plan(ctx, layers=("*",), train="train", checkpoints="all", er
     catalog = catalog_of(ctx)
     layers = resolve_layers(catalog, layers)
     check_error(catalog, layers, error)
-    return InfluenceScan(train=resolve_side(catalog, train, "train"), query=None,
-                         layers=layers, checkpoints=resolve_checkpoints(catalog, checkpoints), error=error)
+    train, checkpoints = resolve_side(catalog, train, "train"), resolve_checkpoints(catalog, checkpoints)
+    require_stored_factors(catalog, train, layers, checkpoints)
+    return InfluenceScan(train=train, query=None, layers=layers, checkpoints=checkpoints, error=error)
 
 
 def _run(ctx, scan: InfluenceScan) -> pa.Table:

@@ -217,3 +217,23 @@ def test_registered_samples_the_model_cannot_take_are_an_input_error(store_dir):
             with pytest.raises(metaql.InvalidInputException, match="cannot take these samples.*Target 7"):
                 con.execute(f"SELECT * FROM INFLUENCE(layers=*, query={query})")
         assert len(con.execute("SELECT * FROM INFLUENCE(layers=*, query=batch(test))").fetchall()) == 10
+
+
+def test_a_training_side_without_stored_factors_is_refused_with_what_to_do(store_dir):
+    """Ranking a set that was never captured (the test split) answered with no rows and no word
+    why; it is refused, naming con.replay, and after the replay the same statement answers."""
+    torch.manual_seed(7)
+    model, x, y = MLP(), torch.randn(14, 6), torch.randint(0, 3, (14,))
+    with metaql.connect(store_dir) as con:
+        _build(con, model, x, y, 10, 2, [0.5, 0.1], 7)
+        statements = ["SELECT TOPK(2) test FROM SELF_INFLUENCE(layers=*) ORDER BY DESC",
+                      "SELECT * FROM INFLUENCE(layers=[fc2], query=batch(test), train=batch(test))",
+                      "SELECT * FROM INFLUENCE(layers=*, query=each(test), train=test)",
+                      "SELECT * FROM INFLUENCE(layers=*, query=batch(test), train=point(12))"]
+        for sql in statements:
+            with pytest.raises(metaql.InvalidInputException, match=r"no factors are stored .*con\.replay"):
+                con.execute(sql)
+        assert len(con.execute("SELECT * FROM INFLUENCE(layers=*, query=batch(test), train=point(3))").fetchall()) == 1
+        con.replay("c1", samples="test")
+        assert len(con.execute(statements[0]).fetchall()) == 2
+        assert len(con.execute(statements[3]).fetchall()) == 1

@@ -428,6 +428,10 @@ class Store:
             require_read_query(f"SELECT * FROM ({query}) AS _q", "a set's query")
         except ProgrammingError as e:
             raise BinderException(str(e)) from None
+        if name in self.splits() and name not in self.set_names():
+            raise CatalogException(f"'{name}' is a split of the samples table; a set of that name would hide the "
+                                   f"split from every statement that names it (INFLUENCE's default training side "
+                                   f"among them): choose another name")
         with transaction(self.db):
             if name in self.set_names():
                 if not replace:

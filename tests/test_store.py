@@ -93,6 +93,9 @@ def test_failed_set_statements_change_nothing(store_dir):
             con.execute("CREATE OR REPLACE SET a AS SELECT 99 AS sample_id")
         with pytest.raises(metaql.BinderException, match="query failed"):
             con.execute("CREATE SET b AS SELECT nope FROM samples")
+        for create in ("CREATE", "CREATE OR REPLACE"):     # a set named like a split hid the split
+            with pytest.raises(metaql.CatalogException, match="'train' is a split"):
+                con.execute(f"{create} SET train AS SELECT 1 AS sample_id")
         assert con.execute("SELECT name, size FROM sets").fetchall() == [("a", 2)]
         with pytest.raises(metaql.ProgrammingError, match="would break the store"):
             con.execute("DELETE FROM shards")

@@ -350,7 +350,11 @@ class ToAST(Transformer):
         return ast.DropSet(str(name), any(isinstance(i, ast.Literal) for i in items))
 
     def order(self, items):
-        return str(items[2]).lower() == "asc"
+        if items[2].type == "NAME" and str(items[2]).lower() != "score":
+            raise self._error(f"TOPK ranks by the function's score: write ORDER BY score ASC|DESC (or ORDER BY "
+                              f"ASC|DESC), not ORDER BY {_clip(str(items[2]))}", items[2])
+        direction = items[-1] if items[-1].type == "DIRECTION" else "asc"
+        return str(direction).lower() == "asc"
 
     def topk_select(self, items):
         k = self._parameter(items[3]) if items[3].type == "PARAMETER" else self._number(items[3])

@@ -143,7 +143,7 @@ class Generator:
 
     def topk(self, r: random.Random) -> str:
         k = r.choice(["1", "5", "0", str(2 ** 31), str(2 ** 31 + 1), "1" + "0" * 30, "9" * 5000, "-1", "x"])
-        order = r.choice([" ORDER BY ASC", " ORDER BY DESC", "", " ORDER BY up"])
+        order = r.choice([" ORDER BY ASC", " ORDER BY DESC", "", " ORDER BY up", " ORDER BY score DESC"])
         return f"SELECT TOPK({k}) {r.choice(['train', 'test', 'odd', 'x'])} FROM {self.call(r)}{order}"
 
     def func_select(self, r: random.Random) -> str:

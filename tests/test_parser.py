@@ -40,6 +40,19 @@ def test_query_words_stay_usable_as_names():
     assert s.train_set == "batch" and s.call.args["query"] == ast.Call("batch", [ast.Name("layers")])
 
 
+def test_topk_orders_by_score_as_sql_writes_it():
+    """ORDER BY score [ASC|DESC] was a syntax error; ORDER BY score alone is ascending, as in SQL,
+    and TOPK without ORDER BY keeps its documented DESC."""
+    head = "SELECT TOPK(3) train FROM INFLUENCE(query=batch(t))"
+    cases = {"ORDER BY score": True, "order by Score desc": False, "ORDER BY score ASC": True,
+             "ORDER BY ASC": True, "ORDER BY DESC": False, "": False}
+    for tail, ascending in cases.items():
+        assert one(f"{head} {tail}").ascending is ascending, tail
+    with pytest.raises(metaql.ParserException, match="ranks by the function's score") as e:
+        one(f"{head} ORDER BY sample_id DESC")
+    assert e.value.line == 1 and e.value.column == len(head) + 11
+
+
 def test_parameters_and_literals():
     [(_, call)] = one("SELECT * FROM INFLUENCE(query=batch(?), similarity='cosine', k=$2, x=$name, y=-1.5e2)").calls
     assert call.args["query"] == ast.Call("batch", [ast.Parameter("1")])
@@ -55,7 +68,7 @@ def test_split_statements_respects_quotes_and_comments():
 
 @pytest.mark.parametrize("text, where, message", [
     ("SELECT TOPK 5 train FROM INFLUENCE(query=batch(t))", (1, 13), "TOPK\\(n\\) with the count"),
-    ("SELECT TOPK(5) train FROM INFLUENCE(query=batch(t)) ORDER BY up", (1, 62), "expected ASC or DESC"),
+    ("SELECT TOPK(5) train FROM INFLUENCE(query=batch(t)) ORDER BY up", (1, 62), "write ORDER BY score ASC\\|DESC"),
     ("SELECT TOPK(5) train\nFROM INFLUENCE(layers=[fc1 query=batch(t))", (2, 28), "expected '\\(', ',' or '\\]'"),
     ("SELECT TOPK(5) train FROM INFLUENCE(layers=fc1, fc2, query=batch(t)) ORDER BY ASC", None, "layers=\\[fc1, fc2\\]"),
 ])

@@ -413,7 +413,7 @@ class Store:
             rows = self.db.execute("SELECT sample_id FROM samples WHERE split = ? ORDER BY sample_id",
                                    [name]).fetchnumpy()
             return rows["sample_id"].astype(np.int64)
-        require_name("set", name, self.set_names() + self.splits())
+        require_name("set", name, list(dict.fromkeys(self.set_names() + self.splits())))
         raise AssertionError  # pragma: no cover - require_name raised
 
     def create_set(self, name: str, query: str, params: Any = None, replace: bool = False,

@@ -203,7 +203,7 @@ class Generator:
 # ---- a small real store ----------------------------------------------------------------------------
 def small_store(path: str = ":memory:", n_train: int = 32, n_test: int = 8) -> metaql.Connection:
     """Train and test samples of a 6-feature, 3-class problem; an MLP captured at two
-    checkpoints; a set `odd`, a `val` split with 0/1 labels for ELITE, and two human labels."""
+    checkpoints, the test samples replayed at the second; a set `odd`, a `val` split with 0/1 labels for ELITE, and two human labels."""
     torch.manual_seed(0)
     n = n_train + n_test + 8
     x, y = torch.randn(n, 6), torch.randint(0, 3, (n,))
@@ -218,6 +218,7 @@ def small_store(path: str = ":memory:", n_train: int = 32, n_test: int = 8) -> m
         with con.capture(model, checkpoint=f"c{c}", lr=lr, factory="tests.models:MLP",
                          kwargs=model.metaql_config) as cap:
             cap.backward(F.cross_entropy(model(x[:n_train]), y[:n_train]), ids[:n_train])
+    con.replay("c1", samples="test")     # test samples with factors at one checkpoint of two
     con.execute("CREATE SET odd AS SELECT sample_id FROM samples WHERE sample_id % 2 = 1")
     con.label([0, 1], [0, 1], by="fuzz")
     return con

@@ -212,7 +212,6 @@ def test_registered_samples_the_model_cannot_take_are_an_input_error(store_dir):
     with metaql.connect(store_dir) as con:
         _build(con, model, x, y, 10, 1, [0.5], 6)
         con.add_samples([100, 101], "odd", [1, 7], torch.randn(2, 6))
-        con.execute("CREATE SET odd AS SELECT sample_id FROM samples WHERE split = 'odd'")
         for query in ("batch(odd)", "each(odd)"):
             with pytest.raises(metaql.InvalidInputException, match="cannot take these samples.*Target 7"):
                 con.execute(f"SELECT * FROM INFLUENCE(layers=*, query={query})")

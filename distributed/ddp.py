@@ -56,6 +56,7 @@ def distributed_capture(target, model, layers=None, checkpoint: str = "ckpt0", l
         # the model's own (no 'module.' prefix), so replay rebuilds it
         inner = model.module if isinstance(model, DistributedDataParallel) else model
         cap = Capture(store, inner, layers, checkpoint, lr, **kwargs)
+        cap.require_registered = rank == 0     # a part store has no samples; rank 0's catalog holds them
         with _finish_deferred(store) if rank == 0 else nullcontext():
             cap.__enter__()
             try:

@@ -538,6 +538,16 @@ def _finite(v: torch.Tensor) -> bool:
     return math.isfinite(total.item()) or bool(torch.isfinite(v).all())
 
 
+def _in_sorted(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """A mask of the ids found in a sorted array (a binary search each: B log N, not a set of N)."""
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), max(len(sorted_ids) - 1, 0))
+    return (sorted_ids[pos] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
+
+
+def _all_in(ids: np.ndarray, sorted_ids: np.ndarray) -> bool:
+    return bool(_in_sorted(ids, sorted_ids).all())
+
+
 def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     from metaql.storage.replay import _cat_padded
     return _cat_padded(parts)
@@ -564,9 +574,13 @@ class Capture:
                                   ProjectionRequest(storage, max_error, proj_dim, proj_seed, sketch_dim))
         self.samples = 0
         self.batches_seen = 0       # training batches so far: the weights moved after each one
+        self._registered: np.ndarray | None = None     # sorted registered sample ids, read at need
+        # off only for another rank's part store (distributed/ddp.py): the samples are in rank 0's catalog
+        self.require_registered = True
 
     def __enter__(self) -> "Capture":
         self.store.begin_checkpoint(self.checkpoint, self.model, **self._ckpt_args)
+        self._registered = self.store.registered_ids() if self.require_registered else None
         self.hooks.attach()
         return self
 
@@ -626,7 +640,22 @@ class Capture:
             self.hooks.clear()
             self.batches_seen += 1
 
+    def _require_registered(self, ids: np.ndarray) -> None:
+        """Factors of ids the catalog does not know belong to no split or set, so no query reaches
+        them (con.verify flags them): the batch is refused. Samples registered while the capture
+        runs are found by reading the ids again when one is new."""
+        if self._registered is None or not _all_in(ids, self._registered):
+            self._registered = self.store.registered_ids()
+        missing = ids[~_in_sorted(ids, self._registered)]
+        if len(missing):
+            raise InvalidInputException(
+                f"{len(missing)} of the {len(ids)} ids of this batch are not registered samples (e.g. "
+                f"{missing[:3].tolist()}); nothing of this batch was stored: register them first with "
+                "con.add_samples(ids, split, labels, inputs)")
+
     def _keep_factors(self, ids: np.ndarray, scale: float) -> None:
+        if self.require_registered:
+            self._require_registered(ids)
         # hooks.factors refuses (or, under a pattern, skips on the first batch) a layer called on
         # fewer rows than the batch, such as BERT's position embeddings: see LayerHooks._broadcast
         factors, unscaled = self.hooks.factors(scale=scale, deferred=True)

@@ -343,6 +343,10 @@ class Store:
             raise CatalogException(f"{len(ids) - t.num_rows} of the requested sample ids are not registered")
         return {n: t.column(n).to_numpy(zero_copy_only=False) for n in names}
 
+    def registered_ids(self) -> np.ndarray:
+        """Every registered sample id, sorted."""
+        return self.db.execute("SELECT sample_id FROM samples ORDER BY sample_id").fetchnumpy()["sample_id"].astype(np.int64)
+
     def splits(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT split FROM samples ORDER BY 1").fetchall()]
 

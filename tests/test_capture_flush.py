@@ -18,6 +18,7 @@ def _flush_round_trips(tmp_path, n_layers: int) -> int:
     con = metaql.connect(str(tmp_path / f"s{n_layers}"))
     model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(n_layers)])
     x = torch.randn(6, 4)
+    con.add_samples(np.arange(6), "train", np.zeros(6, np.int64))
     with con.capture(model, layers="*", checkpoint="c0", lr=0.1, shard_size=100, background=False) as cap:
         cap.backward(model(x).pow(2).sum(1).mean(), np.arange(6))
         writer = cap.writer
@@ -110,6 +111,7 @@ def test_a_capture_flushes_when_its_buffer_passes_the_byte_cap(tmp_path, monkeyp
     def stored(path, cap_bytes):
         monkeypatch.setattr(capture, "MAX_BUFFER_BYTES", cap_bytes, raising=False)
         with metaql.connect(str(path)) as con:
+            con.add_samples(np.arange(24), "train", y.numpy())
             with con.capture(model, layers="*", checkpoint="c0", lr=0.1, shard_size=2048,
                              background=background) as cap:
                 for i in range(0, 24, 4):

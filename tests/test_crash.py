@@ -111,6 +111,23 @@ def test_repeated_ids_in_one_batch_are_refused_before_anything_is_stored(store_d
         assert con.verify() == []
 
 
+def test_ids_not_registered_are_refused_and_samples_added_during_the_capture_are_taken(store_dir):
+    """Factors of unregistered ids were stored, reachable by no split or set (con.verify flagged
+    them afterwards); the batch is refused, and ids registered while the capture runs are taken."""
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with metaql.connect(store_dir) as con:
+        con.add_samples(np.arange(4), "train", y[:4].numpy(), x[:4])
+        with con.capture(model, checkpoint="c0", shard_size=2) as cap:
+            with pytest.raises(metaql.InvalidInputException, match=r"2 of the 4 ids .* not registered.*\[6, 7\]"):
+                cap.backward(F.cross_entropy(model(x[[2, 3, 6, 7]]), y[[2, 3, 6, 7]]), [2, 3, 6, 7])
+            cap.backward(F.cross_entropy(model(x[:4]), y[:4]), np.arange(4))
+            con.add_samples(np.arange(4, 8), "train", y[4:].numpy(), x[4:])
+            cap.backward(F.cross_entropy(model(x[4:]), y[4:]), np.arange(4, 8))
+        assert sorted(con.store.stored_ids("c0", "fc1")) == list(range(8))
+        assert con.verify() == []
+
+
 @pytest.mark.parametrize("bad", ["nan loss", "infinite factors"])
 def test_a_refused_batch_leaves_the_capture_usable(store_dir, bad):
     torch.manual_seed(0)

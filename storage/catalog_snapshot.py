@@ -49,7 +49,8 @@ class CatalogSnapshot:
         """`name` if it is a named set or a split; a CatalogException with did-you-mean otherwise."""
         name = str(name)
         if name not in self.set_names and name not in self.splits:
-            require_name("set", name, list(dict.fromkeys(self.set_names + self.splits)))   # a set may share a split's name
+            # a set may share a split's name (stores made before CREATE SET refused it): list it once
+            require_name("set", name, list(dict.fromkeys(self.set_names + self.splits)))
         return name
 
     def set_ids(self, name: str) -> np.ndarray:

@@ -345,7 +345,8 @@ class Store:
 
     def registered_ids(self) -> np.ndarray:
         """Every registered sample id, sorted."""
-        return self.db.execute("SELECT sample_id FROM samples ORDER BY sample_id").fetchnumpy()["sample_id"].astype(np.int64)
+        rows = self.db.execute("SELECT sample_id FROM samples ORDER BY sample_id").fetchnumpy()
+        return rows["sample_id"].astype(np.int64)
 
     def splits(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT split FROM samples ORDER BY 1").fetchall()]

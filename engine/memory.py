@@ -23,7 +23,6 @@ GLIBC_TUNABLES), or with METAQL_PIN_MALLOC=0.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 
@@ -69,11 +68,12 @@ def _reason_not() -> str:
 
 
 def _glibc():
-    """The C library when it is glibc (it has gnu_get_libc_version and mallopt), else None."""
+    """The process's C library when it is glibc (it has gnu_get_libc_version and mallopt), else
+    None: the symbols already loaded (dlopen of the program itself), no library search."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version, libc.mallopt     # noqa: B018 - AttributeError where not glibc
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return None
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int

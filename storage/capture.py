@@ -544,10 +544,6 @@ def _in_sorted(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
     return (sorted_ids[pos] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
 
 
-def _all_in(ids: np.ndarray, sorted_ids: np.ndarray) -> bool:
-    return bool(_in_sorted(ids, sorted_ids).all())
-
-
 def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     from metaql.storage.replay import _cat_padded
     return _cat_padded(parts)
@@ -644,9 +640,11 @@ class Capture:
         """Factors of ids the catalog does not know belong to no split or set, so no query reaches
         them (con.verify flags them): the batch is refused. Samples registered while the capture
         runs are found by reading the ids again when one is new."""
-        if self._registered is None or not _all_in(ids, self._registered):
+        known = None if self._registered is None else _in_sorted(ids, self._registered)
+        if known is None or not known.all():
             self._registered = self.store.registered_ids()
-        missing = ids[~_in_sorted(ids, self._registered)]
+            known = _in_sorted(ids, self._registered)
+        missing = ids[~known]
         if len(missing):
             raise InvalidInputException(
                 f"{len(missing)} of the {len(ids)} ids of this batch are not registered samples (e.g. "

@@ -389,8 +389,16 @@ def unit_bound(q: dict, norm: np.ndarray, nuc: np.ndarray | None) -> np.ndarray:
     gbar = q.get("gbar")
     if nuc is not None and gbar is not None and gbar.dim() == 2 and min(gbar.shape) <= SPECTRAL_MAX_SIDE \
             and np.isfinite(nuc).any():
-        bound = np.minimum(bound, np.where(np.isfinite(nuc), nuc * spectral_norm(gbar), np.inf))
+        bound = np.minimum(bound, np.where(np.isfinite(nuc), nuc * query_spectral_norm(q), np.inf))
     return bound
+
+
+def query_spectral_norm(q: dict) -> float:
+    """||G||_2 of a query side, kept in it: the cost check of 'auto' times one unit's and the
+    tightening then needs the same one again."""
+    if "spectral_norm" not in q:
+        q["spectral_norm"] = spectral_norm(q["gbar"])
+    return q["spectral_norm"]
 
 
 def spectral_norm(m) -> float:

@@ -105,3 +105,18 @@ def test_pruning_that_goes_on_uses_the_holder_bounds(con, monkeypatch, order, qu
     _, auto = _run(con, order, query, "auto")
     frac = [next(s for s in ls if "of the scan skipped" in s).split("pruning: ")[1].split("%")[0] for ls in (forced, auto)]
     assert float(frac[1]) >= float(frac[0]) - 1e-9, (forced, auto)
+
+
+@pytest.mark.parametrize("order,query", ORDERS)
+def test_pruning_that_goes_on_computes_each_units_spectral_norm_once(con, monkeypatch, order, query):
+    """The cost check times one unit's spectral norm and the tightening then needs every unit's:
+    the timed one is kept in its query side, not computed again (before: units + 1 per statement)."""
+    calls = []
+    real = pruning.spectral_norm
+    monkeypatch.setattr(pruning, "spectral_norm", lambda m: calls.append(1) or real(m))
+    monkeypatch.setattr(pruning.PrunedScan, "_pass_seconds", lambda self, queries: 0.0)
+    monkeypatch.setattr(pruning, "full_estimate", lambda units: 1e9)
+    units = len(con.execute("SELECT * FROM layers").fetchall())
+    _, lines = _run(con, order, query, "auto")      # two statements: EXPLAIN ANALYZE, then the query
+    assert any(s.startswith("pruning: pruned: after") for s in lines), lines
+    assert units > 1 and len(calls) <= 2 * units, (calls, units)

@@ -43,6 +43,12 @@ class Context:
 
 
 def execute(plan, ctx: Context) -> pa.Table:
+    from metaql.engine.plan import user_work
+    with user_work():         # a background calibration waits for the whole statement
+        return _execute(plan, ctx)
+
+
+def _execute(plan, ctx: Context) -> pa.Table:
     if getattr(plan, "error", None) is not None or getattr(getattr(plan, "child", None), "error", None) is not None:
         from metaql.approx.execute import execute_approximate      # INFLUENCE(..., error=e): metaql.approx
         return execute_approximate(plan, ctx)
@@ -59,7 +65,7 @@ def execute(plan, ctx: Context) -> pa.Table:
         pruned = pruned_top_k(plan, ctx)     # None: not prunable here (engine/pruning.py says why)
         if pruned is not None:
             return pruned
-        table = execute(plan.child, ctx)
+        table = _execute(plan.child, ctx)
         return top_k(table, plan.k, plan.ascending)
     if isinstance(plan, InfluenceScan):
         return influence(plan, ctx)

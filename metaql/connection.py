@@ -447,9 +447,11 @@ class Connection:
         for size in ("batch_size", "shard_size"):
             if size in kwargs:
                 _positive(size, kwargs[size])
+        from metaql.engine.plan import user_work
         try:
-            return replay_into_store(self.store, checkpoint, self.store.set_ids(samples), layers,
-                                     progress=self.progress, **kwargs)
+            with user_work():     # a background calibration waits (engine/autocalibrate.py)
+                return replay_into_store(self.store, checkpoint, self.store.set_ids(samples), layers,
+                                         progress=self.progress, **kwargs)
         finally:
             self.store.committed()
 

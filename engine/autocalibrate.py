@@ -6,7 +6,8 @@ constants alone (up to 100x low for large intermediates). So after a query whose
 fit, the optimizer starts one background thread per store that times them as the PRAGMA does
 (engine/calibrate.py) while the user goes on:
 
-- it waits whenever a layer pass of a query runs in this process (engine/plan.scans_running), runs
+- it waits whenever the user's work runs in this process: a statement (engine/executor.execute),
+  a replay, a layer pass (engine/plan.user_work, scans_running); it then runs
   at a lower scheduling priority where the OS allows, and times by the thread's own CPU time
   (engine/cost.work_clock), so query and calibration neither slow each other nor count each
   other's work; it stops when the store closes or the process exits;

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from metaql.approx.kind import KIND, CaptureProjection, projectable
-from metaql.approx.projection import dims_for_error, layer_seed, relative_error
+from metaql.approx.projection import SKETCH_DISTS, dims_for_error, layer_seed, relative_error
 from metaql.errors import InvalidInputException
 from metaql.storage.layers import LayerMeta
 
@@ -22,14 +22,14 @@ MODES = EXACT_MODES + ("projected", "auto")
 
 class ProjectionRequest:
     def __init__(self, storage=None, max_error=None, proj_dim: int | None = None, proj_seed: int = 0,
-                 sketch_dim: int | None = None):
+                 sketch_dim: int | None = None, sketch_budget: int | None = None, sketch_dist: str = "gaussian"):
         if storage is not None and not isinstance(storage, (str, dict)):
             raise InvalidInputException("storage= takes a mode ('factored', 'full', 'projected', 'auto') or "
                                         f"{{layer: mode}}, not {type(storage).__name__}")
         for mode in ([storage] if isinstance(storage, str) else (storage or {}).values()):
             if mode not in MODES:
                 raise InvalidInputException(f"storage mode must be one of {', '.join(MODES)}, not {mode!r:.40}")
-        for name, v in (("proj_dim", proj_dim), ("sketch_dim", sketch_dim)):
+        for name, v in (("proj_dim", proj_dim), ("sketch_dim", sketch_dim), ("sketch_budget", sketch_budget)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise InvalidInputException(f"{name} must be a positive whole number, not {v!r:.40}")
         for e in (max_error.values() if isinstance(max_error, dict) else [max_error]):
@@ -38,7 +38,13 @@ class ProjectionRequest:
         if isinstance(proj_seed, bool) or not isinstance(proj_seed, int):
             raise InvalidInputException(f"proj_seed must be a whole number, not {proj_seed!r:.40}")
         self.storage, self.max_error, self.proj_dim, self.proj_seed = storage, max_error, proj_dim, proj_seed
-        self.sketch_dim = sketch_dim
+        if sketch_dist not in SKETCH_DISTS:
+            raise InvalidInputException(f"sketch_dist must be one of {', '.join(SKETCH_DISTS)}, not {sketch_dist!r:.40}")
+        if sketch_dim is not None and sketch_budget is not None:
+            raise InvalidInputException("give sketch_dim= (numbers per layer) or sketch_budget= (numbers per sample "
+                                        "over every projected layer), not both")
+        self.sketch_dim, self.sketch_budget, self.sketch_dist = sketch_dim, sketch_budget, sketch_dist
+        self.allocated: dict[str, int] = {}     # sketch_budget's share per layer, from the first batch
         self.sketched: set[str] = set()     # layers whose projected gradient is sketched: stored full
         self.exact = {layer: m for layer, m in (storage.items() if isinstance(storage, dict) else ())
                       if m in EXACT_MODES}      # the plain overrides the store has always taken
@@ -90,11 +96,14 @@ class ProjectionRequest:
         if dims is None:
             return None
         k_in, k_out = dims
-        sketch = self.sketch_dim if self.sketch_dim and self.sketch_dim < (k_in or din) * (k_out or dout) else None
+        m = self.allocated.get(layer, self.sketch_dim)
+        sketch = m if m and m < (k_in or din) * (k_out or dout) else None
         if k_in is None and k_out is None and sketch is None:    # the bound allows no reduction
             return None
         spec = {"seed": layer_seed(self.proj_seed, layer), "k_in": k_in, "k_out": k_out, "sketch": sketch,
                 "dist": "gaussian", "error": relative_error(k_in, k_out, sketch)}
+        if sketch:
+            spec["sketch_dist"] = self.sketch_dist
         if mode == "auto" and not smaller(kind, base, factors, k_in or din, k_out or dout, sketch):
             return None
         if sketch:
@@ -106,6 +115,8 @@ class ProjectionRequest:
             k = self.proj_dim
             return (k if din > k else None), (k if dout > k else None)
         err = self.error(layer)
+        if err is None and (self.sketch_dim or self.sketch_budget):
+            return None, None           # no Kronecker stage: the unprojected gradient is sketched
         if err is None:
             if mode == "auto":
                 return None
@@ -113,6 +124,43 @@ class ProjectionRequest:
                 f"storage='projected' for layer '{layer}' needs the error you allow: max_error= (the standard "
                 "deviation of the relative error of an inner product, e.g. 0.1) or proj_dim= (k per side)")
         return dims_for_error(din, dout, err)
+
+
+    def allocate(self, layers: dict[str, tuple]) -> None:
+        """sketch_budget's numbers split among the layers to be decided, in proportion to each
+        one's mean squared per-sample gradient norm on this first batch (the Neyman allocation:
+        with a query whose layers weigh as the training samples' do, the summed score's variance,
+        sum over layers of 2 ||g_l||^2 ||G_l||^2 / m_l, is least for m_l in proportion to
+        ||g_l|| ||G_l||); at least one each, the remainder to the largest fractions.
+        `layers`: {layer: (kind, module, factors)} of the batch, factors as stored (scaled)."""
+        if not self.sketch_budget or not layers:
+            return
+        energy = {}
+        for layer, (kind, module, factors) in layers.items():
+            if self.mode(layer) not in ("projected", "auto") or projectable(kind, kind.meta(layer, module), factors):
+                continue
+            energy[layer] = mean_squared_norm(kind, kind.meta(layer, module), factors)
+        if not energy:
+            return
+        total = sum(energy.values())
+        budget = max(self.sketch_budget, len(energy))
+        share = {l: (budget - len(energy)) * (e / total if total > 0 else 1 / len(energy)) for l, e in energy.items()}
+        dims = {l: 1 + int(v) for l, v in share.items()}
+        for l in sorted(share, key=lambda l: int(share[l]) - share[l])[:budget - sum(dims.values())]:
+            dims[l] += 1
+        self.allocated.update(dims)
+
+
+def mean_squared_norm(kind, meta: LayerMeta, factors: dict[str, torch.Tensor]) -> float:
+    """The batch's mean ||g_i||_F^2 from the rows (sum over position pairs of (x_s . x_t)(d_s . d_t),
+    no gradient built); the built gradients where the kind stores full only."""
+    if not kind.factored:
+        return float(kind.full(meta, factors).double().pow(2).sum(1).mean())
+    x, d = kind.rows(meta, factors)
+    x, d = x.double(), d.double()
+    if meta.bias:
+        x = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], dim=-1)
+    return float((x @ x.transpose(1, 2)).mul_(d @ d.transpose(1, 2)).sum((1, 2)).mean())
 
 
 def smaller(kind, base: LayerMeta, factors, k_in: int, k_out: int, sketch: int | None = None) -> bool:

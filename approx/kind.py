@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from metaql.approx.projection import project_rows, sketch_matrix
+from metaql.approx.projection import project_rows, sketched
 from metaql.storage.layers.base import LayerKind, LayerMeta, kind_named, register
 
 KIND = "projected"
@@ -38,7 +38,7 @@ class Projected(LayerKind):
         x, d = self.rows(meta, factors)
         g = torch.einsum("nso,nsi->noi", d, x).reshape(x.shape[0], -1)
         spec = meta.extra["projection"]
-        return g @ sketch_matrix(spec["seed"], spec["sketch"], g.shape[1]).T if spec.get("sketch") else g
+        return sketched(g, spec) if spec.get("sketch") else g
 
     def average_of(self, meta: LayerMeta, factors):
         if not meta.extra["projection"].get("sketch"):

@@ -100,6 +100,34 @@ def project_rows(x: torch.Tensor, d: torch.Tensor, bias: bool, spec: dict) -> tu
 SKETCH_NUMBERS = 2 ** 25      # the largest dense sketch matrix (m x k_in k_out) built: 128 MiB
 
 
+SKETCH_DISTS = ("gaussian", "count")
+
+
+def sketched(g: torch.Tensor, spec: dict) -> torch.Tensor:
+    """(n, width) flattened gradients -> their sketches (n, m): by the dense Gaussian R, or, with
+    spec['sketch_dist'] = 'count', by a count sketch (each coordinate added, with a random sign, to
+    one of m buckets: S has one +-1 per column). A count sketch is unbiased, needs no m x width
+    matrix (so an unprojected layer of millions of numbers can be sketched) and its variance,
+    (||a||^2 ||b||^2 + <a, b>^2 - 2 sum_i a_i^2 b_i^2) / m, is never above the Gaussian's, so
+    spec_variance's 2/m bound holds for both."""
+    m = spec["sketch"]
+    if spec.get("sketch_dist", "gaussian") == "count":
+        buckets, signs = count_sketch(spec["seed"], m, g.shape[1])
+        return torch.zeros(g.shape[0], m, dtype=g.dtype, device=g.device).index_add_(
+            1, buckets.to(g.device), g * signs.to(g.device, g.dtype))
+    return g @ sketch_matrix(spec["seed"], m, g.shape[1]).to(g.device, g.dtype).T
+
+
+@functools.lru_cache(maxsize=64)
+def count_sketch(seed: int, m: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bucket of each coordinate (width,), its sign (width,)) from a stream of its own (the layer's
+    seed + 2), the same in every process."""
+    g = torch.Generator().manual_seed((int(seed) + 2) % (2 ** 31 - 1))
+    buckets = torch.randint(0, m, (width,), generator=g)
+    signs = torch.randint(0, 2, (width,), generator=g).float().mul_(2).sub_(1)
+    return buckets, signs
+
+
 @functools.lru_cache(maxsize=8)
 def sketch_matrix(seed: int, m: int, width: int) -> torch.Tensor:
     """R (m x width), N(0, 1/m) entries from a stream of its own (the layer's seed + 1)."""

@@ -139,6 +139,11 @@ class ShardWriter:
         batch: its stored form if the store holds it, else the capture's storage= request); a
         projected layer's `unscaled` factors are scaled first (and dropped from `unscaled`)."""
         out = {}
+        undecided = {l: fs for l, fs in factors.items() if l not in self.projected}
+        if undecided and self.projection.sketch_budget:
+            self.projection.allocate({l: (self.hooks.kinds[l], self.hooks.modules[l],
+                                          _scaled(fs, scale, (unscaled or {}).get(l, ())))
+                                      for l, fs in undecided.items() if l not in self._registered()})
         for layer, fs in factors.items():
             if layer not in self.projected:
                 self.projected[layer] = self.projection.decide(layer, self.hooks.kinds[layer],
@@ -555,7 +560,7 @@ class Capture:
                  factory: str | None = None, kwargs: dict | None = None, shard_size: int = 2048,
                  dtype: str = "float32", storage: dict[str, str] | str | None = None, task=None,
                  background: bool = True, max_error=None, proj_dim: int | None = None, proj_seed: int = 0,
-                 sketch_dim: int | None = None):
+                 sketch_dim: int | None = None, sketch_budget: int | None = None, sketch_dist: str = "gaussian"):
         from metaql.storage.tasks import make_task, task_spec
         model = unwrapped(model)
         self.store, self.model, self.checkpoint = store, model, checkpoint
@@ -567,7 +572,8 @@ class Capture:
         # storage='projected' | 'auto' with max_error= or proj_dim=: projected layers (metaql.approx)
         from metaql.approx.capture import ProjectionRequest
         self.writer = ShardWriter(store, checkpoint, self.hooks, shard_size, dtype, storage, background,
-                                  ProjectionRequest(storage, max_error, proj_dim, proj_seed, sketch_dim))
+                                  ProjectionRequest(storage, max_error, proj_dim, proj_seed, sketch_dim,
+                                                    sketch_budget, sketch_dist))
         self.samples = 0
         self.batches_seen = 0       # training batches so far: the weights moved after each one
         self._registered: np.ndarray | None = None     # sorted registered sample ids, read at need
@@ -728,3 +734,8 @@ def replayed_layers(store: Store, model: nn.Module, checkpoint: str, layers):
             f"the store holds layers {lacking[:5]} that the model of checkpoint '{checkpoint}' lacks; attach the "
             "model the store was captured with (con.attach_model) or pass layers=[...] to con.replay")
     return held
+
+
+def _scaled(factors: dict, scale: float, names) -> dict:
+    """A layer's factors with those still unscaled (`names`) multiplied by `scale`, as stored."""
+    return {k: v * scale if k in names else v for k, v in factors.items()} if names else factors

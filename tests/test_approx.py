@@ -8,8 +8,8 @@ from torch import nn
 
 import metaql
 from metaql.approx.kind import Projected
-from metaql.approx.projection import (chebyshev_radius, dims_for_error, matrices, sketch_matrix, spec_variance,
-                                      variance_factor)
+from metaql.approx.projection import (chebyshev_radius, count_sketch, dims_for_error, matrices, sketch_matrix,
+                                      spec_variance, variance_factor)
 from metaql.errors import InvalidInputException
 from metaql.storage.hooks import watched_modules
 from metaql.storage.layers import kind_named
@@ -39,8 +39,21 @@ def _seq_data(n=12, t=5, seed=0):
     return model, torch.randn(n, t, 6), torch.randint(0, 3, (n,))
 
 
-@pytest.mark.parametrize("k_in,k_out,sketch", [(4, 3, None), (None, 5, 12)])
-def test_projected_scores_unbiased_and_within_bound_over_seeds(k_in, k_out, sketch):
+def _sketch_rows(spec: dict, width: int) -> torch.Tensor:
+    """The sketch as an explicit (m x width) matrix: the dense Gaussian R, or the count sketch's S
+    (column j: its sign in its bucket's row)."""
+    m = spec["sketch"]
+    if spec.get("sketch_dist") != "count":
+        return sketch_matrix(spec["seed"], m, width).double()
+    buckets, signs = count_sketch(spec["seed"], m, width)
+    s = torch.zeros(m, width, dtype=torch.double)
+    s[buckets, torch.arange(width)] = signs.double()
+    return s
+
+
+@pytest.mark.parametrize("k_in,k_out,sketch,dist", [(4, 3, None, None), (None, 5, 12, "gaussian"),
+                                                    (None, None, 12, "count"), (None, 5, 12, "count")])
+def test_projected_scores_unbiased_and_within_bound_over_seeds(k_in, k_out, sketch, dist):
     """For one layer of 5-token sequences: over 500 seeds, each training sample's projected (and
     sketched) score against a query batch has mean within 4 standard errors of the exact one,
     variance within the bound v ||g_i||^2 ||g_q||^2 (up to sampling slack), and Chebyshev's tail
@@ -57,10 +70,10 @@ def test_projected_scores_unbiased_and_within_bound_over_seeds(k_in, k_out, sket
     kind = Projected()
     errs = []
     for seed in range(seeds):
-        spec = {"seed": seed, "k_in": k_in, "k_out": k_out, "sketch": sketch}
+        spec = {"seed": seed, "k_in": k_in, "k_out": k_out, "sketch": sketch, "sketch_dist": dist}
         a, b = _projected(G[:ntrain], spec), _projected(G[ntrain:], spec).mean(0)
         if sketch:
-            r = sketch_matrix(seed, sketch, a[0].numel()).double()
+            r = _sketch_rows(spec, a[0].numel())
             a, b = a.flatten(1) @ r.T, r @ b.flatten()
         explicit = a @ b if sketch else (a * b).sum((1, 2))
         if seed < 10:    # the stored-factor path (train rows projected, query side replayed) is the explicit one
@@ -150,6 +163,60 @@ def test_sketched_layer_scores_equal_explicit_sketch():
         s = G @ sketch_matrix(spec["seed"], 20, G.shape[1]).double().T
         expected = 0.5 * (s[:9] @ s[9:].mean(0)).numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+def test_count_sketched_unprojected_layer_scores_equal_explicit_sketch():
+    """sketch_dist='count' with no proj_dim: the layer's unprojected gradient vec(G) is count
+    sketched (m numbers); INFLUENCE over it equals S vec(G) built from torch.func gradients."""
+    model, x, y = _seq_data(n=12)
+    ids = np.arange(12)
+    with metaql.connect(":memory:") as con:
+        con.add_samples(ids[:9], "train", y[:9].numpy(), x[:9])
+        con.add_samples(ids[9:], "test", y[9:].numpy(), x[9:])
+        _capture(con, model, x, y, ids[:9], storage={"proj": "projected"}, sketch_dim=20, sketch_dist="count")
+        spec = con.store.layer_meta("proj")[0].extra["projection"]
+        assert (spec["k_in"], spec["k_out"], spec["sketch"], spec["sketch_dist"]) == (None, None, 20, "count")
+        got = con.execute("SELECT score FROM INFLUENCE(layers=[proj], query=batch(test), error=1) ORDER BY sample_id")\
+            .fetchnumpy()["score"]
+        G = _canonical(per_sample_grads(model, x, y), "proj").flatten(1)
+        s = G @ _sketch_rows(spec, G.shape[1]).T
+        expected = 0.5 * (s[:9] @ s[9:].mean(0)).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+def test_sketch_budget_is_split_by_the_layers_gradient_energy():
+    """sketch_budget=M: the layers' sketch dims sum to M, each in proportion to its mean squared
+    per-sample gradient norm on the first batch (from torch.func gradients here), at least 1."""
+    torch.manual_seed(3)
+    model = MLP(12, 16, 4)
+    with torch.no_grad():
+        model.fc2.weight.mul_(30.0)            # fc1's gradients (through fc2's weights) far larger
+    x, y = torch.randn(10, 12), torch.randint(0, 4, (10,))
+    ids = np.arange(10)
+    with metaql.connect(":memory:") as con:
+        con.add_samples(ids, "train", y.numpy(), x)
+        with con.capture(model, layers="*", checkpoint="c0", lr=1.0, storage="projected", sketch_budget=50,
+                         sketch_dist="count") as cap:
+            cap.backward(F.cross_entropy(model(x), y), ids)
+        dims = {name: con.store.layer_meta(name)[0].extra["projection"]["sketch"] for name in ("fc1", "fc2")}
+    grads = per_sample_grads(model, x, y)
+    energy = {n: float(sum(grads[f"{n}.{p}"].flatten(1).double().pow(2).sum(1).mean() for p in ("weight", "bias")))
+              for n in ("fc1", "fc2")}
+    assert sum(dims.values()) == 50
+    share = {n: 1 + 48 * e / sum(energy.values()) for n, e in energy.items()}
+    assert all(abs(dims[n] - share[n]) <= 1 for n in dims), (dims, share)
+    assert dims["fc1"] > 2 * dims["fc2"], dims
+
+
+def test_sketch_options_are_checked():
+    with metaql.connect(":memory:") as con:
+        model = MLP(4, 5, 2)
+        with pytest.raises(InvalidInputException, match="sketch_dist"):
+            con.capture(model, storage="projected", sketch_dim=4, sketch_dist="uniform")
+        with pytest.raises(InvalidInputException, match="not both"):
+            con.capture(model, storage="projected", sketch_dim=4, sketch_budget=8)
+        with pytest.raises(InvalidInputException, match="sketch_budget"):
+            con.capture(model, storage="projected", sketch_budget=0)
 
 
 def test_auto_projects_only_when_smaller_and_allowed():

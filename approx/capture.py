@@ -131,7 +131,9 @@ class ProjectionRequest:
         one's mean squared per-sample gradient norm on this first batch (the Neyman allocation:
         with a query whose layers weigh as the training samples' do, the summed score's variance,
         sum over layers of 2 ||g_l||^2 ||G_l||^2 / m_l, is least for m_l in proportion to
-        ||g_l|| ||G_l||); at least one each, the remainder to the largest fractions.
+        ||g_l|| ||G_l||); at least two each (a layer's bound sqrt(2/m) then stays within 1, so
+        error=1 always admits the store: error= must cover the largest layer bound), the remainder to
+        the largest fractions.
         `layers`: {layer: (kind, module, factors)} of the batch, factors as stored (scaled)."""
         if not self.sketch_budget or not layers:
             return
@@ -143,9 +145,11 @@ class ProjectionRequest:
         if not energy:
             return
         total = sum(energy.values())
+        floor = 2 if self.sketch_budget >= 2 * len(energy) else 1
         budget = max(self.sketch_budget, len(energy))
-        share = {l: (budget - len(energy)) * (e / total if total > 0 else 1 / len(energy)) for l, e in energy.items()}
-        dims = {l: 1 + int(v) for l, v in share.items()}
+        share = {l: (budget - floor * len(energy)) * (e / total if total > 0 else 1 / len(energy))
+                 for l, e in energy.items()}
+        dims = {l: floor + int(v) for l, v in share.items()}
         for l in sorted(share, key=lambda l: int(share[l]) - share[l])[:budget - sum(dims.values())]:
             dims[l] += 1
         self.allocated.update(dims)

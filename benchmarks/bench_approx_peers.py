@@ -36,8 +36,15 @@ seen: plain projected storage with the largest proj_dim whose bytes per sample d
 configuration is added to the run; every k tried is reported with its bytes. A level is `met`
 when MetaQL's mean Spearman over the seeds is at least the peer's mean at the same bytes.
 
+Digits `--dattri`: dattri's projected TracIn (TracInAttributor with its CPU projector, normal
+entries, the same proj_dim and seed index, every parameter, per-sample gradients by torch.func)
+beside TRAK; its unprojected scores are checked against MetaQL's exact ones like TRAK's.
+`--configs` picks configurations: a proj_dim, 's' (k=256 + sketch m=64) or 'u<m>' (a sketch of m
+numbers of each layer's unprojected gradient: a dense Gaussian projection per layer).
+
     python benchmarks/bench_approx_peers.py --workload W [--seeds S] [--subset M] [--budget SECS]
-                                             [--budget-rule] [--threads 1] [--clock cpu]
+                                             [--budget-rule] [--dattri] [--configs C,...] [--out NAME]
+                                             [--threads 1] [--clock cpu]
 
 Results: benchmarks/results/approx_peers_<workload>.md (the summary is approx_peers.md).
 """
@@ -58,9 +65,26 @@ from metastore_common import Report, add_clock_option, add_threads_option, clock
 from bench_approx import SKETCHED, DigitsCNN, VGGShaped, build, commit, digits, json_meta, label, layer_names, \
     minilm_layers, overlap, scores_of, spearman, stored_bytes
 
+UNPROJECTED = 10 ** 9       # a proj_dim above every layer's width: no side projected (a sketch of the full gradient)
 NORMALS_PER_S = 1.05e8       # torch normal_ at one thread on this machine (measured 2026-12-03)
 FLOPS_PER_S = 65e9           # float32 matmul, one thread, (160 x 1e6) @ (1e6 x 100)
 BLOCK_FLOATS = 2 ** 28       # a projector block (grad_dim x block_size float32) stays under 1 GiB
+
+
+def config_named(text: str) -> dict:
+    """--configs entries: 's' the sketched store (k=256, m=64), 'u<m>' a sketch of m numbers of each
+    layer's unprojected gradient, '<k>' plain projected storage with k per side."""
+    if text == "s":
+        return SKETCHED
+    if text.startswith("u"):
+        return {"proj_dim": UNPROJECTED, "sketch_dim": int(text[1:])}
+    return {"proj_dim": int(text)}
+
+
+def config_label(config: dict) -> str:
+    if config["proj_dim"] == UNPROJECTED:
+        return f"sketch m={config['sketch_dim']} of the unprojected gradient"
+    return label(config)
 
 
 def workload_spec(name: str) -> dict:
@@ -156,6 +180,28 @@ def trak_scores(store, layers, rows: np.ndarray, gq: dict[str, torch.Tensor], pr
     return sc, plain.numpy(), t_grad, t_proj
 
 
+def dattri_scores(model, x, y, n: int, proj_dim: int | None, seed: int):
+    """(scores, seconds): dattri's TracInAttributor (its CPU projector when proj_dim is given; None:
+    unprojected) on every parameter of `model`, the mean over the test samples of its (N, nq) output
+    (linear in the test gradient, so the score against the test batch's mean gradient)."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.task import AttributionTask
+
+    def loss(params, data):
+        xi, yi = data
+        return F.cross_entropy(torch.func.functional_call(model, params, xi.unsqueeze(0)), yi.unsqueeze(0))
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    kwargs = None if proj_dim is None else {"proj_dim": proj_dim, "proj_max_batch_size": 32, "proj_seed": seed,
+                                            "device": "cpu"}
+    t0 = clock()
+    attr = TracInAttributor(task, weight_list=torch.ones(1), normalized_grad=False, projector_kwargs=kwargs)
+    attr.projector_kwargs = None if kwargs is None else dict(attr.projector_kwargs)   # its default dict is shared
+    out = attr.attribute(DataLoader(TensorDataset(x[:n], y[:n]), batch_size=100),
+                         DataLoader(TensorDataset(x[n:], y[n:]), batch_size=len(x) - n))
+    return out.double().mean(1).numpy(), clock() - t0
+
+
 def largest_k_within(spec, model, tmp, budget_bytes: float) -> tuple[int | None, list[list]]:
     """The largest plain proj_dim whose store's bytes per sample do not exceed budget_bytes, and
     every k tried with its bytes (k = 2, 3, ... until the bytes pass the budget)."""
@@ -181,7 +227,11 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=900.0, help="largest estimated CPU seconds of one peer run")
     ap.add_argument("--budget-rule", action="store_true", help="digits: add the plain projected configuration "
                     "the rule picks at the sketched store's bytes")
-    ap.add_argument("--configs", help="comma-separated proj_dims to run (default: the workload's, sketch as 's')")
+    ap.add_argument("--dattri", action="store_true", help="also dattri's projected TracIn at the same proj_dim "
+                    "and seed (a workload whose captured layers hold every parameter: digits)")
+    ap.add_argument("--configs", help="comma-separated configurations to run (default: the workload's): a proj_dim, "
+                    "'s' (k=256, sketch m=64), 'u<m>' (a sketch of m numbers of the unprojected gradient)")
+    ap.add_argument("--out", help="the results file's name under benchmarks/results (no .md)")
     add_threads_option(ap)
     add_clock_option(ap)
     args = ap.parse_args(argv)
@@ -189,18 +239,18 @@ def main(argv=None):
     set_clock(args.clock)
     import importlib.metadata as md
     spec = workload_spec(args.workload)
-    report = Report(f"approx_peers_{args.workload}", f"Equal-bytes peers: {spec['title']}", sys.argv)
-    versions = {p: md.version(p) for p in ("torch", "traker", "numpy")}
+    report = Report(args.out or f"approx_peers_{args.workload}", f"Equal-bytes peers: {spec['title']}", sys.argv)
+    versions = {p: md.version(p) for p in ("torch", "traker", "numpy") + (("dattri",) if args.dattri else ())}
     report.add("Setup", f"commit {commit()}; versions {versions}; {torch.get_num_threads()} torch thread(s); "
                f"1-min load average at start {os.getloadavg()[0]:.1f}; seeds {args.seeds}; "
                f"subset {args.subset or 'none (all training samples)'}; peer budget {args.budget:.0f} CPU s")
     configs = spec["configs"]
     if args.configs:
-        configs = [SKETCHED if c == "s" else {"proj_dim": int(c)} for c in args.configs.split(",")]
+        configs = [config_named(c) for c in args.configs.split(",")]
     n, x, y = spec["n"], spec["x"], spec["y"]
     rows = np.arange(n) if not args.subset else np.sort(np.random.default_rng(0).choice(n, args.subset, False))
     k = min(100, len(rows) // 4)
-    runs, summary, rule_note = [], [], ""
+    runs, summary, rule_note, dattri_rows = [], [], "", []
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         model = spec["make"]()
@@ -212,6 +262,13 @@ def main(argv=None):
         layers = layer_names(exact)
         params = layer_params(exact.store, layers)
         gq = query_gradient(model, x[n:], y[n:], layers)
+        if args.dattri:
+            assert sum(params.values()) == sum(p.numel() for p in model.parameters()), "dattri scores every parameter"
+            plain, secs = dattri_scores(model, x, y, n, None, 0)
+            check = float(np.max(np.abs(plain[rows] - ex)) / np.max(np.abs(ex)))
+            assert check < 1e-3, f"dattri's unprojected scores differ from MetaQL's exact ones: {check:.2e}"
+            dattri_rows.append([spec["title"], "unprojected", "-", "-", "-", spearman(plain[rows], ex), "-", secs,
+                                f"{check:.1e}"])
         runs.append([spec["title"], "exact", "-", stored_bytes(exact) / n / 1024, 1.0, 1.0, cap_s, ex_q,
                      "-", "-", "-", "-", "-", "-", "-"])
         if args.budget_rule:
@@ -227,9 +284,9 @@ def main(argv=None):
                 configs = configs + [{"proj_dim": chosen}]
             rule_note = f"rule-chosen proj_dim={chosen} at B = {budget_bytes:.1f} bytes"
         for config in configs:
-            ours, theirs = [], []
+            ours, theirs, dat = [], [], []
             for s in range(args.seeds):
-                log(f"{args.workload}: {label(config)} seed {s}")
+                log(f"{args.workload}: {config_label(config)} seed {s}")
                 path = f"{tmp}/p{len(summary)}-{s}.mq"
                 con, cap_s = build(path, model, x, y, n, spec["layers"], spec["batch"], storage="projected",
                                    proj_seed=s, **config)
@@ -242,7 +299,7 @@ def main(argv=None):
                 ours.append(sp)
                 proj_dim = int(nbytes // 4)
                 est = peer_estimate(params, proj_dim, len(rows))
-                row = [spec["title"], label(config), s, nbytes / 1024, sp, ov, cap_s, q_s, proj_dim, proj_dim * 4 / 1024]
+                row = [spec["title"], config_label(config), s, nbytes / 1024, sp, ov, cap_s, q_s, proj_dim, proj_dim * 4 / 1024]
                 if est > args.budget:
                     runs.append(row + ["-", "-", f"not run: estimated {est:.0f} CPU s > {args.budget:.0f} "
                                        f"({sum(params.values()) * proj_dim / 1e9:.0f} G normal draws)", "-", "-"])
@@ -254,9 +311,15 @@ def main(argv=None):
                 tsp = spearman(psc, ex)
                 theirs.append(tsp)
                 runs.append(row + [tsp, overlap(psc, ex, k), t_grad, t_proj, f"{check:.1e}"])
-            summary.append([spec["title"], label(config), f"{runs[-1][3]:.3f}", len(ours), _mean_sd(ours),
-                            len(theirs), _mean_sd(theirs) if theirs else "-",
-                            ("met" if np.mean(ours) >= np.mean(theirs) else "NOT met") if theirs else "peer not run"])
+                if args.dattri:
+                    dsc, secs = dattri_scores(model, x, y, n, proj_dim, s)
+                    dat.append(spearman(dsc[rows], ex))
+                    dattri_rows.append([spec["title"], config_label(config), s, proj_dim, proj_dim * 4 / 1024, dat[-1],
+                                        overlap(dsc[rows], ex, k), secs, "-"])
+            best = max([np.mean(v) for v in (theirs, dat) if v], default=None)
+            summary.append([spec["title"], config_label(config), f"{runs[-1][3]:.3f}", len(ours), _mean_sd(ours),
+                            len(theirs), _mean_sd(theirs) if theirs else "-"] + ([_mean_sd(dat)] if args.dattri else [])
+                           + [("met" if np.mean(ours) >= best else "NOT met") if best is not None else "peer not run"])
         exact.close()
     report.add("Every run", table(
         ["workload", "MetaQL store", "seed", "KiB/sample", "MetaQL Spearman", "top-k overlap", "capture s",
@@ -266,9 +329,14 @@ def main(argv=None):
         "TRAK gradients s: building the per-sample gradients from the exact store's factors; projection s: "
         "BasicProjector (its normal draws and matmuls). brute-force check: max |unprojected peer score - MetaQL "
         "exact| / max |exact|. Times: " + ("process CPU" if args.clock == "cpu" else "wall") + " seconds.")
+    if args.dattri:
+        report.add("dattri TracInAttributor (projected TracIn, its CPU projector, every parameter)", table(
+            ["workload", "at MetaQL store", "seed", "proj_dim", "KiB/sample", "Spearman", "top-k overlap", "seconds",
+             "brute-force check"], dattri_rows),
+            "The same proj_dim and seed index as the TRAK row; seconds include its per-sample gradients (torch.func).")
     report.add("Summary (mean +- sd over seeds)", table(
-        ["workload", "MetaQL store", "KiB/sample", "seeds", "MetaQL Spearman", "peer seeds", "TRAK Spearman",
-         "target"], summary), (rule_note + "; " if rule_note else "") +
+        ["workload", "MetaQL store", "KiB/sample", "seeds", "MetaQL Spearman", "peer seeds", "TRAK Spearman"]
+        + (["dattri Spearman"] if args.dattri else []) + ["target (MetaQL mean >= best peer mean)"], summary), (rule_note + "; " if rule_note else "") +
         f"1-min load average at the end {os.getloadavg()[0]:.1f}.")
     report.write()
 

@@ -299,7 +299,8 @@ def main(argv=None):
                 ours.append(sp)
                 proj_dim = int(nbytes // 4)
                 est = peer_estimate(params, proj_dim, len(rows))
-                row = [spec["title"], config_label(config), s, nbytes / 1024, sp, ov, cap_s, q_s, proj_dim, proj_dim * 4 / 1024]
+                row = [spec["title"], config_label(config), s, nbytes / 1024, sp, ov, cap_s, q_s, proj_dim,
+                       proj_dim * 4 / 1024]
                 if est > args.budget:
                     runs.append(row + ["-", "-", f"not run: estimated {est:.0f} CPU s > {args.budget:.0f} "
                                        f"({sum(params.values()) * proj_dim / 1e9:.0f} G normal draws)", "-", "-"])
@@ -336,7 +337,8 @@ def main(argv=None):
             "The same proj_dim and seed index as the TRAK row; seconds include its per-sample gradients (torch.func).")
     report.add("Summary (mean +- sd over seeds)", table(
         ["workload", "MetaQL store", "KiB/sample", "seeds", "MetaQL Spearman", "peer seeds", "TRAK Spearman"]
-        + (["dattri Spearman"] if args.dattri else []) + ["target (MetaQL mean >= best peer mean)"], summary), (rule_note + "; " if rule_note else "") +
+        + (["dattri Spearman"] if args.dattri else []) + ["target (MetaQL mean >= best peer mean)"], summary),
+        (rule_note + "; " if rule_note else "") +
         f"1-min load average at the end {os.getloadavg()[0]:.1f}.")
     report.write()
 

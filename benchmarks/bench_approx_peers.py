@@ -223,6 +223,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", required=True, choices=("digits", "vgg", "minilm32", "minilm128"))
     ap.add_argument("--seeds", type=int, default=1, help="projection seeds per configuration (MetaQL and peer)")
+    ap.add_argument("--first-seed", type=int, default=0, help="the first seed (seeds first-seed .. first-seed+S-1)")
     ap.add_argument("--subset", type=int, help="score a fixed random subset of this many training samples")
     ap.add_argument("--budget", type=float, default=900.0, help="largest estimated CPU seconds of one peer run")
     ap.add_argument("--budget-rule", action="store_true", help="digits: add the plain projected configuration "
@@ -242,7 +243,8 @@ def main(argv=None):
     report = Report(args.out or f"approx_peers_{args.workload}", f"Equal-bytes peers: {spec['title']}", sys.argv)
     versions = {p: md.version(p) for p in ("torch", "traker", "numpy") + (("dattri",) if args.dattri else ())}
     report.add("Setup", f"commit {commit()}; versions {versions}; {torch.get_num_threads()} torch thread(s); "
-               f"1-min load average at start {os.getloadavg()[0]:.1f}; seeds {args.seeds}; "
+               f"1-min load average at start {os.getloadavg()[0]:.1f}; seeds {args.first_seed}.."
+               f"{args.first_seed + args.seeds - 1}; "
                f"subset {args.subset or 'none (all training samples)'}; peer budget {args.budget:.0f} CPU s")
     configs = spec["configs"]
     if args.configs:
@@ -285,7 +287,7 @@ def main(argv=None):
             rule_note = f"rule-chosen proj_dim={chosen} at B = {budget_bytes:.1f} bytes"
         for config in configs:
             ours, theirs, dat = [], [], []
-            for s in range(args.seeds):
+            for s in range(args.first_seed, args.first_seed + args.seeds):
                 log(f"{args.workload}: {config_label(config)} seed {s}")
                 path = f"{tmp}/p{len(summary)}-{s}.mq"
                 con, cap_s = build(path, model, x, y, n, spec["layers"], spec["batch"], storage="projected",

@@ -12,9 +12,11 @@ exact store's, and the projection's stated bound (the relative error's standard 
 TOPK over the projected store under error= (two phases: approximate scan, exact rescoring of the
 candidates from replayed factors) against the exact TOPK: time, recall, candidates, certificate.
 
-Peers at equal bytes per sample: TRAK's CPU projector (`traker` BasicProjector, normal entries) on
-the same layers' per-sample gradients (built from the exact store's factors), scored by the same
-inner products (TracIn with TRAK's projector, not TRAK's kernel); captum's TracInCPFastRandProj
+Peers at equal bytes per sample: TRAK's CPU projector (`traker` BasicProjector, normal entries, one
+per layer and summed: equal in distribution to one dense projection of the whole gradient, see
+bench_approx_peers.py, which runs the peers over seeds) on the same layers' per-sample gradients
+(built from the exact store's factors), scored by the same inner products (TracIn with TRAK's
+projector, not TRAK's kernel); not run where its estimated CPU time passes 900 s; captum's TracInCPFastRandProj
 (last layer only, so compared with MetaQL's exact scores of that layer alone). Peers that do not
 install or run on CPU are listed with the reason.
 
@@ -195,7 +197,7 @@ def workload(report_rows, topk_rows, peer_rows, name, make, x, y, n, layers, bat
         topk_rows.append([name, label(config), k, err, exact_top_s, top_s, len(set(got) & set(exact_top)) / k,
                           cert["candidates"], cert["expected_missed"], cert["recall_bound"]])
         if peers:
-            peer_rows.extend(trak_row(name, exact, layers, n, stored_bytes(con) / n, ex_scores, k))
+            peer_rows.extend(trak_row(name, exact, model, x[n:], y[n:], n, stored_bytes(con) / n, ex_scores, k))
         con.close()
     if peers:
         peer_rows.extend(captum_row(name, model, x, y, n, exact, layers, k))
@@ -211,58 +213,26 @@ def json_meta(con, layer):
     return meta.extra.get("projection")
 
 
-def trak_row(name, exact, layers, n, bytes_per_sample, ex_scores, k):
-    """TRAK's CPU projector on the exact per-sample gradients of the same layers, at the bytes
-    per sample of MetaQL's projected store (proj_dim = bytes / 4)."""
-    try:
-        from trak.projectors import BasicProjector, ProjectionType
-    except ImportError as e:
-        return [[name, "TRAK BasicProjector", "-", "-", "-", f"not installed ({e.name})"]]
-    from metaql.storage.layers import kind_named
-    store = exact.store
+def trak_row(name, exact, model, xq, yq, n, bytes_per_sample, ex_scores, k, budget: float = 900.0):
+    """TRAK's CPU projector at the bytes per sample of MetaQL's projected store (proj_dim = bytes // 4):
+    one BasicProjector per layer on the exact store's per-sample gradients, summed, which equals in
+    distribution one dense Gaussian projection of the concatenated gradient (bench_approx_peers.py,
+    trak_scores); the query's mean gradient from torch autograd. Not run (the row says why) when its
+    estimated CPU time passes `budget` seconds."""
+    import importlib.util
+    if importlib.util.find_spec("trak") is None:
+        return [[name, "TRAK BasicProjector", "-", "-", "-", "not installed (traker)"]]
+    from bench_approx_peers import layer_params, peer_estimate, query_gradient, trak_scores
     proj_dim = max(1, int(bytes_per_sample // 4))
-    t0 = clock()
     names = layer_names(exact)
-    dims = {}
-    for l in names:
-        meta, _ = store.layer_meta(l)
-        dims[l] = meta.params
-    grad_dim = sum(dims.values())
-    if grad_dim * min(proj_dim, 100) * 4 > 2 * 2 ** 30:
-        return [[name, f"TRAK BasicProjector proj_dim={proj_dim}", "-", "-", "-",
-                 f"not run: a {grad_dim:,} x 100 projection block takes {grad_dim * 400 / 2 ** 30:.1f} GiB"]]
-    if grad_dim * proj_dim * (n + 1) > 4e10:
-        return [[name, f"TRAK BasicProjector proj_dim={proj_dim}", "-", "-", "-",
-                 f"not run: {grad_dim * proj_dim * (n + 1) / 1e9:.0f} GFLOP of dense projection on 2 CPU cores"]]
-    projector = BasicProjector(grad_dim, proj_dim, seed=0, proj_type=ProjectionType.normal, device="cpu",
-                               block_size=min(proj_dim, 100))
-    full = {}
-    for l in names:
-        meta, _ = store.layer_meta(l)
-        kind = kind_named(meta.kind)
-        parts = {}
-        for row in store.factor_shards("c0", l):
-            ids, tensors = store.shard_tensors(row)
-            g = kind.full(meta, tensors)
-            parts.update({int(i): g[j] for j, i in enumerate(ids)})
-        full[l] = torch.stack([parts[i] for i in range(n)])
-    g = torch.cat([full[l] for l in names], dim=1)
-    p = projector.project(g, model_id=0) / proj_dim ** 0.5
-    t_proj = clock() - t0
-    # the query side: its mean gradient, from the exact store's own query-side replay, projected alike
-    from metaql.engine.executor import query_sides
-    from metaql.engine.optimizer import optimize
-    from metaql.engine.influence import influence_plan
-    from metaql.engine.executor import Context
-    from metaql.engine.functions import FunctionRegistry, SampleRef
-    ctx = Context(store, FunctionRegistry())
-    plan = optimize(influence_plan(ctx, "*", SampleRef("batch", "test")), store)
-    import dataclasses
-    q = query_sides(dataclasses.replace(plan, similarity="cosine"), store, "c0", plan.strategies, "cpu")
-    qg = torch.cat([q[l]["gbar_flat"].reshape(1, -1) for l in names], dim=1)
-    qp = projector.project(qg, model_id=0) / proj_dim ** 0.5
-    sc = (p @ qp.T).squeeze(1).double().numpy()
-    return [[name, f"TRAK BasicProjector proj_dim={proj_dim}", proj_dim * 4 / 1024, t_proj,
+    params = layer_params(exact.store, names)
+    est = peer_estimate(params, proj_dim, n)
+    if est > budget:
+        return [[name, f"TRAK BasicProjector per layer, proj_dim={proj_dim}", proj_dim * 4 / 1024, "-", "-",
+                 f"not run: estimated {est:.0f} CPU s ({sum(params.values()) * proj_dim / 1e9:.0f} G normal draws)"]]
+    gq = query_gradient(model, xq, yq, names)
+    sc, _, t_grad, t_proj = trak_scores(exact.store, names, np.arange(n), gq, proj_dim, 0)
+    return [[name, f"TRAK BasicProjector per layer, proj_dim={proj_dim}", proj_dim * 4 / 1024, t_grad + t_proj,
              spearman(sc, ex_scores), overlap(sc, ex_scores, k)]]
 
 
@@ -740,8 +710,8 @@ def main(argv=None):
          "expected missed", "recall bound"], topk_rows))
     report.add("Peers (equal bytes per sample where the peer stores a projection)", table(
         ["workload", "peer", "KiB/sample", "seconds", "Spearman", "top-k overlap"], peer_rows),
-        "logix-ai (LoGra): no release installs on Python 3.11 (its wheels require < 3.11). dattri: installs; "
-        "its projected TracIn was not wired in this run.")
+        "logix-ai (LoGra): no release installs on Python 3.11 (its wheels require < 3.11). dattri's projected "
+        "TracIn: bench_approx_peers.py --dattri (digits CNN).")
     report.write()
 
 

@@ -73,15 +73,21 @@ BLOCK_FLOATS = 2 ** 28       # a projector block (grad_dim x block_size float32)
 
 def config_named(text: str) -> dict:
     """--configs entries: 's' the sketched store (k=256, m=64), 'u<m>' a sketch of m numbers of each
-    layer's unprojected gradient, '<k>' plain projected storage with k per side."""
+    layer's unprojected gradient, 'c<M>' a count sketch of the unprojected gradients with M numbers
+    per sample split among the layers by energy (sketch_budget), '<k>' plain projected storage with
+    k per side."""
     if text == "s":
         return SKETCHED
+    if text.startswith("c"):
+        return {"sketch_budget": int(text[1:]), "sketch_dist": "count"}
     if text.startswith("u"):
         return {"proj_dim": UNPROJECTED, "sketch_dim": int(text[1:])}
     return {"proj_dim": int(text)}
 
 
 def config_label(config: dict) -> str:
+    if "sketch_budget" in config:
+        return f"count sketch of the unprojected gradients, {config['sketch_budget']} numbers split by energy"
     if config["proj_dim"] == UNPROJECTED:
         return f"sketch m={config['sketch_dim']} of the unprojected gradient"
     return label(config)
@@ -231,7 +237,8 @@ def main(argv=None):
     ap.add_argument("--dattri", action="store_true", help="also dattri's projected TracIn at the same proj_dim "
                     "and seed (a workload whose captured layers hold every parameter: digits)")
     ap.add_argument("--configs", help="comma-separated configurations to run (default: the workload's): a proj_dim, "
-                    "'s' (k=256, sketch m=64), 'u<m>' (a sketch of m numbers of the unprojected gradient)")
+                    "'s' (k=256, sketch m=64), 'u<m>' (a sketch of m numbers of the unprojected gradient), "
+                    "'c<M>' (a count sketch of the unprojected gradients, M numbers split by energy)")
     ap.add_argument("--out", help="the results file's name under benchmarks/results (no .md)")
     add_threads_option(ap)
     add_clock_option(ap)

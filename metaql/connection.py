@@ -30,10 +30,10 @@ from metaql.parser import parse, split_statements
 from metaql.planner import plan_call, plan_topk
 from metaql.relation import ARROW_TYPES, Relation, renamed
 from metaql.result import Result
-from metaql.sqlcalls import bound_parameters, rewritten
+from metaql.sqlcalls import blanked, bound_parameters, rewritten
 from metaql.storage.catalog import SHOWN, query_arrow, register, unregister
 from metaql.storage.catalog_snapshot import CatalogSnapshot
-from metaql.storage.sqlguard import checked_statements, retarget_insert
+from metaql.storage.sqlguard import check_syntax, checked_statements, retarget_insert
 from metaql.storage.store import Store
 
 _CALL_IDS = itertools.count()          # private relation names, unique per process
@@ -245,6 +245,8 @@ class Connection:
     def _call_relations(self, stmt: ast.SQLWithCalls, params, plans=None):
         """Yields the statement's SQL with each call replaced by a registered private relation
         holding its result; errors name the user's call, never the private name."""
+        # the SQL around the calls parses before any call runs, its errors placed in the user's text
+        check_syntax(blanked(stmt.text, stmt.lo, stmt.hi, [span for span, _ in stmt.calls]), stmt.text)
         plans = plans if plans is not None else self._call_plans(stmt, params)
         private = [f"_metaql_call_{next(_CALL_IDS)}" for _ in stmt.calls]
         shown = {name: _clipped(stmt.text[span.start:span.end]) for name, (span, _) in zip(private, stmt.calls)}

@@ -1,0 +1,63 @@
+"""What a user gets back from wrong input: a clear MetaQL error at the right place (line, column,
+caret; the argument at fault; what to do), never a silent wrong answer or a Python traceback.
+Each test here failed on the code before its fix."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metaql
+from metaql.engine.functions import SetName
+from tests.models import MLP
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """An MLP (fc1, fc2) captured at one checkpoint over 12 train samples; 4 test samples."""
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("user_errors") / "store")
+    model, x, y = MLP(), torch.randn(16, 6), torch.randint(0, 3, (16,))
+    with metaql.connect(path, config={"progress": False}) as c:
+        c.add_samples(np.arange(12), "train", y[:12].numpy(), x[:12])
+        c.add_samples(np.arange(12, 16), "test", y[12:].numpy(), x[12:])
+        with c.capture(model, checkpoint="c0", lr=0.1, factory="tests.models:MLP", kwargs=model.metaql_config) as cap:
+            cap.backward(F.cross_entropy(model(x[:12]), y[:12]), np.arange(12))
+        c.execute("CREATE SET few AS SELECT sample_id FROM samples WHERE sample_id < 4")
+    return path
+
+
+@pytest.fixture
+def con(store):
+    with metaql.connect(store, config={"progress": False}) as c:
+        yield c
+
+
+# ---- parse errors of plain SQL keep DuckDB's line and column, with a caret ----------------------
+def test_a_duckdb_syntax_error_says_line_and_column_with_a_caret(con):
+    with pytest.raises(metaql.ParserException) as e:
+        con.execute("SELECT sample_id\n  FROM samples WHERE WHERE label = 1")
+    assert (e.value.line, e.value.column) == (2, 22)
+    assert str(e.value).splitlines()[1:] == ["    FROM samples WHERE WHERE label = 1",
+                                             "                       ^^^^^"]
+
+
+def test_a_syntax_error_around_a_call_is_placed_in_the_users_text_before_the_call_runs(con):
+    runs = []
+
+    def counted(ctx, data: SetName) -> pa.Table:
+        """Counts its runs."""
+        runs.append(data)
+        return pa.table({"sample_id": ctx.store.set_ids(data)})
+
+    con.register_function(counted)
+    with pytest.raises(metaql.ParserException) as e:
+        con.execute("SELECT *\n  FROM counted(data=train) AS c\n  WHERE WHERE sample_id > 1")
+    assert (e.value.line, e.value.column) == (3, 9)
+    assert str(e.value).splitlines()[-2:] == ["    WHERE WHERE sample_id > 1", "          ^^^^^"]
+    with pytest.raises(metaql.ParserException) as e:
+        con.execute("SELECT * FROM counted(data=train) c WHERE WHERE 1")
+    assert e.value.column == 43 and "counted(data=train)" in str(e.value)
+    assert runs == []

@@ -206,8 +206,9 @@ class Connection:
         if isinstance(stmt, ast.TopKSelect):
             k = check_topk(_whole_number(value_of(stmt.k, params)))
             _check_ranks_by_score(self.registry.get(stmt.call.name))
-            return plan_topk(bind_call(stmt.call, self.registry, params, ctx.catalog), ctx, k, stmt.ascending,
-                             stmt.train_set)
+            bound = bind_call(stmt.call, self.registry, params, ctx.catalog)
+            passed = frozenset(stmt.call.args) | frozenset(list(bound.function.params)[:len(stmt.call.positional)])
+            return plan_topk(bound, ctx, k, stmt.ascending, stmt.train_set, passed)
         raise ProgrammingError(f"cannot plan {type(stmt).__name__}")
 
     def _run_plan(self, stmt, plan) -> Result:

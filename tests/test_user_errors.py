@@ -61,3 +61,19 @@ def test_a_syntax_error_around_a_call_is_placed_in_the_users_text_before_the_cal
         con.execute("SELECT * FROM counted(data=train) c WHERE WHERE 1")
     assert e.value.column == 43 and "counted(data=train)" in str(e.value)
     assert runs == []
+
+
+# ---- TOPK(k) <set> and a train= of the call's own -------------------------------------------------
+@pytest.mark.parametrize("call", ["SELF_INFLUENCE(train=batch(few))", "SELF_INFLUENCE(*, few)",
+                                  "INFLUENCE(query=batch(test), train=point(3))"])
+def test_topk_refuses_a_call_whose_train_names_another_side(con, call):
+    with pytest.raises(metaql.BinderException, match=r"TOPK\(2\) train ranks the set train.*leave train= out"):
+        con.execute(f"SELECT TOPK(2) train FROM {call} ORDER BY DESC")
+    with pytest.raises(metaql.BinderException, match="leave train= out"):
+        con.execute(f"EXPLAIN SELECT TOPK(2) train FROM {call} ORDER BY DESC")
+
+
+def test_topk_takes_a_train_that_names_its_own_set(con):
+    same = con.execute("SELECT TOPK(2) few FROM SELF_INFLUENCE(train=batch(few)) ORDER BY DESC").fetchall()
+    assert same == con.execute("SELECT TOPK(2) few FROM SELF_INFLUENCE() ORDER BY DESC").fetchall()
+    assert {i for i, _ in same} <= {0, 1, 2, 3}

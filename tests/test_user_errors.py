@@ -31,7 +31,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture
 def con(store):
-    with metaql.connect(store, config={"progress": False}) as c:
+    with metaql.connect(store, config={"progress": False, "trusted_factories": ["tests.models:MLP"]}) as c:
         yield c
 
 
@@ -77,3 +77,13 @@ def test_topk_takes_a_train_that_names_its_own_set(con):
     same = con.execute("SELECT TOPK(2) few FROM SELF_INFLUENCE(train=batch(few)) ORDER BY DESC").fetchall()
     assert same == con.execute("SELECT TOPK(2) few FROM SELF_INFLUENCE() ORDER BY DESC").fetchall()
     assert {i for i, _ in same} <= {0, 1, 2, 3}
+
+
+# ---- direction= outside the train x query matrix ---------------------------------------------------
+@pytest.mark.parametrize("direction", ["opponents", "both"])
+def test_direction_without_each_is_refused_not_ignored(con, direction):
+    with pytest.raises(metaql.BinderException, match=f"direction={direction} chooses .* query=each"):
+        con.execute(f"SELECT * FROM INFLUENCE(query=batch(test), direction={direction})")
+    with pytest.raises(metaql.BinderException, match="ORDER BY ASC"):
+        con.influence(query=(torch.randn(2, 6), torch.tensor([0, 1])), direction=direction)
+    assert len(con.execute("SELECT * FROM INFLUENCE(query=batch(test), direction=proponents)").fetchall()) == 12

@@ -87,3 +87,11 @@ def test_direction_without_each_is_refused_not_ignored(con, direction):
     with pytest.raises(metaql.BinderException, match="ORDER BY ASC"):
         con.influence(query=(torch.randn(2, 6), torch.tensor([0, 1])), direction=direction)
     assert len(con.execute("SELECT * FROM INFLUENCE(query=batch(test), direction=proponents)").fetchall()) == 12
+
+
+# ---- a read-only store -------------------------------------------------------------------------------
+def test_update_predictions_on_a_read_only_store_says_so_before_predicting(store, monkeypatch):
+    with metaql.connect(store, read_only=True, config={"trusted_factories": ["tests.models:MLP"]}) as ro:
+        monkeypatch.setattr(ro.store, "model_at", lambda *a: pytest.fail("predicted on a read-only store"))
+        with pytest.raises(metaql.IOException, match="read-only; reopen it without read_only"):
+            ro.update_predictions()

@@ -95,3 +95,13 @@ def test_update_predictions_on_a_read_only_store_says_so_before_predicting(store
         monkeypatch.setattr(ro.store, "model_at", lambda *a: pytest.fail("predicted on a read-only store"))
         with pytest.raises(metaql.IOException, match="read-only; reopen it without read_only"):
             ro.update_predictions()
+
+
+# ---- metaql demo -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("epochs", ["0", "-3"])
+def test_demo_refuses_epochs_that_capture_nothing_and_leaves_no_store(tmp_path, capsys, epochs):
+    from metaql.demo import main
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "d.mq"), "--epochs", epochs])
+    assert e.value.code != 0 and "--epochs: expected a whole number of epochs >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "d.mq").exists()

@@ -105,3 +105,12 @@ def test_demo_refuses_epochs_that_capture_nothing_and_leaves_no_store(tmp_path, 
         main([str(tmp_path / "d.mq"), "--epochs", epochs])
     assert e.value.code != 0 and "--epochs: expected a whole number of epochs >= 1" in capsys.readouterr().err
     assert not (tmp_path / "d.mq").exists()
+
+
+# ---- python -m metaql ----------------------------------------------------------------------------
+def test_python_dash_m_metaql_is_the_metaql_command(store):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "metaql", store, "-readonly", "-csv", "-c",
+                          "SELECT count(*) AS n FROM samples"], capture_output=True, text=True, timeout=300)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "n\n16\n", "")

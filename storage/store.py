@@ -469,6 +469,9 @@ class Store:
         if name not in self.set_names():
             if if_exists:
                 return
+            if name in self.splits():       # listed among the sets everywhere else, so not 'unknown'
+                raise CatalogException(f"'{name}' is a split (the samples' split column), not a set made by CREATE "
+                                       "SET: DROP SET removes only those, and a split cannot be dropped")
             require_name("set", name, self.set_names())
         with transaction(self.db):
             self._drop_set_rows(name)

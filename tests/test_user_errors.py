@@ -114,3 +114,11 @@ def test_python_dash_m_metaql_is_the_metaql_command(store):
     out = subprocess.run([sys.executable, "-m", "metaql", store, "-readonly", "-csv", "-c",
                           "SELECT count(*) AS n FROM samples"], capture_output=True, text=True, timeout=300)
     assert (out.returncode, out.stdout, out.stderr) == (0, "n\n16\n", "")
+
+
+# ---- DROP SET of a split -------------------------------------------------------------------------
+def test_drop_set_of_a_split_says_it_is_a_split(con):
+    with pytest.raises(metaql.CatalogException, match="'train' is a split .* a split cannot be dropped"):
+        con.execute("DROP SET train")
+    con.execute("DROP SET IF EXISTS train")         # no set of that name: nothing to do, as before
+    assert con.execute("SELECT count(*) FROM samples WHERE split = 'train'").fetchone() == (12,)

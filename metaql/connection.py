@@ -600,7 +600,8 @@ class Connection:
 
     def table(self, table_name: str) -> "Relation":
         """A relation over a table or view of the store, or a registered object; the name of a
-        MetaQL set (not shadowed by a table) gives its members' sample_id."""
+        MetaQL set or of a split (not shadowed by a table; a set wins over a split, as in queries)
+        gives its members' sample_id."""
         from metaql.relation import _literal, _name
         self._check_open()
         self.store.refresh()
@@ -608,10 +609,14 @@ class Connection:
         try:
             self._plain_sql(f"{text} LIMIT 0", None)
         except (duckdb.CatalogException, CatalogException):
-            if table_name not in self.store.set_names():
+            if table_name in self.store.set_names():
+                text = f"SELECT sample_id FROM set_members WHERE set_name = {_literal(table_name)} ORDER BY sample_id"
+            elif table_name in self.store.splits():
+                text = f"SELECT sample_id FROM samples WHERE split = {_literal(table_name)} ORDER BY sample_id"
+            else:
                 raise CatalogException(f"Table with name {table_name} does not exist: it is no table, view, "
-                                       "registered object or set of this store (SHOW TABLES, SHOW SETS)") from None
-            text = f"SELECT sample_id FROM set_members WHERE set_name = {_literal(table_name)} ORDER BY sample_id"
+                                       "registered object, set or split of this store (SHOW TABLES, SHOW SETS, "
+                                       "SELECT DISTINCT split FROM samples)") from None
         except duckdb.Error as e:
             raise _duck_error(e) from None
         return Relation.of_statement(self, ast.PlainSQL(text), text, None).set_alias(table_name.split(".")[-1])

@@ -122,3 +122,12 @@ def test_drop_set_of_a_split_says_it_is_a_split(con):
         con.execute("DROP SET train")
     con.execute("DROP SET IF EXISTS train")         # no set of that name: nothing to do, as before
     assert con.execute("SELECT count(*) FROM samples WHERE split = 'train'").fetchone() == (12,)
+
+
+# ---- con.table of a split ------------------------------------------------------------------------
+def test_table_of_a_split_is_its_sample_ids_like_a_set(con):
+    assert con.table("test").fetchall() == [(12,), (13,), (14,), (15,)]
+    assert con.table("few").fetchall() == [(0,), (1,), (2,), (3,)]
+    assert con.table("train").join(con.table("few"), "sample_id").shape == (4, 1)
+    with pytest.raises(metaql.CatalogException, match="no table, view, registered object, set or split"):
+        con.table("tset")

@@ -90,8 +90,27 @@ class Param:
         name = getattr(self.hint, "__name__", str(self.hint))
         return name if self.range is None else f"{name} in {self.range}"
 
+    @property
+    def default_text(self) -> str:
+        """The default as it is written in a statement: layers=* (not ('*',)), total=false (not
+        False), [a, b] for a list; a default of None (nothing given) is `(none)`."""
+        return sql_value(self.default)
+
     def describe(self) -> str:
-        return self.type_name if self.required else f"{self.type_name} = {self.default!r}"
+        return self.type_name if self.required else f"{self.type_name} = {self.default_text}"
+
+
+def sql_value(value: Any) -> str:
+    """A Python default as MetaQL's syntax writes it."""
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "*" if list(value) == ["*"] else "[" + ", ".join(map(sql_value, value)) + "]"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return repr(value)
 
 
 @dataclass

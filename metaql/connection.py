@@ -308,7 +308,7 @@ class Connection:
         returns, each as `-> column` with its SQL type (an alternative result, such as INFLUENCE's
         total=true, marked as such)."""
         fn = self.registry.get(name)
-        rows = [(p.name, p.type_name, "(required)" if p.required else repr(p.default)) for p in fn.params.values()]
+        rows = [(p.name, p.type_name, "(required)" if p.required else p.default_text) for p in fn.params.values()]
         for i, columns in enumerate([fn.columns] + list(fn.alternatives)):
             rows += [(f"-> {c}", t, "(output column)" if i == 0 else f"(output column, alternative {i})")
                      for c, t in columns]

@@ -131,3 +131,16 @@ def test_table_of_a_split_is_its_sample_ids_like_a_set(con):
     assert con.table("train").join(con.table("few"), "sample_id").shape == (4, 1)
     with pytest.raises(metaql.CatalogException, match="no table, view, registered object, set or split"):
         con.table("tset")
+
+
+# ---- DESCRIBE and SHOW FUNCTIONS write defaults as a statement does ---------------------------------
+def test_describe_writes_defaults_in_metaql_syntax_not_python(con):
+    defaults = {a: d for a, _, d in con.execute("DESCRIBE INFLUENCE").fetchall()}
+    assert (defaults["layers"], defaults["total"], defaults["topk"], defaults["train"]) == ("*", "false", "(none)",
+                                                                                           "'train'")
+    shown = {name: arguments for name, arguments, _ in con.execute("SHOW FUNCTIONS").fetchall()}
+    assert "layers: LayerList = *," in shown["SELF_INFLUENCE"] and "('*',)" not in shown["SELF_INFLUENCE"]
+    assert "total: bool = false" in shown["INFLUENCE"] and "None" not in shown["INFLUENCE"]
+    # each default, written into a call as DESCRIBE shows it, is accepted
+    assert con.execute(f"SELECT count(*) FROM INFLUENCE(query=batch(test), layers={defaults['layers']}, "
+                       f"total={defaults['total']}, train={defaults['train'].strip(chr(39))})").fetchone() == (12,)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metaql.errors import InvalidInputException
+from metaql.errors import InvalidInputException, ProgrammingError
 from metaql.storage.hooks import LayerHooks, select_layers
 from metaql.storage.layers import LayerMeta
 from metaql.storage.store import Store, _as_ids
@@ -573,12 +573,25 @@ class Capture:
         self._registered: np.ndarray | None = None     # sorted registered sample ids, read at need
         # off only for another rank's part store (distributed/ddp.py): the samples are in rank 0's catalog
         self.require_registered = True
+        self._state = "new"         # "open" inside the `with`, "closed" after it
 
     def __enter__(self) -> "Capture":
         self.store.begin_checkpoint(self.checkpoint, self.model, **self._ckpt_args)
         self._registered = self.store.registered_ids() if self.require_registered else None
         self.hooks.attach()
+        self._state = "open"
         return self
+
+    def _require_open(self, call: str) -> None:
+        """Outside its `with` a capture has no hooks on the model: a batch would train and store
+        nothing, without a word (checkpoint never begun, or already finished)."""
+        if self._state == "open":
+            return
+        when = ("before its `with` began" if self._state == "new" else
+                f"after its `with` ended (checkpoint '{self.checkpoint}' is finished)")
+        raise ProgrammingError(f"cap.{call}() was called {when}, so nothing of this batch would be captured "
+                               f"and the loss was not backpropagated; call it inside "
+                               f"`with con.capture(model, ..., checkpoint='{self.checkpoint}') as cap:`")
 
     def loss(self, output, targets=None, inputs=None, attention_mask=None) -> torch.Tensor:
         """Per-sample losses of the capture's task, the very loss every later replay uses:
@@ -595,6 +608,7 @@ class Capture:
         per-sample losses (then reduced with `reduction` for the backward pass). A refused batch
         stores nothing and leaves the capture ready for the next one. Raises the background
         writer's error, if a flush failed, before anything else."""
+        self._require_open("backward")
         try:
             self.writer.check()
             return self._backward(loss, ids, reduction)
@@ -625,6 +639,7 @@ class Capture:
         Face Trainer, Lightning; see metaql.integrations). `scale` is 1 / (d backpropagated loss /
         d loss_i): it turns the gradients at each layer's output into those of each sample's own
         loss. A refused batch stores nothing and leaves the capture ready for the next one."""
+        self._require_open("record")
         try:
             self.writer.check()
             ids = _as_ids(ids)
@@ -675,6 +690,7 @@ class Capture:
                 self.writer.close(raise_error=exc_type is None)
             complete = exc_type is None
         finally:
+            self._state = "closed"
             self.hooks.detach()
             self.store.finish_checkpoint(self.checkpoint, "complete" if complete else "partial")
 

@@ -144,3 +144,22 @@ def test_describe_writes_defaults_in_metaql_syntax_not_python(con):
     # each default, written into a call as DESCRIBE shows it, is accepted
     assert con.execute(f"SELECT count(*) FROM INFLUENCE(query=batch(test), layers={defaults['layers']}, "
                        f"total={defaults['total']}, train={defaults['train'].strip(chr(39))})").fetchone() == (12,)
+
+
+# ---- cap.backward outside the capture's `with` ------------------------------------------------------
+def test_backward_outside_the_with_is_refused_before_training(tmp_path):
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with metaql.connect(str(tmp_path / "s"), config={"progress": False}) as c:
+        c.add_samples(np.arange(8), "train", y.numpy(), x)
+        cap = c.capture(model, checkpoint="c0", lr=0.1)          # the `with` forgotten
+        with pytest.raises(metaql.ProgrammingError, match="before its `with` began.*inside `with con.capture"):
+            cap.backward(F.cross_entropy(model(x), y), np.arange(8))
+        assert all(p.grad is None for p in model.parameters())   # refused before the backward pass
+        with c.capture(model, checkpoint="c1", lr=0.1) as done:
+            done.backward(F.cross_entropy(model(x[:4]), y[:4]), np.arange(4))
+        with pytest.raises(metaql.ProgrammingError, match="after its `with` ended .*'c1' is finished"):
+            done.backward(F.cross_entropy(model(x[4:]), y[4:]), np.arange(4, 8))
+        with pytest.raises(metaql.ProgrammingError, match="cap.record"):
+            done.record(np.arange(4))
+        assert c.execute("SELECT count(*) FROM SELF_INFLUENCE(checkpoints=[c1])").fetchone() == (4,)

@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import math
 import threading
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
 from metaql.errors import InvalidInputException, ProgrammingError
+from metaql.errors import Warning as MetaQLWarning
 from metaql.storage.hooks import LayerHooks, select_layers
 from metaql.storage.layers import LayerMeta
 from metaql.storage.store import Store, _as_ids
@@ -71,6 +73,8 @@ class ShardWriter:
         # per layer: the ids waiting for the next flush, built only once a batch repeats ids (None until then)
         self._buffered: dict[str, set[int]] | None = None
         self._claimed: set[int] = set()            # every id some layer stored or buffered: the fast test
+        self._before: set[int] = set()             # ids an earlier run stored for the checkpoint (resumed)
+        self._warned_repeat = False
         self.rows_written = 0
         self.recycled = _Recycled()    # the copies of flushes written, for the next batches' copies
         self._scaled: set[str] = set()     # layers whose gradient factors the buffer scaled
@@ -223,14 +227,30 @@ class ShardWriter:
                 self.stored[layer] = (set(self.store.stored_ids(self.checkpoint, layer).tolist())
                                       if self._resumed() else set())
                 self._claimed.update(self.stored[layer])
+                self._before.update(self.stored[layer])
         if self._claimed.isdisjoint(listed):
             return dict.fromkeys(layers)
+        self._warn_repeats(listed)
         if self._buffered is None:      # kept up to date from now until the next flush
             self._buffered = {}
             for batch in self.batches:
                 for layer, (kept, _, _) in batch.items():
                     self._buffered.setdefault(layer, set()).update(kept.tolist())
         return {layer: self._new_rows(layer, ids, listed) for layer in layers}
+
+    def _warn_repeats(self, listed: list[int]) -> None:
+        """Once per capture: ids seen again in the same capture (a second epoch under one checkpoint)
+        keep the factors of their first batch, which a user may not expect; a resumed capture's
+        skipping of what an earlier run stored is silent, as it should be."""
+        if self._warned_repeat:
+            return
+        again = [i for i in listed if i in self._claimed and i not in self._before]
+        if again:
+            self._warned_repeat = True
+            warnings.warn(f"sample ids {again[:5]} were already captured for checkpoint '{self.checkpoint}' earlier "
+                          "in this capture: a checkpoint keeps one set of factors per sample (from the first batch "
+                          "that saw it), so their rows of this batch are not stored; capture each epoch under a "
+                          "checkpoint of its own", MetaQLWarning, stacklevel=7)
 
     def _new_rows(self, layer: str, ids: np.ndarray, listed: list[int]) -> np.ndarray | None:
         """Ids this layer has neither stored for the checkpoint nor buffered (a resumed capture

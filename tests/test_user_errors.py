@@ -163,3 +163,28 @@ def test_backward_outside_the_with_is_refused_before_training(tmp_path):
         with pytest.raises(metaql.ProgrammingError, match="cap.record"):
             done.record(np.arange(4))
         assert c.execute("SELECT count(*) FROM SELF_INFLUENCE(checkpoints=[c1])").fetchone() == (4,)
+
+
+# ---- two epochs under one checkpoint ----------------------------------------------------------------
+def test_ids_seen_twice_in_one_capture_warn_once_and_a_resume_stays_silent(tmp_path):
+    import warnings
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with metaql.connect(str(tmp_path / "s"), config={"progress": False}) as c:
+        c.add_samples(np.arange(8), "train", y.numpy(), x)
+        with pytest.warns(metaql.Warning, match=r"already captured for checkpoint 'c0'.*not stored") as seen:
+            with c.capture(model, checkpoint="c0", lr=0.1) as cap:
+                for epoch in range(3):
+                    for ids in (np.arange(4), np.arange(4, 8)):
+                        cap.backward(F.cross_entropy(model(x[ids]), y[ids]), ids)
+        assert sum("already captured" in str(w.message) for w in seen) == 1
+        with pytest.raises(RuntimeError):           # a run killed after its first batch
+            with c.capture(model, checkpoint="c1", lr=0.1) as cap:
+                cap.backward(F.cross_entropy(model(x[:4]), y[:4]), np.arange(4))
+                raise RuntimeError("killed")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", metaql.Warning)
+            with c.capture(model, checkpoint="c1", lr=0.1) as cap:     # resumed: skips 0-3 silently
+                for ids in (np.arange(4), np.arange(4, 8)):
+                    cap.backward(F.cross_entropy(model(x[ids]), y[ids]), ids)
+        assert c.execute("SELECT count(*) FROM SELF_INFLUENCE(checkpoints=[c1])").fetchone() == (8,)

@@ -188,3 +188,22 @@ def test_ids_seen_twice_in_one_capture_warn_once_and_a_resume_stays_silent(tmp_p
                 for ids in (np.arange(4), np.arange(4, 8)):
                     cap.backward(F.cross_entropy(model(x[ids]), y[ids]), ids)
         assert c.execute("SELECT count(*) FROM SELF_INFLUENCE(checkpoints=[c1])").fetchone() == (8,)
+
+
+# ---- the shell's completion offers what the language takes ------------------------------------------
+def test_completion_offers_each_and_first(store, tmp_path):
+    import io
+    import shutil
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+    from metaql.completion import MetaQLCompleter
+    from metaql.shell import Shell
+
+    def completions(sh, text):
+        return [c.text for c in MetaQLCompleter(sh).get_completions(Document(text), CompleteEvent(completion_requested=True))]
+
+    with Shell(shutil.copytree(store, tmp_path / "s"), out=io.StringIO(), err=io.StringIO()) as sh:
+        assert completions(sh, "SELECT * FROM INFLUENCE(query=") == ["batch(", "each(", "point("]
+        assert completions(sh, "SELECT * FROM INFLUENCE(query=batch(test), train=") == ["batch(", "point("]
+        assert completions(sh, "SELECT * FROM INFLUENCE(query=each(") == ["few", "test", "train"]
+        assert completions(sh, "SELECT * FROM SELF_INFLUENCE(checkpoints=") == ["c0", "all", "first", "last"]

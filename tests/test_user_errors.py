@@ -207,3 +207,18 @@ def test_completion_offers_each_and_first(store, tmp_path):
         assert completions(sh, "SELECT * FROM INFLUENCE(query=batch(test), train=") == ["batch(", "point("]
         assert completions(sh, "SELECT * FROM INFLUENCE(query=each(") == ["few", "test", "train"]
         assert completions(sh, "SELECT * FROM SELF_INFLUENCE(checkpoints=") == ["c0", "all", "first", "last"]
+
+
+# ---- register_function with what no statement can call -----------------------------------------------
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((5,), {}, "not int"),
+    ((lambda ctx: pa.table({"a": [1]}),), {}, "not '<lambda>': pass name="),
+    ((lambda ctx: pa.table({"a": [1]}),), {"name": "my scores"}, "not 'my scores'"),
+])
+def test_register_function_refuses_what_no_statement_can_call(con, args, kwargs, message):
+    before = [r[0] for r in con.execute("SHOW FUNCTIONS").fetchall()]
+    with pytest.raises(metaql.InvalidInputException, match=message):
+        con.register_function(*args, **kwargs)
+    assert [r[0] for r in con.execute("SHOW FUNCTIONS").fetchall()] == before
+    con.register_function(lambda ctx: pa.table({"a": [1]}), name="one")
+    assert con.execute("SELECT * FROM one()").fetchall() == [(1,)]

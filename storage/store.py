@@ -1031,6 +1031,8 @@ def _as_ids(ids) -> np.ndarray:
         return np.zeros(0, np.int64)
     if arr.dtype.kind not in "iu":
         raise InvalidInputException(f"sample ids must be integers, got {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:    # astype would wrap it negative
+        raise InvalidInputException(f"sample ids are 64-bit signed integers (BIGINT); {int(arr.max())} is too large")
     return arr.astype(np.int64).reshape(-1)
 
 

@@ -222,3 +222,15 @@ def test_register_function_refuses_what_no_statement_can_call(con, args, kwargs,
     assert [r[0] for r in con.execute("SHOW FUNCTIONS").fetchall()] == before
     con.register_function(lambda ctx: pa.table({"a": [1]}), name="one")
     assert con.execute("SELECT * FROM one()").fetchall() == [(1,)]
+
+
+# ---- add_samples: ids beyond BIGINT, columns that are MetaQL's own -------------------------------------
+def test_add_samples_refuses_an_id_past_int64_instead_of_wrapping_it(tmp_path):
+    with metaql.connect(str(tmp_path / "s"), config={"progress": False}) as c:
+        with pytest.raises(metaql.InvalidInputException, match="9223372036854775808 is too large"):
+            c.add_samples([2 ** 63], "train", [1], torch.rand(1, 3))
+        with pytest.raises(metaql.InvalidInputException, match="too large"):
+            c.add_samples(np.array([1, 2 ** 64 - 1], dtype=np.uint64), "train", [1, 0], torch.rand(2, 3))
+        assert c.execute("SELECT count(*) FROM samples").fetchone() == (0,)
+        c.add_samples(np.array([2 ** 63 - 1], dtype=np.uint64), "train", [1], torch.rand(1, 3))
+        assert c.execute("SELECT sample_id FROM samples").fetchall() == [(2 ** 63 - 1,)]

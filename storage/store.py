@@ -44,7 +44,7 @@ from metaql.storage import norms
 from metaql.storage.faults import fault_point
 from metaql.storage.layers import LayerMeta, kind_named
 from metaql.storage.snapshot import Publisher, ReaderCopy
-from metaql.storage.sqlguard import require_read_query
+from metaql.storage.sqlguard import SAMPLE_CORE, require_read_query
 from metaql.storage.tensorfile import Shard, file_checksum, write_shard
 
 _SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
@@ -272,6 +272,11 @@ class Store:
             inputs = structured_inputs.flatten(inputs, n)
             self._check_input_layout(inputs.spec)
         columns = {k: np.asarray(list(v) if not hasattr(v, "__len__") else v) for k, v in (columns or {}).items()}
+        own = [k for k in columns if str(k).lower() in SAMPLE_CORE]
+        if own:     # the row would take the column's values instead of split=/labels= (or fail on sample_id)
+            raise InvalidInputException(f"columns= adds columns of your own; {own[0]!r} is MetaQL's: pass the split as "
+                                        "split= and the labels as labels= (pred and loss come from "
+                                        "con.update_predictions())")
         for k, v in columns.items():
             if len(v) != n:
                 raise InvalidInputException(f"column '{k}' has {len(v)} values for {n} ids")

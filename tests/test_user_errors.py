@@ -234,3 +234,11 @@ def test_add_samples_refuses_an_id_past_int64_instead_of_wrapping_it(tmp_path):
         assert c.execute("SELECT count(*) FROM samples").fetchone() == (0,)
         c.add_samples(np.array([2 ** 63 - 1], dtype=np.uint64), "train", [1], torch.rand(1, 3))
         assert c.execute("SELECT sample_id FROM samples").fetchall() == [(2 ** 63 - 1,)]
+
+
+@pytest.mark.parametrize("column", ["split", "Label", "loss", "sample_id"])
+def test_add_samples_refuses_a_column_named_like_metaqls_own(tmp_path, column):
+    with metaql.connect(str(tmp_path / "s"), config={"progress": False}) as c:
+        with pytest.raises(metaql.InvalidInputException, match=f"'{column}' is MetaQL's: pass the split as split="):
+            c.add_samples([7], "train", [1], torch.rand(1, 3), columns={column: [9]})
+        assert c.execute("SELECT count(*) FROM samples").fetchone() == (0,)

@@ -259,6 +259,9 @@ class Store:
         """Registers samples (and their inputs, for replay); all or nothing. `inputs`: a tensor, a
         tuple or dict of them, or lists of per-sample variable-length tensors (storage/inputs.py)."""
         self._writable()
+        if not isinstance(split, str) or not split.strip():
+            raise InvalidInputException(f"split must be a name such as 'train' or 'test' (a non-empty string), not "
+                                        f"{split!r}; a query names it as a set: batch(train)")
         ids = _as_ids(ids)
         if len(ids) == 0:
             raise InvalidInputException("add_samples got no sample ids")

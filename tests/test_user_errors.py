@@ -242,3 +242,11 @@ def test_add_samples_refuses_a_column_named_like_metaqls_own(tmp_path, column):
         with pytest.raises(metaql.InvalidInputException, match=f"'{column}' is MetaQL's: pass the split as split="):
             c.add_samples([7], "train", [1], torch.rand(1, 3), columns={column: [9]})
         assert c.execute("SELECT count(*) FROM samples").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("split", [None, "", "  ", 5])
+def test_add_samples_refuses_a_split_that_is_no_name(tmp_path, split):
+    with metaql.connect(str(tmp_path / "s"), config={"progress": False}) as c:
+        with pytest.raises(metaql.InvalidInputException, match="split must be a name such as 'train'"):
+            c.add_samples([7], split, [1], torch.rand(1, 3))
+        assert c.execute("SELECT count(*) FROM samples").fetchone() == (0,)

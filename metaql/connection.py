@@ -246,8 +246,7 @@ class Connection:
     def _call_relations(self, stmt: ast.SQLWithCalls, params, plans=None):
         """Yields the statement's SQL with each call replaced by a registered private relation
         holding its result; errors name the user's call, never the private name."""
-        # the SQL around the calls parses before any call runs, its errors placed in the user's text
-        check_syntax(blanked(stmt.text, stmt.lo, stmt.hi, [span for span, _ in stmt.calls]), stmt.text)
+        _check_sql_around_calls(stmt)
         plans = plans if plans is not None else self._call_plans(stmt, params)
         private = [f"_metaql_call_{next(_CALL_IDS)}" for _ in stmt.calls]
         shown = {name: _clipped(stmt.text[span.start:span.end]) for name, (span, _) in zip(private, stmt.calls)}
@@ -338,6 +337,7 @@ class Connection:
         headed by the call when there are several); ANALYZE runs the whole statement."""
         from metaql.engine.explain import explain_lines
         trips = self.store.round_trips.count
+        _check_sql_around_calls(stmt)       # no plan for a statement that cannot run
         plans = self._call_plans(stmt, params)
         if analyze:
             t0 = time.perf_counter()
@@ -794,6 +794,12 @@ def _parsed(query: str, function_names) -> list:
         if translated is e:
             raise
         raise translated from _cause(e)
+
+
+def _check_sql_around_calls(stmt: ast.SQLWithCalls) -> None:
+    """The SQL around a statement's calls parses before any call runs (a typo after the WHERE would
+    otherwise be reported after a whole INFLUENCE scan), its errors placed in the user's text."""
+    check_syntax(blanked(stmt.text, stmt.lo, stmt.hi, [span for span, _ in stmt.calls]), stmt.text)
 
 
 def _drop_pending(db) -> None:

@@ -250,3 +250,10 @@ def test_add_samples_refuses_a_split_that_is_no_name(tmp_path, split):
         with pytest.raises(metaql.InvalidInputException, match="split must be a name such as 'train'"):
             c.add_samples([7], split, [1], torch.rand(1, 3))
         assert c.execute("SELECT count(*) FROM samples").fetchone() == (0,)
+
+
+def test_explain_of_sql_that_cannot_parse_is_a_parse_error_not_a_plan(con):
+    with pytest.raises(metaql.ParserException) as e:
+        con.execute("EXPLAIN SELECT * FROM SELF_INFLUENCE() s WHERE WHERE 1")
+    assert (e.value.line, e.value.column) == (1, 48)
+    assert con.execute("EXPLAIN SELECT * FROM SELF_INFLUENCE() s WHERE score > 1").fetchall()

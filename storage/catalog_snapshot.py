@@ -169,7 +169,7 @@ class CatalogSnapshot:
                 raise InvalidInputException(f"checkpoint '{n}' is {unfinished[n]}: its capture did not finish, so "
                                             "it holds factors for only some samples; resume it (run the same "
                                             "capture again) before querying it")
-        return names
+        return list(dict.fromkeys(names))     # a name given twice is one checkpoint, as a layer is
 
     # ---- shards ---------------------------------------------------------------------------------
     @cached_property

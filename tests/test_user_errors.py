@@ -257,3 +257,11 @@ def test_explain_of_sql_that_cannot_parse_is_a_parse_error_not_a_plan(con):
         con.execute("EXPLAIN SELECT * FROM SELF_INFLUENCE() s WHERE WHERE 1")
     assert (e.value.line, e.value.column) == (1, 48)
     assert con.execute("EXPLAIN SELECT * FROM SELF_INFLUENCE() s WHERE score > 1").fetchall()
+
+
+# ---- a checkpoint named twice is counted once ---------------------------------------------------------
+@pytest.mark.parametrize("call", ["SELF_INFLUENCE(checkpoints={})", "INFLUENCE(query=batch(test), checkpoints={})",
+                                  "INFLUENCE(query=each(test), checkpoints={})"])
+def test_a_checkpoint_named_twice_counts_once(con, call):
+    once = con.execute(f"SELECT * FROM {call.format('[c0]')} ORDER BY ALL").fetchall()
+    assert con.execute(f"SELECT * FROM {call.format('[c0, c0]')} ORDER BY ALL").fetchall() == once

@@ -280,6 +280,11 @@ class Connection:
             missing = re.search(r"Table Function with name (\w+) does not exist", str(e))
             if missing:
                 self.registry.get(missing.group(1))  # raises with MetaQL's functions and a hint
+            table = re.search(r"Table with name (\w+) does not exist", str(e))
+            if table and table.group(1) in self.registry:     # DuckDB's hint would be a system table
+                name = table.group(1).upper()
+                raise CatalogException(f"{name} is a table function: call it with its arguments in parentheses, "
+                                       f"e.g. SELECT * FROM {name}(...) (DESCRIBE {name} lists them)") from None
             raise
         return Result.message("ok") if table is None else Result(table)
 

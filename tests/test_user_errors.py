@@ -265,3 +265,11 @@ def test_explain_of_sql_that_cannot_parse_is_a_parse_error_not_a_plan(con):
 def test_a_checkpoint_named_twice_counts_once(con, call):
     once = con.execute(f"SELECT * FROM {call.format('[c0]')} ORDER BY ALL").fetchall()
     assert con.execute(f"SELECT * FROM {call.format('[c0, c0]')} ORDER BY ALL").fetchall() == once
+
+
+# ---- a table function named without its parentheses ------------------------------------------------
+def test_a_table_function_without_parentheses_says_how_to_call_it(con):
+    with pytest.raises(metaql.CatalogException, match=r"SELF_INFLUENCE is a table function: .* SELF_INFLUENCE\(\.\.\.\)"):
+        con.execute("SELECT * FROM self_influence s JOIN samples USING (sample_id)")
+    with pytest.raises(metaql.CatalogException, match="Table with name nosuch does not exist"):
+        con.execute("SELECT * FROM nosuch")

@@ -18,6 +18,7 @@ TEMP table of that name would shadow the real one for MetaQL's own queries).
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from dataclasses import dataclass
@@ -364,9 +365,12 @@ def _check_call(text: str) -> None:
     name = first.lower() if first.lower() == "checkpoint" else (_words(rest)[:1] or [""])[0]
     bare = name[len("pragma_"):] if name.startswith("pragma_") else name
     if bare not in _READ_ONLY_CALLS and not name.startswith("duckdb_"):
+        # MetaQL's own PRAGMA is taken before this guard, written exactly so (engine/calibrate.py)
+        own = ("; MetaQL's own is PRAGMA metaql_calibrate, without arguments"
+               if difflib.get_close_matches(bare, ["metaql_calibrate"], n=1, cutoff=0.7) else "")
         raise ProgrammingError(f"{first.upper()} {name} is refused: only read-only PRAGMAs and calls run "
                                f"on a MetaQL store ({', '.join(sorted(_READ_ONLY_CALLS))}, duckdb_*); "
-                               "query the duckdb_* table functions in a SELECT instead")
+                               f"query the duckdb_* table functions in a SELECT instead{own}")
 
 
 def _check_setting(text: str) -> None:

@@ -273,3 +273,16 @@ def test_a_table_function_without_parentheses_says_how_to_call_it(con):
         con.execute("SELECT * FROM self_influence s JOIN samples USING (sample_id)")
     with pytest.raises(metaql.CatalogException, match="Table with name nosuch does not exist"):
         con.execute("SELECT * FROM nosuch")
+
+
+# ---- PRAGMA metaql_calibrate mistyped ------------------------------------------------------------------
+@pytest.mark.parametrize("sql", ["PRAGMA metaql_calibrat", "PRAGMA metaql_calibrate(fc1)", "CALL metaql_calibrate()"])
+def test_a_mistyped_calibrate_pragma_names_the_right_one(con, sql):
+    with pytest.raises(metaql.ProgrammingError, match="MetaQL's own is PRAGMA metaql_calibrate, without arguments"):
+        con.execute(sql)
+
+
+def test_an_unrelated_refused_pragma_does_not_mention_calibrate(con):
+    with pytest.raises(metaql.ProgrammingError, match="is refused") as e:
+        con.execute("PRAGMA enable_profiling")
+    assert "metaql_calibrate" not in str(e.value)

@@ -785,8 +785,10 @@ def as_metaql_error(e: BaseException) -> BaseException:
 
 def _cause(e: BaseException) -> BaseException | None:
     """What a translated error chains to: the original traceback for a bug, nothing for errors
-    whose message already says it all."""
-    return e if isinstance(e, Exception) and not isinstance(e, (Error, duckdb.Error)) else None
+    whose message already says it all (but the cause it names: a user's table function's exception)."""
+    if isinstance(e, Error):
+        return e.__cause__
+    return e if isinstance(e, Exception) and not isinstance(e, duckdb.Error) else None
 
 
 def _parsed(query: str, function_names) -> list:

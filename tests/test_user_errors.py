@@ -286,3 +286,18 @@ def test_an_unrelated_refused_pragma_does_not_mention_calibrate(con):
     with pytest.raises(metaql.ProgrammingError, match="is refused") as e:
         con.execute("PRAGMA enable_profiling")
     assert "metaql_calibrate" not in str(e.value)
+
+
+# ---- an exception in the user's own table function ---------------------------------------------------
+@pytest.mark.parametrize("sql", ["SELECT * FROM boom()", "SELECT count(*) FROM boom() b JOIN samples USING (sample_id)"])
+def test_a_users_table_function_that_raises_is_named_not_reported_as_metaqls_bug(con, sql):
+    def boom(ctx) -> pa.Table:
+        """Fails."""
+        raise ValueError("my bug")
+
+    con.register_function(boom)
+    with pytest.raises(metaql.InternalException, match=r"ValueError: my bug \(raised by table function BOOM, "
+                                                       r".*boom, registered with register_function") as e:
+        con.execute(sql)
+    assert "please report" not in str(e.value)
+    assert isinstance(e.value.__cause__, ValueError)       # the user's traceback is kept

@@ -458,6 +458,11 @@ class Store:
             col = "sample_id" if "sample_id" in t.column_names else (t.column_names[0] if t.num_columns == 1 else None)
             if col is None:
                 raise BinderException("a set's query must return a sample_id column (or one column of ids)")
+            if col != "sample_id" and col.lower() in {c.lower() for c in self.sample_column_names()}:
+                # SELECT label FROM samples ...: its values (classes 0-9) are registered ids too, so the
+                # set would silently hold other samples
+                raise BinderException(f"a set's query returned the samples column '{col}', not sample ids: select "
+                                      f"sample_id (SELECT sample_id FROM samples WHERE ...)")
             ids = np.unique(_set_ids(t.column(col), col))
             register(self.db, "_members", pa.table({"sample_id": ids}))
             unknown = self.db.execute("SELECT count(*) FROM _members WHERE sample_id NOT IN "

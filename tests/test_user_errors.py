@@ -301,3 +301,15 @@ def test_a_users_table_function_that_raises_is_named_not_reported_as_metaqls_bug
         con.execute(sql)
     assert "please report" not in str(e.value)
     assert isinstance(e.value.__cause__, ValueError)       # the user's traceback is kept
+
+
+# ---- a set's query that returns another samples column ---------------------------------------------------
+@pytest.mark.parametrize("query", ["SELECT label FROM samples WHERE split = 'test'", "SELECT split FROM samples",
+                                   "SELECT loss FROM samples"])
+def test_a_set_of_another_samples_column_is_refused_not_read_as_ids(con, query):
+    with pytest.raises(metaql.BinderException, match="not sample ids: select sample_id"):
+        con.execute(f"CREATE OR REPLACE SET wrong AS {query}")
+    assert "wrong" not in [r[0] for r in con.execute("SHOW SETS").fetchall()]
+    assert con.execute("CREATE OR REPLACE SET fine AS SELECT sample_id AS id FROM samples WHERE split = 'test'"
+                       ).fetchall() == [("set fine: 4 samples",)]
+    assert con.execute("CREATE OR REPLACE SET fine AS VALUES (1), (2)").fetchall() == [("set fine: 2 samples",)]

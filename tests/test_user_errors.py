@@ -313,3 +313,16 @@ def test_a_set_of_another_samples_column_is_refused_not_read_as_ids(con, query):
     assert con.execute("CREATE OR REPLACE SET fine AS SELECT sample_id AS id FROM samples WHERE split = 'test'"
                        ).fetchall() == [("set fine: 4 samples",)]
     assert con.execute("CREATE OR REPLACE SET fine AS VALUES (1), (2)").fetchall() == [("set fine: 2 samples",)]
+    con.execute("DROP SET fine")        # the module's store is shared
+
+
+# ---- a name in another case --------------------------------------------------------------------------
+def test_a_set_named_in_another_case_is_the_hint(con):
+    for name in ("x1", "X10"):
+        con.execute(f"CREATE OR REPLACE SET {name} AS SELECT sample_id FROM samples WHERE sample_id IN (1, 2)")
+    with pytest.raises(metaql.CatalogException, match=r"unknown set 'x10'. Did you mean 'X10'\? \(set names are "
+                                                      r"case-sensitive\)"):      # not x1, the closer spelling
+        con.execute("SELECT TOPK(1) x10 FROM SELF_INFLUENCE()")
+    with pytest.raises(metaql.CatalogException, match=r"unknown set 'tset'. Did you mean 'test'\? Known"):
+        con.execute("SELECT TOPK(1) tset FROM SELF_INFLUENCE()")
+    con.execute("DROP SET x1; DROP SET X10")        # the module's store is shared

@@ -218,6 +218,8 @@ class Connection:
 
     def _create_set(self, stmt: ast.CreateSet, params) -> Result:
         if stmt.body is None:
+            if stmt.text:       # a parse error placed in the statement, not in the query cut out of it
+                check_syntax(blanked(stmt.text, stmt.lo, stmt.hi, []), stmt.text)
             n = self.store.create_set(stmt.name, stmt.query, params, replace=stmt.replace)
         else:
             with self._call_relations(stmt.body, params) as text:

@@ -326,3 +326,13 @@ def test_a_set_named_in_another_case_is_the_hint(con):
     with pytest.raises(metaql.CatalogException, match=r"unknown set 'tset'. Did you mean 'test'\? Known"):
         con.execute("SELECT TOPK(1) tset FROM SELF_INFLUENCE()")
     con.execute("DROP SET x1; DROP SET X10")        # the module's store is shared
+
+
+# ---- a parse error in CREATE SET's query -------------------------------------------------------------
+def test_a_syntax_error_in_a_set_query_is_a_parse_error_placed_in_the_statement(con):
+    with pytest.raises(metaql.ParserException) as e:
+        con.execute("CREATE SET bad AS SELECT sample_id FROM samples WHERE WHERE label = 1")
+    assert (e.value.line, e.value.column) == (1, 55)
+    assert str(e.value).splitlines()[-2:] == ["  CREATE SET bad AS SELECT sample_id FROM samples WHERE WHERE label = 1",
+                                              "  " + " " * 54 + "^^^^^"]
+    assert "bad" not in [r[0] for r in con.execute("SHOW SETS").fetchall()]

@@ -454,7 +454,7 @@ class Store:
             try:
                 t = query_arrow(self.db, f"SELECT * FROM ({query}) AS _q", params)
             except Exception as e:
-                raise BinderException(f"the set's query failed: {str(e).splitlines()[0]}") from None
+                raise BinderException(f"the set's query failed: {str(e)}") from None   # with DuckDB's hint
             col = "sample_id" if "sample_id" in t.column_names else (t.column_names[0] if t.num_columns == 1 else None)
             if col is None:
                 raise BinderException("a set's query must return a sample_id column (or one column of ids)")

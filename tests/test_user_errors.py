@@ -336,3 +336,9 @@ def test_a_syntax_error_in_a_set_query_is_a_parse_error_placed_in_the_statement(
     assert str(e.value).splitlines()[-2:] == ["  CREATE SET bad AS SELECT sample_id FROM samples WHERE WHERE label = 1",
                                               "  " + " " * 54 + "^^^^^"]
     assert "bad" not in [r[0] for r in con.execute("SHOW SETS").fetchall()]
+
+
+def test_a_set_query_that_fails_keeps_duckdbs_did_you_mean(con):
+    with pytest.raises(metaql.BinderException, match=r"the set's query failed: .*sampels does not exist!\n"
+                                                     r"Did you mean \"samples\"\?"):
+        con.execute("CREATE SET bad AS SELECT sample_id FROM sampels")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metaql.errors import InvalidInputException, ProgrammingError
+from metaql.errors import InvalidInputException, ProgrammingError, user_stacklevel
 from metaql.errors import Warning as MetaQLWarning
 from metaql.storage.hooks import LayerHooks, select_layers
 from metaql.storage.layers import LayerMeta
@@ -250,7 +250,7 @@ class ShardWriter:
             warnings.warn(f"sample ids {again[:5]} were already captured for checkpoint '{self.checkpoint}' earlier "
                           "in this capture: a checkpoint keeps one set of factors per sample (from the first batch "
                           "that saw it), so their rows of this batch are not stored; capture each epoch under a "
-                          "checkpoint of its own", MetaQLWarning, stacklevel=7)
+                          "checkpoint of its own", MetaQLWarning, stacklevel=user_stacklevel())
 
     def _new_rows(self, layer: str, ids: np.ndarray, listed: list[int]) -> np.ndarray | None:
         """Ids this layer has neither stored for the checkpoint nor buffered (a resumed capture

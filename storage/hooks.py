@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from metaql.errors import BinderException, CatalogException, InvalidInputException, Warning
+from metaql.errors import BinderException, CatalogException, InvalidInputException, Warning, user_stacklevel
 from metaql.storage.layers import KINDS, LayerKind, find_kind, kind_for
 
 _GLOB = set("*?[")
@@ -234,7 +234,8 @@ class LayerHooks:
             h.remove()
         if self.skipped:
             warnings.warn(f"layers: skipped {len(self.skipped)} module(s) with parameters: "
-                          + _listed(f"'{n}' ({why})" for n, why in self.skipped.items()), Warning, stacklevel=5)
+                          + _listed(f"'{n}' ({why})" for n, why in self.skipped.items()), Warning,
+                          stacklevel=user_stacklevel())
         coupled = coupled_layers(self.normalized, self.outputs)
         if coupled:
             warnings.warn(
@@ -243,7 +244,7 @@ class LayerHooks:
                           for layer, bns in coupled.items())
                 + ": a BatchNorm normalizing with batch statistics (train mode) mixes the samples of a batch, "
                 "so a sample's gradient depends on the others; replay the checkpoint (con.replay, eval "
-                "mode) for exact factors", Warning, stacklevel=5)
+                "mode) for exact factors", Warning, stacklevel=user_stacklevel())
         self.normalized = {}
 
     def _drop(self, name: str) -> None:

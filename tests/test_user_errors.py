@@ -342,3 +342,18 @@ def test_a_set_query_that_fails_keeps_duckdbs_did_you_mean(con):
     with pytest.raises(metaql.BinderException, match=r"the set's query failed: .*sampels does not exist!\n"
                                                      r"Did you mean \"samples\"\?"):
         con.execute("CREATE SET bad AS SELECT sample_id FROM sampels")
+
+
+# ---- capture's warnings name the user's line -------------------------------------------------------------
+def test_capture_warnings_point_at_the_users_call(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with metaql.connect(str(tmp_path / "s"), config={"progress": False}) as c:
+        c.add_samples(np.arange(8), "train", y.numpy(), x)
+        with pytest.warns(metaql.Warning) as seen, c.capture(model, checkpoint="c0", lr=0.1) as cap:
+            for epoch in range(2):
+                cap.backward(F.cross_entropy(model(x), y), np.arange(8))
+    messages = {str(w.message).split(" ")[0]: w.filename for w in seen}
+    assert {"per-sample", "sample"} <= set(messages)          # the BatchNorm warning and the repeated ids'
+    assert set(messages.values()) == {__file__}, messages

@@ -16,9 +16,13 @@ def user_stacklevel() -> int:
     lead there (cap.backward and cap.record reach the same warning at different depths)."""
     import sys
     frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_globals.get("__name__") or "").split(".")[0] == "metaql":
+    # the standard library's wrappers MetaQL calls through (its context managers) are MetaQL's frames too
+    while frame is not None and (frame.f_globals.get("__name__") or "").split(".")[0] in _OWN_FRAMES:
         frame, level = frame.f_back, level + 1
     return level
+
+
+_OWN_FRAMES = {"metaql", "contextlib", "functools"}
 
 
 class Error(Exception):

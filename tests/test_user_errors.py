@@ -357,3 +357,17 @@ def test_capture_warnings_point_at_the_users_call(tmp_path):
     messages = {str(w.message).split(" ")[0]: w.filename for w in seen}
     assert {"per-sample", "sample"} <= set(messages)          # the BatchNorm warning and the repeated ids'
     assert set(messages.values()) == {__file__}, messages
+
+
+def test_a_querys_warning_points_at_the_users_statement(tmp_path):
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with metaql.connect(str(tmp_path / "s"), config={"progress": False}) as c:
+        c.add_samples(np.arange(8), "train", y.numpy(), x)
+        with c.capture(model, checkpoint="c0", lr=0.1) as cap:
+            cap.backward(F.cross_entropy(model(x), y), np.arange(8))
+        with pytest.raises(RuntimeError), c.capture(model, checkpoint="c1", lr=0.1):
+            raise RuntimeError("killed")                          # c1 is left partial
+        with pytest.warns(metaql.Warning, match="left out checkpoint 'c1'") as seen:
+            c.execute("SELECT count(*) FROM SELF_INFLUENCE()").fetchall()
+        assert [w.filename for w in seen] == [__file__]

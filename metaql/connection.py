@@ -82,12 +82,37 @@ def _checked_config(config) -> dict:
             hint = difflib.get_close_matches(str(key), CONFIG_KEYS, n=1)
             raise InvalidInputException(f"unknown config key {key!r}." + (f" Did you mean {hint[0]!r}?" if hint else "")
                                         + f" Known keys: {', '.join(CONFIG_KEYS)}")
-    if "progress" in config and not isinstance(config["progress"], bool):
-        raise InvalidInputException(f"config['progress'] must be true or false, got {config['progress']!r}")
+    for key in ("progress", "auto_calibrate"):
+        if key in config and not isinstance(config[key], bool):
+            raise InvalidInputException(f"config[{key!r}] must be true or false, got {config[key]!r}")
+    if "topk_pruning" in config and config["topk_pruning"] not in (True, False, "auto"):
+        raise InvalidInputException(f"config['topk_pruning'] must be true, false or 'auto', got "
+                                    f"{config['topk_pruning']!r}")
+    if "device" in config:
+        _check_device(config["device"])
+    if "force_strategy" in config:
+        from metaql.engine.strategies import STRATEGIES
+        if config["force_strategy"] not in STRATEGIES:     # else every query ignores it without a word
+            raise InvalidInputException(f"config['force_strategy'] must name a strategy ({', '.join(sorted(STRATEGIES))}), "
+                                        f"got {config['force_strategy']!r}")
     if "engine" in config or "address" in config:
         from metaql.distributed.ray_engine import check_engine_config
         check_engine_config(config)
     return dict(config)
+
+
+def _check_device(device) -> None:
+    """config['device']: a device torch knows and this machine has, refused at connect rather than
+    as an internal error at the first query that replays."""
+    import torch
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidInputException(f"config['device'] must be a torch device such as 'cpu' or 'cuda', got {device!r}") \
+            from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputException(f"config['device'] is {device!r} but this torch has no CUDA device "
+                                    "(torch.cuda.is_available() is False); use 'cpu', or leave device out")
 
 
 def _open_store(database, read_only: bool) -> Store:

@@ -371,3 +371,21 @@ def test_a_querys_warning_points_at_the_users_statement(tmp_path):
         with pytest.warns(metaql.Warning, match="left out checkpoint 'c1'") as seen:
             c.execute("SELECT count(*) FROM SELF_INFLUENCE()").fetchall()
         assert [w.filename for w in seen] == [__file__]
+
+
+# ---- connect's config values ---------------------------------------------------------------------------
+@pytest.mark.parametrize("config, message", [
+    ({"device": "gpu"}, "must be a torch device such as 'cpu' or 'cuda', got 'gpu'"),
+    ({"force_strategy": "iterat"}, "must name a strategy .*iterate.*got 'iterat'"),
+    ({"topk_pruning": "maybe"}, "must be true, false or 'auto'"),
+    ({"auto_calibrate": "no"}, "must be true or false"),
+])
+def test_connect_refuses_config_values_that_would_fail_later_or_be_ignored(store, config, message):
+    with pytest.raises(metaql.InvalidInputException, match=message):
+        metaql.connect(store, read_only=True, config=config)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA takes device='cuda'")
+def test_connect_refuses_cuda_where_torch_has_none(store):
+    with pytest.raises(metaql.InvalidInputException, match="no CUDA device .* use 'cpu'"):
+        metaql.connect(store, read_only=True, config={"device": "cuda"})

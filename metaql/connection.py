@@ -455,8 +455,16 @@ class Connection:
     def capture(self, model, layers=None, checkpoint: str = "ckpt0", lr: float = 1.0, **kwargs):
         """A context manager that captures per-sample factors in the training loop
         (see metaql.storage.capture.Capture)."""
+        from torch import nn
+
         from metaql.storage.capture import Capture
         self._check_open()
+        if not isinstance(model, nn.Module):
+            raise InvalidInputException(f"con.capture takes a torch.nn.Module, got {type(model).__name__}")
+        if layers is not None and not isinstance(layers, str) and not (
+                isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers)):
+            raise InvalidInputException(f"layers= takes a module name, a glob pattern ('*', 'encoder.*') or a list of "
+                                        f"them, got {layers!r:.60}")
         if "shard_size" in kwargs:
             _positive("shard_size", kwargs["shard_size"])
         return Capture(self.store, model, layers, checkpoint, lr, **kwargs)

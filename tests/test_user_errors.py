@@ -389,3 +389,15 @@ def test_connect_refuses_config_values_that_would_fail_later_or_be_ignored(store
 def test_connect_refuses_cuda_where_torch_has_none(store):
     with pytest.raises(metaql.InvalidInputException, match="no CUDA device .* use 'cpu'"):
         metaql.connect(store, read_only=True, config={"device": "cuda"})
+
+
+# ---- con.capture's own arguments -------------------------------------------------------------------------
+@pytest.mark.parametrize("model, layers, message", [
+    ("mlp", None, "con.capture takes a torch.nn.Module, got str"),
+    (None, 5, r"layers= takes a module name, a glob pattern .* got 5"),
+    (None, ["fc1", 2], r"layers= takes .* got \['fc1', 2\]"),
+])
+def test_capture_refuses_a_model_or_layers_it_cannot_use(con, model, layers, message):
+    with pytest.raises(metaql.InvalidInputException, match=message):
+        con.capture(MLP() if model is None else model, layers=layers, checkpoint="never", lr=0.1)
+    assert "never" not in [r[0] for r in con.execute("SHOW CHECKPOINTS").fetchall()]

@@ -392,6 +392,10 @@ def _drop_covered(sel: Selection, explicit: list[str], named: dict[str, nn.Modul
 def _add_pattern(sel: Selection, named: dict[str, nn.Module], pattern: str) -> None:
     matched = [n for n in named if fnmatch.fnmatchcase(n, pattern)]
     if not matched:
+        if not named:       # a bare layer (nn.Linear(...)) as the whole model: layers are its submodules
+            raise CatalogException(f"layer pattern '{pattern}' matches no module: the model has no submodules, and "
+                                   "layers are named submodules; wrap it, e.g. nn.Sequential(nn.Linear(...)), and "
+                                   "capture layers='*' (its layer is then '0')")
         raise CatalogException(f"layer pattern '{pattern}' matches no module of the model; its modules "
                                f"include: {_listed(repr(n) for n in named)}")
     for n in matched:

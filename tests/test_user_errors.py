@@ -401,3 +401,14 @@ def test_capture_refuses_a_model_or_layers_it_cannot_use(con, model, layers, mes
     with pytest.raises(metaql.InvalidInputException, match=message):
         con.capture(MLP() if model is None else model, layers=layers, checkpoint="never", lr=0.1)
     assert "never" not in [r[0] for r in con.execute("SHOW CHECKPOINTS").fetchall()]
+
+
+def test_a_bare_layer_as_the_model_says_to_wrap_it(tmp_path):
+    with metaql.connect(str(tmp_path / "s"), config={"progress": False}) as c:
+        with pytest.raises(metaql.CatalogException, match=r"the model has no submodules.*nn.Sequential"):
+            c.capture(torch.nn.Linear(3, 3), checkpoint="c0", lr=0.1)
+        model, x = torch.nn.Sequential(torch.nn.Linear(3, 3)), torch.randn(4, 3)
+        c.add_samples(np.arange(4), "train", [0, 1, 2, 0], x)
+        with c.capture(model, checkpoint="c0", lr=0.1) as cap:
+            cap.backward(F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])), np.arange(4))
+        assert c.execute("SELECT name FROM layers").fetchall() == [("0",)]

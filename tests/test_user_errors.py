@@ -412,3 +412,15 @@ def test_a_bare_layer_as_the_model_says_to_wrap_it(tmp_path):
         with c.capture(model, checkpoint="c0", lr=0.1) as cap:
             cap.backward(F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])), np.arange(4))
         assert c.execute("SELECT name FROM layers").fetchall() == [("0",)]
+
+
+# ---- the shell: a script that reads itself -------------------------------------------------------------
+def test_a_script_that_reads_itself_stops_with_an_error_not_a_traceback(store, tmp_path):
+    import io
+    from metaql.shell import MAX_READ_DEPTH, Shell
+    script = tmp_path / "self.sql"
+    script.write_text(f"SELECT 1 AS one;\n.read {script}\n")
+    with Shell(store, read_only=True, out=io.StringIO(), err=io.StringIO()) as sh:
+        assert sh.run_script(f".read {script}\nSELECT 2 AS two;") == 1
+        err = sh.err.getvalue()
+    assert f"files nested {MAX_READ_DEPTH} deep (does a file read itself?)" in err and "Traceback" not in err

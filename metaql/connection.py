@@ -327,7 +327,7 @@ class Connection:
     def _show(self, what: str) -> Result:
         if what == "functions":
             rows = [(f.name, ", ".join(f"{p.name}: {p.describe()}" for p in f.params.values()),
-                     f.doc.split("\n")[0]) for f in (self.registry.get(n) for n in self.registry.names())]
+                     _first_sentence(f.doc)) for f in (self.registry.get(n) for n in self.registry.names())]
             return Result(pa.table({"name": [r[0] for r in rows], "arguments": [r[1] for r in rows],
                                     "description": [r[2] for r in rows]}))
         if what not in SHOWN:
@@ -836,6 +836,12 @@ def _parsed(query: str, function_names) -> list:
         if translated is e:
             raise
         raise translated from _cause(e)
+
+
+def _first_sentence(doc: str) -> str:
+    """A docstring's first sentence, however its lines wrap (its first line ends mid-sentence)."""
+    paragraph = " ".join(doc.split("\n\n")[0].split())
+    return re.split(r"(?<=[.:;])\s+(?=[A-Z(])", paragraph)[0]
 
 
 def _check_sql_around_calls(stmt: ast.SQLWithCalls) -> None:

@@ -424,3 +424,11 @@ def test_a_script_that_reads_itself_stops_with_an_error_not_a_traceback(store, t
         assert sh.run_script(f".read {script}\nSELECT 2 AS two;") == 1
         err = sh.err.getvalue()
     assert f"files nested {MAX_READ_DEPTH} deep (does a file read itself?)" in err and "Traceback" not in err
+
+
+# ---- SHOW FUNCTIONS describes each function in a whole sentence ------------------------------------------
+def test_show_functions_descriptions_are_whole_sentences(con):
+    described = {name: text for name, _, text in con.execute("SHOW FUNCTIONS").fetchall()}
+    assert described["SELF_INFLUENCE"] == ("Squared gradient norm of each training sample (summed over layers, "
+                                           "lr-weighted over checkpoints), from the factors only.")
+    assert all(text.endswith((".", ")", ":")) for text in described.values()), described   # not mid-sentence

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import torch
@@ -17,7 +18,7 @@ from metaql.engine import operators as ops
 from metaql.engine.functions import FunctionRegistry
 from metaql.engine.plan import FunctionScan, InfluenceScan, Strategy, TopK
 from metaql.engine.strategies import needs_of, strategy_named
-from metaql.errors import InterruptException, InvalidInputException
+from metaql.errors import Error, InternalException, InterruptException, InvalidInputException
 from metaql.storage.catalog_snapshot import catalog_of
 from metaql.storage.hooks import LayerHooks, watched_modules
 from metaql.storage.layers import kind_named
@@ -71,9 +72,27 @@ def _execute(plan, ctx: Context) -> pa.Table:
         return influence(plan, ctx)
     if isinstance(plan, FunctionScan):
         fn = ctx.registry.get(plan.name)
-        result = fn.fn(ctx, **plan.arguments)
-        return result if isinstance(result, pa.Table) else pa.table(result)
+        if not _is_users(fn.fn):
+            result = fn.fn(ctx, **plan.arguments)
+            return result if isinstance(result, pa.Table) else pa.table(result)
+        try:
+            result = fn.fn(ctx, **plan.arguments)
+            return result if isinstance(result, pa.Table) else pa.table(result)
+        except (Error, duckdb.Error, KeyboardInterrupt):
+            raise
+        except Exception as e:      # the user's own code: not a MetaQL bug to report, but theirs to see
+            where = f"{getattr(fn.fn, '__module__', '?')}.{getattr(fn.fn, '__qualname__', fn.name)}"
+            text = str(e) if len(str(e)) <= 500 else str(e)[:500] + "..."
+            raise InternalException(f"{type(e).__module__}.{type(e).__qualname__}: {text} (raised by table function "
+                                    f"{fn.name}, {where}, registered with register_function: see its traceback, "
+                                    "chained to this error)") from e
     raise TypeError(f"cannot execute {type(plan).__name__}")
+
+
+def _is_users(fn: Callable) -> bool:
+    """Whether a table function is the user's (con.register_function), not one of MetaQL's."""
+    module = getattr(fn, "__module__", None) or ""
+    return not (module == "metaql" or module.startswith("metaql."))
 
 
 def top_k(table: pa.Table, k: int, ascending: bool) -> pa.Table:

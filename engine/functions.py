@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from metaql.errors import BinderException, CatalogException
+from metaql.errors import BinderException, CatalogException, InvalidInputException
 
 
 class SetName(str):
@@ -90,8 +91,27 @@ class Param:
         name = getattr(self.hint, "__name__", str(self.hint))
         return name if self.range is None else f"{name} in {self.range}"
 
+    @property
+    def default_text(self) -> str:
+        """The default as it is written in a statement: layers=* (not ('*',)), total=false (not
+        False), [a, b] for a list; a default of None (nothing given) is `(none)`."""
+        return sql_value(self.default)
+
     def describe(self) -> str:
-        return self.type_name if self.required else f"{self.type_name} = {self.default!r}"
+        return self.type_name if self.required else f"{self.type_name} = {self.default_text}"
+
+
+def sql_value(value: Any) -> str:
+    """A Python default as MetaQL's syntax writes it."""
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "*" if list(value) == ["*"] else "[" + ", ".join(map(sql_value, value)) + "]"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return repr(value)
 
 
 @dataclass
@@ -134,7 +154,14 @@ class FunctionRegistry:
 
     def register(self, fn: Callable[..., Any], name: str | None = None,
                  columns: list[tuple[str, str]] | None = None, replace: bool = False) -> TableFunction:
-        key = (name or fn.__name__).upper()
+        if not callable(fn):
+            raise InvalidInputException(f"a table function is a function fn(ctx, **arguments) returning a "
+                                        f"pyarrow.Table, not {type(fn).__name__}")
+        key = name or getattr(fn, "__name__", "")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):     # else no statement can call it
+            raise InvalidInputException(f"a table function's name must be a plain identifier (letters, digits, _), "
+                                        f"not {key!r}: pass name='my_function'")
+        key = key.upper()
         if key in self._functions and not replace:
             raise CatalogException(f"table function {key} is already registered; pass replace=True")
         tf = TableFunction(key, fn, _params_of(fn), columns or [], inspect.getdoc(fn) or "")

@@ -89,6 +89,10 @@ def check_matrix_arguments(each: bool, total, topk, direction) -> None:
         if topk is not None:
             raise BinderException("topk= keeps the k strongest training samples per query sample: use it with "
                                   "query=each(set); for one ranking write SELECT TOPK(n) train FROM INFLUENCE(...)")
+        if direction != "proponents":       # the default; anything else would be ignored without a word
+            raise BinderException(f"direction={direction!s:.40} chooses which k per query sample topk= keeps, with "
+                                  "query=each(set); for one ranking order the scores: SELECT TOPK(n) train FROM "
+                                  "INFLUENCE(...) ORDER BY ASC (opponents) or DESC (proponents)")
         return
     if total:
         raise BinderException("total=true sums over the training side, one row; with query=each(set) write "

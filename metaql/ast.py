@@ -59,6 +59,11 @@ class CreateSet:
     query: str
     replace: bool = False
     body: SQLWithCalls | None = None     # the query, when it calls table functions
+    # the whole statement and the query's place in it (text[lo:hi]), so that a parse error in the
+    # query is placed in the user's text; not part of what the statement is
+    text: str = field(default="", compare=False)
+    lo: int = field(default=0, compare=False)
+    hi: int = field(default=0, compare=False)
 
 
 @dataclass

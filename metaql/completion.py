@@ -59,7 +59,7 @@ class MetaQLCompleter(Completer):
         """What may come next after `before` (the statement up to the word being completed)."""
         def at(pattern: str) -> bool:
             return re.search(pattern, before, re.I | re.S) is not None
-        if at(r"\bbatch\s*\(\s*$") or at(r"\btopk\s*\(\s*\d+\s*\)\s*$"):
+        if at(r"\b(batch|each)\s*\(\s*$") or at(r"\btopk\s*\(\s*\d+\s*\)\s*$"):
             return self._sets()
         call = _open_call(before)
         if call and call[0] in self.shell.con.registry:
@@ -95,9 +95,11 @@ class MetaQLCompleter(Completer):
         if param.hint is LayerList:
             return self._layers() if in_list else [("*", "every layer"), ("[", "a list of layers")]
         if param.hint is CheckpointList:
-            return self._checkpoints() + ([] if in_list else [("all", "keyword"), ("last", "keyword")])
-        if param.hint is SampleRef:
-            return [("batch(", "a set or split"), ("point(", "one sample id")]
+            return self._checkpoints() + ([] if in_list else [("all", "keyword"), ("first", "keyword"),
+                                                              ("last", "keyword")])
+        if param.hint is SampleRef:     # each(set), the train x query matrix, on INFLUENCE's query side only
+            each = [("each(", "each sample of a set apart")] if param.name == "query" else []
+            return [("batch(", "a set or split"), *each, ("point(", "one sample id")]
         if param.hint is SetName:
             return self._sets()
         if typing.get_origin(param.hint) is typing.Literal:

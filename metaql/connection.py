@@ -30,10 +30,10 @@ from metaql.parser import parse, split_statements
 from metaql.planner import plan_call, plan_topk
 from metaql.relation import ARROW_TYPES, Relation, renamed
 from metaql.result import Result
-from metaql.sqlcalls import bound_parameters, rewritten
+from metaql.sqlcalls import blanked, bound_parameters, rewritten
 from metaql.storage.catalog import SHOWN, query_arrow, register, unregister
 from metaql.storage.catalog_snapshot import CatalogSnapshot
-from metaql.storage.sqlguard import checked_statements, retarget_insert
+from metaql.storage.sqlguard import check_syntax, checked_statements, retarget_insert
 from metaql.storage.store import Store
 
 _CALL_IDS = itertools.count()          # private relation names, unique per process
@@ -82,12 +82,37 @@ def _checked_config(config) -> dict:
             hint = difflib.get_close_matches(str(key), CONFIG_KEYS, n=1)
             raise InvalidInputException(f"unknown config key {key!r}." + (f" Did you mean {hint[0]!r}?" if hint else "")
                                         + f" Known keys: {', '.join(CONFIG_KEYS)}")
-    if "progress" in config and not isinstance(config["progress"], bool):
-        raise InvalidInputException(f"config['progress'] must be true or false, got {config['progress']!r}")
+    for key in ("progress", "auto_calibrate"):
+        if key in config and not isinstance(config[key], bool):
+            raise InvalidInputException(f"config[{key!r}] must be true or false, got {config[key]!r}")
+    if "topk_pruning" in config and config["topk_pruning"] not in (True, False, "auto"):
+        raise InvalidInputException(f"config['topk_pruning'] must be true, false or 'auto', got "
+                                    f"{config['topk_pruning']!r}")
+    if "device" in config:
+        _check_device(config["device"])
+    if "force_strategy" in config:
+        from metaql.engine.strategies import STRATEGIES
+        if config["force_strategy"] not in STRATEGIES:     # else every query ignores it without a word
+            raise InvalidInputException(f"config['force_strategy'] must name a strategy ({', '.join(sorted(STRATEGIES))}), "
+                                        f"got {config['force_strategy']!r}")
     if "engine" in config or "address" in config:
         from metaql.distributed.ray_engine import check_engine_config
         check_engine_config(config)
     return dict(config)
+
+
+def _check_device(device) -> None:
+    """config['device']: a device torch knows and this machine has, refused at connect rather than
+    as an internal error at the first query that replays."""
+    import torch
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidInputException(f"config['device'] must be a torch device such as 'cpu' or 'cuda', got {device!r}") \
+            from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputException(f"config['device'] is {device!r} but this torch has no CUDA device "
+                                    "(torch.cuda.is_available() is False); use 'cpu', or leave device out")
 
 
 def _open_store(database, read_only: bool) -> Store:
@@ -206,8 +231,9 @@ class Connection:
         if isinstance(stmt, ast.TopKSelect):
             k = check_topk(_whole_number(value_of(stmt.k, params)))
             _check_ranks_by_score(self.registry.get(stmt.call.name))
-            return plan_topk(bind_call(stmt.call, self.registry, params, ctx.catalog), ctx, k, stmt.ascending,
-                             stmt.train_set)
+            bound = bind_call(stmt.call, self.registry, params, ctx.catalog)
+            passed = frozenset(stmt.call.args) | frozenset(list(bound.function.params)[:len(stmt.call.positional)])
+            return plan_topk(bound, ctx, k, stmt.ascending, stmt.train_set, passed)
         raise ProgrammingError(f"cannot plan {type(stmt).__name__}")
 
     def _run_plan(self, stmt, plan) -> Result:
@@ -217,6 +243,8 @@ class Connection:
 
     def _create_set(self, stmt: ast.CreateSet, params) -> Result:
         if stmt.body is None:
+            if stmt.text:       # a parse error placed in the statement, not in the query cut out of it
+                check_syntax(blanked(stmt.text, stmt.lo, stmt.hi, []), stmt.text)
             n = self.store.create_set(stmt.name, stmt.query, params, replace=stmt.replace)
         else:
             with self._call_relations(stmt.body, params) as text:
@@ -245,6 +273,7 @@ class Connection:
     def _call_relations(self, stmt: ast.SQLWithCalls, params, plans=None):
         """Yields the statement's SQL with each call replaced by a registered private relation
         holding its result; errors name the user's call, never the private name."""
+        _check_sql_around_calls(stmt)
         plans = plans if plans is not None else self._call_plans(stmt, params)
         private = [f"_metaql_call_{next(_CALL_IDS)}" for _ in stmt.calls]
         shown = {name: _clipped(stmt.text[span.start:span.end]) for name, (span, _) in zip(private, stmt.calls)}
@@ -278,6 +307,11 @@ class Connection:
             missing = re.search(r"Table Function with name (\w+) does not exist", str(e))
             if missing:
                 self.registry.get(missing.group(1))  # raises with MetaQL's functions and a hint
+            table = re.search(r"Table with name (\w+) does not exist", str(e))
+            if table and table.group(1) in self.registry:     # DuckDB's hint would be a system table
+                name = table.group(1).upper()
+                raise CatalogException(f"{name} is a table function: call it with its arguments in parentheses, "
+                                       f"e.g. SELECT * FROM {name}(...) (DESCRIBE {name} lists them)") from None
             raise
         return Result.message("ok") if table is None else Result(table)
 
@@ -293,7 +327,7 @@ class Connection:
     def _show(self, what: str) -> Result:
         if what == "functions":
             rows = [(f.name, ", ".join(f"{p.name}: {p.describe()}" for p in f.params.values()),
-                     f.doc.split("\n")[0]) for f in (self.registry.get(n) for n in self.registry.names())]
+                     _first_sentence(f.doc)) for f in (self.registry.get(n) for n in self.registry.names())]
             return Result(pa.table({"name": [r[0] for r in rows], "arguments": [r[1] for r in rows],
                                     "description": [r[2] for r in rows]}))
         if what not in SHOWN:
@@ -305,7 +339,7 @@ class Connection:
         returns, each as `-> column` with its SQL type (an alternative result, such as INFLUENCE's
         total=true, marked as such)."""
         fn = self.registry.get(name)
-        rows = [(p.name, p.type_name, "(required)" if p.required else repr(p.default)) for p in fn.params.values()]
+        rows = [(p.name, p.type_name, "(required)" if p.required else p.default_text) for p in fn.params.values()]
         for i, columns in enumerate([fn.columns] + list(fn.alternatives)):
             rows += [(f"-> {c}", t, "(output column)" if i == 0 else f"(output column, alternative {i})")
                      for c, t in columns]
@@ -335,6 +369,7 @@ class Connection:
         headed by the call when there are several); ANALYZE runs the whole statement."""
         from metaql.engine.explain import explain_lines
         trips = self.store.round_trips.count
+        _check_sql_around_calls(stmt)       # no plan for a statement that cannot run
         plans = self._call_plans(stmt, params)
         if analyze:
             t0 = time.perf_counter()
@@ -420,8 +455,16 @@ class Connection:
     def capture(self, model, layers=None, checkpoint: str = "ckpt0", lr: float = 1.0, **kwargs):
         """A context manager that captures per-sample factors in the training loop
         (see metaql.storage.capture.Capture)."""
+        from torch import nn
+
         from metaql.storage.capture import Capture
         self._check_open()
+        if not isinstance(model, nn.Module):
+            raise InvalidInputException(f"con.capture takes a torch.nn.Module, got {type(model).__name__}")
+        if layers is not None and not isinstance(layers, str) and not (
+                isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers)):
+            raise InvalidInputException(f"layers= takes a module name, a glob pattern ('*', 'encoder.*') or a list of "
+                                        f"them, got {layers!r:.60}")
         if "shard_size" in kwargs:
             _positive("shard_size", kwargs["shard_size"])
         return Capture(self.store, model, layers, checkpoint, lr, **kwargs)
@@ -599,7 +642,8 @@ class Connection:
 
     def table(self, table_name: str) -> "Relation":
         """A relation over a table or view of the store, or a registered object; the name of a
-        MetaQL set (not shadowed by a table) gives its members' sample_id."""
+        MetaQL set or of a split (not shadowed by a table; a set wins over a split, as in queries)
+        gives its members' sample_id."""
         from metaql.relation import _literal, _name
         self._check_open()
         self.store.refresh()
@@ -607,10 +651,14 @@ class Connection:
         try:
             self._plain_sql(f"{text} LIMIT 0", None)
         except (duckdb.CatalogException, CatalogException):
-            if table_name not in self.store.set_names():
+            if table_name in self.store.set_names():
+                text = f"SELECT sample_id FROM set_members WHERE set_name = {_literal(table_name)} ORDER BY sample_id"
+            elif table_name in self.store.splits():
+                text = f"SELECT sample_id FROM samples WHERE split = {_literal(table_name)} ORDER BY sample_id"
+            else:
                 raise CatalogException(f"Table with name {table_name} does not exist: it is no table, view, "
-                                       "registered object or set of this store (SHOW TABLES, SHOW SETS)") from None
-            text = f"SELECT sample_id FROM set_members WHERE set_name = {_literal(table_name)} ORDER BY sample_id"
+                                       "registered object, set or split of this store (SHOW TABLES, SHOW SETS, "
+                                       "SELECT DISTINCT split FROM samples)") from None
         except duckdb.Error as e:
             raise _duck_error(e) from None
         return Relation.of_statement(self, ast.PlainSQL(text), text, None).set_alias(table_name.split(".")[-1])
@@ -774,8 +822,10 @@ def as_metaql_error(e: BaseException) -> BaseException:
 
 def _cause(e: BaseException) -> BaseException | None:
     """What a translated error chains to: the original traceback for a bug, nothing for errors
-    whose message already says it all."""
-    return e if isinstance(e, Exception) and not isinstance(e, (Error, duckdb.Error)) else None
+    whose message already says it all (but the cause it names: a user's table function's exception)."""
+    if isinstance(e, Error):
+        return e.__cause__
+    return e if isinstance(e, Exception) and not isinstance(e, duckdb.Error) else None
 
 
 def _parsed(query: str, function_names) -> list:
@@ -788,6 +838,18 @@ def _parsed(query: str, function_names) -> list:
         if translated is e:
             raise
         raise translated from _cause(e)
+
+
+def _first_sentence(doc: str) -> str:
+    """A docstring's first sentence, however its lines wrap (its first line ends mid-sentence)."""
+    paragraph = " ".join(doc.split("\n\n")[0].split())
+    return re.split(r"(?<=[.:;])\s+(?=[A-Z(])", paragraph)[0]
+
+
+def _check_sql_around_calls(stmt: ast.SQLWithCalls) -> None:
+    """The SQL around a statement's calls parses before any call runs (a typo after the WHERE would
+    otherwise be reported after a whole INFLUENCE scan), its errors placed in the user's text."""
+    check_syntax(blanked(stmt.text, stmt.lo, stmt.hi, [span for span, _ in stmt.calls]), stmt.text)
 
 
 def _drop_pending(db) -> None:

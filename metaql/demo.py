@@ -137,10 +137,22 @@ def _bar(it, enabled: bool, desc: str):
     return tqdm(it, desc=desc, file=sys.stderr, leave=False)
 
 
+def _epochs(text: str) -> int:
+    """--epochs: at least one, or no checkpoint is captured and there is nothing to query."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of epochs >= 1, not {text!r}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="metaql demo", description=__doc__.split("\n\n")[0])
     p.add_argument("store", nargs="?", default=DEFAULT_STORE, help=f"store directory (default: {DEFAULT_STORE})")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=_epochs, default=30, help="epochs to train (default 30; checkpoints "
+                   "after a third, two thirds and all of them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace the store if it exists")
     args = p.parse_args(argv)

@@ -10,6 +10,21 @@ place each name under the same DB-API class), so `except metaql.DataError` catch
 from __future__ import annotations
 
 
+def user_stacklevel() -> int:
+    """The `stacklevel` for warnings.warn, called in the function that warns, at which the warning
+    names the first caller outside MetaQL (the user's line), however many of MetaQL's own calls
+    lead there (cap.backward and cap.record reach the same warning at different depths)."""
+    import sys
+    frame, level = sys._getframe(1), 1
+    # the standard library's wrappers MetaQL calls through (its context managers) are MetaQL's frames too
+    while frame is not None and (frame.f_globals.get("__name__") or "").split(".")[0] in _OWN_FRAMES:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_OWN_FRAMES = {"metaql", "contextlib", "functools"}
+
+
 class Error(Exception):
     """Base of every MetaQL error (DB-API 2.0's Error)."""
 

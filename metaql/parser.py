@@ -337,7 +337,7 @@ class ToAST(Transformer):
         name = [i for i in items if isinstance(i, Token) and i.type == "NAME"][0]
         body = [i for i in items if isinstance(i, Token) and i.type == "SQL_BODY"][0]
         calls = with_calls(self._text, body.start_pos, body.end_pos, self._names)
-        return ast.CreateSet(str(name), str(body).strip(), replace, calls)
+        return ast.CreateSet(str(name), str(body).strip(), replace, calls, self._text, body.start_pos, body.end_pos)
 
     def or_replace(self, _):
         return ast.Literal("or_replace")

@@ -5,7 +5,7 @@ import dataclasses
 
 from metaql.binder import BoundCall
 from metaql.errors import BinderException
-from metaql.engine.functions import SetName
+from metaql.engine.functions import SampleRef, SetName
 from metaql.engine.plan import FunctionScan, TopK
 
 
@@ -18,9 +18,12 @@ def plan_call(bound: BoundCall, ctx, train_set: str | None = None):
     return FunctionScan(bound.function.name, args)
 
 
-def plan_topk(bound: BoundCall, ctx, k: int, ascending: bool, train_set: str):
+def plan_topk(bound: BoundCall, ctx, k: int, ascending: bool, train_set: str, passed: frozenset = frozenset()):
     """TOPK(k) ... ORDER BY DESC|ASC; over the train x query matrix (query=each(set)) it ranks
-    per query sample: each one's k proponents (DESC) or opponents (ASC), never the whole matrix."""
+    per query sample: each one's k proponents (DESC) or opponents (ASC), never the whole matrix.
+    `passed`: the argument names the user gave the call (a train= of its own must agree)."""
+    if "train" in passed:
+        _check_one_training_side(bound, k, train_set)
     child = plan_call(bound, ctx, train_set)
     if getattr(child, "pairwise", False):
         if child.topk is not None:
@@ -33,3 +36,15 @@ def plan_topk(bound: BoundCall, ctx, k: int, ascending: bool, train_set: str):
                                   f"INFLUENCE(..., query=each(set), topk={k}, direction={child.direction})")
         return dataclasses.replace(child, topk=k, direction=want)
     return TopK(child, k, ascending)
+
+
+def _check_one_training_side(bound: BoundCall, k: int, train_set: str) -> None:
+    """TOPK(k) <set> ranks that set: a call's own train= naming another side would be replaced by
+    it without a word (TOPK(3) train FROM SELF_INFLUENCE(train=batch(x)) ranked all of train)."""
+    given = bound.arguments.get("train")
+    mode, value = (given.mode, given.value) if isinstance(given, SampleRef) else ("batch", given)
+    if mode == "batch" and str(value) == train_set:
+        return
+    raise BinderException(f"TOPK({k}) {train_set} ranks the set {train_set}, but {bound.function.name}() names "
+                          f"train={mode}({value}): name the set to rank once, after TOPK({k}), and leave "
+                          "train= out of the call")

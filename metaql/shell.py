@@ -57,6 +57,8 @@ _ERROR_LABELS = [(ParserException, "Parser Error"), (BinderException, "Binder Er
                  (IOException, "IO Error"), (InternalException, "INTERNAL Error"), (Error, "Error")]
 _LABELLED = re.compile(r"^[A-Z][A-Za-z]*( [A-Za-z]+)* Error: ")   # DuckDB's messages bring their own
 
+MAX_READ_DEPTH = 25     # .read inside .read: deeper than any real chain of included scripts
+
 HELP_TAIL = """\
 Statements end with ';' and may span lines. Tab completes keywords, layers, sets, functions and
 columns; Ctrl-R searches the history; Ctrl-C cancels the input or the running statement; Ctrl-D
@@ -368,12 +370,21 @@ class Shell:
     def _dot_read(self, args) -> bool:
         if len(args) != 1:
             return self._usage(".read")
+        depth = getattr(self, "_read_depth", 0)
+        if depth >= MAX_READ_DEPTH:     # a file that reads itself would end in a RecursionError traceback
+            print(f"Error: .read {args[0]}: files nested {MAX_READ_DEPTH} deep (does a file read itself?); "
+                  "stopped there", file=self.err)
+            return False
         try:
             text = Path(args[0]).expanduser().read_text()
         except OSError as e:
             print(f"IO Error: cannot read {args[0]}: {e.strerror}", file=self.err)
             return False
-        return self.run_script(text) == 0
+        self._read_depth = depth + 1
+        try:
+            return self.run_script(text) == 0
+        finally:
+            self._read_depth = depth
 
     def _dot_open(self, args) -> bool:
         read_only = "--readonly" in args

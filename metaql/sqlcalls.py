@@ -196,6 +196,16 @@ def rewritten(text: str, lo: int, hi: int, spans: list[CallSpan], private: list[
     return "".join(out)
 
 
+def blanked(text: str, lo: int, hi: int, spans: list[CallSpan]) -> str:
+    """text[lo:hi] as DuckDB may parse it, each character at its place: what lies outside blanked
+    and each call replaced by one identifier padded with spaces (newlines kept), so that a parse
+    error's line and column are those of the user's statement."""
+    chars = [c if lo <= i < hi or c == "\n" else " " for i, c in enumerate(text)]
+    for s in spans:
+        chars[s.start:s.end] = ["q"] + [" " if c != "\n" else c for c in text[s.start + 1:s.end]]
+    return "".join(chars)
+
+
 def bound_parameters(text: str, params):
     """(text, parameters) for DuckDB: only the parameters `text` uses, renumbered $1.. in order
     of first use, so that those of function arguments are not passed to DuckDB too."""

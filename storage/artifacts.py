@@ -29,7 +29,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from metaql.errors import IOException, Warning as MetaQLWarning
+from metaql.errors import IOException, Warning as MetaQLWarning, user_stacklevel
 from metaql.storage.tensorfile import fsync_path
 
 POINTER = "CURRENT"
@@ -159,7 +159,7 @@ def warn_not_saved(store: Any, what: str) -> None:
     if what not in seen:
         seen.add(what)
         warnings.warn(f"the store is open read-only: {what} is computed but not saved; reopen it without "
-                      "read_only to keep it", MetaQLWarning, stacklevel=3)
+                      "read_only to keep it", MetaQLWarning, stacklevel=user_stacklevel())
 
 
 # ---- files ------------------------------------------------------------------------------------------

@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import math
 import threading
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
-from metaql.errors import InvalidInputException
+from metaql.errors import InvalidInputException, ProgrammingError, user_stacklevel
+from metaql.errors import Warning as MetaQLWarning
 from metaql.storage.hooks import LayerHooks, select_layers
 from metaql.storage.layers import LayerMeta
 from metaql.storage.store import Store, _as_ids
@@ -71,6 +73,8 @@ class ShardWriter:
         # per layer: the ids waiting for the next flush, built only once a batch repeats ids (None until then)
         self._buffered: dict[str, set[int]] | None = None
         self._claimed: set[int] = set()            # every id some layer stored or buffered: the fast test
+        self._before: set[int] = set()             # ids an earlier run stored for the checkpoint (resumed)
+        self._warned_repeat = False
         self.rows_written = 0
         self.recycled = _Recycled()    # the copies of flushes written, for the next batches' copies
         self._scaled: set[str] = set()     # layers whose gradient factors the buffer scaled
@@ -228,14 +232,30 @@ class ShardWriter:
                 self.stored[layer] = (set(self.store.stored_ids(self.checkpoint, layer).tolist())
                                       if self._resumed() else set())
                 self._claimed.update(self.stored[layer])
+                self._before.update(self.stored[layer])
         if self._claimed.isdisjoint(listed):
             return dict.fromkeys(layers)
+        self._warn_repeats(listed)
         if self._buffered is None:      # kept up to date from now until the next flush
             self._buffered = {}
             for batch in self.batches:
                 for layer, (kept, _, _) in batch.items():
                     self._buffered.setdefault(layer, set()).update(kept.tolist())
         return {layer: self._new_rows(layer, ids, listed) for layer in layers}
+
+    def _warn_repeats(self, listed: list[int]) -> None:
+        """Once per capture: ids seen again in the same capture (a second epoch under one checkpoint)
+        keep the factors of their first batch, which a user may not expect; a resumed capture's
+        skipping of what an earlier run stored is silent, as it should be."""
+        if self._warned_repeat:
+            return
+        again = [i for i in listed if i in self._claimed and i not in self._before]
+        if again:
+            self._warned_repeat = True
+            warnings.warn(f"sample ids {again[:5]} were already captured for checkpoint '{self.checkpoint}' earlier "
+                          "in this capture: a checkpoint keeps one set of factors per sample (from the first batch "
+                          "that saw it), so their rows of this batch are not stored; capture each epoch under a "
+                          "checkpoint of its own", MetaQLWarning, stacklevel=user_stacklevel())
 
     def _new_rows(self, layer: str, ids: np.ndarray, listed: list[int]) -> np.ndarray | None:
         """Ids this layer has neither stored for the checkpoint nor buffered (a resumed capture
@@ -579,12 +599,25 @@ class Capture:
         self._registered: np.ndarray | None = None     # sorted registered sample ids, read at need
         # off only for another rank's part store (distributed/ddp.py): the samples are in rank 0's catalog
         self.require_registered = True
+        self._state = "new"         # "open" inside the `with`, "closed" after it
 
     def __enter__(self) -> "Capture":
         self.store.begin_checkpoint(self.checkpoint, self.model, **self._ckpt_args)
         self._registered = self.store.registered_ids() if self.require_registered else None
         self.hooks.attach()
+        self._state = "open"
         return self
+
+    def _require_open(self, call: str) -> None:
+        """Outside its `with` a capture has no hooks on the model: a batch would train and store
+        nothing, without a word (checkpoint never begun, or already finished)."""
+        if self._state == "open":
+            return
+        when = ("before its `with` began" if self._state == "new" else
+                f"after its `with` ended (checkpoint '{self.checkpoint}' is finished)")
+        raise ProgrammingError(f"cap.{call}() was called {when}, so nothing of this batch would be captured "
+                               f"and the loss was not backpropagated; call it inside "
+                               f"`with con.capture(model, ..., checkpoint='{self.checkpoint}') as cap:`")
 
     def loss(self, output, targets=None, inputs=None, attention_mask=None) -> torch.Tensor:
         """Per-sample losses of the capture's task, the very loss every later replay uses:
@@ -601,6 +634,7 @@ class Capture:
         per-sample losses (then reduced with `reduction` for the backward pass). A refused batch
         stores nothing and leaves the capture ready for the next one. Raises the background
         writer's error, if a flush failed, before anything else."""
+        self._require_open("backward")
         try:
             self.writer.check()
             return self._backward(loss, ids, reduction)
@@ -631,6 +665,7 @@ class Capture:
         Face Trainer, Lightning; see metaql.integrations). `scale` is 1 / (d backpropagated loss /
         d loss_i): it turns the gradients at each layer's output into those of each sample's own
         loss. A refused batch stores nothing and leaves the capture ready for the next one."""
+        self._require_open("record")
         try:
             self.writer.check()
             ids = _as_ids(ids)
@@ -681,6 +716,7 @@ class Capture:
                 self.writer.close(raise_error=exc_type is None)
             complete = exc_type is None
         finally:
+            self._state = "closed"
             self.hooks.detach()
             self.store.finish_checkpoint(self.checkpoint, "complete" if complete else "partial")
 

@@ -221,8 +221,10 @@ def require_name(kind: str, name: str, existing: list[str]) -> None:
     if name in existing:
         return
     import difflib
-    hint = difflib.get_close_matches(name, existing, n=1)
-    extra = f" Did you mean '{hint[0]}'?" if hint else ""
+    # names are case-sensitive (a set X10 is not x10), so the same name in another case is the hint
+    hint = [e for e in existing if e.lower() == str(name).lower()] or difflib.get_close_matches(name, existing, n=1)
+    extra = f" Did you mean '{hint[0]}'? ({kind} names are case-sensitive)" if hint and hint[0].lower() == str(
+        name).lower() else f" Did you mean '{hint[0]}'?" if hint else ""
     listing = ", ".join(existing) if existing else "(none)"
     raise CatalogException(f"unknown {kind} '{name}'.{extra} Known {kind}s: {listing}")
 

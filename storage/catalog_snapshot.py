@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from metaql.errors import BinderException, CatalogException, InvalidInputException, Warning
+from metaql.errors import BinderException, CatalogException, InvalidInputException, Warning, user_stacklevel
 from metaql.storage.catalog import require_name
 from metaql.storage.layers import LayerMeta
 
@@ -159,7 +159,8 @@ class CatalogSnapshot:
             if any(n in unfinished for n in known if spec in ("all", None)
                    or (spec == "last" and n == known[-1]) or (spec == "first" and n == known[0])):
                 warnings.warn(f"left out {_unfinished_text(unfinished)}: scores use the complete checkpoints "
-                              f"({', '.join(picked)}); run the same capture again to resume", Warning, stacklevel=3)
+                              f"({', '.join(picked)}); run the same capture again to resume", Warning,
+                              stacklevel=user_stacklevel())
             # `first` with `last` compares the start and the end of training in one JOIN
             return picked
         names = [spec] if isinstance(spec, str) else [str(c) for c in spec]
@@ -169,7 +170,7 @@ class CatalogSnapshot:
                 raise InvalidInputException(f"checkpoint '{n}' is {unfinished[n]}: its capture did not finish, so "
                                             "it holds factors for only some samples; resume it (run the same "
                                             "capture again) before querying it")
-        return names
+        return list(dict.fromkeys(names))     # a name given twice is one checkpoint, as a layer is
 
     # ---- shards ---------------------------------------------------------------------------------
     @cached_property

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from metaql.errors import BinderException, CatalogException, InvalidInputException, Warning
+from metaql.errors import BinderException, CatalogException, InvalidInputException, Warning, user_stacklevel
 from metaql.storage.layers import KINDS, LayerKind, find_kind, kind_for
 
 _GLOB = set("*?[")
@@ -234,7 +234,8 @@ class LayerHooks:
             h.remove()
         if self.skipped:
             warnings.warn(f"layers: skipped {len(self.skipped)} module(s) with parameters: "
-                          + _listed(f"'{n}' ({why})" for n, why in self.skipped.items()), Warning, stacklevel=5)
+                          + _listed(f"'{n}' ({why})" for n, why in self.skipped.items()), Warning,
+                          stacklevel=user_stacklevel())
         coupled = coupled_layers(self.normalized, self.outputs)
         if coupled:
             warnings.warn(
@@ -243,7 +244,7 @@ class LayerHooks:
                           for layer, bns in coupled.items())
                 + ": a BatchNorm normalizing with batch statistics (train mode) mixes the samples of a batch, "
                 "so a sample's gradient depends on the others; replay the checkpoint (con.replay, eval "
-                "mode) for exact factors", Warning, stacklevel=5)
+                "mode) for exact factors", Warning, stacklevel=user_stacklevel())
         self.normalized = {}
 
     def _drop(self, name: str) -> None:
@@ -391,6 +392,10 @@ def _drop_covered(sel: Selection, explicit: list[str], named: dict[str, nn.Modul
 def _add_pattern(sel: Selection, named: dict[str, nn.Module], pattern: str) -> None:
     matched = [n for n in named if fnmatch.fnmatchcase(n, pattern)]
     if not matched:
+        if not named:       # a bare layer (nn.Linear(...)) as the whole model: layers are its submodules
+            raise CatalogException(f"layer pattern '{pattern}' matches no module: the model has no submodules, and "
+                                   "layers are named submodules; wrap it, e.g. nn.Sequential(nn.Linear(...)), and "
+                                   "capture layers='*' (its layer is then '0')")
         raise CatalogException(f"layer pattern '{pattern}' matches no module of the model; its modules "
                                f"include: {_listed(repr(n) for n in named)}")
     for n in matched:

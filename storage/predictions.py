@@ -12,6 +12,7 @@ from metaql.storage.tasks import task_at
 
 
 def update_predictions(store, checkpoint: str | None = None, batch_size: int = 1024) -> int:
+    store._writable()       # before a pass over every sample, not at the UPDATE after it
     names = [c["name"] for c in store.checkpoints()]
     if not names:
         from metaql.errors import CatalogException

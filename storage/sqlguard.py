@@ -18,6 +18,7 @@ TEMP table of that name would shadow the real one for MetaQL's own queries).
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from dataclasses import dataclass
@@ -78,13 +79,60 @@ def checked_statements(text: str, _depth: int = 0, store_root: Path | None = Non
     try:
         raw = duckdb.extract_statements(text)
     except duckdb.Error as e:
-        raise ParserException(str(e).splitlines()[0]) from None
+        raise parse_error(e, text) from None
     checked = [_check(s.query, s.type.name, _depth) for s in raw]
     if store_root is not None:
         for s in checked:
             if s.kind == "COPY":
                 _refuse_copy_into(s.text, Path(store_root))
     return checked
+
+
+def check_syntax(text: str, shown: str | None = None) -> None:
+    """Raises ParserException, with the line, column and caret, unless DuckDB parses `text`; the
+    caret goes under `shown`, a text of the same positions (the user's, where `text` stands in
+    for parts DuckDB cannot read)."""
+    try:
+        duckdb.extract_statements(text)
+    except duckdb.Error as e:
+        raise parse_error(e, text, shown) from None
+
+
+_DUCK_SPOT = re.compile(r"^LINE (\d+): (.*)$")
+
+
+def parse_error(e: Exception, text: str, shown_text: str | None = None) -> ParserException:
+    """DuckDB's parse error as MetaQL's: its first line, and the line and column of the spot in
+    `text` with the line and a caret under it. DuckDB prints `LINE n: <part of the line>` over a
+    caret; the part may be cut ('...') around a long line, so the column is found in `text`."""
+    first, *rest = str(e).splitlines()
+    for i, row in enumerate(rest[:-1]):
+        spot = _DUCK_SPOT.match(row)
+        if not spot or "^" not in rest[i + 1]:
+            continue
+        line, shown = int(spot.group(1)), spot.group(2)
+        start = rest[i + 1].index("^") - len(row) + len(shown)
+        width = len(rest[i + 1].strip())
+        cut = 3 if shown.startswith("...") else 0
+        part = shown[cut:-3] if shown.endswith("...") and len(shown) > cut + 3 else shown[cut:]
+        lines = text.split("\n")
+        src = lines[line - 1] if 0 < line <= len(lines) else ""
+        at = src.find(part)
+        if at < 0:
+            break
+        column = at + start - cut + 1
+        if shown_text is not None:
+            src = shown_text.split("\n")[line - 1]
+        return ParserException(first, line, column, _caret(src, column, width))
+    return ParserException(first)
+
+
+def _caret(src: str, column: int, width: int, shown: int = 100) -> str:
+    """The line (a window of `shown` characters around the spot when longer) with `width` carets
+    under the spot, as metaql.parser prints its own errors."""
+    lo = max(0, min(column - 1 - shown // 2, len(src) - shown)) if len(src) > shown else 0
+    window = ("..." if lo else "") + src[lo:lo + shown] + ("..." if lo + shown < len(src) else "")
+    return f"  {window}\n  {' ' * (column - 1 - lo + (3 if lo else 0))}{'^' * width}"
 
 
 def _refuse_copy_into(text: str, root: Path) -> None:
@@ -317,9 +365,12 @@ def _check_call(text: str) -> None:
     name = first.lower() if first.lower() == "checkpoint" else (_words(rest)[:1] or [""])[0]
     bare = name[len("pragma_"):] if name.startswith("pragma_") else name
     if bare not in _READ_ONLY_CALLS and not name.startswith("duckdb_"):
+        # MetaQL's own PRAGMA is taken before this guard, written exactly so (engine/calibrate.py)
+        own = ("; MetaQL's own is PRAGMA metaql_calibrate, without arguments"
+               if difflib.get_close_matches(bare, ["metaql_calibrate"], n=1, cutoff=0.7) else "")
         raise ProgrammingError(f"{first.upper()} {name} is refused: only read-only PRAGMAs and calls run "
                                f"on a MetaQL store ({', '.join(sorted(_READ_ONLY_CALLS))}, duckdb_*); "
-                               "query the duckdb_* table functions in a SELECT instead")
+                               f"query the duckdb_* table functions in a SELECT instead{own}")
 
 
 def _check_setting(text: str) -> None:

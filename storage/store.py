@@ -44,7 +44,7 @@ from metaql.storage import norms
 from metaql.storage.faults import fault_point
 from metaql.storage.layers import LayerMeta, kind_named
 from metaql.storage.snapshot import Publisher, ReaderCopy
-from metaql.storage.sqlguard import require_read_query
+from metaql.storage.sqlguard import SAMPLE_CORE, require_read_query
 from metaql.storage.tensorfile import Shard, file_checksum, write_shard
 
 _SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
@@ -259,6 +259,9 @@ class Store:
         """Registers samples (and their inputs, for replay); all or nothing. `inputs`: a tensor, a
         tuple or dict of them, or lists of per-sample variable-length tensors (storage/inputs.py)."""
         self._writable()
+        if not isinstance(split, str) or not split.strip():
+            raise InvalidInputException(f"split must be a name such as 'train' or 'test' (a non-empty string), not "
+                                        f"{split!r}; a query names it as a set: batch(train)")
         ids = _as_ids(ids)
         if len(ids) == 0:
             raise InvalidInputException("add_samples got no sample ids")
@@ -272,6 +275,11 @@ class Store:
             inputs = structured_inputs.flatten(inputs, n)
             self._check_input_layout(inputs.spec)
         columns = {k: np.asarray(list(v) if not hasattr(v, "__len__") else v) for k, v in (columns or {}).items()}
+        own = [k for k in columns if str(k).lower() in SAMPLE_CORE]
+        if own:     # the row would take the column's values instead of split=/labels= (or fail on sample_id)
+            raise InvalidInputException(f"columns= adds columns of your own; {own[0]!r} is MetaQL's: pass the split as "
+                                        "split= and the labels as labels= (pred and loss come from "
+                                        "con.update_predictions())")
         for k, v in columns.items():
             if len(v) != n:
                 raise InvalidInputException(f"column '{k}' has {len(v)} values for {n} ids")
@@ -446,10 +454,15 @@ class Store:
             try:
                 t = query_arrow(self.db, f"SELECT * FROM ({query}) AS _q", params)
             except Exception as e:
-                raise BinderException(f"the set's query failed: {str(e).splitlines()[0]}") from None
+                raise BinderException(f"the set's query failed: {str(e)}") from None   # with DuckDB's hint
             col = "sample_id" if "sample_id" in t.column_names else (t.column_names[0] if t.num_columns == 1 else None)
             if col is None:
                 raise BinderException("a set's query must return a sample_id column (or one column of ids)")
+            if col != "sample_id" and col.lower() in {c.lower() for c in self.sample_column_names()}:
+                # SELECT label FROM samples ...: its values (classes 0-9) are registered ids too, so the
+                # set would silently hold other samples
+                raise BinderException(f"a set's query returned the samples column '{col}', not sample ids: select "
+                                      f"sample_id (SELECT sample_id FROM samples WHERE ...)")
             ids = np.unique(_set_ids(t.column(col), col))
             register(self.db, "_members", pa.table({"sample_id": ids}))
             unknown = self.db.execute("SELECT count(*) FROM _members WHERE sample_id NOT IN "
@@ -469,6 +482,9 @@ class Store:
         if name not in self.set_names():
             if if_exists:
                 return
+            if name in self.splits():       # listed among the sets everywhere else, so not 'unknown'
+                raise CatalogException(f"'{name}' is a split (the samples' split column), not a set made by CREATE "
+                                       "SET: DROP SET removes only those, and a split cannot be dropped")
             require_name("set", name, self.set_names())
         with transaction(self.db):
             self._drop_set_rows(name)
@@ -1028,6 +1044,8 @@ def _as_ids(ids) -> np.ndarray:
         return np.zeros(0, np.int64)
     if arr.dtype.kind not in "iu":
         raise InvalidInputException(f"sample ids must be integers, got {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:    # astype would wrap it negative
+        raise InvalidInputException(f"sample ids are 64-bit signed integers (BIGINT); {int(arr.max())} is too large")
     return arr.astype(np.int64).reshape(-1)
 
 

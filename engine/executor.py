@@ -18,7 +18,7 @@ from metaql.engine import operators as ops
 from metaql.engine.functions import FunctionRegistry
 from metaql.engine.plan import FunctionScan, InfluenceScan, Strategy, TopK
 from metaql.engine.strategies import needs_of, strategy_named
-from metaql.errors import Error, InterruptException, InvalidInputException
+from metaql.errors import Error, InternalException, InterruptException, InvalidInputException
 from metaql.storage.catalog_snapshot import catalog_of
 from metaql.storage.hooks import LayerHooks, watched_modules
 from metaql.storage.layers import kind_named
@@ -83,8 +83,7 @@ def _execute(plan, ctx: Context) -> pa.Table:
         except Exception as e:      # the user's own code: not a MetaQL bug to report, but theirs to see
             where = f"{getattr(fn.fn, '__module__', '?')}.{getattr(fn.fn, '__qualname__', fn.name)}"
             text = str(e) if len(str(e)) <= 500 else str(e)[:500] + "..."
-            # as DuckDB reports a Python UDF's exception: an input error, not MetaQL's internal one
-            raise InvalidInputException(f"{type(e).__module__}.{type(e).__qualname__}: {text} (raised by table function "
+            raise InternalException(f"{type(e).__module__}.{type(e).__qualname__}: {text} (raised by table function "
                                     f"{fn.name}, {where}, registered with register_function: see its traceback, "
                                     "chained to this error)") from e
     raise TypeError(f"cannot execute {type(plan).__name__}")

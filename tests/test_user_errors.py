@@ -296,7 +296,7 @@ def test_a_users_table_function_that_raises_is_named_not_reported_as_metaqls_bug
         raise ValueError("my bug")
 
     con.register_function(boom)
-    with pytest.raises(metaql.InvalidInputException, match=r"ValueError: my bug \(raised by table function BOOM, "
+    with pytest.raises(metaql.InternalException, match=r"ValueError: my bug \(raised by table function BOOM, "
                                                        r".*boom, registered with register_function") as e:
         con.execute(sql)
     assert "please report" not in str(e.value)

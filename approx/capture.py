@@ -139,9 +139,10 @@ class ProjectionRequest:
             return
         energy = {}
         for layer, (kind, module, factors) in layers.items():
-            if self.mode(layer) not in ("projected", "auto") or projectable(kind, kind.meta(layer, module), factors):
+            meta = kind.meta(layer, module)
+            if self.mode(layer) not in ("projected", "auto") or projectable(kind, meta, factors):
                 continue
-            energy[layer] = mean_squared_norm(kind, kind.meta(layer, module), factors)
+            energy[layer] = mean_squared_norm(kind, meta, factors)
         if not energy:
             return
         total = sum(energy.values())

@@ -156,8 +156,7 @@ class ShardWriter:
                 out[layer] = fs
                 continue
             if unscaled and layer in unscaled:
-                names = unscaled.pop(layer)
-                fs = {k: v * scale if k in names else v for k, v in fs.items()}
+                fs = _scaled(fs, scale, unscaled.pop(layer))
             out[layer] = self.projected[layer].project(layer, self.hooks.modules[layer], fs)
         return out
 

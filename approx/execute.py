@@ -60,6 +60,11 @@ def execute_approximate(plan, ctx) -> pa.Table:
         if isinstance(plan, TopK):
             table = executor.top_k(table, plan.k, plan.ascending)
         return with_metadata(table, info, scan)
+    route = getattr(plan, "route", None)        # the optimizer's pick over a projected index (approx/route.py)
+    if route is not None:
+        info["route"] = dataclasses.asdict(route)
+        if route.chosen == "exact":
+            return with_metadata(exact_topk(plan, ctx, info), info, scan)
     if isinstance(plan, TopK) and not projected:
         from metaql.approx.indexed import indexed_topk
         table = indexed_topk(plan, scan, ctx, info)       # None: no usable projected index
@@ -81,6 +86,22 @@ def execute_approximate(plan, ctx) -> pa.Table:
     return with_metadata(table, info, scan)
 
 
+def exact_topk(plan: TopK, ctx, info: dict) -> pa.Table:
+    """The exact TOPK (pruned where that pays, engine/pruning.py) run where the optimizer found it
+    cheaper than the index route; its certificate is that of an exact answer."""
+    from metaql.engine import executor
+    exact = dataclasses.replace(plan, child=dataclasses.replace(plan.child, error=None))
+    table = executor._execute(exact, ctx)
+    if hasattr(exact, "pruning"):
+        plan.pruning = exact.pruning          # for EXPLAIN ANALYZE
+    n = len(plan.child.train.ids)
+    info["certificate"] = {"k": int(min(plan.k, n)), "candidates": n, "scanned": n, "sigmas": None, "rescored": True,
+                           "expected_missed": 0.0, "recall_bound": 1.0, "exact": True}
+    info["statement"] = ("exact TOPK, the optimizer's pick under error= (cheaper than the projected index's two "
+                         "phases by their estimates): every score exact and the exact top k")
+    return table
+
+
 def explain_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str]:
     """EXPLAIN's lines of an approximate scan: what error= admits; after ANALYZE, what the run
     sketched and the two-phase certificate."""
@@ -97,7 +118,9 @@ def explain_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str]:
                          f"checkpoint-layers from it, the rest exactly; rescored in {index['rounds']} round(s) "
                          f"until the recall bound reached {index['target_recall']:.3g}")
         cert = info.get("certificate")
-        if cert is not None:
+        if cert is not None and cert.get("exact"):
+            lines.append(f"{indent}  exact TOPK: {cert['scanned']} samples scored exactly, recall 1")
+        elif cert is not None:
             lines.append(f"{indent}  two-phase TOPK: {cert['candidates']} candidates of {cert['scanned']} "
                          f"(+-{cert['sigmas']:g} sigma), rescored exactly: {cert['rescored']}, expected missed "
                          f"{_fmt(cert['expected_missed'])}, recall bound {_fmt(cert['recall_bound'])}")

@@ -75,7 +75,8 @@ def build_index(con, proj_dim: int | None = None, layers=None, checkpoints=None,
         for layer in chosen:
             spec = layer_spec(store, layer, proj_dim, seed, explicit=layers is not None, rank=rank)
             if spec is not None:
-                entries[layer] = (spec, _project_layer(store, ckpt, layer, spec))
+                data = _project_layer(store, ckpt, layer, spec)
+                entries[layer] = (spec, data, timed_costs(store, ckpt, layer, spec, data))
         save_unit(store.artifact_dir(SLOT_KIND, ckpt), functools.partial(_write, entries))
         out[ckpt] = sorted(entries)
     _cache.clear()
@@ -172,16 +173,62 @@ def chunk_parts(x, d, u, v, p_in, p_out) -> dict:
             "c": exact_coordinates(x, d, u, v).float().numpy()}
 
 
+COST_QUERY = 8             # samples averaged into the query gradient timed_costs splits
+COST_ROWS = 128            # random samples timed_costs gathers
+
+
+def timed_costs(store, ckpt: str, layer: str, spec: dict, data) -> dict:
+    """What the optimizer's estimate of the index route (approx/route.py) needs of this layer, timed
+    by the cost model's clock (engine/cost.work_clock), the mean of two runs (the first as a query's
+    first in a process, drawing the projection; the second warm): `split` (seconds of query_parts
+    on the average gradient of its first COST_QUERY samples, a query's shape: nearly rank one),
+    `scan_row` (seconds per sample of the phase-1 scan of the whole layer), `gather` (seconds of
+    gathering one sample's rows from the shards, opening them, as the rescoring does), `gather_byte`
+    (seconds per further byte, from COST_ROWS random samples) and `sample_bytes` (what a sample
+    stores of the layer)."""
+    from metaql.approx.indexed import gathered_rows
+    from metaql.engine.cost import work_clock
+    ids, parts, _, basis = data
+    if len(ids) == 0:
+        return {"split": 0.0, "scan_row": 0.0, "gather": 0.0, "gather_byte": 0.0, "sample_bytes": 0}
+    order = np.argsort(ids, kind="stable")
+    entry = {"spec": spec, "u": basis["u"], "v": basis["v"], "ids": ids[order],
+             **{part: parts[part][order] for part in PARTS[1:]}}
+    meta, _ = store.layer_meta(layer)
+    kind = kind_named(meta.kind)
+    first = store.factor_shards(ckpt, layer)[0]
+    _, tensors = store.shard_tensors(first)
+    x, d = kind.rows(meta, {name: t[:COST_QUERY] for name, t in tensors.items()})
+    gq = torch.einsum("nso,nsi->oi", d.double(), with_bias(x, meta.bias).double()) / len(x)
+    sample_bytes = sum(int(np.prod(t.shape[1:])) * t.element_size() for t in tensors.values())
+    rows = np.sort(np.random.default_rng(0).choice(entry["ids"], min(COST_ROWS, len(ids)), replace=False))
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(2):
+            t0 = work_clock()
+            fn()
+            times.append(work_clock() - t0)
+        return sum(times) / len(times)
+    split = timed(lambda: query_parts(entry, gq.reshape(-1)))
+    q = query_parts(entry, gq.reshape(-1))
+    scan = timed(lambda: indexed_scores(entry, entry["ids"], q))
+    one = timed(lambda: gathered_rows(store, ckpt, layer, rows[:1]))
+    more = max(timed(lambda: gathered_rows(store, ckpt, layer, rows)) - one, 0.0) / max(len(rows) - 1, 1)
+    return {"split": split, "scan_row": scan / len(ids), "gather": one, "gather_byte": more / max(sample_bytes, 1),
+            "sample_bytes": sample_bytes}
+
+
 def _write(entries: dict, directory: Path) -> None:
     manifest = {}
-    for i, (layer, (spec, (ids, parts, files, basis))) in enumerate(sorted(entries.items())):
+    for i, (layer, (spec, (ids, parts, files, basis), costs)) in enumerate(sorted(entries.items())):
         order = np.argsort(ids, kind="stable")
         np.save(directory / f"{i}.ids.npy", ids[order])
         for part in PARTS[1:]:
             np.save(directory / f"{i}.{part}.npy", np.ascontiguousarray(parts[part][order]))
         for part in BASES:
             np.save(directory / f"{i}.{part}.npy", basis[part])
-        manifest[layer] = {"file": str(i), "spec": spec, "shards": sorted(files)}
+        manifest[layer] = {"file": str(i), "spec": spec, "shards": sorted(files), "costs": costs}
     (directory / "index.json").write_text(json.dumps(manifest))
 
 
@@ -258,12 +305,23 @@ def indexed_scores(entry: dict, train: np.ndarray, query: dict):
     if len(rows):
         every = len(rows) == len(ids)          # all of it: no gathered copy
         g, c = (entry[p] if every else entry[p][rows] for p in ("g", "c"))
-        scores[found] = np.asarray(g, np.float32) @ query["g"].astype(np.float32)
+        scores[found] = _product(g, query["g"], np.float32)
         if c.shape[1]:
-            scores[found] += np.asarray(c, np.float64) @ query["c"]
+            scores[found] += _product(c, query["c"], np.float64)
         for part in norms:
             norms[part][found] = entry[part][rows]
     return scores, norms, found
+
+
+def _product(rows: np.ndarray, vector: np.ndarray, dtype) -> np.ndarray:
+    """rows @ vector by torch, which keeps to torch's thread count: numpy's BLAS runs its own
+    threads, which then spin after each product (at one torch thread, the index TOPK's split and
+    scan took 2x their thread's CPU time in process CPU, and the spinning held the second core)."""
+    import warnings
+    with warnings.catch_warnings():        # a read-only memory map: torch only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        m = torch.from_numpy(np.asarray(rows, dtype))
+    return torch.mv(m, torch.from_numpy(np.ascontiguousarray(vector, dtype))).numpy()
 
 
 def query_norms(spec: dict, gq: torch.Tensor, gin: torch.Tensor | None = None) -> dict:

@@ -50,7 +50,7 @@ import numpy as np
 import pyarrow as pa
 
 from metaql.approx.execute import SIGMAS
-from metaql.approx.index import indexed_scores, load_index, query_parts, usable
+from metaql.approx.index import indexed_scores, query_parts
 from metaql.storage.catalog_snapshot import catalog_of
 
 FIRST_ROUND = 1.1        # the first round rescores at most this many times k samples (the second is sized
@@ -64,14 +64,8 @@ def indexed_topk(plan, scan, ctx, info: dict) -> pa.Table | None:
     layer of the scan has a usable index (or the scan is not a dot-similarity query)."""
     if scan.query is None or scan.similarity != "dot" or scan.total:
         return None
-    store = ctx.store
-    entries = {}
-    for ckpt in scan.checkpoints:
-        index = load_index(store, ckpt)
-        for layer in scan.layers:
-            entry = usable(index, store, ckpt, layer)
-            if entry is not None:
-                entries[(ckpt, layer)] = entry
+    from metaql.approx.route import index_entries
+    entries = index_entries(scan, ctx.store)
     if not entries:
         return None
     clock = Clock()
@@ -128,19 +122,20 @@ def first_round(signed: np.ndarray, sigma: np.ndarray, order: np.ndarray, k: int
 
 
 class Clock:
-    """Seconds per step of the index TOPK (info["index"]["seconds"]: where its time goes): wall
-    time, or what `timer` is set to (a benchmark timing process CPU time sets time.process_time,
-    so the steps add up to its whole statement's time)."""
-    timer = None          # None: time.perf_counter
+    """Seconds per step of the index TOPK (info["index"]["seconds"]: where its time goes): by the
+    clock the cost model's estimates predict (engine/cost.work_clock: the thread's CPU time at one
+    torch thread, else wall time), or what `timer` is set to (a benchmark timing process CPU time
+    sets time.process_time, so the steps add up to its whole statement's time)."""
+    timer = None          # None: engine.cost.work_clock
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
     def __call__(self, step: str):
         import contextlib
-        import time
 
-        now = Clock.timer or time.perf_counter
+        from metaql.engine.cost import work_clock
+        now = Clock.timer or work_clock
 
         @contextlib.contextmanager
         def timed():
@@ -289,16 +284,33 @@ def exact_part(scan, ctx, entries: dict, one: dict, todo: np.ndarray) -> np.ndar
 
 def gathered_scores(ctx, strat, ids: np.ndarray, q, scan, opened: dict | None = None) -> np.ndarray:
     """Scores of the sorted `ids` for one layer: their rows of every overlapping shard, gathered into
-    one batch, scored in chunks of the executor's size. `opened` keeps the shards a statement's
-    first round opened for its second (each open checks the path and maps the file: 0.45 s of a
-    2.0 s rescoring of 131 MiniLM samples over 37 layers opened every shard twice)."""
-    from metaql.engine.executor import chunk_rows, chunk_scores, device_of, overlaps
+    one batch (gathered_rows), scored in chunks of the executor's size."""
+    from metaql.engine.executor import chunk_rows, chunk_scores, device_of
     from metaql.storage.layers import kind_named
     catalog = catalog_of(ctx)
     meta, stored = catalog.layer_meta(strat.layer)
+    scores = np.zeros(len(ids))
+    batch, pos = gathered_rows(catalog, strat.checkpoint, strat.layer, ids, opened)
+    if batch is None:
+        return scores
+    step = chunk_rows(batch, q, strat.chosen, meta)
+    for lo in range(0, len(pos), step):
+        ctx.check_interrupt()
+        chunk = {name: t[lo:lo + step].to(device_of(ctx)) for name, t in batch.items()}
+        s, _ = chunk_scores(kind_named(meta.kind), meta, stored, strat.chosen, chunk, q, scan.similarity)
+        scores[pos[lo:lo + step]] += s
+    return scores
+
+
+def gathered_rows(catalog, ckpt: str, layer: str, ids: np.ndarray, opened: dict | None = None):
+    """({name: the rows of the sorted `ids` from every overlapping shard, in one tensor}, each row's
+    position in `ids`), or (None, None) when no shard holds any. `opened` keeps the shards a
+    statement's first round opened for its second (each open checks the path and maps the file:
+    0.45 s of a 2.0 s rescoring of 131 MiniLM samples over 37 layers opened every shard twice)."""
+    from metaql.engine.executor import overlaps
     opened = {} if opened is None else opened
     found = []
-    for row in catalog.factor_shards(strat.checkpoint, strat.layer):
+    for row in catalog.factor_shards(ckpt, layer):
         if not overlaps(row, ids):
             continue
         if row["file"] not in opened:
@@ -307,18 +319,9 @@ def gathered_scores(ctx, strat, ids: np.ndarray, q, scan, opened: dict | None = 
         keep = np.nonzero(np.isin(shard_ids, ids, assume_unique=True))[0]
         if len(keep):
             found.append((np.searchsorted(ids, shard_ids[keep]), keep, tensors))
-    scores = np.zeros(len(ids))
     if not found:
-        return scores
-    batch = _gathered(found)
-    pos = np.concatenate([w for w, _, _ in found])
-    step = chunk_rows(batch, q, strat.chosen, meta)
-    for lo in range(0, len(pos), step):
-        ctx.check_interrupt()
-        chunk = {name: t[lo:lo + step].to(device_of(ctx)) for name, t in batch.items()}
-        s, _ = chunk_scores(kind_named(meta.kind), meta, stored, strat.chosen, chunk, q, scan.similarity)
-        scores[pos[lo:lo + step]] += s
-    return scores
+        return None, None
+    return _gathered(found), np.concatenate([w for w, _, _ in found])
 
 
 def _gathered(found: list) -> dict:

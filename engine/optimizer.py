@@ -3,7 +3,8 @@ copy of the logical plan (after sqlglot's optimizer), so the planner's tree is n
 plan optimized once is not optimized again.
 
 RULES today: per (checkpoint, layer) of an influence scan, the cheapest strategy by the cost model
-(engine/cost.py, engine/strategies.py). The optimizer reads the catalog only through the
+(engine/cost.py, engine/strategies.py); for a TOPK under error= over a projected index, the exact
+TOPK or the index's two-phase TOPK, the cheaper by their estimates (approx/route.py). The optimizer reads the catalog only through the
 statement's CatalogSnapshot (layer rows and the cost constants, each read once); the store keeps
 the measured cost constants (Store.cost_constants). The one write: per-layer fits that a background
 calibration finished (engine/autocalibrate.py) are kept in the catalog by the next statement.
@@ -75,7 +76,14 @@ def choose_scan_strategies(plan, env: Env):
     return plan
 
 
-RULES: list[Callable] = [choose_scan_strategies]
+def choose_approximate_route(plan, env: Env):
+    """A TOPK under error= over a projected index: the exact TOPK or the index's two phases, by
+    their estimates (approx/route.py)."""
+    from metaql.approx.route import choose_route
+    return choose_route(plan, env)
+
+
+RULES: list[Callable] = [choose_scan_strategies, choose_approximate_route]
 
 
 def choose_strategies(scan: InfluenceScan, catalog, force: str | None = None,

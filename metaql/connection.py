@@ -49,7 +49,9 @@ def connect(database: str = ":memory:", read_only: bool = False, config: dict | 
     'ray': scans as Ray tasks over the shards, pip install 'metaql[ray]'), 'address' (the Ray
     cluster's, default: the one this process joined, else a local one) and 'auto_calibrate' (bool,
     default true: fit the cost model to a layer in the background after a query on it,
-    engine/autocalibrate.py). Other keys are refused."""
+    engine/autocalibrate.py), 'topk_pruning' (true, false or 'auto', the default: exact TOPK pruning,
+    engine/pruning.py) and 'approx_route' ('auto', the default, 'index' or 'exact': how a TOPK under
+    error= over a projected index runs, approx/route.py). Other keys are refused."""
     return Connection(database, read_only, config)
 
 
@@ -66,8 +68,8 @@ def _catalog_errors(method: Callable) -> Callable:
 
 
 # connect(config=...) keys: what each one does is in connect()'s docstring
-CONFIG_KEYS = ("address", "auto_calibrate", "device", "engine", "force_strategy", "progress", "topk_pruning",
-               "trusted_factories")
+CONFIG_KEYS = ("address", "approx_route", "auto_calibrate", "device", "engine", "force_strategy", "progress",
+               "topk_pruning", "trusted_factories")
 
 
 def _checked_config(config) -> dict:
@@ -88,6 +90,10 @@ def _checked_config(config) -> dict:
     if "topk_pruning" in config and config["topk_pruning"] not in (True, False, "auto"):
         raise InvalidInputException(f"config['topk_pruning'] must be true, false or 'auto', got "
                                     f"{config['topk_pruning']!r}")
+    from metaql.approx.route import ROUTES
+    if "approx_route" in config and config["approx_route"] not in ROUTES:
+        raise InvalidInputException(f"config['approx_route'] must be 'auto', 'index' or 'exact', got "
+                                    f"{config['approx_route']!r}")
     if "device" in config:
         _check_device(config["device"])
     if "force_strategy" in config:

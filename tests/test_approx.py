@@ -389,12 +389,13 @@ def test_python_influence_with_error():
 # ---- the projected index: phase 1 from a projection kept beside the exact factors ---------------
 def _indexed_store(seed=0, n=120, nq=6, t=3, width=16):
     """An exact SeqModel store (positions per sample, stored as factors: the index's case) over two
-    checkpoints."""
+    checkpoints. The index route is forced: on stores this small the optimizer picks the exact TOPK
+    (tests/test_approx_route.py)."""
     torch.manual_seed(seed)
     model = SeqModel(width, width, 3)
     x, y = torch.randn(n + nq, t, width), torch.randint(0, 3, (n + nq,))
     ids = np.arange(n + nq)
-    con = metaql.connect(":memory:")
+    con = metaql.connect(":memory:", config={"approx_route": "index"})
     con.add_samples(ids[:n], "train", y[:n].numpy(), x[:n])
     con.add_samples(ids[n:], "test", y[n:].numpy(), x[n:])
     states = []

@@ -59,6 +59,7 @@ def choose_route(plan, env):
         return plan
     entries = index_entries(scan, store)
     if entries:
+        plan.index_entries = entries          # for the execution (approx/indexed.py), not looked up twice
         plan.route = route_of(scan, plan.k, entries, env.config.get(CONFIG_KEY, "auto"), env.catalog)
     return plan
 
@@ -109,7 +110,7 @@ def index_estimate(scan, entries: dict, r: int, catalog) -> dict | None:
         costs = entry["costs"]
         out["query split and norms"] += costs["split"]
         out["index scan"] += costs["scan_row"] * n
-        out["rescoring"] += costs.get("gather", 0.0) + costs["gather_byte"] * costs["sample_bytes"] * r \
+        out["rescoring"] += costs["gather"] + costs["gather_byte"] * costs["sample_bytes"] * r \
             + scored_seconds(scan, s, r, catalog, consts)
     return out
 

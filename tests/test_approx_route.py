@@ -45,15 +45,17 @@ def test_build_times_the_costs_the_estimate_reads(indexed):
     assert route["chosen"] == ("index" if sum(route["index"].values()) < route["exact"] else "exact")
 
 
-@pytest.mark.parametrize("index_seconds,chosen", [(1e9, "exact"), (0.0, "index")])
-def test_auto_takes_the_cheaper_route(indexed, monkeypatch, index_seconds, chosen):
+@pytest.mark.parametrize("index_seconds,chosen,order", [(1e9, "exact", "DESC"), (0.0, "index", "DESC"),
+                                                        (1e9, "exact", "ASC")])
+def test_auto_takes_the_cheaper_route(indexed, monkeypatch, index_seconds, chosen, order):
     """Whichever route the estimates pick, the answer is the exact TOPK's ids with exact scores; the
     exact route's certificate is an exact answer's."""
     from metaql.approx import route
-    exact = indexed.execute(STMT.format("")).fetchall()
+    stmt = STMT.replace("DESC", order)
+    exact = indexed.execute(stmt.format("")).fetchall()
     real = route.index_estimate
     monkeypatch.setattr(route, "index_estimate", lambda *a: {k: index_seconds for k in real(*a)})
-    got = indexed.execute(STMT.format(", error=0.05")).fetchall()
+    got = indexed.execute(stmt.format(", error=0.05")).fetchall()
     info = indexed.approximation
     assert info["route"]["chosen"] == chosen
     if chosen == "exact":
@@ -64,7 +66,7 @@ def test_auto_takes_the_cheaper_route(indexed, monkeypatch, index_seconds, chose
         assert info["index"]["indexed"] == 4
         every = dict(indexed.execute("SELECT sample_id, score FROM INFLUENCE(layers=*, query=batch(test))").fetchall())
         np.testing.assert_allclose([s for _, s in got], [every[i] for i, _ in got], rtol=1e-5, atol=1e-9)
-    plan = _plan(indexed, "EXPLAIN ANALYZE " + STMT.format(", error=0.05"))
+    plan = _plan(indexed, "EXPLAIN ANALYZE " + stmt.format(", error=0.05"))
     assert f"route: {chosen}" in plan and "estimates (s" in plan
     assert ("measured (measured/estimate)" in plan) == (chosen == "index")
     assert ("exact TOPK: 80 samples scored exactly" in plan) == (chosen == "exact")

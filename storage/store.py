@@ -48,7 +48,8 @@ from metaql.storage.sqlguard import SAMPLE_CORE, require_read_query
 from metaql.storage.tensorfile import Shard, file_checksum, write_shard
 
 _SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
-SHARD_CACHE = 16
+SHARD_CACHE = 4096       # open shards kept per store: a mapping each, no file descriptor (tensorfile.Shard);
+                         # at 16 a MiniLM store's statement (185-222 shards) reopened and faulted in every one
 MAX_LR = 1e6     # a checkpoint's weight in every score: beyond this, sums of products overflow doubles
 
 

@@ -93,7 +93,10 @@ class Shard:
         storage: distributed/shards.py); `fix` is what the unreadable-file error tells to do."""
         self.path = where
         try:
-            self._table = pa.ipc.open_file(source()).read_all()
+            # the table's buffers keep the mapping alive; the file itself is closed, so the store can
+            # keep many shards open (storage/store.py SHARD_CACHE) without holding a descriptor each
+            with source() as opened:
+                self._table = pa.ipc.open_file(opened).read_all()
             self.meta = json.loads(self._table.schema.metadata[b"metaql"])
         except (OSError, pa.ArrowInvalid, KeyError, ValueError) as e:
             raise IOException(f"shard file {where} is unreadable ({e}); {fix}") from e

@@ -108,7 +108,7 @@ def main(argv=None):
         e_tot = sum(s["e_all"] for s in stats.values())
         q_tot = sum(s["qq"] for s in stats.values())
         b_tot = float(np.mean(plain ** 2))
-        k_trak = int(M * 4 * 1.052 // 4)
+        k_trak = int(args.trak_dims.split(",")[0]) if args.trak_dims else int(M * 4 * 1.052 // 4)
         print(f"TRAK (dense Gaussian, k~{k_trak}) expected mean variance {(e_tot * q_tot + b_tot) / k_trak:.4e}; "
               f"score spread (var of exact scores) {np.var(ex):.4e}", flush=True)
         print("\n| layer | width | E_fb ||g||^2 | E_all ||g||^2 | ||Gq||^2 | ||mean_fb g||^2 | U ||mu||^2 | "

@@ -5,7 +5,7 @@ sys.path.insert(0, __import__("os").path.dirname(__file__))
 from metastore_common import set_threads
 from bench_approx import build, layer_names, scores_of, spearman, json_meta
 from bench_approx_peers import layer_gradients, query_gradient, workload_spec
-from metaql.approx.projection import count_sketch, layer_seed
+from metaql.approx.projection import count_sketch
 set_threads(1)
 spec = workload_spec("minilm32"); n, x, y = spec["n"], spec["x"], spec["y"]
 with tempfile.TemporaryDirectory() as tmp:

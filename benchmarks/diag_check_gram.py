@@ -3,7 +3,7 @@ projections, on two layers of the MiniLM T=32 workload (head + layer 5's query),
 import sys, tempfile, numpy as np, torch
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 from metastore_common import set_threads
-from bench_approx import build, layer_names, spearman
+from bench_approx import build, spearman
 from bench_approx_peers import layer_gradients, query_gradient, workload_spec
 set_threads(1)
 spec = workload_spec("minilm32"); n, x, y = spec["n"], spec["x"], spec["y"]

@@ -4,10 +4,11 @@ plan optimized once is not optimized again.
 
 RULES today: per (checkpoint, layer) of an influence scan, the cheapest strategy by the cost model
 (engine/cost.py, engine/strategies.py); for a TOPK under error= over a projected index, the exact
-TOPK or the index's two-phase TOPK, the cheaper by their estimates (approx/route.py). The optimizer reads the catalog only through the
-statement's CatalogSnapshot (layer rows and the cost constants, each read once); the store keeps
-the measured cost constants (Store.cost_constants). The one write: per-layer fits that a background
-calibration finished (engine/autocalibrate.py) are kept in the catalog by the next statement.
+TOPK or the index's two-phase TOPK, the cheaper by their estimates (approx/route.py). The
+optimizer reads the catalog only through the statement's CatalogSnapshot (layer rows and the cost
+constants, each read once); the store keeps the measured cost constants (Store.cost_constants).
+The one write: per-layer fits that a background calibration finished (engine/autocalibrate.py)
+are kept in the catalog by the next statement.
 """
 from __future__ import annotations
 

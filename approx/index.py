@@ -270,12 +270,13 @@ def _entry(directory: Path, e: dict) -> dict:
     return out
 
 
-def usable(index: dict, store, ckpt: str, layer: str) -> dict | None:
-    """The layer's index entry when it covers exactly the layer's current factor shards, else None."""
+def usable(index: dict, catalog, ckpt: str, layer: str) -> dict | None:
+    """The layer's index entry when it covers exactly the layer's current factor shards (`catalog`:
+    the store or a statement's snapshot of it), else None."""
     entry = index.get(layer)
     if entry is None:
         return None
-    current = sorted(r["file"] for r in store.factor_shards(ckpt, layer))
+    current = sorted(r["file"] for r in catalog.factor_shards(ckpt, layer))
     return entry if current == entry["shards"] else None
 
 

@@ -65,7 +65,7 @@ def indexed_topk(plan, scan, ctx, info: dict) -> pa.Table | None:
     if scan.query is None or scan.similarity != "dot" or scan.total:
         return None
     from metaql.approx.route import index_entries
-    entries = getattr(plan, "index_entries", None) or index_entries(scan, ctx.store)
+    entries = getattr(plan, "index_entries", None) or index_entries(scan, ctx.store, catalog_of(ctx))
     if not entries:
         return None
     clock = Clock()

@@ -57,21 +57,22 @@ def choose_route(plan, env):
     from metaql.approx.kind import is_projected
     if any(is_projected(env.catalog.layer_meta(layer)[0]) for layer in scan.layers):
         return plan
-    entries = index_entries(scan, store)
+    entries = index_entries(scan, store, env.catalog)
     if entries:
         plan.index_entries = entries          # for the execution (approx/indexed.py), not looked up twice
         plan.route = route_of(scan, plan.k, entries, env.config.get(CONFIG_KEY, "auto"), env.catalog)
     return plan
 
 
-def index_entries(scan, store) -> dict:
-    """{(checkpoint, layer): index entry} of the scan's layers that the store's index covers."""
+def index_entries(scan, store, catalog) -> dict:
+    """{(checkpoint, layer): index entry} of the scan's layers that the store's index covers (its
+    shards read through the statement's catalog snapshot)."""
     from metaql.approx.index import load_index, usable
     entries = {}
     for ckpt in scan.checkpoints:
         index = load_index(store, ckpt)
         for layer in scan.layers:
-            entry = usable(index, store, ckpt, layer)
+            entry = usable(index, catalog, ckpt, layer)
             if entry is not None:
                 entries[(ckpt, layer)] = entry
     return entries

@@ -893,7 +893,7 @@ class Store:
         self.committed(force=False)
 
     def open_shard(self, rel: str, checksum: str) -> Shard:
-        """A memory-mapped shard, checksum-verified on first open, kept in a small LRU cache."""
+        """A memory-mapped shard, checksum-verified on first open, kept in an LRU cache of SHARD_CACHE."""
         if rel in self._shards:
             self._shards.move_to_end(rel)
             return self._shards[rel]

@@ -91,7 +91,7 @@ def exact_topk(plan: TopK, ctx, info: dict) -> pa.Table:
     cheaper than the index route; its certificate is that of an exact answer."""
     from metaql.engine import executor
     exact = dataclasses.replace(plan, child=dataclasses.replace(plan.child, error=None))
-    table = executor._execute(exact, ctx)
+    table = executor.execute(exact, ctx)
     if hasattr(exact, "pruning"):
         plan.pruning = exact.pruning          # for EXPLAIN ANALYZE
     n = len(plan.child.train.ids)

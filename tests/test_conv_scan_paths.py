@@ -138,3 +138,45 @@ def test_conv_positions_from_shapes_equal_the_unfolded_rows(p):
     assert kind.positions(meta, train) == LayerKind.positions(kind, meta, train)
     calls = {name: torch.stack([t, t], dim=1) for name, t in train.items()}
     assert kind.positions(meta, calls) == LayerKind.positions(kind, meta, calls)
+
+
+@settings(max_examples=12, deadline=None)
+@given(conv_dims)
+@example({"dims": 2, "groups": 1, "cin_per": 3, "cout_per": 2, "k": 3, "stride": 1, "dilation": 1, "padding": 1,
+          "mode": "zeros", "size": 2, "bias": True, "n": 3, "b": 3, "seed": 7})     # VGG conv13's 2x2
+@example({"dims": 2, "groups": 1, "cin_per": 2, "cout_per": 3, "k": 3, "stride": 1, "dilation": 1, "padding": 1,
+          "mode": "reflect", "size": 2, "bias": False, "n": 2, "b": 2, "seed": 8})  # padded before the taps
+def test_forward_convolutions_on_few_pixels_by_the_dense_tap_matrix(p):
+    """batch_average and each_gradient on inputs of a few pixels run as one product with the dense
+    tap matrix of Gbar (or of every query gradient), no convolution kernel called, and equal
+    per-sample autograd gradients."""
+    from hypothesis import assume
+    assume(_usable(p) and p["groups"] == 1)
+    p = dict(p, size=min(p["size"], 2))
+    assume(_usable(p))
+    module, train, query = _case(p)
+    kind = kind_named("conv")
+    meta = kind.meta("conv", module)
+    g, gq = _conv_grads(module, train["I"], train["DO"]), _conv_grads(module, query["I"], query["DO"])
+    single, matrix = ops.query_side(kind, meta, query), ops.pairwise_query_side(kind, meta, query, {"grads"}, norms=False)
+    inp, padding = conv._conv_input(meta, train["I"])
+    dense = conv.dense_forward(meta, inp, single["gbar"][:, :meta.din], padding, single["gbar"]) is not None
+    called, kernel = [], conv._conv
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(conv, "_conv", lambda *a, **k: called.append(1) or kernel(*a, **k))
+        got_single = ops.batch_average(kind, meta, train, single).double()
+        got_matrix = ops.pairwise_gradient(kind, meta, train, matrix).double()
+    assert not (dense and called), "a few-pixel input with dense taps ran the convolution kernel"
+    scale = g.norm(dim=1)[:, None] * gq.norm(dim=1)[None, :]
+    assert ((got_matrix - g @ gq.T).abs() <= 1e-4 * scale + 1e-12).all()
+    assert ((got_single - (g @ gq.T).mean(1)).abs() <= 1e-4 * scale.mean(1) + 1e-12).all()
+
+
+def test_dense_forward_is_taken_on_2x2_and_refused_on_larger_maps_or_matrices(monkeypatch):
+    kind = kind_named("conv")
+    meta = kind.meta("d", torch.nn.Conv2d(4, 5, 3, padding=1))
+    w = torch.randn(5, 36)
+    assert conv.dense_forward(meta, torch.randn(2, 4, 2, 2), w, (1, 1), w) is not None
+    assert conv.dense_forward(meta, torch.randn(2, 4, 8, 8), w, (1, 1), w) is None          # many pixels
+    monkeypatch.setattr(conv, "DENSE_MAX_NUMBERS", 100)
+    assert conv.dense_forward(meta, torch.randn(2, 4, 2, 2), w, (1, 1), w) is None          # matrix too large

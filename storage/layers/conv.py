@@ -44,6 +44,8 @@ DENSE_TAPS_MIN_FILL = 0.5
 # a 16 MB output at once) blocks of 64-512 samples ran 2x faster than one call, on 32->64 at 16x16
 # blocks of 16-64 2.5x faster than 512; conv13 (512->512, 2x2) gained little (compute-bound)
 CONV_BLOCK_NUMBERS = 1 << 19
+# the largest dense tap matrix a forward convolution is turned into (64 MiB of float32)
+DENSE_MAX_NUMBERS = 1 << 24
 
 
 @register(nn.Conv1d, nn.Conv2d)
@@ -118,6 +120,10 @@ class Conv(LayerKind):
         if not _plain(meta, inp):
             return super().average_scores(meta, factors, gbar)
         inp, padding = _conv_input(meta, inp)
+        dense = dense_forward(meta, inp, gbar[:, :meta.din], padding, gbar)
+        if dense is not None:
+            scores = dense(inp).mul_(dout.flatten(2).transpose(1, 2)).sum(dim=(1, 2))
+            return scores.add_(dout.flatten(2).sum(2) @ gbar[:, meta.din]) if meta.bias else scores
         # contiguous once: a sliced Gbar (bias column cut off) would be copied by every block's call
         weight = gbar[:, :meta.din].reshape(dout.shape[1], inp.shape[1], *meta.extra["kernel"]).contiguous()
         bias = gbar[:, meta.din].contiguous() if meta.bias else None
@@ -252,7 +258,27 @@ def _gram_x_by_taps(meta: LayerMeta, inp: torch.Tensor, xr: torch.Tensor, paddin
 _DENSE_CACHE: list = []
 
 
-def _dense_taps(meta: LayerMeta, inp: torch.Tensor, xr: torch.Tensor, padding) -> torch.Tensor | None:
+def dense_forward(meta: LayerMeta, inp: torch.Tensor, filters: torch.Tensor, padding, owner: torch.Tensor):
+    """On inputs of a few pixels, the convolution with `filters` (F, C * kernel taps) as a function
+    of the stored input, inp -> (N, L, F), by one product with the filters' dense tap matrix; None
+    where the convolution's own kernel is the better form (more pixels, sparse taps, or a matrix
+    above DENSE_MAX_NUMBERS). On conv13's 2x2 maps every (pixel, position) pair meets a tap, so the
+    product does the convolution's useful work and no more, at the GEMM's rate: 3x oneDNN's
+    direct convolution there (24-31 against 86 GFLOP/s, one thread). `owner`: the query-side
+    tensor the filters come from, which the matrix is kept for (a scan's chunks build it once)."""
+    if math.prod(inp.shape[2:]) > TAPS_MAX_PIXELS:
+        return None
+    taps = _taps(meta, tuple(inp.shape[2:]), padding)
+    if inp.shape[1] * math.prod(inp.shape[2:]) * taps.outputs * filters.shape[0] > DENSE_MAX_NUMBERS:
+        return None
+    dense = _dense_taps(meta, inp, filters, padding, owner)
+    if dense is None:
+        return None
+    return lambda x: (x.reshape(x.shape[0], -1) @ dense).reshape(x.shape[0], taps.outputs, filters.shape[0])
+
+
+def _dense_taps(meta: LayerMeta, inp: torch.Tensor, xr: torch.Tensor, padding,
+                owner: torch.Tensor | None = None) -> torch.Tensor | None:
     """The query rows as one (C*P, L*R) matrix M with M[(c, p), (l, r)] = xr[r, c, tap] for the
     tap that takes input pixel p to output position l (zero where none does), so that
     X_n X_q^T = I_n (C*P) @ M, one product with no patches and no per-tap calls; None where
@@ -269,7 +295,8 @@ def _dense_taps(meta: LayerMeta, inp: torch.Tensor, xr: torch.Tensor, padding) -
         m = xr.new_zeros(c, p, taps.outputs, r)
         m[:, pix, taps.output_of.to(dev), :] = xr.reshape(r, c, k)[:, :, tap].permute(1, 2, 0)
         return m.reshape(c * p, taps.outputs * r)
-    return _kept_for(_DENSE_CACHE, (meta.name, size, str(padding)), xr, build)
+    return _kept_for(_DENSE_CACHE, (meta.name, size, str(padding), tuple(xr.shape)), xr if owner is None else owner,
+                     build)
 
 
 # The same for the block-diagonal matrix of the D Gram (one entry, dropped with the query rows)

@@ -3,7 +3,8 @@
 A flush of several shard files (one per layer) commits as one unit or not at all:
 
   1. one catalog transaction lists the files about to be written in `pending_files`;
-  2. each file is written to a temporary name, fsynced and renamed (tensorfile.write_shard);
+  2. each file is written to a temporary name, fsynced and renamed (tensorfile.write_shard; a flush
+     stages every layer's file first and fsyncs and renames them after, tensorfile.stage_shard);
   3. one transaction inserts every file's `shards` row and deletes its `pending_files` row.
 
 A kill before (3) commits leaves files that only `pending_files` names; the next writable open

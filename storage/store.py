@@ -45,7 +45,7 @@ from metaql.storage.faults import fault_point
 from metaql.storage.layers import LayerMeta, kind_named
 from metaql.storage.snapshot import Publisher, ReaderCopy
 from metaql.storage.sqlguard import SAMPLE_CORE, require_read_query
-from metaql.storage.tensorfile import Shard, file_checksum, write_shard
+from metaql.storage.tensorfile import Shard, file_checksum, fsync_path, stage_shard, write_shard
 
 _SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 SHARD_CACHE = 4096       # open shards kept per store: a mapping each, no file descriptor (tensorfile.Shard);
@@ -749,7 +749,7 @@ class Store:
         layers = [e["layer"] for e in entries]
         named = dict(zip(layers, self._new_shard_files("factors", checkpoint, layers)))
         rels = {layer: rel for layer, (_, rel) in named.items()}
-        rows, written = [], []
+        rows, written, staged = [], [], []
         try:
             self._record_pending(list(rels.values()))
             for e in entries:
@@ -757,11 +757,16 @@ class Store:
                 seq, rel = named[e["layer"]]
                 path = self._path_for_write(rel)
                 written.append(path)
-                nbytes, checksum = write_shard(path, e["ids"], e["tensors"])
+                staged.append(stage_shard(path, e["ids"], e["tensors"]))
                 suffix = rels[e["suffix_of"]] if e.get("suffix_of") else e.get("suffix_file")
-                rows.append(_shard_row(seq, rel, "factors", checkpoint, e["layer"], e["ids"], nbytes, checksum,
-                                       e["storage"], suffix, e.get("seen")))
-            norm_rows = norms.entry_rows(self, checkpoint, entries, rels, self.layer_metas(layers))   # TOPK's bounds
+                rows.append(_shard_row(seq, rel, "factors", checkpoint, e["layer"], e["ids"], staged[-1].nbytes,
+                                       staged[-1].checksum, e["storage"], suffix, e.get("seen")))
+            # TOPK's bounds, computed while the disk writes the staged files
+            norm_rows = norms.entry_rows(self, checkpoint, entries, rels, self.layer_metas(layers))
+            for shard in staged:
+                shard.publish()
+            for folder in dict.fromkeys(shard.path.parent for shard in staged):
+                fsync_path(folder)
             with transaction(self.db):
                 self._insert_shard_rows(rows)
                 norms.insert(self.db, norm_rows)

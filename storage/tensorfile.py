@@ -30,6 +30,51 @@ CHUNK = 1 << 20
 def write_shard(path: Path, ids: np.ndarray, tensors: dict[str, torch.Tensor],
                 extra: dict | None = None) -> tuple[int, str]:
     """Writes one shard atomically; returns (bytes, checksum)."""
+    staged = stage_shard(path, ids, tensors, extra)
+    staged.publish()
+    fsync_path(path.parent)
+    return staged.nbytes, staged.checksum
+
+
+class StagedShard:
+    """A shard written to its temporary name, its disk write under way (not yet durable):
+    `publish` makes it durable and renames it into place; the caller then fsyncs the folder.
+    A flush stages every layer's shard before publishing any, so that the disk writes the
+    first files while the writer serializes the others and computes their norms."""
+
+    def __init__(self, path: Path, tmp: Path, nbytes: int, checksum: str):
+        self.path, self.tmp, self.nbytes, self.checksum = path, tmp, nbytes, checksum
+
+    def publish(self) -> None:
+        fsync_path(self.tmp)
+        fault_point("shard.rename.before")
+        os.replace(self.tmp, self.path)
+        fault_point("shard.rename.after")
+
+
+def stage_shard(path: Path, ids: np.ndarray, tensors: dict[str, torch.Tensor],
+                extra: dict | None = None) -> StagedShard:
+    """Writes the shard's Arrow file to its temporary name, its CRC32 taken from the bytes as they
+    are written (reading the file back for it cost as much as the write), and starts the disk
+    write without waiting for it."""
+    table = shard_table(ids, tensors, extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        sink = _ChecksumSink(fd)
+        with pa.PythonFile(sink, mode="w") as stream:
+            with pa.ipc.new_file(stream, table.schema) as writer:
+                writer.write_table(table)
+        start_writeback(fd)
+    finally:
+        os.close(fd)
+    return StagedShard(path, tmp, sink.size, f"crc32:{sink.crc:08x}")
+
+
+def shard_table(ids: np.ndarray, tensors: dict[str, torch.Tensor], extra: dict | None = None) -> pa.Table:
+    """The shard as an Arrow table: sample ids, one FixedSizeList column per tensor, shapes and
+    dtypes in the schema's metadata; the tensors' memory is shared, not copied."""
     columns, fields, meta = [pa.array(np.asarray(ids, dtype=np.int64))], [pa.field("sample_id", pa.int64())], {}
     for name, t in tensors.items():
         t = t.detach().cpu().contiguous()
@@ -40,18 +85,62 @@ def write_shard(path: Path, ids: np.ndarray, tensors: dict[str, torch.Tensor],
         columns.append(pa.FixedSizeListArray.from_arrays(values, width))
         fields.append(pa.field(name, columns[-1].type))
     schema = pa.schema(fields, metadata={"metaql": json.dumps({"tensors": meta, **(extra or {})})})
-    table = pa.Table.from_arrays(columns, schema=schema)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    with pa.OSFile(str(tmp), "wb") as sink:
-        with pa.ipc.new_file(sink, schema) as writer:
-            writer.write_table(table)
-    fsync_path(tmp)
-    fault_point("shard.rename.before")
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-    fault_point("shard.rename.after")
-    return path.stat().st_size, file_checksum(path)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+class _ChecksumSink:
+    """A write-only file for pa.PythonFile: every byte goes to the OS file and into a CRC32."""
+
+    closed = False
+
+    def __init__(self, fd: int):
+        self.fd, self.crc, self.size = fd, 0, 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.crc = zlib.crc32(view, self.crc)
+        done = 0
+        while done < len(view):
+            done += os.write(self.fd, view[done:])
+        self.size += done
+        return done
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def writable(self) -> bool:
+        return True
+
+
+def _libc_sync_file_range():
+    """Linux's sync_file_range (asks the kernel to start writing a file's dirty pages, without
+    waiting and without dropping them from the page cache), or None elsewhere."""
+    try:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> None:
+    """Starts the disk write of what was written to `fd`; the fsync that makes it durable comes
+    later (StagedShard.publish). A hint only: where the call is missing or fails, fsync does it all."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
 
 def temp_path(path: Path) -> Path:

@@ -90,7 +90,7 @@ def test_a_writer_error_is_raised_in_the_training_thread_and_leaves_nothing_half
     torch.manual_seed(0)
     x, y = _data(16)
     model = SmallCNN()
-    real, threads = store_module.write_shard, []
+    real, threads = store_module.stage_shard, []
 
     def disk_full(path, *args, **kwargs):
         threads.append(threading.current_thread())
@@ -100,7 +100,7 @@ def test_a_writer_error_is_raised_in_the_training_thread_and_leaves_nothing_half
 
     with metaql.connect(store_dir) as con:
         con.add_samples(np.arange(16), "train", y.numpy(), x)
-        monkeypatch.setattr(store_module, "write_shard", disk_full)
+        monkeypatch.setattr(store_module, "stage_shard", disk_full)
         with pytest.raises(metaql.IOException, match="No space left.*run the same capture again"):
             with con.capture(model, layers="*", checkpoint="c0", lr=0.1, shard_size=4) as cap:
                 cap.backward(F.cross_entropy(model(x[:4]), y[:4]), np.arange(4))       # hands the flush over
@@ -111,7 +111,7 @@ def test_a_writer_error_is_raised_in_the_training_thread_and_leaves_nothing_half
                     with pytest.raises(metaql.IOException, match="No space left"):
                         cap.backward(F.cross_entropy(model(x[4:8]), y[4:8]), np.arange(4, 8))
                 cap.backward(F.cross_entropy(model(x[4:8]), y[4:8]), np.arange(4, 8))
-        monkeypatch.setattr(store_module, "write_shard", real)
+        monkeypatch.setattr(store_module, "stage_shard", real)
         assert threading.current_thread() not in threads          # the writes ran on the writer thread
         assert con.execute("SELECT count(*) FROM shards WHERE kind = 'factors'").fetchone() == (0,)
         assert _files(store_dir) == []                            # the first layer's file was removed
@@ -132,7 +132,7 @@ def test_the_training_step_does_not_wait_on_writes_and_the_queue_is_bounded(stor
     torch.manual_seed(0)
     x, y = _data(40)
     model = SmallCNN()
-    real, release, started = store_module.write_shard, threading.Event(), threading.Event()
+    real, release, started = store_module.stage_shard, threading.Event(), threading.Event()
 
     def stalled(*args, **kwargs):
         started.set()
@@ -151,7 +151,7 @@ def test_the_training_step_does_not_wait_on_writes_and_the_queue_is_bounded(stor
 
     with metaql.connect(store_dir) as con:
         con.add_samples(np.arange(40), "train", y.numpy(), x)
-        monkeypatch.setattr(store_module, "write_shard", stalled)
+        monkeypatch.setattr(store_module, "stage_shard", stalled)
         with con.capture(model, layers="*", checkpoint="c0", lr=0.1, shard_size=4) as cap:
             trainer = threading.Thread(target=loop, args=(cap,))
             trainer.start()

@@ -187,21 +187,22 @@ def test_an_interrupted_flush_is_not_written_again_on_exit(store_dir, monkeypatc
     model, x, y = MLP(), torch.randn(8, 6), torch.randint(0, 3, (8,))
     with metaql.connect(store_dir) as con:
         con.add_samples(np.arange(8), "train", y.numpy(), x)
-        real, calls = store_module.write_shard, []
+        real, calls = store_module.stage_shard, []
 
         def write_then_interrupt(*args, **kwargs):
             calls.append(args[0])
             if len(calls) == 2:              # the second layer of the first flush
                 raise KeyboardInterrupt
             return real(*args, **kwargs)
-        monkeypatch.setattr(store_module, "write_shard", write_then_interrupt)
+        monkeypatch.setattr(store_module, "stage_shard", write_then_interrupt)
         with pytest.raises(KeyboardInterrupt):
             _capture(con, model, x, y, batches=2)
-        monkeypatch.setattr(store_module, "write_shard", real)
+        monkeypatch.setattr(store_module, "stage_shard", real)
         stored = {layer: sorted(con.store.stored_ids("c0", layer)) for layer in ("fc1", "fc2")}
         assert stored["fc1"] == stored["fc2"]                  # the flush committed as one unit or not at all
         assert len(set(stored["fc1"])) == len(stored["fc1"])   # and was never written twice
-        assert not calls[0].exists()                           # the first layer's file did not stay behind
+        assert not calls[0].exists()                           # the first layer's file did not stay behind,
+        assert not calls[0].with_name(calls[0].name + ".tmp").exists()     # nor its staged temporary file
         assert [p.split(":")[0] for p in con.verify()] == ["checkpoint 'c0' is partial"]
         _capture(con, model, x, y, batches=2)                  # resume
         assert sorted(con.store.stored_ids("c0", "fc1")) == list(range(8))

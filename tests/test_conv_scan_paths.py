@@ -158,7 +158,8 @@ def test_forward_convolutions_on_few_pixels_by_the_dense_tap_matrix(p):
     kind = kind_named("conv")
     meta = kind.meta("conv", module)
     g, gq = _conv_grads(module, train["I"], train["DO"]), _conv_grads(module, query["I"], query["DO"])
-    single, matrix = ops.query_side(kind, meta, query), ops.pairwise_query_side(kind, meta, query, {"grads"}, norms=False)
+    single = ops.query_side(kind, meta, query)
+    matrix = ops.pairwise_query_side(kind, meta, query, {"grads"}, norms=False)
     inp, padding = conv._conv_input(meta, train["I"])
     dense = conv.dense_forward(meta, inp, single["gbar"][:, :meta.din], padding, single["gbar"]) is not None
     called, kernel = [], conv._conv

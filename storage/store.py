@@ -129,8 +129,9 @@ class Store:
     def committed(self, force: bool = True) -> None:
         """Publishes the catalog for readers (storage/snapshot.py) if anything was committed since
         the last time; costs two stat calls when nothing was. Writers call it after each commit;
-        frequent ones (shard flushes, add_samples) with force=False: at most one snapshot a second,
-        the last one published by a timer, so readers lag those by about a second."""
+        frequent ones (shard flushes, add_samples) with force=False: at most one snapshot a second
+        (or per ten times the last copy's time, on a large catalog: Publisher.interval), the last one
+        published by a timer, so readers lag those by about that long."""
         if self._publisher is not None and self._owner._tmpdir is None and not self.closed:
             self._publisher.publish(force)
 

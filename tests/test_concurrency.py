@@ -2,7 +2,6 @@
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -268,6 +267,48 @@ def test_deferred_snapshot_keeps_the_interval_after_a_snapshot_between(tmp_path,
         gaps = np.diff(times)
         assert (gaps >= 0.9 * interval).all(), gaps / interval
         assert snapshot.catalog_fingerprint(tmp_path) == publisher._published   # the last commit is out
+    finally:
+        publisher.close()
+        db.close()
+
+
+def test_snapshots_of_frequent_commits_space_out_as_the_copy_grows(tmp_path, monkeypatch):
+    """A snapshot copies the whole catalog, whose per-sample norms grow with the store; at one a
+    second, a large capture's writer would spend its time copying. Frequent commits (force=False)
+    are published at most once per ten times the last copy's time, and the last one still is."""
+    import duckdb
+    from metaql.storage import snapshot
+    from metaql.storage.files import CATALOG, SNAPSHOT
+    monkeypatch.setattr(snapshot, "MIN_INTERVAL", 0.01)
+    db = duckdb.connect(str(tmp_path / CATALOG))
+    db.execute("CREATE TABLE t (i INTEGER)")
+    publisher, copies = snapshot.Publisher(tmp_path, db), []
+    original = snapshot.Publisher._snapshot
+
+    def slow_copy(self):           # a catalog whose copy takes 40 ms
+        time.sleep(0.04)
+        copies.append(time.monotonic())
+        original(self)
+    monkeypatch.setattr(snapshot.Publisher, "_snapshot", slow_copy)
+    try:
+        began = time.monotonic()
+        i = 0
+        while time.monotonic() - began < 1.2:        # a commit every 5 ms
+            db.execute("INSERT INTO t VALUES (?)", [i])
+            db.execute("CHECKPOINT")
+            publisher.publish(force=False)
+            i += 1
+            time.sleep(0.005)
+        assert publisher.interval() >= 0.4
+        # at 0.4 s apart (10 x 40 ms) at most 4 in 1.2 s; at MIN_INTERVAL alone there would be ~25
+        assert 1 <= len(copies) <= 4, len(copies)
+        assert all(b - a >= 0.35 for a, b in zip(copies, copies[1:])), np.diff(copies)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and publisher._published != snapshot.catalog_fingerprint(tmp_path):
+            time.sleep(0.05)          # the timer publishes the last commit
+        snap = duckdb.connect(str(tmp_path / SNAPSHOT), read_only=True)
+        assert snap.execute("SELECT count(*) FROM t").fetchone()[0] == i
+        snap.close()
     finally:
         publisher.close()
         db.close()

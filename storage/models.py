@@ -281,7 +281,13 @@ def huggingface_recipe(model: nn.Module) -> tuple[str, dict] | None:
     """(HUGGINGFACE, {cls, config}) for a model of a class transformers exports, else None."""
     import sys
     transformers = sys.modules.get("transformers")
-    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+    # read from the class's own bases first: transformers.PreTrainedModel is a lazy attribute whose
+    # first access imports transformers' modeling code (6.4 s here), which a plain torch model's
+    # capture has no use for when some other code merely imported transformers
+    if transformers is None or not any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
+                                       for c in type(model).__mro__):
+        return None
+    if not isinstance(model, transformers.PreTrainedModel):
         return None
     cls = type(model)
     if getattr(transformers, cls.__name__, None) is not cls:

@@ -170,3 +170,30 @@ def test_a_user_kind_is_loaded_by_its_recorded_module_when_trusted(tmp_path):
     inf, self_inf = _expected(model, x, y, 4, 0.5)
     assert rel_err(torch.tensor(got[QUERIES[0]], dtype=torch.float64), inf) < 1e-5, got
     assert rel_err(torch.tensor(got[QUERIES[1]], dtype=torch.float64), self_inf) < 1e-5
+
+
+def test_a_plain_models_capture_does_not_import_transformers_modeling_code(tmp_path):
+    """With transformers imported by other code (its modeling code lazily, on first use), capturing a
+    plain torch model must not load that code: reading transformers.PreTrainedModel did, and cost the
+    first capture 4.5 s here."""
+    pytest.importorskip("transformers")
+    code = f"""
+import sys, numpy as np, torch, transformers, metaql
+from torch import nn
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+    def forward(self, x):
+        return self.fc(x)
+model, x, y = Net(), torch.randn(8, 4), torch.randint(0, 3, (8,))
+con = metaql.connect({str(tmp_path / "s.mq")!r})
+con.add_samples(np.arange(8), "train", y.numpy(), x)
+with con.capture(model, layers="*", checkpoint="c0", lr=0.1) as cap:
+    cap.backward(torch.nn.functional.cross_entropy(model(x), y), np.arange(8))
+print("transformers.modeling_utils" in sys.modules)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "False"

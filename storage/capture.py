@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -35,6 +36,9 @@ FULL_HANDOVER_BYTES = 4 << 20
 # default 2,048 rows a MiniLM over all its layers (2.4 MB a sample) buffered 5 GB, and with the
 # writer thread's flush beside it a 2,000-sample capture reached 11 GB of memory
 MAX_BUFFER_BYTES = 1 << 30
+# a capture warns when training waited for its writer thread longer than both of these
+WRITER_WAIT_WARN_S = 1.0
+WRITER_WAIT_WARN_SHARE = 0.2
 
 
 class ShardWriter:
@@ -76,6 +80,10 @@ class ShardWriter:
         self._before: set[int] = set()             # ids an earlier run stored for the checkpoint (resumed)
         self._warned_repeat = False
         self.rows_written = 0
+        self.flushes = 0                           # flushes handed over (or written inline)
+        self.factor_bytes = 0                      # bytes of the factors buffered for writing
+        self.writer_wait = 0.0                     # seconds the training thread waited for the writer
+        self.writer_busy = 0.0                     # seconds the writer thread spent writing
         self.recycled = _Recycled()    # the copies of flushes written, for the next batches' copies
         self._scaled: set[str] = set()     # layers whose gradient factors the buffer scaled
         self.projected: dict = {}      # per layer: its CaptureProjection (metaql.approx), or None: exact
@@ -130,7 +138,9 @@ class ShardWriter:
             self._counts[layer] = self._counts.get(layer, 0) + len(kept)
             if self._buffered is not None:
                 self._buffered.setdefault(layer, set()).update(kept.tolist())
-        self._buffer_bytes += _batch_bytes(batch)
+        added = _batch_bytes(batch)
+        self._buffer_bytes += added
+        self.factor_bytes += added
         if max(self._counts.values()) >= self.shard_size or self._buffer_bytes >= MAX_BUFFER_BYTES:
             self.flush()
 
@@ -328,6 +338,7 @@ class ShardWriter:
         self._pending_full, self._pending_bytes = [], 0     # resolved by the flush's own write
         if not batches:
             return
+        self.flushes += 1
         if not self.background:
             for layer, ids in self._write(self.store, batches, seen).items():
                 self.stored[layer].update(ids.tolist())
@@ -380,6 +391,9 @@ class ShardWriter:
             if thread is not None:
                 thread.close(raise_error)
         finally:
+            if thread is not None:
+                self.writer_wait += thread.waited
+                self.writer_busy += thread.busy
             self.recycled = _Recycled()
 
     def _write(self, store: Store, batches, seen: list[int | None]) -> dict[str, np.ndarray]:
@@ -599,13 +613,44 @@ class Capture:
         # off only for another rank's part store (distributed/ddp.py): the samples are in rank 0's catalog
         self.require_registered = True
         self._state = "new"         # "open" inside the `with`, "closed" after it
+        self._began: float | None = None
+        self._ended: float | None = None
 
     def __enter__(self) -> "Capture":
         self.store.begin_checkpoint(self.checkpoint, self.model, **self._ckpt_args)
         self._registered = self.store.registered_ids() if self.require_registered else None
         self.hooks.attach()
         self._state = "open"
+        self._began = time.perf_counter()
         return self
+
+    @property
+    def stats(self) -> dict:
+        """What the capture did so far: training batches and samples seen, flushes, bytes of
+        factors buffered for writing, seconds since it began (to its end once exited), and of
+        those, the seconds the training thread waited to hand a flush to the writer thread
+        (`writer_wait_s`: the disk or the writer is the bottleneck when this grows) and the seconds
+        the writer thread spent writing (`writer_busy_s`)."""
+        w = self.writer
+        worker = w._worker
+        end = self._ended if self._ended is not None else time.perf_counter()
+        return {"batches": self.batches_seen, "samples": self.samples, "flushes": w.flushes,
+                "factor_bytes": w.factor_bytes, "seconds": 0.0 if self._began is None else end - self._began,
+                "writer_wait_s": w.writer_wait + (worker.waited if worker is not None else 0.0),
+                "writer_busy_s": w.writer_busy + (worker.busy if worker is not None else 0.0)}
+
+    def _warn_if_writer_bound(self) -> None:
+        """Says so when training spent a noticeable share of the capture waiting for the writer:
+        a silent slowdown otherwise, which a user would blame on the model or on MetaQL's hooks."""
+        st = self.stats
+        wait, total = st["writer_wait_s"], st["seconds"]
+        if wait > max(WRITER_WAIT_WARN_S, WRITER_WAIT_WARN_SHARE * total):
+            warnings.warn(
+                f"capture '{self.checkpoint}': training waited {wait:.1f} s of {total:.1f} s ({100 * wait / total:.0f}%) "
+                f"for the capture's writer thread, which wrote {st['factor_bytes'] / 2**20:.0f} MiB of factors in "
+                f"{st['flushes']} flushes: the disk or the writer is the bottleneck; capture fewer layers (layers=[...]), "
+                "store half precision (dtype='float16'), put the store on a faster disk, or leave the writer a free "
+                "core (cap.stats has the figures)", MetaQLWarning, stacklevel=user_stacklevel())
 
     def _require_open(self, call: str) -> None:
         """Outside its `with` a capture has no hooks on the model: a batch would train and store
@@ -716,8 +761,11 @@ class Capture:
             complete = exc_type is None
         finally:
             self._state = "closed"
+            self._ended = time.perf_counter()
             self.hooks.detach()
             self.store.finish_checkpoint(self.checkpoint, "complete" if complete else "partial")
+        if complete:
+            self._warn_if_writer_bound()
 
 
 def check_unique_ids(ids: np.ndarray, listed: list | None = None) -> None:

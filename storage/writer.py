@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Callable
 
 from metaql.errors import Error, IOException
@@ -33,6 +34,8 @@ class BackgroundWriter:
         self._jobs: queue.Queue = queue.Queue()
         self._slots = threading.BoundedSemaphore(1 + max_pending)    # flushes handed over, not yet written
         self._error: BaseException | None = None
+        self.waited = 0.0       # seconds the training thread blocked handing flushes over
+        self.busy = 0.0         # seconds the writer thread spent writing
         self._thread = threading.Thread(target=self._run, name=f"metaql-writer-{checkpoint}", daemon=True)
         self._thread.start()
 
@@ -46,8 +49,10 @@ class BackgroundWriter:
         self.check()
         if not self._thread.is_alive():
             raise IOException("the capture's shard writer is closed; start a new capture")
-        if bounded:
+        if bounded and not self._slots.acquire(blocking=False):
+            began = time.perf_counter()
             self._slots.acquire()
+            self.waited += time.perf_counter() - began
         self._jobs.put((job, bounded))
 
     def check(self) -> None:
@@ -77,11 +82,13 @@ class BackgroundWriter:
             if item is None:
                 return
             job, bounded = item
+            began = time.perf_counter()
             try:
                 if self._error is None:    # a failed writer drains the queue so that no submit blocks forever
                     job(self._store)
             except BaseException as e:   # noqa: B036 - re-raised in the training thread
                 self._error = e
             finally:
+                self.busy += time.perf_counter() - began
                 if bounded:
                     self._slots.release()

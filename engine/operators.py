@@ -151,23 +151,14 @@ def _conv_pairwise_gradient(kind, meta, chunk, q) -> torch.Tensor:
     grads = q["grads"]
     b, cout = grads.shape[:2]
     inp, padding = conv._conv_input(meta, inp)
-    dense = conv.dense_forward(meta, inp, grads[:, :, :meta.din].reshape(b * cout, meta.din), padding, grads)
-    if dense is not None:
-        return _dense_conv_scores(meta, inp, dout, dense, grads)
+    scores = conv.dense_scores(meta, inp, dout, grads, padding, grads)
+    if scores is not None:
+        return scores
     # contiguous once: the gradients sliced from their bias column would be copied by every block
     weight = grads[:, :, :meta.din].reshape(b * cout, inp.shape[1], *meta.extra["kernel"]).contiguous()
     bias = grads[:, :, meta.din].reshape(-1) if meta.bias else None
     return torch.cat([_conv_block_scores(meta, inp[i:j], dout[i:j], weight, bias, padding, b)
                       for i, j in conv.sample_blocks(inp.shape[0], b * math.prod(dout.shape[1:]))])
-
-
-def _dense_conv_scores(meta, inp, dout, dense, grads) -> torch.Tensor:
-    """(N, B) <D_n, conv(I_n, G_j)> by the dense tap matrix of all B query gradients at once."""
-    n, cout = inp.shape[0], dout.shape[1]
-    b = grads.shape[0]
-    d = dout.reshape(n, cout, -1).transpose(1, 2)                              # (N, L, Cout)
-    scores = dense(inp).reshape(n, -1, b, cout).mul_(d.unsqueeze(2)).sum(dim=(1, 3))
-    return scores.add_(d.sum(1) @ grads[:, :, meta.din].T) if meta.bias else scores
 
 
 def _conv_block_scores(meta, inp, dout, weight, bias, padding, b: int) -> torch.Tensor:

@@ -82,8 +82,7 @@ class ShardWriter:
         self.rows_written = 0
         self.flushes = 0                           # flushes handed over (or written inline)
         self.factor_bytes = 0                      # bytes of the factors buffered for writing
-        self.writer_wait = 0.0                     # seconds the training thread waited for the writer
-        self.writer_busy = 0.0                     # seconds the writer thread spent writing
+        self._wait_busy = [0.0, 0.0]               # writer_seconds() of writer threads already closed
         self.recycled = _Recycled()    # the copies of flushes written, for the next batches' copies
         self._scaled: set[str] = set()     # layers whose gradient factors the buffer scaled
         self.projected: dict = {}      # per layer: its CaptureProjection (metaql.approx), or None: exact
@@ -392,9 +391,16 @@ class ShardWriter:
                 thread.close(raise_error)
         finally:
             if thread is not None:
-                self.writer_wait += thread.waited
-                self.writer_busy += thread.busy
+                self._wait_busy[0] += thread.waited
+                self._wait_busy[1] += thread.busy
             self.recycled = _Recycled()
+
+    def writer_seconds(self) -> tuple[float, float]:
+        """(seconds the training thread waited to hand flushes to the writer thread, seconds that
+        thread spent writing), over this writer's life so far."""
+        live = self._worker
+        wait, busy = self._wait_busy
+        return (wait + live.waited, busy + live.busy) if live is not None else (wait, busy)
 
     def _write(self, store: Store, batches, seen: list[int | None]) -> dict[str, np.ndarray]:
         """Writes the batches' rows of every layer as one unit; {layer: ids written}."""
@@ -631,13 +637,11 @@ class Capture:
         those, the seconds the training thread waited to hand a flush to the writer thread
         (`writer_wait_s`: the disk or the writer is the bottleneck when this grows) and the seconds
         the writer thread spent writing (`writer_busy_s`)."""
-        w = self.writer
-        worker = w._worker
+        wait, busy = self.writer.writer_seconds()
         end = self._ended if self._ended is not None else time.perf_counter()
-        return {"batches": self.batches_seen, "samples": self.samples, "flushes": w.flushes,
-                "factor_bytes": w.factor_bytes, "seconds": 0.0 if self._began is None else end - self._began,
-                "writer_wait_s": w.writer_wait + (worker.waited if worker is not None else 0.0),
-                "writer_busy_s": w.writer_busy + (worker.busy if worker is not None else 0.0)}
+        return {"batches": self.batches_seen, "samples": self.samples, "flushes": self.writer.flushes,
+                "factor_bytes": self.writer.factor_bytes, "seconds": 0.0 if self._began is None else end - self._began,
+                "writer_wait_s": wait, "writer_busy_s": busy}
 
     def _warn_if_writer_bound(self) -> None:
         """Says so when training spent a noticeable share of the capture waiting for the writer:

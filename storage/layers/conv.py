@@ -120,10 +120,9 @@ class Conv(LayerKind):
         if not _plain(meta, inp):
             return super().average_scores(meta, factors, gbar)
         inp, padding = _conv_input(meta, inp)
-        dense = dense_forward(meta, inp, gbar[:, :meta.din], padding, gbar)
-        if dense is not None:
-            scores = dense(inp).mul_(dout.flatten(2).transpose(1, 2)).sum(dim=(1, 2))
-            return scores.add_(dout.flatten(2).sum(2) @ gbar[:, meta.din]) if meta.bias else scores
+        scores = dense_scores(meta, inp, dout, gbar.unsqueeze(0), padding, gbar)
+        if scores is not None:
+            return scores[:, 0]
         # contiguous once: a sliced Gbar (bias column cut off) would be copied by every block's call
         weight = gbar[:, :meta.din].reshape(dout.shape[1], inp.shape[1], *meta.extra["kernel"]).contiguous()
         bias = gbar[:, meta.din].contiguous() if meta.bias else None
@@ -275,6 +274,20 @@ def dense_forward(meta: LayerMeta, inp: torch.Tensor, filters: torch.Tensor, pad
     if dense is None:
         return None
     return lambda x: (x.reshape(x.shape[0], -1) @ dense).reshape(x.shape[0], taps.outputs, filters.shape[0])
+
+
+def dense_scores(meta: LayerMeta, inp: torch.Tensor, dout: torch.Tensor, grads: torch.Tensor, padding,
+                 owner: torch.Tensor) -> torch.Tensor | None:
+    """(N, B) <D_n, conv(I_n, G_j)> for B gradients `grads` (B, Cout, din [+ bias]) as filters, by
+    one product with their dense tap matrix (dense_forward), or None where that form does not apply."""
+    b, cout = grads.shape[:2]
+    dense = dense_forward(meta, inp, grads[:, :, :meta.din].reshape(b * cout, meta.din), padding, owner)
+    if dense is None:
+        return None
+    n = inp.shape[0]
+    d = dout.reshape(n, cout, -1).transpose(1, 2)                              # (N, L, Cout)
+    scores = dense(inp).reshape(n, -1, b, cout).mul_(d.unsqueeze(2)).sum(dim=(1, 3))
+    return scores.add_(d.sum(1) @ grads[:, :, meta.din].T) if meta.bias else scores
 
 
 def _dense_taps(meta: LayerMeta, inp: torch.Tensor, xr: torch.Tensor, padding,

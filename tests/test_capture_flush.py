@@ -80,6 +80,25 @@ def test_a_failed_flush_leaves_no_norm_rows(tmp_path):
     assert db.execute(f"SELECT count(*) FROM {norms.TABLE}").fetchone()[0] == 0
 
 
+@pytest.mark.parametrize("small_group", [3, 256])
+@pytest.mark.parametrize("channels", [(1, 4), (16, 32)])
+def test_conv_sample_gradients_in_groups_are_each_samples_own(monkeypatch, small_group, channels):
+    """sample_gradients (a full-stored convolution's rows) calls the weight-gradient kernel on
+    groups of samples, larger groups for small weight gradients (1 -> 4 channels: 36 numbers) than
+    for others (16 -> 32): every grouping gives each sample's own gradient (autograd, one at a time)."""
+    monkeypatch.setattr(conv_module, "SMALL_GRADIENT_GROUP", small_group)
+    torch.manual_seed(0)
+    module = nn.Conv2d(*channels, 3, padding=1)
+    inp, dout = torch.randn(7, channels[0], 5, 5), torch.randn(7, channels[1], 5, 5)
+    kind = kind_named("conv")
+    got = conv_module.sample_gradients(kind.meta("c", module), {"I": inp, "DO": dout})
+    for i in range(len(inp)):
+        module.zero_grad()
+        (module(inp[i:i + 1]) * dout[i:i + 1]).sum().backward()
+        want = torch.cat([module.weight.grad.reshape(channels[1], -1), module.bias.grad[:, None]], 1)
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("group", [2 * 3 * 9 * 3, 1 << 20])
 def test_conv_norms_in_groups_of_samples_are_each_samples_own(monkeypatch, group):
     """full_squared_norms builds the weight gradients a few samples at a time (FULL_NORM_GROUP

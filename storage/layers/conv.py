@@ -36,6 +36,11 @@ FULL_NORM_GROUP = 1 << 20
 # 8..256 on digits conv2 (16->32, 8x8: 27 GFLOP/s against 6 at 32 and more), 32->64 at 16x16 and
 # 64->64 at 8x8 (2.5-4x faster than 128 at a time), one thread
 GRADIENT_GROUP = 16
+# ... except for small weight gradients (a first layer on one or a few input channels), where the
+# kernel's cost per call dominates: digits conv1 (1->16, 144 numbers) 35.6 ms for 2,048 samples at 16
+# a call, 10.9 ms at 256; 3->64 at 32x32 (1,728 numbers) was fastest at 16
+SMALL_GRADIENT_NUMBERS = 512
+SMALL_GRADIENT_GROUP = 256
 # X Gram of a few-pixel input as one product with a dense tap matrix (input pixel x output position)
 # when at least this fraction of its pixel-position pairs meets a kernel tap (conv13's 2x2: all)
 DENSE_TAPS_MIN_FILL = 0.5
@@ -137,7 +142,7 @@ class Conv(LayerKind):
         if not _plain(meta, inp):
             return None
         numbers = inp.shape[1] * dout.shape[1] * math.prod(meta.extra["kernel"])
-        step = max(1, min(GRADIENT_GROUP, FULL_NORM_GROUP // max(1, numbers)))
+        step = max(1, min(_gradient_group(numbers), FULL_NORM_GROUP // max(1, numbers)))
         out = []
         for i, w, d in _weight_gradient_groups(meta, inp, dout, step):
             norms = w.reshape(w.shape[0], -1).pow(2).sum(1)
@@ -341,17 +346,23 @@ def _kept_for(cache: list, key, rows: torch.Tensor, build) -> torch.Tensor:
 
 def sample_gradients(meta: LayerMeta, factors) -> torch.Tensor | None:
     """Each sample's gradient (N, Cout, Cin*kh*kw [+1]) by the weight-gradient kernel with the
-    samples as groups, GRADIENT_GROUP at a time (no unfolded patches: 5x faster than the einsum
+    samples as groups, _gradient_group() at a time (no unfolded patches: 5x faster than the einsum
     over patches on digits conv2); None where the convolution is not plain."""
     inp, dout = factors["I"].float(), factors["DO"].float()
     if not _plain(meta, inp):
         return None
     out = inp.new_empty(inp.shape[0], dout.shape[1], meta.din + int(bool(meta.bias)))
-    for i, w, _ in _weight_gradient_groups(meta, inp, dout, GRADIENT_GROUP):
+    step = _gradient_group(inp.shape[1] * dout.shape[1] * math.prod(meta.extra["kernel"]))
+    for i, w, _ in _weight_gradient_groups(meta, inp, dout, step):
         out[i:i + w.shape[0], :, :meta.din] = w.reshape(w.shape[0], dout.shape[1], -1)
     if meta.bias:
         out[:, :, meta.din] = dout.flatten(2).sum(2)
     return out
+
+
+def _gradient_group(numbers: int) -> int:
+    """Samples per call of the weight-gradient kernel for a weight gradient of `numbers` numbers."""
+    return SMALL_GRADIENT_GROUP if numbers <= SMALL_GRADIENT_NUMBERS else GRADIENT_GROUP
 
 
 def _weight_gradient_groups(meta: LayerMeta, inp: torch.Tensor, dout: torch.Tensor, step: int):

@@ -99,16 +99,18 @@ class ShardWriter:
         return max(per_layer.values(), key=lambda parts: sum(map(len, parts)), default=[])
 
     def add(self, ids: np.ndarray, factors: dict[str, dict[str, torch.Tensor]], seen: int | None = None,
-            checked: bool = False, scale: float = 1.0, unscaled: dict[str, tuple[str, ...]] | None = None) -> None:
+            checked: bool = False, scale: float = 1.0, unscaled: dict[str, tuple[str, ...]] | None = None,
+            listed: list[int] | None = None) -> None:
         """Buffers the batch's new rows of every layer; raises before buffering anything. `seen`: the
         number of the training batch (counted from the checkpoint's weights) whose weights computed
         these factors; None when they are the checkpoint's own weights (replay). `ids` is buffered as
         it is (every layer's rows share it): the caller's own array, which it does not change.
         `checked`: the caller checked that the ids are unique. `unscaled`: {layer: factors still to be
         multiplied by `scale`} (LayerHooks.factors(deferred=True)): multiplied into the copies the
-        buffer keeps, rather than into new tensors that are then copied or kept."""
+        buffer keeps, rather than into new tensors that are then copied or kept. `listed`:
+        ids.tolist(), when the caller made it already."""
         ids = np.asarray(ids)
-        listed = ids.tolist()
+        listed = ids.tolist() if listed is None else listed
         if not checked:
             check_unique_ids(ids, listed)
         self.check()
@@ -616,6 +618,7 @@ class Capture:
         self.samples = 0
         self.batches_seen = 0       # training batches so far: the weights moved after each one
         self._registered: np.ndarray | None = None     # sorted registered sample ids, read at need
+        self._registered_span: tuple[int, int] | None = None
         # off only for another rank's part store (distributed/ddp.py): the samples are in rank 0's catalog
         self.require_registered = True
         self._state = "new"         # "open" inside the `with`, "closed" after it
@@ -624,7 +627,7 @@ class Capture:
 
     def __enter__(self) -> "Capture":
         self.store.begin_checkpoint(self.checkpoint, self.model, **self._ckpt_args)
-        self._registered = self.store.registered_ids() if self.require_registered else None
+        self._set_registered(self.store.registered_ids() if self.require_registered else None)
         self.hooks.attach()
         self._state = "open"
         self._began = time.perf_counter()
@@ -692,7 +695,8 @@ class Capture:
 
     def _backward(self, loss: torch.Tensor, ids, reduction: str) -> torch.Tensor:
         ids = _as_ids(ids)
-        check_unique_ids(ids)
+        listed = ids.tolist()
+        check_unique_ids(ids, listed)
         if reduction not in ("mean", "sum"):
             raise InvalidInputException("reduction must be 'mean' or 'sum'")
         if loss.dim() == 1:
@@ -705,7 +709,7 @@ class Capture:
             raise InvalidInputException("the loss is NaN or infinite; nothing was captured for this batch")
         loss.backward()
         # d(mean)/d(out_i) is d(loss_i)/d(out_i) / B: scale back to each sample's own loss
-        self._keep_factors(ids, float(len(ids)) if reduction == "mean" else 1.0)
+        self._keep_factors(ids, float(len(ids)) if reduction == "mean" else 1.0, listed)
         return loss
 
     def record(self, ids, scale: float = 1.0) -> None:
@@ -717,21 +721,25 @@ class Capture:
         try:
             self.writer.check()
             ids = _as_ids(ids)
-            check_unique_ids(ids)
+            listed = ids.tolist()
+            check_unique_ids(ids, listed)
             if not (np.isfinite(scale) and scale > 0):
                 raise InvalidInputException(f"the loss scale must be a positive finite number, got {scale!r}")
-            self._keep_factors(ids, float(scale))
+            self._keep_factors(ids, float(scale), listed)
         finally:
             self.hooks.clear()
             self.batches_seen += 1
 
-    def _require_registered(self, ids: np.ndarray) -> None:
+    def _require_registered(self, ids: np.ndarray, listed: list[int]) -> None:
         """Factors of ids the catalog does not know belong to no split or set, so no query reaches
         them (con.verify flags them): the batch is refused. Samples registered while the capture
         runs are found by reading the ids again when one is new."""
+        if self._registered_span is not None and self._registered_span[0] <= min(listed) \
+                and max(listed) <= self._registered_span[1]:
+            return      # every id lies in a run with no gaps: no search (done every training step)
         known = None if self._registered is None else _in_sorted(ids, self._registered)
         if known is None or not known.all():
-            self._registered = self.store.registered_ids()
+            self._set_registered(self.store.registered_ids())
             known = _in_sorted(ids, self._registered)
         missing = ids[~known]
         if len(missing):
@@ -740,9 +748,15 @@ class Capture:
                 f"{missing[:3].tolist()}); nothing of this batch was stored: register them first with "
                 "con.add_samples(ids, split, labels, inputs)")
 
-    def _keep_factors(self, ids: np.ndarray, scale: float) -> None:
-        if self.require_registered:
-            self._require_registered(ids)
+    def _set_registered(self, ids: np.ndarray | None) -> None:
+        """Keeps the sorted registered ids, and their first and last when they are a run with no gaps."""
+        self._registered = ids
+        contiguous = ids is not None and len(ids) and int(ids[-1]) - int(ids[0]) + 1 == len(ids)
+        self._registered_span = (int(ids[0]), int(ids[-1])) if contiguous else None
+
+    def _keep_factors(self, ids: np.ndarray, scale: float, listed: list[int]) -> None:
+        if self.require_registered and listed:
+            self._require_registered(ids, listed)
         # hooks.factors refuses (or, under a pattern, skips on the first batch) a layer called on
         # fewer rows than the batch, such as BERT's position embeddings: see LayerHooks._broadcast
         factors, unscaled = self.hooks.factors(scale=scale, deferred=True)
@@ -751,7 +765,8 @@ class Capture:
             if rows != len(ids):
                 raise InvalidInputException(f"layer '{layer}' saw a batch of {rows} but {len(ids)} ids were given; "
                                             "nothing of this batch was stored (give one id per sample of the batch)")
-        self.writer.add(ids, factors, seen=self.batches_seen, checked=True, scale=scale, unscaled=unscaled)
+        self.writer.add(ids, factors, seen=self.batches_seen, checked=True, scale=scale, unscaled=unscaled,
+                        listed=listed)
         self.samples += len(ids)
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -1044,6 +1044,9 @@ def _set_ids(column: pa.ChunkedArray, name: str) -> np.ndarray:
 
 
 def _as_ids(ids) -> np.ndarray:
+    """`ids` as a new flat int64 array (a copy: the caller may reuse its own)."""
+    if type(ids) is np.ndarray and ids.dtype == np.int64 and ids.ndim == 1:
+        return ids.copy()       # the usual batch of ids, checked once per training step
     if isinstance(ids, torch.Tensor):
         ids = ids.detach().cpu().numpy()
     arr = np.asarray(ids)

@@ -128,6 +128,37 @@ def test_ids_not_registered_are_refused_and_samples_added_during_the_capture_are
         assert con.verify() == []
 
 
+def test_ids_in_a_gap_of_the_registered_ids_are_refused(store_dir):
+    """Registered ids 0-3 and 8-11: a batch with 5 (between them, inside their first and last) is
+    refused as one with 20 (outside them) is; the run with no gaps (0-3) takes the short test."""
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(12, 6), torch.randint(0, 3, (12,))
+    with metaql.connect(store_dir) as con:
+        con.add_samples([0, 1, 2, 3, 8, 9, 10, 11], "train", y[:8].numpy(), x[:8])
+        with con.capture(model, checkpoint="c0", shard_size=2) as cap:
+            for bad in ([8, 5], [9, 20]):
+                with pytest.raises(metaql.InvalidInputException, match=r"1 of the 2 ids .* not registered"):
+                    cap.backward(F.cross_entropy(model(x[:2]), y[:2]), bad)
+            cap.backward(F.cross_entropy(model(x[:2]), y[:2]), [8, 11])
+            cap.backward(F.cross_entropy(model(x[:2]), y[:2]), np.array([0, 1]))
+        assert sorted(con.store.stored_ids("c0", "fc1")) == [0, 1, 8, 11]
+
+
+def test_the_callers_ids_array_may_be_reused_after_the_step(store_dir):
+    """The buffered ids are the capture's own copy: a loop that refills one ids array for every
+    batch (as a preallocated loader might) stores each batch under its own ids."""
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with metaql.connect(store_dir) as con:
+        con.add_samples(np.arange(8), "train", y.numpy(), x)
+        ids = np.empty(4, np.int64)
+        with con.capture(model, checkpoint="c0", shard_size=100) as cap:
+            for lo in (0, 4):
+                ids[:] = np.arange(lo, lo + 4)
+                cap.backward(F.cross_entropy(model(x[lo:lo + 4]), y[lo:lo + 4]), ids)
+        assert sorted(con.store.stored_ids("c0", "fc1")) == list(range(8))
+
+
 @pytest.mark.parametrize("bad", ["nan loss", "infinite factors"])
 def test_a_refused_batch_leaves_the_capture_usable(store_dir, bad):
     torch.manual_seed(0)

@@ -1,0 +1,155 @@
+"""The floor of capture by Python hooks on the digits MLP (issue #19's capture target), against
+MetaQL's capture of the same steps: how much of a captured step any hook-based capture pays, and how
+much is MetaQL's own bookkeeping.
+
+    python benchmarks/capture_floor.py [--reps 7]
+
+One torch thread, batches of 64, 5,391 digits (three copies of load_digits) per block; the rows,
+alternated block by block, each the median over the repetitions of the training thread's CPU per
+step and of the wall time per step:
+
+- plain: forward, backward, SGD step;
+- floor: the same with a forward hook on each of the two linear layers keeping its input and a
+  tensor hook keeping its output gradient, and after the backward one copy of each factor (the
+  gradient multiplied by the batch size, as capture scales a mean loss back) appended to a list;
+- floor + finite: the floor with the finiteness test capture makes of every factor (a sum each);
+- MetaQL, no flush: con.capture(layers='*') with shards larger than the block (the writer thread
+  idle until the capture exits, outside the clock);
+- MetaQL: con.capture(layers='*') with two flushes per block, as bench_capture.py runs it.
+"""
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_capture import digits                      # noqa: E402
+from bench_limits import provenance                     # noqa: E402
+from metastore_common import Report, table              # noqa: E402
+
+import metaql                                           # noqa: E402
+from metaql.demo import DigitsMLP                       # noqa: E402
+
+BATCH = 64
+
+
+class FloorHooks:
+    """The least a hook-based capture does per step: keep each layer's input and output gradient."""
+
+    def __init__(self, modules, finite: bool):
+        self.kept, self.finite, self.store = {}, finite, []
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            pair = self.kept[name] = [inputs[0].detach(), None]
+
+            def keep(grad):
+                pair[1] = grad
+            output.register_hook(keep)
+        return hook
+
+    def after_backward(self, scale: float) -> None:
+        step = []
+        for x, d in self.kept.values():
+            if self.finite and not all(np.isfinite(t.sum().item()) for t in (x, d)):
+                raise ValueError("not finite")
+            step.append((x.clone(), d * scale))
+        self.store.append(step)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def block(model, opt, x, y, after=None, cap=None) -> tuple[float, float]:
+    """(training-thread CPU seconds, wall seconds) per step of one block."""
+    ids = np.arange(len(x))
+    c, t = time.thread_time(), time.perf_counter()
+    for s in range(0, len(x), BATCH):
+        loss = F.cross_entropy(model(x[s:s + BATCH]), y[s:s + BATCH])
+        if cap is not None:
+            cap.backward(loss, ids[s:s + BATCH])
+        else:
+            loss.backward()
+            if after is not None:
+                after(float(min(BATCH, len(x) - s)))
+        opt.step()
+        opt.zero_grad()
+    steps = -(-len(x) // BATCH)
+    return (time.thread_time() - c) / steps, (time.perf_counter() - t) / steps
+
+
+def measure(reps: int, workdir: str) -> dict[str, list[tuple[float, float]]]:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x, y = digits()
+    x, y = x.repeat(3, 1), y.repeat(3)
+    model = DigitsMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    con = metaql.connect(str(Path(workdir) / "floor.mq"))
+    con.add_samples(np.arange(len(x)), "train", y.numpy(), x)
+    out: dict[str, list] = {}
+    modules = {"fc1": model.fc1, "fc2": model.fc2}
+
+    def floor(finite: bool):
+        hooks = FloorHooks(modules, finite)
+        try:
+            return block(model, opt, x, y, after=hooks.after_backward)
+        finally:
+            hooks.remove()
+
+    def metaql_capture(label: str, shard_size: int):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with con.capture(model, layers="*", checkpoint=label, lr=0.01, shard_size=shard_size) as cap:
+                return block(model, opt, x, y, cap=cap)
+
+    runs = {"plain": lambda r: block(model, opt, x, y),
+            "floor": lambda r: floor(False),
+            "floor + finite": lambda r: floor(True),
+            "MetaQL, no flush": lambda r: metaql_capture(f"n{r}", 1 << 20),
+            "MetaQL": lambda r: metaql_capture(f"f{r}", -(-len(x) // 2))}
+    for name, run in runs.items():          # warm-up: first calls, first capture's catalog work
+        run(-1)
+    for r in range(reps):
+        for name, run in runs.items():
+            out.setdefault(name, []).append(run(r))
+    con.close()
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=7, help="alternated repetitions of every row (default 7)")
+    args = ap.parse_args(argv)
+    report = Report("capture_floor", "The floor of capture by Python hooks (digits MLP)",
+                    sys.argv if argv is None else ["benchmarks/capture_floor.py", *argv])
+    workdir = tempfile.mkdtemp(prefix="capture-floor-")
+    try:
+        res = measure(args.reps, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    plain_cpu = statistics.median(c for c, _ in res["plain"])
+    plain_wall = statistics.median(w for _, w in res["plain"])
+    rows = []
+    for name, v in res.items():
+        cpu, wall = statistics.median(c for c, _ in v), statistics.median(w for _, w in v)
+        rows.append([name, cpu * 1e6, cpu / plain_cpu, wall * 1e6, wall / plain_wall,
+                     f"{min(c for c, _ in v) / plain_cpu:.2f}-{max(c for c, _ in v) / plain_cpu:.2f}"])
+    report.add("Per step", table(["run", "CPU us/step", "CPU ratio", "wall us/step", "wall ratio",
+                                  "CPU ratio range (each block / median plain)"], rows),
+               provenance() + f"; {args.reps} alternated repetitions, medians.")
+    report.write()
+
+
+if __name__ == "__main__":
+    main()

@@ -153,6 +153,8 @@ class ShardWriter:
         """The batch's factors with those of projected layers projected (decided on a layer's first
         batch: its stored form if the store holds it, else the capture's storage= request); a
         projected layer's `unscaled` factors are scaled first (and dropped from `unscaled`)."""
+        if all(self.projected.get(layer, False) is None for layer in factors):
+            return factors      # every layer decided, none projected: the usual exact capture's step
         out = {}
         undecided = {l: fs for l, fs in factors.items() if l not in self.projected}
         if undecided and self.projection.sketch_budget:
@@ -200,7 +202,9 @@ class ShardWriter:
         hooks = self.hooks
         if not hooks.inputs.get(layer):
             return None
-        held = {t.untyped_storage().data_ptr() for t in _tensors(hooks.inputs[layer])}
+        calls = hooks.inputs[layer]
+        tensors = calls if all(isinstance(t, torch.Tensor) for t in calls) else _tensors(calls)
+        held = {t.untyped_storage().data_ptr() for t in tensors}
         held.update(g.untyped_storage().data_ptr() for g in hooks.grads[layer].values())
         return held
 
@@ -497,7 +501,7 @@ def _batch_bytes(batch: dict) -> int:
         if isinstance(tensors, _FullRows):
             total += tensors.held_bytes()
         else:
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            total += sum(t.nbytes for t in tensors.values())
     return total
 
 
@@ -570,7 +574,7 @@ def _tensors(value):
 
 def _check_finite(factors: dict[str, dict[str, torch.Tensor]]) -> None:
     for layer, fs in factors.items():
-        if not all(_finite(v) for v in fs.values() if v.is_floating_point()):
+        if any(v.is_floating_point() and not _finite(v) for v in fs.values()):
             raise InvalidInputException(f"layer '{layer}' has NaN or infinite activations or gradients in "
                                         "this batch; nothing of it was stored (check the inputs and the lr)")
 

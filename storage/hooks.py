@@ -214,8 +214,11 @@ class LayerHooks:
         """{layer: why} for layers called on fewer rows than the batch (GPT-2's position embedding
         reads position ids of shape (1, T), broadcast over the samples): the gradient torch hands
         back is the batch's sum, from which no sample's own gradient can be separated."""
+        batch = self.batch
+        if batch is not None and all(self._call_batch[n](c) == batch for n, calls in self.inputs.items() for c in calls):
+            return {}       # every call on the model's batch: the usual step, told without the sets below
         sizes = {n: {self._call_batch[n](c) for c in calls} for n, calls in self.inputs.items() if calls}
-        batch = self.batch if self.batch is not None else _most_common(sizes.values())
+        batch = batch if batch is not None else _most_common(sizes.values())
         return {n: (f"is called on inputs of leading dimension {sorted(s - {batch})[0]}, not the batch's {batch} "
                     "(an input shared by every sample, such as position ids, or samples merged into rows): its "
                     "gradient cannot be split into per-sample ones")

@@ -16,6 +16,8 @@ step and of the wall time per step:
 - MetaQL, no flush: con.capture(layers='*') with shards larger than the block (the writer thread
   idle until the capture exits, outside the clock);
 - MetaQL: con.capture(layers='*') with two flushes per block, as bench_capture.py runs it.
+
+--keep-factors prints instead the training thread's CPU per step inside Capture._keep_factors.
 """
 import argparse
 import shutil
@@ -127,10 +129,60 @@ def measure(reps: int, workdir: str) -> dict[str, list[tuple[float, float]]]:
     return out
 
 
+def keep_factors_cpu(captures: int = 8) -> list[float]:
+    """Per capture (no flush within it), the median over its steps of the training thread's CPU
+    seconds inside Capture._keep_factors: MetaQL's bookkeeping after the backward, timed directly
+    rather than as the difference of two noisy step times."""
+    import metaql.storage.capture as capture_module
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x, y = digits()
+    x, y = x.repeat(3, 1), y.repeat(3)
+    model = DigitsMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    per: list[int] = []
+    original = capture_module.Capture._keep_factors
+
+    def timed(self, *args, **kwargs):
+        began = time.thread_time_ns()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            per.append(time.thread_time_ns() - began)
+
+    capture_module.Capture._keep_factors = timed
+    workdir = tempfile.mkdtemp(prefix="capture-floor-")
+    out = []
+    try:
+        con = metaql.connect(str(Path(workdir) / "keep.mq"))
+        con.add_samples(np.arange(len(x)), "train", y.numpy(), x)
+        for r in range(captures):
+            per.clear()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with con.capture(model, layers="*", checkpoint=f"k{r}", lr=0.01, shard_size=1 << 20) as cap:
+                    block(model, opt, x, y, cap=cap)
+            out.append(statistics.median(per[5:]) / 1e9)      # the first steps register the layers
+        con.close()
+    finally:
+        capture_module.Capture._keep_factors = original
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=7, help="alternated repetitions of every row (default 7)")
+    ap.add_argument("--keep-factors", action="store_true",
+                    help="only print the CPU per step inside Capture._keep_factors (8 captures; run it from two "
+                         "checkouts alternately to compare them)")
     args = ap.parse_args(argv)
+    if args.keep_factors:
+        meds = keep_factors_cpu()
+        print(f"Capture._keep_factors, training-thread CPU per step, median per capture (us): "
+              f"{' '.join(f'{m * 1e6:.0f}' for m in meds)}; median {statistics.median(meds) * 1e6:.0f}, "
+              f"min {min(meds) * 1e6:.0f}")
+        return
     report = Report("capture_floor", "The floor of capture by Python hooks (digits MLP)",
                     sys.argv if argv is None else ["benchmarks/capture_floor.py", *argv])
     workdir = tempfile.mkdtemp(prefix="capture-floor-")

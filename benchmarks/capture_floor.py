@@ -90,13 +90,17 @@ def block(model, opt, x, y, after=None, cap=None) -> tuple[float, float]:
     return (time.thread_time() - c) / steps, (time.perf_counter() - t) / steps
 
 
-def measure(reps: int, workdir: str) -> dict[str, list[tuple[float, float]]]:
+def subject():
+    """(x, y, the MLP, its SGD optimizer): 5,391 digits, one torch thread, seeded."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     x, y = digits()
-    x, y = x.repeat(3, 1), y.repeat(3)
     model = DigitsMLP()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    return x.repeat(3, 1), y.repeat(3), model, torch.optim.SGD(model.parameters(), lr=0.01)
+
+
+def measure(reps: int, workdir: str) -> dict[str, list[tuple[float, float]]]:
+    x, y, model, opt = subject()
     con = metaql.connect(str(Path(workdir) / "floor.mq"))
     con.add_samples(np.arange(len(x)), "train", y.numpy(), x)
     out: dict[str, list] = {}
@@ -134,12 +138,7 @@ def keep_factors_cpu(captures: int = 8) -> list[float]:
     seconds inside Capture._keep_factors: MetaQL's bookkeeping after the backward, timed directly
     rather than as the difference of two noisy step times."""
     import metaql.storage.capture as capture_module
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    x, y = digits()
-    x, y = x.repeat(3, 1), y.repeat(3)
-    model = DigitsMLP()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y, model, opt = subject()
     per: list[int] = []
     original = capture_module.Capture._keep_factors
 

@@ -215,7 +215,8 @@ class LayerHooks:
         reads position ids of shape (1, T), broadcast over the samples): the gradient torch hands
         back is the batch's sum, from which no sample's own gradient can be separated."""
         batch = self.batch
-        if batch is not None and all(self._call_batch[n](c) == batch for n, calls in self.inputs.items() for c in calls):
+        if batch is not None and all(self._call_batch[n](c) == batch
+                                     for n, calls in self.inputs.items() for c in calls):
             return {}       # every call on the model's batch: the usual step, told without the sets below
         sizes = {n: {self._call_batch[n](c) for c in calls} for n, calls in self.inputs.items() if calls}
         batch = batch if batch is not None else _most_common(sizes.values())

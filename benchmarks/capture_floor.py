@@ -17,7 +17,8 @@ step and of the wall time per step:
   idle until the capture exits, outside the clock);
 - MetaQL: con.capture(layers='*') with two flushes per block, as bench_capture.py runs it.
 
---keep-factors prints instead the training thread's CPU per step inside Capture._keep_factors.
+--keep-factors prints instead the training thread's CPU per step inside Capture._keep_factors;
+--packed-vs-full the same on packed steps (ShardWriter._packed) against full-path steps, alternated.
 """
 import argparse
 import shutil
@@ -169,13 +170,64 @@ def keep_factors_cpu(captures: int = 8) -> list[float]:
     return out
 
 
+def packed_vs_full(captures: int = 6) -> list[tuple[float, float]]:
+    """Per capture (flushes of 2,696 samples), the medians of the training thread's CPU seconds
+    inside Capture._keep_factors over its packed steps and over its full-path steps, the two
+    alternated step by step (ShardWriter._packed turned off on every other step), so that both
+    see the same moments of a noisy machine."""
+    import metaql.storage.capture as capture_module
+    x, y, model, opt = subject()
+    per: dict[bool, list[int]] = {True: [], False: []}
+    keep, packed = capture_module.Capture._keep_factors, capture_module.ShardWriter._packed
+    steps = [0]
+
+    def alternated(self, *args, **kwargs):
+        steps[0] += 1
+        on = steps[0] % 2 == 0
+        capture_module.ShardWriter._packed = packed if on else (lambda *a, **k: {})
+        began = time.thread_time_ns()
+        try:
+            return keep(self, *args, **kwargs)
+        finally:
+            per[on].append(time.thread_time_ns() - began)
+
+    capture_module.Capture._keep_factors = alternated
+    workdir = tempfile.mkdtemp(prefix="capture-floor-")
+    out = []
+    try:
+        con = metaql.connect(str(Path(workdir) / "packed.mq"))
+        con.add_samples(np.arange(len(x)), "train", y.numpy(), x)
+        for r in range(captures):
+            per[True].clear()
+            per[False].clear()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with con.capture(model, layers="*", checkpoint=f"p{r}", lr=0.01, shard_size=-(-len(x) // 2)) as cap:
+                    block(model, opt, x, y, cap=cap)
+            out.append((statistics.median(per[True][3:]) / 1e9, statistics.median(per[False][3:]) / 1e9))
+        con.close()
+    finally:
+        capture_module.Capture._keep_factors, capture_module.ShardWriter._packed = keep, packed
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=7, help="alternated repetitions of every row (default 7)")
     ap.add_argument("--keep-factors", action="store_true",
                     help="only print the CPU per step inside Capture._keep_factors (8 captures; run it from two "
                          "checkouts alternately to compare them)")
+    ap.add_argument("--packed-vs-full", action="store_true",
+                    help="only print Capture._keep_factors' CPU per step on packed steps against full-path steps, "
+                         "alternated within each of 6 captures")
     args = ap.parse_args(argv)
+    if args.packed_vs_full:
+        pairs = packed_vs_full()
+        print("Capture._keep_factors, training-thread CPU per step, packed / full path, median per capture (us): "
+              + " ".join(f"{a * 1e6:.0f}/{b * 1e6:.0f}" for a, b in pairs)
+              + f"; ratios {' '.join(f'{a / b:.2f}' for a, b in pairs)}")
+        return
     if args.keep_factors:
         meds = keep_factors_cpu()
         print(f"Capture._keep_factors, training-thread CPU per step, median per capture (us): "

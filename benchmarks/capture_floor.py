@@ -15,6 +15,8 @@ step and of the wall time per step:
 - floor + finite: the floor with the finiteness test capture makes of every factor (a sum each);
 - MetaQL, no flush: con.capture(layers='*') with shards larger than the block (the writer thread
   idle until the capture exits, outside the clock);
+- MetaQL, flushes not written: the same with the writer thread's write of each flush left out
+  (a diagnostic: the flushes' cost to the training thread without the writer's work beside it);
 - MetaQL: con.capture(layers='*') with two flushes per block, as bench_capture.py runs it.
 
 --keep-factors prints instead the training thread's CPU per step inside Capture._keep_factors;
@@ -39,6 +41,7 @@ from bench_limits import provenance                     # noqa: E402
 from metastore_common import Report, table              # noqa: E402
 
 import metaql                                           # noqa: E402
+import metaql.storage.capture as capture_module         # noqa: E402
 from metaql.demo import DigitsMLP                       # noqa: E402
 
 BATCH = 64
@@ -100,6 +103,14 @@ def subject():
     return x.repeat(3, 1), y.repeat(3), model, torch.optim.SGD(model.parameters(), lr=0.01)
 
 
+def unwritten(self, store, batches, seen) -> dict:
+    """ShardWriter._write that writes nothing (the flushes' copies go back for reuse as after a
+    write): what the training thread pays for flushes without the writer thread's work beside it."""
+    self.recycled.give_back([t for b in batches for _, ts, _ in b.values() if not isinstance(ts, capture_module._FullRows)
+                             for t in ([ts.block] if isinstance(ts, capture_module._Packed) else ts.values())], flush=True)
+    return {}
+
+
 def measure(reps: int, workdir: str) -> dict[str, list[tuple[float, float]]]:
     x, y, model, opt = subject()
     con = metaql.connect(str(Path(workdir) / "floor.mq"))
@@ -120,10 +131,19 @@ def measure(reps: int, workdir: str) -> dict[str, list[tuple[float, float]]]:
             with con.capture(model, layers="*", checkpoint=label, lr=0.01, shard_size=shard_size) as cap:
                 return block(model, opt, x, y, cap=cap)
 
+    def writer_idle(r):
+        write = capture_module.ShardWriter._write
+        capture_module.ShardWriter._write = unwritten
+        try:
+            return metaql_capture(f"i{r}", -(-len(x) // 2))
+        finally:
+            capture_module.ShardWriter._write = write
+
     runs = {"plain": lambda r: block(model, opt, x, y),
             "floor": lambda r: floor(False),
             "floor + finite": lambda r: floor(True),
             "MetaQL, no flush": lambda r: metaql_capture(f"n{r}", 1 << 20),
+            "MetaQL, flushes not written": writer_idle,
             "MetaQL": lambda r: metaql_capture(f"f{r}", -(-len(x) // 2))}
     for name, run in runs.items():          # warm-up: first calls, first capture's catalog work
         run(-1)
@@ -138,7 +158,6 @@ def keep_factors_cpu(captures: int = 8) -> list[float]:
     """Per capture (no flush within it), the median over its steps of the training thread's CPU
     seconds inside Capture._keep_factors: MetaQL's bookkeeping after the backward, timed directly
     rather than as the difference of two noisy step times."""
-    import metaql.storage.capture as capture_module
     x, y, model, opt = subject()
     per: list[int] = []
     original = capture_module.Capture._keep_factors
@@ -175,7 +194,6 @@ def packed_vs_full(captures: int = 6) -> list[tuple[float, float]]:
     inside Capture._keep_factors over its packed steps and over its full-path steps, the two
     alternated step by step (ShardWriter._packed turned off on every other step), so that both
     see the same moments of a noisy machine."""
-    import metaql.storage.capture as capture_module
     x, y, model, opt = subject()
     per: dict[bool, list[int]] = {True: [], False: []}
     keep, packed = capture_module.Capture._keep_factors, capture_module.ShardWriter._packed

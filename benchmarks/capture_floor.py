@@ -20,7 +20,8 @@ step and of the wall time per step:
 - MetaQL: con.capture(layers='*') with two flushes per block, as bench_capture.py runs it.
 
 --keep-factors prints instead the training thread's CPU per step inside Capture._keep_factors;
---packed-vs-full the same on packed steps (ShardWriter._packed) against full-path steps, alternated.
+--packed-vs-full the same on packed steps (ShardWriter._packed) against full-path steps, alternated;
+--contention the plain step beside a second thread of writer-like work.
 """
 import argparse
 import shutil
@@ -230,6 +231,50 @@ def packed_vs_full(captures: int = 6) -> list[tuple[float, float]]:
     return out
 
 
+def contention(reps: int = 5) -> dict[str, tuple[float, float]]:
+    """{beside what: (CPU, wall) seconds per plain step, medians}: the plain MLP block alone and
+    with a second thread of the work a writer thread does: small torch operations (each lets go of
+    the GIL and takes it back), DuckDB inserts, copies of large tensors."""
+    import threading
+
+    import duckdb
+    x, y, model, opt = subject()
+    stop = threading.Event()
+
+    def small_ops():
+        a = torch.ones(2000)
+        while not stop.is_set():
+            a.mul_(1.0)
+
+    def inserts():
+        con = duckdb.connect()
+        con.execute("CREATE TABLE t (i INTEGER)")
+        while not stop.is_set():
+            con.execute("INSERT INTO t VALUES (1)")
+
+    def large_copies():
+        a = torch.ones(1 << 22)
+        while not stop.is_set():
+            a.clone()
+
+    work = {"nothing": None, "small torch ops": small_ops, "DuckDB inserts": inserts, "large copies": large_copies}
+    block(model, opt, x, y)
+    out: dict[str, list] = {}
+    for _ in range(reps):
+        for name, fn in work.items():
+            thread = None
+            if fn is not None:
+                stop.clear()
+                thread = threading.Thread(target=fn, daemon=True)
+                thread.start()
+                time.sleep(0.05)
+            out.setdefault(name, []).append(block(model, opt, x, y))
+            if thread is not None:
+                stop.set()
+                thread.join()
+    return {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in out.items()}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=7, help="alternated repetitions of every row (default 7)")
@@ -239,7 +284,15 @@ def main(argv=None) -> None:
     ap.add_argument("--packed-vs-full", action="store_true",
                     help="only print Capture._keep_factors' CPU per step on packed steps against full-path steps, "
                          "alternated within each of 6 captures")
+    ap.add_argument("--contention", action="store_true",
+                    help="only print the plain step's CPU and wall time beside a second thread of writer-like work")
     args = ap.parse_args(argv)
+    if args.contention:
+        res = contention()
+        alone = res["nothing"][0]
+        for name, (cpu, wall) in res.items():
+            print(f"plain step beside {name}: CPU {cpu * 1e6:.0f} us ({cpu / alone:.2f}x), wall {wall * 1e6:.0f} us")
+        return
     if args.packed_vs_full:
         pairs = packed_vs_full()
         print("Capture._keep_factors, training-thread CPU per step, packed / full path, median per capture (us): "

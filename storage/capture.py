@@ -161,15 +161,19 @@ class ShardWriter:
         the views of it and the scaling of the gradient factors left to the flush (_Packed). On an
         MLP the full path's per-factor copies, sums and views and its other steps (nothing to do for
         a settled layer) cost as much as the training step."""
-        if not self._settled or self._buffered is not None or not self._claimed.isdisjoint(listed):
+        if not self._settled or self._buffered is not None or not self._claimed.isdisjoint(listed) \
+                or not all(layer in self.modes for layer in factors):
+            # a layer new to this capture may read a settled layer's input: the full path sees both
             return {}
         flat, layouts, start, dtype = [], {}, 0, None
         for layer, fs in factors.items():
             if layer not in self._settled:
                 continue
-            # one dtype in the block: each factor is then converted and scaled as the full path does it
+            # one dtype in the block: each factor is then converted and scaled as the full path does
+            # it; on the CPU only (a device's factors go through the full path's copies to the CPU)
             dtype = dtype or next(iter(fs.values())).dtype
-            if not all(v.dtype == dtype for v in fs.values()):
+            if not all(v.dtype == dtype and v.device.type == "cpu" for v in fs.values()) \
+                    or sum(v.numel() for v in fs.values()) * dtype.itemsize > PACK_MAX_BYTES:
                 continue
             names, layout, first = unscaled.get(layer, ()), [], start
             for k, v in fs.items():
@@ -192,11 +196,13 @@ class ShardWriter:
         that stores it nor as one that points at it), that kept all their rows as copies (a factor
         the kind made for the batch is kept as it is by the full path, not copied once more), of
         at most PACK_MAX_BYTES."""
+        owners = self._owners()
+        self._settled -= owners         # a layer another one points at since (registered later)
         for layer, (_, tensors, _) in batch.items():
             if layer in self._settled or not isinstance(tensors, dict) or keeps[layer] is not None \
                     or self.modes.get(layer) != "factored" or self.projected.get(layer, False) is not None:
                 continue
-            if layer in self.suffix_of or layer in self._owners():
+            if layer in self.suffix_of or layer in owners:
                 continue
             if all(getattr(t, _Recycled.MARK, False) and t.is_floating_point() for t in tensors.values()) \
                     and sum(t.nbytes for t in tensors.values()) <= PACK_MAX_BYTES:
@@ -220,9 +226,8 @@ class ShardWriter:
             self._counts[layer] = self._counts.get(layer, 0) + len(kept)
             if self._buffered is not None:
                 self._buffered.setdefault(layer, set()).update(kept.tolist())
-        added = _batch_bytes(batch)
-        self._buffer_bytes += added
-        self.factor_bytes += added
+        self._buffer_bytes += _batch_bytes(batch)
+        self.factor_bytes += _batch_bytes(batch, stored=True)
         if max(self._counts.values()) >= self.shard_size or self._buffer_bytes >= MAX_BUFFER_BYTES:
             self.flush()
 
@@ -578,12 +583,15 @@ class _Recycled:
                 self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
 
 
-def _batch_bytes(batch: dict) -> int:
+def _batch_bytes(batch: dict, stored: bool = False) -> int:
     """Bytes a buffered batch holds (a full-stored layer's factors until resolved; a suffix shared
-    with another layer counted with each: an upper bound)."""
+    with another layer counted with each: an upper bound); `stored`: a packed layer's rows counted
+    in the storage dtype (as the full path's copies are), not in the dtype its block holds them in."""
     total = 0
     for _, tensors, _ in batch.values():
-        if not isinstance(tensors, dict):
+        if isinstance(tensors, _Packed) and stored:
+            total += tensors.numel * tensors.dtype.itemsize
+        elif not isinstance(tensors, dict):
             total += tensors.held_bytes()
         else:
             total += sum(t.nbytes for t in tensors.values())

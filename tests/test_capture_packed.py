@@ -161,3 +161,77 @@ def test_ids_seen_again_after_settling_keep_their_first_factors():
     for layer, (ids, tensors, _) in a.items():
         assert np.array_equal(ids, b[layer][0])
         assert all(torch.equal(t, b[layer][1][k]) for k, t in tensors.items())
+
+
+class LateShared(nn.Module):
+    """b reads a's very input, but only once `use_b` is set (a branch switched on mid-capture)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 3), nn.Linear(6, 3)
+        self.use_b = False
+
+    def forward(self, x):
+        return self.a(x) + (self.b(x) if self.use_b else 0)
+
+
+def _late_shared(packing: bool, steps) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    model = LateShared()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    con = metaql.connect(":memory:")
+    con.add_samples(np.arange(40), "train", y.numpy(), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with con.capture(model, layers=["a", "b"], checkpoint="c0", lr=0.1, shard_size=8, storage="factored") as cap:
+            if not packing:
+                cap.writer._settle = lambda batch, keeps: None
+            for start, use_b in steps:
+                model.use_b = use_b
+                ids = np.arange(start, start + 4)
+                cap.backward(F.cross_entropy(model(x[ids]), y[ids]), ids)
+    return cap.writer.suffix_of, _stored(con)
+
+
+@pytest.mark.parametrize("steps", [[(0, False), (4, False), (8, True), (12, True)],
+                                   [(0, False), (4, False), (0, True), (8, True), (12, True), (16, True)]],
+                         ids=["new ids", "seen ids first"])
+def test_a_layer_that_starts_reading_a_settled_layers_input_shares_it_as_by_the_full_path(steps):
+    """Found in review: b's first batch went through the full path without a (packed), so b stored
+    the input again instead of pointing at a's; and where b's first batch repeated ids, the next
+    packed batch raised 'stopped reading the same input'. Now a batch with a layer new to the
+    capture takes the full path, and a layer pointed at is no longer packed."""
+    shared, packed = _late_shared(True, steps)
+    assert shared == {"b": "a"} == _late_shared(False, steps)[0]
+    full = _late_shared(False, steps)[1]
+    assert packed.keys() == full.keys() == {"a", "b"}
+    for layer, (ids, tensors, storage) in packed.items():
+        assert np.array_equal(ids, full[layer][0]) and storage == full[layer][2]
+        assert tensors.keys() == full[layer][1].keys()
+        assert all(torch.equal(t, full[layer][1][k]) for k, t in tensors.items())
+
+
+def test_factor_bytes_count_the_storage_dtype_as_by_the_full_path():
+    """Found in review: packed rows were counted in their block's dtype (float32) where the full
+    path counts its float16 copies."""
+    _, packed = _capture("mlp", dtype="float16")
+    _, full = _capture("mlp", dtype="float16", packing=False)
+    assert packed.stats["factor_bytes"] == full.stats["factor_bytes"] > 0
+
+
+def test_a_settled_layers_batch_above_the_packing_limit_takes_the_full_path(monkeypatch):
+    """PACK_MAX_BYTES holds for every batch, not only the one that settled the layer."""
+    x, y = _data((64,), 16)
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    con = metaql.connect(":memory:")
+    con.add_samples(np.arange(16), "train", y.numpy(), x)
+    # fc1's factors of 2 samples: 2 x (64 + 128) float32 numbers; 4 samples are over the limit
+    monkeypatch.setattr(capture_module, "PACK_MAX_BYTES", 2 * (64 + 128) * 4)
+    with con.capture(model, layers=["fc1"], checkpoint="c0", lr=0.1, shard_size=64) as cap:
+        for s, n in ((0, 2), (2, 2), (4, 4)):
+            cap.backward(F.cross_entropy(model(x[s:s + n]), y[s:s + n]), np.arange(s, s + n))
+        kinds = [type(b["fc1"][1]).__name__ for b in cap.writer.batches]
+    assert kinds == ["dict", "_Packed", "dict"]
+    assert _stored(con)["fc1"][0].tolist() == list(range(8))

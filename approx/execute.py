@@ -72,7 +72,7 @@ def execute_approximate(plan, ctx) -> pa.Table:
             return with_metadata(table, info, scan)
     tolerance = max(0.0, float(scan.error) - bound)
     one = phase_one(scan, ctx, projected, tolerance)
-    info.update(sketch_tolerance=tolerance, sketched_layers=one.sketched)
+    info.update(sketch_tolerance=tolerance, sketched_layers=one.sketched, sketch_costs=one.sketch_costs)
     if not isinstance(plan, TopK):
         return with_metadata(pa.table({"sample_id": pa.array(one.ids), "score": pa.array(one.scores)}), info, scan)
     sign = 1.0 if not plan.ascending else -1.0
@@ -110,8 +110,12 @@ def explain_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str]:
     info = getattr(scan, "approximation", None)
     if analyze and info is not None:
         if info.get("sketched_layers"):
-            ranks = ", ".join(f"{k} rank {r}" for k, r in info["sketched_layers"].items())
-            lines.append(f"{indent}  sketched (tolerance {info['sketch_tolerance']:.3g}): {ranks}")
+            costs = info.get("sketch_costs", {})
+            ranks = ", ".join(f"{k} rank {r}" + (f" (estimate {costs[k]['estimate_s']:.3g}s, measured "
+                                                  f"{costs[k]['measured_s']:.3g}s)" if k in costs else "")
+                              for k, r in info["sketched_layers"].items())
+            lines.append(f"{indent}  sketched (tolerance {info['sketch_tolerance']:.3g}; the exact strategy's "
+                         f"measured time is its rescoring of the candidates): {ranks}")
         index = info.get("index")
         if index:
             lines.append(f"{indent}  projected index (k={', '.join(map(str, index['proj_dim']))}): phase 1 scanned {index['indexed']} "
@@ -147,11 +151,13 @@ class PhaseOne:
     positions: np.ndarray      # where ids sit in the sorted training side
     queries: dict              # per checkpoint: the query sides (reused by the rescoring)
     sketched: dict             # {checkpoint/layer: rank kept}
+    sketch_costs: dict = dataclasses.field(default_factory=dict)   # {checkpoint/layer: estimate_s, measured_s}
 
 
 def phase_one(scan: InfluenceScan, ctx, projected: dict, tolerance: float) -> PhaseOne:
     """Every training sample's approximate score with its error bounds; exact layers whose query
     side truncates to a rank cheaper than their exact strategy are scored by the sketch."""
+    from metaql.engine.cost import work_clock
     from metaql.engine.executor import check_finite, device_of, layer_pass, query_sides
     store, catalog = ctx.store, catalog_of(ctx)
     train = np.sort(scan.train.ids)
@@ -159,7 +165,7 @@ def phase_one(scan: InfluenceScan, ctx, projected: dict, tolerance: float) -> Ph
     normed = dataclasses.replace(scan, similarity="cosine")
     total, sigma, slack, approx = (np.zeros(len(train)) for _ in range(4))
     seen = np.zeros(len(train), bool)
-    queries, sketched = {}, {}
+    queries, sketched, costs = {}, {}, {}
     for ckpt in scan.checkpoints:
         strategies = [s for s in scan.strategies if s.checkpoint == ckpt]
         lr = catalog.checkpoint(ckpt)["lr"]
@@ -173,10 +179,14 @@ def phase_one(scan: InfluenceScan, ctx, projected: dict, tolerance: float) -> Ph
                 var += spec_variance(spec) * n2 * float((q["gbar_flat"].double() ** 2).sum())
                 apart += s
             elif sketch_pays(catalog, strat, q, tolerance):
+                began = work_clock()
                 s, norms, layer_seen = lowrank_pass(store, catalog, ckpt, strat.layer, train, q, ctx)
                 bias += norms * q["residual"]
                 apart += s
                 sketched[f"{ckpt}/{strat.layer}"] = q["rank"]
+                costs[f"{ckpt}/{strat.layer}"] = {"estimate_s": sketch_seconds(scan, catalog, strat, q["rank"]),
+                                                  "measured_s": q["truncation_s"] + work_clock() - began,
+                                                  "truncation_s": q["truncation_s"]}
             else:
                 s, _, layer_seen = layer_pass(store, ckpt, strat, train, q, scan, ctx)
             check_finite(s, strat.layer, ckpt)
@@ -188,7 +198,27 @@ def phase_one(scan: InfluenceScan, ctx, projected: dict, tolerance: float) -> Ph
         approx += lr * apart
     scale = len(scan.query.ids) if scan.reduce == "sum" else 1.0      # <g, sum_q g_q> = B <g, mean_q g_q>
     return PhaseOne(train[seen], total[seen] * scale, sigma[seen] * scale, slack[seen] * scale,
-                    approx[seen] * scale, np.nonzero(seen)[0], queries, sketched)
+                    approx[seen] * scale, np.nonzero(seen)[0], queries, sketched, costs)
+
+
+def sketch_seconds(scan: InfluenceScan, catalog, strat, rank: int) -> float:
+    """The sketch's estimate for the layer, its truncation included. The sketch is never timed by
+    calibration, but it reads the rows as batch_average does: its scan is batch_average's estimate
+    of the layer (the layer's own fit where calibrated) scaled by the ratio of the two formulas'
+    scans at the machine's constants (approx.lowrank.estimate), plus the truncation at those
+    constants."""
+    from metaql.approx.lowrank import estimate, truncation_estimate
+    from metaql.engine import cost
+    from metaql.engine.optimizer import layer_shapes
+    from metaql.engine.strategies import STRATEGIES
+    consts = catalog.cost_constants(cost.measure_constants)
+    sh = layer_shapes(scan, catalog, strat.checkpoint, strat.layer)
+    plain_average, _ = cost.split(STRATEGIES["batch_average"].estimate, sh, consts)
+    average = strat.estimates.get("batch_average", {}).get("seconds")
+    if average is None or plain_average <= 0:
+        average = plain_average = 1.0         # no batch_average for the layer: the sketch's own pricing
+    return average * cost.plain_seconds(estimate(sh, rank), consts) / plain_average \
+        + cost.plain_seconds(truncation_estimate(sh), consts)
 
 
 def sketch_pays(catalog, strat, q, tolerance: float) -> bool:
@@ -202,7 +232,10 @@ def sketch_pays(catalog, strat, q, tolerance: float) -> bool:
     if flops < EIGH_PAYS * min(meta.din + int(meta.bias), meta.dout) ** 3:
         return False      # the truncation's eigenproblem would cost more than it saves
     q["tolerance"] = tolerance
+    from metaql.engine.cost import work_clock
+    began = work_clock()
     truncated(q, meta)
+    q["truncation_s"] = work_clock() - began
     row = meta.din + int(meta.bias) + meta.dout
     ratio = q["rank"] * row / max((meta.din + int(meta.bias)) * meta.dout, 1)      # against batch_average
     batch_average = strat.estimates.get("batch_average", {}).get("flops", flops)

@@ -41,6 +41,30 @@ class LowRankQuery(ScanStrategy):
         return (d @ left).mul_(xr).sum(dim=(1, 2)), (xs * d.pow(2).sum(dim=(1, 2))).sqrt()
 
 
+# the truncation's float64 eigenproblem with its vectors, per m^3, in the cost model's flops (its
+# constants time a float32 matrix product): LAPACK's syevd at m = 385 and 769 took 87 and 49 of
+# them on the 2-core development machine (tridiagonal reduction, vectors, float64)
+EIGH_FLOPS_PER_M3 = 60
+
+
+def estimate(sh, rank: int) -> dict[str, float]:
+    """{flops, bytes} of scoring N training samples (engine.cost.Shapes) by the sketch of `rank`
+    (the truncation apart: truncation_estimate): per row X right (din r), D left (dout r), their
+    products summed (r) and the two squared norms (din + dout); the rows read, their squares
+    written and read back, the (S, r) products written and read back."""
+    from metaql.engine.strategies import BYTES_PER_NUMBER
+    rows = sh.n * sh.s
+    return {"flops": rows * (rank + 1) * (sh.din + sh.dout + 1),
+            "bytes": rows * (3 * (sh.din + sh.dout) + 3 * 2 * rank) * BYTES_PER_NUMBER}
+
+
+def truncation_estimate(sh) -> dict[str, float]:
+    """{flops, bytes} of the truncation, once per query side: Gbar's smaller Gram matrix in float64
+    (din dout m, m = min(din, dout), counted twice) and its eigenproblem."""
+    m = min(sh.din, sh.dout)
+    return {"flops": 2 * sh.din * sh.dout * m + EIGH_FLOPS_PER_M3 * m ** 3, "bytes": 8 * (sh.din * sh.dout + m * m)}
+
+
 def truncated(q: dict, meta) -> tuple[torch.Tensor, torch.Tensor]:
     """(left, right) with Gbar_r = left right^T at the query side's tolerance, computed once per
     query side, by the eigenvectors of the smaller Gram matrix of Gbar (a symmetric eigenproblem

@@ -1,5 +1,7 @@
 """Projected storage (metaql.approx): projected inner products are unbiased and within the stated
 bound over many seeds, against explicit full gradients; capture records and reuses the projection."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -371,6 +373,14 @@ def test_lowrank_query_sketch_within_its_deterministic_bound(error, monkeypatch)
         assert [i for i, _ in top] == list(np.argsort(-exact, kind="stable")[:10])
         np.testing.assert_allclose([sc for _, sc in top], np.sort(exact)[::-1][:10], rtol=1e-4)
         assert con.approximation["certificate"]["recall_bound"] == 1.0
+        # the sketch's own estimate beside its measured time (truncation and scan), in the metadata
+        # and in EXPLAIN ANALYZE
+        costs = con.approximation["sketch_costs"]["c0/inp"]
+        assert costs["estimate_s"] > 0 and costs["measured_s"] > 0
+        plan = "\n".join(r[0] for r in con.execute(
+            f"EXPLAIN ANALYZE SELECT TOPK(10) train FROM INFLUENCE(layers=[inp], query=batch(test), error={error}) "
+            "ORDER BY DESC").fetchall())
+        assert re.search(r"c0/inp rank \d+ \(estimate [0-9.e+-]+s, measured [0-9.e+-]+s\)", plan), plan
 
 
 def test_python_influence_with_error():

@@ -37,7 +37,11 @@ from metaql.storage.catalog_snapshot import catalog_of
 from metaql.storage.layers import kind_named
 
 SIGMAS = 3.0            # the candidates' interval half-width, in standard deviations
-EIGH_PAYS = 50          # the sketch is tried only on scans costing this many times its eigenproblem
+# the low-rank sketch is tried on a layer whose truncation's estimate is under TRUNCATION_PAYS of
+# the exact strategy's, and used where its scan's estimate is then under SKETCH_PAYS of it (a
+# clear win only: its estimates read 0.84-1.88 of the measured times, benchmarks/sketch_estimate.py)
+TRUNCATION_PAYS = 0.5
+SKETCH_PAYS = 0.5
 METADATA_KEY = b"metaql.approx"
 
 
@@ -178,13 +182,13 @@ def phase_one(scan: InfluenceScan, ctx, projected: dict, tolerance: float) -> Ph
                 spec = projected[strat.layer].extra["projection"]
                 var += spec_variance(spec) * n2 * float((q["gbar_flat"].double() ** 2).sum())
                 apart += s
-            elif sketch_pays(catalog, strat, q, tolerance):
+            elif sketch_pays(scan, catalog, strat, q, tolerance):
                 began = work_clock()
                 s, norms, layer_seen = lowrank_pass(store, catalog, ckpt, strat.layer, train, q, ctx)
                 bias += norms * q["residual"]
                 apart += s
                 sketched[f"{ckpt}/{strat.layer}"] = q["rank"]
-                costs[f"{ckpt}/{strat.layer}"] = {"estimate_s": sketch_seconds(scan, catalog, strat, q["rank"]),
+                costs[f"{ckpt}/{strat.layer}"] = {"estimate_s": sum(q["sketch_estimate"]),
                                                   "measured_s": q["truncation_s"] + work_clock() - began,
                                                   "truncation_s": q["truncation_s"]}
             else:
@@ -201,45 +205,47 @@ def phase_one(scan: InfluenceScan, ctx, projected: dict, tolerance: float) -> Ph
                     approx[seen] * scale, np.nonzero(seen)[0], queries, sketched, costs)
 
 
-def sketch_seconds(scan: InfluenceScan, catalog, strat, rank: int) -> float:
-    """The sketch's estimate for the layer, its truncation included. The sketch is never timed by
-    calibration, but it reads the rows as batch_average does: its scan is batch_average's estimate
-    of the layer (the layer's own fit where calibrated) scaled by the ratio of the two formulas'
-    scans at the machine's constants (approx.lowrank.estimate), plus the truncation at those
-    constants."""
+def sketch_seconds(scan: InfluenceScan, catalog, strat, rank: int | None) -> tuple[float, float]:
+    """(the sketch's scan at `rank`, 0 without one; its truncation) estimated for the layer. The
+    sketch is never timed by calibration, but it reads the rows as batch_average does: its scan is
+    batch_average's estimate of the layer (the layer's own fit where calibrated) scaled by the ratio
+    of the two formulas' scans at the machine's constants (approx.lowrank.estimate); the truncation
+    is priced at those constants."""
     from metaql.approx.lowrank import estimate, truncation_estimate
     from metaql.engine import cost
     from metaql.engine.optimizer import layer_shapes
     from metaql.engine.strategies import STRATEGIES
     consts = catalog.cost_constants(cost.measure_constants)
     sh = layer_shapes(scan, catalog, strat.checkpoint, strat.layer)
+    truncation = cost.plain_seconds(truncation_estimate(sh), consts)
+    if rank is None:
+        return 0.0, truncation
     plain_average, _ = cost.split(STRATEGIES["batch_average"].estimate, sh, consts)
     average = strat.estimates.get("batch_average", {}).get("seconds")
     if average is None or plain_average <= 0:
         average = plain_average = 1.0         # no batch_average for the layer: the sketch's own pricing
-    return average * cost.plain_seconds(estimate(sh, rank), consts) / plain_average \
-        + cost.plain_seconds(truncation_estimate(sh), consts)
+    return average * cost.plain_seconds(estimate(sh, rank), consts) / plain_average, truncation
 
 
-def sketch_pays(catalog, strat, q, tolerance: float) -> bool:
+def sketch_pays(scan: InfluenceScan, catalog, strat, q, tolerance: float) -> bool:
     """Whether the layer is scored by the low-rank query sketch: stored factored, of a dense kind,
-    a tolerance left by the projected layers, and a kept rank cheaper than the exact strategy."""
+    a tolerance left by the projected layers, a truncation cheap beside the exact strategy, and a
+    kept rank whose scan is well under the exact strategy's, by their estimates (sketch_seconds;
+    kept in q for the result's metadata)."""
     from metaql.approx.lowrank import STRATEGY, truncated
+    from metaql.engine.cost import work_clock
     meta, stored = catalog.layer_meta(strat.layer)
     if tolerance <= 0 or stored != "factored" or not STRATEGY.applies_to(kind_named(meta.kind)) or "gbar" not in q:
         return False
-    flops = strat.estimates.get(strat.chosen, {}).get("flops", 0.0)
-    if flops < EIGH_PAYS * min(meta.din + int(meta.bias), meta.dout) ** 3:
-        return False      # the truncation's eigenproblem would cost more than it saves
+    exact = strat.estimates.get(strat.chosen, {}).get("seconds", 0.0)
+    if sketch_seconds(scan, catalog, strat, None)[1] >= TRUNCATION_PAYS * exact:
+        return False      # the truncation's eigenproblem would cost more than the sketch could save
     q["tolerance"] = tolerance
-    from metaql.engine.cost import work_clock
     began = work_clock()
     truncated(q, meta)
     q["truncation_s"] = work_clock() - began
-    row = meta.din + int(meta.bias) + meta.dout
-    ratio = q["rank"] * row / max((meta.din + int(meta.bias)) * meta.dout, 1)      # against batch_average
-    batch_average = strat.estimates.get("batch_average", {}).get("flops", flops)
-    return ratio * batch_average < 0.5 * flops       # a clear win only: the estimates are rough
+    q["sketch_estimate"] = sketch_seconds(scan, catalog, strat, q["rank"])
+    return q["sketch_estimate"][0] < SKETCH_PAYS * exact
 
 
 def lowrank_pass(store, catalog, ckpt: str, layer: str, train: np.ndarray, q, ctx):

@@ -347,7 +347,8 @@ def test_lowrank_query_sketch_within_its_deterministic_bound(error, monkeypatch)
     """error= on a layer stored exactly: the query side's Gbar truncated to rank r scores each
     sample within error * ||g_i|| ||Gbar|| of the exact score (torch.func gradients), and the
     two-phase TOPK returns the exact scores of the exact top k."""
-    monkeypatch.setattr("metaql.approx.execute.EIGH_PAYS", 0)     # a scan this small would stay exact
+    monkeypatch.setattr("metaql.approx.execute.TRUNCATION_PAYS", float("inf"))     # a scan this small would
+    monkeypatch.setattr("metaql.approx.execute.SKETCH_PAYS", float("inf"))         # stay exact
     torch.manual_seed(5)
     model, n = Wide(), 120
     x, y = torch.randn(n + 6, 6, 48), torch.randint(0, 3, (n + 6,))

@@ -155,39 +155,53 @@ def measure(reps: int, workdir: str) -> dict[str, list[tuple[float, float]]]:
     return out
 
 
+def timed_captures(captures: int, shard_size: int | None, timed, summary) -> list:
+    """Runs `captures` captures of one block each (shard_size None: two flushes in it),
+    Capture._keep_factors replaced by
+    timed(original) meanwhile (and ShardWriter._packed restored after, which `timed` may switch),
+    and returns summary() after each capture."""
+    x, y, model, opt = subject()
+    keep, packed = capture_module.Capture._keep_factors, capture_module.ShardWriter._packed
+    capture_module.Capture._keep_factors = timed(keep)
+    workdir = tempfile.mkdtemp(prefix="capture-floor-")
+    out = []
+    try:
+        con = metaql.connect(str(Path(workdir) / "timed.mq"))
+        con.add_samples(np.arange(len(x)), "train", y.numpy(), x)
+        for r in range(captures):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with con.capture(model, layers="*", checkpoint=f"t{r}", lr=0.01,
+                                 shard_size=shard_size or -(-len(x) // 2)) as cap:
+                    block(model, opt, x, y, cap=cap)
+            out.append(summary())
+        con.close()
+    finally:
+        capture_module.Capture._keep_factors, capture_module.ShardWriter._packed = keep, packed
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
 def keep_factors_cpu(captures: int = 8) -> list[float]:
     """Per capture (no flush within it), the median over its steps of the training thread's CPU
     seconds inside Capture._keep_factors: MetaQL's bookkeeping after the backward, timed directly
     rather than as the difference of two noisy step times."""
-    x, y, model, opt = subject()
     per: list[int] = []
-    original = capture_module.Capture._keep_factors
 
-    def timed(self, *args, **kwargs):
-        began = time.thread_time_ns()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            per.append(time.thread_time_ns() - began)
+    def timed(original):
+        def keep_factors(self, *args, **kwargs):
+            began = time.thread_time_ns()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                per.append(time.thread_time_ns() - began)
+        return keep_factors
 
-    capture_module.Capture._keep_factors = timed
-    workdir = tempfile.mkdtemp(prefix="capture-floor-")
-    out = []
-    try:
-        con = metaql.connect(str(Path(workdir) / "keep.mq"))
-        con.add_samples(np.arange(len(x)), "train", y.numpy(), x)
-        for r in range(captures):
-            per.clear()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with con.capture(model, layers="*", checkpoint=f"k{r}", lr=0.01, shard_size=1 << 20) as cap:
-                    block(model, opt, x, y, cap=cap)
-            out.append(statistics.median(per[5:]) / 1e9)      # the first steps register the layers
-        con.close()
-    finally:
-        capture_module.Capture._keep_factors = original
-        shutil.rmtree(workdir, ignore_errors=True)
-    return out
+    def summary():
+        out = statistics.median(per[5:]) / 1e9      # the first steps register the layers
+        per.clear()
+        return out
+    return timed_captures(captures, 1 << 20, timed, summary)
 
 
 def packed_vs_full(captures: int = 6) -> list[tuple[float, float]]:
@@ -195,40 +209,27 @@ def packed_vs_full(captures: int = 6) -> list[tuple[float, float]]:
     inside Capture._keep_factors over its packed steps and over its full-path steps, the two
     alternated step by step (ShardWriter._packed turned off on every other step), so that both
     see the same moments of a noisy machine."""
-    x, y, model, opt = subject()
     per: dict[bool, list[int]] = {True: [], False: []}
-    keep, packed = capture_module.Capture._keep_factors, capture_module.ShardWriter._packed
-    steps = [0]
+    packed, steps = capture_module.ShardWriter._packed, [0]
 
-    def alternated(self, *args, **kwargs):
-        steps[0] += 1
-        on = steps[0] % 2 == 0
-        capture_module.ShardWriter._packed = packed if on else (lambda *a, **k: {})
-        began = time.thread_time_ns()
-        try:
-            return keep(self, *args, **kwargs)
-        finally:
-            per[on].append(time.thread_time_ns() - began)
+    def timed(original):
+        def keep_factors(self, *args, **kwargs):
+            steps[0] += 1
+            on = steps[0] % 2 == 0
+            capture_module.ShardWriter._packed = packed if on else (lambda *a, **k: {})
+            began = time.thread_time_ns()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                per[on].append(time.thread_time_ns() - began)
+        return keep_factors
 
-    capture_module.Capture._keep_factors = alternated
-    workdir = tempfile.mkdtemp(prefix="capture-floor-")
-    out = []
-    try:
-        con = metaql.connect(str(Path(workdir) / "packed.mq"))
-        con.add_samples(np.arange(len(x)), "train", y.numpy(), x)
-        for r in range(captures):
-            per[True].clear()
-            per[False].clear()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with con.capture(model, layers="*", checkpoint=f"p{r}", lr=0.01, shard_size=-(-len(x) // 2)) as cap:
-                    block(model, opt, x, y, cap=cap)
-            out.append((statistics.median(per[True][3:]) / 1e9, statistics.median(per[False][3:]) / 1e9))
-        con.close()
-    finally:
-        capture_module.Capture._keep_factors, capture_module.ShardWriter._packed = keep, packed
-        shutil.rmtree(workdir, ignore_errors=True)
-    return out
+    def summary():
+        out = (statistics.median(per[True][3:]) / 1e9, statistics.median(per[False][3:]) / 1e9)
+        per[True].clear()
+        per[False].clear()
+        return out
+    return timed_captures(captures, None, timed, summary)
 
 
 def contention(reps: int = 5) -> dict[str, tuple[float, float]]:

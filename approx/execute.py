@@ -39,7 +39,7 @@ from metaql.storage.layers import kind_named
 SIGMAS = 3.0            # the candidates' interval half-width, in standard deviations
 # the low-rank sketch is tried on a layer whose truncation's estimate is under TRUNCATION_PAYS of
 # the exact strategy's, and used where its scan's estimate is then under SKETCH_PAYS of it (a
-# clear win only: its estimates read 0.84-1.88 of the measured times, benchmarks/sketch_estimate.py)
+# clear win only: measured / estimate 0.76-1.88 in benchmarks/sketch_estimate.py's runs)
 TRUNCATION_PAYS = 0.5
 SKETCH_PAYS = 0.5
 METADATA_KEY = b"metaql.approx"
@@ -155,7 +155,7 @@ class PhaseOne:
     positions: np.ndarray      # where ids sit in the sorted training side
     queries: dict              # per checkpoint: the query sides (reused by the rescoring)
     sketched: dict             # {checkpoint/layer: rank kept}
-    sketch_costs: dict = dataclasses.field(default_factory=dict)   # {checkpoint/layer: estimate_s, measured_s}
+    sketch_costs: dict = dataclasses.field(default_factory=dict)   # {ckpt/layer: estimate_s, measured_s, truncation_s}
 
 
 def phase_one(scan: InfluenceScan, ctx, projected: dict, tolerance: float) -> PhaseOne:

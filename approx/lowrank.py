@@ -6,8 +6,10 @@ For a layer stored exactly, Gbar (dout x din') = U S V^T; keeping the r leading 
 (||D^T X||_F <= ||D||_F ||X||_F; the bias column counts in X), and r is the smallest with
 ||R||_F <= tol ||Gbar||_F. A training sample then costs S r (din + dout) instead of S din dout
 (batch_average). Summed over layers, sum_l ||g_il|| ||R_l|| <= tol ||g_i|| ||Gbar||: the relative
-error is at most tol, deterministically. Used only under error= (the optimizer never picks it:
-it is registered without a storage mode, so no estimate of it is made or shown)."""
+error is at most tol, deterministically. Used only under error=, by approximate execution
+(approx/execute.py: sketch_pays weighs its estimate, `estimate` and `truncation_estimate` below,
+against the exact strategy's); the optimizer never picks it: it is registered without a storage
+mode, so EXPLAIN lists no estimate of it before the run, EXPLAIN ANALYZE its estimate and time."""
 from __future__ import annotations
 
 import torch

@@ -107,8 +107,7 @@ def subject():
 def unwritten(self, store, batches, seen) -> dict:
     """ShardWriter._write that writes nothing (the flushes' copies go back for reuse as after a
     write): what the training thread pays for flushes without the writer thread's work beside it."""
-    self.recycled.give_back([t for b in batches for _, ts, _ in b.values() if not isinstance(ts, capture_module._FullRows)
-                             for t in ([ts.block] if isinstance(ts, capture_module._Packed) else ts.values())], flush=True)
+    self.give_back(batches)
     return {}
 
 

@@ -497,12 +497,16 @@ class ShardWriter:
     def _write(self, store: Store, batches, seen: list[int | None]) -> dict[str, np.ndarray]:
         """Writes the batches' rows of every layer as one unit; {layer: ids written}."""
         entries = [self._entry(layer, batches, seen) for layer in self._layers_in(batches)]
-        # the entries hold concatenations: the batches' own copies can take the next flush's rows
-        self.recycled.give_back([t for b in batches for _, ts, _ in b.values() if not isinstance(ts, _FullRows)
-                                 for t in ([ts.block] if isinstance(ts, _Packed) else ts.values())], flush=True)
+        self.give_back(batches)
         store.write_factor_shards(self.checkpoint, entries)
         self.rows_written += len(np.unique(np.concatenate([e["ids"] for e in entries])))
         return {e["layer"]: e["ids"] for e in entries}
+
+    def give_back(self, batches) -> None:
+        """Hands a flush's copies (per-factor copies, packed blocks) to the next batches: called
+        once the flush's entries hold concatenations of them."""
+        self.recycled.give_back([t for b in batches for _, ts, _ in b.values() if not isinstance(ts, _FullRows)
+                                 for t in ([ts.block] if isinstance(ts, _Packed) else ts.values())], flush=True)
 
     def _layers_in(self, batches) -> list[str]:
         return list(dict.fromkeys(layer for batch in batches for layer in batch))
@@ -817,9 +821,7 @@ class Capture:
             self.batches_seen += 1  # a refused batch too: the caller may still step the optimizer
 
     def _backward(self, loss: torch.Tensor, ids, reduction: str) -> torch.Tensor:
-        ids = _as_ids(ids)
-        listed = ids.tolist()
-        check_unique_ids(ids, listed)
+        ids, listed = _unique_ids(ids)
         if reduction not in ("mean", "sum"):
             raise InvalidInputException("reduction must be 'mean' or 'sum'")
         if loss.dim() == 1:
@@ -843,9 +845,7 @@ class Capture:
         self._require_open("record")
         try:
             self.writer.check()
-            ids = _as_ids(ids)
-            listed = ids.tolist()
-            check_unique_ids(ids, listed)
+            ids, listed = _unique_ids(ids)
             if not (np.isfinite(scale) and scale > 0):
                 raise InvalidInputException(f"the loss scale must be a positive finite number, got {scale!r}")
             self._keep_factors(ids, float(scale), listed)
@@ -908,6 +908,14 @@ class Capture:
             self.store.finish_checkpoint(self.checkpoint, "complete" if complete else "partial")
         if complete:
             self._warn_if_writer_bound()
+
+
+def _unique_ids(ids) -> tuple[np.ndarray, list[int]]:
+    """(a batch's ids as a new int64 array, the same as a list), refused if any repeats."""
+    ids = _as_ids(ids)
+    listed = ids.tolist()
+    check_unique_ids(ids, listed)
+    return ids, listed
 
 
 def check_unique_ids(ids: np.ndarray, listed: list | None = None) -> None:

@@ -141,7 +141,7 @@ class Conv(LayerKind):
         inp, dout = factors["I"].float(), factors["DO"].float()
         if not _plain(meta, inp):
             return None
-        numbers = inp.shape[1] * dout.shape[1] * math.prod(meta.extra["kernel"])
+        numbers = _weight_numbers(meta, inp, dout)
         step = max(1, min(_gradient_group(numbers), FULL_NORM_GROUP // max(1, numbers)))
         out = []
         for i, w, d in _weight_gradient_groups(meta, inp, dout, step):
@@ -352,12 +352,17 @@ def sample_gradients(meta: LayerMeta, factors) -> torch.Tensor | None:
     if not _plain(meta, inp):
         return None
     out = inp.new_empty(inp.shape[0], dout.shape[1], meta.din + int(bool(meta.bias)))
-    step = _gradient_group(inp.shape[1] * dout.shape[1] * math.prod(meta.extra["kernel"]))
+    step = _gradient_group(_weight_numbers(meta, inp, dout))
     for i, w, _ in _weight_gradient_groups(meta, inp, dout, step):
         out[i:i + w.shape[0], :, :meta.din] = w.reshape(w.shape[0], dout.shape[1], -1)
     if meta.bias:
         out[:, :, meta.din] = dout.flatten(2).sum(2)
     return out
+
+
+def _weight_numbers(meta: LayerMeta, inp: torch.Tensor, dout: torch.Tensor) -> int:
+    """Numbers of one sample's weight gradient (Cin x Cout x kernel taps; the bias apart)."""
+    return inp.shape[1] * dout.shape[1] * math.prod(meta.extra["kernel"])
 
 
 def _gradient_group(numbers: int) -> int:

@@ -71,6 +71,7 @@ class ShardWriter:
         self._metas: dict = {}
         self._held: bool | None = None
         self._layers: dict | None = None
+        self._stored: dict[str, tuple[LayerMeta, str]] = {}    # per layer: (meta, mode) as the catalog holds them
         self._settled: set[str] = set()     # layers whose batches of new ids are packed (_settle, _packed)
         self.modes: dict[str, str] = {}
         self.suffix_of: dict[str, str] = {}
@@ -399,6 +400,7 @@ class ShardWriter:
         if layer not in self.modes and layer in self._registered():
             mode, stored_meta = self._registered()[layer]
             self.modes[layer] = mode
+            self._stored[layer] = (stored_meta, mode)
             if mode == "factored" and stored_meta.extra.get("suffix_of"):
                 self.suffix_of[layer] = stored_meta.extra["suffix_of"]
         if layer not in self.modes:
@@ -412,7 +414,7 @@ class ShardWriter:
             mode = self.store.register_layer(meta, kind.positions(meta, fs), numbers, kind.factored,
                                              self.projection.exact_mode(layer))
             self.modes[layer] = mode
-            stored_meta, _ = self.store.layer_meta(layer)
+            stored_meta, _ = self._stored[layer] = self.store.layer_meta(layer)
             if mode == "factored" and stored_meta.extra.get("suffix_of"):
                 self.suffix_of[layer] = stored_meta.extra["suffix_of"]
         if layer in self.suffix_of and self.suffix_of[layer] != shares_with:
@@ -498,7 +500,8 @@ class ShardWriter:
         """Writes the batches' rows of every layer as one unit; {layer: ids written}."""
         entries = [self._entry(layer, batches, seen) for layer in self._layers_in(batches)]
         self.give_back(batches)
-        store.write_factor_shards(self.checkpoint, entries)
+        # the metas the catalog holds, as read when each layer's mode was settled: no round trip a flush
+        store.write_factor_shards(self.checkpoint, entries, {e["layer"]: self._stored[e["layer"]] for e in entries})
         self.rows_written += len(np.unique(np.concatenate([e["ids"] for e in entries])))
         return {e["layer"]: e["ids"] for e in entries}
 

@@ -742,10 +742,11 @@ class Store:
         return self.write_factor_shards(checkpoint, [dict(layer=layer, ids=ids, tensors=tensors, storage=storage,
                                                           suffix_file=suffix_file)])[layer]
 
-    def write_factor_shards(self, checkpoint: str, entries: list[dict]) -> dict[str, str]:
+    def write_factor_shards(self, checkpoint: str, entries: list[dict], metas: dict | None = None) -> dict[str, str]:
         """Writes one shard per entry (layer, ids, tensors, storage, and suffix_of: the entry's layer
         whose shard holds its input, or suffix_file) as one unit: every row commits or none does.
-        Returns {layer: path relative to the store}."""
+        `metas`: layer_metas of the entries' layers, when the caller holds them. Returns {layer:
+        path relative to the store}."""
         self._writable()
         layers = [e["layer"] for e in entries]
         named = dict(zip(layers, self._new_shard_files("factors", checkpoint, layers)))
@@ -763,7 +764,8 @@ class Store:
                 rows.append(_shard_row(seq, rel, "factors", checkpoint, e["layer"], e["ids"], staged[-1].nbytes,
                                        staged[-1].checksum, e["storage"], suffix, e.get("seen")))
             # TOPK's bounds, computed while the disk writes the staged files
-            norm_rows = norms.entry_rows(self, checkpoint, entries, rels, self.layer_metas(layers))
+            norm_rows = norms.entry_rows(self, checkpoint, entries, rels,
+                                         metas if metas is not None else self.layer_metas(layers))
             for shard in staged:
                 shard.publish()
             for folder in dict.fromkeys(shard.path.parent for shard in staged):

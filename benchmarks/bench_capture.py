@@ -288,10 +288,10 @@ def flush_cpu(name, factory, x, y, batch, all_layers, reps, workdir, shard_size)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     spent, original = [], Store.write_factor_shards
 
-    def timed(self, checkpoint, entries):
+    def timed(self, checkpoint, entries, *rest):
         c0 = time.thread_time()
         try:
-            return original(self, checkpoint, entries)
+            return original(self, checkpoint, entries, *rest)
         finally:
             spent.append(time.thread_time() - c0)
     path = Path(workdir) / f"{name}-flush"

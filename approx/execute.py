@@ -22,6 +22,7 @@ truly above t with probability at most sigma_i^2 / (sigma_i^2 + (t - s_i - slack
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 
@@ -75,19 +76,39 @@ def execute_approximate(plan, ctx) -> pa.Table:
         if table is not None:
             return with_metadata(table, info, scan)
     tolerance = max(0.0, float(scan.error) - bound)
-    one = phase_one(scan, ctx, projected, tolerance)
-    info.update(sketch_tolerance=tolerance, sketched_layers=one.sketched, sketch_costs=one.sketch_costs)
+    with measured() as phase1:
+        one = phase_one(scan, ctx, projected, tolerance)
+    info.update(sketch_tolerance=tolerance, sketched_layers=one.sketched, sketch_costs=one.sketch_costs,
+                seconds={"phase one": phase1})
     if not isinstance(plan, TopK):
         return with_metadata(pa.table({"sample_id": pa.array(one.ids), "score": pa.array(one.scores)}), info, scan)
     sign = 1.0 if not plan.ascending else -1.0
     cand = candidates(sign * one.scores, SIGMAS * one.sigma + one.slack, plan.k)
-    exact, rescored, why = rescore(scan, ctx, projected, one, cand)
+    with measured() as phase2:
+        exact, rescored, why = rescore(scan, ctx, projected, one, cand)
+    info["seconds"]["rescoring"] = phase2
     final = one.scores[cand] - one.approx_part[cand] + exact if rescored else one.scores[cand]
     order = np.argsort(-sign * final, kind="stable")[:plan.k]
     info["certificate"] = certificate(sign * one.scores, one.sigma, one.slack, cand, sign * final[order], plan.k,
                                       rescored, why)
     table = pa.table({"sample_id": pa.array(one.ids[cand][order]), "score": pa.array(final[order])})
     return with_metadata(table, info, scan)
+
+
+@contextlib.contextmanager
+def measured():
+    """{"seconds", "replayed_samples", "replay_seconds"} of the block, filled in as it ends: its time
+    by the cost model's clock and the model replays inside it (storage/replay.py)."""
+    from metaql.engine.cost import work_clock
+    from metaql.storage.replay import replay_tally
+    out: dict = {}
+    began = work_clock()
+    with replay_tally() as replays:
+        try:
+            yield out
+        finally:
+            out.update(seconds=work_clock() - began, replayed_samples=replays.samples,
+                       replay_seconds=replays.seconds)
 
 
 def exact_topk(plan: TopK, ctx, info: dict) -> pa.Table:
@@ -132,6 +153,10 @@ def explain_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str]:
             lines.append(f"{indent}  two-phase TOPK: {cert['candidates']} candidates of {cert['scanned']} "
                          f"(+-{cert['sigmas']:g} sigma), rescored exactly: {cert['rescored']}, expected missed "
                          f"{_fmt(cert['expected_missed'])}, recall bound {_fmt(cert['recall_bound'])}")
+        if info.get("seconds"):
+            lines.append(f"{indent}  measured: " + "; ".join(
+                f"{step} {s['seconds']:.3g} s (replays: {s['replayed_samples']} samples, {s['replay_seconds']:.3g} s)"
+                for step, s in info["seconds"].items()))
     return lines
 
 
@@ -173,7 +198,8 @@ def phase_one(scan: InfluenceScan, ctx, projected: dict, tolerance: float) -> Ph
     for ckpt in scan.checkpoints:
         strategies = [s for s in scan.strategies if s.checkpoint == ckpt]
         lr = catalog.checkpoint(ckpt)["lr"]
-        query = queries[ckpt] = query_sides(normed, store, ckpt, strategies, device_of(ctx), catalog)
+        query = queries[ckpt] = query_sides(normed, store, ckpt, strategies, device_of(ctx), catalog,
+                                            keep=set(projected))
         part, var, apart, bias = (np.zeros(len(train)) for _ in range(4))
         for strat in strategies:
             q = query[strat.layer]
@@ -281,7 +307,7 @@ def rescore(scan: InfluenceScan, ctx, projected: dict, one: PhaseOne, cand: np.n
     ids = one.ids[cand]
     if projected:
         try:
-            out += replayed_scores(scan, ctx, projected, ids)
+            out += replayed_scores(scan, ctx, projected, ids, one.queries)
         except Error as e:
             return None, False, f"{type(e).__name__}: {e}"
     out += sketched_exact(scan, ctx, one, ids)
@@ -303,8 +329,10 @@ def sketched_exact(scan: InfluenceScan, ctx, one: PhaseOne, ids: np.ndarray) -> 
     return out * (len(scan.query.ids) if scan.reduce == "sum" else 1.0)
 
 
-def replayed_scores(scan: InfluenceScan, ctx, projected: dict, ids: np.ndarray) -> np.ndarray:
-    """Exact scores of the projected layers for `ids`, from factors replayed at each checkpoint."""
+def replayed_scores(scan: InfluenceScan, ctx, projected: dict, ids: np.ndarray, queries: dict | None = None
+                    ) -> np.ndarray:
+    """Exact scores of the projected layers for `ids`, from factors replayed at each checkpoint;
+    the query side's factors from phase one's replay where `queries` (PhaseOne.queries) holds them."""
     from metaql.storage.hooks import watched_modules
     from metaql.storage.replay import replay_factors, stored_replay_factors
     from metaql.storage.tasks import task_at
@@ -314,7 +342,10 @@ def replayed_scores(scan: InfluenceScan, ctx, projected: dict, ids: np.ndarray) 
         model, task = store.model_at(ckpt), task_at(store, ckpt)
         modules = watched_modules(model, list(projected))
         train = stored_replay_factors(store, model, modules, ids, task.stored_targets(store, ids), task=task)
-        if scan.query.inputs is not None:
+        kept = (queries or {}).get(ckpt, {})
+        if all("replayed" in kept.get(layer, {}) for layer in projected):
+            query = {layer: kept[layer]["replayed"] for layer in projected}
+        elif scan.query.inputs is not None:
             query = replay_factors(model, modules, scan.query.inputs, scan.query.targets, scan.loss, task=task)
         else:
             qids = scan.query.ids

@@ -157,9 +157,10 @@ def check_finite(scores: np.ndarray, layer: str, ckpt: str, lr: float | None = N
 
 
 def query_sides(scan: InfluenceScan, store, ckpt: str, strategies: list[Strategy],
-                device: str = "cpu", catalog=None, with_gbar: bool = False) -> dict[str, dict]:
+                device: str = "cpu", catalog=None, with_gbar: bool = False, keep=()) -> dict[str, dict]:
     """Replays the query samples at the checkpoint; per layer what its chosen strategy needs (and
-    the average gradient when `with_gbar`: pruning bounds scores by its norm)."""
+    the average gradient when `with_gbar`: pruning bounds scores by its norm; the replayed factors
+    themselves, under "replayed", for the layers in `keep`: a two-phase TOPK rescores with them)."""
     catalog = catalog if catalog is not None else catalog_of(Context(store, FunctionRegistry()))
     model, task = store.model_at(ckpt), task_at(store, ckpt)
     modules = watched_modules(model, scan.layers)
@@ -177,6 +178,8 @@ def query_sides(scan: InfluenceScan, store, ckpt: str, strategies: list[Strategy
         needs = needs_of({s.chosen for s in strategies if s.layer == layer})
         side = ops.query_side(kind_named(meta.kind), meta, factors[layer], needs, norm=scan.similarity == "cosine" or with_gbar)
         out[layer] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in side.items()}
+        if layer in keep:
+            out[layer]["replayed"] = factors[layer]
     return out
 
 

@@ -33,6 +33,7 @@ from metaql.result import Result
 from metaql.sqlcalls import blanked, bound_parameters, rewritten
 from metaql.storage.catalog import SHOWN, query_arrow, register, unregister
 from metaql.storage.catalog_snapshot import CatalogSnapshot
+from metaql.storage.replay import replay_tally
 from metaql.storage.sqlguard import check_syntax, checked_statements, retarget_insert
 from metaql.storage.store import Store
 
@@ -362,12 +363,12 @@ class Connection:
         plan = optimize(self._plan(stmt.statement, params), self._statement_catalog(), self.config)
         if stmt.analyze:
             t0 = time.perf_counter()
-            self._run_plan(stmt.statement, plan)
+            with replay_tally() as replays:
+                self._run_plan(stmt.statement, plan)
             total = time.perf_counter() - t0
         lines = explain_lines(plan, analyze=stmt.analyze, ctx=self._context())
         if stmt.analyze:
-            lines.append(f"catalog round trips: {self.store.round_trips.count - trips}")
-            lines.append(f"total: {total:.4f} s")
+            lines += _analyze_footer(self.store.round_trips.count - trips, replays, total)
         return Result(pa.table({"plan": lines}))
 
     def _explain_calls(self, stmt: ast.SQLWithCalls, analyze: bool, params) -> Result:
@@ -379,7 +380,8 @@ class Connection:
         plans = self._call_plans(stmt, params)
         if analyze:
             t0 = time.perf_counter()
-            self._sql_with_calls(stmt, params, plans)
+            with replay_tally() as replays:
+                self._sql_with_calls(stmt, params, plans)
             total = time.perf_counter() - t0
         lines = []
         for (span, _), plan in zip(stmt.calls, plans):
@@ -389,8 +391,7 @@ class Connection:
         if analyze:
             # every statement the whole EXPLAIN ANALYZE sent to the catalog: binding, planning, the
             # calls' scans and DuckDB's run of the statement around them
-            lines.append(f"catalog round trips: {self.store.round_trips.count - trips}")
-            lines.append(f"total: {total:.4f} s")
+            lines += _analyze_footer(self.store.round_trips.count - trips, replays, total)
         return Result(pa.table({"plan": lines}))
 
     def _context(self) -> executor.Context:
@@ -742,6 +743,14 @@ def _check_forgotten_topk(stmt: ast.SQLWithCalls) -> None:
     head = re.match(r"^\s*select\s+(.*?)\s+from\s*$", stmt.text[stmt.lo:span.start], re.I | re.S)
     if head:
         check_func_select(ast.FuncSelect(head.group(1), call, None, stmt.text[span.end:stmt.hi].strip().rstrip(";")))
+
+
+def _analyze_footer(trips: int, replays, total: float) -> list[str]:
+    """EXPLAIN ANALYZE's last lines: catalog round trips, the model replays the statement ran
+    (query sides, rescored candidates; in the cost model's clock, reading inputs included, left
+    out of the layers' estimates), the wall time."""
+    replayed = [f"replays: {replays.text()}"] if replays.batches else []
+    return [f"catalog round trips: {trips}", *replayed, f"total: {total:.4f} s"]
 
 
 def _clipped(text: str, n: int = 80) -> str:

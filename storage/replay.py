@@ -5,6 +5,9 @@ checkpoint. Weights are never touched: gradients are taken w.r.t. the layer outp
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -28,9 +31,45 @@ def iter_replay(model: nn.Module, hooks: LayerHooks, inputs, labels: torch.Tenso
     return replay_batches(model, hooks, batches, target, task)
 
 
+@dataclass(eq=False)
+class ReplayTally:
+    """Replays counted while it is open (replay_tally): samples, batches, and seconds by the cost
+    model's clock (engine.cost.work_clock), reading the inputs included."""
+    samples: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+
+    def text(self) -> str:
+        return f"{self.samples} sample(s) in {self.batches} batch(es), {self.seconds:.3g} s"
+
+
+_TALLIES = threading.local()
+
+
+@contextlib.contextmanager
+def replay_tally() -> Iterator[ReplayTally]:
+    """Counts the replays this thread runs inside the block (nested tallies each count them):
+    EXPLAIN ANALYZE says what a statement's query sides and rescoring cost."""
+    tally = ReplayTally()
+    stack = _TALLIES.__dict__.setdefault("stack", [])
+    stack.append(tally)
+    try:
+        yield tally
+    finally:
+        stack[:] = [t for t in stack if t is not tally]
+
+
+def _count(samples: int, seconds: float) -> None:
+    for tally in getattr(_TALLIES, "stack", ()):
+        tally.samples += samples
+        tally.batches += 1
+        tally.seconds += seconds
+
+
 def replay_batches(model: nn.Module, hooks: LayerHooks, batches, target: str = "label", task=None):
     """Yields (key, {layer: factors}) for each (key, inputs, labels) of `batches`, which may be read
     lazily (Store.input_batches): one batch's inputs and factors are held at a time."""
+    from metaql.engine.cost import work_clock
     from metaql.storage.tasks import Classification
     task = task or Classification()
     task.check_target(target)
@@ -41,6 +80,7 @@ def replay_batches(model: nn.Module, hooks: LayerHooks, batches, target: str = "
     model.eval()
     try:
         with torch.enable_grad():
+            began = work_clock()
             for key, x, y in batches:
                 hooks.clear()
                 loss = _losses(model, task, x, y, target)
@@ -49,7 +89,10 @@ def replay_batches(model: nn.Module, hooks: LayerHooks, batches, target: str = "
                 # an output the loss does not use is left to hooks.factors to report by its layer's name
                 if outputs:
                     torch.autograd.grad(loss.sum(), outputs, allow_unused=True)
-                yield key, hooks.factors()
+                factors = hooks.factors()
+                _count(batch_size_of(x), work_clock() - began)
+                yield key, factors
+                began = work_clock()
     finally:
         hooks.detach()
         model.train(was_training)

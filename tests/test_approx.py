@@ -304,6 +304,12 @@ def test_two_phase_topk_meets_its_certificate(seed, order):
     assert recall >= cert["recall_bound"]
     plan = "\n".join(r[0] for r in proj_con.execute("EXPLAIN ANALYZE " + stmt.format(", error=0.9")).fetchall())
     assert "approximate: error=0.9" in plan and f"{cert['candidates']} candidates of 160" in plan
+    # phase one replays the 6 query samples at each checkpoint, the rescoring the candidates only
+    # (the query's factors kept from phase one), and ANALYZE says what each step took
+    c = cert["candidates"]
+    assert f"replays: {2 * (6 + c)} sample(s)" in plan
+    assert re.search(rf"measured: phase one [0-9.e-]+ s \(replays: 12 samples, [0-9.e-]+ s\); rescoring "
+                     rf"[0-9.e-]+ s \(replays: {2 * c} samples", plan), plan
     # the approximate scan alone (phase one) differs from the exact scores: the test can fail
     approx = dict(proj_con.execute("SELECT sample_id, score FROM INFLUENCE(layers=*, query=batch(test), error=0.9)")
                   .fetchall())

@@ -173,3 +173,35 @@ def test_explain_names_each_layers_kind(con):
     text = "\n".join(r[0] for r in con.execute("EXPLAIN SELECT * FROM INFLUENCE(query=batch(test))").fetchall())
     for layer, kind in kinds.items():
         assert f"c0/{layer} ({kind}): " in text and f"c1/{layer} ({kind}): " in text, (layer, kind, text)
+
+
+def _replays(con, sql: str) -> str | None:
+    lines = [r[0] for r in con.execute("EXPLAIN ANALYZE " + sql).fetchall()]
+    found = [line for line in lines if line.startswith("replays: ")]
+    assert len(found) <= 1, lines
+    return found[0] if found else None
+
+
+def test_explain_analyze_counts_the_model_replays(con):
+    """The query side's replay (4 test samples at each of 2 checkpoints, one batch each) is
+    counted in EXPLAIN ANALYZE's footer; a statement that replays nothing has no such line."""
+    line = _replays(con, "SELECT * FROM INFLUENCE(query=batch(test))")
+    assert re.fullmatch(r"replays: 8 sample\(s\) in 2 batch\(es\), [0-9.e-]+ s", line), line
+    assert _replays(con, "SELECT * FROM INFLUENCE(query=batch(test), checkpoints=[c1])").startswith(
+        "replays: 4 sample(s) in 1 batch(es)")
+    assert _replays(con, "SELECT * FROM SELF_INFLUENCE()") is None
+
+
+def test_replay_tallies_nest():
+    from metaql.storage.hooks import watched_modules
+    from metaql.storage.replay import replay_factors, replay_tally
+    from tests.models import MLP
+    model = MLP()
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    with replay_tally() as outer:
+        replay_factors(model, watched_modules(model, ["fc1"]), x, y, batch_size=2)
+        with replay_tally() as inner:
+            replay_factors(model, watched_modules(model, ["fc1"]), x[:1], y[:1])
+    replay_factors(model, watched_modules(model, ["fc1"]), x, y)      # counted by neither
+    assert (outer.samples, outer.batches, inner.samples, inner.batches) == (6, 4, 1, 1)
+    assert outer.seconds >= inner.seconds > 0

@@ -70,6 +70,7 @@ class ShardWriter:
         self._pending_bytes = 0
         self._metas: dict = {}
         self._held: bool | None = None
+        self._finishing = False      # the last flush was asked for: the caller publishes the catalog (flush)
         self._layers: dict | None = None
         self._stored: dict[str, tuple[LayerMeta, str]] = {}    # per layer: (meta, mode) as the catalog holds them
         self._settled: set[str] = set()     # layers whose batches of new ids are packed (_settle, _packed)
@@ -423,9 +424,16 @@ class ShardWriter:
                 "mid-capture; capture them into separate stores or without sharing")
         return self.modes[layer]
 
-    def flush(self) -> None:
+    def flush(self, last: bool = False) -> None:
         """Writes every layer's buffered rows as one unit. The buffers are taken first, so a flush
-        that fails or is interrupted is never written again (its ids are captured on resume)."""
+        that fails or is interrupted is never written again (its ids are captured on resume).
+        `last`: the capture's final flush. From then on no flush publishes its commit for readers
+        (one still queued for the writer thread included): the finish_checkpoint that follows
+        publishes them all at once (a snapshot copies the whole catalog: 40-180 ms on a small
+        store, about 0.9 s at 3.3 million norm rows)."""
+        if last and not self._finishing:
+            self._finishing = True
+            self.store.hold_publishing()
         batches, seen, self.batches, self.seen = self.batches, self.seen, [], []
         self._counts, self._buffered, self._buffer_bytes = {}, None, 0
         self._pending_full, self._pending_bytes = [], 0     # resolved by the flush's own write
@@ -501,7 +509,8 @@ class ShardWriter:
         entries = [self._entry(layer, batches, seen) for layer in self._layers_in(batches)]
         self.give_back(batches)
         # the metas the catalog holds, as read when each layer's mode was settled: no round trip a flush
-        store.write_factor_shards(self.checkpoint, entries, {e["layer"]: self._stored[e["layer"]] for e in entries})
+        store.write_factor_shards(self.checkpoint, entries, {e["layer"]: self._stored[e["layer"]] for e in entries},
+                                  publish=lambda: not self._finishing)
         self.rows_written += len(np.unique(np.concatenate([e["ids"] for e in entries])))
         return {e["layer"]: e["ids"] for e in entries}
 
@@ -899,7 +908,7 @@ class Capture:
         complete = False
         try:
             try:
-                self.writer.flush()
+                self.writer.flush(last=True)
             finally:
                 # drains the writer; its error is raised unless another one is already on its way
                 self.writer.close(raise_error=exc_type is None)

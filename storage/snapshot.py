@@ -139,6 +139,13 @@ class Publisher:
             self._timer = None
             self.publish()
 
+    def hold(self) -> None:
+        """Cancels a deferred snapshot: the caller publishes soon (a capture that is finishing)."""
+        with self._mutex:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
     def close(self) -> None:
         with self._mutex:
             self._closed = True

@@ -25,7 +25,7 @@ import tempfile
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -134,6 +134,12 @@ class Store:
         published by a timer, so readers lag those by about that long."""
         if self._publisher is not None and self._owner._tmpdir is None and not self.closed:
             self._publisher.publish(force)
+
+    def hold_publishing(self) -> None:
+        """Cancels a snapshot deferred by committed(force=False): the caller is about to publish
+        with committed() (a capture's exit, whose flushes no longer publish: ShardWriter.flush)."""
+        if self._publisher is not None:
+            self._publisher.hold()
 
     def refresh(self) -> bool:
         """A reader's catalog catches up with the store's last commit (a no-op for a writer);
@@ -742,11 +748,13 @@ class Store:
         return self.write_factor_shards(checkpoint, [dict(layer=layer, ids=ids, tensors=tensors, storage=storage,
                                                           suffix_file=suffix_file)])[layer]
 
-    def write_factor_shards(self, checkpoint: str, entries: list[dict], metas: dict | None = None) -> dict[str, str]:
+    def write_factor_shards(self, checkpoint: str, entries: list[dict], metas: dict | None = None,
+                            publish: Callable[[], bool] | None = None) -> dict[str, str]:
         """Writes one shard per entry (layer, ids, tensors, storage, and suffix_of: the entry's layer
         whose shard holds its input, or suffix_file) as one unit: every row commits or none does.
-        `metas`: layer_metas of the entries' layers, when the caller holds them. Returns {layer:
-        path relative to the store}."""
+        `metas`: layer_metas of the entries' layers, when the caller holds them. `publish`, asked
+        once the rows committed: False when the caller publishes the catalog for readers itself
+        soon after (a capture that is finishing). Returns {layer: path relative to the store}."""
         self._writable()
         layers = [e["layer"] for e in entries]
         named = dict(zip(layers, self._new_shard_files("factors", checkpoint, layers)))
@@ -779,7 +787,8 @@ class Store:
         except BaseException:
             self._discard(written)
             raise
-        self.committed(force=False)      # readers see flushes within about a second
+        if publish is None or publish():
+            self.committed(force=False)      # readers see flushes within about a second
         return rels
 
     def _path_for_write(self, rel: str) -> Path:

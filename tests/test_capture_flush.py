@@ -146,3 +146,59 @@ def test_a_capture_flushes_when_its_buffer_passes_the_byte_cap(tmp_path, monkeyp
     assert (ids_capped == ids_one).all()
     for name in one:
         assert torch.equal(capped[name], one[name])
+
+
+def _layer_model_and_store(tmp_path):
+    con = metaql.connect(str(tmp_path / "store"))
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    con.add_samples(np.arange(24), "train", np.zeros(24, np.int64))
+    return con, model, torch.randn(24, 4)
+
+
+def _steps(cap, model, x, batch=6):
+    for s in range(0, len(x), batch):
+        cap.backward(model(x[s:s + batch]).pow(2).sum(1).mean(), np.arange(s, min(s + batch, len(x))))
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_capture_flush_reads_no_layer_rows(tmp_path, monkeypatch, background):
+    """The writer hands write_factor_shards the layer metas it read when it settled each layer's
+    mode: before, every flush read them again (a round trip on the writer thread)."""
+    from metaql.storage.store import Store
+    con, model, x = _layer_model_and_store(tmp_path)
+    asked = []
+    original = Store.layer_metas
+    monkeypatch.setattr(Store, "layer_metas", lambda self, names: asked.append(names) or original(self, names))
+    with con.capture(model, layers="*", checkpoint="c0", lr=0.1, shard_size=6, background=background) as cap:
+        _steps(cap, model, x)
+    assert cap.writer.flushes >= 4 and asked == []
+    n = con.execute("SELECT count(*) FROM SELF_INFLUENCE(layers=*)").fetchone()[0]
+    assert n == 24 and con.store.sql("SELECT count(*) FROM sample_norms").fetchone()[0] == 24 * 2
+    con.close()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_finishing_capture_publishes_the_catalog_once(tmp_path, monkeypatch, background):
+    """Flushes publish the catalog for readers as they commit (here each one: no minimum interval),
+    but once the capture exits its last flush leaves that to finish_checkpoint, which publishes
+    right after: before, the exit published twice (a snapshot copies the whole catalog). With the
+    writer thread a flush still queued at the exit leaves it to finish_checkpoint too."""
+    from metaql.storage import snapshot
+    monkeypatch.setattr(snapshot, "MIN_INTERVAL", 0.0)
+    monkeypatch.setattr(snapshot, "COPY_SHARE_INVERSE", 0)
+    con, model, x = _layer_model_and_store(tmp_path)
+    snapshots = []
+    original = snapshot.Publisher._snapshot
+    monkeypatch.setattr(snapshot.Publisher, "_snapshot", lambda self: snapshots.append(1) or original(self))
+    with con.capture(model, layers="*", checkpoint="c0", lr=0.1, shard_size=6, background=background) as cap:
+        _steps(cap, model, x[:21])       # batches of 6, 6, 6 (a flush each) and 3 (flushed on exit)
+        during = len(snapshots)
+    assert cap.writer.flushes == 4
+    if not background:
+        assert during == 3 and len(snapshots) == 4       # three flushes, then the exit's one publish
+    assert len(snapshots) <= cap.writer.flushes         # before: one per flush, and the exit's
+    reader = metaql.connect(str(tmp_path / "store"), read_only=True)
+    assert reader.execute("SELECT count(*) FROM SELF_INFLUENCE(layers=*)").fetchone()[0] == 21
+    assert reader.execute("SELECT status FROM checkpoints").fetchall() == [("complete",)]
+    reader.close()
+    con.close()

@@ -85,6 +85,8 @@ def execute_approximate(plan, ctx) -> pa.Table:
     sign = 1.0 if not plan.ascending else -1.0
     cand = candidates(sign * one.scores, SIGMAS * one.sigma + one.slack, plan.k)
     with measured() as phase2:
+        if projected:
+            phase2["replay_estimate_s"] = rescoring_replay_seconds(scan, ctx, len(cand))
         exact, rescored, why = rescore(scan, ctx, projected, one, cand)
     info["seconds"]["rescoring"] = phase2
     final = one.scores[cand] - one.approx_part[cand] + exact if rescored else one.scores[cand]
@@ -109,6 +111,16 @@ def measured():
         finally:
             out.update(seconds=work_clock() - began, replayed_samples=replays.samples,
                        replay_seconds=replays.seconds)
+
+
+def rescoring_replay_seconds(scan: InfluenceScan, ctx, candidates: int) -> float | None:
+    """The rescoring's replays of the candidates at every checkpoint, priced by the line fitted to
+    this process's replays of each checkpoint's model (storage/replay.py); None before it has one."""
+    from metaql.engine.optimizer import replay_key
+    from metaql.storage.replay import replay_seconds
+    catalog = catalog_of(ctx)
+    each = [replay_seconds(replay_key(catalog, ckpt), candidates) for ckpt in scan.checkpoints]
+    return None if None in each else sum(each)
 
 
 def exact_topk(plan: TopK, ctx, info: dict) -> pa.Table:
@@ -155,9 +167,17 @@ def explain_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str]:
                          f"{_fmt(cert['expected_missed'])}, recall bound {_fmt(cert['recall_bound'])}")
         if info.get("seconds"):
             lines.append(f"{indent}  measured: " + "; ".join(
-                f"{step} {s['seconds']:.3g} s (replays: {s['replayed_samples']} samples, {s['replay_seconds']:.3g} s)"
+                f"{step} {s['seconds']:.3g} s (replays: {s['replayed_samples']} samples, {s['replay_seconds']:.3g} s"
+                + (_replay_estimate(s) if "replay_estimate_s" in s else "") + ")"
                 for step, s in info["seconds"].items()))
     return lines
+
+
+def _replay_estimate(step: dict) -> str:
+    est = step["replay_estimate_s"]
+    if est is None:
+        return "; no estimate yet"
+    return f", estimate {est:.3g} s, measured/estimate {step['replay_seconds'] / est:.3g}" if est > 0 else ""
 
 
 def _fmt(x) -> str:

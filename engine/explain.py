@@ -52,6 +52,9 @@ def influence_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str
             if s.measured_wall_seconds is not None and work_is_cpu():
                 line += f"  CPU time; wall {s.measured_wall_seconds:.3g}s"
         lines.append(line)
+    if scan.query is not None and hasattr(scan, "replay_estimate"):
+        lines.append(f"{indent}  query side: replays {len(scan.query.ids)} sample(s) at each of {len(scan.checkpoints)} "
+                     "checkpoint(s), " + replay_text(scan.replay_estimate))
     unfitted = sorted({s.layer for s in scan.strategies if not s.fitted})
     if unfitted:
         lines.append(f"{indent}  estimates of {len(unfitted)} layer(s) from the machine's base constants alone "
@@ -63,3 +66,10 @@ def influence_lines(scan: InfluenceScan, analyze: bool, indent: str) -> list[str
         from metaql.approx.execute import explain_lines as approx_lines
         lines += approx_lines(scan, analyze, indent)
     return lines
+
+
+def replay_text(estimate: float | None) -> str:
+    if estimate is None:
+        return ("no estimate yet (priced once this process has replayed the model at two batch sizes: "
+                "a query side and con.replay's batches, or two query sides)")
+    return f"estimate {estimate:.3g} s (a line fitted to this process's replays of the model)"

@@ -4,7 +4,8 @@ plan optimized once is not optimized again.
 
 RULES today: per (checkpoint, layer) of an influence scan, the cheapest strategy by the cost model
 (engine/cost.py, engine/strategies.py); for a TOPK under error= over a projected index, the exact
-TOPK or the index's two-phase TOPK, the cheaper by their estimates (approx/route.py). The
+TOPK or the index's two-phase TOPK, the cheaper by their estimates (approx/route.py); the query
+side's replay, priced by what this process's replays of the model took (estimate_replays). The
 optimizer reads the catalog only through the statement's CatalogSnapshot (layer rows and the cost
 constants, each read once); the store keeps the measured cost constants (Store.cost_constants).
 The one write: per-layer fits that a background calibration finished (engine/autocalibrate.py)
@@ -84,7 +85,26 @@ def choose_approximate_route(plan, env: Env):
     return choose_route(plan, env)
 
 
-RULES: list[Callable] = [choose_scan_strategies, choose_approximate_route]
+def estimate_replays(plan, env: Env):
+    """Per influence scan with a query, the replay of its query samples at each checkpoint, priced
+    by the line fitted to this process's replays of the checkpoint's model (storage/replay.py;
+    None until it replayed two batch sizes): the cost model's layer estimates leave it out."""
+    from metaql.storage.replay import replay_seconds
+    for scan in scans(plan):
+        if scan.query is None:
+            continue
+        b = len(scan.query.ids)
+        each = [replay_seconds(replay_key(env.catalog, ckpt), b) for ckpt in scan.checkpoints]
+        scan.replay_estimate = None if None in each else sum(each)
+    return plan
+
+
+def replay_key(catalog, ckpt: str) -> tuple:
+    """storage/replay.py's key of the checkpoint's model."""
+    return catalog.store.replay_key(catalog.checkpoint(ckpt)["model_id"])
+
+
+RULES: list[Callable] = [choose_scan_strategies, choose_approximate_route, estimate_replays]
 
 
 def choose_strategies(scan: InfluenceScan, catalog, force: str | None = None,

@@ -66,6 +66,64 @@ def _count(samples: int, seconds: float) -> None:
         tally.seconds += seconds
 
 
+# ---- what a replay costs, learned from this process's replays ----------------------------------
+# A replay's time is affine in its batch, with a large fixed part (one thread here: the digits MLP
+# 0.61 ms for 1 sample, 0.59 ms for 64, 4.3 ms for 1,024), so no per-sample rate prices both a query
+# of 8 samples and a rescoring of 500; the cost model does not see the model's own layers either.
+# So each replay of a model the store rebuilt (Store.model_at tags it with REPLAY_KEY) is kept as
+# (samples, seconds), and a line a + b x samples per batch is fitted to them once two batch sizes
+# were seen (a query side and con.replay's batches of 256, or two query sides of different sizes).
+REPLAY_KEY = "_metaql_replay_key"
+MAX_SEEN = 64           # observations kept per model and thread count (the latest)
+_SEEN: dict[tuple, list[tuple[int, float]]] = {}
+_SEEN_LOCK = threading.Lock()
+
+
+def _observe(model: nn.Module, samples: int, seconds: float) -> None:
+    key = getattr(model, REPLAY_KEY, None)
+    if key is None:
+        return
+    with _SEEN_LOCK:
+        key = (*key, torch.get_num_threads())
+        if key not in _SEEN:        # the first batch warms up (lazy initialisation, the weights' pages)
+            _SEEN[key] = []
+            return
+        seen = _SEEN[key]
+        seen.append((samples, seconds))
+        del seen[:-MAX_SEEN]
+
+
+def replay_seconds(key: tuple, samples: int, batch_size: int = 256) -> float | None:
+    """Seconds (the cost model's clock) to replay `samples` samples of the model `key` names
+    (REPLAY_KEY's (store root, model id)) in batches of `batch_size`, by the line fitted to this
+    process's replays of it at the current thread count; None until two batch sizes were seen."""
+    with _SEEN_LOCK:
+        seen = list(_SEEN.get((*key, torch.get_num_threads()), ()))
+    fit = affine_fit(seen)
+    if fit is None or samples <= 0:
+        return None if fit is None else 0.0
+    a, b = fit
+    full, rest = divmod(samples, batch_size)
+    return full * (a + b * batch_size) + (a + b * rest if rest else 0.0)
+
+
+def affine_fit(seen: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """(a, b) of seconds = a + b x samples by least squares through the median time of each batch
+    size (a replay that lost a time slice moves it less), both kept >= 0; None with fewer than two
+    distinct batch sizes."""
+    sizes = sorted({n for n, _ in seen})
+    if len(sizes) < 2:
+        return None
+    n = np.array(sizes, dtype=np.float64)
+    t = np.array([np.median([s for m, s in seen if m == size]) for size in sizes])
+    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(n), n], 1), t, rcond=None)
+    if b < 0:
+        return float(t.mean()), 0.0
+    if a < 0:
+        return 0.0, float((t * n).sum() / (n * n).sum())
+    return float(a), float(b)
+
+
 def replay_batches(model: nn.Module, hooks: LayerHooks, batches, target: str = "label", task=None):
     """Yields (key, {layer: factors}) for each (key, inputs, labels) of `batches`, which may be read
     lazily (Store.input_batches): one batch's inputs and factors are held at a time."""
@@ -90,7 +148,9 @@ def replay_batches(model: nn.Module, hooks: LayerHooks, batches, target: str = "
                 if outputs:
                     torch.autograd.grad(loss.sum(), outputs, allow_unused=True)
                 factors = hooks.factors()
-                _count(batch_size_of(x), work_clock() - began)
+                rows, spent = batch_size_of(x), work_clock() - began
+                _count(rows, spent)
+                _observe(model, rows, spent)
                 yield key, factors
                 began = work_clock()
     finally:

@@ -595,7 +595,14 @@ class Store:
             raise IOException(f"checkpoint '{checkpoint}' names model {c['model_id']}, which the catalog's "
                               "models table lacks: the store was tampered with or damaged")
         weights = self._checked_weights(c)
-        return model_files.load_weights(self._architecture(*row, weights), weights)
+        model = model_files.load_weights(self._architecture(*row, weights), weights)
+        from metaql.storage.replay import REPLAY_KEY
+        setattr(model, REPLAY_KEY, self.replay_key(c["model_id"]))     # its replays price the next ones
+        return model
+
+    def replay_key(self, model_id: int) -> tuple:
+        """What storage/replay.py keys a model's replay times by: the store and the model's id."""
+        return (str(self.root), int(model_id))
 
     def _architecture(self, factory: str | None, kwargs: str | None, weights: Path) -> nn.Module:
         import copy

@@ -77,7 +77,7 @@ def execute_approximate(plan, ctx) -> pa.Table:
             return with_metadata(table, info, scan)
     tolerance = max(0.0, float(scan.error) - bound)
     with measured() as phase1:
-        one = phase_one(scan, ctx, projected, tolerance)
+        one = phase_one(scan, ctx, projected, tolerance, keep_query=isinstance(plan, TopK))
     info.update(sketch_tolerance=tolerance, sketched_layers=one.sketched, sketch_costs=one.sketch_costs,
                 seconds={"phase one": phase1})
     if not isinstance(plan, TopK):
@@ -201,11 +201,13 @@ class PhaseOne:
     queries: dict              # per checkpoint: the query sides (reused by the rescoring)
     sketched: dict             # {checkpoint/layer: rank kept}
     sketch_costs: dict = dataclasses.field(default_factory=dict)   # {ckpt/layer: estimate_s, measured_s, truncation_s}
+    replayed: dict = dataclasses.field(default_factory=dict)   # per checkpoint: the query's factors of projected layers
 
 
-def phase_one(scan: InfluenceScan, ctx, projected: dict, tolerance: float) -> PhaseOne:
+def phase_one(scan: InfluenceScan, ctx, projected: dict, tolerance: float, keep_query: bool = False) -> PhaseOne:
     """Every training sample's approximate score with its error bounds; exact layers whose query
-    side truncates to a rank cheaper than their exact strategy are scored by the sketch."""
+    side truncates to a rank cheaper than their exact strategy are scored by the sketch.
+    `keep_query`: the query's replayed factors of the projected layers are kept for the rescoring."""
     from metaql.engine.cost import work_clock
     from metaql.engine.executor import check_finite, device_of, layer_pass, query_sides
     store, catalog = ctx.store, catalog_of(ctx)
@@ -214,12 +216,14 @@ def phase_one(scan: InfluenceScan, ctx, projected: dict, tolerance: float) -> Ph
     normed = dataclasses.replace(scan, similarity="cosine")
     total, sigma, slack, approx = (np.zeros(len(train)) for _ in range(4))
     seen = np.zeros(len(train), bool)
-    queries, sketched, costs = {}, {}, {}
+    queries, replayed, sketched, costs = {}, {}, {}, {}
     for ckpt in scan.checkpoints:
         strategies = [s for s in scan.strategies if s.checkpoint == ckpt]
         lr = catalog.checkpoint(ckpt)["lr"]
         query = queries[ckpt] = query_sides(normed, store, ckpt, strategies, device_of(ctx), catalog,
-                                            keep=set(projected))
+                                            keep=set(projected) if keep_query else ())
+        # out of the query sides: a layer pass (and Ray's tasks) gets only what its strategy reads
+        replayed[ckpt] = {layer: query[layer].pop("replayed") for layer in projected if "replayed" in query[layer]}
         part, var, apart, bias = (np.zeros(len(train)) for _ in range(4))
         for strat in strategies:
             q = query[strat.layer]
@@ -248,7 +252,7 @@ def phase_one(scan: InfluenceScan, ctx, projected: dict, tolerance: float) -> Ph
         approx += lr * apart
     scale = len(scan.query.ids) if scan.reduce == "sum" else 1.0      # <g, sum_q g_q> = B <g, mean_q g_q>
     return PhaseOne(train[seen], total[seen] * scale, sigma[seen] * scale, slack[seen] * scale,
-                    approx[seen] * scale, np.nonzero(seen)[0], queries, sketched, costs)
+                    approx[seen] * scale, np.nonzero(seen)[0], queries, sketched, costs, replayed)
 
 
 def sketch_seconds(scan: InfluenceScan, catalog, strat, rank: int | None) -> tuple[float, float]:
@@ -327,7 +331,7 @@ def rescore(scan: InfluenceScan, ctx, projected: dict, one: PhaseOne, cand: np.n
     ids = one.ids[cand]
     if projected:
         try:
-            out += replayed_scores(scan, ctx, projected, ids, one.queries)
+            out += replayed_scores(scan, ctx, projected, ids, one.replayed)
         except Error as e:
             return None, False, f"{type(e).__name__}: {e}"
     out += sketched_exact(scan, ctx, one, ids)
@@ -349,12 +353,12 @@ def sketched_exact(scan: InfluenceScan, ctx, one: PhaseOne, ids: np.ndarray) -> 
     return out * (len(scan.query.ids) if scan.reduce == "sum" else 1.0)
 
 
-def replayed_scores(scan: InfluenceScan, ctx, projected: dict, ids: np.ndarray, queries: dict | None = None
+def replayed_scores(scan: InfluenceScan, ctx, projected: dict, ids: np.ndarray, kept: dict | None = None
                     ) -> np.ndarray:
     """Exact scores of the projected layers for `ids`, from factors replayed at each checkpoint;
-    the query side's factors from phase one's replay where `queries` (PhaseOne.queries) holds them."""
+    the query side's factors from phase one's replay where `kept` (PhaseOne.replayed) holds them."""
     from metaql.storage.hooks import watched_modules
-    from metaql.storage.replay import replay_factors, stored_replay_factors
+    from metaql.storage.replay import stored_replay_factors
     from metaql.storage.tasks import task_at
     store, catalog = ctx.store, catalog_of(ctx)
     out = np.zeros(len(ids))
@@ -362,15 +366,9 @@ def replayed_scores(scan: InfluenceScan, ctx, projected: dict, ids: np.ndarray, 
         model, task = store.model_at(ckpt), task_at(store, ckpt)
         modules = watched_modules(model, list(projected))
         train = stored_replay_factors(store, model, modules, ids, task.stored_targets(store, ids), task=task)
-        kept = (queries or {}).get(ckpt, {})
-        if all("replayed" in kept.get(layer, {}) for layer in projected):
-            query = {layer: kept[layer]["replayed"] for layer in projected}
-        elif scan.query.inputs is not None:
-            query = replay_factors(model, modules, scan.query.inputs, scan.query.targets, scan.loss, task=task)
-        else:
-            qids = scan.query.ids
-            query = stored_replay_factors(store, model, modules, qids, task.stored_targets(store, qids, scan.loss),
-                                          scan.loss, task=task)
+        query = (kept or {}).get(ckpt, {})
+        if not all(layer in query for layer in projected):
+            query = _query_replayed(scan, store, model, modules, task)
         part = np.zeros(len(ids))
         for layer, meta in projected.items():
             base = base_meta(meta)
@@ -380,6 +378,16 @@ def replayed_scores(scan: InfluenceScan, ctx, projected: dict, ids: np.ndarray, 
                 part += kind.average_scores(base, train[layer], gbar).double().numpy()
         out += catalog.checkpoint(ckpt)["lr"] * part
     return out * (len(scan.query.ids) if scan.reduce == "sum" else 1.0)
+
+
+def _query_replayed(scan: InfluenceScan, store, model, modules, task) -> dict:
+    """The query samples' factors at the model's weights, replayed now."""
+    from metaql.storage.replay import replay_factors, stored_replay_factors
+    if scan.query.inputs is not None:
+        return replay_factors(model, modules, scan.query.inputs, scan.query.targets, scan.loss, task=task)
+    qids = scan.query.ids
+    return stored_replay_factors(store, model, modules, qids, task.stored_targets(store, qids, scan.loss),
+                                 scan.loss, task=task)
 
 
 def certificate(scores, sigma, slack, cand, top: np.ndarray, k: int, rescored: bool, why: str) -> dict:

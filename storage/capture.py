@@ -450,6 +450,13 @@ class ShardWriter:
             self.stored[layer].update(np.concatenate([b[layer][0] for b in batches if layer in b]).tolist())
         self._worker.submit(lambda store: self._write(store, batches, seen))
 
+    def finished(self) -> None:
+        """After the capture's finish_checkpoint (which published the catalog) or its failure: a
+        commit from now on (a flush the writer thread still writes after a Ctrl-C at the exit)
+        publishes itself again, and what committed is published if the finish did not."""
+        self._finishing = False
+        self.store.committed(force=False)     # two stat calls when the finish published
+
     def _resolve_full(self, fulls: list) -> None:
         """Full-stored layers' gradients of a batch, computed ahead of the flush (on the writer
         thread when there is one) so that a buffer holds them rather than the larger factors.
@@ -917,7 +924,10 @@ class Capture:
             self._state = "closed"
             self._ended = time.perf_counter()
             self.hooks.detach()
-            self.store.finish_checkpoint(self.checkpoint, "complete" if complete else "partial")
+            try:
+                self.store.finish_checkpoint(self.checkpoint, "complete" if complete else "partial")
+            finally:
+                self.writer.finished()
         if complete:
             self._warn_if_writer_bound()
 

@@ -202,3 +202,26 @@ def test_a_finishing_capture_publishes_the_catalog_once(tmp_path, monkeypatch, b
     assert reader.execute("SELECT status FROM checkpoints").fetchall() == [("complete",)]
     reader.close()
     con.close()
+
+
+def test_what_committed_is_published_when_the_finish_fails(tmp_path, monkeypatch):
+    """The last flush leaves publishing to finish_checkpoint; if that fails (a disk or catalog
+    error), what the flushes committed is published all the same, and later commits publish
+    themselves again."""
+    from metaql.storage import snapshot
+    from metaql.storage.store import Store
+    monkeypatch.setattr(snapshot, "MIN_INTERVAL", 0.0)
+    monkeypatch.setattr(snapshot, "COPY_SHARE_INVERSE", 0)
+    con, model, x = _layer_model_and_store(tmp_path)
+
+    def failing(self, name, status="complete"):
+        raise OSError("the disk failed")
+    monkeypatch.setattr(Store, "finish_checkpoint", failing)
+    with pytest.raises(OSError, match="disk failed"):
+        with con.capture(model, layers="*", checkpoint="c0", lr=0.1, shard_size=6, background=False) as cap:
+            _steps(cap, model, x[:21])
+    assert not cap.writer._finishing
+    reader = metaql.connect(str(tmp_path / "store"), read_only=True)
+    assert reader.execute("SELECT count(*) FROM shards WHERE kind = 'factors'").fetchone()[0] == 4 * 2
+    reader.close()
+    con.close()

@@ -116,10 +116,9 @@ def measured():
 def rescoring_replay_seconds(scan: InfluenceScan, ctx, candidates: int) -> float | None:
     """The rescoring's replays of the candidates at every checkpoint, priced by the line fitted to
     this process's replays of each checkpoint's model (storage/replay.py); None before it has one."""
-    from metaql.engine.optimizer import replay_key
-    from metaql.storage.replay import replay_seconds
+    from metaql.engine.optimizer import replay_estimate
     catalog = catalog_of(ctx)
-    each = [replay_seconds(replay_key(catalog, ckpt), candidates) for ckpt in scan.checkpoints]
+    each = [replay_estimate(catalog, ckpt, candidates) for ckpt in scan.checkpoints]
     return None if None in each else sum(each)
 
 

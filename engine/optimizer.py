@@ -89,19 +89,22 @@ def estimate_replays(plan, env: Env):
     """Per influence scan with a query, the replay of its query samples at each checkpoint, priced
     by the line fitted to this process's replays of the checkpoint's model (storage/replay.py;
     None until it replayed two batch sizes): the cost model's layer estimates leave it out."""
-    from metaql.storage.replay import replay_seconds
     for scan in scans(plan):
         if scan.query is None:
             continue
         b = len(scan.query.ids)
-        each = [replay_seconds(replay_key(env.catalog, ckpt), b) for ckpt in scan.checkpoints]
+        each = [replay_estimate(env.catalog, ckpt, b) for ckpt in scan.checkpoints]
         scan.replay_estimate = None if None in each else sum(each)
     return plan
 
 
-def replay_key(catalog, ckpt: str) -> tuple:
-    """storage/replay.py's key of the checkpoint's model."""
-    return catalog.store.replay_key(catalog.checkpoint(ckpt)["model_id"])
+def replay_estimate(catalog, ckpt: str, samples: int) -> float | None:
+    """Seconds to replay `samples` samples at the checkpoint (storage/replay.py), from this process's
+    replays of its model and those earlier processes kept in the catalog."""
+    from metaql.storage.replay import replay_seconds
+    model_id = catalog.checkpoint(ckpt)["model_id"]
+    store = catalog.store
+    return replay_seconds(store.replay_key(model_id), samples, kept=store.kept_replay_times(model_id))
 
 
 RULES: list[Callable] = [choose_scan_strategies, choose_approximate_route, estimate_replays]

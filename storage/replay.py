@@ -93,18 +93,26 @@ def _observe(model: nn.Module, samples: int, seconds: float) -> None:
         del seen[:-MAX_SEEN]
 
 
-def replay_seconds(key: tuple, samples: int, batch_size: int = 256) -> float | None:
+def replay_seconds(key: tuple, samples: int, batch_size: int = 256, kept=()) -> float | None:
     """Seconds (the cost model's clock) to replay `samples` samples of the model `key` names
     (REPLAY_KEY's (store root, model id)) in batches of `batch_size`, by the line fitted to this
-    process's replays of it at the current thread count; None until two batch sizes were seen."""
+    process's replays of it at the current thread count and the earlier processes' ones the
+    catalog `kept` (Store.kept_replay_times); None until two batch sizes were seen."""
     with _SEEN_LOCK:
         seen = list(_SEEN.get((*key, torch.get_num_threads()), ()))
-    fit = affine_fit(seen)
+    fit = affine_fit([tuple(o) for o in kept] + seen)
     if fit is None or samples <= 0:
         return None if fit is None else 0.0
     a, b = fit
     full, rest = divmod(samples, batch_size)
     return full * (a + b * batch_size) + (a + b * rest if rest else 0.0)
+
+
+def seen_for(root: str) -> dict[str, list[tuple[int, float]]]:
+    """This process's replay times of the models of the store at `root`, by "model id/threads"
+    (what Store.close keeps in the catalog for the next processes)."""
+    with _SEEN_LOCK:
+        return {f"{key[1]}/{key[2]}": list(seen) for key, seen in _SEEN.items() if key[0] == root and seen}
 
 
 def affine_fit(seen: list[tuple[int, float]]) -> tuple[float, float] | None:

@@ -167,8 +167,9 @@ class Store:
             for child in list(self._children):
                 child.close()
             try:
+                self._keep_replay_times()
                 self.committed()
-            except Exception:  # a failed last publish must not keep the store (and its lock) open
+            except Exception:  # a failed last write or publish must not keep the store (and its lock) open
                 pass
         self._closed = True
         self._shards.clear()
@@ -603,6 +604,31 @@ class Store:
     def replay_key(self, model_id: int) -> tuple:
         """What storage/replay.py keys a model's replay times by: the store and the model's id."""
         return (str(self.root), int(model_id))
+
+    def kept_replay_times(self, model_id: int) -> list:
+        """The (samples, seconds) replays of the model at this process's torch thread count that
+        earlier processes kept in the catalog (meta 'replay_times', read once per connection), so
+        that a fresh process prices the query side before it has replayed anything itself."""
+        if self._owner.__dict__.get("_replay_times") is None:
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'replay_times'").fetchone()
+            self._owner._replay_times = json.loads(row[0]) if row else {}
+        return self._owner._replay_times.get(f"{int(model_id)}/{torch.get_num_threads()}", [])
+
+    def _keep_replay_times(self) -> None:
+        """Keeps this process's replay times of the store's models in the catalog (the latest
+        MAX_SEEN per model and thread count, with those kept before): one statement, on close."""
+        from metaql.storage.replay import MAX_SEEN, seen_for
+        mine = seen_for(str(self.root))
+        if self.read_only or not mine:
+            return
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'replay_times'").fetchone()
+        kept = json.loads(row[0]) if row else {}
+        for key, seen in mine.items():
+            merged = [tuple(o) for o in kept.get(key, [])]
+            known = set(merged)
+            merged += [o for o in seen if o not in known]
+            kept[key] = [list(o) for o in merged[-MAX_SEEN:]]
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('replay_times', ?)", [json.dumps(kept)])
 
     def _architecture(self, factory: str | None, kwargs: str | None, weights: Path) -> nn.Module:
         import copy

@@ -69,3 +69,37 @@ def test_explain_prices_the_query_side_once_two_batch_sizes_were_replayed(con):
     # SELF_INFLUENCE replays no query side: no such line
     lines = [r[0] for r in con.execute("EXPLAIN SELECT * FROM SELF_INFLUENCE()").fetchall()]
     assert not any("query side" in line for line in lines)
+
+
+def test_replay_times_outlive_the_process(tmp_path, monkeypatch):
+    """A writer keeps its replay times in the catalog when it closes: a fresh process (here: this
+    one with its own times forgotten) prices the query side before replaying anything, read-only
+    too; a process at another thread count does not use them."""
+    monkeypatch.setattr(replay, "_SEEN", {})
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(300, 6), torch.randint(0, 3, (300,))
+    path = str(tmp_path / "store")
+    con = metaql.connect(path, config={"progress": False})
+    con.add_samples(np.arange(290), "train", y[:290].numpy(), x[:290])
+    con.add_samples(np.arange(290, 300), "test", y[290:].numpy(), x[290:])
+    with con.capture(model, checkpoint="c0", lr=0.1, factory="tests.models:MLP", kwargs=model.metaql_config) as cap:
+        cap.backward(F.cross_entropy(model(x[:290]), y[:290]), np.arange(290))
+    con.replay("c0", "train")
+    con.execute("SELECT * FROM INFLUENCE(query=batch(test))")
+    stmt = "EXPLAIN SELECT * FROM INFLUENCE(query=batch(test))"
+    assert "estimate" in _query_side(con, stmt).replace("no estimate yet", "")
+    con.close()
+    monkeypatch.setattr(replay, "_SEEN", {})                    # a new process: nothing replayed yet
+    for read_only in (False, True):
+        again = metaql.connect(path, read_only=read_only, config={"progress": False})
+        line = _query_side(again, stmt)
+        assert "no estimate yet" not in line and re.search(r"estimate [0-9.e-]+ s", line), line
+        again.close()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        other = metaql.connect(path, read_only=True, config={"progress": False})
+        assert "no estimate yet" in _query_side(other, stmt)
+        other.close()
+    finally:
+        torch.set_num_threads(threads)

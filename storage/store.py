@@ -610,9 +610,12 @@ class Store:
         earlier processes kept in the catalog (meta 'replay_times', read once per connection), so
         that a fresh process prices the query side before it has replayed anything itself."""
         if self._owner.__dict__.get("_replay_times") is None:
-            row = self.db.execute("SELECT value FROM meta WHERE key = 'replay_times'").fetchone()
-            self._owner._replay_times = json.loads(row[0]) if row else {}
+            self._owner._replay_times = self._stored_replay_times()
         return self._owner._replay_times.get(f"{int(model_id)}/{torch.get_num_threads()}", [])
+
+    def _stored_replay_times(self) -> dict:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'replay_times'").fetchone()
+        return json.loads(row[0]) if row else {}
 
     def _keep_replay_times(self) -> None:
         """Keeps this process's replay times of the store's models in the catalog (the latest
@@ -621,8 +624,7 @@ class Store:
         mine = seen_for(str(self.root))
         if self.read_only or not mine:
             return
-        row = self.db.execute("SELECT value FROM meta WHERE key = 'replay_times'").fetchone()
-        kept = json.loads(row[0]) if row else {}
+        kept = self._stored_replay_times()     # read again: another process may have kept some since
         for key, seen in mine.items():
             merged = [tuple(o) for o in kept.get(key, [])]
             known = set(merged)

@@ -14,6 +14,7 @@ import torch
 from metaql.approx.kind import KIND, CaptureProjection, projectable
 from metaql.approx.projection import SKETCH_DISTS, dims_for_error, layer_seed, relative_error
 from metaql.errors import InvalidInputException
+from metaql.storage.quantize import LEVELS
 from metaql.storage.layers import LayerMeta
 
 EXACT_MODES = ("factored", "full")
@@ -22,7 +23,8 @@ MODES = EXACT_MODES + ("projected", "auto")
 
 class ProjectionRequest:
     def __init__(self, storage=None, max_error=None, proj_dim: int | None = None, proj_seed: int = 0,
-                 sketch_dim: int | None = None, sketch_budget: int | None = None, sketch_dist: str = "gaussian"):
+                 sketch_dim: int | None = None, sketch_budget: int | None = None, sketch_dist: str = "gaussian",
+                 sketch_bits: int | None = None):
         if storage is not None and not isinstance(storage, (str, dict)):
             raise InvalidInputException("storage= takes a mode ('factored', 'full', 'projected', 'auto') or "
                                         f"{{layer: mode}}, not {type(storage).__name__}")
@@ -43,7 +45,14 @@ class ProjectionRequest:
         if sketch_dim is not None and sketch_budget is not None:
             raise InvalidInputException("give sketch_dim= (numbers per layer) or sketch_budget= (numbers per sample "
                                         "over every projected layer), not both")
+        if sketch_bits is not None and (isinstance(sketch_bits, bool) or sketch_bits not in LEVELS):
+            raise InvalidInputException(f"sketch_bits must be one of {', '.join(map(str, LEVELS))} (or None: the "
+                                        f"capture's dtype), not {sketch_bits!r:.40}")
+        if sketch_bits is not None and sketch_dim is None and sketch_budget is None:
+            raise InvalidInputException("sketch_bits= stores sketches in fewer bits: give sketch_dim= or "
+                                        "sketch_budget= too")
         self.sketch_dim, self.sketch_budget, self.sketch_dist = sketch_dim, sketch_budget, sketch_dist
+        self.sketch_bits = sketch_bits
         self.allocated: dict[str, int] = {}     # sketch_budget's share per layer, from the first batch
         self.sketched: set[str] = set()     # layers whose projected gradient is sketched: stored full
         self.exact = {layer: m for layer, m in (storage.items() if isinstance(storage, dict) else ())
@@ -100,10 +109,13 @@ class ProjectionRequest:
         sketch = m if m and m < (k_in or din) * (k_out or dout) else None
         if k_in is None and k_out is None and sketch is None:    # the bound allows no reduction
             return None
+        bits = self.sketch_bits if sketch else None
         spec = {"seed": layer_seed(self.proj_seed, layer), "k_in": k_in, "k_out": k_out, "sketch": sketch,
-                "dist": "gaussian", "error": relative_error(k_in, k_out, sketch)}
+                "dist": "gaussian", "error": relative_error(k_in, k_out, sketch, bits)}
         if sketch:
             spec["sketch_dist"] = self.sketch_dist
+        if bits:
+            spec["bits"] = bits
         if mode == "auto" and not smaller(kind, base, factors, k_in or din, k_out or dout, sketch):
             return None
         if sketch:

@@ -22,6 +22,7 @@ import zlib
 import torch
 
 from metaql.errors import InvalidInputException
+from metaql.storage.quantize import quantization_variance
 
 
 def variance_factor(k_in: int | None, k_out: int | None) -> float:
@@ -41,12 +42,15 @@ def spec_variance(spec: dict) -> float:
     of the projected gradient adds (2/m) E[||G~_a||^2 ||G~_b||^2] <= (2/m)(1 + v) ||G_a||^2 ||G_b||^2."""
     v = variance_factor(spec["k_in"], spec["k_out"])
     m = spec.get("sketch")
-    return v + 2.0 / m * (1.0 + v) if m else v
+    v = v + 2.0 / m * (1.0 + v) if m else v
+    # a sketch stored in 8 bits: the rounding's q^2/4 relative variance (storage/quantize.py), of the
+    # sketches' norms, whose squares' product is at most (1 + v) times the gradients' in expectation
+    return v + quantization_variance(spec.get("bits")) * (1.0 + v)
 
 
-def relative_error(k_in: int | None, k_out: int | None, sketch: int | None = None) -> float:
+def relative_error(k_in: int | None, k_out: int | None, sketch: int | None = None, bits: int | None = None) -> float:
     """sqrt(v): the bound on the relative error's standard deviation."""
-    return math.sqrt(spec_variance({"k_in": k_in, "k_out": k_out, "sketch": sketch}))
+    return math.sqrt(spec_variance({"k_in": k_in, "k_out": k_out, "sketch": sketch, "bits": bits}))
 
 
 def chebyshev_radius(k_in: int | None, k_out: int | None, delta: float, sketch: int | None = None) -> float:

@@ -42,8 +42,14 @@ beside TRAK; its unprojected scores are checked against MetaQL's exact ones like
 `--configs` picks configurations: a proj_dim, 's' (k=256 + sketch m=64) or 'u<m>' (a sketch of m
 numbers of each layer's unprojected gradient: a dense Gaussian projection per layer).
 
+`--half`: both sides store half precision, as TRAK does by default (`TRAKer(use_half_precision=True)`
+keeps its projected features in float16): MetaQL captures with dtype='float16' and the peer gets
+proj_dim = bytes // 2, its training samples' projected features rounded to float16 before scoring
+(the query's kept in float32, and the projection itself in float32: a little kinder to the peer than
+TRAK's own float16 pipeline). Without it both are float32 (TRAK's use_half_precision=False).
+
     python benchmarks/bench_approx_peers.py --workload W [--seeds S] [--subset M] [--budget SECS]
-                                             [--budget-rule] [--dattri] [--configs C,...] [--out NAME]
+                                             [--budget-rule] [--dattri] [--configs C,...] [--half] [--out NAME]
                                              [--threads 1] [--clock cpu]
 
 Results: benchmarks/results/approx_peers_<workload>.md (the summary is approx_peers.md).
@@ -74,12 +80,13 @@ BLOCK_FLOATS = 2 ** 28       # a projector block (grad_dim x block_size float32)
 def config_named(text: str) -> dict:
     """--configs entries: 's' the sketched store (k=256, m=64), 'u<m>' a sketch of m numbers of each
     layer's unprojected gradient, 'c<M>' a count sketch of the unprojected gradients with M numbers
-    per sample split among the layers by energy (sketch_budget), '<k>' plain projected storage with
-    k per side."""
+    per sample split among the layers by energy (sketch_budget), 'c<M>b8' the same stored in 8 bits
+    (sketch_bits=8), '<k>' plain projected storage with k per side."""
     if text == "s":
         return SKETCHED
     if text.startswith("c"):
-        return {"sketch_budget": int(text[1:]), "sketch_dist": "count"}
+        budget, _, bits = text[1:].partition("b")
+        return {"sketch_budget": int(budget), "sketch_dist": "count", **({"sketch_bits": int(bits)} if bits else {})}
     if text.startswith("u"):
         return {"proj_dim": UNPROJECTED, "sketch_dim": int(text[1:])}
     return {"proj_dim": int(text)}
@@ -87,7 +94,8 @@ def config_named(text: str) -> dict:
 
 def config_label(config: dict) -> str:
     if "sketch_budget" in config:
-        return f"count sketch of the unprojected gradients, {config['sketch_budget']} numbers split by energy"
+        bits = f", {config['sketch_bits']}-bit" if config.get("sketch_bits") else ""
+        return f"count sketch of the unprojected gradients, {config['sketch_budget']} numbers split by energy{bits}"
     if config["proj_dim"] == UNPROJECTED:
         return f"sketch m={config['sketch_dim']} of the unprojected gradient"
     return label(config)
@@ -159,9 +167,11 @@ def peer_estimate(params: dict[str, int], proj_dim: int, rows: int) -> float:
     return total * proj_dim / NORMALS_PER_S + 2 * (rows + 1) * total * proj_dim / FLOPS_PER_S
 
 
-def trak_scores(store, layers, rows: np.ndarray, gq: dict[str, torch.Tensor], proj_dim: int, seed: int):
+def trak_scores(store, layers, rows: np.ndarray, gq: dict[str, torch.Tensor], proj_dim: int, seed: int,
+                half: bool = False):
     """(scores of `rows`, unprojected scores, seconds building gradients, seconds projecting): TRAK's
-    BasicProjector per layer, summed (see the module docstring)."""
+    BasicProjector per layer, summed (see the module docstring); `half`: the training samples'
+    features stored as float16 (TRAK's default) before scoring."""
     from trak.projectors import BasicProjector, ProjectionType
     sketch = torch.zeros(len(rows) + 1, proj_dim)
     plain = torch.zeros(len(rows), dtype=torch.float64)
@@ -182,6 +192,8 @@ def trak_scores(store, layers, rows: np.ndarray, gq: dict[str, torch.Tensor], pr
         t2 = clock()
         t_grad, t_proj = t_grad + t1 - t0, t_proj + t2 - t1
     sketch /= proj_dim ** 0.5
+    if half:
+        sketch[:-1] = sketch[:-1].half().float()
     sc = (sketch[:-1].double() @ sketch[-1].double()).numpy()
     return sc, plain.numpy(), t_grad, t_proj
 
@@ -238,7 +250,10 @@ def main(argv=None):
                     "and seed (a workload whose captured layers hold every parameter: digits)")
     ap.add_argument("--configs", help="comma-separated configurations to run (default: the workload's): a proj_dim, "
                     "'s' (k=256, sketch m=64), 'u<m>' (a sketch of m numbers of the unprojected gradient), "
-                    "'c<M>' (a count sketch of the unprojected gradients, M numbers split by energy)")
+                    "'c<M>' (a count sketch of the unprojected gradients, M numbers split by energy; 'c<M>b8' stored "
+                    "in 8 bits)")
+    ap.add_argument("--half", action="store_true", help="both sides store float16 (TRAK's default "
+                    "use_half_precision=True): MetaQL dtype='float16', the peer proj_dim = bytes // 2")
     ap.add_argument("--out", help="the results file's name under benchmarks/results (no .md)")
     add_threads_option(ap)
     add_clock_option(ap)
@@ -252,7 +267,9 @@ def main(argv=None):
     report.add("Setup", f"commit {commit()}; versions {versions}; {torch.get_num_threads()} torch thread(s); "
                f"1-min load average at start {os.getloadavg()[0]:.1f}; seeds {args.first_seed}.."
                f"{args.first_seed + args.seeds - 1}; "
-               f"subset {args.subset or 'none (all training samples)'}; peer budget {args.budget:.0f} CPU s")
+               f"subset {args.subset or 'none (all training samples)'}; peer budget {args.budget:.0f} CPU s; "
+               f"stored precision {'float16 (both)' if args.half else 'float32 (both)'}")
+    width = 2 if args.half else 4            # bytes per stored number, both sides
     configs = spec["configs"]
     if args.configs:
         configs = [config_named(c) for c in args.configs.split(",")]
@@ -298,7 +315,7 @@ def main(argv=None):
                 log(f"{args.workload}: {config_label(config)} seed {s}")
                 path = f"{tmp}/p{len(summary)}-{s}.mq"
                 con, cap_s = build(path, model, x, y, n, spec["layers"], spec["batch"], storage="projected",
-                                   proj_seed=s, **config)
+                                   proj_seed=s, **config, **({"dtype": "float16"} if args.half else {}))
                 bound = max(m["error"] for m in [json_meta(con, l) for l in layer_names(con)] if m)
                 sc, q_s = scores_of(con, float(f"{min(1.0, bound + 5e-4):.3f}"))
                 nbytes = stored_bytes(con) / n
@@ -306,16 +323,16 @@ def main(argv=None):
                 _remove(path)
                 sp, ov = spearman(sc[rows], ex), overlap(sc[rows], ex, k)
                 ours.append(sp)
-                proj_dim = int(nbytes // 4)
+                proj_dim = int(nbytes // width)
                 est = peer_estimate(params, proj_dim, len(rows))
                 row = [spec["title"], config_label(config), s, nbytes / 1024, sp, ov, cap_s, q_s, proj_dim,
-                       proj_dim * 4 / 1024]
+                       proj_dim * width / 1024]
                 if est > args.budget:
                     runs.append(row + ["-", "-", f"not run: estimated {est:.0f} CPU s > {args.budget:.0f} "
                                        f"({sum(params.values()) * proj_dim / 1e9:.0f} G normal draws)", "-", "-"])
                     continue
                 log(f"{args.workload}: TRAK proj_dim={proj_dim} seed {s} (estimated {est:.0f} CPU s)")
-                psc, plain, t_grad, t_proj = trak_scores(exact.store, layers, rows, gq, proj_dim, s)
+                psc, plain, t_grad, t_proj = trak_scores(exact.store, layers, rows, gq, proj_dim, s, args.half)
                 check = float(np.max(np.abs(plain - ex)) / np.max(np.abs(ex)))
                 assert check < 1e-3, f"unprojected peer scores differ from MetaQL's exact ones: {check:.2e}"
                 tsp = spearman(psc, ex)
@@ -324,7 +341,7 @@ def main(argv=None):
                 if args.dattri:
                     dsc, secs = dattri_scores(model, x, y, n, proj_dim, s)
                     dat.append(spearman(dsc[rows], ex))
-                    dattri_rows.append([spec["title"], config_label(config), s, proj_dim, proj_dim * 4 / 1024, dat[-1],
+                    dattri_rows.append([spec["title"], config_label(config), s, proj_dim, proj_dim * width / 1024, dat[-1],
                                         overlap(dsc[rows], ex, k), secs, "-"])
             best = max([np.mean(v) for v in (theirs, dat) if v], default=None)
             summary.append([spec["title"], config_label(config), f"{runs[-1][3]:.3f}", len(ours), _mean_sd(ours),

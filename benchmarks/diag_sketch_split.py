@@ -12,7 +12,11 @@ layer's seed (layer_seed(seed, layer)), so seed s here equals proj_seed=s of a c
 same per-layer m (checked: the energy split reproduces the bench's 0.967 / 0.907 at seeds 0 / 1).
 Spearman against the exact scores, per seed.
 
-    python benchmarks/diag_sketch_split.py [--workload minilm32] [--budget 2500] [--seeds 0-19]
+`--bits 8` (or 4): each sample's sketch rounded as such a store rounds it (storage/quantize.py: its
+codes and its scale; one generator for every sample of a layer instead of one per shard: the same
+distribution).
+
+    python benchmarks/diag_sketch_split.py [--workload minilm32] [--budget 2500] [--seeds 0-19] [--bits 8]
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from metastore_common import set_threads
 from bench_approx import build, layer_names, scores_of, spearman
 from bench_approx_peers import layer_gradients, query_gradient, workload_spec
 from metaql.approx.projection import count_sketch, layer_seed
+from metaql.storage.quantize import decoded, encoded
 
 
 def split(weights: dict[str, float], budget: int, floor: int = 2) -> dict[str, int]:
@@ -48,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--splits", default="all", help="comma-separated split names' first words, or 'all'")
     ap.add_argument("--trak-seeds", type=int, default=0, help="draws of the peer in distribution (Gram matrix)")
     ap.add_argument("--trak-dims", default="", help="comma-separated proj_dims of the simulated peer")
+    ap.add_argument("--bits", type=int, default=None, help="sketches rounded to this many bits (8), as stored")
     args = ap.parse_args(argv)
     set_threads(1)
     a, b = (int(v) for v in args.seeds.split("-"))
@@ -131,6 +137,11 @@ def main(argv=None):
                         continue
                     buckets, signs = count_sketch(layer_seed(s, l), m, G.shape[1])
                     sqk = torch.zeros(m).index_add_(0, buckets, q * signs)
+                    if args.bits:
+                        sk = torch.zeros(n, m).index_add_(1, buckets, G * signs)
+                        sk = decoded(encoded({"G": sk}, args.bits, layer_seed(s, l), [0]))["G"]
+                        est[(nm, s)] += (sk @ sqk).double().numpy()
+                        continue
                     w = signs * sqk[buckets]
                     est[(nm, s)] += (G @ w).double().numpy()
             del G

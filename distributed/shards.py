@@ -68,8 +68,9 @@ def _remote_shard(location: str, rel: str, checksum: str) -> Shard:
 def shard_tensors(location: str, spec: dict) -> tuple[np.ndarray, dict]:
     """A factor shard's ids and tensors, with a shared input suffix from its owner's shard (as
     Store.shard_tensors does; the driver resolved the owner's checksum from its catalog)."""
+    from metaql.storage.quantize import decoded
     shard = open_shard(location, spec["file"], spec["checksum"])
-    tensors = {n: shard.tensor(n) for n in shard.names()}
+    tensors = decoded({n: shard.tensor(n) for n in shard.names()})
     if spec.get("suffix_file"):
         if spec.get("suffix_checksum") is None:
             raise IOException(f"shard {spec['file']} shares its input with {spec['suffix_file']}, "

@@ -747,7 +747,8 @@ class Capture:
                  factory: str | None = None, kwargs: dict | None = None, shard_size: int = 2048,
                  dtype: str = "float32", storage: dict[str, str] | str | None = None, task=None,
                  background: bool = True, max_error=None, proj_dim: int | None = None, proj_seed: int = 0,
-                 sketch_dim: int | None = None, sketch_budget: int | None = None, sketch_dist: str = "gaussian"):
+                 sketch_dim: int | None = None, sketch_budget: int | None = None, sketch_dist: str = "gaussian",
+                 sketch_bits: int | None = None):
         from metaql.storage.tasks import make_task, task_spec
         model = unwrapped(model)
         self.store, self.model, self.checkpoint = store, model, checkpoint
@@ -760,7 +761,7 @@ class Capture:
         from metaql.approx.capture import ProjectionRequest
         self.writer = ShardWriter(store, checkpoint, self.hooks, shard_size, dtype, storage, background,
                                   ProjectionRequest(storage, max_error, proj_dim, proj_seed, sketch_dim,
-                                                    sketch_budget, sketch_dist))
+                                                    sketch_budget, sketch_dist, sketch_bits))
         self.samples = 0
         self.batches_seen = 0       # training batches so far: the weights moved after each one
         self._registered: np.ndarray | None = None     # sorted registered sample ids, read at need

@@ -40,7 +40,7 @@ from metaql.storage.artifacts import artifact_problems
 from metaql.storage import models as model_files
 from metaql.storage.catalog import (CHECKPOINTS_BEFORE_SEEN, SHOWN, RoundTrips, counted, open_catalog, query_arrow,
                                     register, require_name, transaction, unregister)
-from metaql.storage import norms
+from metaql.storage import norms, quantize
 from metaql.storage.faults import fault_point
 from metaql.storage.layers import LayerMeta, kind_named
 from metaql.storage.snapshot import Publisher, ReaderCopy
@@ -795,20 +795,24 @@ class Store:
         named = dict(zip(layers, self._new_shard_files("factors", checkpoint, layers)))
         rels = {layer: rel for layer, (_, rel) in named.items()}
         rows, written, staged = [], [], []
+        metas = metas if metas is not None else self.layer_metas(layers)
+        measured = list(entries)        # what the norms are taken from
         try:
             self._record_pending(list(rels.values()))
-            for e in entries:
+            for i, e in enumerate(entries):
                 fault_point("flush.layer")
                 seq, rel = named[e["layer"]]
                 path = self._path_for_write(rel)
                 written.append(path)
-                staged.append(stage_shard(path, e["ids"], e["tensors"]))
+                stored = _stored_tensors(e, metas.get(e["layer"]))
+                if stored is not e["tensors"]:      # 8-bit: the norms below are of the numbers read back
+                    measured[i] = dict(e, tensors=quantize.decoded(stored))
+                staged.append(stage_shard(path, e["ids"], stored))
                 suffix = rels[e["suffix_of"]] if e.get("suffix_of") else e.get("suffix_file")
                 rows.append(_shard_row(seq, rel, "factors", checkpoint, e["layer"], e["ids"], staged[-1].nbytes,
                                        staged[-1].checksum, e["storage"], suffix, e.get("seen")))
             # TOPK's bounds, computed while the disk writes the staged files
-            norm_rows = norms.entry_rows(self, checkpoint, entries, rels,
-                                         metas if metas is not None else self.layer_metas(layers))
+            norm_rows = norms.entry_rows(self, checkpoint, measured, rels, metas)
             for shard in staged:
                 shard.publish()
             for folder in dict.fromkeys(shard.path.parent for shard in staged):
@@ -885,7 +889,7 @@ class Store:
         """A factor shard's ids and tensors, with a shared suffix fetched from its owner's shard
         (whose checksum `checksum_of(file)` gives when the caller holds the shard rows)."""
         shard = self.open_shard(row["file"], row["checksum"])
-        tensors = {n: shard.tensor(n) for n in shard.names()}
+        tensors = quantize.decoded({n: shard.tensor(n) for n in shard.names()})
         if row.get("suffix_file"):
             known = checksum_of(row["suffix_file"]) if checksum_of is not None else None
             owner = (known,) if known is not None else \
@@ -1112,6 +1116,16 @@ def is_checkpoint_name(name: str) -> bool:
 
 # cost constants measured in this process, by measuring function: this machine's, whatever the store
 _MEASURED: dict = {}
+
+
+def _stored_tensors(entry: dict, layer_meta) -> dict:
+    """The tensors a flush's entry is written as: a sketched layer stored in 8 bits gets its codes
+    and scales (storage/quantize.py), any other its own."""
+    meta = layer_meta[0] if layer_meta else None
+    spec = meta.extra.get("projection", {}) if meta is not None else {}
+    if not spec.get("bits") or "G" not in entry["tensors"]:
+        return entry["tensors"]
+    return quantize.encoded(entry["tensors"], spec["bits"], spec["seed"], np.asarray(entry["ids"]))
 
 
 def _shard_row(seq, rel, kind, checkpoint, layer, ids, nbytes, checksum, storage, suffix_file,

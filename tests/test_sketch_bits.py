@@ -58,6 +58,7 @@ def test_sketch_is_stored_as_codes_and_scores_within_the_rounding_bound(tmp_path
                           "ORDER BY sample_id").fetchnumpy()["score"]
         read = [con.store.shard_tensors(r)[1]["G"] for r in rows]
         assert all(g.shape[1] == m for g in read)
+        assert con.verify() == []
         scales = np.concatenate([g.abs().amax(1).numpy() / LEVELS[bits] for g in read])
     s = _explicit_sketch(model, x, y, spec)
     t = s[12:].mean(0)
@@ -147,3 +148,37 @@ def test_sketch_bits_options_are_checked():
             con.capture(model, storage="projected", sketch_dim=4, sketch_bits=True)
         with pytest.raises(InvalidInputException, match="give sketch_dim= or sketch_budget="):
             con.capture(model, storage="projected", proj_dim=2, sketch_bits=8)
+
+
+@pytest.mark.cluster
+def test_ray_units_answer_as_the_local_engine_on_a_4bit_store(tmp_path, monkeypatch):
+    """The Ray engine's unit tasks (run in this process, as tests/test_ray_units.py does) read the
+    4-bit shards through distributed/shards.py and answer as the local engine's full scan."""
+    import metaql.engine.pruning as pruning
+    from metaql.distributed import ray_engine, ray_units
+    torch.manual_seed(4)
+    model, x, y = MLP(8, 12, 3), torch.randn(70, 8), torch.randint(0, 3, (70,))
+    ids = np.arange(64)
+    path = str(tmp_path / "r.mq")
+    with metaql.connect(path) as con:
+        con.add_samples(ids, "train", y[:64].numpy(), x[:64])
+        con.add_samples(np.arange(64, 70), "test", y[64:].numpy(), x[64:])
+        with con.capture(model, layers="*", checkpoint="c0", lr=1.0, storage="projected", sketch_dim=7,
+                         sketch_dist="count", sketch_bits=4, shard_size=16) as cap:
+            for lo in range(0, 64, 8):
+                cap.backward(F.cross_entropy(model(x[lo:lo + 8]), y[lo:lo + 8]), ids[lo:lo + 8])
+    trusted = {"trusted_factories": ["tests.models:MLP"]}      # the query side's replay builds the model
+    queries = ["SELECT TOPK(6) train FROM INFLUENCE(layers=*, query=batch(test), error=1) ORDER BY DESC",
+               "SELECT sample_id, score FROM SELF_INFLUENCE(layers=*, error=1) ORDER BY sample_id"]
+    with monkeypatch.context() as m:
+        m.setattr(pruning, "why_not", lambda plan, ctx: "off")
+        with metaql.connect(path, read_only=True, config=trusted) as con:
+            want = [con.execute(q).fetchall() for q in queries]
+    merges = []
+    real = ray_units.merge
+    monkeypatch.setattr(ray_units, "ray_runner", ray_units.local_runner)
+    monkeypatch.setattr(ray_units, "merge", lambda *a: merges.append(True) or real(*a))
+    monkeypatch.setattr(ray_engine, "uses_ray", lambda ctx, strategy: False)
+    with metaql.connect(path, read_only=True, config={"engine": "ray", **trusted}) as con:
+        got = [con.execute(q).fetchall() for q in queries]
+    assert merges and got == want and all(got)

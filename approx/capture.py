@@ -75,6 +75,13 @@ class ProjectionRequest:
         """Refuses, before any training step, a request that contradicts a layer's stored form."""
         for layer, (_, meta) in registered.items():
             mode = self.mode(layer)
+            stored_bits = meta.extra.get("projection", {}).get("bits") if meta.kind == KIND else None
+            sketched = meta.kind == KIND and meta.extra["projection"].get("sketch")
+            if self.sketch_bits is not None and sketched and stored_bits != self.sketch_bits:
+                raise InvalidInputException(
+                    f"layer '{layer}' is sketched in {stored_bits or 'full'} bits in this store (set at its first "
+                    f"capture), so sketch_bits={self.sketch_bits} cannot apply; drop sketch_bits=, or capture into "
+                    "a new store")
             if meta.kind == KIND and mode in EXACT_MODES and isinstance(self.storage, dict):
                 raise InvalidInputException(
                     f"layer '{layer}' is stored projected in this store (set at its first capture), so "
@@ -106,6 +113,8 @@ class ProjectionRequest:
             return None
         k_in, k_out = dims
         m = self.allocated.get(layer, self.sketch_dim)
+        if m and self.sketch_bits == 4:
+            m += m % 2          # two codes to a byte (storage/quantize.py): an even number of them
         sketch = m if m and m < (k_in or din) * (k_out or dout) else None
         if k_in is None and k_out is None and sketch is None:    # the bound allows no reduction
             return None

@@ -53,9 +53,10 @@ def relative_error(k_in: int | None, k_out: int | None, sketch: int | None = Non
     return math.sqrt(spec_variance({"k_in": k_in, "k_out": k_out, "sketch": sketch, "bits": bits}))
 
 
-def chebyshev_radius(k_in: int | None, k_out: int | None, delta: float, sketch: int | None = None) -> float:
+def chebyshev_radius(k_in: int | None, k_out: int | None, delta: float, sketch: int | None = None,
+                     bits: int | None = None) -> float:
     """eps such that P(|err| > eps ||G_a|| ||G_b||) <= delta (Chebyshev)."""
-    return math.sqrt(spec_variance({"k_in": k_in, "k_out": k_out, "sketch": sketch}) / delta)
+    return math.sqrt(spec_variance({"k_in": k_in, "k_out": k_out, "sketch": sketch, "bits": bits}) / delta)
 
 
 def dims_for_error(din: int, dout: int, max_error: float) -> tuple[int | None, int | None]:

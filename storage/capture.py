@@ -540,19 +540,21 @@ class ShardWriter:
         names = [k for k in parts[0][1] if not (shares and k == suffix)]
         steps = [n for n, batch in zip(seen, batches) if layer in batch and n is not None]
         tensors = {k: _cat_rows([p[1][k] for p in parts]) for k in names}
-        if layer in self._scaled:
+        if layer in self._scaled or "G" in tensors:     # a gradient built at the flush may overflow float16 too
             self._check_scaled(layer, tensors)
         return dict(layer=layer, ids=ids, tensors=tensors,
                     storage=self.modes[layer], suffix_of=owner if shares else None,
                     seen=(min(steps), max(steps)) if steps else None)
 
     def _check_scaled(self, layer: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Raises if scaling a layer's finite gradients by the loss's reduction (the batch size) overflowed."""
+        """Raises if scaling a layer's finite gradients by the loss's reduction (the batch size), or
+        storing the gradients built at the flush in the capture's dtype, overflowed."""
         names = ("G",) if "G" in tensors else self._kind(layer).gradient_factors
         if not all(_finite(tensors[k]) for k in names if k in tensors):
             raise InvalidInputException(
                 f"layer '{layer}' has gradients that overflow to infinity once multiplied back by the batch size "
-                "(the mean loss's reduction); nothing of this flush was stored (check the inputs and the lr)")
+                "(the mean loss's reduction) or stored in the capture's dtype; nothing of this flush was stored "
+                "(check the inputs and the lr; with dtype='float16', try 'bfloat16')")
 
 
 class _Recycled:

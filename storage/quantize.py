@@ -4,8 +4,8 @@ A sketched layer (metaql.approx: the layer's gradient reduced to m numbers) is s
 tensor "G" of shape (rows, m). With `sketch_bits=8` the shard holds instead "G" as int8 codes and
 "G_scale" (rows,): a row's numbers are its codes times its scale, the row's largest magnitude / L
 (L = 127). With `sketch_bits=4` the codes lie in -7..7 (L = 7) and two share a byte ("G" uint8,
-(rows, ceil(m / 2)): code + 8 in each nibble, the low one first; an odd m's last high nibble is 0,
-which no code makes). At equal bytes that is four (eight) times the numbers of float32, and the
+(rows, m / 2): code + 8 in each nibble, the low one first; such a sketch's m is even, see
+approx/capture.py). At equal bytes that is four (eight) times the numbers of float32, and the
 sketch's error falls as 1/m.
 
 The codes are rounded stochastically (up with probability the fraction's part), from a generator
@@ -43,7 +43,14 @@ def quantization_variance(bits: int | None) -> float:
 
 def encoded(tensors: dict[str, torch.Tensor], bits: int, seed: int, ids: np.ndarray) -> dict[str, torch.Tensor]:
     """{"G": int8 codes, "G_scale": float32 scales} of a sketched shard's {"G": numbers}."""
+    from metaql.errors import InvalidInputException
     g = tensors["G"].detach().float()
+    if bits == 4 and g.shape[1] % 2:
+        raise InvalidInputException(f"a 4-bit sketch needs an even number of numbers per row, not {g.shape[1]}")
+    if not bool(torch.isfinite(g).all()):
+        # a sketch in float16 (dtype='float16') overflows above 65504: no codes could stand for it
+        raise InvalidInputException("a sketch to store in fewer bits has NaN or infinite numbers; nothing of this "
+                                    "flush was stored (with dtype='float16', capture in 'float32' or 'bfloat16')")
     top = LEVELS[bits]
     scale = g.abs().amax(dim=1) / top
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -64,15 +71,12 @@ def decoded(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _packed_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """(rows, m) codes in -7..7 -> (rows, ceil(m / 2)) uint8, code + 8 per nibble, low nibble first."""
+    """(rows, m) codes in -7..7, m even -> (rows, m / 2) uint8, code + 8 per nibble, low nibble first."""
     biased = (codes + 8).to(torch.uint8)
-    if biased.shape[1] % 2:
-        biased = torch.cat([biased, torch.zeros(biased.shape[0], 1, dtype=torch.uint8)], dim=1)
     return biased[:, 0::2] | (biased[:, 1::2] << 4)
 
 
 def _unpacked_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """The codes (rows, m) of _packed_nibbles' bytes: m is odd when the last high nibble is 0."""
-    both = torch.stack([packed & 15, packed >> 4], dim=2).reshape(packed.shape[0], -1)
-    odd = packed.shape[0] > 0 and packed.shape[1] > 0 and int(packed[0, -1]) >> 4 == 0
-    return (both[:, :-1] if odd else both).to(torch.int8) - 8
+    """The codes (rows, 2 x bytes) of _packed_nibbles' bytes."""
+    both = torch.stack([packed & 15, packed >> 4], dim=2).reshape(packed.shape[0], 2 * packed.shape[1])
+    return both.to(torch.int8) - 8

@@ -211,7 +211,8 @@ class Shard:
         col = self._table.column(name)
         # one chunk (as write_shard writes) is viewed in place; combine_chunks would copy the column
         col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-        values = col.values.to_numpy(zero_copy_only=True) if self.rows else np.zeros(0, np.float32)
+        values = col.values.to_numpy(zero_copy_only=True) if self.rows else \
+            np.zeros(0, np.int16 if info["dtype"] == _BF16_TAG else np.dtype(info["dtype"]))
         with warnings.catch_warnings():
             # the mapping is read-only by design; operators never write into it
             warnings.simplefilter("ignore", UserWarning)

@@ -39,21 +39,24 @@ def _explicit_sketch(model, x, y, spec) -> torch.Tensor:
     return torch.zeros(len(G), m, dtype=torch.double).index_add_(1, buckets, G * signs.double())
 
 
-@pytest.mark.parametrize("bits,m", [(8, M), (4, M), (4, M + 1)])
-def test_sketch_is_stored_as_codes_and_scores_within_the_rounding_bound(tmp_path, bits, m):
+@pytest.mark.parametrize("bits,asked", [(8, M), (8, M + 1), (4, M), (4, M + 1)])
+def test_sketch_is_stored_as_codes_and_scores_within_the_rounding_bound(tmp_path, bits, asked):
+    """4 bits store two codes to a byte: an odd sketch_dim is rounded up to even."""
     torch.manual_seed(0)
     model, x, y = SeqModel(6, 9, 3), torch.randn(15, 5, 6), torch.randint(0, 3, (15,))
     ids = np.arange(12)
+    m = asked + asked % 2 if bits == 4 else asked
     with metaql.connect(str(tmp_path / "q.mq")) as con:
-        _sketch_store(con, model, x, y, ids, m=m, sketch_bits=bits)
+        _sketch_store(con, model, x, y, ids, m=asked, sketch_bits=bits)
         spec = con.store.layer_meta("proj")[0].extra["projection"]
+        assert spec["sketch"] == m
         assert spec["bits"] == bits and spec["error"] == pytest.approx(relative_error(None, None, m, bits))
         assert spec["error"] > relative_error(None, None, m)
         rows = con.store.factor_shards("c0", "proj")
         raw = con.store.open_shard(rows[0]["file"], rows[0]["checksum"])
         codes = raw.tensor("G")
         assert raw.tensor(SCALE).dtype == torch.float32
-        assert (codes.dtype, codes.shape[1]) == ((torch.int8, m) if bits == 8 else (torch.uint8, (m + 1) // 2))
+        assert (codes.dtype, codes.shape[1]) == ((torch.int8, m) if bits == 8 else (torch.uint8, m // 2))
         got = con.execute("SELECT score FROM INFLUENCE(layers=[proj], query=batch(test), error=1) "
                           "ORDER BY sample_id").fetchnumpy()["score"]
         read = [con.store.shard_tensors(r)[1]["G"] for r in rows]
@@ -96,7 +99,7 @@ def test_rounding_is_unbiased_and_its_variance_within_the_bound(bits):
     """Over 4,000 shards (seeds from their first ids), the decoded rows' mean is within 4 standard
     errors of the numbers, and each number's error variance is at most scale^2 / 4."""
     torch.manual_seed(2)
-    g = torch.randn(3, 51) * torch.tensor([[1.0], [1e-3], [40.0]])
+    g = torch.randn(3, 50) * torch.tensor([[1.0], [1e-3], [40.0]])
     g[1, 7] = 0.0
     draws = torch.stack([decoded(encoded({"G": g}, bits, 5, np.array([i])))["G"] for i in range(4000)])
     scale = g.abs().amax(1, keepdim=True) / LEVELS[bits]
@@ -107,8 +110,8 @@ def test_rounding_is_unbiased_and_its_variance_within_the_bound(bits):
     assert torch.all((err.mean(0)).abs() <= 4 * se + 1e-12)
     assert torch.all(err.var(0) <= scale ** 2 / 4 * 1.1)
     assert quantization_variance(bits) == pytest.approx(1 / (4 * LEVELS[bits] ** 2))
-    zero = encoded({"G": torch.zeros(2, 5)}, bits, 0, np.array([0]))      # a row of zeros: scale 0, codes 0
-    assert torch.equal(decoded(zero)["G"], torch.zeros(2, 5))
+    zero = encoded({"G": torch.zeros(2, 6)}, bits, 0, np.array([0]))      # a row of zeros: scale 0, codes 0
+    assert torch.equal(decoded(zero)["G"], torch.zeros(2, 6))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -139,6 +142,32 @@ def test_topk_norms_are_those_of_the_numbers_read_back(tmp_path, bits):
         assert answers[0] == answers[1]
 
 
+@pytest.mark.parametrize("bits", [None, 4])
+def test_a_sketch_that_overflows_float16_is_refused_not_stored(tmp_path, bits):
+    """A sketch built at the flush in dtype='float16' can exceed 65504: the flush is refused with
+    advice (it stored infinities before, and in 4 bits misread the shard's width)."""
+    torch.manual_seed(5)
+    model, x, y = SeqModel(6, 9, 3), torch.randn(15, 5, 6), torch.randint(0, 3, (15,))
+    ids = np.arange(12)
+    with metaql.connect(str(tmp_path / "o.mq")) as con:
+        con.add_samples(ids, "train", y[:12].numpy(), x[:12])
+        with pytest.raises(InvalidInputException, match="overflow to infinity .* stored in the capture's dtype"):
+            with con.capture(model, layers=["proj"], checkpoint="c0", lr=1.0, storage={"proj": "projected"},
+                             sketch_dim=6, sketch_dist="count", sketch_bits=bits, dtype="float16",
+                             background=False) as cap:
+                cap.backward(F.cross_entropy(model(x[:12]), y[:12]) * 3e5, ids)
+        assert con.execute("SELECT count(*) FROM shards WHERE kind = 'factors'").fetchone()[0] == 0
+
+
+def test_zero_row_shards_read_back_in_their_dtype(tmp_path):
+    from metaql.storage.tensorfile import Shard, write_shard
+    for bits in (8, 4):
+        path = tmp_path / f"z{bits}.arrow"
+        write_shard(path, np.zeros(0, np.int64), encoded({"G": torch.zeros(0, 6)}, bits, 0, np.zeros(0, np.int64)))
+        shard = Shard(path)
+        assert decoded({n: shard.tensor(n) for n in shard.names()})["G"].shape == (0, 6)
+
+
 def test_sketch_bits_options_are_checked():
     with metaql.connect(":memory:") as con:
         model = MLP(4, 5, 2)
@@ -148,6 +177,24 @@ def test_sketch_bits_options_are_checked():
             con.capture(model, storage="projected", sketch_dim=4, sketch_bits=True)
         with pytest.raises(InvalidInputException, match="give sketch_dim= or sketch_budget="):
             con.capture(model, storage="projected", proj_dim=2, sketch_bits=8)
+
+
+def test_sketch_bits_against_a_layer_stored_otherwise_is_refused(tmp_path):
+    """A layer keeps its first capture's sketch: a later capture asking other bits is refused before
+    any step (it was silently stored as before); leaving sketch_bits out keeps the stored form."""
+    torch.manual_seed(6)
+    model, x, y = SeqModel(6, 9, 3), torch.randn(15, 5, 6), torch.randint(0, 3, (15,))
+    ids = np.arange(12)
+    with metaql.connect(str(tmp_path / "k.mq")) as con:
+        _sketch_store(con, model, x, y, ids, sketch_bits=8)
+        with pytest.raises(InvalidInputException, match="sketched in 8 bits in this store"):
+            con.capture(model, layers=["proj"], checkpoint="c1", storage={"proj": "projected"}, sketch_dim=M,
+                        sketch_dist="count", sketch_bits=4)
+        with con.capture(model, layers=["proj"], checkpoint="c1", lr=0.5, storage={"proj": "projected"},
+                         sketch_dim=M, sketch_dist="count") as cap:
+            cap.backward(F.cross_entropy(model(x[:4]), y[:4]), ids[:4])
+        row = con.store.factor_shards("c1", "proj")[0]
+        assert con.store.open_shard(row["file"], row["checksum"]).tensor("G").dtype == torch.int8
 
 
 @pytest.mark.cluster

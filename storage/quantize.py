@@ -9,7 +9,8 @@ approx/capture.py). At equal bytes that is four (eight) times the numbers of flo
 sketch's error falls as 1/m.
 
 The codes are rounded stochastically (up with probability the fraction's part), from a generator
-seeded by the layer's seed and the shard's first id, so a capture is reproducible and the rounding
+seeded by the layer's seed, the checkpoint and the shard's first id (so the rounding of one sample
+in two checkpoints is independent), so a capture is reproducible and the rounding
 is unbiased: E[decoded] = G. Given the sketches, each number's error is independent with mean 0
 and variance at most scale^2 / 4, so for a query side t the error of <decoded, t> has variance at
 most ||t||^2 scale^2 / 4 <= (q^2 / 4) ||G||^2 ||t||^2 with q = 1/L (the largest magnitude is at
@@ -41,7 +42,8 @@ def quantization_variance(bits: int | None) -> float:
     return 1.0 / (4.0 * LEVELS[bits] ** 2)
 
 
-def encoded(tensors: dict[str, torch.Tensor], bits: int, seed: int, ids: np.ndarray) -> dict[str, torch.Tensor]:
+def encoded(tensors: dict[str, torch.Tensor], bits: int, seed: int, ids: np.ndarray,
+            checkpoint: str = "") -> dict[str, torch.Tensor]:
     """{"G": int8 codes, "G_scale": float32 scales} of a sketched shard's {"G": numbers}."""
     from metaql.errors import InvalidInputException
     g = tensors["G"].detach().float()
@@ -54,7 +56,8 @@ def encoded(tensors: dict[str, torch.Tensor], bits: int, seed: int, ids: np.ndar
     top = LEVELS[bits]
     scale = g.abs().amax(dim=1) / top
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{int(ids[0]) if len(ids) else 0}".encode()))
+    first = int(ids[0]) if len(ids) else 0
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{checkpoint}:{first}".encode()))
     # floor(x + u), u uniform in [0, 1): rounds up with probability x's fractional part (unbiased)
     codes = torch.floor(g / safe[:, None] + torch.rand(g.shape, generator=generator)).clamp_(-top, top)
     return {"G": codes.to(torch.int8) if bits == 8 else _packed_nibbles(codes), SCALE: scale}

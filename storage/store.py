@@ -804,7 +804,7 @@ class Store:
                 seq, rel = named[e["layer"]]
                 path = self._path_for_write(rel)
                 written.append(path)
-                stored = _stored_tensors(e, metas.get(e["layer"]))
+                stored = _stored_tensors(e, metas.get(e["layer"]), checkpoint)
                 if stored is not e["tensors"]:      # 8-bit: the norms below are of the numbers read back
                     measured[i] = dict(e, tensors=quantize.decoded(stored))
                 staged.append(stage_shard(path, e["ids"], stored))
@@ -1118,14 +1118,14 @@ def is_checkpoint_name(name: str) -> bool:
 _MEASURED: dict = {}
 
 
-def _stored_tensors(entry: dict, layer_meta) -> dict:
+def _stored_tensors(entry: dict, layer_meta, checkpoint: str) -> dict:
     """The tensors a flush's entry is written as: a sketched layer stored in 8 bits gets its codes
     and scales (storage/quantize.py), any other its own."""
     meta = layer_meta[0] if layer_meta else None
     spec = meta.extra.get("projection", {}) if meta is not None else {}
     if not spec.get("bits") or "G" not in entry["tensors"]:
         return entry["tensors"]
-    return quantize.encoded(entry["tensors"], spec["bits"], spec["seed"], np.asarray(entry["ids"]))
+    return quantize.encoded(entry["tensors"], spec["bits"], spec["seed"], np.asarray(entry["ids"]), checkpoint)
 
 
 def _shard_row(seq, rel, kind, checkpoint, layer, ids, nbytes, checksum, storage, suffix_file,

@@ -229,3 +229,22 @@ def test_ray_units_answer_as_the_local_engine_on_a_4bit_store(tmp_path, monkeypa
     with metaql.connect(path, read_only=True, config={"engine": "ray", **trusted}) as con:
         got = [con.execute(q).fetchall() for q in queries]
     assert merges and got == want and all(got)
+
+
+def test_one_samples_roundings_in_two_checkpoints_are_independent(tmp_path):
+    """The rounding's generator is seeded by the checkpoint too: the same weights captured under two
+    checkpoints round differently (the same stream in both made their errors add up, not average)."""
+    torch.manual_seed(7)
+    model, x, y = SeqModel(6, 9, 3), torch.randn(15, 5, 6), torch.randint(0, 3, (15,))
+    ids = np.arange(12)
+    with metaql.connect(str(tmp_path / "c.mq")) as con:
+        _sketch_store(con, model, x, y, ids, sketch_bits=4)
+        with con.capture(model, layers=["proj"], checkpoint="c1", lr=0.5) as cap:
+            for lo in range(0, 12, 4):
+                cap.backward(F.cross_entropy(model(x[lo:lo + 4]), y[lo:lo + 4]), ids[lo:lo + 4])
+        raw = {c: [con.store.open_shard(r["file"], r["checksum"]) for r in con.store.factor_shards(c, "proj")]
+               for c in ("c0", "c1")}
+        codes = {c: torch.cat([s.tensor("G") for s in shards]) for c, shards in raw.items()}
+        scales = {c: torch.cat([s.tensor(SCALE) for s in shards]) for c, shards in raw.items()}
+    torch.testing.assert_close(scales["c0"], scales["c1"])      # the same numbers: the same scales
+    assert not torch.equal(codes["c0"], codes["c1"])

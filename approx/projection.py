@@ -43,7 +43,7 @@ def spec_variance(spec: dict) -> float:
     v = variance_factor(spec["k_in"], spec["k_out"])
     m = spec.get("sketch")
     v = v + 2.0 / m * (1.0 + v) if m else v
-    # a sketch stored in 8 bits: the rounding's q^2/4 relative variance (storage/quantize.py), of the
+    # a sketch stored in 8 or 4 bits: the rounding's q^2/4 relative variance (storage/quantize.py), of the
     # sketches' norms, whose squares' product is at most (1 + v) times the gradients' in expectation
     return v + quantization_variance(spec.get("bits")) * (1.0 + v)
 

@@ -44,7 +44,9 @@ def quantization_variance(bits: int | None) -> float:
 
 def encoded(tensors: dict[str, torch.Tensor], bits: int, seed: int, ids: np.ndarray,
             checkpoint: str = "") -> dict[str, torch.Tensor]:
-    """{"G": int8 codes, "G_scale": float32 scales} of a sketched shard's {"G": numbers}."""
+    """{"G": codes (int8, or two 4-bit codes a byte in uint8), "G_scale": float32 scales} of a sketched
+    shard's {"G": numbers}; the rounding's generator is seeded by the layer's `seed`, `checkpoint` and
+    the shard's first id."""
     from metaql.errors import InvalidInputException
     g = tensors["G"].detach().float()
     if bits == 4 and g.shape[1] % 2:

@@ -805,7 +805,7 @@ class Store:
                 path = self._path_for_write(rel)
                 written.append(path)
                 stored = _stored_tensors(e, metas.get(e["layer"]), checkpoint)
-                if stored is not e["tensors"]:      # 8-bit: the norms below are of the numbers read back
+                if stored is not e["tensors"]:      # in bits: the norms below are of the numbers read back
                     measured[i] = dict(e, tensors=quantize.decoded(stored))
                 staged.append(stage_shard(path, e["ids"], stored))
                 suffix = rels[e["suffix_of"]] if e.get("suffix_of") else e.get("suffix_file")
@@ -1119,7 +1119,7 @@ _MEASURED: dict = {}
 
 
 def _stored_tensors(entry: dict, layer_meta, checkpoint: str) -> dict:
-    """The tensors a flush's entry is written as: a sketched layer stored in 8 bits gets its codes
+    """The tensors a flush's entry is written as: a sketched layer stored in 8 or 4 bits gets its codes
     and scales (storage/quantize.py), any other its own."""
     meta = layer_meta[0] if layer_meta else None
     spec = meta.extra.get("projection", {}) if meta is not None else {}

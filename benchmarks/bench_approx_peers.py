@@ -80,8 +80,8 @@ BLOCK_FLOATS = 2 ** 28       # a projector block (grad_dim x block_size float32)
 def config_named(text: str) -> dict:
     """--configs entries: 's' the sketched store (k=256, m=64), 'u<m>' a sketch of m numbers of each
     layer's unprojected gradient, 'c<M>' a count sketch of the unprojected gradients with M numbers
-    per sample split among the layers by energy (sketch_budget), 'c<M>b8' the same stored in 8 bits
-    (sketch_bits=8), '<k>' plain projected storage with k per side."""
+    per sample split among the layers by energy (sketch_budget), 'c<M>b8' or 'c<M>b4' the same stored
+    in 8 or 4 bits (sketch_bits), '<k>' plain projected storage with k per side."""
     if text == "s":
         return SKETCHED
     if text.startswith("c"):
@@ -251,13 +251,15 @@ def main(argv=None):
     ap.add_argument("--configs", help="comma-separated configurations to run (default: the workload's): a proj_dim, "
                     "'s' (k=256, sketch m=64), 'u<m>' (a sketch of m numbers of the unprojected gradient), "
                     "'c<M>' (a count sketch of the unprojected gradients, M numbers split by energy; 'c<M>b8' stored "
-                    "in 8 bits)")
+                    "in 8 bits, 'c<M>b4' in 4)")
     ap.add_argument("--half", action="store_true", help="both sides store float16 (TRAK's default "
                     "use_half_precision=True): MetaQL dtype='float16', the peer proj_dim = bytes // 2")
     ap.add_argument("--out", help="the results file's name under benchmarks/results (no .md)")
     add_threads_option(ap)
     add_clock_option(ap)
     args = ap.parse_args(argv)
+    if args.half and args.dattri:
+        ap.error("--half compares float16 storage; dattri's projected TracIn keeps float32 (run it without --half)")
     set_threads(args.threads)
     set_clock(args.clock)
     import importlib.metadata as md

@@ -7,6 +7,7 @@ hurt the misclassified test samples most, and scores the answer against the flip
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -18,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import metaql
+from metaql.errors import IOException
 from metaql.format import render
+from metaql.storage.files import CATALOG, WriterLock
 
 DEFAULT_STORE = "metaql-demo.mq"
 QUERIES = {
@@ -148,6 +151,31 @@ def _epochs(text: str) -> int:
     return n
 
 
+def _unusable(path: Path, force: bool) -> str | None:
+    """Why the demo may not write its store at `path`, or None. --force replaces a MetaQL store
+    that no process is writing, and nothing else: `metaql demo . --force` must not empty the
+    user's folder."""
+    if os.path.islink(path) or (os.path.lexists(path) and not path.is_dir()):
+        return f"{path} is a file or a link; name a directory for the demo's store"
+    if not path.exists() or not any(path.iterdir()):
+        return None
+    if not (path / CATALOG).is_file():
+        return (f"{path} is a non-empty directory that is not a MetaQL store; name a new or empty directory "
+                "(--force replaces only a MetaQL store)")
+    if not force:
+        return f"{path} exists; pass --force to replace it, or name another directory"
+    return _in_use(path)
+
+
+def _in_use(path: Path) -> str | None:
+    """Why the store at `path` cannot be replaced now: a process holds its writer lock."""
+    try:
+        WriterLock(path).release()
+    except IOException as e:
+        return f"{e}; close it before replacing the store"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="metaql demo", description=__doc__.split("\n\n")[0])
     p.add_argument("store", nargs="?", default=DEFAULT_STORE, help=f"store directory (default: {DEFAULT_STORE})")
@@ -157,10 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace the store if it exists")
     args = p.parse_args(argv)
     path = Path(args.store)
-    if path.exists() and any(path.iterdir()):
-        if not args.force:
-            print(f"Error: {path} exists; pass --force to replace it, or name another directory", file=sys.stderr)
-            return 1
+    refusal = _unusable(path, args.force)
+    if refusal:
+        print(f"Error: {refusal}", file=sys.stderr)
+        return 1
+    if os.path.lexists(path) and any(path.iterdir()):
         shutil.rmtree(path)
     e = args.epochs
     run(args.store, epochs=e, checkpoints=(max(1, e // 3), max(1, 2 * e // 3), e), seed=args.seed)

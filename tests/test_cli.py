@@ -39,3 +39,25 @@ def test_command_errors_exit_nonzero(tmp_path):
     assert out.returncode == 1 and "not registered" in out.stderr and "42" not in out.stdout
     ok = run(store, "--mode", "csv", stdin="SELECT 42 AS answer;\n.mode json\nSELECT 1 AS one;\n")
     assert ok.returncode == 0 and ok.stdout.splitlines()[:2] == ["answer", "42"] and '[{"one": 1}]' in ok.stdout
+
+
+def test_demo_force_replaces_only_a_store_no_one_writes(tmp_path, capsys):
+    """`metaql demo DIR --force` removed any folder (a user's `metaql demo . --force` would have
+    emptied it); now it replaces a MetaQL store and nothing else."""
+    from metaql import demo
+    folder = tmp_path / "victim"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("important")
+    assert demo.main([str(folder), "--force"]) == 1
+    assert (folder / "notes.txt").read_text() == "important"
+    assert "not a MetaQL store" in capsys.readouterr().err
+    plain = tmp_path / "file.txt"
+    plain.write_text("x")
+    assert demo.main([str(plain), "--force"]) == 1 and plain.read_text() == "x"
+    assert "name a directory" in capsys.readouterr().err
+    store = tmp_path / "old.mq"
+    writer = metaql.connect(str(store))
+    assert "open for writing" in demo._unusable(store, force=True)
+    writer.close()
+    assert demo._unusable(store, force=True) is None
+    assert "--force" in demo._unusable(store, force=False)

@@ -808,6 +808,15 @@ class Capture:
                 "store half precision (dtype='float16'), put the store on a faster disk, or leave the writer a free "
                 "core (cap.stats has the figures)", MetaQLWarning, stacklevel=user_stacklevel())
 
+    def _warn_if_nothing_seen(self) -> None:
+        """A loop that called loss.backward() instead of cap.backward() trains as usual and stores
+        nothing: without a word, the checkpoint would look captured."""
+        if self.batches_seen == 0:
+            warnings.warn(
+                f"capture '{self.checkpoint}' saw no batch: nothing but the weights was stored. In the training "
+                "loop call cap.backward(loss, ids) instead of loss.backward() (or cap.record(ids) after a "
+                "framework's own backward pass)", MetaQLWarning, stacklevel=user_stacklevel())
+
     def _require_open(self, call: str) -> None:
         """Outside its `with` a capture has no hooks on the model: a batch would train and store
         nothing, without a word (checkpoint never begun, or already finished)."""
@@ -933,6 +942,7 @@ class Capture:
                 self.writer.finished()
         if complete:
             self._warn_if_writer_bound()
+            self._warn_if_nothing_seen()
 
 
 def _unique_ids(ids) -> tuple[np.ndarray, list[int]]:

@@ -58,3 +58,18 @@ def test_a_capture_that_waited_for_its_writer_warns_with_the_figures(store_dir, 
             cap, _ = _capture(con, model, x, y, "c0", shard_size=4, steps=8)
         assert cap.stats["writer_wait_s"] > 0.1 and cap.stats["flushes"] == 8
         assert con.verify() == []
+
+
+def test_a_capture_that_saw_no_batch_says_so(store_dir):
+    """A loop that calls loss.backward() instead of cap.backward() trained and stored nothing,
+    and the capture ended as if all was well."""
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with metaql.connect(store_dir) as con:
+        con.add_samples(np.arange(8), "train", y.numpy(), x)
+        with pytest.warns(metaql.Warning, match=r"saw no batch.*cap\.backward\(loss, ids\)"):
+            with con.capture(model, checkpoint="c0", lr=0.1):
+                F.cross_entropy(model(x), y).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", metaql.Warning)
+            _capture(con, model, x, y, "c1")

@@ -531,6 +531,7 @@ class Store:
         spec, trusted_loss = task_spec(task)     # checked before anything is written
         if name in existing:
             self._check_resumed_task(existing[name], spec)
+            self._check_resumed_model(existing[name], model, lr)
             return existing[name]
         model_id = self._model_id(model, factory, kwargs, spec, trusted_loss)
         rel = f"weights/{name}.safetensors"
@@ -553,6 +554,22 @@ class Store:
         if recorded != spec_text(spec):
             raise InvalidInputException(f"checkpoint '{c['name']}' was captured with the task {recorded}, not "
                                         f"{spec_text(spec)}: resume it with that task, or capture a new checkpoint")
+
+    def _check_resumed_model(self, c: dict, model: nn.Module, lr: float) -> None:
+        """A resumed capture must add factors of the checkpoint's own model and lr: another
+        architecture would store layers the checkpoint's weights lack, another lr would weight its
+        factors by the wrong step size, both without a word."""
+        if float(lr) != float(c["lr"]):
+            raise InvalidInputException(f"checkpoint '{c['name']}' was captured with lr={c['lr']:g}, not lr={float(lr):g}: "
+                                        "resume it with that lr, or capture a new checkpoint (another name)")
+        saved = model_files.weight_shapes(self._inside(c["weights_file"]))
+        given = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if given != saved:
+            differ = sorted(set(given) ^ set(saved)) or sorted(k for k in given if given[k] != saved[k])
+            raise InvalidInputException(
+                f"checkpoint '{c['name']}' was captured with another architecture (its weights and this model differ at "
+                f"{', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}): resume it with the same model, or "
+                "capture a new checkpoint (another name)")
 
     def finish_checkpoint(self, name: str, status: str = "complete") -> None:
         fault_point("commit.finish.before")

@@ -190,6 +190,29 @@ def test_ids_seen_twice_in_one_capture_warn_once_and_a_resume_stays_silent(tmp_p
         assert c.execute("SELECT count(*) FROM SELF_INFLUENCE(checkpoints=[c1])").fetchone() == (8,)
 
 
+def test_a_resume_with_another_model_or_lr_is_refused_before_anything_is_stored(tmp_path):
+    """Reusing a checkpoint's name with another architecture stored the other model's layers into it
+    (queries then failed on an unknown layer), and with another lr weighted its factors wrongly."""
+    torch.manual_seed(0)
+    model, x, y = MLP(), torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with metaql.connect(str(tmp_path / "s"), config={"progress": False}) as c:
+        c.add_samples(np.arange(8), "train", y.numpy(), x)
+        with c.capture(model, checkpoint="c1", lr=0.1) as cap:
+            cap.backward(F.cross_entropy(model(x[:4]), y[:4]), np.arange(4))
+        other = torch.nn.Sequential(torch.nn.Linear(6, 3))
+        with pytest.raises(metaql.InvalidInputException, match="another architecture.*capture a new checkpoint"):
+            with c.capture(other, checkpoint="c1", lr=0.1) as cap:
+                cap.backward(F.cross_entropy(other(x[4:]), y[4:]), np.arange(4, 8))
+        with pytest.raises(metaql.InvalidInputException, match="lr=0.1, not lr=0.5"):
+            with c.capture(model, checkpoint="c1", lr=0.5) as cap:
+                cap.backward(F.cross_entropy(model(x[4:]), y[4:]), np.arange(4, 8))
+        assert [r[0] for r in c.execute("SHOW LAYERS").fetchall()] == ["fc1", "fc2"]
+        assert c.execute("SELECT count(*) FROM SELF_INFLUENCE(checkpoints=[c1])").fetchone() == (4,)
+        with c.capture(model, checkpoint="c1", lr=0.1) as cap:         # the same model and lr resume
+            cap.backward(F.cross_entropy(model(x[4:]), y[4:]), np.arange(4, 8))
+        assert c.execute("SELECT count(*) FROM SELF_INFLUENCE(checkpoints=[c1])").fetchone() == (8,)
+
+
 # ---- the shell's completion offers what the language takes ------------------------------------------
 def test_completion_offers_each_and_first(store, tmp_path):
     import io

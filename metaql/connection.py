@@ -964,7 +964,9 @@ def _tensor_side(query, loss: str):
     if labels is not None:
         labels = torch.as_tensor(np.asarray(labels))
         if labels.shape[:1] != (n,):
-            raise InvalidInputException(f"{n} query inputs but {labels.shape[0] if labels.dim() else 1} labels")
+            one = (f" (the inputs' first axis is the samples': for one sample of shape {tuple(first.shape)}, pass "
+                   "x.unsqueeze(0))" if first.dim() == 1 and labels.numel() == 1 else "")
+            raise InvalidInputException(f"{n} query inputs but {labels.shape[0] if labels.dim() else 1} labels{one}")
     elif loss == "label":
         raise InvalidInputException("loss='label' needs the query's labels: pass query=(inputs, labels), or use "
                                     "loss='pred' or 'expected'")

@@ -179,6 +179,19 @@ def test_query_tensors_each_equal_the_registered_set(store_dir):
     assert (top["query_id"] + 11).tolist() == sql_top["query_id"].tolist()
 
 
+def test_query_tensor_labels_are_checked_like_registered_ones(store_dir):
+    """A query label of 1.7 was truncated to class 1 without a word (add_samples refuses it), and a
+    single sample without its batch axis got a bare count mismatch."""
+    with metaql.connect(store_dir) as con:
+        _, x, y, _, _ = _mlp_store(con, 7)
+        with pytest.raises(metaql.InvalidInputException, match=r"whole class indices; 1 are not \(e\.g\. \[1\.7"):
+            con.influence(query=(x[11:13], torch.tensor([1.7, 2.0])))
+        same = con.influence(query=(x[11:13], torch.tensor([1.0, 2.0]))).fetchall()
+        assert same == con.influence(query=(x[11:13], torch.tensor([1, 2]))).fetchall()
+        with pytest.raises(metaql.InvalidInputException, match=r"pass x\.unsqueeze\(0\)"):
+            con.influence(query=(x[11], torch.tensor([1])))
+
+
 def test_matrix_errors_say_what_to_do(store_dir):
     with metaql.connect(store_dir) as con:
         _mlp_store(con, 3)

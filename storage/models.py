@@ -162,9 +162,12 @@ def untrusted(factory: object, kwargs_json: object) -> UntrustedFactoryError:
     try:
         name = check_factory_name(factory)
     except BinderException:
-        return UntrustedFactoryError(f"{what}; it is not a factory MetaQL can call: pass an instance of the "
-                                     "architecture to con.attach_model(model) (the weights still come from "
-                                     "the store)")
+        where = (" (the class was defined in a script, which no other process can import: move it into a module, "
+                 "e.g. mymodels.py, and capture with that class, then the shell takes `metaql STORE --model "
+                 "mymodels:ClassName`)" if str(factory).startswith("__main__:") or "<locals>" in str(factory) else "")
+        return UntrustedFactoryError(f"{what}; it is not a factory MetaQL can call{where}: in Python, pass an "
+                                     "instance of the architecture to con.attach_model(model) (the weights still "
+                                     "come from the store)")
     return UntrustedFactoryError(
         f"{what}. If you trust it: metaql.connect(path, config={{'trusted_factories': ['{name}']}}), or "
         f"in the shell `metaql STORE --model {name}`; or pass an instance of the architecture to "

@@ -247,3 +247,13 @@ def test_huge_kwargs_are_refused_before_anything_is_allocated(real_store, tmp_pa
         with metaql.connect(str(path), read_only=True, config={"trusted_factories": [REAL]}) as con:
             with pytest.raises(metaql.BinderException, match="does not fit the checkpoint's weights"):
                 con.execute(INFLUENCE)
+
+
+def test_a_model_class_of_a_script_says_how_the_shell_can_rebuild_it(real_store, tmp_path, capsys):
+    """A class defined in a script (`__main__:Bag`) cannot be imported by another process; the
+    error told a shell user to call con.attach_model, which the shell has no way to do."""
+    path = copy_of(real_store, tmp_path)
+    tamper(path, "__main__:Bag", "{}")
+    assert cli.main([str(path), "--readonly", "-c", INFLUENCE + ";"]) == 1
+    err = capsys.readouterr().err
+    assert "defined in a script" in err and "--model mymodels:ClassName" in err and "attach_model" in err

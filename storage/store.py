@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from metaql.errors import (BinderException, CatalogException, InvalidInputException, IOException,
-                                  ProgrammingError)
+                                  ProgrammingError, user_stacklevel)
 from metaql.storage import durable, files
 from metaql.storage import inputs as structured_inputs
 from metaql.storage.artifacts import artifact_problems
@@ -597,7 +597,8 @@ class Store:
                 "module)" if factory.startswith("__main__:") or "<locals>" in factory else ""
             warnings.warn(f"MetaQL cannot rebuild this model from '{factory}' with {kwargs}{script}: queries "
                           "that replay samples will work only in this process, or after con.attach_model(model) "
-                          "(pass factory='pkg.mod:fn' and kwargs= to con.capture to fix)", stacklevel=4)
+                          "(to fix, pass factory='pkg.mod:fn' and kwargs= where the checkpoint is begun: "
+                          "con.capture, con.checkpoint or the training integration)", stacklevel=user_stacklevel())
         model_id = self.db.execute("SELECT coalesce(max(model_id), 0) + 1 FROM models").fetchone()[0]
         self.db.execute("INSERT INTO models (model_id, factory, kwargs, loss) VALUES (?, ?, ?, ?)",
                         [model_id, factory, json.dumps(kwargs, sort_keys=True), task])

@@ -197,3 +197,20 @@ print("transformers.modeling_utils" in sys.modules)
                          cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_model_that_cannot_be_rebuilt_warns_at_the_users_line_naming_where_to_fix_it(tmp_path):
+    """The warning pointed into MetaQL's own code (stacklevel 4 from the store) and told a user of
+    con.checkpoint to pass factory= to con.capture, which they never called."""
+    class Local(nn.Module):              # <locals> in its name: no other process can import it
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x)
+    with metaql.connect(tmp_path / "s") as con:
+        con.add_samples(np.arange(4), "train", np.arange(4) % 3, torch.randn(4, 4))
+        with pytest.warns(UserWarning, match="cannot rebuild.*con.capture, con.checkpoint") as seen:
+            con.checkpoint(Local(), "c0", lr=0.5)
+    assert [w.filename for w in seen if "cannot rebuild" in str(w.message)] == [__file__]

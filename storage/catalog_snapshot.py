@@ -109,7 +109,8 @@ class CatalogSnapshot:
         (a pattern's matches sorted); an unknown name or a pattern matching nothing is refused."""
         known = list(self.layers)
         if not known:
-            raise CatalogException("the store has no captured layers yet; capture some with con.capture(...)")
+            raise CatalogException(f"{self.store.where()} has no captured layers yet; capture some with "
+                                   "con.capture(...)")
         if spec is None or (isinstance(spec, str) and spec == "*") or (
                 isinstance(spec, (list, tuple)) and list(spec) == list(EVERY_LAYER)):
             return known

@@ -70,8 +70,9 @@ class Store:
         self._verified: set[str] = set()
         self._weights_ok: set[tuple] = set()
         self.trusted_factories: set[str] = set()   # model code this process said to run (model_at)
+        self.created = False       # this connection made a new store (a mistyped path, often)
         try:
-            files.check_store_dir(self.root, read_only)
+            self.created = files.check_store_dir(self.root, read_only)
             files.refuse_symlinks(self.root)
             if read_only:
                 self._reader = ReaderCopy(self.root)
@@ -92,6 +93,14 @@ class Store:
             raise
 
     # ---- lifecycle -------------------------------------------------------------------------
+    def where(self) -> str:
+        """Which store this is, for messages about what it lacks: a user who mistyped a path got a
+        new empty store and an error that never said so."""
+        if self._owner._tmpdir is not None:
+            return "the in-memory store (:memory:)"
+        made = ", a new empty store this connection created (is the path right?)" if self._owner.created else ""
+        return f"the store {self.root}{made}"
+
     @property
     def closed(self) -> bool:
         return self._closed or self._owner._closed

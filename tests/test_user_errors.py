@@ -455,3 +455,19 @@ def test_show_functions_descriptions_are_whole_sentences(con):
     assert described["SELF_INFLUENCE"] == ("Squared gradient norm of each training sample (summed over layers, "
                                            "lr-weighted over checkpoints), from the factors only.")
     assert all(text.endswith((".", ")", ":")) for text in described.values()), described   # not mid-sentence
+
+
+def test_a_query_over_an_empty_store_names_the_store_and_that_it_was_just_created(tmp_path):
+    """A mistyped path made a new empty store, and the error ('the store has no captured layers
+    yet') never said which store nor that it was new."""
+    typo = tmp_path / "demoo.mq"
+    with metaql.connect(str(typo)) as c:
+        with pytest.raises(metaql.CatalogException, match=r"demoo\.mq, a new empty store this connection created"):
+            c.execute("SELECT * FROM SELF_INFLUENCE(layers=*)")
+    with metaql.connect(str(typo)) as c:
+        with pytest.raises(metaql.CatalogException) as err:
+            c.execute("SELECT * FROM SELF_INFLUENCE(layers=*)")
+        assert "demoo.mq has no captured layers" in str(err.value) and "new empty" not in str(err.value)
+    with metaql.connect(":memory:") as c:
+        with pytest.raises(metaql.CatalogException, match=r"in-memory store \(:memory:\) has no captured layers"):
+            c.execute("SELECT * FROM SELF_INFLUENCE(layers=*)")

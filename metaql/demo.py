@@ -61,7 +61,9 @@ def digits_with_flips(flip: float = 0.1, seed: int = 0):
 
 
 def run(store: str, epochs: int = 30, checkpoints=(10, 20, 30), lr: float = 0.1, seed: int = 0,
-        out=sys.stdout, progress: bool = True) -> dict:
+        out=sys.stdout, progress: bool | None = None) -> dict:
+    """Builds the demo store and prints its answers; `progress`: bars on standard error (default:
+    when it is a terminal, as for a connection's own bars)."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -74,7 +76,8 @@ def run(store: str, epochs: int = 30, checkpoints=(10, 20, 30), lr: float = 0.1,
     torch.manual_seed(seed)
     xtr, ytr, ytrue, xte, yte = digits_with_flips(seed=seed)
     flipped = ytr != ytrue
-    con = metaql.connect(store)
+    progress = sys.stderr.isatty() if progress is None else progress
+    con = metaql.connect(store, config={"progress": progress})
     train_ids, test_ids = np.arange(len(xtr)), len(xtr) + np.arange(len(xte))
     con.add_samples(train_ids, "train", ytr, xtr, columns={"true_label": ytrue, "flipped": flipped})
     con.add_samples(test_ids, "test", yte, xte, columns={"true_label": yte, "flipped": np.zeros(len(yte), bool)})
@@ -128,8 +131,9 @@ def run(store: str, epochs: int = 30, checkpoints=(10, 20, 30), lr: float = 0.1,
     con.close()
     print(f"\nfactor bytes on disk: {stored / 2**20:.2f} MiB", file=out)
     print("time per stage:", file=out)
+    width = max(map(len, timings))
     for stage, seconds in timings.items():
-        print(f"  {stage:<24} {seconds:7.2f} s", file=out)
+        print(f"  {stage:<{width}} {seconds:7.2f} s", file=out)
     return {"precision": precision, "k": k, "test_accuracy": test_acc, "timings": timings, "store": store}
 
 

@@ -18,6 +18,7 @@ def test_demo_builds_a_store_that_reopens_and_answers(tmp_path):
     out = run("demo", store, "--epochs", "3")
     assert out.returncode == 0, out.stderr
     assert "precision@" in out.stdout and "time per stage" in out.stdout
+    assert "it/s" not in out.stderr and "train:" not in out.stderr    # no bars into a file or a pipe
     with metaql.connect(store, read_only=True) as con:
         assert [r[0] for r in con.execute("SHOW CHECKPOINTS").fetchall()] == ["epoch1", "epoch2", "epoch3"]
         rows = con.execute("SELECT TOPK(5) train FROM INFLUENCE(layers=[fc2], query=batch(test_wrong)) "

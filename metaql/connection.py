@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import re
 import signal
 import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable
 
 import duckdb
@@ -24,7 +26,7 @@ from metaql import ast
 from metaql.binder import bind_call, check_func_select, check_topk, value_of
 from metaql.engine import executor
 from metaql.errors import (DUCKDB_NAMES, BinderException, CatalogException, Error, InternalException, InterruptException,
-                           InvalidInputException, ProgrammingError)
+                           InvalidInputException, IOException, ProgrammingError)
 from metaql.engine.functions import REGISTRY
 from metaql.parser import parse, split_statements
 from metaql.planner import plan_call, plan_topk
@@ -35,6 +37,7 @@ from metaql.storage.catalog import SHOWN, query_arrow, register, unregister
 from metaql.storage.catalog_snapshot import CatalogSnapshot
 from metaql.storage.replay import replay_tally
 from metaql.storage.sqlguard import check_syntax, checked_statements, retarget_insert
+from metaql.storage.files import CATALOG, SNAPSHOT
 from metaql.storage.store import Store
 
 _CALL_IDS = itertools.count()          # private relation names, unique per process
@@ -125,9 +128,14 @@ def _check_device(device) -> None:
 def _open_store(database, read_only: bool) -> Store:
     """A store directory, or a store on object storage (s3://bucket/path, gs://, file://), which
     opens read-only whatever `read_only` says: MetaQL writes only local stores."""
+    if not isinstance(database, (str, os.PathLike)):
+        raise InvalidInputException(f"database should be a store directory's path or ':memory:', not "
+                                    f"{type(database).__name__} {database!r:.40}")
     if isinstance(database, str) and "://" in database:
         from metaql.distributed.objectstore import RemoteStore
         return RemoteStore(database)
+    if Path(database).name in (CATALOG, CATALOG + ".wal", SNAPSHOT) and Path(database).is_file():
+        raise IOException(f"{database} is a file inside a store; pass the store's folder, {Path(database).parent}")
     return Store(database, read_only=read_only)
 
 

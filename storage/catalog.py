@@ -189,6 +189,9 @@ LATER_COLUMNS = {("checkpoints", "weights_checksum"), ("shards", "seen_from_batc
 
 def _lock_message(path: str, err: str) -> str:
     if "lock" not in err.lower():
+        if "could not read" in err.lower() or "not a valid" in err.lower():   # truncated or overwritten
+            return (f"the catalog {path} is damaged ({err.splitlines()[0]}); restore it from a backup: MetaQL "
+                    "will not open or rebuild a damaged catalog")
         return f"cannot open catalog {path}: {err}"
     pid = _LOCK_RE.search(err)
     who = f"process {pid.group(1)}" if pid else "another process"

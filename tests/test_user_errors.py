@@ -471,3 +471,19 @@ def test_a_query_over_an_empty_store_names_the_store_and_that_it_was_just_create
     with metaql.connect(":memory:") as c:
         with pytest.raises(metaql.CatalogException, match=r"in-memory store \(:memory:\) has no captured layers"):
             c.execute("SELECT * FROM SELF_INFLUENCE(layers=*)")
+
+
+def test_connect_says_what_a_store_path_is(tmp_path):
+    """connect(None) raised pathlib's TypeError; a path to the catalog file inside a store, and a
+    truncated catalog, gave DuckDB's own words."""
+    with pytest.raises(metaql.InvalidInputException, match="store directory's path or ':memory:'"):
+        metaql.connect(None)
+    store = tmp_path / "s.mq"
+    metaql.connect(str(store)).close()
+    with pytest.raises(metaql.IOException, match=r"a file inside a store; pass the store's folder"):
+        metaql.connect(str(store / "catalog.duckdb"))
+    (store / "catalog.duckdb.wal").unlink(missing_ok=True)
+    with open(store / "catalog.duckdb", "r+b") as f:
+        f.truncate(5000)
+    with pytest.raises(metaql.IOException, match=r"catalog .* is damaged .*restore it from a backup"):
+        metaql.connect(str(store))

@@ -468,7 +468,8 @@ def _refusal(verb: str, name: str) -> ProgrammingError:
             f"{verb} samples is refused: it would break the store (sets, shards and labels refer to its "
             "rows); register samples with con.add_samples(...), keep your own per-sample data in a table "
             "of yours (CREATE TABLE mine AS ...) joined on sample_id; UPDATE samples may set only columns "
-            f"you added, never {', '.join(SAMPLE_CORE)}")
+            f"you added, never {', '.join(SAMPLE_CORE)} (samples.label is what training used; record a corrected "
+            "label with con.label(ids, labels, by='you'), into the labels table)")
     return ProgrammingError(
         f"{verb} {name} is refused: '{name}' is one of MetaQL's own tables and writing it from SQL would "
         "break the store; use CREATE SET / DROP SET, or the Python API (con.add_samples, con.label, "

@@ -179,3 +179,9 @@ def test_copy_to_a_file_inside_the_store_is_refused(con, tmp_path, monkeypatch):
     assert sorted(p.name for p in root.iterdir()) == before
     con.execute(f"COPY (SELECT 1 AS a) TO '{tmp_path / 'out.parquet'}'")       # outside: the user's business
     assert (tmp_path / "out.parquet").exists()
+
+
+def test_updating_a_samples_label_points_at_con_label(con):
+    """The refusal said what not to do but not how to record a corrected label."""
+    with pytest.raises(ProgrammingError, match=r"samples\.label is what training used.*con\.label\(ids, labels"):
+        con.execute("UPDATE samples SET label = 3 WHERE sample_id = 1")

@@ -815,7 +815,8 @@ class Capture:
             warnings.warn(
                 f"capture '{self.checkpoint}' saw no batch: nothing but the weights was stored. In the training "
                 "loop call cap.backward(loss, ids) instead of loss.backward() (or cap.record(ids) after a "
-                "framework's own backward pass)", MetaQLWarning, stacklevel=user_stacklevel())
+                "framework's own backward pass); to save weights for con.replay alone, con.checkpoint(model, name, "
+                "lr) says so", MetaQLWarning, stacklevel=user_stacklevel())
 
     def _require_open(self, call: str) -> None:
         """Outside its `with` a capture has no hooks on the model: a batch would train and store

@@ -90,8 +90,7 @@ def test_layer_below_train_mode_batchnorm_warns_and_replay_does_not():
             _capture(con, model, "*", x, y)
         with warnings.catch_warnings():
             warnings.simplefilter("error", metaql.Warning)
-            with con.capture(model, checkpoint="c1", lr=0.1):
-                pass
+            con.checkpoint(model, "c1", lr=0.1)
             con.replay("c1", "train")       # eval mode: running statistics, no coupling
         model.eval()
         meta, full = stored_full(con.store, "c1", "conv", np.arange(6))

@@ -224,6 +224,8 @@ class Connection:
         if isinstance(stmt, ast.DropSet):
             self.store.drop_set(stmt.name, stmt.if_exists)
             return Result.message(f"dropped set {stmt.name}")
+        if isinstance(stmt, ast.DropCheckpoint):
+            return self._drop_checkpoint(stmt.name, stmt.if_exists)
         if isinstance(stmt, ast.Show):
             return self._show(stmt.what)
         if isinstance(stmt, ast.Describe):
@@ -330,6 +332,11 @@ class Connection:
             raise ProgrammingError("run INSERT INTO labels as a statement of its own")
         n = add_labels_from_sql(self.store, retarget_insert(statements[0].text, SCRATCH_TABLE), params)
         return Result.message(f"labels: {n} newly labeled")
+
+    def _drop_checkpoint(self, name: str, if_exists: bool) -> Result:
+        known = name in {c["name"] for c in self.store.checkpoints()}
+        self.store.drop_checkpoint(name, if_exists)
+        return Result.message(f"dropped checkpoint {name}" if known else f"no checkpoint {name}: nothing dropped")
 
     def _show(self, what: str) -> Result:
         if what == "functions":
@@ -487,6 +494,15 @@ class Connection:
         return register_checkpoint(self.store, model, name, lr, epoch, step, factory, kwargs, task)
 
     @_catalog_errors
+    def drop_checkpoint(self, name: str, if_exists: bool = False) -> None:
+        """Removes checkpoint `name`: its catalog rows (the checkpoint, its shards, their per-sample
+        norms, REWEIGHT's sample weights) in one transaction, then its weights and shard files, as
+        DROP CHECKPOINT [IF EXISTS] name does. Then a capture of that name starts afresh."""
+        self._check_open()
+        self.store.refresh()
+        self.store.drop_checkpoint(name, if_exists)
+
+    @_catalog_errors
     def replay(self, checkpoint: str, samples: str = "train", layers=None, **kwargs) -> int:
         """Stores exact factors of a set's samples at a saved checkpoint (eval mode). Keyword
         arguments go to metaql.storage.capture.replay_into_store: target, batch_size, shard_size,
@@ -607,10 +623,13 @@ class Connection:
         self.registry.register(fn, name=name, replace=replace, columns=columns)
 
     @_catalog_errors
-    def verify(self) -> list[str]:
+    def verify(self, repair: bool = False) -> list[str]:
+        """Every problem of the store, one line each ([] when all is well). repair=True also drops
+        the catalog rows of shards whose file is missing or corrupt: their checkpoints turn partial
+        until con.replay(checkpoint, ...) or the same capture run again stores those samples again."""
         self._check_open()
         self.store.refresh()
-        return self.store.verify()
+        return self.store.verify(repair)
 
     def interrupt(self) -> None:
         """Asks the running statement to stop (from another thread): MetaQL's operators at the

@@ -31,12 +31,13 @@ from metaql.planner import plan_call, plan_topk
 from metaql.relation import ARROW_TYPES, Relation, renamed
 from metaql.result import Result
 from metaql.sqlcalls import blanked, bound_parameters, rewritten
-from metaql.storage.catalog import SHOWN, query_arrow, register, unregister
+from metaql.storage.catalog import SHOWN, nearest_name, query_arrow, register, unregister
 from metaql.storage.catalog_snapshot import CatalogSnapshot
 from metaql.storage.replay import replay_tally
 from metaql.storage.sqlguard import check_syntax, checked_statements, retarget_insert
 from metaql.storage.store import Store
 
+_DESCRIBE_ANY = re.compile(r"^\s*describe\b", re.I)      # DESCRIBE x, which DuckDB ran
 _CALL_IDS = itertools.count()          # private relation names, unique per process
 _PRIVATE = re.compile(r"_metaql_call_\d+")
 
@@ -321,8 +322,20 @@ class Connection:
                 name = table.group(1).upper()
                 raise CatalogException(f"{name} is a table function: call it with its arguments in parentheses, "
                                        f"e.g. SELECT * FROM {name}(...) (DESCRIBE {name} lists them)") from None
+            if table and _DESCRIBE_ANY.match(text):
+                raise self._unknown_described(table.group(1)) from None
             raise
         return Result.message("ok") if table is None else Result(table)
+
+    def _unknown_described(self, name: str) -> CatalogException:
+        """DESCRIBE of a name that is neither a table function nor a table: DuckDB's message has no
+        hint, so the nearest of MetaQL's table functions and the catalog's tables is named."""
+        tables = [r[0] for r in self.store.db.execute("SELECT DISTINCT table_name FROM information_schema.tables "
+                                                      "ORDER BY 1").fetchall()]
+        hint = nearest_name(name, self.registry.names() + tables)
+        extra = f" Did you mean {hint}?" if hint else ""
+        return CatalogException(f"DESCRIBE {name}: no table function or table of that name.{extra} Table functions: "
+                                f"{', '.join(self.registry.names())}; tables: SHOW TABLES lists them")
 
     def _insert_labels(self, statements, params) -> Result:
         """INSERT INTO labels runs into a scratch table; its rows then go through the labels API,

@@ -198,7 +198,17 @@ def parse(text: str, function_names=()) -> list:
     return [parse_statement(s, function_names) for s in split_statements(text)]
 
 
+# SELECT TOPK(k) FROM f(...): the set to rank left out, so the parser took FROM for its name
+_TOPK_WITHOUT_SET = re.compile(r"^\s*(explain\s+(analyze\s+)?)?select\s+topk\s*\([^)]*\)\s*(from)\s+[A-Za-z_]\w*\s*\(",
+                               re.I)
+
+
 def _parse_error(text: str, e: UnexpectedInput, shown: str | None = None) -> ParserException:
+    forgotten = _TOPK_WITHOUT_SET.match(text)
+    if forgotten:
+        line, col = _line_col(text, forgotten.start(3))
+        return ParserException("syntax error: TOPK(k) needs the set to rank before FROM, e.g. TOPK(3) train "
+                               "FROM ...", line, col, _caret(shown or text, line, col))
     if isinstance(e, UnexpectedToken):
         expected = sorted(TERMINAL_WORDS.get(t, t) for t in e.accepts or e.expected)
         found = "the end of the statement" if e.token.type == "$END" else f"'{_clip(str(e.token))}'"

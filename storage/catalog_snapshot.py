@@ -166,7 +166,7 @@ class CatalogSnapshot:
             return picked
         names = [spec] if isinstance(spec, str) else [str(c) for c in spec]
         for n in names:
-            require_name("checkpoint", n, known)
+            require_name("checkpoint", n, known, CHECKPOINT_WORDS)
             if n in unfinished:
                 raise InvalidInputException(f"checkpoint '{n}' is {unfinished[n]}: its capture did not finish, so "
                                             "it holds factors for only some samples; resume it (run the same "
@@ -221,6 +221,10 @@ def catalog_of(ctx) -> CatalogSnapshot:
         except AttributeError:   # a read-only stand-in context
             pass
     return snap
+
+
+# what checkpoints= takes besides a name: a typo of one is hinted at (checkpoints=lasst)
+CHECKPOINT_WORDS = ("all", "first", "last")
 
 
 def _unfinished_text(unfinished: dict[str, str]) -> str:

@@ -334,8 +334,9 @@ class Connection:
                                                       "ORDER BY 1").fetchall()]
         hint = nearest_name(name, self.registry.names() + tables)
         extra = f" Did you mean {hint}?" if hint else ""
-        return CatalogException(f"DESCRIBE {name}: no table function or table of that name.{extra} Table functions: "
-                                f"{', '.join(self.registry.names())}; tables: SHOW TABLES lists them")
+        # DuckDB's opening kept: the shell prints errors its way (tests/test_shell.py)
+        return CatalogException(f"Table with name {name} does not exist!{extra} DESCRIBE takes a table function "
+                                f"({', '.join(self.registry.names())}) or a table (SHOW TABLES lists them)")
 
     def _insert_labels(self, statements, params) -> Result:
         """INSERT INTO labels runs into a scratch table; its rows then go through the labels API,

@@ -51,8 +51,8 @@ def _local_shard(location: str, rel: str, checksum: str) -> Shard:
                           "needs the store on shared storage or object storage (s3://...)")
     if (location, rel) not in _verified:
         if file_checksum(path) != checksum:
-            raise IOException(f"shard file {path} is corrupt (checksum mismatch); recapture it "
-                              "(con.verify() lists every damaged file)")
+            raise IOException(f"shard file {path} is corrupt (checksum mismatch); con.verify(repair=True) on the "
+                              "driver drops it from the catalog so that a replay stores its samples again")
         _verified.add((location, rel))
     return Shard(path)
 
@@ -74,7 +74,7 @@ def shard_tensors(location: str, spec: dict) -> tuple[np.ndarray, dict]:
     if spec.get("suffix_file"):
         if spec.get("suffix_checksum") is None:
             raise IOException(f"shard {spec['file']} shares its input with {spec['suffix_file']}, "
-                              "which the catalog does not list; recapture the checkpoint")
+                              "which the catalog does not list; run con.verify(repair=True) on the driver")
         other = open_shard(location, spec["suffix_file"], spec["suffix_checksum"])
         tensors.update({n: other.tensor(n) for n in other.names() if n not in tensors and n in ("X", "I")})
     return shard.ids, tensors

@@ -24,7 +24,8 @@ COLUMNS = [("sample_id", "BIGINT"), ("score", "DOUBLE")]
 TOTAL_COLUMNS = [("train_samples", "BIGINT"), ("score", "DOUBLE")]     # INFLUENCE(..., total=true)
 
 
-TOPK_RANGE = Range(1, 2 ** 31)
+# k as torch.topk takes it: an int32, so at most 2**31 - 1 (shown [1, 2_147_483_647])
+TOPK_RANGE = Range(1, 2 ** 31 - 1)
 ERROR_RANGE = Range(0, 1, open_low=True)      # the relative error's RMS an approximation may reach
 
 

@@ -73,6 +73,12 @@ class DropSet:
 
 
 @dataclass
+class DropCheckpoint:
+    name: str
+    if_exists: bool = False
+
+
+@dataclass
 class TopKSelect:
     k: int | Parameter
     train_set: str

@@ -76,7 +76,7 @@ def _bound_values(call: ast.TableCall, registry: FunctionRegistry, params) -> Bo
                           for k, v in checked.items()})
 
 
-TOPK_RANGE = Range(1, 2 ** 31)
+from metaql.engine.influence import TOPK_RANGE  # noqa: E402  one bound for TOPK(n) and topk=
 
 
 def check_topk(k: int) -> int:

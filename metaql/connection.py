@@ -33,13 +33,14 @@ from metaql.planner import plan_call, plan_topk
 from metaql.relation import ARROW_TYPES, Relation, renamed
 from metaql.result import Result
 from metaql.sqlcalls import blanked, bound_parameters, rewritten
-from metaql.storage.catalog import SHOWN, query_arrow, register, unregister
+from metaql.storage.catalog import SHOWN, nearest_name, query_arrow, register, unregister
 from metaql.storage.catalog_snapshot import CatalogSnapshot
 from metaql.storage.replay import replay_tally
 from metaql.storage.sqlguard import check_syntax, checked_statements, retarget_insert
 from metaql.storage.files import CATALOG, SNAPSHOT
 from metaql.storage.store import Store
 
+_DESCRIBE_ANY = re.compile(r"^\s*describe\b", re.I)      # DESCRIBE x, which DuckDB ran
 _CALL_IDS = itertools.count()          # private relation names, unique per process
 _PRIVATE = re.compile(r"_metaql_call_\d+")
 
@@ -232,6 +233,8 @@ class Connection:
         if isinstance(stmt, ast.DropSet):
             self.store.drop_set(stmt.name, stmt.if_exists)
             return Result.message(f"dropped set {stmt.name}")
+        if isinstance(stmt, ast.DropCheckpoint):
+            return self._drop_checkpoint(stmt.name, stmt.if_exists)
         if isinstance(stmt, ast.Show):
             return self._show(stmt.what)
         if isinstance(stmt, ast.Describe):
@@ -327,8 +330,21 @@ class Connection:
                 name = table.group(1).upper()
                 raise CatalogException(f"{name} is a table function: call it with its arguments in parentheses, "
                                        f"e.g. SELECT * FROM {name}(...) (DESCRIBE {name} lists them)") from None
+            if table and _DESCRIBE_ANY.match(text):
+                raise self._unknown_described(table.group(1)) from None
             raise
         return Result.message("ok") if table is None else Result(table)
+
+    def _unknown_described(self, name: str) -> CatalogException:
+        """DESCRIBE of a name that is neither a table function nor a table: DuckDB's message has no
+        hint, so the nearest of MetaQL's table functions and the catalog's tables is named."""
+        tables = [r[0] for r in self.store.db.execute("SELECT DISTINCT table_name FROM information_schema.tables "
+                                                      "ORDER BY 1").fetchall()]
+        hint = nearest_name(name, self.registry.names() + tables)
+        extra = f" Did you mean {hint}?" if hint else ""
+        # DuckDB's opening kept: the shell prints errors its way (tests/test_shell.py)
+        return CatalogException(f"Table with name {name} does not exist!{extra} DESCRIBE takes a table function "
+                                f"({', '.join(self.registry.names())}) or a table (SHOW TABLES lists them)")
 
     def _insert_labels(self, statements, params) -> Result:
         """INSERT INTO labels runs into a scratch table; its rows then go through the labels API,
@@ -338,6 +354,11 @@ class Connection:
             raise ProgrammingError("run INSERT INTO labels as a statement of its own")
         n = add_labels_from_sql(self.store, retarget_insert(statements[0].text, SCRATCH_TABLE), params)
         return Result.message(f"labels: {n} newly labeled")
+
+    def _drop_checkpoint(self, name: str, if_exists: bool) -> Result:
+        known = name in {c["name"] for c in self.store.checkpoints()}
+        self.store.drop_checkpoint(name, if_exists)
+        return Result.message(f"dropped checkpoint {name}" if known else f"no checkpoint {name}: nothing dropped")
 
     def _show(self, what: str) -> Result:
         if what == "functions":
@@ -495,6 +516,15 @@ class Connection:
         return register_checkpoint(self.store, model, name, lr, epoch, step, factory, kwargs, task)
 
     @_catalog_errors
+    def drop_checkpoint(self, name: str, if_exists: bool = False) -> None:
+        """Removes checkpoint `name`: its catalog rows (the checkpoint, its shards, their per-sample
+        norms, REWEIGHT's sample weights) in one transaction, then its weights and shard files, as
+        DROP CHECKPOINT [IF EXISTS] name does. Then a capture of that name starts afresh."""
+        self._check_open()
+        self.store.refresh()
+        self.store.drop_checkpoint(name, if_exists)
+
+    @_catalog_errors
     def replay(self, checkpoint: str, samples: str = "train", layers=None, **kwargs) -> int:
         """Stores exact factors of a set's samples at a saved checkpoint (eval mode). Keyword
         arguments go to metaql.storage.capture.replay_into_store: target, batch_size, shard_size,
@@ -615,10 +645,13 @@ class Connection:
         self.registry.register(fn, name=name, replace=replace, columns=columns)
 
     @_catalog_errors
-    def verify(self) -> list[str]:
+    def verify(self, repair: bool = False) -> list[str]:
+        """Every problem of the store, one line each ([] when all is well). repair=True also drops
+        the catalog rows of shards whose file is missing or corrupt: their checkpoints turn partial
+        until con.replay(checkpoint, ...) or the same capture run again stores those samples again."""
         self._check_open()
         self.store.refresh()
-        return self.store.verify()
+        return self.store.verify(repair)
 
     def interrupt(self) -> None:
         """Asks the running statement to stop (from another thread): MetaQL's operators at the

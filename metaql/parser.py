@@ -2,7 +2,7 @@
 
 The split between the two parsers:
 - MetaQL's own statements parse with the Lark grammar (grammar/metaql.lark): CREATE [OR REPLACE]
-  SET name AS <query> (the header; the query is SQL, below), DROP SET, SHOW LAYERS|CHECKPOINTS|SETS|
+  SET name AS <query> (the header; the query is SQL, below), DROP SET, DROP CHECKPOINT, SHOW LAYERS|CHECKPOINTS|SETS|
   FUNCTIONS|TABLES, DESCRIBE <table function>, SELECT TOPK(n) train FROM F(...) ORDER BY ASC|DESC,
   and EXPLAIN [ANALYZE] of TOPK or of SQL that calls a table function.
 - Everything else is DuckDB's SQL. A MetaQL table-function call may stand in it wherever a table
@@ -25,7 +25,8 @@ from metaql import ast
 from metaql.errors import ParserException
 from metaql.sqlcalls import find_calls, parameters_of
 
-METAQL_STARTS = re.compile(r"^\s*(create\s+(or\s+replace\s+)?set\b|drop\s+set\b|show\b|select\s+topk\b)", re.I)
+METAQL_STARTS = re.compile(r"^\s*(create\s+(or\s+replace\s+)?set\b|drop\s+(set|checkpoint)\b|show\b|select\s+topk\b)",
+                           re.I)
 _DESCRIBE = re.compile(r"^\s*describe\s+([A-Za-z_][A-Za-z0-9_]*)\s*;?\s*$", re.I)
 _EXPLAIN = re.compile(r"^\s*explain\b(\s+analyze\b)?", re.I)
 # Bounds that no real statement reaches but that keep every parse short and free of recursion
@@ -197,7 +198,17 @@ def parse(text: str, function_names=()) -> list:
     return [parse_statement(s, function_names) for s in split_statements(text)]
 
 
+# SELECT TOPK(k) FROM f(...): the set to rank left out, so the parser took FROM for its name
+_TOPK_WITHOUT_SET = re.compile(r"^\s*(explain\s+(analyze\s+)?)?select\s+topk\s*\([^)]*\)\s*(from)\s+[A-Za-z_]\w*\s*\(",
+                               re.I)
+
+
 def _parse_error(text: str, e: UnexpectedInput, shown: str | None = None) -> ParserException:
+    forgotten = _TOPK_WITHOUT_SET.match(text)
+    if forgotten:
+        line, col = _line_col(text, forgotten.start(3))
+        return ParserException("syntax error: TOPK(k) needs the set to rank before FROM, e.g. TOPK(3) train "
+                               "FROM ...", line, col, _caret(shown or text, line, col))
     if isinstance(e, UnexpectedToken):
         expected = sorted(TERMINAL_WORDS.get(t, t) for t in e.accepts or e.expected)
         found = "the end of the statement" if e.token.type == "$END" else f"'{_clip(str(e.token))}'"
@@ -348,6 +359,11 @@ class ToAST(Transformer):
     def drop_set(self, items):
         name = [i for i in items if isinstance(i, Token) and i.type == "NAME"][0]
         return ast.DropSet(str(name), any(isinstance(i, ast.Literal) for i in items))
+
+    def drop_checkpoint(self, items):
+        name = [i for i in items if isinstance(i, Token) and i.type in ("NAME", "STRING")][0]
+        text = str(name)[1:-1].replace("''", "'") if name.type == "STRING" else str(name)
+        return ast.DropCheckpoint(text, any(isinstance(i, ast.Literal) for i in items))
 
     def order(self, items):
         if items[2].type == "NAME" and str(items[2]).lower() != "score":

@@ -531,7 +531,7 @@ def _kind(stmt, text: str) -> str:
     """'query' (wrappable as a subquery), 'read' (re-run on each fetch) or 'write' (run once)."""
     if isinstance(stmt, (ast.TopKSelect, ast.Show, ast.Describe, ast.Explain)):
         return "read"
-    if isinstance(stmt, (ast.CreateSet, ast.DropSet)):
+    if isinstance(stmt, (ast.CreateSet, ast.DropSet, ast.DropCheckpoint)):
         return "write"
     from metaql.parser import _strip_comments
     head = re.sub(r"/\*.*?\*/", " ", _strip_comments(text), flags=re.S)

@@ -779,6 +779,7 @@ class Capture:
         self._set_registered(self.store.registered_ids() if self.require_registered else None)
         self.hooks.attach()
         self._state = "open"
+        self.store.open_captures.add(self.checkpoint)     # DROP CHECKPOINT refuses it until __exit__
         self._began = time.perf_counter()
         return self
 
@@ -935,6 +936,7 @@ class Capture:
             complete = exc_type is None
         finally:
             self._state = "closed"
+            self.store.open_captures.discard(self.checkpoint)
             self._ended = time.perf_counter()
             self.hooks.detach()
             try:
@@ -984,6 +986,7 @@ def replay_into_store(store: Store, checkpoint: str, ids, layers=None, target: s
                          if progress else batches):
         writer.add(ids[pos], factors)
     writer.flush()
+    store.finish_repair(checkpoint)     # complete again once what con.verify(repair=True) dropped is back
     return writer.rows_written
 
 

@@ -219,17 +219,29 @@ def transaction(con: duckdb.DuckDBPyConnection):
     con.execute("COMMIT")
 
 
-def require_name(kind: str, name: str, existing: list[str]) -> None:
-    """Raises a CatalogException with a did-you-mean hint when `name` is not in `existing`."""
+def require_name(kind: str, name: str, existing: list[str], keywords: tuple[str, ...] = ()) -> None:
+    """Raises a CatalogException with a did-you-mean hint when `name` is not in `existing`;
+    `keywords` (checkpoints=last) are hinted at too, and listed apart from the names."""
     if name in existing:
         return
-    import difflib
-    # names are case-sensitive (a set X10 is not x10), so the same name in another case is the hint
-    hint = [e for e in existing if e.lower() == str(name).lower()] or difflib.get_close_matches(name, existing, n=1)
-    extra = f" Did you mean '{hint[0]}'? ({kind} names are case-sensitive)" if hint and hint[0].lower() == str(
-        name).lower() else f" Did you mean '{hint[0]}'?" if hint else ""
-    listing = ", ".join(existing) if existing else "(none)"
+    hint = nearest_name(name, list(existing) + [k for k in keywords if k not in existing])
+    extra = f" Did you mean '{hint}'? ({kind} names are case-sensitive)" if hint and hint.lower() == str(
+        name).lower() else f" Did you mean '{hint}'?" if hint else ""
+    listing = (", ".join(existing) if existing else "(none)") + (f"; or {', '.join(keywords)}" if keywords else "")
     raise CatalogException(f"unknown {kind} '{name}'.{extra} Known {kind}s: {listing}")
+
+
+def nearest_name(name: str, candidates: list[str]) -> str | None:
+    """The candidate `name` most likely meant: the same name in another case (names are
+    case-sensitive: a set X10 is not x10), else the closest spelling in any case; None if none is close."""
+    import difflib
+    name = str(name)
+    same = [c for c in candidates if c.lower() == name.lower()]
+    if same:
+        return same[0]
+    lowered = {c.lower(): c for c in reversed(candidates)}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=1)
+    return lowered[close[0]] if close else None
 
 
 def query_arrow(db: duckdb.DuckDBPyConnection, text: str, params=None):

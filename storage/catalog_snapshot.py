@@ -160,17 +160,18 @@ class CatalogSnapshot:
             if any(n in unfinished for n in known if spec in ("all", None)
                    or (spec == "last" and n == known[-1]) or (spec == "first" and n == known[0])):
                 warnings.warn(f"left out {_unfinished_text(unfinished)}: scores use the complete checkpoints "
-                              f"({', '.join(picked)}); run the same capture again to resume", Warning,
+                              f"({', '.join(picked)}); run the same capture again to resume it, or remove it "
+                              f"(DROP CHECKPOINT {next(iter(unfinished))}) to silence this", Warning,
                               stacklevel=user_stacklevel())
             # `first` with `last` compares the start and the end of training in one JOIN
             return picked
         names = [spec] if isinstance(spec, str) else [str(c) for c in spec]
         for n in names:
-            require_name("checkpoint", n, known)
+            require_name("checkpoint", n, known, CHECKPOINT_WORDS)
             if n in unfinished:
                 raise InvalidInputException(f"checkpoint '{n}' is {unfinished[n]}: its capture did not finish, so "
                                             "it holds factors for only some samples; resume it (run the same "
-                                            "capture again) before querying it")
+                                            f"capture again) before querying it, or remove it (DROP CHECKPOINT {n})")
         return list(dict.fromkeys(names))     # a name given twice is one checkpoint, as a layer is
 
     # ---- shards ---------------------------------------------------------------------------------
@@ -221,6 +222,10 @@ def catalog_of(ctx) -> CatalogSnapshot:
         except AttributeError:   # a read-only stand-in context
             pass
     return snap
+
+
+# what checkpoints= takes besides a name: a typo of one is hinted at (checkpoints=lasst)
+CHECKPOINT_WORDS = ("all", "first", "last")
 
 
 def _unfinished_text(unfinished: dict[str, str]) -> str:

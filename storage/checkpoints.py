@@ -28,7 +28,7 @@ def register_checkpoint(store: Store, model: nn.Module, name: str, lr: float, ep
     model = unwrapped(model)
     if name in {c["name"] for c in store.checkpoints()}:
         raise CatalogException(f"checkpoint '{name}' already exists with its own weights; register these "
-                               "weights under a new name")
+                               f"weights under a new name, or remove it first (DROP CHECKPOINT {name})")
     # one transaction: the row appears complete or not at all (never 'capturing')
     with transaction(store.db):
         store.begin_checkpoint(name, model, lr=lr, epoch=epoch, step=step, factory=factory, kwargs=kwargs,

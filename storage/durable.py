@@ -8,7 +8,8 @@ A flush of several shard files (one per layer) commits as one unit or not at all
   3. one transaction inserts every file's `shards` row and deletes its `pending_files` row.
 
 A kill before (3) commits leaves files that only `pending_files` names; the next writable open
-deletes exactly those, and the store's own temporary files, by name pattern, inside the store's
+deletes exactly those (DROP CHECKPOINT uses the same list the other way round: the transaction that
+deletes a checkpoint's rows lists its files, which are deleted after it commits), and the store's own temporary files, by name pattern, inside the store's
 real directory and never through a symlink. Nothing else is ever deleted: a file the user put
 under tensors/ stays.
 """
@@ -22,8 +23,9 @@ from pathlib import Path
 
 _SHARD_NAME = r"\d{6,}(-[0-9a-f]{8})?\.arrow"
 # every file the store may delete: shards (only when pending_files lists them) and temporaries
-_OWN_FILE = re.compile(rf"^(tensors/[^/]+/[^/]+/{_SHARD_NAME}(\.tmp)?|inputs/{_SHARD_NAME}(\.tmp)?"
-                       r"|weights/[^/]+\.safetensors\.tmp)$")
+# (a checkpoint's weights and activation shards too: DROP CHECKPOINT lists them in pending_files)
+_OWN_FILE = re.compile(rf"^((tensors|activations)/[^/]+/[^/]+/{_SHARD_NAME}(\.tmp)?|inputs/{_SHARD_NAME}(\.tmp)?"
+                       r"|weights/[^/]+\.safetensors(\.tmp)?)$")
 _TEMP_FILE = re.compile(rf"^({_SHARD_NAME}|[^/]+\.safetensors)\.tmp$")
 TEMP_DIRS = ("tensors", "inputs", "weights")
 
@@ -74,3 +76,23 @@ def temp_files(root: Path) -> list[str]:
             rel_dir = Path(dirpath).relative_to(root).as_posix()
             found += [f"{rel_dir}/{n}" for n in names if _TEMP_FILE.match(n)]
     return found
+
+
+def remove_empty_folders(root: Path, rels) -> None:
+    """Removes the folders among `rels` (store-relative, deepest first) that are real, empty
+    directories: what DROP CHECKPOINT leaves of tensors/<checkpoint>/<layer>/. A folder that still
+    holds a file (one the user put there) stays, as does one reached through a symlink."""
+    for rel in rels:
+        path = root
+        for part in rel.split("/"):
+            path = path / part
+            try:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    break
+            except OSError:
+                break
+        else:
+            try:
+                path.rmdir()
+            except OSError:     # not empty
+                pass

@@ -47,9 +47,16 @@ from metaql.storage.snapshot import Publisher, ReaderCopy
 from metaql.storage.sqlguard import SAMPLE_CORE, require_read_query
 from metaql.storage.tensorfile import Shard, file_checksum, fsync_path, stage_shard, write_shard
 
+# (table, column) of every catalog row that belongs to one checkpoint: DROP CHECKPOINT deletes them
+CHECKPOINT_KEYED = (("sample_norms", "checkpoint"), ("sample_weights", "checkpoint"), ("shards", "checkpoint"),
+                    ("checkpoints", "name"))
 _SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 SHARD_CACHE = 4096       # open shards kept per store: a mapping each, no file descriptor (tensorfile.Shard);
                          # at 16 a MiniLM store's statement (185-222 shards) reopened and faulted in every one
+# what an error about a damaged shard file tells the user to do
+SHARD_REMEDY = ("con.verify(repair=True) drops the damaged shards from the catalog, and a replay (con.replay) or "
+                "the same capture run again stores their samples again; or remove the whole checkpoint "
+                "(DROP CHECKPOINT name) and capture it again")
 MAX_LR = 1e6     # a checkpoint's weight in every score: beyond this, sums of products overflow doubles
 
 
@@ -201,7 +208,8 @@ class Store:
     def _remove_orphans(self) -> None:
         """Deletes what a killed writer left: files `pending_files` lists that no shard row names,
         and the store's own temporaries; never another file, never through a symlink."""
-        named = {r[0] for r in self.db.execute("SELECT file FROM shards").fetchall()}
+        named = {r[0] for r in self.db.execute("SELECT file FROM shards UNION ALL "
+                                               "SELECT weights_file FROM checkpoints").fetchall()}
         pending = [r[0] for r in self.db.execute("SELECT file FROM pending_files").fetchall()]
         unnamed = [f for f in pending if f not in named]
         durable.remove_own(self.root, unnamed + [f + ".tmp" for f in unnamed] + durable.temp_files(self.root))
@@ -546,13 +554,74 @@ class Store:
         rel = f"weights/{name}.safetensors"
         model_files.save_weights(model, self._path_for_write(rel))
         fault_point("weights.written")
-        ordinal = len(existing)
+        # after the last one, not len(existing): a dropped checkpoint leaves a gap, and first/last go by ordinal
+        ordinal = max((c["ordinal"] for c in existing.values()), default=-1) + 1
         fault_point("commit.checkpoint.before")
         self.db.execute("INSERT INTO checkpoints (name, ordinal, model_id, epoch, step, lr, weights_file, status,"
                         " weights_checksum) VALUES (?, ?, ?, ?, ?, ?, ?, 'capturing', ?)",
                         [name, ordinal, model_id, epoch, step, float(lr), rel, file_checksum(self.root / rel)])
         fault_point("commit.checkpoint.after")
         return self.checkpoint(name)
+
+    def drop_checkpoint(self, name: str, if_exists: bool = False) -> None:
+        """Removes checkpoint `name`: every catalog row keyed by it in one transaction, then its
+        files. That transaction also lists the files in `pending_files`, so a crash before they are
+        deleted leaves files no row names, which the next writable open deletes (_remove_orphans):
+        no leftover is ever read as a live checkpoint's data."""
+        self._writable()
+        known = [c["name"] for c in self.checkpoints()]
+        if name not in known:
+            if if_exists:
+                return
+            require_name("checkpoint", name, known)
+        if name in self.open_captures:
+            raise InvalidInputException(f"checkpoint '{name}' is being captured in this connection; drop it after "
+                                        "its `with con.capture(...)` block ends")
+        with transaction(self.db):
+            files = self._checkpoint_files(name)
+            for table, column in CHECKPOINT_KEYED:
+                self.db.execute(f"DELETE FROM {table} WHERE {column} = ?", [name])
+            self.db.execute("DELETE FROM meta WHERE key = ?", [f"dropped/{name}"])     # repair_shards' record
+            still = self._named_files()      # an activation row of another checkpoint may name a shard's file
+            gone = [f for f in files if f not in still]
+            if gone:
+                self.db.execute("INSERT OR IGNORE INTO pending_files (file) SELECT unnest(?)", [gone])
+        self._forget(name, gone)
+        durable.remove_own(self.root, gone)
+        durable.remove_empty_folders(self.root, _checkpoint_folders(gone))
+        self._remove_artifacts_of(name)
+        self.db.execute("DELETE FROM pending_files WHERE file IN (SELECT unnest(?))", [gone])
+        self.committed()
+
+    def _checkpoint_files(self, name: str) -> list[str]:
+        """Every file the catalog names for checkpoint `name`: its shards' and its weights."""
+        rows = self.db.execute("SELECT file FROM shards WHERE checkpoint = ? UNION SELECT weights_file FROM "
+                               "checkpoints WHERE name = ?", [name, name]).fetchall()
+        return sorted(r[0] for r in rows)
+
+    def _named_files(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT file FROM shards UNION SELECT weights_file FROM checkpoints")
+                .fetchall()}
+
+    def _forget(self, name: str, files: list[str]) -> None:
+        """Drops what this process cached of a removed checkpoint's files (open shards, verified
+        checksums), so that a new checkpoint of the same name is read afresh."""
+        for rel in files:
+            self._shards.pop(rel, None)
+            self._verified.discard(rel)
+        self._weights_ok.difference_update({seen for seen in self._weights_ok if seen[0] == name})
+
+    def _remove_artifacts_of(self, name: str) -> None:
+        """The projected index built from the checkpoint's factors (approx/index.py): a stale one is
+        never used (its manifest names the shards it was built from), so removing it is tidying."""
+        slot = self.root / "artifacts" / "projected_index" / name
+        if is_checkpoint_name(name) and slot.is_dir() and not slot.is_symlink():
+            shutil.rmtree(slot, ignore_errors=True)
+
+    @property
+    def open_captures(self) -> set[str]:
+        """Checkpoints a capture of this connection (or a cursor of it) is writing now."""
+        return self._owner.__dict__.setdefault("_open_captures", set())
 
     def _check_resumed_task(self, c: dict, spec: dict) -> None:
         """A resumed capture must add factors of the loss its checkpoint was begun with."""
@@ -583,6 +652,8 @@ class Store:
     def finish_checkpoint(self, name: str, status: str = "complete") -> None:
         fault_point("commit.finish.before")
         self.db.execute("UPDATE checkpoints SET status = ? WHERE name = ?", [status, name])
+        if status == "complete":        # a resumed capture stored what repair_shards dropped
+            self.db.execute("DELETE FROM meta WHERE key = ?", [f"dropped/{name}"])
         fault_point("commit.finish.after")
         self.committed()
 
@@ -677,7 +748,8 @@ class Store:
         path = self._inside(c["weights_file"])
         problem = self._weights_problem(c, path)
         if problem:
-            raise IOException(f"{problem}; recapture the checkpoint (con.verify() lists every damaged file)")
+            raise IOException(f"{problem}; remove the checkpoint (DROP CHECKPOINT {c['name']}) and capture it again "
+                              "(con.verify() lists every damaged file)")
         return path
 
     def _weights_problem(self, c: dict, path: Path) -> str | None:
@@ -783,8 +855,7 @@ class Store:
             return self._shards[rel].ids
         path = self._inside(rel)
         if not path.exists():
-            raise IOException(f"shard file {path} is missing; recapture its checkpoint/layer "
-                              "(con.verify() lists every damaged file)")
+            raise IOException(f"shard file {path} is missing; {SHARD_REMEDY}")
         return Shard(path).ids.copy()
 
     def factor_shards(self, checkpoint: str | None, layer: str | None) -> list[dict]:
@@ -923,7 +994,7 @@ class Store:
                 self.db.execute("SELECT checksum FROM shards WHERE file = ?", [row["suffix_file"]]).fetchone()
             if owner is None:
                 raise IOException(f"shard {row['file']} shares its input with {row['suffix_file']}, "
-                                  "which the catalog does not list; recapture the checkpoint")
+                                  f"which the catalog does not list; {SHARD_REMEDY}")
             other = self.open_shard(row["suffix_file"], owner[0])
             tensors.update({n: other.tensor(n) for n in other.names() if n not in tensors
                             and n in ("X", "I")})
@@ -982,12 +1053,10 @@ class Store:
             return self._shards[rel]
         path = self._inside(rel)
         if not path.exists():
-            raise IOException(f"shard file {path} is missing; recapture its checkpoint/layer "
-                              "(con.verify() lists every damaged file)")
+            raise IOException(f"shard file {path} is missing; {SHARD_REMEDY}")
         if rel not in self._verified:
             if file_checksum(path) != checksum:
-                raise IOException(f"shard file {path} is corrupt (checksum mismatch); recapture it "
-                                  "(con.verify() lists every damaged file)")
+                raise IOException(f"shard file {path} is corrupt (checksum mismatch); {SHARD_REMEDY}")
             self._verified.add(rel)
         shard = Shard(path)
         self._shards[rel] = shard
@@ -995,12 +1064,14 @@ class Store:
             self._shards.popitem(last=False)
         return shard
 
-    def verify(self) -> list[str]:
+    def verify(self, repair: bool = False) -> list[str]:
         """Problems, one human-readable line each; empty when all is well: shard files missing or
         corrupt, checkpoints whose capture did not finish, weights that fail their checksum, per
         (checkpoint, layer) sample ids stored twice or missing against the checkpoint's other layers,
-        and torn or corrupt artifacts (ELITE detectors, LANCET sessions)."""
-        problems, ids, checked = [], {}, set()
+        and torn or corrupt artifacts (ELITE detectors, LANCET sessions). `repair`: the rows of
+        factor and activation shards whose file is missing or corrupt are dropped (repair_shards),
+        so that a resumed capture or a replay stores those samples again."""
+        problems, ids, checked, damaged = [], {}, set(), []
         # kind 'factors' first: an activation row may name a factor shard's file (stored once),
         # which is hashed and reported once
         for row in _dicts(self.db.execute("SELECT kind, checkpoint, layer, file, checksum FROM shards "
@@ -1015,25 +1086,111 @@ class Store:
                 continue
             if not path.exists():
                 problems.append(f"missing: {row['file']}")
+                damaged.append(row)
                 continue
             try:
                 intact = file_checksum(path) == row["checksum"]
             except IOException as e:   # not a regular file, unreadable
                 problems.append(str(e))
+                damaged.append(row)
                 continue
             if not intact:
                 problems.append(f"corrupt: {row['file']}")
+                damaged.append(row)
             elif row["kind"] == "factors":
                 ids.setdefault(row["checkpoint"], {}).setdefault(row["layer"], []).append(Shard(path).ids)
+        damaged = [r for r in damaged if r["kind"] != "inputs"]     # registered inputs: no capture refills them
+        if repair and damaged:
+            return self._repaired(damaged) + self.verify()      # then what is left, e.g. checkpoints now partial
         for c in self.checkpoints():
             problems += self._checkpoint_problems(c, ids.get(c["name"], {}))
         return problems + artifact_problems(self.root)
 
+    def _repaired(self, damaged: list[dict]) -> list[str]:
+        """Repairs the damaged shards; one line each saying what was dropped."""
+        dropped = self.repair_shards([r["file"] for r in damaged])
+        return [f"repaired: {r['file']} (checkpoint '{r['checkpoint']}' layer '{r['layer']}'): "
+                f"{dropped.get(r['file'], (0,))[0]} catalog row(s) dropped" for r in damaged]
+
+    def repair_shards(self, files: list[str]) -> dict[str, tuple[int, list[str]]]:
+        """Drops the catalog rows of damaged shard files (missing or corrupt): the rows naming them,
+        the rows whose shared input lives in them, and those rows' per-sample norms, in one
+        transaction that also marks their checkpoints partial and records, per checkpoint, the ids
+        dropped per layer (meta 'dropped/<checkpoint>'), so that a replay that stores them all again
+        makes it complete again (finish_repair). The files are then deleted like DROP CHECKPOINT's.
+        Returns {file: (shard rows dropped, [checkpoints])}."""
+        self._writable()
+        out: dict[str, tuple[int, list[str]]] = {}
+        with transaction(self.db):
+            rows = _dicts(self.db.execute("SELECT shard_id, kind, checkpoint, layer, file, suffix_file FROM shards "
+                                          "WHERE file IN (SELECT unnest(?)) OR suffix_file IN (SELECT unnest(?))",
+                                          [files, files]))
+            lost: dict[str, dict[str, list[int]]] = {}
+            for r in rows:
+                key = r["file"] if r["file"] in files else r["suffix_file"]
+                n, ckpts = out.get(key, (0, []))
+                out[key] = (n + 1, sorted(set(ckpts) | {r["checkpoint"]}))
+                if r["kind"] == "factors":
+                    ids = self._readable_ids(r["file"], r["shard_id"])
+                    lost.setdefault(r["checkpoint"], {}).setdefault(r["layer"], []).extend(ids)
+            shard_ids = [r["shard_id"] for r in rows]
+            gone = sorted({r["file"] for r in rows})
+            self.db.execute("DELETE FROM sample_norms WHERE file IN (SELECT unnest(?))", [gone])
+            self.db.execute("DELETE FROM shards WHERE shard_id IN (SELECT unnest(?))", [shard_ids])
+            gone = [f for f in gone if f not in self._named_files()]
+            self.db.execute("INSERT OR IGNORE INTO pending_files (file) SELECT unnest(?)", [gone])
+            for ckpt, layers in lost.items():
+                self._record_dropped(ckpt, layers)
+        self._forget("", gone)
+        durable.remove_own(self.root, gone)
+        self.db.execute("DELETE FROM pending_files WHERE file IN (SELECT unnest(?))", [gone])
+        self.committed()
+        return out
+
+    def _readable_ids(self, rel: str, shard_id: int) -> list[int]:
+        """The ids a damaged shard held: from the norms written with it (one row per stored sample;
+        the catalog is intact where the file is not), else from its file when its id column still
+        reads; [] when neither is left."""
+        rows = self.db.execute("SELECT DISTINCT sample_id FROM sample_norms WHERE file = ?", [rel]).fetchall()
+        if rows:
+            return sorted(r[0] for r in rows)
+        try:
+            return Shard(self._inside(rel)).ids.tolist()
+        except Exception:   # noqa: BLE001 - missing or unreadable: nothing left to say which ids it held
+            return []
+
+    def _record_dropped(self, ckpt: str, layers: dict[str, list[int]]) -> None:
+        """Marks `ckpt` partial and adds `layers` ({layer: ids}) to what it must store again."""
+        key = f"dropped/{ckpt}"
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        status = self.db.execute("SELECT status FROM checkpoints WHERE name = ?", [ckpt]).fetchone()[0]
+        record = json.loads(row[0]) if row else {"was": status, "ids": {}}
+        for layer, ids in layers.items():
+            record["ids"][layer] = sorted(set(record["ids"].get(layer, [])) | set(ids))
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, json.dumps(record)])
+        self.db.execute("UPDATE checkpoints SET status = 'partial' WHERE name = ?", [ckpt])
+
+    def finish_repair(self, ckpt: str) -> bool:
+        """After a replay into `ckpt`: once every id repair_shards dropped is stored again, the
+        checkpoint is back to the status it had before the repair; True when it is."""
+        key = f"dropped/{ckpt}"
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        if row is None:
+            return False
+        record = json.loads(row[0])
+        for layer, ids in record["ids"].items():
+            if not np.isin(np.asarray(ids, np.int64), self.stored_ids(ckpt, layer)).all():
+                return False
+        with transaction(self.db):
+            self.db.execute("UPDATE checkpoints SET status = ? WHERE name = ?", [record["was"], ckpt])
+            self.db.execute("DELETE FROM meta WHERE key = ?", [key])
+        self.committed()
+        return True
+
     def _checkpoint_problems(self, c: dict, layer_ids: dict[str, list[np.ndarray]]) -> list[str]:
         name, out = c["name"], []
         if c["status"] != "complete":
-            out.append(f"checkpoint '{name}' is {c['status']}: its capture did not finish; "
-                       "run the same capture again to resume it")
+            out.append(self._unfinished_problem(c))
         try:
             problem = self._weights_problem(c, self._inside(c["weights_file"]))
         except IOException as e:
@@ -1054,6 +1211,18 @@ class Store:
         if unknown:
             out.append(f"checkpoint '{name}' stores {unknown} sample ids that are not registered samples")
         return out
+
+    def _unfinished_problem(self, c: dict) -> str:
+        name = c["name"]
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [f"dropped/{name}"]).fetchone()
+        if row is not None:
+            lost = json.loads(row[0])["ids"]
+            n = len(set().union(*lost.values()))
+            return (f"checkpoint '{name}' is {c['status']}: con.verify(repair=True) dropped the damaged shards holding "
+                    f"{n} samples' factors of layer(s) {', '.join(sorted(lost))}; store them again with con.replay('{name}', <set>) or by running "
+                    f"the same capture again, or remove it (DROP CHECKPOINT {name})")
+        return (f"checkpoint '{name}' is {c['status']}: its capture did not finish; run the same capture again to "
+                f"resume it, or remove it (DROP CHECKPOINT {name})")
 
     def _unregistered(self, ids: np.ndarray) -> int:
         if len(ids) == 0:
@@ -1161,6 +1330,17 @@ def _shard_row(seq, rel, kind, checkpoint, layer, ids, nbytes, checksum, storage
     (None: the checkpoint's own weights)."""
     return [seq, kind, checkpoint, layer, rel, len(ids), int(ids.min()), int(ids.max()), nbytes, checksum,
             storage, suffix_file, *(seen or (None, None))]
+
+
+def _checkpoint_folders(files: list[str]) -> list[str]:
+    """The folders holding a dropped checkpoint's shard files and their parents (tensors/<checkpoint>),
+    deepest first: emptied, they are removed."""
+    folders = set()
+    for rel in files:
+        parts = rel.split("/")
+        if parts[0] in ("tensors", "activations") and len(parts) == 4:
+            folders.update(["/".join(parts[:3]), "/".join(parts[:2])])
+    return sorted(folders, key=lambda f: -f.count("/"))
 
 
 def _shard_rel(kind: str, checkpoint: str | None, layer: str | None, name: str) -> str:

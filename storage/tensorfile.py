@@ -175,7 +175,8 @@ class Shard:
 
     def __init__(self, path: Path):
         self._open(path, lambda: pa.memory_map(str(path), "r"),
-                   "run con.verify() to list damaged files, then recapture them")
+                   "run con.verify() to list damaged files, and con.verify(repair=True) to drop them "
+                   "from the catalog so that a replay or the same capture run again stores them again")
 
     def _open(self, where, source, fix: str) -> None:
         """Reads the Arrow file that `source()` opens (a memory map here, a buffer for object

@@ -64,7 +64,8 @@ class BackgroundWriter:
             raise e
         raise IOException(f"writing checkpoint '{self.checkpoint}''s factors failed in the capture's writer "
                           f"thread ({type(e).__name__}: {e}); those factors were not stored and the checkpoint "
-                          "is left partial: fix the cause and run the same capture again to fill them in") from e
+                          "is left partial: fix the cause and run the same capture again to fill them in (or remove the "
+                          f"checkpoint: DROP CHECKPOINT {self.checkpoint})") from e
 
     def close(self, raise_error: bool = True) -> None:
         """Waits until every queued flush is written (or the writer failed), then closes its

@@ -111,11 +111,14 @@ def test_point_takes_a_whole_sample_id(con, sid):
 
 
 def test_topk_is_bounded(con):
-    for k in ("0", str(2 ** 31 + 1), "1" + "0" * 30):
+    for k in ("0", str(2 ** 31), "1" + "0" * 30):
         e = _error(con, f"SELECT TOPK({k}) train FROM SELF_INFLUENCE() ORDER BY ASC")
         assert isinstance(e, metaql.BinderException) and "TOPK(n)" in str(e)
         assert ("at least one" in str(e)) == (k == "0"), str(e)   # TOPK(0) was told to use a smaller count
-    assert len(con.execute(f"SELECT TOPK({2 ** 31}) train FROM SELF_INFLUENCE() ORDER BY ASC").fetchall()) == 32
+    assert len(con.execute(f"SELECT TOPK({2 ** 31 - 1}) train FROM SELF_INFLUENCE() ORDER BY ASC").fetchall()) == 32
+    # the bound shown is the one checked: torch.topk's int32 k, 2**31 - 1 (it said 2_147_483_648)
+    assert "[1, 2_147_483_647]" in str(_error(con, f"SELECT TOPK({2 ** 31}) train FROM SELF_INFLUENCE() ORDER BY ASC"))
+    assert ("topk", "int in [1, 2_147_483_647]") in [r[:2] for r in con.execute("DESCRIBE INFLUENCE").fetchall()]
 
 
 def test_empty_and_nested_lists_are_refused(con):

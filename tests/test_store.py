@@ -53,7 +53,7 @@ def test_corrupt_and_missing_shards_are_named(store_dir):
         problems = con.verify()
         assert any("corrupt" in p and os.path.basename(files[0]) in p for p in problems)
         assert any("missing" in p and os.path.basename(files[1]) in p for p in problems)
-        with pytest.raises(metaql.IOException, match=r"(corrupt|missing).*recapture"):
+        with pytest.raises(metaql.IOException, match=r"(corrupt|missing).*con.verify\(repair=True\)"):
             con.execute("SELECT * FROM SELF_INFLUENCE()")
 
 

@@ -487,3 +487,24 @@ def test_connect_says_what_a_store_path_is(tmp_path):
         f.truncate(5000)
     with pytest.raises(metaql.IOException, match=r"catalog .* is damaged .*restore it from a backup"):
         metaql.connect(str(store))
+
+
+# ---- the first-time user's report: TOPK without its set, DESCRIBE and checkpoints= typos ---------------
+def test_topk_without_the_set_to_rank_says_so_at_from(con):
+    with pytest.raises(metaql.ParserException) as e:
+        con.execute("SELECT TOPK(3) FROM SELF_INFLUENCE(layers=*) ORDER BY DESC")
+    assert "TOPK(k) needs the set to rank before FROM, e.g. TOPK(3) train FROM" in str(e.value)
+    assert "line 1, column 16" in str(e.value) and "\n" + " " * 17 + "^" in str(e.value)   # the caret at FROM
+
+
+def test_describe_of_an_unknown_name_suggests_the_nearest_function_or_table(con):
+    with pytest.raises(metaql.CatalogException, match="Did you mean INFLUENCE?"):
+        con.execute("DESCRIBE INFLUENZE")
+    with pytest.raises(metaql.CatalogException, match="Did you mean samples?"):
+        con.execute("DESCRIBE sampls")
+    assert con.execute("DESCRIBE samples").fetchone()[0] == "sample_id"     # DuckDB's DESCRIBE, untouched
+
+
+def test_a_checkpoints_keyword_typo_suggests_the_keyword(con):
+    with pytest.raises(metaql.CatalogException, match=r"unknown checkpoint 'lasst'. Did you mean 'last'\?"):
+        con.execute("SELECT * FROM SELF_INFLUENCE(checkpoints=lasst)")

@@ -34,8 +34,13 @@ import numpy as np
 from metaql.errors import InvalidInputException, OperationalError
 
 
+def parts_dir(store_root: Path, checkpoint: str) -> Path:
+    """Where the ranks other than 0 keep their part stores of a checkpoint, beside the store."""
+    return Path(f"{store_root}.ranks") / checkpoint
+
+
 def part_dir(store_root: Path, checkpoint: str, rank: int) -> Path:
-    return Path(f"{store_root}.ranks") / checkpoint / f"rank-{rank}"
+    return parts_dir(store_root, checkpoint) / f"rank-{rank}"
 
 
 @contextmanager
@@ -177,7 +182,7 @@ def adopt_parts(store, checkpoint: str, world: int, statuses: list) -> None:
             store.db.execute("DELETE FROM pending_files WHERE file IN (SELECT unnest(?))", [rels])
         store.finish_checkpoint(checkpoint, "complete")
     store.committed()
-    shutil.rmtree(Path(f"{store.root}.ranks") / checkpoint, ignore_errors=True)
+    shutil.rmtree(parts_dir(store.root, checkpoint), ignore_errors=True)
 
 
 def stored_ids(store, checkpoint: str) -> dict[str, np.ndarray]:

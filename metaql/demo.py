@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from torch import nn
 import metaql
 from metaql.errors import IOException
 from metaql.format import render
-from metaql.storage.files import CATALOG, WriterLock
+from metaql.storage.files import CATALOG, LOCK, STORE_ENTRIES, WriterLock
 
 DEFAULT_STORE = "metaql-demo.mq"
 QUERIES = {
@@ -163,20 +164,44 @@ def _unusable(path: Path, force: bool) -> str | None:
         return f"{path} is a file or a link; name a directory for the demo's store"
     if not path.exists() or not any(path.iterdir()):
         return None
-    if not (path / CATALOG).is_file():
-        return (f"{path} is a non-empty directory that is not a MetaQL store; name a new or empty directory "
-                "(--force replaces only a MetaQL store)")
+    if not _is_store(path):
+        return (f"{path} is a non-empty directory that is not a MetaQL store, or holds files of yours beside one; "
+                "name a new or empty directory (--force replaces only a MetaQL store)")
     if not force:
         return f"{path} exists; pass --force to replace it, or name another directory"
-    return _in_use(path)
+    return None
 
 
-def _in_use(path: Path) -> str | None:
-    """Why the store at `path` cannot be replaced now: a process holds its writer lock."""
+def _is_store(path: Path) -> bool:
+    """A MetaQL store and nothing else: only the store's own entries, and a catalog MetaQL wrote."""
+    if not (path / CATALOG).is_file() or not set(os.listdir(path)) <= STORE_ENTRIES:
+        return False
+    try:
+        with duckdb.connect(str(path / CATALOG), read_only=True) as db:
+            return db.execute("SELECT count(*) FROM meta WHERE key = 'format_version'").fetchone()[0] == 1
+    except duckdb.Error:     # not a DuckDB file, no meta table, or a writer holds it
+        return (path / LOCK).is_file() and not _lock_free(path)
+
+
+def _lock_free(path: Path) -> bool:
     try:
         WriterLock(path).release()
+    except IOException:
+        return False
+    return True
+
+
+def _replace(path: Path) -> str | None:
+    """Removes the store at `path` while holding its writer lock, so that no process opens it
+    meanwhile; why it cannot, if a process is writing it."""
+    try:
+        lock = WriterLock(path)
     except IOException as e:
         return f"{e}; close it before replacing the store"
+    try:
+        shutil.rmtree(path)
+    finally:
+        lock.release()
     return None
 
 
@@ -190,11 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     path = Path(args.store)
     refusal = _unusable(path, args.force)
+    if refusal is None and os.path.lexists(path) and any(path.iterdir()):
+        refusal = _replace(path)
     if refusal:
         print(f"Error: {refusal}", file=sys.stderr)
         return 1
-    if os.path.lexists(path) and any(path.iterdir()):
-        shutil.rmtree(path)
     e = args.epochs
     run(args.store, epochs=e, checkpoints=(max(1, e // 3), max(1, 2 * e // 3), e), seed=args.seed)
     return 0

@@ -37,6 +37,8 @@ FOLDERS = ("tensors", "inputs", "weights", "artifacts")
 # files MetaQL itself keeps next to the catalog; a directory holding only these is still "empty"
 _OWN_FILES = (LOCK,)
 _TOP_FILES = (CATALOG, CATALOG + ".wal", LOCK, SNAPSHOT, SNAPSHOT + ".tmp", SNAPSHOT + ".tmp.wal")
+# everything a store directory may hold at its top (DuckDB's spill folder included)
+STORE_ENTRIES = frozenset(_TOP_FILES + FOLDERS + (CATALOG + ".tmp", "activations"))
 LOCK_WAIT = 1.0
 _READY = "ready"
 

@@ -103,6 +103,9 @@ class Store:
     def where(self) -> str:
         """Which store this is, for messages about what it lacks: a user who mistyped a path got a
         new empty store and an error that never said so."""
+        if getattr(self._owner, "uri", None):
+            from metaql.distributed.objectstore import public_uri
+            return f"the store {public_uri(self._owner.uri)}"
         if self._owner._tmpdir is not None:
             return "the in-memory store (:memory:)"
         made = ", a new empty store this connection created (is the path right?)" if self._owner.created else ""
@@ -548,7 +551,7 @@ class Store:
         spec, trusted_loss = task_spec(task)     # checked before anything is written
         if name in existing:
             self._check_resumed_task(existing[name], spec)
-            self._check_resumed_model(existing[name], model, lr)
+            self._check_resumed_model(existing[name], model)
             return existing[name]
         model_id = self._model_id(model, factory, kwargs, spec, trusted_loss)
         rel = f"weights/{name}.safetensors"
@@ -577,6 +580,11 @@ class Store:
         if name in self.open_captures:
             raise InvalidInputException(f"checkpoint '{name}' is being captured in this connection; drop it after "
                                         "its `with con.capture(...)` block ends")
+        # a distributed capture's part stores first (a crash after this leaves the checkpoint, to drop
+        # again): a later capture of the name would otherwise resume the dropped run's ranks
+        from metaql.distributed.ddp import parts_dir
+        if is_checkpoint_name(name):      # never a path out of STORE.ranks, whatever a tampered catalog says
+            shutil.rmtree(parts_dir(self.root, name), ignore_errors=True)
         with transaction(self.db):
             files = self._checkpoint_files(name)
             for table, column in CHECKPOINT_KEYED:
@@ -633,13 +641,11 @@ class Store:
             raise InvalidInputException(f"checkpoint '{c['name']}' was captured with the task {recorded}, not "
                                         f"{spec_text(spec)}: resume it with that task, or capture a new checkpoint")
 
-    def _check_resumed_model(self, c: dict, model: nn.Module, lr: float) -> None:
-        """A resumed capture must add factors of the checkpoint's own model and lr: another
-        architecture would store layers the checkpoint's weights lack, another lr would weight its
-        factors by the wrong step size, both without a word."""
-        if float(lr) != float(c["lr"]):
-            raise InvalidInputException(f"checkpoint '{c['name']}' was captured with lr={c['lr']:g}, not lr={float(lr):g}: "
-                                        "resume it with that lr, or capture a new checkpoint (another name)")
+    def _check_resumed_model(self, c: dict, model: nn.Module) -> None:
+        """A resumed capture must add factors of the checkpoint's own architecture: another one would
+        store layers the checkpoint's weights lack, without a word. (Its lr is the one recorded when
+        it began, a weight of the whole checkpoint: a scheduler's later lr at the resume changes
+        nothing stored.)"""
         saved = model_files.weight_shapes(self._inside(c["weights_file"]))
         given = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         if given != saved:
@@ -650,6 +656,10 @@ class Store:
                 "capture a new checkpoint (another name)")
 
     def finish_checkpoint(self, name: str, status: str = "complete") -> None:
+        # a capture that ends complete while samples a repair dropped are still missing (it did not
+        # see them again) leaves the checkpoint partial: complete would hide the holes
+        if status == "complete" and self._repair_pending(name) is not None:
+            status = "partial"
         fault_point("commit.finish.before")
         self.db.execute("UPDATE checkpoints SET status = ? WHERE name = ?", [status, name])
         if status == "complete":        # a resumed capture stored what repair_shards dropped
@@ -1122,10 +1132,15 @@ class Store:
         self._writable()
         out: dict[str, tuple[int, list[str]]] = {}
         with transaction(self.db):
-            rows = _dicts(self.db.execute("SELECT shard_id, kind, checkpoint, layer, file, suffix_file FROM shards "
-                                          "WHERE file IN (SELECT unnest(?)) OR suffix_file IN (SELECT unnest(?))",
+            rows = _dicts(self.db.execute("SELECT shard_id, kind, checkpoint, layer, file, suffix_file, rows FROM "
+                                          "shards WHERE file IN (SELECT unnest(?)) OR suffix_file IN (SELECT unnest(?))",
                                           [files, files]))
+            busy = sorted({r["checkpoint"] for r in rows} & self.open_captures)
+            if busy:
+                raise InvalidInputException(f"checkpoint '{busy[0]}' is being captured in this connection; repair its "
+                                            "shards after its `with con.capture(...)` block ends")
             lost: dict[str, dict[str, list[int]]] = {}
+            unread: dict[str, dict[str, int]] = {}     # rows of shards whose ids nothing tells any more
             for r in rows:
                 key = r["file"] if r["file"] in files else r["suffix_file"]
                 n, ckpts = out.get(key, (0, []))
@@ -1133,6 +1148,9 @@ class Store:
                 if r["kind"] == "factors":
                     ids = self._readable_ids(r["file"], r["shard_id"])
                     lost.setdefault(r["checkpoint"], {}).setdefault(r["layer"], []).extend(ids)
+                    if not ids:
+                        layers = unread.setdefault(r["checkpoint"], {})
+                        layers[r["layer"]] = layers.get(r["layer"], 0) + r["rows"]
             shard_ids = [r["shard_id"] for r in rows]
             gone = sorted({r["file"] for r in rows})
             self.db.execute("DELETE FROM sample_norms WHERE file IN (SELECT unnest(?))", [gone])
@@ -1140,7 +1158,7 @@ class Store:
             gone = [f for f in gone if f not in self._named_files()]
             self.db.execute("INSERT OR IGNORE INTO pending_files (file) SELECT unnest(?)", [gone])
             for ckpt, layers in lost.items():
-                self._record_dropped(ckpt, layers)
+                self._record_dropped(ckpt, layers, unread.get(ckpt, {}))
         self._forget("", gone)
         durable.remove_own(self.root, gone)
         self.db.execute("DELETE FROM pending_files WHERE file IN (SELECT unnest(?))", [gone])
@@ -1159,28 +1177,51 @@ class Store:
         except Exception:   # noqa: BLE001 - missing or unreadable: nothing left to say which ids it held
             return []
 
-    def _record_dropped(self, ckpt: str, layers: dict[str, list[int]]) -> None:
-        """Marks `ckpt` partial and adds `layers` ({layer: ids}) to what it must store again."""
+    def _record_dropped(self, ckpt: str, layers: dict[str, list[int]], unread: dict[str, int]) -> None:
+        """Marks `ckpt` partial and adds `layers` ({layer: ids}) to what it must store again; for a
+        shard whose ids neither its norms nor its file tell (`unread`: {layer: its rows}), the layer
+        must hold that many more samples than it holds after the repair."""
         key = f"dropped/{ckpt}"
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
         status = self.db.execute("SELECT status FROM checkpoints WHERE name = ?", [ckpt]).fetchone()[0]
         record = json.loads(row[0]) if row else {"was": status, "ids": {}}
+        record.setdefault("at_least", {})
         for layer, ids in layers.items():
             record["ids"][layer] = sorted(set(record["ids"].get(layer, [])) | set(ids))
+        record.setdefault("unread", {})
+        for layer, n in unread.items():    # what it held before this repair, or before an earlier one
+            record["at_least"][layer] = max(record["at_least"].get(layer, 0), self._stored_rows(ckpt, layer) + n)
+            record["unread"][layer] = record["unread"].get(layer, 0) + n
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, json.dumps(record)])
         self.db.execute("UPDATE checkpoints SET status = 'partial' WHERE name = ?", [ckpt])
+
+    def _stored_rows(self, ckpt: str, layer: str) -> int:
+        return self.db.execute("SELECT coalesce(sum(rows), 0) FROM shards WHERE kind = 'factors' AND checkpoint = ? "
+                               "AND layer = ?", [ckpt, layer]).fetchone()[0]
+
+    def _repair_pending(self, ckpt: str) -> dict | None:
+        """The repair record of `ckpt` while some sample it dropped is not stored again; None once
+        every one is (or there was no repair)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [f"dropped/{ckpt}"]).fetchone()
+        if row is None:
+            return None
+        record = json.loads(row[0])
+        for layer, ids in record["ids"].items():
+            if not np.isin(np.asarray(ids, np.int64), self.stored_ids(ckpt, layer)).all():
+                return record
+        for layer, n in record.get("at_least", {}).items():
+            if self._stored_rows(ckpt, layer) < n:
+                return record
+        return None
 
     def finish_repair(self, ckpt: str) -> bool:
         """After a replay into `ckpt`: once every id repair_shards dropped is stored again, the
         checkpoint is back to the status it had before the repair; True when it is."""
         key = f"dropped/{ckpt}"
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
-        if row is None:
+        if row is None or self._repair_pending(ckpt) is not None:
             return False
         record = json.loads(row[0])
-        for layer, ids in record["ids"].items():
-            if not np.isin(np.asarray(ids, np.int64), self.stored_ids(ckpt, layer)).all():
-                return False
         with transaction(self.db):
             self.db.execute("UPDATE checkpoints SET status = ? WHERE name = ?", [record["was"], ckpt])
             self.db.execute("DELETE FROM meta WHERE key = ?", [key])
@@ -1216,10 +1257,13 @@ class Store:
         name = c["name"]
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", [f"dropped/{name}"]).fetchone()
         if row is not None:
-            lost = json.loads(row[0])["ids"]
-            n = len(set().union(*lost.values()))
+            record = json.loads(row[0])
+            lost, unread = record["ids"], record.get("unread", {})
+            n = len(set().union(*lost.values())) if lost else 0
+            held = f"{n} samples' factors" if not unread else \
+                f"the factors of {sum(unread.values())} samples whose ids could not be read" + (f" and of {n} others" if n else "")
             return (f"checkpoint '{name}' is {c['status']}: con.verify(repair=True) dropped the damaged shards holding "
-                    f"{n} samples' factors of layer(s) {', '.join(sorted(lost))}; store them again with con.replay('{name}', <set>) or by running "
+                    f"{held} of layer(s) {', '.join(sorted(set(lost) | set(unread)))}; store them again with con.replay('{name}', <set>) or by running "
                     f"the same capture again, or remove it (DROP CHECKPOINT {name})")
         return (f"checkpoint '{name}' is {c['status']}: its capture did not finish; run the same capture again to "
                 f"resume it, or remove it (DROP CHECKPOINT {name})")

@@ -56,9 +56,21 @@ def test_demo_force_replaces_only_a_store_no_one_writes(tmp_path, capsys):
     plain.write_text("x")
     assert demo.main([str(plain), "--force"]) == 1 and plain.read_text() == "x"
     assert "name a directory" in capsys.readouterr().err
+    duck = tmp_path / "other"           # a plain DuckDB file named like the catalog, beside a user's file
+    duck.mkdir()
+    import duckdb
+    duckdb.connect(str(duck / "catalog.duckdb")).close()
+    (duck / "thesis.tex").write_text("mine")
+    assert demo.main([str(duck), "--force"]) == 1 and (duck / "thesis.tex").exists()
+    (duck / "thesis.tex").unlink()
+    assert "not a MetaQL store" in demo._unusable(duck, force=True)     # its catalog is not MetaQL's
     store = tmp_path / "old.mq"
     writer = metaql.connect(str(store))
-    assert "open for writing" in demo._unusable(store, force=True)
+    assert "open for writing" in demo._replace(store)
     writer.close()
     assert demo._unusable(store, force=True) is None
     assert "--force" in demo._unusable(store, force=False)
+    (store / "notes.txt").write_text("mine")
+    assert "files of yours" in demo._unusable(store, force=True)
+    (store / "notes.txt").unlink()
+    assert demo._replace(store) is None and not store.exists()

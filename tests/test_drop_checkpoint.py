@@ -141,3 +141,61 @@ def test_verify_repair_then_the_same_capture_run_again_refills_the_ids(store_dir
     assert con.verify() == []
     assert sorted(con.store.stored_ids("c0", "fc2").tolist()) == list(range(12))
     con.close()
+
+
+def test_repair_is_refused_inside_the_checkpoints_capture_and_a_capture_that_misses_dropped_ids_stays_partial(
+        store_dir):
+    """verify(repair=True) inside the checkpoint's own capture let its exit mark it complete with
+    holes; and a capture ending complete while a repair's samples are still missing hid them."""
+    con, model, x, y = _captured(store_dir, names=("c0",))
+    rel = con.execute("SELECT file FROM shards WHERE layer = 'fc1' ORDER BY shard_id LIMIT 1").fetchone()[0]
+    os.remove(os.path.join(store_dir, rel))
+    with pytest.warns(metaql.Warning, match="saw no batch"):
+        with con.capture(model, checkpoint="c0", lr=0.1):
+            with pytest.raises(metaql.InvalidInputException, match="'c0' is being captured"):
+                con.verify(repair=True)
+    assert any(p.startswith("repaired: ") for p in con.verify(repair=True))
+    with con.capture(model, checkpoint="c0", lr=0.1) as cap:        # sees only 8..11, not the lost 0..3
+        cap.backward(F.cross_entropy(model(x[8:]), y[8:]), np.arange(8, 12))
+    assert con.store.checkpoint("c0")["status"] == "partial"
+    _capture(con, model, x, y, "c0")
+    assert con.store.checkpoint("c0")["status"] == "complete" and con.verify() == []
+    con.close()
+
+
+def test_a_shard_whose_ids_nothing_tells_keeps_its_checkpoint_partial_until_as_many_are_stored(store_dir):
+    """With the file gone and no norms naming it, the repair recorded no ids, and any replay then
+    marked the checkpoint complete with the shard's samples still missing."""
+    con, model, x, y = _captured(store_dir, names=("c0",))
+    rel = con.execute("SELECT file FROM shards WHERE layer = 'fc1' ORDER BY shard_id LIMIT 1 OFFSET 1").fetchone()[0]
+    con.execute("CREATE SET few AS SELECT sample_id FROM samples WHERE sample_id < 2")
+    con.close()
+    os.remove(os.path.join(store_dir, rel))
+    with metaql.connect(store_dir) as con:
+        con.store.db.execute("DELETE FROM sample_norms WHERE file = ?", [rel])   # a store from before norms
+        report = con.verify(repair=True)
+        assert "4 samples whose ids could not be read" in report[1]
+        con.attach_model(model)
+        con.replay("c0", "few")                       # stores nothing fc1 lacks: still partial
+        assert con.store.checkpoint("c0")["status"] == "partial"
+        assert con.replay("c0") == 4
+        assert con.store.checkpoint("c0")["status"] == "complete" and con.verify() == []
+
+
+def test_drop_checkpoint_removes_a_distributed_captures_part_stores(store_dir):
+    """A later capture of the name resumed the dropped run's other ranks from STORE.ranks/<name>."""
+    from metaql.distributed.ddp import part_dir
+    con, *_ = _captured(store_dir, names=("c0",))
+    part = part_dir(Path(con.store.root), "c0", 1)
+    part.mkdir(parents=True)
+    (part / "catalog.duckdb").write_text("a rank's part store")
+    con.drop_checkpoint("c0")
+    assert not part.parent.exists()
+    con.close()
+
+
+def test_an_empty_remote_store_is_named_by_its_address(store_dir):
+    metaql.connect(store_dir).close()
+    with metaql.connect("file://" + str(store_dir)) as con:
+        with pytest.raises(metaql.CatalogException, match=r"the store file://.* has no captured layers"):
+            con.execute("SELECT * FROM SELF_INFLUENCE()")

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from torch import nn
 import metaql
 from metaql.errors import IOException
 from metaql.format import render
+from metaql.storage.catalog import is_metaql_catalog
 from metaql.storage.files import CATALOG, LOCK, STORE_ENTRIES, WriterLock
 
 DEFAULT_STORE = "metaql-demo.mq"
@@ -176,11 +176,9 @@ def _is_store(path: Path) -> bool:
     """A MetaQL store and nothing else: only the store's own entries, and a catalog MetaQL wrote."""
     if not (path / CATALOG).is_file() or not set(os.listdir(path)) <= STORE_ENTRIES:
         return False
-    try:
-        with duckdb.connect(str(path / CATALOG), read_only=True) as db:
-            return db.execute("SELECT count(*) FROM meta WHERE key = 'format_version'").fetchone()[0] == 1
-    except duckdb.Error:     # not a DuckDB file, no meta table, or a writer holds it
-        return (path / LOCK).is_file() and not _lock_free(path)
+    written = is_metaql_catalog(path / CATALOG)
+    # None: unreadable now, e.g. a writer holds it (then the lock says whose store it is)
+    return written if written is not None else (path / LOCK).is_file() and not _lock_free(path)
 
 
 def _lock_free(path: Path) -> bool:

@@ -187,6 +187,22 @@ LATER_COLUMNS = {("checkpoints", "weights_checksum"), ("shards", "seen_from_batc
                  ("checkpoints", "derived_from")}
 
 
+def is_metaql_catalog(path: Path) -> bool | None:
+    """Whether the DuckDB file at `path` is a catalog MetaQL wrote (it has the format_version);
+    None when it cannot be read now (a writer holds it)."""
+    try:
+        with duckdb.connect(str(path), read_only=True) as db:
+            return db.execute("SELECT count(*) FROM meta WHERE key = 'format_version'").fetchone()[0] == 1
+    except duckdb.CatalogException:      # a DuckDB file without MetaQL's meta table
+        return False
+    except duckdb.IOException as e:
+        return None if "lock" in str(e).lower() else False
+    except duckdb.ConnectionException:   # this process holds it open as a writer
+        return None
+    except duckdb.Error:
+        return False
+
+
 def _lock_message(path: str, err: str) -> str:
     if "lock" not in err.lower():
         if "could not read" in err.lower() or "not a valid" in err.lower():   # truncated or overwritten

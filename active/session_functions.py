@@ -136,8 +136,8 @@ def label_cleaning_candidates(ctx, data: SetName, label_column: ColumnName = "la
     """The k samples of `data` to annotate next (active label cleaning): those relabeled without
     a majority yet first, then the highest Phi (LABEL_CLEANING_SCORE) among those not cleaned.
     budget: annotations in all; update_every: retrain the selector (then checkpoint it) every so
-    many annotations (LABEL_CLEANING_STATUS says when); both saved with the session on the first
-    call. Annotate with con.annotate / INSERT INTO annotations. oracle: a samples column of true
+    many annotations (LABEL_CLEANING_STATUS says when); both needed by the first call and saved
+    with the session (a later call's budget= or update_every= replaces the saved one). Annotate with con.annotate / INSERT INTO annotations. oracle: a samples column of true
     labels (experiments): each candidate is annotated from it until a majority forms."""
     if oracle and getattr(ctx.store, "read_only", False):
         raise IOException("LABEL_CLEANING_CANDIDATES(oracle=...) adds annotations to the store, which is open "
@@ -202,8 +202,10 @@ def _lc_session(ctx, data: str, label_column: str, budget: int, update_every: in
     budget = budget or (saved.budget if saved is not None else 0)
     update_every = update_every or (saved.update_every if saved is not None else 0)
     if not budget or not update_every:
-        raise BinderException(f"no label-cleaning session for '{data}' yet: start one with "
-                              f"LABEL_CLEANING_CANDIDATES(data={data}, budget=..., update_every=...)")
+        lacking = " and ".join(n for n, v in (("budget=", budget), ("update_every=", update_every)) if not v)
+        raise BinderException(f"no label-cleaning session for '{data}' yet, and {lacking} not given: start one with "
+                              f"LABEL_CLEANING_CANDIDATES(data={data}, budget=..., update_every=...) (budget: annotations "
+                              "in all; update_every: retrain the selector every so many annotations, e.g. 10)")
     initial = initial_labels(ctx.store, catalog, ids, label_column)
     initial = np.full(ids.size, -1) if initial is None else initial
     ann, lab = read_annotations(ctx.store, ids), read_labels(ctx.store, ids)

@@ -201,6 +201,10 @@ def test_label_cleaning_from_sql_counts_across_a_restart(tmp_path):
     with _tiny_store(tmp_path / "s", noisy) as con:
         with pytest.raises(metaql.Error, match="budget=..."):
             con.execute("SELECT * FROM LABEL_CLEANING_STATUS(data=train)")
+        with pytest.raises(metaql.BinderException, match=r"yet, and update_every= not given.*e\.g\. 10"):
+            con.execute("SELECT * FROM LABEL_CLEANING_CANDIDATES(data=train, budget=6, k=1)")
+        with pytest.raises(metaql.InvalidInputException, match=r"samples\.split does not hold numbers \(e\.g\. 'train'\)"):
+            con.execute("SELECT * FROM LABEL_CLEANING_SCORE(data=train, label_column=split)")
         phi = dict(con.execute("SELECT sample_id, score FROM LABEL_CLEANING_SCORE(data=train)").fetchall())
         got = con.execute("SELECT sample_id, score, annotations FROM LABEL_CLEANING_CANDIDATES(data=train, budget=6, "
                           "update_every=4, k=2)").fetchall()

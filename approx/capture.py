@@ -71,6 +71,19 @@ class ProjectionRequest:
     def error(self, layer: str) -> float | None:
         return self.max_error.get(layer) if isinstance(self.max_error, dict) else self.max_error
 
+    def check_layers(self, layers: list[str]) -> None:
+        """Refuses a per-layer storage= or max_error= naming a layer the capture does not watch: a
+        typo left that layer in the default mode for good (its mode is set at its first capture)."""
+        from metaql.storage.catalog import nearest_name
+        for arg, value in (("storage", self.storage), ("max_error", self.max_error)):
+            for name in (value if isinstance(value, dict) else {}):
+                if name not in layers:
+                    hint = nearest_name(str(name), layers)
+                    raise InvalidInputException(
+                        f"{arg}= names layer '{name}', which this capture does not watch"
+                        + (f"; did you mean '{hint}'?" if hint else "") + f" (its layers: {', '.join(layers[:10])}"
+                        + (", ..." if len(layers) > 10 else "") + ")")
+
     def check(self, registered: dict[str, tuple[str, LayerMeta]]) -> None:
         """Refuses, before any training step, a request that contradicts a layer's stored form."""
         for layer, (_, meta) in registered.items():

@@ -94,6 +94,7 @@ class ShardWriter:
         self.recycled = _Recycled()    # the copies of flushes written, for the next batches' copies
         self._scaled: set[str] = set()     # layers whose gradient factors the buffer scaled
         self.projected: dict = {}      # per layer: its CaptureProjection (metaql.approx), or None: exact
+        self.projection.check_layers(list(hooks.modules))
         self.projection.check(self._registered())
         store.check_storage_override(self.storage)    # before any training step depends on it
 

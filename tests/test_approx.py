@@ -252,6 +252,11 @@ def test_refusals():
             _capture(con, model, x, y, ids, storage="projected")
         with pytest.raises(InvalidInputException, match="storage mode"):
             _capture(con, model, x, y, ids, storage="sketched")
+        # a per-layer request naming no watched layer was ignored, and the layer's mode then set for good
+        with pytest.raises(InvalidInputException, match=r"storage= names layer 'prj'.*did you mean 'proj'"):
+            _capture(con, model, x, y, ids, storage={"prj": "projected"}, proj_dim=3)
+        with pytest.raises(InvalidInputException, match=r"max_error= names layer 'nope'"):
+            _capture(con, model, x, y, ids, storage="projected", max_error={"nope": 0.5})
         _capture(con, model, x, y, ids, storage={"proj": "projected"}, proj_dim=3)
         with pytest.raises(InvalidInputException, match="stored projected"):
             _capture(con, model, x, y, ids, checkpoint="c1", storage={"proj": "factored"})

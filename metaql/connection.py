@@ -269,7 +269,7 @@ class Connection:
                 text, duck_params = bound_parameters(text, params)
                 n = self.store.create_set(stmt.name, text, duck_params, replace=stmt.replace,
                                           definition=stmt.query)
-        return Result.message(f"set {stmt.name}: {n} samples")
+        return Result.message(f"set {stmt.name}: {n} samples{_no_predictions_hint(self.store, stmt.query, n)}")
 
     def _sql_with_calls(self, stmt: ast.SQLWithCalls, params, plans=None) -> Result:
         """Runs each table-function call, gives DuckDB its result as a relation, and lets DuckDB
@@ -985,6 +985,14 @@ def _sigint_to(event: threading.Event, interrupt_duckdb: Callable[[], None]):
         if event.is_set():
             event.clear()
             raise InterruptException("query cancelled; nothing was changed")
+
+
+def _no_predictions_hint(store, query: str, n: int) -> str:
+    """Why a set over samples.pred or samples.loss came out empty, when no prediction was made yet
+    (a query `pred <> label` is then false for every sample, silently)."""
+    if n or not re.search(r"\b(pred|loss)\b", query, re.I) or store.has_predictions():
+        return ""
+    return " (samples.pred and samples.loss are NULL everywhere: run con.update_predictions() first)"
 
 
 def _tensor_side(query, loss: str):

@@ -458,6 +458,10 @@ class Store:
         require_name("set", name, list(dict.fromkeys(self.set_names() + self.splits())))
         raise AssertionError  # pragma: no cover - require_name raised
 
+    def has_predictions(self) -> bool:
+        """Whether any sample has a prediction (con.update_predictions fills samples.pred and loss)."""
+        return self.db.execute("SELECT count(pred) FROM samples").fetchone()[0] > 0
+
     def create_set(self, name: str, query: str, params: Any = None, replace: bool = False,
                    definition: str | None = None) -> int:
         """`definition`: the query as the user wrote it, when `query` is its rewritten form."""

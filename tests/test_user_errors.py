@@ -507,3 +507,13 @@ def test_describe_of_an_unknown_name_suggests_the_nearest_function_or_table(con)
 def test_a_checkpoints_keyword_typo_suggests_the_keyword(con):
     with pytest.raises(metaql.CatalogException, match=r"unknown checkpoint 'lasst'. Did you mean 'last'\?"):
         con.execute("SELECT * FROM SELF_INFLUENCE(checkpoints=lasst)")
+
+
+def test_an_empty_set_over_predictions_never_made_says_to_make_them(tmp_path):
+    """`CREATE SET test_wrong AS ... pred <> label` before con.update_predictions() came out empty
+    without a word, and the next INFLUENCE failed on an empty set."""
+    with metaql.connect(str(tmp_path / "s")) as c:
+        c.add_samples(np.arange(8), "train", np.arange(8) % 3, torch.randn(8, 6))
+        msg = c.execute("CREATE SET w AS SELECT sample_id FROM samples WHERE pred <> label").fetchone()[0]
+        assert msg.startswith("set w: 0 samples") and "con.update_predictions()" in msg
+        assert c.execute("CREATE SET v AS SELECT sample_id FROM samples WHERE label = 7").fetchone()[0] == "set v: 0 samples"

@@ -176,6 +176,7 @@ def test_influential_samples_match_the_influence_query(client):
     expected = [r for r in rows if r[0] != 5][:3]
     assert [r["sample_id"] for r in got] == [r[0] for r in expected]
     assert np.allclose([r["score"] for r in got], [r[1] for r in expected])
+    assert client.get("/api/influential/5").json()["influential"] == got     # the cards' three by default
 
 
 def test_writes_must_be_same_origin_json(client):

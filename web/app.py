@@ -447,7 +447,7 @@ class Pages:
     @_json_endpoint
     def influential(self, request, body) -> dict:
         sample_id = request.path_params["sample_id"]
-        n = _int(request.query_params.get("n", 4), "n", 1, 50)
+        n = _int(request.query_params.get("n", 3), "n", 1, 50)
         rows = self.s.sql(f"SELECT TOPK({n + 1}) train FROM INFLUENCE(layers=*, query=point({sample_id})) "
                           "ORDER BY DESC").to_pylist()
         rows = [r for r in rows if r["sample_id"] != sample_id][:n]

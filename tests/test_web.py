@@ -84,7 +84,8 @@ def test_thumbnail_is_the_stored_input(client, store):
     expected = np.round((1 - (x - x.min()) / (x.max() - x.min())) * 255)
     assert np.array_equal(img[::2, ::2], expected.astype(np.uint8))
     assert client.get("/thumb/7.png?scale=99").status_code == 400
-    assert client.get("/thumb/123456.png").status_code == 404
+    missing = client.get("/thumb/123456.png")
+    assert missing.status_code == 404 and "not registered samples" in missing.text    # not "no registered inputs"
 
 
 def test_query_console_runs_sorts_and_pages(client):

@@ -64,8 +64,9 @@ def initial_labels(store, catalog, ids: np.ndarray, column: str) -> np.ndarray |
     try:
         values = np.asarray([np.nan if v is None else v for v in col], dtype=np.float64)
     except (TypeError, ValueError):      # text, dates, lists: no class index in them
-        raise InvalidInputException(f"samples.{column} does not hold numbers (e.g. {next(v for v in col if v is not None)!r}); "
-                                    "label_column names a column of class indices") from None
+        example = next(v for v in col if v is not None)
+        raise InvalidInputException(f"samples.{column} does not hold numbers (e.g. {example!r}); label_column names "
+                                    "a column of class indices") from None
     whole = np.isnan(values) | (values == np.round(values))
     if not whole.all():
         raise InvalidInputException(f"samples.{column} holds non-integer values; label_column names a column of "

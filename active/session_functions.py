@@ -137,8 +137,9 @@ def label_cleaning_candidates(ctx, data: SetName, label_column: ColumnName = "la
     a majority yet first, then the highest Phi (LABEL_CLEANING_SCORE) among those not cleaned.
     budget: annotations in all; update_every: retrain the selector (then checkpoint it) every so
     many annotations (LABEL_CLEANING_STATUS says when); both needed by the first call and saved
-    with the session (a later call's budget= or update_every= replaces the saved one). Annotate with con.annotate / INSERT INTO annotations. oracle: a samples column of true
-    labels (experiments): each candidate is annotated from it until a majority forms."""
+    with the session (a later call's budget= or update_every= replaces the saved one). Annotate
+    with con.annotate / INSERT INTO annotations. oracle: a samples column of true labels
+    (experiments): each candidate is annotated from it until a majority forms."""
     if oracle and getattr(ctx.store, "read_only", False):
         raise IOException("LABEL_CLEANING_CANDIDATES(oracle=...) adds annotations to the store, which is open "
                           "read-only; reopen it without read_only, or leave out oracle=")

@@ -309,7 +309,8 @@ class InputReader:
             unknown = np.setdiff1d(self.ids, store.registered_ids())
             if len(unknown):     # not a sample at all: "no registered inputs" would mislead
                 raise BinderException(f"{len(unknown)} of these ids are not registered samples (e.g. "
-                                      f"{unknown[:5].tolist()}); register them with con.add_samples(ids, split, labels, inputs)")
+                                      f"{unknown[:5].tolist()}); register them with "
+                                      "con.add_samples(ids, split, labels, inputs)")
         if len(self.ids) and found == 0:
             raise BinderException("none of these samples has registered inputs; "
                                   "pass inputs= to con.add_samples so they can be replayed")

@@ -92,7 +92,8 @@ def _checked_config(config) -> dict:
     for key in ("progress", "auto_calibrate"):
         if key in config and not isinstance(config[key], bool):
             raise InvalidInputException(f"config[{key!r}] must be true or false, got {config[key]!r}")
-    if "topk_pruning" in config and config["topk_pruning"] not in (True, False, "auto"):
+    # isinstance, not `in (True, False, 'auto')`: 1 == True would pass as true
+    if "topk_pruning" in config and not (isinstance(config["topk_pruning"], bool) or config["topk_pruning"] == "auto"):
         raise InvalidInputException(f"config['topk_pruning'] must be true, false or 'auto', got "
                                     f"{config['topk_pruning']!r}")
     from metaql.approx.route import ROUTES
@@ -501,6 +502,7 @@ class Connection:
                 isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers)):
             raise InvalidInputException(f"layers= takes a module name, a glob pattern ('*', 'encoder.*') or a list of "
                                         f"them, got {layers!r:.60}")
+        _known_keywords("con.capture", kwargs, Capture.__init__)
         if "shard_size" in kwargs:
             _positive("shard_size", kwargs["shard_size"])
         return Capture(self.store, model, layers, checkpoint, lr, **kwargs)
@@ -532,6 +534,7 @@ class Connection:
         defaults to the layers the store holds (every layer, '*', when it holds none)."""
         from metaql.storage.capture import replay_into_store
         self._check_open()
+        _known_keywords("con.replay", kwargs, replay_into_store, skip=("store", "checkpoint", "ids", "layers", "progress"))
         for size in ("batch_size", "shard_size"):
             if size in kwargs:
                 _positive(size, kwargs[size])
@@ -985,6 +988,20 @@ def _sigint_to(event: threading.Event, interrupt_duckdb: Callable[[], None]):
         if event.is_set():
             event.clear()
             raise InterruptException("query cancelled; nothing was changed")
+
+
+def _known_keywords(call: str, kwargs: dict, target, skip=("self", "store", "model", "layers", "checkpoint", "lr")) -> None:
+    """Refuses a keyword `target` does not take, with the nearest one: Python's own TypeError
+    ('unexpected keyword argument max_eror') names no alternative and comes from deep inside."""
+    import inspect
+
+    from metaql.storage.catalog import nearest_name
+    taken = [n for n in inspect.signature(target).parameters if n not in skip]
+    for name in kwargs:
+        if name not in taken:
+            hint = nearest_name(name, taken)
+            raise InvalidInputException(f"{call} takes no argument {name}=" + (f"; did you mean {hint}=?" if hint else "")
+                                        + f" (it takes {', '.join(taken)})")
 
 
 def _no_predictions_hint(store, query: str, n: int) -> str:

@@ -400,6 +400,7 @@ def test_a_querys_warning_points_at_the_users_statement(tmp_path):
     ({"device": "gpu"}, "must be a torch device such as 'cpu' or 'cuda', got 'gpu'"),
     ({"force_strategy": "iterat"}, "must name a strategy .*iterate.*got 'iterat'"),
     ({"topk_pruning": "maybe"}, "must be true, false or 'auto'"),
+    ({"topk_pruning": 1}, "must be true, false or 'auto'"),           # 1 == True passed as true
     ({"auto_calibrate": "no"}, "must be true or false"),
 ])
 def test_connect_refuses_config_values_that_would_fail_later_or_be_ignored(store, config, message):
@@ -517,3 +518,13 @@ def test_an_empty_set_over_predictions_never_made_says_to_make_them(tmp_path):
         msg = c.execute("CREATE SET w AS SELECT sample_id FROM samples WHERE pred <> label").fetchone()[0]
         assert msg.startswith("set w: 0 samples") and "con.update_predictions()" in msg
         assert c.execute("CREATE SET v AS SELECT sample_id FROM samples WHERE label = 7").fetchone()[0] == "set v: 0 samples"
+
+
+def test_a_mistyped_keyword_of_capture_or_replay_names_the_right_one(tmp_path):
+    """`con.capture(..., max_eror=0.5)` raised Python's TypeError from deep inside, naming nothing."""
+    with metaql.connect(str(tmp_path / "s")) as c:
+        c.add_samples(np.arange(8), "train", np.arange(8) % 3, torch.randn(8, 6))
+        with pytest.raises(metaql.InvalidInputException, match=r"con.capture takes no argument max_eror=; did you mean max_error="):
+            c.capture(MLP(), checkpoint="c0", lr=0.1, max_eror=0.5)
+        with pytest.raises(metaql.InvalidInputException, match=r"con.replay takes no argument batch_sise=; did you mean batch_size="):
+            c.replay("c0", batch_sise=4)

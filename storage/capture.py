@@ -532,15 +532,15 @@ class ShardWriter:
         return list(dict.fromkeys(layer for batch in batches for layer in batch))
 
     def _entry(self, layer: str, batches, seen: list[int | None]) -> dict:
-        parts = [(i, t if isinstance(t, dict) else t.tensors(), s)
-                 for i, t, s in (batch[layer] for batch in batches if layer in batch)]
-        ids = np.concatenate([p[0] for p in parts])
+        rows = [batch[layer] for batch in batches if layer in batch]
+        ids = np.concatenate([r[0] for r in rows])
         owner, suffix = self.suffix_of.get(layer), self._kind(layer).suffix_name()
-        shares = owner is not None and all(p[2] for p in parts) and np.array_equal(
+        shares = owner is not None and all(r[2] for r in rows) and np.array_equal(
             ids, np.concatenate([batch[owner][0] for batch in batches if owner in batch]))
-        names = [k for k in parts[0][1] if not (shares and k == suffix)]
+        pieces = [_run_tensors(run) for run in _runs([r[1] for r in rows])]
+        names = [k for k in pieces[0] if not (shares and k == suffix)]
         steps = [n for n, batch in zip(seen, batches) if layer in batch and n is not None]
-        tensors = {k: _cat_rows([p[1][k] for p in parts]) for k in names}
+        tensors = {k: pieces[0][k] if len(pieces) == 1 else _cat_rows([p[k] for p in pieces]) for k in names}
         if layer in self._scaled or "G" in tensors:     # a gradient built at the flush may overflow float16 too
             self._check_scaled(layer, tensors)
         return dict(layer=layer, ids=ids, tensors=tensors,
@@ -648,6 +648,46 @@ class _Packed:
 
     def held_bytes(self) -> int:
         return self.numel * self.block.element_size()
+
+    def same_layout(self, other: "_Packed") -> bool:
+        """Its factors lie where the other's do, of the same shapes, scale and dtypes."""
+        return (self.layout == other.layout and self.scale == other.scale and self.dtype == other.dtype
+                and self.block.dtype == other.block.dtype)
+
+
+def _runs(parts: list) -> list[list]:
+    """A layer's rows of a flush, batch by batch, as runs of consecutive batches made into
+    tensors together: packed batches of one layout and scale (the steps of an epoch but its
+    last), and each other batch on its own."""
+    runs: list[list] = []
+    for p in parts:
+        last = runs[-1][-1] if runs else None
+        if isinstance(p, _Packed) and isinstance(last, _Packed) and p.same_layout(last):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
+
+
+def _run_tensors(run: list) -> dict[str, torch.Tensor]:
+    """{factor: its rows over the run}. Packed batches are stacked once and each factor cut from
+    the stack: a few operations a flush instead of a view, a product and a conversion per factor
+    and batch, which on the writer thread held the GIL the training step waits for (a tenth of
+    an MLP's flush)."""
+    first = run[0]
+    if not isinstance(first, _Packed):
+        return first if isinstance(first, dict) else first.tensors()
+    if len(run) == 1 or not all(shape for _, _, shape, _ in first.layout):
+        return first.tensors()
+    start = first.layout[0][1]
+    stacked = torch.stack([p.block[start:start + p.numel] for p in run])
+    out = {}
+    for name, at, shape, scaled in first.layout:
+        v = stacked[:, at - start:at - start + math.prod(shape)].reshape(len(run) * shape[0], *shape[1:])
+        if scaled and first.scale != 1.0:
+            v = v * first.scale     # the full path's order: scaled in the factor's dtype, then converted
+        out[name] = v.to(first.dtype)
+    return out
 
 
 class _FullRows:

@@ -106,6 +106,19 @@ def test_a_settled_capture_copies_each_batch_into_one_block(monkeypatch):
     assert len(copies) == 4 and len(blocks) == 11     # 12 batches: the first by the full path
 
 
+def test_a_flush_makes_its_packed_batches_into_tensors_by_run_not_batch_by_batch(monkeypatch):
+    """Issue #19: each packed batch made into tensors on its own (a view, a product and a
+    conversion per factor and batch) was a tenth of an MLP flush on the writer thread, which held
+    the GIL the training step waits for. Now consecutive batches of one layout are stacked once:
+    12 batches in flushes of 2, the first flush's packed batch alone in its run, so one layer's
+    call each, where it was 11 per layer (the bits stored: the test above)."""
+    calls = []
+    tensors = capture_module._Packed.tensors
+    monkeypatch.setattr(capture_module._Packed, "tensors", lambda self: calls.append(1) or tensors(self))
+    _capture("mlp")
+    assert len(calls) == 2
+
+
 def test_a_nan_in_a_packed_batch_is_refused_and_the_capture_goes_on():
     x, y = _data((64,), 16)
     torch.manual_seed(0)

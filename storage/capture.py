@@ -41,6 +41,11 @@ MAX_BUFFER_BYTES = 1 << 30
 # bookkeeping), as long as copying 256 KiB takes; a larger factor's copy is its cost, and a block of
 # a GPT-2's every layer (10 MiB a batch) was slower to fill than its copies one by one
 PACK_MAX_BYTES = 256 << 10
+# a capture leaves the copies its last flush was done with (at most this many bytes) to the next
+# capture on the store: a capture per epoch on digits (1,297 samples: one flush, at its end) never
+# reused one, and a copy into new memory costs 7x one into memory touched before (the MLP's block of
+# a batch: 68 against 9 us, its page faults)
+KEPT_COPIES_MAX_BYTES = 64 << 20
 # a capture warns when training waited for its writer thread longer than both of these
 WRITER_WAIT_WARN_S = 1.0
 WRITER_WAIT_WARN_SHARE = 0.2
@@ -91,7 +96,8 @@ class ShardWriter:
         self.flushes = 0                           # flushes handed over (or written inline)
         self.factor_bytes = 0                      # bytes of the factors buffered for writing
         self._wait_busy = [0.0, 0.0]               # writer_seconds() of writer threads already closed
-        self.recycled = _Recycled()    # the copies of flushes written, for the next batches' copies
+        # the copies of flushes written (the last capture's at first), for the next batches' copies
+        self.recycled = store.take_capture_copies() or _Recycled()
         self._scaled: set[str] = set()     # layers whose gradient factors the buffer scaled
         self.projected: dict = {}      # per layer: its CaptureProjection (metaql.approx), or None: exact
         self.projection.check_layers(list(hooks.modules))
@@ -493,8 +499,8 @@ class ShardWriter:
 
     def close(self, raise_error: bool = True) -> None:
         """Waits for the background writer to write every flush handed to it; raises its error
-        unless told not to. Lets go of the recycled copies (a Capture the caller keeps would hold a
-        flush's worth of memory)."""
+        unless told not to. Leaves the recycled copies to the store's next capture, up to
+        KEPT_COPIES_MAX_BYTES (a Capture the caller keeps would hold a flush's worth of memory)."""
         thread, self._worker = self._worker, None
         try:
             if thread is not None:
@@ -503,6 +509,7 @@ class ShardWriter:
             if thread is not None:
                 self._wait_busy[0] += thread.waited
                 self._wait_busy[1] += thread.busy
+            self.store.keep_capture_copies(self.recycled.trimmed(KEPT_COPIES_MAX_BYTES))
             self.recycled = _Recycled()
 
     def writer_seconds(self) -> tuple[float, float]:
@@ -538,9 +545,12 @@ class ShardWriter:
         shares = owner is not None and all(r[2] for r in rows) and np.array_equal(
             ids, np.concatenate([batch[owner][0] for batch in batches if owner in batch]))
         pieces = [_run_tensors(run) for run in _runs([r[1] for r in rows])]
-        names = [k for k in pieces[0] if not (shares and k == suffix)]
+        names = [k for k in pieces[0][0] if not (shares and k == suffix)]
         steps = [n for n, batch in zip(seen, batches) if layer in batch and n is not None]
-        tensors = {k: pieces[0][k] if len(pieces) == 1 else _cat_rows([p[k] for p in pieces]) for k in names}
+        # a lone piece is used as it is only if the run made it: the buffered copies go back to the
+        # next batches (give_back) before the shard is written
+        tensors = {k: pieces[0][0][k] if len(pieces) == 1 and pieces[0][1] else _cat_rows([p[0][k] for p in pieces])
+                   for k in names}
         if layer in self._scaled or "G" in tensors:     # a gradient built at the flush may overflow float16 too
             self._check_scaled(layer, tensors)
         return dict(layer=layer, ids=ids, tensors=tensors,
@@ -597,6 +607,18 @@ class _Recycled:
         t = torch.empty(shape, dtype=dtype)
         setattr(t, self.MARK, True)
         return t
+
+    def trimmed(self, max_bytes: int) -> "_Recycled | None":
+        """Itself, holding at most `max_bytes` (what is over dropped), or None if it holds nothing."""
+        with self._lock:
+            kept, total = {}, 0
+            for key, free in self._free.items():
+                for t in free:
+                    if total + t.nbytes <= max_bytes:
+                        kept.setdefault(key, []).append(t)
+                        total += t.nbytes
+            self._free = kept
+        return self if kept else None
 
     def give_back(self, tensors, flush: bool = False) -> None:
         """Takes back the tensors it made among `tensors` (nothing else may hold them); `flush`:
@@ -669,16 +691,16 @@ def _runs(parts: list) -> list[list]:
     return runs
 
 
-def _run_tensors(run: list) -> dict[str, torch.Tensor]:
-    """{factor: its rows over the run}. Packed batches are stacked once and each factor cut from
+def _run_tensors(run: list) -> tuple[dict[str, torch.Tensor], bool]:
+    """({factor: its rows over the run}, whether they are new tensors nothing else holds). Packed batches are stacked once and each factor cut from
     the stack: a few operations a flush instead of a view, a product and a conversion per factor
     and batch, which on the writer thread held the GIL the training step waits for (a tenth of
     an MLP's flush)."""
     first = run[0]
     if not isinstance(first, _Packed):
-        return first if isinstance(first, dict) else first.tensors()
+        return (first if isinstance(first, dict) else first.tensors()), False
     if len(run) == 1 or not all(shape for _, _, shape, _ in first.layout):
-        return first.tensors()
+        return first.tensors(), False
     start = first.layout[0][1]
     stacked = torch.stack([p.block[start:start + p.numel] for p in run])
     out = {}
@@ -687,7 +709,7 @@ def _run_tensors(run: list) -> dict[str, torch.Tensor]:
         if scaled and first.scale != 1.0:
             v = v * first.scale     # the full path's order: scaled in the factor's dtype, then converted
         out[name] = v.to(first.dtype)
-    return out
+    return out, True
 
 
 class _FullRows:

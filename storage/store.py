@@ -73,6 +73,7 @@ class Store:
         self._owner, self._children, self._closed = self, weakref.WeakSet(), False
         self._lock = self._reader = self._publisher = None
         self._live_model: nn.Module | None = None
+        self._capture_copies = None     # what the last capture's copies left (storage/capture.py)
         self._shards: OrderedDict[str, Shard] = OrderedDict()
         self._verified: set[str] = set()
         self._weights_ok: set[tuple] = set()
@@ -122,6 +123,15 @@ class Store:
     @live_model.setter
     def live_model(self, model: nn.Module | None) -> None:
         self._owner._live_model = model
+
+    def take_capture_copies(self):
+        """The copies the last capture on this store left for the next one (once), or None."""
+        owner = self._owner
+        copies, owner._capture_copies = owner._capture_copies, None
+        return copies
+
+    def keep_capture_copies(self, copies) -> None:
+        self._owner._capture_copies = copies
 
     def cursor(self) -> "Store":
         """Another handle on this store for another thread: its own DuckDB connection (a cursor on

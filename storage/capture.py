@@ -96,8 +96,9 @@ class ShardWriter:
         self.flushes = 0                           # flushes handed over (or written inline)
         self.factor_bytes = 0                      # bytes of the factors buffered for writing
         self._wait_busy = [0.0, 0.0]               # writer_seconds() of writer threads already closed
-        # the copies of flushes written (the last capture's at first), for the next batches' copies
-        self.recycled = store.take_capture_copies() or _Recycled()
+        # the copies of flushes written, for the next batches' copies (take_kept_copies: the last
+        # capture's at first)
+        self.recycled = _Recycled()
         self._scaled: set[str] = set()     # layers whose gradient factors the buffer scaled
         self.projected: dict = {}      # per layer: its CaptureProjection (metaql.approx), or None: exact
         self.projection.check_layers(list(hooks.modules))
@@ -487,6 +488,13 @@ class ShardWriter:
             self._start()
             self._worker.submit(lambda store: [f.resolve() for f in fulls], bounded=False)
 
+    def take_kept_copies(self) -> None:
+        """Starts from the copies the store's last capture left (Capture.__enter__: a writer built
+        and never used, or a replay's, would drop them)."""
+        kept = self.store.take_capture_copies()
+        if kept is not None:
+            self.recycled = kept
+
     def _start(self) -> None:
         if self._worker is None:
             from metaql.storage.writer import BackgroundWriter
@@ -672,9 +680,10 @@ class _Packed:
         return self.numel * self.block.element_size()
 
     def same_layout(self, other: "_Packed") -> bool:
-        """Its factors lie where the other's do, of the same shapes, scale and dtypes."""
+        """Its factors lie where the other's do, of the same shapes (each with a row axis: a run is cut
+        by rows), scale and dtypes."""
         return (self.layout == other.layout and self.scale == other.scale and self.dtype == other.dtype
-                and self.block.dtype == other.block.dtype)
+                and self.block.dtype == other.block.dtype and all(shape for _, _, shape, _ in self.layout))
 
 
 def _runs(parts: list) -> list[list]:
@@ -699,7 +708,7 @@ def _run_tensors(run: list) -> tuple[dict[str, torch.Tensor], bool]:
     first = run[0]
     if not isinstance(first, _Packed):
         return (first if isinstance(first, dict) else first.tensors()), False
-    if len(run) == 1 or not all(shape for _, _, shape, _ in first.layout):
+    if len(run) == 1:
         return first.tensors(), False
     start = first.layout[0][1]
     stacked = torch.stack([p.block[start:start + p.numel] for p in run])
@@ -841,6 +850,7 @@ class Capture:
         self.store.begin_checkpoint(self.checkpoint, self.model, **self._ckpt_args)
         self._set_registered(self.store.registered_ids() if self.require_registered else None)
         self.hooks.attach()
+        self.writer.take_kept_copies()
         self._state = "open"
         self.store.open_captures.add(self.checkpoint)     # DROP CHECKPOINT refuses it until __exit__
         self._began = time.perf_counter()

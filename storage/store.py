@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import weakref
 from collections import OrderedDict
 from pathlib import Path
@@ -74,6 +75,7 @@ class Store:
         self._lock = self._reader = self._publisher = None
         self._live_model: nn.Module | None = None
         self._capture_copies = None     # what the last capture's copies left (storage/capture.py)
+        self._copies_lock = threading.Lock()
         self._shards: OrderedDict[str, Shard] = OrderedDict()
         self._verified: set[str] = set()
         self._weights_ok: set[tuple] = set()
@@ -127,11 +129,16 @@ class Store:
     def take_capture_copies(self):
         """The copies the last capture on this store left for the next one (once), or None."""
         owner = self._owner
-        copies, owner._capture_copies = owner._capture_copies, None
+        with owner._copies_lock:
+            copies, owner._capture_copies = owner._capture_copies, None
         return copies
 
     def keep_capture_copies(self, copies) -> None:
-        self._owner._capture_copies = copies
+        """Keeps a capture's copies for the next capture (none while the store is closed)."""
+        owner = self._owner
+        with owner._copies_lock:
+            if copies is not None and not owner._closed:
+                owner._capture_copies = copies
 
     def cursor(self) -> "Store":
         """Another handle on this store for another thread: its own DuckDB connection (a cursor on
@@ -202,6 +209,8 @@ class Store:
                 pass
         self._closed = True
         self._shards.clear()
+        if self._owner is self:
+            self._capture_copies = None     # a Capture the caller keeps must not hold them
         self._release()
 
     def _release(self) -> None:

@@ -167,3 +167,22 @@ def test_the_copies_left_to_the_next_capture_are_bounded():
     kept = recycled.trimmed(3 * 4096 + 100)
     assert kept is recycled and sum(len(f) for f in kept._free.values()) == 3
     assert capture_module._Recycled().trimmed(1 << 20) is None
+
+
+def test_the_copies_kept_for_the_next_capture_go_with_the_store_and_stay_with_it_until_taken():
+    """Found in review: closing the store did not drop them (a Capture the caller keeps holds the
+    store), and a capture built but never entered, or a replay, took them and dropped them."""
+    from metaql.demo import DigitsMLP
+    x, y = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)), torch.randint(0, 10, (32,))
+    con = metaql.connect(":memory:")
+    con.add_samples(np.arange(32), "train", y.numpy(), x)
+    model = DigitsMLP()
+    _epoch_captures(con, model, x, y, ["c0"])
+    kept = con.store._capture_copies
+    assert kept is not None
+    con.capture(model, layers="*", checkpoint="never_entered", lr=0.1)
+    con.replay("c0", "train", layers=["fc1"])
+    assert con.store._capture_copies is kept
+    store = con.store
+    con.close()
+    assert store._capture_copies is None

@@ -94,12 +94,21 @@ def refuse_symlinks(root: Path) -> None:
                 if os.path.islink(os.path.join(dirpath, n)):
                     raise _symlink_error(root, Path(dirpath, n))
             for n in filenames:   # a FIFO or device would block or mislead every read of it
-                if not stat.S_ISREG(os.lstat(os.path.join(dirpath, n)).st_mode):
+                if not stat.S_ISREG(_lstat_mode(os.path.join(dirpath, n))):
                     raise IOException(f"{Path(dirpath, n)} is not a regular file (a FIFO, socket or device); "
                                       "a store holds only plain files: remove it")
     spill = root / (CATALOG + ".tmp")         # DuckDB's spill folder: it must not lead elsewhere either
     if spill.is_symlink():
         raise _symlink_error(root, spill)
+
+
+def _lstat_mode(path: str) -> int:
+    """The file's mode, a regular file's when it is gone: a writer process renames its staged
+    shards (*.tmp) while a reader opening beside it walks the folders."""
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return stat.S_IFREG
 
 
 def inside(root: Path, rel: str) -> Path:

@@ -243,3 +243,20 @@ def test_a_catalog_whose_tables_or_functions_were_replaced_is_refused(tmp_path, 
     db.close()
     with pytest.raises(metaql.IOException, match="tampered"):
         metaql.connect(str(path), read_only=read_only)
+
+
+def test_a_reader_opens_while_a_writer_renames_its_staged_shards(tmp_path, monkeypatch):
+    """CI: a reader process opening beside a capturing writer failed with 'cannot open the store
+    ... No such file or directory: .../000012-b6d4913c.arrow.tmp': the open's walk for symlinks
+    listed a staged shard the writer renamed before the walk looked at it. A file gone meanwhile is
+    passed over (it was no symlink, FIFO or device)."""
+    from metaql.storage import files
+    _captured(tmp_path / "s.mq")
+    walk = os.walk
+
+    def walk_with_a_vanished_file(top, *args, **kwargs):
+        for dirpath, dirnames, filenames in walk(top, *args, **kwargs):
+            yield dirpath, dirnames, filenames + ["000099-0a1b2c3d.arrow.tmp"]
+    monkeypatch.setattr(files.os, "walk", walk_with_a_vanished_file)
+    with metaql.connect(str(tmp_path / "s.mq"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM samples").fetchall() == [(12,)]

@@ -552,13 +552,13 @@ class ShardWriter:
         owner, suffix = self.suffix_of.get(layer), self._kind(layer).suffix_name()
         shares = owner is not None and all(r[2] for r in rows) and np.array_equal(
             ids, np.concatenate([batch[owner][0] for batch in batches if owner in batch]))
-        pieces = [_run_tensors(run) for run in _runs([r[1] for r in rows])]
-        names = [k for k in pieces[0][0] if not (shares and k == suffix)]
+        made = [_run_tensors(run) for run in _runs([r[1] for r in rows])]
+        names = [k for k in made[0][0] if not (shares and k == suffix)]
         steps = [n for n, batch in zip(seen, batches) if layer in batch and n is not None]
-        # a lone piece is used as it is only if the run made it: the buffered copies go back to the
-        # next batches (give_back) before the shard is written
-        tensors = {k: pieces[0][0][k] if len(pieces) == 1 and pieces[0][1] else _cat_rows([p[0][k] for p in pieces])
-                   for k in names}
+        if len(made) == 1 and made[0][1]:       # one run's new tensors: nothing else holds them
+            tensors = {k: made[0][0][k] for k in names}
+        else:   # concatenated: the buffered copies go back to the next batches before the shard is written
+            tensors = {k: _cat_rows([piece[k] for piece, _ in made]) for k in names}
         if layer in self._scaled or "G" in tensors:     # a gradient built at the flush may overflow float16 too
             self._check_scaled(layer, tensors)
         return dict(layer=layer, ids=ids, tensors=tensors,
@@ -701,10 +701,10 @@ def _runs(parts: list) -> list[list]:
 
 
 def _run_tensors(run: list) -> tuple[dict[str, torch.Tensor], bool]:
-    """({factor: its rows over the run}, whether they are new tensors nothing else holds). Packed batches are stacked once and each factor cut from
-    the stack: a few operations a flush instead of a view, a product and a conversion per factor
-    and batch, which on the writer thread held the GIL the training step waits for (a tenth of
-    an MLP's flush)."""
+    """({factor: its rows over the run}, whether they are new tensors nothing else holds). Packed
+    batches are stacked once and each factor cut from the stack: a few operations a flush instead
+    of a view, a product and a conversion per factor and batch, which on the writer thread held the
+    GIL the training step waits for (a tenth of an MLP's flush)."""
     first = run[0]
     if not isinstance(first, _Packed):
         return (first if isinstance(first, dict) else first.tensors()), False
